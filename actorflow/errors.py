@@ -1,0 +1,104 @@
+"""The error classes of actorflow.
+
+Every error derives from :class:`ActorflowError`, can be built from a message
+alone, may carry extra fields (workflow, instance, step), and survives a pickle
+round trip, so it crosses actor, thread and process boundaries unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ActorflowError",
+    "EventTimeoutError",
+    "InstanceAlreadyExists",
+    "InstanceNotFound",
+    "InvalidInstanceId",
+    "InvalidInstanceState",
+    "LimitExceeded",
+    "NonRetryableError",
+    "RateLimitError",
+    "SerializationError",
+    "StepTimeoutError",
+    "StorageError",
+]
+
+
+class ActorflowError(Exception):
+    """Base class of every actorflow error.
+
+    Args:
+        message: A human-readable message. It should name the workflow, the
+            instance and the step concerned.
+        **fields: Optional structured context, such as ``workflow``,
+            ``instance`` and ``step``. They are kept as attributes.
+    """
+
+    def __init__(self, message: str = "", **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = dict(fields)
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword fields are not part of ``args``; rebuild through a helper so
+        # that pickling keeps them.
+        return (_rebuild, (type(self), self.message, self.fields))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+def _rebuild(cls: type[ActorflowError], message: str, fields: dict[str, Any]) -> ActorflowError:
+    err = cls.__new__(cls)
+    ActorflowError.__init__(err, message, **fields)
+    return err
+
+
+class InvalidInstanceId(ActorflowError, ValueError):
+    """An instance id is empty, too long, or has characters outside ``[a-zA-Z0-9_-]``."""
+
+
+class InstanceNotFound(ActorflowError, LookupError):
+    """No instance with that id exists in the workflow."""
+
+
+class InstanceAlreadyExists(ActorflowError):
+    """``create`` was given an id that already exists."""
+
+
+class InvalidInstanceState(ActorflowError):
+    """The operation is not allowed in the instance's current status."""
+
+
+class RateLimitError(ActorflowError):
+    """The workflow's queue is full, or a reject-mode limit was exceeded."""
+
+
+class EventTimeoutError(ActorflowError):
+    """``step.wait_for_event`` reached its timeout before a matching event arrived."""
+
+
+class StepTimeoutError(ActorflowError):
+    """A step attempt ran longer than its timeout."""
+
+
+class NonRetryableError(ActorflowError):
+    """Raised inside a step to fail it at once, without further attempts."""
+
+
+class SerializationError(ActorflowError, TypeError):
+    """A value could not be serialized (or deserialized) for durable storage."""
+
+
+class LimitExceeded(ActorflowError):
+    """A configured limit was exceeded (step count, result size, payload size, ...)."""
+
+
+class StorageError(ActorflowError):
+    """A durable write failed (for example a full disk); nothing of it was applied."""

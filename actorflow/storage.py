@@ -1,0 +1,524 @@
+"""Durable storage: one LMDB environment per data directory, with group commit.
+
+The storage contract, method by method:
+
+* :meth:`Storage.get`, :meth:`Storage.get_many`, :meth:`Storage.scan` and
+  :meth:`Storage.count` read the last committed state. They never see a write
+  that is not yet durable, and they never block writers.
+* :meth:`Storage.submit` queues a :class:`WriteBatch`. The batch is applied
+  atomically (all of its operations or none), in submission order relative to
+  every other batch, and its callback runs only once the batch is durable
+  (fsync'd when ``sync=True``) or has definitely failed. Many batches share
+  one LMDB write transaction and one fsync: this is the group commit.
+* A batch may carry *guards*: ``(keyspace, key, expected)`` triples checked
+  inside the write transaction. If one does not hold, none of the batch is
+  applied and the callback gets :class:`ConflictError`. The engine uses this
+  for ownership fencing (an instance's epoch).
+* :meth:`Storage.write` is :meth:`submit` plus a wait.
+* Values are bytes here. :class:`Serializer` turns Python values into bytes;
+  serialization happens in the caller's thread, so an unserializable value
+  raises :class:`~actorflow.errors.SerializationError` before anything is
+  queued, and nothing is written.
+* When the memory map is full it is doubled and the batch retried; callers
+  never see ``MapFullError``.
+
+A :class:`Storage` must not be used in a process forked from the one that
+opened it (LMDB forbids it); doing so raises :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import cloudpickle
+import lmdb
+
+from actorflow.errors import LimitExceeded, SerializationError, StorageError
+
+__all__ = [
+    "ConflictError",
+    "JsonSerializer",
+    "PickleSerializer",
+    "Serializer",
+    "Storage",
+    "WriteBatch",
+    "join_key",
+]
+
+log = logging.getLogger("actorflow.storage")
+
+MAX_KEY_BYTES = 511  # LMDB's compiled-in key size limit
+_PUT, _DELETE, _DELETE_PREFIX = 0, 1, 2
+_STOP = object()
+Callback = Callable[[BaseException | None], None]
+
+
+class ConflictError(StorageError):
+    """A guard of a write batch did not hold; nothing of the batch was written."""
+
+
+def join_key(*parts: str) -> bytes:
+    """Builds a key from parts separated by NUL, so that prefixes never collide."""
+    return "\x00".join(parts).encode()
+
+
+class Serializer(Protocol):
+    """Turns values into bytes and back. Must be thread-safe."""
+
+    name: str
+
+    def dumps(self, value: Any) -> bytes:
+        """Returns the bytes of ``value``; raises SerializationError if it cannot."""
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """Returns the value of ``data``."""
+        ...
+
+
+class PickleSerializer:
+    """The default: pickle (fast), falling back to cloudpickle for closures,
+    lambdas and local classes, which plain pickle cannot serialize."""
+
+    name = "pickle"
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=5)
+        except Exception:
+            pass
+        try:
+            return cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"value of type {type(value).__name__} cannot be serialized: {exc}"
+            ) from None
+
+    def loads(self, data: bytes) -> Any:
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise SerializationError(f"stored value cannot be deserialized: {exc}") from None
+
+
+class JsonSerializer:
+    """Portable JSON values (dicts, lists, str, numbers, bool, None)."""
+
+    name = "json"
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"value of type {type(value).__name__} is not JSON-serializable: {exc}"
+            ) from None
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class WriteBatch:
+    """Writes to apply atomically, with optional guards.
+
+    Operations are applied in the order they were added.
+    """
+
+    __slots__ = ("guards", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[int, str, bytes, bytes | None]] = []
+        self.guards: list[tuple[str, bytes, bytes | None]] = []
+
+    def put(self, keyspace: str, key: bytes, value: bytes) -> WriteBatch:
+        """Sets ``key`` to ``value`` in ``keyspace``."""
+        if len(key) > MAX_KEY_BYTES:
+            raise LimitExceeded(f"storage key of {len(key)} bytes exceeds {MAX_KEY_BYTES} bytes")
+        self.ops.append((_PUT, keyspace, key, value))
+        return self
+
+    def delete(self, keyspace: str, key: bytes) -> WriteBatch:
+        """Removes ``key`` (a no-op if it is absent)."""
+        self.ops.append((_DELETE, keyspace, key, None))
+        return self
+
+    def delete_prefix(self, keyspace: str, prefix: bytes) -> WriteBatch:
+        """Removes every key that starts with ``prefix``."""
+        self.ops.append((_DELETE_PREFIX, keyspace, prefix, None))
+        return self
+
+    def guard(self, keyspace: str, key: bytes, expected: bytes | None) -> WriteBatch:
+        """Applies the batch only if ``key`` holds ``expected`` (None: absent)."""
+        self.guards.append((keyspace, key, expected))
+        return self
+
+    def extend(self, other: WriteBatch) -> WriteBatch:
+        """Appends the operations and guards of ``other``."""
+        self.ops.extend(other.ops)
+        self.guards.extend(other.guards)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class Storage:
+    """One LMDB environment with named keyspaces and a group-commit writer thread.
+
+    Args:
+        path: The data directory (created if missing).
+        sync: fsync every commit. Turning it off trades durability for speed.
+        map_size: The initial size of the memory map; it doubles when full.
+        max_batch: The most write batches folded into one transaction.
+        serializer: The default value serializer for layers above.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sync: bool = True,
+        map_size: int = 1 << 30,
+        max_batch: int = 4096,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        self.serializer: Serializer = serializer or PickleSerializer()
+        self._pid = os.getpid()
+        self._env = lmdb.open(
+            self.path,
+            map_size=map_size,
+            max_dbs=256,
+            max_readers=2048,
+            sync=sync,
+            metasync=sync,
+            readahead=False,
+        )
+        self._dbs: dict[str, Any] = {}
+        self._db_lock = threading.Lock()
+        self._readers = 0
+        self._gate = threading.Condition()
+        self._resizing = False
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._after_batch: list[Callable[[], None]] = []
+        self._fault: Callable[[WriteBatch], None] | None = None
+        self._closed = False
+        self.commits = 0
+        self.batches = 0
+        self.commit_seconds = 0.0
+        self._writer = threading.Thread(target=self._run, name="actorflow-writer", daemon=True)
+        self._writer.start()
+
+    # -- keyspaces ---------------------------------------------------------
+
+    def _db(self, name: str) -> Any:
+        db = self._dbs.get(name)
+        if db is None:
+            with self._db_lock:
+                db = self._dbs.get(name)
+                if db is None:
+                    db = self._env.open_db(name.encode())
+                    self._dbs[name] = db
+        return db
+
+    # -- reads ---------------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            raise StorageError(
+                f"storage at {self.path} was opened in process {self._pid} and cannot be "
+                "used after fork(); open a new Runtime in the child"
+            )
+        if self._closed:
+            raise StorageError(f"storage at {self.path} is closed")
+
+    @contextmanager
+    def _read(self, keyspace: str) -> Iterator[Any]:
+        self._check_pid()
+        db = self._db(keyspace)
+        with self._gate:
+            while self._resizing:
+                self._gate.wait()
+            self._readers += 1
+        try:
+            with self._env.begin(db=db, buffers=False) as txn:
+                yield txn
+        finally:
+            with self._gate:
+                self._readers -= 1
+                if self._resizing and self._readers == 0:
+                    self._gate.notify_all()
+
+    def get(self, keyspace: str, key: bytes) -> bytes | None:
+        """Returns the committed value of ``key``, or None."""
+        with self._read(keyspace) as txn:
+            value: bytes | None = txn.get(key)
+            return value
+
+    def get_many(self, keyspace: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        """Returns the committed values of ``keys`` that exist, in one snapshot."""
+        out: dict[bytes, bytes] = {}
+        with self._read(keyspace) as txn:
+            for key in keys:
+                value = txn.get(key)
+                if value is not None:
+                    out[key] = value
+        return out
+
+    def scan(
+        self,
+        keyspace: str,
+        *,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        start_after: bytes | None = None,
+        end: bytes | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+        keys_only: bool = False,
+    ) -> list[tuple[bytes, bytes]]:
+        """Returns ``(key, value)`` pairs in key order from one snapshot.
+
+        Args:
+            prefix: Only keys starting with it.
+            start: The first key (inclusive).
+            start_after: Keys strictly after it (not with ``start``).
+            end: Keys strictly before it.
+            reverse: Descending order; the bounds keep their meaning.
+            limit: The most pairs to return.
+            keys_only: Return empty values (cheaper).
+        """
+        lo = max(prefix, start) if start is not None else prefix
+        out: list[tuple[bytes, bytes]] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._read(keyspace) as txn:
+            cur = txn.cursor()
+            if not reverse:
+                ok = cur.set_range(lo)
+                if start_after is not None and start_after >= lo:
+                    ok = cur.set_range(start_after)
+                    if ok and cur.key() == start_after:
+                        ok = cur.next()
+                while ok:
+                    k = cur.key()
+                    if (end is not None and k >= end) or not k.startswith(prefix):
+                        break
+                    out.append((k, b"" if keys_only else cur.value()))
+                    if limit is not None and len(out) >= limit:
+                        break
+                    ok = cur.next()
+            else:
+                upper = end
+                pend = _prefix_end(prefix) if prefix else None
+                if pend is not None and (upper is None or pend < upper):
+                    upper = pend
+                if upper is None:
+                    ok = cur.last()
+                else:
+                    ok = cur.prev() if cur.set_range(upper) else cur.last()
+                while ok:
+                    k = cur.key()
+                    if k < lo or (start_after is not None and k <= start_after):
+                        break
+                    out.append((k, b"" if keys_only else cur.value()))
+                    if limit is not None and len(out) >= limit:
+                        break
+                    ok = cur.prev()
+        return out
+
+    def first(self, keyspace: str, *, after: bytes | None = None) -> tuple[bytes, bytes] | None:
+        """Returns the first pair (strictly after ``after`` if given), or None."""
+        with self._read(keyspace) as txn:
+            cur = txn.cursor()
+            ok = cur.set_range(after) if after is not None else cur.first()
+            if ok and after is not None and cur.key() == after:
+                ok = cur.next()
+            return (cur.key(), cur.value()) if ok else None
+
+    def count(self, keyspace: str, prefix: bytes = b"") -> int:
+        """Returns how many keys start with ``prefix``."""
+        if not prefix:
+            with self._read(keyspace) as txn:
+                entries: int = txn.stat(self._db(keyspace))["entries"]
+                return entries
+        n = 0
+        with self._read(keyspace) as txn:
+            cur = txn.cursor()
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                n += 1
+                ok = cur.next()
+        return n
+
+    # -- writes --------------------------------------------------------------
+
+    def submit(self, batch: WriteBatch, callback: Callback | None = None) -> None:
+        """Queues ``batch`` for the next group commit.
+
+        ``callback(error)`` runs on the writer thread once the batch is durable
+        (``error`` is None) or has failed (nothing of it was applied). It must
+        be quick and must not block.
+        """
+        self._check_pid()
+        for _kind, ks, _key, _value in batch.ops:
+            self._db(ks)
+        for ks, _key, _value in batch.guards:
+            self._db(ks)
+        self._queue.put((batch, callback))
+
+    def write(self, batch: WriteBatch, timeout: float | None = None) -> None:
+        """Applies ``batch`` durably and returns, or raises what failed it."""
+        done = threading.Event()
+        result: list[BaseException | None] = [None]
+
+        def cb(err: BaseException | None) -> None:
+            result[0] = err
+            done.set()
+
+        self.submit(batch, cb)
+        if not done.wait(timeout):
+            raise StorageError(f"write to {self.path} not confirmed within {timeout} s")
+        if result[0] is not None:
+            raise result[0]
+
+    def add_after_batch(self, hook: Callable[[], None]) -> None:
+        """Registers ``hook`` to run on the writer thread after every group commit."""
+        self._after_batch.append(hook)
+
+    def set_fault(self, fault: Callable[[WriteBatch], None] | None) -> None:
+        """Installs a fault hook, called for each batch before it is applied.
+
+        If it raises, that batch fails with the error and nothing of it is
+        written; it may also sleep to make writes slow. Used by
+        :mod:`actorflow.testing`.
+        """
+        self._fault = fault
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is _STOP:
+                return
+            items = [item]
+            stop = False
+            try:
+                while len(items) < self._max_batch:
+                    nxt = q.get_nowait()
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    items.append(nxt)
+            except queue.Empty:
+                pass
+            self._commit(items)
+            if stop:
+                return
+
+    def _commit(self, items: list[tuple[WriteBatch, Callback | None]]) -> None:
+        import time as _time  # measuring commit latency is not reading the clock
+
+        t0 = _time.perf_counter()
+        while True:
+            results: list[BaseException | None] = [None] * len(items)
+            try:
+                with self._env.begin(write=True) as txn:
+                    for i, (batch, _cb) in enumerate(items):
+                        results[i] = self._apply(txn, batch)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+            except Exception as exc:  # disk full, I/O error: the whole group failed
+                log.error("group commit of %d batches failed: %s", len(items), exc)
+                err = StorageError(f"durable write to {self.path} failed: {exc}")
+                results = [err] * len(items)
+                break
+        self.commit_seconds += _time.perf_counter() - t0
+        self.batches += 1
+        self.commits += len(items)
+        for (_batch, cb), err in zip(items, results, strict=True):
+            if cb is not None:
+                try:
+                    cb(err)
+                except Exception:
+                    log.exception("write callback failed")
+        for hook in self._after_batch:
+            try:
+                hook()
+            except Exception:
+                log.exception("after-batch hook failed")
+
+    def _apply(self, txn: Any, batch: WriteBatch) -> BaseException | None:
+        if self._fault is not None:
+            try:
+                self._fault(batch)
+            except Exception as exc:
+                return exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        for ks, key, expected in batch.guards:
+            if txn.get(key, db=self._dbs[ks]) != expected:
+                return ConflictError(f"write rejected: guard on {key!r} did not hold")
+        for kind, ks, key, value in batch.ops:
+            db = self._dbs[ks]
+            if kind == _PUT:
+                txn.put(key, value, db=db)
+            elif kind == _DELETE:
+                txn.delete(key, db=db)
+            else:
+                cur = txn.cursor(db=db)
+                ok = cur.set_range(key)
+                while ok and cur.key().startswith(key):
+                    ok = cur.delete()
+        return None
+
+    def _grow(self) -> None:
+        with self._gate:
+            self._resizing = True
+            while self._readers:
+                self._gate.wait()
+            try:
+                new_size = self._env.info()["map_size"] * 2
+                self._env.set_mapsize(new_size)
+                log.info("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    @property
+    def map_size(self) -> int:
+        """The current size of the memory map in bytes."""
+        size: int = self._env.info()["map_size"]
+        return size
+
+    def close(self) -> None:
+        """Flushes queued batches, stops the writer and closes the environment."""
+        if self._closed:
+            return
+        if os.getpid() != self._pid:
+            self._closed = True  # the parent owns the environment; never touch it here
+            return
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._closed = True
+        self._env.close()
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """Returns the smallest key greater than every key with ``prefix``."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return None

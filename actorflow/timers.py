@@ -1,0 +1,186 @@
+"""One durable timer index for a runtime, and the thread that fires it.
+
+Every deadline (a workflow sleep, a retry delay, an event timeout, a Durable
+Object alarm) is a key in the ``timers`` keyspace: the deadline in epoch ms
+(8 bytes, big-endian, so keys sort by time), one byte of kind, then the
+target. A million sleeping instances therefore cost a million small keys on
+disk and nothing in memory.
+
+A timer is armed and disarmed inside the owner's own write batch, so it is
+exactly as durable as the state that needs it. Firing is at least once: the
+service hands a due timer to its kind's handler and remembers it as in
+flight; the owner deletes the key in the commit that consumes it, then calls
+:meth:`TimerService.done`. After a crash, undeleted keys simply fire again.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable
+
+from actorflow.clock import Clock
+from actorflow.storage import Storage, WriteBatch
+
+__all__ = ["TIMERS", "TimerService", "timer_key"]
+
+log = logging.getLogger("actorflow.timers")
+
+TIMERS = "timers"
+_DEADLINE = struct.Struct(">Q")
+_MAX_SCAN = 20_000
+# The longest a timer thread sleeps without re-reading the index, so that
+# timers armed by another process on the same data directory are seen.
+_POLL_S = 0.5
+
+#: handler(target, key, deadline_ms) -> accepted. Returning False means "not
+#: now" (backpressure); the timer is offered again on a later pass.
+Handler = Callable[[bytes, bytes, int], bool]
+
+
+def timer_key(deadline_ms: int, kind: str, target: bytes) -> bytes:
+    """Returns the index key of a timer."""
+    return _DEADLINE.pack(max(0, deadline_ms)) + kind.encode() + target
+
+
+def parse_timer_key(key: bytes) -> tuple[int, str, bytes]:
+    """Splits an index key into ``(deadline_ms, kind, target)``."""
+    return _DEADLINE.unpack_from(key)[0], chr(key[8]), key[9:]
+
+
+class TimerService:
+    """Fires due timers to the handler registered for their kind.
+
+    Args:
+        storage: Where the index lives.
+        clock: The runtime's clock; every deadline is read against it.
+    """
+
+    def __init__(self, storage: Storage, clock: Clock) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._handlers: dict[str, Handler] = {}
+        self._inflight: set[bytes] = set()
+        self._cond = threading.Condition()
+        self._kicked = False
+        self._stopped = False
+        self._passes = 0
+        self._thread = threading.Thread(target=self._run, name="actorflow-timers", daemon=True)
+        self.fired = 0
+        clock.subscribe(self.kick)
+
+    def register(self, kind: str, handler: Handler) -> None:
+        """Routes timers of ``kind`` (one character) to ``handler``."""
+        if len(kind) != 1:
+            raise ValueError("timer kind must be one character")
+        self._handlers[kind] = handler
+
+    def start(self) -> None:
+        """Starts the timer thread."""
+        self._thread.start()
+
+    @staticmethod
+    def arm(batch: WriteBatch, deadline_ms: int, kind: str, target: bytes) -> bytes:
+        """Adds a timer to ``batch``; returns its key (keep it to disarm it)."""
+        key = timer_key(deadline_ms, kind, target)
+        batch.put(TIMERS, key, b"")
+        return key
+
+    @staticmethod
+    def disarm(batch: WriteBatch, key: bytes | None) -> None:
+        """Adds the removal of timer ``key`` to ``batch`` (None: nothing)."""
+        if key:
+            batch.delete(TIMERS, key)
+
+    def done(self, key: bytes | None) -> None:
+        """Tells the service the handler of ``key`` finished (or gave it up)."""
+        if key:
+            with self._cond:
+                self._inflight.discard(key)
+
+    def kick(self) -> None:
+        """Makes the thread re-read the index now (a new early timer, freed capacity)."""
+        with self._cond:
+            self._kicked = True
+            self._cond.notify_all()
+
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Waits until a full pass that started after this call has finished."""
+        with self._cond:
+            target = self._passes + 2
+            self._kicked = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._passes >= target or self._stopped, timeout)
+
+    def pending(self) -> int:
+        """Returns how many timers are armed (the timer backlog)."""
+        return self._storage.count(TIMERS)
+
+    def next_deadline_ms(self) -> int | None:
+        """Returns the earliest armed deadline that is not in flight, or None."""
+        for key, _ in self._storage.scan(TIMERS, limit=_MAX_SCAN, keys_only=True):
+            if key not in self._inflight:
+                return parse_timer_key(key)[0]
+        return None
+
+    def stop(self) -> None:
+        """Stops the timer thread."""
+        self._clock.unsubscribe(self.kick)
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                self._kicked = False
+            try:
+                next_ms = self._pass()
+            except Exception:
+                if self._stopped:
+                    return
+                log.exception("timer pass failed")
+                next_ms = None
+            with self._cond:
+                self._passes += 1
+                self._cond.notify_all()
+                if self._stopped:
+                    return
+                if self._kicked:
+                    continue
+                wait = _POLL_S
+                if next_ms is not None:
+                    real = self._clock.real_timeout(next_ms / 1000.0)
+                    wait = _POLL_S if real is None else min(real, _POLL_S)
+                if wait > 0:
+                    self._cond.wait(wait)
+
+    def _pass(self) -> int | None:
+        """Dispatches every due timer; returns the next deadline in ms, if any."""
+        now_ms = int(self._clock.now() * 1000)
+        rows = self._storage.scan(TIMERS, limit=_MAX_SCAN, keys_only=True)
+        for key, _ in rows:
+            deadline, kind, target = parse_timer_key(key)
+            if deadline > now_ms:
+                return deadline
+            with self._cond:
+                if key in self._inflight:
+                    continue
+                self._inflight.add(key)
+            handler = self._handlers.get(kind)
+            accepted = False
+            try:
+                accepted = handler is not None and handler(target, key, deadline)
+            except Exception:
+                log.exception("timer handler for kind %r failed", kind)
+            if accepted:
+                self.fired += 1
+            else:
+                with self._cond:
+                    self._inflight.discard(key)
+        return None
