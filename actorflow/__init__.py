@@ -1,5 +1,6 @@
 """actorflow: Durable Objects and durable Workflows embedded in any Python process."""
 
+from actorflow.binding import Instance, WorkflowBinding
 from actorflow.errors import (
     ActorflowError,
     EventTimeoutError,
@@ -14,6 +15,7 @@ from actorflow.errors import (
     StepTimeoutError,
     StorageError,
 )
+from actorflow.history import Attempt, HistoryEvent, StepRecord
 from actorflow.limits import Limits
 from actorflow.objects import (
     AlarmInfo,
@@ -24,19 +26,31 @@ from actorflow.objects import (
     DurableObjectStub,
 )
 from actorflow.runtime import Runtime
+from actorflow.step import RetryPolicy, StepContext, WorkflowStep
 from actorflow.storage import JsonSerializer, PickleSerializer
+from actorflow.workflow import (
+    InstanceStatus,
+    Workflow,
+    WorkflowEntrypoint,
+    WorkflowEvent,
+    WorkflowStepEvent,
+)
 
 __all__ = [
     "ActorflowError",
     "AlarmInfo",
+    "Attempt",
     "DurableObject",
     "DurableObjectId",
     "DurableObjectNamespace",
     "DurableObjectState",
     "DurableObjectStub",
     "EventTimeoutError",
+    "HistoryEvent",
+    "Instance",
     "InstanceAlreadyExists",
     "InstanceNotFound",
+    "InstanceStatus",
     "InvalidInstanceId",
     "InvalidInstanceState",
     "JsonSerializer",
@@ -45,8 +59,17 @@ __all__ = [
     "NonRetryableError",
     "PickleSerializer",
     "RateLimitError",
+    "RetryPolicy",
     "Runtime",
     "SerializationError",
+    "StepContext",
+    "StepRecord",
     "StepTimeoutError",
     "StorageError",
+    "Workflow",
+    "WorkflowBinding",
+    "WorkflowEntrypoint",
+    "WorkflowEvent",
+    "WorkflowStep",
+    "WorkflowStepEvent",
 ]

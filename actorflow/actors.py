@@ -19,10 +19,18 @@ Two executors exist:
 
 Actors made here are not put in pykka's process-wide ``ActorRegistry``: each
 runtime keeps its own table of live actors.
+
+Besides pykka's ``ActorRef.tell``/``ask``, an owner may post envelopes with
+:meth:`PooledActor.post` and shut the inbox with :meth:`PooledActor.close`;
+both take the actor's scheduling lock, so "is the actor still taking
+messages?" and "enqueue" are one atomic step (no message can slip into the
+inbox of an actor being evicted). :class:`LatchFuture` is a cheaper
+:class:`pykka.Future` for one-shot replies.
 """
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import collections
 import inspect
@@ -31,17 +39,80 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pykka
 from pykka import messages
 from pykka._envelope import Envelope
 
-__all__ = ["Executor", "LoopExecutor", "PooledActor", "ThreadExecutor"]
+__all__ = ["Executor", "LatchFuture", "LoopExecutor", "PooledActor", "ThreadExecutor"]
 
 log = logging.getLogger("actorflow.actors")
 
 _SLICE = 32  # messages handled per scheduling, so one busy actor cannot starve the rest
+T = TypeVar("T")
+
+
+class LatchFuture(pykka.Future[T]):
+    """A one-shot :class:`pykka.Future` on a bare lock.
+
+    :class:`pykka.ThreadingFuture` builds a ``Condition`` (an ``RLock`` plus a
+    waiter lock per ``get``) for every reply; a held lock that ``set``
+    releases does the same job for a single producer at a fraction of the
+    cost. Behaves like ``ThreadingFuture``: ``get`` may be called many times
+    and from many threads, ``get(timeout=...)`` raises :class:`pykka.Timeout`,
+    and setting twice raises :class:`queue.Full`.
+    """
+
+    __slots__ = ("_exc_info", "_latch", "_set", "_value")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._latch = _thread.allocate_lock()
+        self._latch.acquire()
+        self._set = False
+        self._value: Any = None
+        self._exc_info: Any = None
+
+    def get(self, *, timeout: float | None = None) -> T:
+        if self._get_hook is not None:
+            return super().get(timeout=timeout)
+        if not self._set:
+            if timeout is None:
+                self._latch.acquire()
+            elif not self._latch.acquire(timeout=max(0.0, timeout)):
+                raise pykka.Timeout(f"{timeout} seconds")
+            # Let every other waiter through too.
+            self._latch.release()
+        if self._exc_info is not None:
+            _type, value, tb = self._exc_info
+            if value is None:
+                value = _type()
+            if value.__traceback__ is not tb:
+                raise value.with_traceback(tb)
+            raise value
+        result: T = self._value
+        return result
+
+    def set(self, value: Any | None = None) -> None:
+        if self._set or self._get_hook is not None:
+            raise queue.Full
+        self._value = value
+        self._set = True
+        self._latch.release()
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        if exc_info is None:
+            exc_info = sys.exc_info()
+        if self._set or self._get_hook is not None:
+            raise queue.Full
+        self._exc_info = exc_info
+        self._set = True
+        self._latch.release()
+
+    def done(self) -> bool:
+        """Whether a value or an exception has been set."""
+        return self._set
 
 
 class Executor(Protocol):
@@ -66,7 +137,8 @@ class ThreadExecutor:
         self.size = size
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(size)
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(size)
         ]
         for t in self._threads:
             t.start()
@@ -146,6 +218,7 @@ class PooledActor(pykka.Actor):
         self._executor = executor
         self._sched_lock = threading.Lock()
         self._scheduled = False
+        self._closed = False
         self._setup_done = False
         self._torn_down = False
         inbox = self.actor_inbox
@@ -175,6 +248,56 @@ class PooledActor(pykka.Actor):
             self._scheduled = True
         self._executor.schedule(self._slice)
 
+    def post(self, envelope: Envelope[Any]) -> bool:
+        """Enqueues ``envelope`` unless the inbox was closed; returns whether it was.
+
+        Unlike ``actor_ref.tell``, the check and the enqueue are atomic with
+        respect to :meth:`close`.
+        """
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _Inbox)
+        with self._sched_lock:
+            if self._closed:
+                return False
+            inbox._items.append(envelope)
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        self._executor.schedule(self._slice)
+        return True
+
+    def close(
+        self, *, only_if_idle: bool = False, check: Callable[[], bool] | None = None
+    ) -> list[Envelope[Any]] | None:
+        """Stops taking messages; returns the envelopes that were never handled.
+
+        Args:
+            only_if_idle: Close only if no slice is scheduled or running and the
+                inbox is empty; otherwise change nothing and return None.
+            check: With ``only_if_idle``, one more condition, evaluated under
+                the scheduling lock (so the actor cannot run meanwhile).
+
+        The actor's handlers are not interrupted: a message being handled
+        finishes, then the actor stops (``actor_stopped`` is set at once).
+        """
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _Inbox)
+        with self._sched_lock:
+            if only_if_idle and (
+                self._scheduled or inbox._items or (check is not None and not check())
+            ):
+                return None
+            self._closed = True
+            left = list(inbox._items)
+            inbox._items.clear()
+        self.actor_stopped.set()
+        return left
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     # -- the receive loop, one slice at a time ----------------------------
 
     def _slice(self) -> None:
@@ -184,9 +307,10 @@ class PooledActor(pykka.Actor):
         inbox = self.actor_inbox
         handled = 0
         while handled < _SLICE and not self.actor_stopped.is_set():
-            if inbox.empty():
+            try:
+                envelope = inbox.get()
+            except IndexError:  # empty, or drained by close() meanwhile
                 break
-            envelope = inbox.get()
             handled += 1
             pending = self._handle_envelope(envelope)
             if pending is not None:

@@ -9,11 +9,36 @@ All writes of one call are buffered and committed atomically when the call
 returns (or raises); the caller gets the result only after that commit is
 durable. This is Cloudflare's output gate. Writes made before an exception
 are committed too; use :meth:`ObjectStorage.transaction` to roll them back.
+
+How the output gate is kept without blocking a thread per call:
+
+* When a call ends, its writes become one :class:`~actorflow.storage.WriteBatch`
+  that is *submitted* to the group commit; the reply is parked on a
+  :class:`_Flight` that the writer thread releases once the batch is durable.
+  The actor meanwhile takes its next message, so one fsync serves many calls
+  of many objects and no pool thread sleeps on a commit.
+* A call that wrote nothing may still have read writes that are not durable
+  yet, so its reply joins the object's latest flight (or goes out at once
+  when nothing is in flight).
+* Reads see the object's own submitted-but-not-yet-durable writes through a
+  *view* kept by :class:`ObjectStorage`: the values this activation wrote,
+  tagged with the flight that carries them, plus a small cache of values it
+  read (only the object itself writes its keys). Entries whose flight has
+  landed are dropped when the view grows.
+* The batches of one activation form a :class:`~actorflow.storage.Chain`: once
+  one fails, every later one fails unapplied. The failed flights' replies get
+  :class:`~actorflow.errors.StorageError` and the object is reset (dropped
+  from the live table); messages it had not handled yet go to a fresh
+  activation, which reads storage anew.
+* An object is evicted only when idle *and* with nothing in flight, so a new
+  activation never reads storage older than what the previous one wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import collections
 import hashlib
 import inspect
 import logging
@@ -28,12 +53,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 import pykka
-from pykka.messages import ProxyCall
+from pykka._envelope import Envelope
 
-from actorflow.actors import Executor, PooledActor
+from actorflow.actors import Executor, LatchFuture, PooledActor
 from actorflow.clock import Clock, to_epoch_ms
-from actorflow.errors import ActorflowError, StorageError
-from actorflow.storage import Storage, WriteBatch
+from actorflow.errors import ActorflowError, LimitExceeded, StorageError
+from actorflow.storage import MAX_KEY_BYTES, Chain, Storage, WriteBatch
 from actorflow.timers import TimerService
 
 __all__ = [
@@ -54,7 +79,11 @@ ALARM_KIND = "A"
 ALARM_MAX_RETRIES = 6
 _ALARM = struct.Struct(">QI")
 _TOMBSTONE = None
+_MISS: Any = object()  # "not known here": look further down
+_VIEW_MIN = 1024  # view entries kept before landed ones are dropped
+_SEND_ATTEMPTS = 100
 T = TypeVar("T", bound="DurableObject")
+ExcInfo = tuple[type[BaseException], BaseException, Any]
 
 
 @dataclass(frozen=True)
@@ -92,45 +121,63 @@ class ObjectStorage:
     """``ctx.storage``: an object's private, transactional key-value store.
 
     Keys are ``str`` (ordered by their UTF-8 bytes); values are anything the
-    runtime's serializer accepts. Reads see the call's own pending writes.
+    runtime's serializer accepts. Reads see the call's own pending writes and
+    the object's earlier writes, durable or not yet.
     """
 
-    def __init__(self, host: DurableObjectNamespace, oid: str) -> None:
+    def __init__(self, host: DurableObjectNamespace[Any], oid: str) -> None:
         self._host = host
         self._store = host._storage
         self._ser = host._storage.serializer
         self._prefix = f"{host.name}\x00{oid}\x00".encode()
         self._alarm_key = f"{host.name}\x00{oid}".encode()
+        self._max_key = MAX_KEY_BYTES - len(self._prefix)
+        # The current call's writes.
         self._pending: dict[str, bytes | None] = {}
         self._cleared = False
-        self._alarm: int | None | bool = False  # False: untouched; None: deleted; int: set
+        self._alarm: int | bool | None = False  # False: untouched; None: deleted; int: set
+        self._alarm_retry: tuple[int, int, int] | None = None  # deadline, retries, when
         self.running_alarm = False
+        # The view: key -> (value, seq of the flight carrying it; 0 for a read).
+        self._view: dict[str, tuple[bytes | None, int]] = {}
+        self._view_cleared = False  # a delete_all in flight: keys not in the view are absent
+        self._cleared_seq = 0
+        self._view_limit = _VIEW_MIN
+        self._alarm_rec: bytes | None = _MISS
+        self._seq = 0  # the last flight submitted
+        self.landed = 0  # the last flight durable (written by the writer thread)
 
     # -- reads -------------------------------------------------------------
 
-    def _committed(self, key: str) -> bytes | None:
+    def _read(self, key: str) -> bytes | None:
+        raw: bytes | None = self._pending.get(key, _MISS)
+        if raw is not _MISS:
+            return raw
         if self._cleared:
             return None
-        return self._store.get(OBJECTS, self._prefix + key.encode())
-
-    def _read(self, key: str) -> bytes | None:
-        if key in self._pending:
-            return self._pending[key]
-        return self._committed(key)
+        entry = self._view.get(key)
+        if entry is not None:
+            return entry[0]
+        if self._view_cleared:
+            return None
+        raw = self._store.get(OBJECTS, self._prefix + key.encode())
+        if len(self._view) < self._view_limit:
+            self._view[key] = (raw, 0)
+        return raw
 
     @overload
     def get(self, key: str, default: Any = None) -> Any: ...
     @overload
-    def get(self, key: list[str], default: Any = None) -> dict[str, Any]: ...
-    def get(self, key: str | list[str], default: Any = None) -> Any:
+    def get(self, key: builtins.list[str], default: Any = None) -> dict[str, Any]: ...
+    def get(self, key: str | builtins.list[str], default: Any = None) -> Any:
         """Returns the value of ``key`` (or ``default``), or a dict for a list of keys.
 
         For a list, missing keys are left out and the dict is in key order.
         """
-        if isinstance(key, list):
+        if isinstance(key, builtins.list):
             out = {}
-            for k in sorted(key, key=lambda s: s.encode()):
-                raw = self._read(_check_key(k))
+            for k in sorted(key, key=lambda s: _check_key(s).encode()):
+                raw = self._read(k)
                 if raw is not None:
                     out[k] = self._ser.loads(raw)
             return out
@@ -149,37 +196,54 @@ class ObjectStorage:
     ) -> dict[str, Any]:
         """Returns the pairs in key order (descending with ``reverse``).
 
-        ``start`` is inclusive, ``start_after`` exclusive, ``end`` exclusive.
+        ``start`` is inclusive, ``start_after`` exclusive, ``end`` exclusive;
+        ``reverse`` does not change their meaning.
         """
         if start is not None and start_after is not None:
             raise ValueError("list(): give start or start_after, not both")
+        if limit is not None and limit <= 0:
+            return {}
+        sb = start.encode() if start is not None else None
+        sab = start_after.encode() if start_after is not None else None
+        eb = end.encode() if end is not None else None
+
+        def in_range(k: str) -> bool:
+            if not k.startswith(prefix):
+                return False
+            kb = k.encode()
+            return not (
+                (sb is not None and kb < sb)
+                or (sab is not None and kb <= sab)
+                or (eb is not None and kb >= eb)
+            )
+
         rows: dict[str, bytes | None] = {}
         if not self._cleared:
-            enc = self._prefix
-            extra = sum(1 for v in self._pending.values() if v is None)
-            committed = self._store.scan(
-                OBJECTS,
-                prefix=enc + prefix.encode(),
-                start=enc + start.encode() if start is not None else None,
-                start_after=enc + start_after.encode() if start_after is not None else None,
-                end=enc + end.encode() if end is not None else None,
-                reverse=reverse,
-                limit=None if limit is None else limit + extra,
-            )
-            n = len(enc)
-            rows = {k[n:].decode(): v for k, v in committed}
-        for k, v in self._pending.items():
-            if not k.startswith(prefix):
-                continue
-            kb = k.encode()
-            if start is not None and kb < start.encode():
-                continue
-            if start_after is not None and kb <= start_after.encode():
-                continue
-            if end is not None and kb >= end.encode():
-                continue
-            rows[k] = v
-        keys = sorted((k for k, v in rows.items() if v is not None), key=str.encode, reverse=reverse)
+            if not self._view_cleared:
+                enc = self._prefix
+                # Fetch enough that deletions not yet durable cannot starve the limit.
+                extra = sum(1 for v, _s in self._view.values() if v is None)
+                extra += sum(1 for v in self._pending.values() if v is None)
+                committed = self._store.scan(
+                    OBJECTS,
+                    prefix=enc + prefix.encode(),
+                    start=enc + sb if sb is not None else None,
+                    start_after=enc + sab if sab is not None else None,
+                    end=enc + eb if eb is not None else None,
+                    reverse=reverse,
+                    limit=None if limit is None else limit + extra,
+                )
+                n = len(enc)
+                rows = {k[n:].decode(): v for k, v in committed}
+            for k, (v, _s) in self._view.items():
+                if in_range(k):
+                    rows[k] = v
+        for k, pv in self._pending.items():
+            if in_range(k):
+                rows[k] = pv
+        keys = sorted(
+            (k for k, v in rows.items() if v is not None), key=str.encode, reverse=reverse
+        )
         if limit is not None:
             keys = keys[:limit]
         out: dict[str, Any] = {}
@@ -191,27 +255,37 @@ class ObjectStorage:
 
     # -- writes ------------------------------------------------------------
 
+    def _writable(self, key: str) -> str:
+        _check_key(key)
+        if len(key) * 4 > self._max_key and len(key.encode()) > self._max_key:
+            raise LimitExceeded(
+                f"storage key {key[:40]!r}... of {len(key.encode())} bytes is too long for "
+                f"this object (at most {self._max_key} bytes)"
+            )
+        return key
+
     def put(self, key: str | dict[str, Any], value: Any = None) -> None:
         """Stores ``value`` at ``key``, or every pair of a dict.
 
         Raises:
             SerializationError: The value cannot be stored; nothing is written.
+            LimitExceeded: The key is too long.
         """
         if isinstance(key, dict):
-            encoded = {_check_key(k): self._ser.dumps(v) for k, v in key.items()}
+            encoded = {self._writable(k): self._ser.dumps(v) for k, v in key.items()}
             self._pending.update(encoded)
             return
-        self._pending[_check_key(key)] = self._ser.dumps(value)
+        self._pending[self._writable(key)] = self._ser.dumps(value)
 
     @overload
     def delete(self, key: str) -> bool: ...
     @overload
-    def delete(self, key: list[str]) -> int: ...
-    def delete(self, key: str | list[str]) -> bool | int:
+    def delete(self, key: builtins.list[str]) -> int: ...
+    def delete(self, key: str | builtins.list[str]) -> bool | int:
         """Deletes a key (returns whether it existed) or a list (returns the count)."""
-        if isinstance(key, list):
+        if isinstance(key, builtins.list):
             return sum(1 for k in key if self.delete(k))
-        existed = self._read(_check_key(key)) is not None
+        existed = self._read(self._writable(key)) is not None
         self._pending[key] = _TOMBSTONE
         return existed
 
@@ -232,6 +306,11 @@ class ObjectStorage:
 
     # -- alarms ------------------------------------------------------------
 
+    def _alarm_record(self) -> bytes | None:
+        if self._alarm_rec is _MISS:
+            self._alarm_rec = self._store.get(ALARMS, self._alarm_key)
+        return self._alarm_rec
+
     def set_alarm(self, when: Any) -> None:
         """Sets the object's one alarm (aware datetime or epoch ms), replacing any other."""
         self._alarm = to_epoch_ms(when, what="set_alarm")
@@ -245,8 +324,8 @@ class ObjectStorage:
             return self._alarm if isinstance(self._alarm, int) else None
         if self.running_alarm:
             return None
-        rec = self._store.get(ALARMS, self._alarm_key)
-        return None if rec is None else _ALARM.unpack_from(rec)[0]
+        rec = self._alarm_record()
+        return None if rec is None else int(_ALARM.unpack_from(rec)[0])
 
     def delete_alarm(self) -> None:
         """Cancels the alarm, if any."""
@@ -254,37 +333,78 @@ class ObjectStorage:
 
     # -- commit (used by the actor) ----------------------------------------
 
-    def _take_batch(self) -> tuple[WriteBatch, int | None]:
-        """Builds the batch of pending writes and resets them; returns it and a new alarm."""
-        batch = WriteBatch()
+    def _take_batch(self, chain: Chain | None = None) -> tuple[WriteBatch | None, bool]:
+        """Turns the pending writes into a batch and moves them to the view.
+
+        Returns the batch (None when there is nothing to write) and whether
+        it arms a timer.
+        """
+        if (
+            not self._pending
+            and not self._cleared
+            and self._alarm is False
+            and self._alarm_retry is None
+        ):
+            return None, False
+        seq = self._seq + 1
+        batch = WriteBatch(chain)
+        prefix = self._prefix
         if self._cleared:
-            batch.delete_prefix(OBJECTS, self._prefix)
+            batch.delete_prefix(OBJECTS, prefix)
         for k, v in self._pending.items():
-            key = self._prefix + k.encode()
             if v is None:
-                batch.delete(OBJECTS, key)
+                batch.delete(OBJECTS, prefix + k.encode())
             else:
-                batch.put(OBJECTS, key, v)
-        new_alarm: int | None = None
-        if self._alarm is not False:
-            old = self._store.get(ALARMS, self._alarm_key)
+                batch.put(OBJECTS, prefix + k.encode(), v)
+        armed = False
+        new_rec: bytes | None = _MISS
+        if self._alarm is not False or self._alarm_retry is not None:
+            old = self._alarm_record()
             if old is not None:
                 TimerService.disarm(batch, old[_ALARM.size :])
-            if isinstance(self._alarm, int):
-                new_alarm = self._alarm
-                tkey = TimerService.arm(batch, new_alarm, ALARM_KIND, self._alarm_key)
-                batch.put(ALARMS, self._alarm_key, _ALARM.pack(new_alarm, 0) + tkey)
+            if self._alarm is False and self._alarm_retry is not None:
+                deadline, retries, when = self._alarm_retry
+                tkey = TimerService.arm(batch, when, ALARM_KIND, self._alarm_key)
+                new_rec = _ALARM.pack(deadline, retries) + tkey
+            elif isinstance(self._alarm, int):
+                tkey = TimerService.arm(batch, self._alarm, ALARM_KIND, self._alarm_key)
+                new_rec = _ALARM.pack(self._alarm, 0) + tkey
             else:
+                new_rec = None
+            if new_rec is None:
                 batch.delete(ALARMS, self._alarm_key)
-        self._pending = {}
-        self._cleared = False
-        self._alarm = False
-        return batch, new_alarm
+            else:
+                batch.put(ALARMS, self._alarm_key, new_rec)
+                armed = True
+        # The batch is built: nothing below can fail, so the view stays exact.
+        view = self._view
+        if self._cleared:
+            view.clear()
+            self._view_cleared = True
+            self._cleared_seq = seq
+        for k, v in self._pending.items():
+            view[k] = (v, seq)
+        if new_rec is not _MISS:
+            self._alarm_rec = new_rec
+        self._seq = seq
+        self._discard()
+        return batch, armed
 
     def _discard(self) -> None:
         self._pending = {}
         self._cleared = False
         self._alarm = False
+        self._alarm_retry = None
+
+    def _trim(self) -> None:
+        """Drops view entries already durable once the view has grown."""
+        if len(self._view) <= self._view_limit:
+            return
+        landed = self.landed
+        if self._view_cleared and self._cleared_seq <= landed:
+            self._view_cleared = False
+        self._view = {k: e for k, e in self._view.items() if e[1] > landed}
+        self._view_limit = max(_VIEW_MIN, 2 * len(self._view))
 
 
 def _check_key(key: str) -> str:
@@ -306,7 +426,8 @@ class DurableObject:
     """Base class of user Durable Objects.
 
     Public methods are callable through a stub. Override ``alarm(info)`` to
-    handle alarms.
+    handle alarms. An optional ``on_evict()`` runs when the object leaves
+    memory; writes it makes are discarded.
 
     Args:
         ctx: The object's state: ``ctx.id`` and ``ctx.storage``.
@@ -318,6 +439,15 @@ class DurableObject:
         self.env = env
 
 
+class _Call:
+    __slots__ = ("args", "kwargs", "name")
+
+    def __init__(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+
+
 class _Alarm:
     __slots__ = ("deadline", "key")
 
@@ -326,80 +456,208 @@ class _Alarm:
         self.deadline = deadline
 
 
-class _Evict:
+class _Stop:
     __slots__ = ()
+
+
+class _Flight:
+    """A batch on its way to disk and the replies it holds back."""
+
+    __slots__ = ("actor", "alarm_key", "armed", "replies", "seq")
+
+    def __init__(self, actor: _ObjectActor, seq: int, armed: bool) -> None:
+        self.actor = actor
+        self.seq = seq
+        self.armed = armed
+        self.alarm_key: bytes | None = None
+        self.replies: list[tuple[pykka.Future[Any] | None, Any, ExcInfo | None]] = []
+
+    def __call__(self, error: BaseException | None) -> None:
+        self.actor._landed(self, error)
+
+
+def _deliver(reply: pykka.Future[Any] | None, value: Any, exc_info: ExcInfo | None) -> None:
+    if reply is None:
+        return
+    try:
+        if exc_info is None:
+            reply.set(value)
+        else:
+            reply.set_exception(exc_info=exc_info)
+    except Exception:  # already set: the caller gave up on it
+        pass
+
+
+def _exc_info(exc: BaseException) -> ExcInfo:
+    return (type(exc), exc, exc.__traceback__)
 
 
 class _ObjectActor(PooledActor):
     """The actor hosting one live object."""
 
-    def __init__(self, host: DurableObjectNamespace, oid: DurableObjectId) -> None:
+    def __init__(self, host: DurableObjectNamespace[Any], oid: DurableObjectId) -> None:
         super().__init__(host._executor)
         self.host = host
         self.oid = oid
         self.storage = ObjectStorage(host, oid.hex)
         self.obj: DurableObject | None = None
         self.last_used = time.monotonic()
+        self._chain = Chain()
+        self._flights: collections.deque[_Flight] = collections.deque()
+        self._gate = threading.Lock()  # guards _flights against the writer thread
 
     def on_start(self) -> None:
-        ctx = DurableObjectState(self.oid, self.storage, self.host.name)
-        self.obj = self.host.cls(ctx, self.host.env)
-        self._commit()  # a constructor may write too
+        """Nothing: the object is built when its first message is handled."""
 
-    def _handle_receive(self, message: Any) -> Any:
-        self.last_used = time.monotonic()
-        if isinstance(message, ProxyCall):
-            return self._call(message)
-        if isinstance(message, _Alarm):
-            return self._run_alarm(message)
-        if isinstance(message, _Evict):
-            return self.host._evict_if_idle(self)
-        return super()._handle_receive(message)
-
-    def _call(self, message: ProxyCall) -> Any:
-        name = message.attr_path[0]
-        if self.obj is None:
-            raise ActorflowError(f"object {self.host.name}/{self.oid} failed to start")
-        fn = getattr(self.obj, name, None) if not name.startswith("_") else None
-        if fn is None or not callable(fn):
-            raise AttributeError(f"{self.host.cls.__name__} has no public method {name!r}")
-        try:
-            result = fn(*message.args, **message.kwargs)
-            if inspect.iscoroutine(result):
-                result = asyncio.run(result)
-        finally:
-            self._commit()
-        return result
-
-    def _commit(self) -> None:
-        batch, _alarm = self.storage._take_batch()
-        if not batch.ops:
-            return
-        try:
-            self._storage_write(batch)
-        except BaseException as exc:
-            # The object's memory may disagree with storage now: reset it.
-            self.host._forget(self)
-            self.actor_stopped.set()
-            if isinstance(exc, StorageError):
+    def _ensure_obj(self) -> DurableObject:
+        obj = self.obj
+        if obj is None:
+            ctx = DurableObjectState(self.oid, self.storage, self.host.name)
+            try:
+                obj = self.host.cls(ctx, self.host.env)
+            except BaseException:
+                self.storage._discard()
                 raise
-            raise StorageError(f"object {self.host.name}/{self.oid}: write failed: {exc}") from exc
-        self.host._timers.kick()
+            # The constructor's writes commit with the first message's.
+            self.obj = obj
+        return obj
 
-    def _storage_write(self, batch: WriteBatch) -> None:
-        self.host._storage.write(batch)
+    def _handle_envelope(self, envelope: Envelope[Any]) -> None:
+        msg = envelope.message
+        self.last_used = time.monotonic()
+        kind = type(msg)
+        if kind is _Call:
+            self._run_call(msg, envelope.reply_to)
+        elif kind is _Alarm:
+            self._run_alarm(msg)
+        elif kind is _Stop:
+            self._run_stop(envelope.reply_to)
+        else:
+            err = ActorflowError(f"object {self.host.name}/{self.oid}: unknown message {msg!r}")
+            _deliver(envelope.reply_to, None, _exc_info(err))
+        return None
+
+    def _run_call(self, msg: _Call, reply: pykka.Future[Any] | None) -> None:
+        value: Any = None
+        exc_info: ExcInfo | None = None
+        try:
+            obj = self._ensure_obj()
+            name = msg.name
+            fn = getattr(obj, name, None) if not name.startswith("_") else None
+            if fn is None or not callable(fn):
+                raise AttributeError(f"{self.host.cls.__name__} has no public method {name!r}")
+            value = fn(*msg.args, **msg.kwargs)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
+        except BaseException as exc:
+            value = None
+            exc_info = _exc_info(exc)
+            if not isinstance(exc, Exception):
+                # SystemExit and the like: answer, then let the object go.
+                self._finish(reply, None, exc_info)
+                self.host._reset(self, None)
+                return
+        self._finish(reply, value, exc_info)
+
+    def _finish(
+        self,
+        reply: pykka.Future[Any] | None,
+        value: Any,
+        exc_info: ExcInfo | None,
+        alarm_key: bytes | None = None,
+    ) -> None:
+        """Commits the message's writes and releases its reply once they are durable."""
+        st = self.storage
+        try:
+            batch, armed = st._take_batch(self._chain)
+        except Exception as exc:  # cannot happen short of a bug; never lose the reply
+            log.exception("object %s/%s: building its write batch failed", self.host.name, self.oid)
+            st._discard()
+            batch, armed, exc_info = None, False, _exc_info(exc)
+        if batch is None:
+            with self._gate:
+                if self._flights:
+                    # Its result may rest on writes not yet durable: wait for them.
+                    self._flights[-1].replies.append((reply, value, exc_info))
+                    return
+                failed = self._chain.failed
+            if failed:
+                err = self._storage_error(self._chain.error)
+                exc_info = _exc_info(err)
+            _deliver(reply, value, exc_info)
+            if alarm_key is not None:
+                self.host._timers.done(alarm_key)
+            return
+        flight = _Flight(self, st._seq, armed)
+        flight.alarm_key = alarm_key
+        flight.replies.append((reply, value, exc_info))
+        with self._gate:
+            self._flights.append(flight)
+        try:
+            self.host._storage.submit(batch, flight)
+        except Exception as exc:  # storage closed, or used after fork(): never queued
+            if not self._chain.failed:
+                self._chain.error = exc
+                self._chain.failed = True
+            self._landed(flight, exc)
+        st._trim()
+
+    def _storage_error(self, err: BaseException | None) -> StorageError:
+        if isinstance(err, StorageError):
+            return err
+        return StorageError(f"object {self.host.name}/{self.oid}: write failed: {err}")
+
+    def _landed(self, flight: _Flight, error: BaseException | None) -> None:
+        """Runs on the writer thread once ``flight``'s batch is durable or failed."""
+        with self._gate:
+            if self._flights and self._flights[0] is flight:
+                self._flights.popleft()
+            else:  # pragma: no cover - flights land in submission order
+                try:
+                    self._flights.remove(flight)
+                except ValueError:
+                    pass
+            replies = flight.replies
+            flight.replies = []
+        if error is None:
+            self.storage.landed = flight.seq
+            for reply, value, exc_info in replies:
+                _deliver(reply, value, exc_info)
+        else:
+            err = self._storage_error(error)
+            log.error("object %s/%s: write failed, resetting it: %s", self.host.name, self.oid, err)
+            for reply, _value, _exc in replies:
+                _deliver(reply, None, _exc_info(err))
+            self.host._reset(self, err)
+        timers = self.host._timers
+        if flight.alarm_key is not None:
+            timers.done(flight.alarm_key)
+        if flight.armed:
+            timers.kick()
+
+    def has_flights(self) -> bool:
+        """Whether some of its writes are not durable yet."""
+        return bool(self._flights)
+
+    def _run_stop(self, reply: pykka.Future[Any] | None) -> None:
+        left = self.close() or []
+        self.host._fail_unhandled(left)
+        self.host._call_on_evict(self)
+        self.storage._discard()
+        self._finish(reply, None, None)
 
     def _run_alarm(self, msg: _Alarm) -> None:
         host, st = self.host, self.storage
-        rec = host._storage.get(ALARMS, st._alarm_key)
-        if rec is None or rec[_ALARM.size :] != msg.key or self.obj is None:
+        rec = st._alarm_record()
+        if rec is None or rec[_ALARM.size :] != msg.key:
             host._timers.done(msg.key)  # stale: replaced or deleted since
             return
         deadline, retries = _ALARM.unpack_from(rec)
-        handler = getattr(self.obj, "alarm", None)
-        st.running_alarm = True
         error: BaseException | None = None
+        st.running_alarm = True
         try:
+            obj = self._ensure_obj()
+            handler = getattr(obj, "alarm", None)
             if handler is not None:
                 result = handler(AlarmInfo(retries, retries > 0, deadline))
                 if inspect.iscoroutine(result):
@@ -408,29 +666,31 @@ class _ObjectActor(PooledActor):
             error = exc
         finally:
             st.running_alarm = False
-        batch, _ = st._take_batch() if error is None else (WriteBatch(), None)
-        if error is not None:
-            st._discard()
-        if not any(op[1] == ALARMS for op in batch.ops):
-            # No new alarm was set by the handler: settle this one.
-            TimerService.disarm(batch, msg.key)
+        if st._alarm is False:
+            # The handler did not set or delete the alarm: settle this one.
             if error is not None and retries < ALARM_MAX_RETRIES:
                 delay = 2000 << retries
                 when = int(host._clock.now() * 1000) + delay + random.randint(0, delay // 4)
-                tkey = TimerService.arm(batch, when, ALARM_KIND, st._alarm_key)
-                batch.put(ALARMS, st._alarm_key, _ALARM.pack(deadline, retries + 1) + tkey)
-                log.warning("alarm of %s/%s failed (retry %d): %s", host.name, self.oid,
-                            retries + 1, error)
+                st._alarm_retry = (deadline, retries + 1, when)
+                log.warning(
+                    "alarm of %s/%s failed (retry %d in %d ms): %r",
+                    host.name,
+                    self.oid,
+                    retries + 1,
+                    when - int(host._clock.now() * 1000),
+                    error,
+                )
             else:
-                batch.delete(ALARMS, st._alarm_key)
+                st._alarm = None
                 if error is not None:
-                    log.error("alarm of %s/%s abandoned after %d retries: %s", host.name,
-                              self.oid, retries, error)
-        try:
-            host._storage.write(batch)
-        finally:
-            host._timers.done(msg.key)
-            host._timers.kick()
+                    log.error(
+                        "alarm of %s/%s abandoned after %d retries: %r",
+                        host.name,
+                        self.oid,
+                        retries,
+                        error,
+                    )
+        self._finish(None, None, None, alarm_key=msg.key)
 
 
 class _RemoteMethod:
@@ -441,7 +701,7 @@ class _RemoteMethod:
         self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._stub._ns._call(self._stub.id, self._name, args, kwargs)
+        return self._stub._ns._send(self._stub.id, self._name, args, kwargs).get()
 
     def future(self, *args: Any, **kwargs: Any) -> pykka.Future[Any]:
         """Sends the call and returns a pykka future of its result at once."""
@@ -456,7 +716,7 @@ class DurableObjectStub(Generic[T]):
     Creating a stub sends nothing; the object starts on its first call.
     """
 
-    def __init__(self, ns: DurableObjectNamespace, oid: DurableObjectId) -> None:
+    def __init__(self, ns: DurableObjectNamespace[T], oid: DurableObjectId) -> None:
         self._ns = ns
         self.id = oid
         self.name = oid.name
@@ -503,6 +763,7 @@ class DurableObjectNamespace(Generic[T]):
         self._tag = hashlib.sha256(name.encode()).hexdigest()[:8]
         self._live: dict[str, _ObjectActor] = {}
         self._lock = threading.Lock()
+        self._closing = False
         self.activations = 0
 
     # -- ids and stubs -------------------------------------------------------
@@ -526,7 +787,9 @@ class DurableObjectNamespace(Generic[T]):
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
             raise ValueError(f"invalid Durable Object id {value!r}: expected 64 hex characters")
         if v[56:] != self._tag:
-            raise ValueError(f"Durable Object id {value!r} does not belong to namespace {self.name!r}")
+            raise ValueError(
+                f"Durable Object id {value!r} does not belong to namespace {self.name!r}"
+            )
         return DurableObjectId(v)
 
     def get(self, oid: DurableObjectId) -> DurableObjectStub[T]:
@@ -543,95 +806,133 @@ class DurableObjectNamespace(Generic[T]):
 
     # -- activation, calls, eviction ------------------------------------------
 
-    def _actor(self, oid: DurableObjectId) -> _ObjectActor:
-        actor = self._live.get(oid.hex)
-        if actor is not None:
-            return actor
+    def _activate(self, oid: DurableObjectId) -> _ObjectActor:
         with self._lock:
+            return self._activate_locked(oid)
+
+    def _activate_locked(self, oid: DurableObjectId) -> _ObjectActor:
+        if self._closing:
+            raise ActorflowError(f"namespace {self.name!r} is shut down")
+        actor = self._live.get(oid.hex)
+        if actor is None or actor.closed:
+            actor = _ObjectActor(self, oid)
+            self._live[oid.hex] = actor
+            self.activations += 1
+        return actor
+
+    def _post(self, oid: DurableObjectId, envelope: Envelope[Any]) -> None:
+        for _ in range(_SEND_ATTEMPTS):
             actor = self._live.get(oid.hex)
             if actor is None:
-                actor = _ObjectActor(self, oid)
-                self._live[oid.hex] = actor
-                self.activations += 1
-                actor.start_on()
-        return actor
+                actor = self._activate(oid)
+            if actor.post(envelope):
+                return
+            # Closed (evicted or reset) between the lookup and the post: the
+            # message was not taken; look again.
+            with self._lock:
+                if self._live.get(oid.hex) is actor:
+                    del self._live[oid.hex]
+        raise ActorflowError(f"object {self.name}/{oid} kept stopping before taking a message")
 
     def _send(
         self, oid: DurableObjectId, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> pykka.Future[Any]:
-        return self._actor(oid).actor_ref.ask(ProxyCall((name,), args, kwargs), block=False)
+    ) -> LatchFuture[Any]:
+        future: LatchFuture[Any] = LatchFuture()
+        self._post(oid, Envelope(_Call(name, args, kwargs), reply_to=future))
+        return future
 
     def _call(
         self, oid: DurableObjectId, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        for _ in range(8):
-            try:
-                return self._send(oid, name, args, kwargs).get()
-            except pykka.ActorDeadError:
-                # Evicted before it took the call: the call never ran; activate anew.
-                with self._lock:
-                    actor = self._live.get(oid.hex)
-                    if actor is not None and actor.actor_stopped.is_set():
-                        del self._live[oid.hex]
-        raise ActorflowError(f"object {self.name}/{oid} kept stopping before taking a call")
+        return self._send(oid, name, args, kwargs).get()
 
     def _fire_alarm(self, target: bytes, key: bytes, deadline: int) -> bool:
         oid = DurableObjectId(target.split(b"\x00", 1)[1].decode())
-        self._actor(oid).actor_ref.tell(_Alarm(key, deadline))
+        try:
+            self._post(oid, Envelope(_Alarm(key, deadline)))
+        except ActorflowError:
+            return False  # shutting down: it fires again after a restart
         return True
 
-    def _forget(self, actor: _ObjectActor) -> None:
+    def _reset(self, actor: _ObjectActor, error: BaseException | None) -> None:
+        """Drops ``actor`` after a failed write; hands its unhandled messages on."""
         with self._lock:
+            left = actor.close() or []
             if self._live.get(actor.oid.hex) is actor:
                 del self._live[actor.oid.hex]
-
-    def _evict_if_idle(self, actor: _ObjectActor) -> None:
-        with self._lock:
-            if not actor.actor_inbox.empty():
+            if not left:
                 return
-            if self._live.get(actor.oid.hex) is actor:
-                del self._live[actor.oid.hex]
-            actor.actor_stopped.set()
+            if not self._closing:
+                fresh = self._activate_locked(actor.oid)
+                for envelope in left:
+                    fresh.post(envelope)
+                return
+        self._fail_unhandled(left)
+
+    def _fail_unhandled(self, envelopes: builtins.list[Envelope[Any]]) -> None:
+        for envelope in envelopes:
+            msg = envelope.message
+            if isinstance(msg, _Alarm):
+                self._timers.done(msg.key)
+            err = ActorflowError(f"namespace {self.name!r} shut down before the call ran")
+            _deliver(envelope.reply_to, None, _exc_info(err))
+
+    def _call_on_evict(self, actor: _ObjectActor) -> None:
+        obj = actor.obj
+        if obj is None or not hasattr(obj, "on_evict"):
+            return
         try:
-            if actor.obj is not None and hasattr(actor.obj, "on_evict"):
-                actor.obj.on_evict()
+            obj.on_evict()
         except Exception:
             log.exception("on_evict of %s/%s failed", self.name, actor.oid)
 
+    def _try_evict(self, actor: _ObjectActor) -> bool:
+        with self._lock:
+            if actor.closed:
+                return False
+            left = actor.close(only_if_idle=True, check=lambda: not actor.has_flights())
+            if left is None:
+                return False
+            if self._live.get(actor.oid.hex) is actor:
+                del self._live[actor.oid.hex]
+        # Closed while idle: nothing else runs this object's code any more.
+        self._call_on_evict(actor)
+        actor.storage._discard()
+        return True
+
     def evict_idle(self, now: float | None = None, idle: float | None = None) -> int:
-        """Asks every object idle for ``idle`` seconds to stop; returns how many were asked."""
+        """Evicts every object idle for ``idle`` seconds; returns how many left memory.
+
+        An object with writes not yet durable stays until they are.
+        """
         limit = (now if now is not None else time.monotonic()) - (
             self.idle_timeout if idle is None else idle
         )
-        asked = 0
-        for actor in list(self._live.values()):
-            if actor.last_used <= limit and actor.actor_inbox.empty():
-                try:
-                    actor.actor_ref.tell(_Evict())
-                    asked += 1
-                except pykka.ActorDeadError:
-                    self._forget(actor)
-        return asked
+        evicted = 0
+        for actor in builtins.list(self._live.values()):
+            if actor.last_used <= limit and self._try_evict(actor):
+                evicted += 1
+        return evicted
 
     @property
     def live_count(self) -> int:
         """How many objects of this namespace are in memory."""
         return len(self._live)
 
-    def shutdown(self) -> None:
-        """Stops every live object (their storage stays)."""
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops every live object once its queued calls are done (storage stays)."""
         with self._lock:
-            actors = list(self._live.values())
+            self._closing = True
+            actors = builtins.list(self._live.values())
             self._live.clear()
-        futures = []
+        futures: builtins.list[LatchFuture[Any]] = []
         for actor in actors:
-            try:
-                futures.append(actor.actor_ref.ask(_Evict(), block=False))
-            except pykka.ActorDeadError:
-                pass
+            future: LatchFuture[Any] = LatchFuture()
+            if actor.post(Envelope(_Stop(), reply_to=future)):
+                futures.append(future)
+        deadline = time.monotonic() + timeout
         for f in futures:
             try:
-                f.get(timeout=10)
+                f.get(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:
                 pass
-

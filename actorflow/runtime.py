@@ -8,11 +8,18 @@ import threading
 from typing import Any, TypeVar
 
 from actorflow.actors import ThreadExecutor
+from actorflow.binding import WorkflowBinding
 from actorflow.clock import Clock, SystemClock
+from actorflow.engine.context import EngineContext, WorkflowEngine
+from actorflow.engine.records import WAKE_KIND
+from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
 from actorflow.objects import ALARM_KIND, DurableObject, DurableObjectNamespace
+from actorflow.router import Router
 from actorflow.storage import Serializer, Storage
+from actorflow.supervisor import Supervisor
 from actorflow.timers import TimerService
+from actorflow.workflow import Workflow
 
 __all__ = ["Runtime"]
 
@@ -36,6 +43,12 @@ class Runtime:
             cloudpickle for what pickle cannot do).
         pool_size: Threads running Durable Object calls.
         idle_timeout: Seconds an object may stay idle before eviction.
+        run_threads: Threads for plain ``def run`` workflows: the most such
+            runs executing at once (``async def run`` workflows need none).
+        step_threads: Threads for sync step callables in ``async def run``.
+        max_crashes: Crashes of one instance tolerated within
+            ``crash_window`` seconds before it is marked errored.
+        crash_window: See ``max_crashes``.
     """
 
     def __init__(
@@ -48,6 +61,10 @@ class Runtime:
         serializer: Serializer | None = None,
         pool_size: int = 64,
         idle_timeout: float = 10.0,
+        run_threads: int = 256,
+        step_threads: int = 64,
+        max_crashes: int = 5,
+        crash_window: float = 60.0,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
         self.limits = limits or Limits()
@@ -59,9 +76,64 @@ class Runtime:
         self._pool = ThreadExecutor(pool_size, name="actorflow-do")
         self._namespaces: dict[str, DurableObjectNamespace[Any]] = {}
         self._closed = threading.Event()
+        self._engine = EngineContext(
+            self.storage, self.clock, self.timers, self.limits, run_threads, step_threads
+        )
+        self._supervisor = Supervisor(self._engine, max_crashes, crash_window)
+        self._engine.supervisor = self._supervisor
+        self.timers.register(WAKE_KIND, self._supervisor.on_timer)
+        self._bindings: dict[str, WorkflowBinding] = {}
+        self._engine.start()
         self._reaper = threading.Thread(target=self._reap, name="actorflow-reaper", daemon=True)
         self._reaper.start()
         self.timers.start()
+
+    # -- Workflows -------------------------------------------------------------
+
+    def register(
+        self, cls: type[Workflow], name: str | None = None, *, env: Any = None
+    ) -> WorkflowBinding:
+        """Registers a workflow class under ``name`` and returns its binding.
+
+        Registering is also what resumes that workflow's unfinished instances
+        found in the data directory.
+        """
+        self._check_open()
+        name = name or cls.__name__
+        if name in self._bindings:
+            if self._bindings[name]._wfe.cls is not cls:
+                raise ValueError(f"workflow {name!r} is already registered to another class")
+            return self._bindings[name]
+        wfe = WorkflowEngine(self._engine, cls, name, env)
+        wfe.router = Router(wfe)
+        binding = WorkflowBinding(wfe, self._supervisor)
+        self._bindings[name] = binding
+
+        def attach() -> None:
+            self._supervisor.engines[name] = wfe
+            self._supervisor.recover(wfe)
+
+        self._engine.call(attach)
+        self.timers.kick()
+        return binding
+
+    def workflow(self, name: str) -> WorkflowBinding:
+        """Returns the binding of a registered workflow."""
+        try:
+            return self._bindings[name]
+        except KeyError:
+            raise KeyError(f"no workflow registered as {name!r}") from None
+
+    @property
+    def workflows(self) -> list[str]:
+        """The names of the registered workflows."""
+        return list(self._bindings)
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise ActorflowError(f"runtime at {self.data_dir} is closed")
+        if not self._engine.alive():
+            raise ActorflowError(f"the engine loop of {self.data_dir} died: {self._engine.loop_error!r}")
 
     # -- Durable Objects -----------------------------------------------------
 
@@ -113,6 +185,7 @@ class Runtime:
             return
         self._closed.set()
         self.timers.stop()
+        self._engine.stop()
         for ns in self._namespaces.values():
             ns.shutdown()
         self._pool.shutdown()

@@ -14,6 +14,11 @@ The storage contract, method by method:
   inside the write transaction. If one does not hold, none of the batch is
   applied and the callback gets :class:`ConflictError`. The engine uses this
   for ownership fencing (an instance's epoch).
+* A batch may belong to a :class:`Chain`: a sequence of batches that must
+  land as a prefix. Once one batch of a chain fails, every later batch of it
+  fails too (with :class:`StorageError`) and nothing of them is written. This
+  lets a writer pipeline batches (submit the next before the previous is
+  durable) without risking a later batch landing on top of a lost one.
 * :meth:`Storage.write` is :meth:`submit` plus a wait.
 * Values are bytes here. :class:`Serializer` turns Python values into bytes;
   serialization happens in the caller's thread, so an unserializable value
@@ -44,6 +49,7 @@ import lmdb
 from actorflow.errors import LimitExceeded, SerializationError, StorageError
 
 __all__ = [
+    "Chain",
     "ConflictError",
     "JsonSerializer",
     "PickleSerializer",
@@ -126,27 +132,57 @@ class JsonSerializer:
         return json.loads(data)
 
 
+def _check_key(key: bytes) -> None:
+    # LMDB rejects these inside the write transaction, which would fail every
+    # batch of the group; refuse them here, in the caller's thread, instead.
+    if len(key) > MAX_KEY_BYTES:
+        raise LimitExceeded(f"storage key of {len(key)} bytes exceeds {MAX_KEY_BYTES} bytes")
+    if not key:
+        raise ValueError("storage keys must not be empty")
+
+
+class Chain:
+    """Ties batches into a sequence that lands as a prefix (see the module doc).
+
+    Once :attr:`failed` is set (by the writer thread, when a batch of the
+    chain fails), every later batch of the chain fails without being applied.
+    A chain never recovers: start a new one.
+    """
+
+    __slots__ = ("error", "failed")
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.error: BaseException | None = None
+
+
 class WriteBatch:
     """Writes to apply atomically, with optional guards.
 
     Operations are applied in the order they were added.
     """
 
-    __slots__ = ("guards", "ops")
+    __slots__ = ("chain", "guards", "ops")
 
-    def __init__(self) -> None:
+    def __init__(self, chain: Chain | None = None) -> None:
         self.ops: list[tuple[int, str, bytes, bytes | None]] = []
         self.guards: list[tuple[str, bytes, bytes | None]] = []
+        self.chain = chain
 
     def put(self, keyspace: str, key: bytes, value: bytes) -> WriteBatch:
-        """Sets ``key`` to ``value`` in ``keyspace``."""
-        if len(key) > MAX_KEY_BYTES:
-            raise LimitExceeded(f"storage key of {len(key)} bytes exceeds {MAX_KEY_BYTES} bytes")
+        """Sets ``key`` to ``value`` in ``keyspace``.
+
+        Raises:
+            LimitExceeded: The key is longer than LMDB allows.
+            ValueError: The key is empty.
+        """
+        _check_key(key)
         self.ops.append((_PUT, keyspace, key, value))
         return self
 
     def delete(self, keyspace: str, key: bytes) -> WriteBatch:
         """Removes ``key`` (a no-op if it is absent)."""
+        _check_key(key)
         self.ops.append((_DELETE, keyspace, key, None))
         return self
 
@@ -432,10 +468,15 @@ class Storage:
         t0 = _time.perf_counter()
         while True:
             results: list[BaseException | None] = [None] * len(items)
+            # Chains broken in this attempt; applied to the chains only once the
+            # attempt is final, so that a retry after MapFullError starts clean.
+            broken: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
                     for i, (batch, _cb) in enumerate(items):
-                        results[i] = self._apply(txn, batch)
+                        results[i] = err = self._apply(txn, batch, broken)
+                        if err is not None and batch.chain is not None:
+                            broken.add(id(batch.chain))
                 break
             except lmdb.MapFullError:
                 self._grow()
@@ -444,6 +485,11 @@ class Storage:
                 err = StorageError(f"durable write to {self.path} failed: {exc}")
                 results = [err] * len(items)
                 break
+        for (batch, _cb), err in zip(items, results, strict=True):
+            chain = batch.chain
+            if err is not None and chain is not None and not chain.failed:
+                chain.error = err
+                chain.failed = True
         self.commit_seconds += _time.perf_counter() - t0
         self.batches += 1
         self.commits += len(items)
@@ -459,7 +505,12 @@ class Storage:
             except Exception:
                 log.exception("after-batch hook failed")
 
-    def _apply(self, txn: Any, batch: WriteBatch) -> BaseException | None:
+    def _apply(self, txn: Any, batch: WriteBatch, broken: set[int]) -> BaseException | None:
+        chain = batch.chain
+        if chain is not None and (chain.failed or id(chain) in broken):
+            return StorageError(
+                f"write to {self.path} rejected: an earlier write it depends on failed"
+            )
         if self._fault is not None:
             try:
                 self._fault(batch)
@@ -510,6 +561,18 @@ class Storage:
         self._queue.put(_STOP)
         self._writer.join()
         self._closed = True
+        # A batch submitted while the writer was stopping never ran: fail it
+        # rather than leave its waiter hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[1] is not None:
+                try:
+                    item[1](StorageError(f"storage at {self.path} was closed before the write"))
+                except Exception:
+                    log.exception("write callback failed")
         self._env.close()
 
 

@@ -65,7 +65,8 @@ class TimerService:
         self._cond = threading.Condition()
         self._kicked = False
         self._stopped = False
-        self._passes = 0
+        self._passes = 0  # passes finished
+        self._started = 0  # passes begun
         self._thread = threading.Thread(target=self._run, name="actorflow-timers", daemon=True)
         self.fired = 0
         clock.subscribe(self.kick)
@@ -108,7 +109,8 @@ class TimerService:
     def sync(self, timeout: float = 10.0) -> bool:
         """Waits until a full pass that started after this call has finished."""
         with self._cond:
-            target = self._passes + 2
+            # Pass number ``_started + 1`` is the first to begin after now.
+            target = self._started + 1
             self._kicked = True
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._passes >= target or self._stopped, timeout)
@@ -139,6 +141,7 @@ class TimerService:
                 if self._stopped:
                     return
                 self._kicked = False
+                self._started += 1
             try:
                 next_ms = self._pass()
             except Exception:

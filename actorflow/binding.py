@@ -1,0 +1,364 @@
+"""The user's handles: a :class:`WorkflowBinding` and its :class:`Instance` s."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from actorflow.engine.context import WorkflowEngine
+from actorflow.engine.instance import new_instance_batch
+from actorflow.engine.modifiers import CRASH_POINTS, Modifiers
+from actorflow.engine.records import (
+    HIST,
+    IDX,
+    INST,
+    STEPS,
+    idx_iid,
+    idx_prefix,
+    load,
+    steps_prefix,
+)
+from actorflow.errors import (
+    InstanceAlreadyExists,
+    InstanceNotFound,
+    LimitExceeded,
+    RateLimitError,
+    SerializationError,
+)
+from actorflow.history import HistoryEvent, StepRecord, build_history, build_steps
+from actorflow.storage import ConflictError, WriteBatch
+from actorflow.supervisor import Supervisor
+from actorflow.workflow import (
+    FINISHED,
+    STATUSES,
+    InstanceStatus,
+    validate_event_type,
+    validate_instance_id,
+)
+
+__all__ = ["Instance", "WorkflowBinding", "WorkflowModifier"]
+
+
+class Instance:
+    """A handle on one workflow instance. Cheap to make; holds no resources."""
+
+    def __init__(self, binding: WorkflowBinding, instance_id: str) -> None:
+        self._b = binding
+        self.id = instance_id
+
+    def __repr__(self) -> str:
+        return f"<Instance {self._b.name}/{self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Instance) and (other._b.name, other.id) == (self._b.name, self.id)
+
+    def __hash__(self) -> int:
+        return hash((self._b.name, self.id))
+
+    def _call(self, *message: Any) -> Any:
+        return self._b._sup.call(self._b._wfe, self.id, message)
+
+    def _record(self) -> dict[str, Any]:
+        raw = self._b._storage.get(INST, self._b._wfe.ik(self.id))
+        if raw is None:
+            raise InstanceNotFound(
+                f"(instance.not_found) workflow {self._b.name!r}: no instance {self.id!r}",
+                workflow=self._b.name, instance=self.id)
+        return load(raw)
+
+    def status(self) -> InstanceStatus:
+        """Returns the status, the output (when complete) and the error (when errored)."""
+        actor = self._b._sup.live.get(self._b._wfe.ik(self.id))
+        if actor is not None and not actor.actor_stopped.is_set():
+            status, rec = actor.public_status(), actor.record
+        else:
+            rec = self._record()
+            status = rec["s"]
+        if status not in STATUSES:
+            status = "unknown"
+        output = None
+        if status == "complete" and rec.get("output") is not None:
+            output = self._b._storage.serializer.loads(rec["output"])
+        error = rec.get("error") if status == "errored" else None
+        return InstanceStatus(status, output, error)
+
+    def pause(self) -> None:
+        """Pauses: at once in a sleep or wait, else after the steps in flight end."""
+        self._call("pause")
+
+    def resume(self) -> None:
+        """Resumes a paused (or pausing) instance; no effect in other statuses."""
+        self._call("resume")
+
+    def terminate(self) -> None:
+        """Ends the instance for good. Raises InvalidInstanceState if it already ended."""
+        self._call("terminate")
+
+    def restart(self, from_step: str | None = None) -> None:
+        """Runs the instance again from the start (or from step ``from_step``), same params."""
+        self._call("restart", from_step)
+
+    def send_event(self, type: str, payload: Any = None) -> None:
+        """Delivers an event; buffered until a ``wait_for_event`` of that type takes it."""
+        where = f"workflow {self._b.name!r}, instance {self.id!r}: send_event"
+        validate_event_type(type, where)
+        data = self._b._encode(payload, where)
+        self._call("event", type, data, self._b._ctx.now_ms())
+
+    def wait(self, timeout: float | None = None) -> InstanceStatus:
+        """Blocks until the instance is complete, errored or terminated; returns its status.
+
+        Raises:
+            TimeoutError: It had not finished after ``timeout`` seconds.
+        """
+        ik = self._b._wfe.ik(self.id)
+        ev = self._b._sup.watch(ik)
+        clock = threading.Event()
+        try:
+            import time as _time  # real waiting, not engine time
+
+            deadline = None if timeout is None else _time.monotonic() + timeout
+            while True:
+                st = self.status()
+                if st.status in FINISHED:
+                    return st
+                left = None if deadline is None else deadline - _time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{self!r} is still {st.status} after {timeout} s")
+                if not ev.wait(0.5 if left is None else min(left, 0.5)):
+                    continue
+                ev.clear()
+                self._b._sup.unwatch(ik, ev)
+                ev = self._b._sup.watch(ik)
+        finally:
+            self._b._sup.unwatch(ik, ev)
+            clock.set()
+
+    def history(self) -> list[HistoryEvent]:
+        """The event log (Cloudflare's event names), oldest first."""
+        rec = self._record()
+        ik = self._b._wfe.ik(self.id)
+        stored = [(i, load(v)) for i, (_k, v) in
+                  enumerate(self._b._storage.scan(HIST, prefix=ik + b"\x00"))]
+        return build_history(rec, stored, self.steps())
+
+    def steps(self) -> list[StepRecord]:
+        """One record per step (in start order), with its attempts."""
+        self._record()
+        ik = self._b._wfe.ik(self.id)
+        raw = [load(v) for _k, v in self._b._storage.scan(STEPS, prefix=steps_prefix(ik))]
+        return build_steps(raw, self._b._storage.serializer.loads)
+
+
+class WorkflowModifier:
+    """Cloudflare's test modifiers for one instance (see ``binding.modify``)."""
+
+    def __init__(self, mods: Modifiers) -> None:
+        self._m = mods
+
+    def mock_step_result(self, name: str, value: Any) -> WorkflowModifier:
+        """Step ``name`` returns ``value`` without running."""
+        self._m.results[name] = value
+        return self
+
+    def mock_step_error(self, name: str, error: BaseException, times: int | None = None) -> WorkflowModifier:
+        """Step ``name`` raises ``error`` on its next ``times`` attempts (always if None)."""
+        self._m.errors[name] = [error, times]
+        return self
+
+    def force_step_timeout(self, name: str) -> WorkflowModifier:
+        """Every attempt of step ``name`` times out."""
+        self._m.timeouts.add(name)
+        return self
+
+    def disable_sleeps(self) -> WorkflowModifier:
+        """Sleeps end at once."""
+        self._m.no_sleeps = True
+        return self
+
+    def disable_retry_delays(self) -> WorkflowModifier:
+        """Retries follow failed attempts at once."""
+        self._m.no_retry_delays = True
+        return self
+
+    def mock_event(self, type: str, payload: Any = None) -> WorkflowModifier:
+        """``wait_for_event`` of ``type`` receives ``payload`` at once."""
+        self._m.events[type] = payload
+        return self
+
+    def force_event_timeout(self, name: str) -> WorkflowModifier:
+        """``wait_for_event`` step ``name`` times out at once."""
+        self._m.event_timeouts.add(name)
+        return self
+
+    def crash_at(self, step: str, point: str = "before", times: int | None = 1) -> WorkflowModifier:
+        """Crashes the instance's actor at a boundary of step ``step``.
+
+        ``point`` is ``"before"`` (the body), ``"after_body"`` (before the
+        result is written) or ``"after_commit"``. The supervisor restarts the
+        instance from its last checkpoint.
+        """
+        if point not in CRASH_POINTS:
+            raise ValueError(f"crash point must be one of {CRASH_POINTS}")
+        self._m.crashes.append([step, point, times])
+        return self
+
+
+class WorkflowBinding:
+    """A registered workflow: creates, finds and lists its instances."""
+
+    def __init__(self, wfe: WorkflowEngine, supervisor: Supervisor) -> None:
+        self._wfe = wfe
+        self._sup = supervisor
+        self._ctx = wfe.ctx
+        self._storage = wfe.ctx.storage
+        self.name = wfe.name
+
+    def __repr__(self) -> str:
+        return f"<WorkflowBinding {self.name}>"
+
+    def _encode(self, value: Any, where: str) -> bytes:
+        try:
+            data = self._storage.serializer.dumps(value)
+        except SerializationError as e:
+            raise SerializationError(f"{where}: {e}", workflow=self.name) from None
+        limit = self._wfe.limits.max_event_payload_bytes
+        if len(data) > limit:
+            raise LimitExceeded(f"{where}: payload is {len(data)} bytes; the maximum is {limit}",
+                                workflow=self.name)
+        return data
+
+    def _admit(self, n: int, where: str) -> None:
+        lim = self._wfe.limits
+        if lim.overflow != "reject":
+            return
+        if self._sup.running + n > lim.max_concurrent:
+            raise RateLimitError(f"workflow {self.name!r}: {where}: {lim.max_concurrent} "
+                                 "instances are already running", workflow=self.name)
+        bucket = self._wfe.router.bucket
+        for _ in range(n):
+            if bucket is not None and not bucket.take():
+                raise RateLimitError(f"workflow {self.name!r}: {where}: more than "
+                                     f"{lim.max_creation_rate} creations per second",
+                                     workflow=self.name)
+
+    def create(self, id: str | None = None, params: Any = None) -> Instance:
+        """Creates an instance (queued at once, durably) and returns it.
+
+        Raises:
+            InvalidInstanceId: A malformed id.
+            InstanceAlreadyExists: The id exists.
+            RateLimitError: The queue is full (or a reject-mode limit was hit).
+        """
+        iid = validate_instance_id(id if id is not None else str(uuid.uuid4()), self.name)
+        where = f"workflow {self.name!r}, instance {iid!r}: create"
+        data = self._encode(params, where)
+        self._admit(1, where)
+        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), self._ctx.next_seq())
+        self._wfe.router.reserve(1, where)
+        try:
+            self._storage.write(batch)
+        except ConflictError:
+            raise InstanceAlreadyExists(f"{where}: an instance with this id already exists",
+                                        workflow=self.name, instance=iid) from None
+        finally:
+            self._wfe.router.unreserve(1)
+        self._sup.kick()
+        return Instance(self, iid)
+
+    def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
+        """Creates many instances in one group commit; ids that exist are skipped.
+
+        Each item is ``{"id": ..., "params": ...}`` (both optional). Returns the
+        created instances, in order.
+        """
+        items = list(items)
+        if not items:
+            raise ValueError(f"workflow {self.name!r}: create_batch needs at least one instance")
+        now = self._ctx.now_ms()
+        prepared = []
+        seen = set()
+        for item in items:
+            iid = validate_instance_id(
+                item.get("id") if item.get("id") is not None else str(uuid.uuid4()), self.name)
+            if iid in seen:
+                continue
+            seen.add(iid)
+            data = self._encode(item.get("params"), f"workflow {self.name!r}, instance {iid!r}")
+            prepared.append((iid, new_instance_batch(self._wfe, iid, data, now,
+                                                     self._ctx.next_seq())))
+        self._admit(len(prepared), "create_batch")
+        self._wfe.router.reserve(len(prepared), "create_batch")
+        try:
+            results = self._write_all([b for _, b in prepared])
+        finally:
+            self._wfe.router.unreserve(len(prepared))
+        out = []
+        for (iid, _), err in zip(prepared, results, strict=True):
+            if err is None:
+                out.append(Instance(self, iid))
+            elif not isinstance(err, ConflictError):
+                raise err
+        self._sup.kick()
+        return out
+
+    def _write_all(self, batches: list[WriteBatch]) -> list[BaseException | None]:
+        results: list[BaseException | None] = [None] * len(batches)
+        left = [len(batches)]
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def make(i: int) -> Any:
+            def cb(err: BaseException | None) -> None:
+                results[i] = err
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+            return cb
+
+        for i, b in enumerate(batches):
+            self._storage.submit(b, make(i))
+        done.wait()
+        return results
+
+    def get(self, id: str) -> Instance:
+        """Returns the instance ``id``; raises InstanceNotFound if there is none."""
+        inst = Instance(self, validate_instance_id(id, self.name))
+        inst._record()
+        return inst
+
+    def list(
+        self,
+        status: str | None = None,
+        *,
+        limit: int | None = 100,
+        cursor: str | None = None,
+    ) -> list[Instance]:
+        """Lists instances, newest first, optionally of one status.
+
+        ``cursor`` is the id of the last instance of the previous page.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; use one of {STATUSES}")
+        statuses = [status] if status else [s for s in STATUSES if s != "unknown"]
+        keys: list[bytes] = []
+        for s in statuses:
+            keys.extend(k for k, _ in self._storage.scan(IDX, prefix=idx_prefix(self.name, s),
+                                                         keys_only=True))
+        # newest first across statuses: the index sorts by inverted creation time
+        keys.sort(key=lambda k: k.split(b"\x00", 2)[2])
+        ids = [idx_iid(k) for k in keys]
+        if cursor is not None and cursor in ids:
+            ids = ids[ids.index(cursor) + 1:]
+        if limit is not None:
+            ids = ids[:limit]
+        return [Instance(self, i) for i in ids]
+
+    def modify(self, id: str) -> WorkflowModifier:
+        """Returns the test modifiers of instance ``id`` (it may not exist yet)."""
+        ik = self._wfe.ik(validate_instance_id(id, self.name))
+        mods = self._ctx.modifiers.setdefault(ik, Modifiers())
+        return WorkflowModifier(mods)

@@ -1,0 +1,140 @@
+"""What the workflow engine of one runtime shares: its loop, pools and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from actorflow.actors import LoopExecutor
+from actorflow.clock import Clock
+from actorflow.engine.modifiers import Modifiers
+from actorflow.engine.records import ikey
+from actorflow.engine.signals import LoopNotifier
+from actorflow.limits import Limits
+from actorflow.storage import Storage, WriteBatch
+from actorflow.timers import TimerService
+from actorflow.workflow import Workflow, validate_workflow_name
+
+if TYPE_CHECKING:
+    from actorflow.router import Router
+    from actorflow.supervisor import Supervisor
+
+__all__ = ["EngineContext", "WorkflowEngine"]
+
+
+class EngineContext:
+    """The engine loop (the thread every instance actor runs on) and its pools.
+
+    Args:
+        storage: The runtime's storage.
+        clock: The runtime's clock.
+        timers: The runtime's timer service.
+        limits: The runtime's limits.
+        run_threads: Threads for plain ``def run`` workflows (the most that
+            execute at once; more running instances wait for a thread).
+        step_threads: Threads for sync step callables of ``async def run``
+            workflows and for sync steps that time out.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        clock: Clock,
+        timers: TimerService,
+        limits: Limits,
+        run_threads: int = 256,
+        step_threads: int = 64,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.timers = timers
+        self.limits = limits
+        self.loop = asyncio.new_event_loop()
+        self.loop_executor = LoopExecutor(self.loop)
+        self.notifier = LoopNotifier(self.loop)
+        storage.add_after_batch(self.notifier.flush)
+        self.run_pool = concurrent.futures.ThreadPoolExecutor(run_threads, "actorflow-run")
+        self.step_pool = concurrent.futures.ThreadPoolExecutor(step_threads, "actorflow-step")
+        self.modifiers: dict[bytes, Modifiers] = {}
+        # Unique, increasing ids for events, history and queue entries, also
+        # across restarts: seeded from the real time in microseconds.
+        self._seq = itertools.count(time.time_ns() // 1000)
+        self.supervisor: Supervisor
+        self._thread = threading.Thread(target=self._run_loop, name="actorflow-engine", daemon=True)
+        self._ready = threading.Event()
+        self.loop_error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop_executor.bind_thread()
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_forever()
+        except BaseException as e:  # the runtime reports this loudly on every call
+            self.loop_error = e
+            self._ready.set()
+            raise
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def now_ms(self) -> int:
+        return int(self.clock.now() * 1000)
+
+    async def write(self, batch: WriteBatch) -> None:
+        """Commits ``batch`` from the loop and waits until it is durable."""
+        fut = self.loop.create_future()
+        self.storage.submit(batch, self.notifier.callback(fut))
+        await fut
+
+    def call(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+        """Runs ``fn(*args)`` (a coroutine function or plain function) on the loop, waits."""
+
+        async def run() -> Any:
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        self.run_pool.shutdown(wait=False, cancel_futures=True)
+        self.step_pool.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class WorkflowEngine:
+    """One registered workflow: its class, limits and queue (router)."""
+
+    def __init__(self, ctx: EngineContext, cls: type[Workflow], name: str, env: Any) -> None:
+        if not isinstance(cls, type) or not issubclass(cls, Workflow):
+            raise TypeError("register() needs a subclass of actorflow.Workflow")
+        if cls.run is Workflow.run:
+            raise TypeError(f"{cls.__name__} must define run(event, step)")
+        self.ctx = ctx
+        self.cls = cls
+        self.name = validate_workflow_name(name)
+        self.env = env
+        self.is_async = inspect.iscoroutinefunction(cls.run)
+        self.limits = ctx.limits.for_workflow(name)
+        self.router: Router
+
+    def ik(self, iid: str) -> bytes:
+        return ikey(self.name, iid)

@@ -1,0 +1,643 @@
+"""One run of one instance: replay ``run``, execute and checkpoint its steps.
+
+Everything here runs on the runtime's engine loop, the instance actor's
+thread. A plain ``def run`` executes in a thread of the run pool and sends
+each step call to the loop (:meth:`Execution.block_on`).
+
+Replay: ``run`` starts from the top on every activation. Steps are keyed by
+(kind, name, occurrence). A stored complete step returns its result, a stored
+failed step raises its error, and anything else executes.
+
+Hibernation: when every branch of the run is blocked (a sleep, a retry delay,
+an event wait, or a requested pause) and no step body or commit is in flight,
+the instance writes its ``waiting`` (or ``paused``) status, its timers stay
+armed in the durable index, and ``run`` is unwound with :class:`Suspend`. It
+then holds no thread and no live actor until a timer, an event or a resume
+wakes it, and it replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import copy
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from actorflow.clock import parse_duration_ms, to_datetime, to_epoch_ms
+from actorflow.engine.records import (
+    DONE,
+    EVENTS,
+    FAILED,
+    RETRYING,
+    RUNNING,
+    SLEEPING,
+    STEPS,
+    WAITING,
+    WAKE_KIND,
+    dump,
+    error_dict,
+    events_prefix,
+    load,
+    step_key,
+    steps_prefix,
+)
+from actorflow.engine.signals import EngineFault, Fatal, InjectedCrash, Stop, Suspend
+from actorflow.errors import (
+    ActorflowError,
+    EventTimeoutError,
+    LimitExceeded,
+    NonRetryableError,
+    SerializationError,
+    StepTimeoutError,
+    StorageError,
+)
+from actorflow.step import (
+    StepContext,
+    StepInfo,
+    WorkflowStep,
+    resolve_config,
+    retry_delay_ms,
+    wants_ctx,
+)
+from actorflow.storage import ConflictError, WriteBatch
+from actorflow.timers import TIMERS, timer_key
+from actorflow.workflow import (
+    WorkflowEvent,
+    WorkflowStepEvent,
+    validate_event_type,
+    validate_step_name,
+)
+
+if TYPE_CHECKING:
+    from actorflow.engine.instance import InstanceActor
+
+__all__ = ["Execution"]
+
+_BLOCKED = (SLEEPING, WAITING, RETRYING)
+
+
+class _Waiter:
+    __slots__ = ("deadline", "etype", "fut", "key")
+
+    def __init__(
+        self, key: bytes | None, deadline: int | None, etype: str | None, fut: asyncio.Future[Any]
+    ) -> None:
+        self.key = key
+        self.deadline = deadline
+        self.etype = etype
+        self.fut = fut
+
+
+class Execution:
+    """Executes ``run`` for one activation of an instance."""
+
+    def __init__(self, actor: InstanceActor) -> None:
+        self.actor = actor
+        self.wfe = actor.wfe
+        self.ctx = actor.wfe.ctx
+        self.loop = self.ctx.loop
+        self.ik = actor.ik
+        self.where = f"workflow {self.wfe.name!r}, instance {actor.iid!r}"
+        self.limits = self.wfe.limits
+        self.ser = self.ctx.storage.serializer
+        self.mods = self.ctx.modifiers.get(self.ik)
+        self.steps: dict[bytes, dict[str, Any]] = {}
+        seq = 0
+        for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.ik)):
+            rec = load(v)
+            self.steps[k] = rec
+            seq = max(seq, rec["seq"] + 1)
+        self.seq = seq
+        self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
+        for k, v in self.ctx.storage.scan(EVENTS, prefix=events_prefix(self.ik)):
+            ev = load(v)
+            self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
+        self.counters: dict[tuple[str, str], int] = {}
+        self.step_calls = 0
+        self.in_flight = 0
+        self.pending = 0
+        self.waiters: list[_Waiter] = []
+        self.pause_requested = False
+        self.hibernating = False
+        self.stopped = False
+        self.suspended = False
+        self.finished = False
+        self.task: asyncio.Task[Any] | None = None
+        self.slot = True  # holds a concurrency slot until it ends
+        self.t_start = self.now_ms()
+        self._poke_scheduled = False
+        self._sync_futs: set[concurrent.futures.Future[Any]] = set()
+
+    # -- driving the run ----------------------------------------------------
+
+    def launch(self) -> None:
+        """Starts ``run`` as a task on the engine loop."""
+        self.task = self.loop.create_task(self._drive())
+
+    async def _drive(self) -> None:
+        wfe, actor = self.wfe, self.actor
+        rec = actor.record
+        assert rec is not None
+        outcome: tuple[str, Any] = ("stop", None)
+        try:
+            obj = wfe.cls(wfe.env)
+            event = WorkflowEvent(
+                payload=self.ser.loads(rec["params"]),
+                timestamp=to_datetime(rec["created"] / 1000),
+                instance_id=actor.iid,
+                workflow_name=wfe.name,
+            )
+            if wfe.is_async:
+                output = await obj.run(event, WorkflowStep(self, sync=False))
+            else:
+                output = await self.loop.run_in_executor(
+                    self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
+                )
+            outcome = ("complete", output)
+        except Suspend:
+            outcome = ("suspended", None)
+        except (Stop, asyncio.CancelledError):
+            outcome = ("stop", None)
+        except Fatal as f:
+            outcome = ("errored", f.error)
+        except EngineFault as e:
+            outcome = ("crashed", e)
+        except Exception as e:
+            outcome = ("errored", e)
+        except BaseException as e:  # an unexpected signal in user code is an engine fault
+            outcome = ("crashed", e)
+        if outcome[0] in ("complete", "errored") and not self.stopped:
+            try:
+                await self._finish(*outcome)
+            except (Stop, asyncio.CancelledError):
+                outcome = ("stop", None)
+            except BaseException as e:
+                outcome = ("crashed", e)
+        self.finished = True
+        self._cancel_waiters(Stop)
+        actor.execution_ended(self, outcome[0], outcome[1])
+
+    async def _finish(self, kind: str, value: Any) -> None:
+        batch = WriteBatch()
+        keys = self._disarm_all(batch)
+        self.actor.activation_ops(batch)
+        if kind == "complete":
+            try:
+                data = self.ser.dumps(value)
+            except SerializationError as e:
+                kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
+            else:
+                self.actor.status_ops(batch, "complete", output=data, hist="WORKFLOW_SUCCESS")
+        if kind == "errored":
+            err = error_dict(value)
+            self.actor.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
+                                  hist_data={"error": err})
+        await self._commit(batch, activate=False)
+        self._timers_done(keys)
+
+    def stop(self) -> None:
+        """Stops the run at once (terminate, restart); its later writes are fenced off."""
+        self.stopped = True
+        for f in list(self._sync_futs):
+            f.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _cancel_waiters(self, exc: type[BaseException]) -> None:
+        for w in list(self.waiters):
+            if not w.fut.done():
+                w.fut.set_exception(exc())
+
+    # -- commits ------------------------------------------------------------
+
+    async def _commit(self, batch: WriteBatch, activate: bool = True) -> None:
+        if self.stopped:
+            raise Stop()
+        if self.suspended:
+            raise Suspend()
+        if activate:
+            self.actor.activation_ops(batch)
+        batch.guard(*self.actor.fence_guard())
+        fut = self.loop.create_future()
+        self.pending += 1
+        try:
+            self.ctx.storage.submit(batch, self.ctx.notifier.callback(fut))
+            await fut
+        except ConflictError:
+            self.stopped = True
+            raise Stop() from None
+        except StorageError as e:
+            raise EngineFault(f"{self.where}: commit failed: {e}") from e
+        finally:
+            self.pending -= 1
+            if self.waiters:
+                self._poke()
+
+    async def _commit_step(
+        self,
+        key: bytes,
+        rec: dict[str, Any],
+        *,
+        arm: bytes | None = None,
+        disarm: bytes | None = None,
+        batch: WriteBatch | None = None,
+    ) -> None:
+        batch = batch or WriteBatch()
+        if arm:
+            rec["tk"] = arm
+            batch.put(TIMERS, arm, b"")
+        else:
+            rec.pop("tk", None)
+        if disarm and disarm != arm:
+            batch.delete(TIMERS, disarm)
+        batch.put(STEPS, key, dump(rec))
+        await self._commit(batch)
+        self.steps[key] = rec
+        if disarm and disarm != arm:
+            self.ctx.timers.done(disarm)
+        if arm:
+            self.ctx.timers.kick()
+
+    def _disarm_all(self, batch: WriteBatch, rearm: bool = False) -> list[bytes]:
+        """Adds the removal (or re-arming) of every armed timer of the run to ``batch``.
+
+        The caller passes the returned keys to ``TimerService.done`` after the
+        commit, so that a re-armed timer that had fired is offered again.
+        """
+        keys = []
+        for rec in self.steps.values():
+            tk = rec.get("tk")
+            if tk and rec["s"] in _BLOCKED:
+                keys.append(tk)
+                if rearm:
+                    batch.put(TIMERS, tk, b"")
+                else:
+                    batch.delete(TIMERS, tk)
+        return keys
+
+    def _timers_done(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.ctx.timers.done(k)
+        if keys:
+            self.ctx.timers.kick()
+
+    # -- blocking and hibernation --------------------------------------------
+
+    async def _block(self, key: bytes | None, deadline: int | None, etype: str | None) -> None:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        w = _Waiter(key, deadline, etype, fut)
+        self.waiters.append(w)
+        self._poke()
+        try:
+            await fut
+        finally:
+            self.waiters.remove(w)
+
+    def _poke(self) -> None:
+        if not self._poke_scheduled and not self.finished:
+            self._poke_scheduled = True
+            self.loop.call_soon(self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._poke_scheduled = False
+        if not self.waiters or self.in_flight or self.pending or self.hibernating or self.stopped:
+            return
+        now = self.now_ms()
+        for w in self.waiters:
+            ready = (w.deadline is not None and w.deadline <= now) or (
+                w.etype is not None and self.inbox.get(w.etype)
+            )
+            if ready and not w.fut.done():
+                w.fut.set_result(None)
+                return
+        self.hibernating = True
+        self.loop.create_task(self._hibernate())
+
+    async def _hibernate(self) -> None:
+        paused = self.pause_requested
+        batch = WriteBatch()
+        keys = self._disarm_all(batch, rearm=not paused)
+        waits = sorted({w.etype for w in self.waiters if w.etype})
+        self.actor.activation_ops(batch)
+        self.actor.status_ops(
+            batch, "paused" if paused else "waiting", waits=waits,
+            hist="WORKFLOW_PAUSED" if paused else None,
+        )
+        try:
+            await self._commit(batch, activate=False)
+        except BaseException as e:
+            self.hibernating = False
+            for w in list(self.waiters):
+                if not w.fut.done():
+                    w.fut.set_exception(e if isinstance(e, Stop | EngineFault) else EngineFault(str(e)))
+            return
+        self.hibernating = False
+        self._timers_done(keys)
+        if any(w.fut.done() for w in self.waiters) and not paused:
+            return  # woken while writing the status: carry on running
+        self.suspended = True
+        self._cancel_waiters(Suspend)
+
+    def on_timer(self) -> bool:
+        """A timer of this instance fired; wakes the waiters that are due."""
+        now = self.now_ms()
+        hit = False
+        for w in self.waiters:
+            if w.deadline is not None and w.deadline <= now and not w.fut.done():
+                w.fut.set_result(None)
+                hit = True
+        return hit
+
+    def on_event(self, etype: str, key: bytes, data: bytes, ts: int) -> None:
+        """A durable event arrived; hands it to the first waiter of its type."""
+        self.inbox.setdefault(etype, collections.deque()).append((key, data, ts))
+        for w in self.waiters:
+            if w.etype == etype and not w.fut.done():
+                w.fut.set_result(None)
+                break
+
+    def request_pause(self) -> bool:
+        """Asks the run to pause at its next step boundary; True if it can pause now."""
+        self.pause_requested = True
+        self._poke()
+        return not self.in_flight and not self.pending
+
+    def cancel_pause(self) -> None:
+        """Withdraws a pause request; blocked steps go on."""
+        self.pause_requested = False
+        for w in self.waiters:
+            if w.key is None and w.deadline is None and w.etype is None and not w.fut.done():
+                w.fut.set_result(None)
+
+    async def _gate(self) -> None:
+        if self.stopped:
+            raise Stop()
+        while self.pause_requested:
+            await self._block(None, None, None)
+
+    # -- helpers -------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.ctx.clock.now() * 1000)
+
+    def _key(self, kind: str, name: str) -> tuple[bytes, int]:
+        ck = (kind, name)
+        count = self.counters.get(ck, 0) + 1
+        self.counters[ck] = count
+        return step_key(self.ik, kind, name, count), count
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+    def _here(self, name: str) -> str:
+        return f"{self.where}, step {name!r}"
+
+    def _dump_error(self, err: BaseException) -> bytes | None:
+        try:
+            return self.ser.dumps(err)
+        except Exception:
+            return None
+
+    def _stored_error(self, rec: dict[str, Any]) -> BaseException:
+        if rec.get("e") is not None:
+            try:
+                err = self.ser.loads(rec["e"])
+                if isinstance(err, BaseException):
+                    return err
+            except Exception:
+                pass
+        ed = rec.get("ed") or {"name": "Error", "message": "step failed"}
+        return ActorflowError(f"{ed['name']}: {ed['message']}")
+
+    def _crash_point(self, name: str, point: str) -> None:
+        if self.mods is not None and self.mods.take_crash(name, point):
+            raise InjectedCrash(f"{self._here(name)}: injected crash {point}")
+
+    def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Runs a step coroutine on the loop from a sync run's thread and waits for it."""
+        if self.stopped:
+            coro.close()
+            raise Stop()
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._sync_futs.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise Stop() from None
+        finally:
+            self._sync_futs.discard(fut)
+
+    async def gather(self, coros: list[Coroutine[Any, Any, Any]], limit: int | None) -> list[Any]:
+        """Runs step coroutines concurrently; results in order."""
+        if limit is not None and limit > 0:
+            sem = asyncio.Semaphore(limit)
+
+            async def bounded(c: Coroutine[Any, Any, Any]) -> Any:
+                async with sem:
+                    return await c
+
+            return list(await asyncio.gather(*(bounded(c) for c in coros)))
+        return list(await asyncio.gather(*coros))
+
+    # -- step.do ---------------------------------------------------------------
+
+    async def do(
+        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
+    ) -> Any:
+        where = self._here(name)
+        validate_step_name(name, self.where)
+        if not callable(fn):
+            raise TypeError(f"{where}: step.do needs a callable")
+        self.step_calls += 1
+        if self.step_calls > self.limits.max_steps:
+            raise Fatal(LimitExceeded(
+                f"{where}: the limit of {self.limits.max_steps} steps has been reached",
+                workflow=self.wfe.name, instance=self.actor.iid, step=name))
+        key, count = self._key("do", name)
+        rec = self.steps.get(key)
+        if rec is not None:
+            if rec["s"] == DONE:
+                return self.ser.loads(rec["r"])
+            if rec["s"] == FAILED:
+                raise self._stored_error(rec)
+            cfg = rec["cfg"]
+        else:
+            cfg = resolve_config(where, config, retries, timeout)
+        await self._gate()
+        now = self.now_ms()
+        if rec is None:
+            rec = {"k": "do", "n": name, "c": count, "seq": self._next_seq(), "s": RUNNING,
+                   "cfg": cfg, "att": [], "t0": now}
+        elif rec["s"] == RETRYING and rec.get("dl", 0) > now:
+            await self._block(key, rec["dl"], None)
+        use_ctx = wants_ctx(fn)
+        while True:
+            attempt = len(rec["att"]) + 1
+            self._crash_point(name, "before")
+            a0 = self.now_ms()
+            err: BaseException | None = None
+            value: Any = None
+            mock = self.mods.step_mock(name) if self.mods is not None else None
+            self.in_flight += 1
+            try:
+                if mock is not None:
+                    kind, payload = mock
+                    if kind == "error":
+                        raise payload
+                    value = payload
+                else:
+                    value = await self._invoke(fn, use_ctx, attempt, name, count, cfg)
+            except (Suspend, Stop, Fatal, EngineFault, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                err = e
+            finally:
+                self.in_flight -= 1
+                if self.waiters:
+                    self._poke()
+            a1 = self.now_ms()
+            if err is None:
+                self._crash_point(name, "after_body")
+                try:
+                    data = self.ser.dumps(value)
+                except SerializationError as e:
+                    raise Fatal(SerializationError(
+                        f"{where}: value returned from the step is not serializable: {e}",
+                        workflow=self.wfe.name, instance=self.actor.iid, step=name)) from None
+                if len(data) > self.limits.max_step_result_bytes:
+                    raise Fatal(LimitExceeded(
+                        f"{where}: output is too large ({len(data)} bytes); the maximum is "
+                        f"{self.limits.max_step_result_bytes} bytes",
+                        workflow=self.wfe.name, instance=self.actor.iid, step=name))
+                new = dict(rec, s=DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1)
+                new.pop("dl", None)
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                self._crash_point(name, "after_commit")
+                return value
+            ed = error_dict(err)
+            if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
+                new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1, ed=ed,
+                           e=self._dump_error(err))
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                raise err
+            delay = 0 if self.mods is not None and self.mods.no_retry_delays else retry_delay_ms(
+                cfg, attempt)
+            dl = a1 + delay
+            new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
+            tk = timer_key(dl, WAKE_KIND, key) if delay > 0 else None
+            await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
+            rec = new
+            if delay > 0:
+                await self._block(key, dl, None)
+
+    async def _invoke(
+        self, fn: Callable[..., Any], use_ctx: bool, attempt: int, name: str, count: int,
+        cfg: dict[str, Any],
+    ) -> Any:
+        args: tuple[Any, ...] = ()
+        if use_ctx:
+            args = (StepContext(attempt, StepInfo(name, count), copy.deepcopy(cfg)),)
+        if self.mods is not None and self.mods.forced_timeout(name):
+            raise StepTimeoutError(f"{self._here(name)}: attempt {attempt} timed out (forced)")
+        seconds = cfg["timeout"] / 1000.0
+        try:
+            async with asyncio.timeout(seconds) as cm:
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*args)
+                value = await self.loop.run_in_executor(self.ctx.step_pool, functools.partial(fn, *args))
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+        except TimeoutError:
+            if cm.expired():
+                raise StepTimeoutError(
+                    f"{self._here(name)}: attempt {attempt} timed out after {cfg['timeout']} ms",
+                    workflow=self.wfe.name, instance=self.actor.iid, step=name) from None
+            raise
+
+    # -- sleeps -----------------------------------------------------------------
+
+    async def sleep(self, name: str, duration: Any) -> None:
+        validate_step_name(name, self.where)
+        ms = parse_duration_ms(duration, what=self._here(name))
+        await self._sleep(name, None, ms)
+
+    async def sleep_until(self, name: str, when: Any) -> None:
+        validate_step_name(name, self.where)
+        await self._sleep(name, to_epoch_ms(when, what=self._here(name)), 0)
+
+    async def _sleep(self, name: str, until: int | None, ms: int) -> None:
+        key, count = self._key("sleep", name)
+        rec = self.steps.get(key)
+        if rec is not None and rec["s"] == DONE:
+            return
+        await self._gate()
+        now = self.now_ms()
+        if rec is None:
+            dl = until if until is not None else now + ms
+            if self.mods is not None and self.mods.no_sleeps:
+                dl = now
+            rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
+                   "dl": dl, "t0": now}
+            if dl > now:
+                await self._commit_step(key, rec, arm=timer_key(dl, WAKE_KIND, key))
+        if rec["dl"] > self.now_ms():
+            await self._block(key, rec["dl"], None)
+        new = dict(rec, s=DONE, t1=self.now_ms())
+        await self._commit_step(key, new, disarm=rec.get("tk"))
+
+    # -- events -----------------------------------------------------------------
+
+    async def wait_for_event(self, name: str, event_type: str, timeout: Any) -> WorkflowStepEvent:
+        where = self._here(name)
+        validate_step_name(name, self.where)
+        validate_event_type(event_type, where)
+        ms = parse_duration_ms(timeout, what=f"{where}: timeout")
+        if ms <= 0:
+            raise ValueError(f"{where}: timeout must be greater than 0")
+        key, count = self._key("wait_for_event", name)
+        rec = self.steps.get(key)
+        if rec is not None:
+            if rec["s"] == DONE:
+                data, ts = rec["ev"]
+                return WorkflowStepEvent(rec["ty"], self.ser.loads(data), to_datetime(ts / 1000))
+            if rec["s"] == FAILED:
+                raise self._stored_error(rec)
+        await self._gate()
+        if self.mods is not None:
+            mocked = self.mods.event_mock(event_type)
+            if mocked is not None and not self.inbox.get(event_type):
+                self.inbox.setdefault(event_type, collections.deque()).append(
+                    (b"", self.ser.dumps(mocked), self.now_ms()))
+        forced = self.mods is not None and self.mods.forced_event_timeout(name)
+        if rec is None:
+            now = self.now_ms()
+            rec = {"k": "wait_for_event", "n": name, "c": count, "seq": self._next_seq(),
+                   "s": WAITING, "ty": event_type, "dl": now + ms, "t0": now}
+            if not self.inbox.get(event_type) and not forced:
+                await self._commit_step(key, rec, arm=timer_key(rec["dl"], WAKE_KIND, key))
+        while True:
+            queue = self.inbox.get(event_type)
+            if queue and not forced:
+                ekey, data, ts = queue.popleft()
+                batch = WriteBatch()
+                if ekey:
+                    batch.delete(EVENTS, ekey)  # consumed in the same commit as the result
+                new = dict(rec, s=DONE, ev=(data, ts), t1=self.now_ms())
+                new.pop("dl", None)
+                await self._commit_step(key, new, disarm=rec.get("tk"), batch=batch)
+                return WorkflowStepEvent(event_type, self.ser.loads(data), to_datetime(ts / 1000))
+            if forced or self.now_ms() >= rec["dl"]:
+                err = EventTimeoutError(
+                    f"{where}: no {event_type!r} event arrived within {ms} ms",
+                    workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                new = dict(rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err),
+                           e=self._dump_error(err))
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                raise err
+            await self._block(key, rec["dl"], event_type)

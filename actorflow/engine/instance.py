@@ -1,0 +1,404 @@
+"""The workflow instance as a Durable Object: one actor per live instance.
+
+An :class:`InstanceActor` is a :class:`~actorflow.actors.PooledActor` on the
+engine loop. Control operations (start, pause, resume, terminate, restart,
+events, timers) are messages to it and are handled one at a time; the run
+itself (:class:`~actorflow.engine.execution.Execution`) is a task on the
+same loop, so it interleaves with them only at its awaits, as Cloudflare's
+Durable Objects interleave requests. The actor is evicted as soon as it is
+neither running nor handling a message: waiting and paused instances cost
+storage only.
+
+Every write guards the instance's epoch (its fencing token). Terminate,
+restart, crash restarts and recovery move the epoch, so writes of a stale
+run can never land.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from actorflow.actors import PooledActor
+from actorflow.engine.execution import Execution
+from actorflow.engine.records import (
+    EVENTS,
+    FENCE,
+    HIST,
+    IDX,
+    INST,
+    PRIO_NEW,
+    PRIO_WAKE,
+    STEPS,
+    dump,
+    epoch_bytes,
+    error_dict,
+    event_key,
+    events_prefix,
+    hist_key,
+    idx_key,
+    load,
+    queue_db,
+    queue_key,
+    step_key,
+    steps_prefix,
+)
+from actorflow.errors import InvalidInstanceState
+from actorflow.storage import WriteBatch
+from actorflow.timers import TIMERS
+from actorflow.workflow import FINISHED
+
+if TYPE_CHECKING:
+    from actorflow.engine.context import WorkflowEngine
+
+__all__ = ["InstanceActor", "new_instance_batch"]
+
+_BLOCKED = ("sleeping", "waiting", "retrying")
+
+
+def new_instance_batch(
+    wfe: WorkflowEngine, iid: str, params: bytes, now_ms: int, seq: int
+) -> WriteBatch:
+    """Returns the writes that create a queued instance (guarded: it must not exist)."""
+    ik = wfe.ik(iid)
+    qk = queue_key(PRIO_NEW, seq)
+    rec = {"wf": wfe.name, "id": iid, "s": "queued", "created": now_ms, "params": params,
+           "epoch": 1, "qk": qk, "started": None, "output": None, "error": None, "waits": []}
+    batch = WriteBatch()
+    batch.guard(INST, ik, None)
+    batch.put(INST, ik, dump(rec))
+    batch.put(FENCE, ik, epoch_bytes(1))
+    batch.put(IDX, idx_key(wfe.name, "queued", now_ms, iid), b"")
+    batch.put(queue_db(wfe.name), qk, iid.encode())
+    return batch
+
+
+class InstanceActor(PooledActor):
+    """The live object of one workflow instance."""
+
+    def __init__(self, wfe: WorkflowEngine, iid: str, record: dict[str, Any]) -> None:
+        super().__init__(wfe.ctx.loop_executor)
+        self.wfe = wfe
+        self.ctx = wfe.ctx
+        self.iid = iid
+        self.ik = wfe.ik(iid)
+        self.record = record
+        self.epoch: int = record["epoch"]
+        self.exec: Execution | None = None
+        self.woken = False
+        self.busy = 0
+        self.crashes: list[float] = []
+        self.where = f"workflow {wfe.name!r}, instance {iid!r}"
+
+    # -- message plumbing -------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        name, *args = message
+        return getattr(self, "handle_" + name)(*args)
+
+    def _handle_receive(self, message: Any) -> Any:
+        self.busy += 1
+        try:
+            result = super()._handle_receive(message)
+        except BaseException:
+            self.busy -= 1
+            self.maybe_evict()
+            raise
+        if inspect.isawaitable(result):
+            return self._settle(result)
+        self.busy -= 1
+        self.maybe_evict()
+        return result
+
+    async def _settle(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        finally:
+            self.busy -= 1
+            self.maybe_evict()
+
+    def running(self) -> bool:
+        return self.exec is not None and not self.exec.finished
+
+    def maybe_evict(self) -> None:
+        """Leaves memory once idle: no run, no pending wake, no message."""
+        if not self.busy and not self.running() and not self.woken:
+            self.ctx.supervisor.evict(self)
+
+    # -- status and writes --------------------------------------------------------
+
+    def public_status(self) -> str:
+        """The status as users see it, including in-memory states."""
+        ex = self.exec
+        if ex is not None and not ex.finished:
+            if ex.pause_requested and not ex.suspended:
+                return "waitingForPause"
+            return "running"
+        if self.woken and self.record["s"] == "waiting":
+            return "queued"
+        status: str = self.record["s"]
+        return status
+
+    def fence_guard(self) -> tuple[str, bytes, bytes]:
+        return (FENCE, self.ik, epoch_bytes(self.epoch))
+
+    def status_ops(
+        self,
+        batch: WriteBatch,
+        status: str,
+        *,
+        hist: str | None = None,
+        hist_data: dict[str, Any] | None = None,
+        hist_ts: int | None = None,
+        **fields: Any,
+    ) -> None:
+        """Adds a status change (record, index, queue entry, history) to ``batch``."""
+        rec = self.record
+        new = dict(rec, s=status, **fields)
+        old_qk = rec.get("qk")
+        new_qk = fields["qk"] if "qk" in fields else (old_qk if status == "queued" else None)
+        if old_qk and old_qk != new_qk:
+            batch.delete(queue_db(self.wfe.name), old_qk)
+        if new_qk and new_qk != old_qk:
+            batch.put(queue_db(self.wfe.name), new_qk, self.iid.encode())
+        new["qk"] = new_qk
+        batch.put(INST, self.ik, dump(new))
+        if status != rec["s"]:
+            batch.delete(IDX, idx_key(self.wfe.name, rec["s"], rec["created"], self.iid))
+            batch.put(IDX, idx_key(self.wfe.name, status, rec["created"], self.iid), b"")
+        if hist:
+            self.add_history(batch, hist, hist_data, hist_ts)
+        self.record = new
+
+    def add_history(
+        self, batch: WriteBatch, kind: str, data: dict[str, Any] | None = None,
+        ts: int | None = None,
+    ) -> None:
+        ev = {"type": kind, "ts": self.ctx.now_ms() if ts is None else ts, "data": data or {}}
+        batch.put(HIST, hist_key(self.ik, self.ctx.next_seq()), dump(ev))
+
+    def activation_ops(self, batch: WriteBatch) -> None:
+        """On the first write of a run, records that the instance is running."""
+        rec = self.record
+        if rec["s"] != "running":
+            first = rec.get("started") is None
+            t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
+            self.status_ops(
+                batch, "running", hist="WORKFLOW_START" if first else None, hist_ts=t0,
+                started=rec.get("started") or t0, waits=[],
+            )
+
+    async def commit(self, batch: WriteBatch, new_epoch: bool = False) -> None:
+        """Writes ``batch`` guarded by the current epoch (moving it if asked)."""
+        batch.guard(*self.fence_guard())
+        if new_epoch:
+            batch.put(FENCE, self.ik, epoch_bytes(self.epoch + 1))
+            self.record["epoch"] = self.epoch + 1
+            batch.put(INST, self.ik, dump(self.record))
+        await self.ctx.write(batch)
+        if new_epoch:
+            self.epoch += 1
+
+    def _stored_steps(self) -> dict[bytes, dict[str, Any]]:
+        if self.exec is not None:
+            return self.exec.steps
+        return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.ik))}
+
+    def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
+        keys = []
+        for rec in steps.values():
+            tk = rec.get("tk")
+            if tk and rec["s"] in _BLOCKED:
+                batch.delete(TIMERS, tk)
+                keys.append(tk)
+        return keys
+
+    def _timers_done(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.ctx.timers.done(k)
+
+    # -- lifecycle messages ---------------------------------------------------------
+
+    async def handle_start(self, reason: str) -> None:
+        """The supervisor gave this instance a slot."""
+        self.woken = False
+        status = self.record["s"]
+        if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
+            self.ctx.supervisor.released(self)
+            return
+        if status == "waitingForPause":  # recovered mid-pause: the pause takes effect now
+            batch = WriteBatch()
+            keys = self._disarm_steps(batch, self._stored_steps())
+            self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+            try:
+                await self.commit(batch, new_epoch=True)
+            finally:
+                self.ctx.supervisor.released(self)
+            self._timers_done(keys)
+            return
+        if reason in ("recover", "crash"):
+            batch = WriteBatch()
+            self.add_history(batch, "INSTANCE_RECOVERED", {"reason": reason})
+            try:
+                await self.commit(batch, new_epoch=True)
+            except BaseException:
+                self.ctx.supervisor.released(self)
+                raise
+        self.exec = Execution(self)
+        self.exec.launch()
+
+    def execution_ended(self, ex: Execution, outcome: str, value: Any) -> None:
+        """Called by the run's task when ``run`` returned, raised or was unwound."""
+        if ex.slot:
+            ex.slot = False
+            self.ctx.supervisor.released(self)
+        if ex is not self.exec:
+            return
+        if outcome == "crashed":
+            self.ctx.supervisor.crashed(self, value)
+        elif outcome in ("complete", "errored"):
+            self.ctx.supervisor.finished(self)
+        self.maybe_evict()
+
+    async def handle_fail(self, message: str) -> None:
+        """The supervisor gave up restarting: the instance is errored."""
+        batch = WriteBatch()
+        keys = self._disarm_steps(batch, self._stored_steps())
+        err = {"name": "EngineFault", "message": message}
+        self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err})
+        await self.commit(batch, new_epoch=True)
+        self._timers_done(keys)
+        self.ctx.supervisor.finished(self)
+
+    async def handle_pause(self) -> None:
+        status = self.public_status()
+        if status in FINISHED:
+            raise InvalidInstanceState(f"{self.where}: cannot pause an instance that is {status}",
+                                       workflow=self.wfe.name, instance=self.iid)
+        if status in ("paused", "waitingForPause"):
+            return
+        ex = self.exec
+        if ex is not None and not ex.finished:
+            if not ex.request_pause():
+                batch = WriteBatch()
+                self.status_ops(batch, "waitingForPause")
+                await self.commit(batch)
+            return
+        batch = WriteBatch()
+        keys = self._disarm_steps(batch, self._stored_steps())
+        self.woken = False
+        self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+        await self.commit(batch)
+        self._timers_done(keys)
+
+    async def handle_resume(self) -> None:
+        status = self.public_status()
+        ex = self.exec
+        if status == "waitingForPause" and ex is not None:
+            ex.cancel_pause()
+            batch = WriteBatch()
+            self.status_ops(batch, "running", hist="WORKFLOW_RESUMED")
+            await self.commit(batch)
+        elif status == "paused":
+            batch = WriteBatch()
+            self.status_ops(batch, "queued", hist="WORKFLOW_RESUMED",
+                            qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            await self.commit(batch)
+            self.wfe.router.note_wake()
+            self.ctx.supervisor.kick()
+
+    async def handle_terminate(self) -> None:
+        status = self.public_status()
+        if status in FINISHED:
+            raise InvalidInstanceState(
+                f"(instance.cannot_terminate) {self.where}: cannot terminate an instance that is "
+                f"{status}", workflow=self.wfe.name, instance=self.iid)
+        batch = WriteBatch()
+        keys = self._disarm_steps(batch, self._stored_steps())
+        self.woken = False
+        self.status_ops(batch, "terminated", hist="WORKFLOW_TERMINATED",
+                        hist_data={"trigger": {"source": "api"}})
+        await self.commit(batch, new_epoch=True)
+        self._timers_done(keys)
+        if self.exec is not None:
+            self.exec.stop()
+        self.ctx.supervisor.finished(self)
+
+    async def handle_restart(self, from_step: str | None) -> None:
+        steps = self._stored_steps()
+        batch = WriteBatch()
+        if from_step is not None:
+            target = steps.get(step_key(self.ik, "do", from_step, 1))
+            if target is None:
+                raise InvalidInstanceState(
+                    f"(instance.cannot_restart) {self.where}: step {from_step!r} not found in "
+                    "execution history", workflow=self.wfe.name, instance=self.iid, step=from_step)
+            drop = {k: r for k, r in steps.items() if r["seq"] >= target["seq"]}
+            for k in drop:
+                batch.delete(STEPS, k)
+        else:
+            drop = steps
+            batch.delete_prefix(STEPS, steps_prefix(self.ik))
+        keys = self._disarm_steps(batch, drop)
+        batch.delete_prefix(EVENTS, events_prefix(self.ik))
+        self.woken = False
+        self.status_ops(
+            batch, "queued", hist="WORKFLOW_RESTARTED",
+            hist_data={"from_step": from_step} if from_step else None,
+            qk=queue_key(PRIO_NEW, self.ctx.next_seq()), started=None, output=None, error=None,
+            waits=[],
+        )
+        await self.commit(batch, new_epoch=True)
+        self._timers_done(keys)
+        if self.exec is not None:
+            self.exec.stop()
+            self.exec = None  # the new run starts from the queue
+        self.ctx.supervisor.kick()
+
+    async def handle_event(self, event_type: str, data: bytes, ts: int) -> None:
+        status = self.public_status()
+        if status in FINISHED:
+            raise InvalidInstanceState(
+                f"{self.where}: cannot send event {event_type!r} to an instance that is {status}",
+                workflow=self.wfe.name, instance=self.iid)
+        ekey = event_key(self.ik, event_type, self.ctx.next_seq())
+        batch = WriteBatch()
+        batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
+        ex = self.exec
+        live = ex is not None and not ex.finished
+        wake = (not live and not self.woken and self.record["s"] == "waiting"
+                and event_type in self.record.get("waits", ()))
+        if wake:
+            self.status_ops(batch, "waiting", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+        await self.commit(batch)
+        if live and ex is self.exec and ex is not None:
+            ex.on_event(event_type, ekey, data, ts)
+        elif wake:
+            self.wfe.router.note_wake()
+            self.ctx.supervisor.kick()
+
+    async def handle_timer(self, key: bytes, deadline: int) -> None:
+        ex = self.exec
+        if ex is not None and not ex.finished:
+            if ex.on_timer():
+                return  # the step that wakes removes the timer in its own write
+        elif self.record["s"] == "waiting" and not self.woken:
+            self.woken = True
+            self.ctx.supervisor.wake(self)
+            return
+        elif self.woken:
+            return
+        batch = WriteBatch()
+        batch.delete(TIMERS, key)  # nobody needs it any more
+        try:
+            await self.ctx.write(batch)
+        finally:
+            self.ctx.timers.done(key)
+
+    def handle_stop_run(self) -> None:
+        """Shutdown: stop the run without writing anything."""
+        if self.exec is not None:
+            self.exec.stop()
+
+    def error_of(self, exc: BaseException) -> dict[str, str]:
+        return error_dict(exc)

@@ -1,0 +1,155 @@
+"""How workflow instances are laid out in storage.
+
+Keyspaces (LMDB named databases) and their keys; ``ik`` is ``wf \\0 id``:
+
+=========  ===================================  ========================================
+keyspace   key                                  value
+=========  ===================================  ========================================
+inst       ik                                   the instance record (a pickled dict)
+fence      ik                                   the instance's epoch (8 bytes), the
+                                                fencing token every engine write guards
+idx        wf \\0 status \\0 created \\0 id     empty: lists instances by status, newest
+                                                first, and finds unfinished ones
+steps      ik \\0 kind sha1(name) count         one step record (a pickled dict)
+events     ik \\0 type \\0 seq                  a buffered event, FIFO per type
+hist       ik \\0 seq                           an instance-level history event
+queue:wf   priority seq                         an instance id waiting for a slot
+=========  ===================================  ========================================
+
+Engine records are pickled with protocol 5 (they hold only builtins); user
+values inside them (params, results, payloads) are bytes from the runtime's
+serializer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from typing import Any
+
+__all__ = [
+    "EVENTS",
+    "FENCE",
+    "HIST",
+    "IDX",
+    "INST",
+    "STEPS",
+    "dump",
+    "epoch_bytes",
+    "event_key",
+    "hist_key",
+    "idx_key",
+    "ikey",
+    "load",
+    "queue_db",
+    "step_key",
+]
+
+INST = "inst"
+FENCE = "fence"
+IDX = "idx"
+STEPS = "steps"
+EVENTS = "events"
+HIST = "hist"
+
+# Step record statuses.
+DONE = "complete"
+FAILED = "errored"
+RUNNING = "running"
+RETRYING = "retrying"
+SLEEPING = "sleeping"
+WAITING = "waiting"
+
+KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
+WAKE_KIND = "W"  # timer kind for instance deadlines
+PRIO_WAKE = b"\x00"  # queue entries of instances to resume: served first
+PRIO_NEW = b"\x01"  # queue entries of new (or restarted) instances
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+def dump(record: dict[str, Any]) -> bytes:
+    """Serializes an engine record."""
+    return pickle.dumps(record, protocol=5)
+
+
+def load(data: bytes) -> dict[str, Any]:
+    """Deserializes an engine record."""
+    rec: dict[str, Any] = pickle.loads(data)
+    return rec
+
+
+def ikey(wf: str, iid: str) -> bytes:
+    """Returns the key of an instance."""
+    return f"{wf}\x00{iid}".encode()
+
+
+def split_ikey(ik: bytes) -> tuple[str, str]:
+    """Returns ``(workflow, instance id)`` of an instance key."""
+    wf, iid = ik.split(b"\x00", 2)[:2]
+    return wf.decode(), iid.decode()
+
+
+def epoch_bytes(epoch: int) -> bytes:
+    """Encodes an epoch for the fence keyspace."""
+    return _U64.pack(epoch)
+
+
+def step_key(ik: bytes, kind: str, name: str, count: int) -> bytes:
+    """Returns the key of occurrence ``count`` of step ``name`` of ``kind``."""
+    digest = hashlib.sha1(name.encode()).digest()[:12]
+    return ik + b"\x00" + KIND_CODES[kind] + digest + _U32.pack(count)
+
+
+def steps_prefix(ik: bytes) -> bytes:
+    """Returns the prefix of every step key of an instance."""
+    return ik + b"\x00"
+
+
+def event_key(ik: bytes, event_type: str, seq: int) -> bytes:
+    """Returns the key of a buffered event."""
+    return ik + b"\x00" + event_type.encode() + b"\x00" + _U64.pack(seq)
+
+
+def events_prefix(ik: bytes, event_type: str | None = None) -> bytes:
+    """Returns the prefix of an instance's buffered events (of one type, if given)."""
+    if event_type is None:
+        return ik + b"\x00"
+    return ik + b"\x00" + event_type.encode() + b"\x00"
+
+
+def hist_key(ik: bytes, seq: int) -> bytes:
+    """Returns the key of an instance-level history event."""
+    return ik + b"\x00" + _U64.pack(seq)
+
+
+def idx_key(wf: str, status: str, created_ms: int, iid: str) -> bytes:
+    """Returns the status-index key of an instance (newest first within a status)."""
+    return f"{wf}\x00{status}\x00".encode() + _U64.pack(2**63 - created_ms) + b"\x00" + iid.encode()
+
+
+def idx_prefix(wf: str, status: str | None = None) -> bytes:
+    """Returns the prefix of a workflow's status index (of one status, if given)."""
+    return f"{wf}\x00{status}\x00".encode() if status else f"{wf}\x00".encode()
+
+
+def idx_iid(key: bytes) -> str:
+    """Returns the instance id of a status-index key."""
+    return key.rsplit(b"\x00", 1)[1].decode()
+
+
+def queue_db(wf: str) -> str:
+    """Returns the keyspace of a workflow's queue."""
+    return f"queue:{wf}"
+
+
+def queue_key(priority: bytes, seq: int) -> bytes:
+    """Returns a queue key; lower priority bytes are served first."""
+    return priority + _U64.pack(seq)
+
+
+def error_dict(exc: BaseException) -> dict[str, str]:
+    """Returns Cloudflare's ``{name, message}`` form of an exception."""
+    return {"name": type(exc).__name__, "message": str(exc)}

@@ -1,0 +1,189 @@
+"""An instance's history, in Cloudflare's event vocabulary, and its step records.
+
+Step-level events are not stored one by one: each step keeps one record with
+its attempts (start, end, error, retry delay), and :func:`build_history`
+turns those records, plus the few stored instance-level events, into the
+event log. This keeps the hot path at one write per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from actorflow.clock import to_datetime
+
+__all__ = ["Attempt", "HistoryEvent", "StepRecord", "build_history", "build_steps"]
+
+EVENT_TYPES = (
+    "WORKFLOW_QUEUED",
+    "WORKFLOW_START",
+    "WORKFLOW_SUCCESS",
+    "WORKFLOW_FAILURE",
+    "WORKFLOW_TERMINATED",
+    "STEP_START",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "SLEEP_START",
+    "SLEEP_COMPLETE",
+    "ATTEMPT_START",
+    "ATTEMPT_SUCCESS",
+    "ATTEMPT_FAILURE",
+    "WAIT_START",
+    "WAIT_COMPLETE",
+    "WAIT_TIMED_OUT",
+    "WORKFLOW_PAUSED",
+    "WORKFLOW_RESUMED",
+    "WORKFLOW_RESTARTED",
+    "INSTANCE_RECOVERED",
+)
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One entry of ``inst.history()``."""
+
+    type: str
+    timestamp: datetime
+    step: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a step: when it ran and how it ended."""
+
+    attempt: int
+    start: datetime
+    end: datetime | None
+    error: dict[str, str] | None = None
+    retry_delay_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One entry of ``inst.steps()``."""
+
+    name: str
+    count: int
+    kind: str  # "do", "sleep" or "wait_for_event"
+    status: str  # running, retrying, sleeping, waiting, complete or errored
+    start: datetime | None
+    end: datetime | None
+    attempts: list[Attempt]
+    output: Any = None
+    error: dict[str, str] | None = None
+    config: dict[str, Any] | None = None
+    deadline: datetime | None = None
+
+
+_RANK = {
+    "WORKFLOW_QUEUED": 0,
+    "WORKFLOW_RESTARTED": 0,
+    "WORKFLOW_START": 1,
+    "WORKFLOW_RESUMED": 1,
+    "INSTANCE_RECOVERED": 1,
+    "WORKFLOW_PAUSED": 3,
+    "WORKFLOW_SUCCESS": 4,
+    "WORKFLOW_FAILURE": 4,
+    "WORKFLOW_TERMINATED": 4,
+}
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else to_datetime(ms / 1000.0)
+
+
+def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
+    """Turns raw step records (in start order) into :class:`StepRecord` s."""
+    out = []
+    for r in sorted(records, key=lambda r: r["seq"]):
+        attempts = [
+            Attempt(i + 1, to_datetime(a[0] / 1000.0), _dt(a[1]), a[2], a[3])
+            for i, a in enumerate(r.get("att", ()))
+        ]
+        output = None
+        if r["s"] == "complete":
+            if r["k"] == "do" and r.get("r") is not None:
+                output = loads(r["r"])
+            elif r["k"] == "wait_for_event" and r.get("ev") is not None:
+                output = loads(r["ev"][0])
+        out.append(
+            StepRecord(
+                name=r["n"],
+                count=r["c"],
+                kind=r["k"],
+                status=r["s"],
+                start=_dt(r.get("t0")),
+                end=_dt(r.get("t1")),
+                attempts=attempts,
+                output=output,
+                error=r.get("ed"),
+                config=r.get("cfg"),
+                deadline=_dt(r.get("dl")),
+            )
+        )
+    return out
+
+
+def build_history(
+    instance: dict[str, Any],
+    stored: list[tuple[int, dict[str, Any]]],
+    steps: list[StepRecord],
+) -> list[HistoryEvent]:
+    """Merges stored instance events and step records into one log, oldest first."""
+    events: list[tuple[float, int, int, HistoryEvent]] = []
+    order = 0
+
+    def add(ms: float, ev: HistoryEvent) -> None:
+        # Within one millisecond: lifecycle starts, then steps, then lifecycle ends.
+        nonlocal order
+        order += 1
+        events.append((ms, _RANK.get(ev.type, 2), order, ev))
+
+    add(instance["created"], HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)))
+    for _seq, e in stored:
+        add(e["ts"], HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})))
+    for s in steps:
+        label = f"{s.name}-{s.count}"
+        t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
+        if s.kind == "do":
+            add(t0, HistoryEvent("STEP_START", s.start or to_datetime(t0 / 1000), label,
+                                 data={"config": s.config}))
+            for a in s.attempts:
+                add(a.start.timestamp() * 1000, HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))
+                if a.end is None:
+                    continue
+                if a.error is None:
+                    add(a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt))
+                else:
+                    data: dict[str, Any] = {"error": a.error}
+                    if a.retry_delay_ms is not None:
+                        data["retryDelayMs"] = a.retry_delay_ms
+                    add(a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}))
+            elif s.status == "errored" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}))
+        elif s.kind == "sleep":
+            dur = (s.deadline.timestamp() * 1000 - t0) if s.deadline else 0
+            add(t0, HistoryEvent("SLEEP_START", s.start or to_datetime(t0 / 1000), label,
+                                 data={"durationMs": max(0, int(dur))}))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000, HistoryEvent("SLEEP_COMPLETE", s.end, label))
+        else:
+            add(t0, HistoryEvent("WAIT_START", s.start or to_datetime(t0 / 1000), label))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}))
+            elif s.status == "errored" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}))
+    events.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [e for *_, e in events]

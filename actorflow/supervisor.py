@@ -1,0 +1,273 @@
+"""The supervisor: concurrency slots, wake-ups, crash restarts and recovery.
+
+It runs on the engine loop. Only ``running`` instances hold a slot; an
+instance that hibernates gives its slot back. When a slot frees, instances
+waking up (a timer fired, an event arrived, a resume, a crash restart) go
+before new ones from the router.
+
+It also keeps the table of live instance actors: at most one per instance,
+activated on demand and evicted when idle.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+import pykka
+
+from actorflow.engine.context import EngineContext, WorkflowEngine
+from actorflow.engine.instance import InstanceActor
+from actorflow.engine.records import IDX, INST, idx_iid, idx_prefix, load, split_ikey
+from actorflow.errors import ActorflowError, InstanceNotFound
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("actorflow.supervisor")
+
+_MAX_WAKES = 20_000  # timer wake-ups held in memory before the timer index is left to wait
+
+
+class Supervisor:
+    """Caps running instances, orders wake-ups before new starts, restarts crashes.
+
+    Args:
+        ctx: The engine context.
+        max_crashes: Crashes tolerated within ``crash_window`` seconds before
+            the instance is marked ``errored``.
+        crash_window: The window, in seconds.
+    """
+
+    def __init__(self, ctx: EngineContext, max_crashes: int = 5, crash_window: float = 60.0) -> None:
+        self.ctx = ctx
+        self.engines: dict[str, WorkflowEngine] = {}
+        self.live: dict[bytes, InstanceActor] = {}
+        self._lock = threading.Lock()
+        self.running = 0
+        self.by_wf: collections.Counter[str] = collections.Counter()
+        self.wakes: collections.deque[tuple[InstanceActor, str]] = collections.deque()
+        self._kick_pending = False
+        self._retry_handle: Any = None
+        self._rr = 0
+        self._watchers: dict[bytes, list[threading.Event]] = {}
+        self.max_crashes = max_crashes
+        self.crash_window = crash_window
+        self.started = 0
+        self.crash_count = 0
+        ctx.clock.subscribe(self.kick)
+
+    # -- the live table ------------------------------------------------------------
+
+    def actor(self, wfe: WorkflowEngine, iid: str) -> InstanceActor:
+        """Returns the live actor of an instance, activating it if needed.
+
+        Raises:
+            InstanceNotFound: No such instance.
+        """
+        ik = wfe.ik(iid)
+        actor = self.live.get(ik)
+        if actor is not None and not actor.actor_stopped.is_set():
+            return actor
+        with self._lock:
+            actor = self.live.get(ik)
+            if actor is None or actor.actor_stopped.is_set():
+                raw = self.ctx.storage.get(INST, ik)
+                if raw is None:
+                    raise InstanceNotFound(
+                        f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
+                        workflow=wfe.name, instance=iid)
+                actor = InstanceActor(wfe, iid, load(raw))
+                self.live[ik] = actor
+                actor.start_on()
+        return actor
+
+    def evict(self, actor: InstanceActor) -> None:
+        with self._lock:
+            if not actor.actor_inbox.empty():
+                return
+            if self.live.get(actor.ik) is actor:
+                del self.live[actor.ik]
+            actor.actor_stopped.set()
+
+    def call(self, wfe: WorkflowEngine, iid: str, message: tuple[Any, ...]) -> Any:
+        """Sends ``message`` to the instance's actor and returns its reply."""
+        if not self.ctx.alive():
+            raise ActorflowError(f"the engine loop has stopped: {self.ctx.loop_error!r}")
+        for _ in range(16):
+            actor = self.actor(wfe, iid)
+            try:
+                return actor.actor_ref.ask(message)
+            except pykka.ActorDeadError:
+                continue  # evicted before it took the message: it never ran
+        raise ActorflowError(f"workflow {wfe.name!r}, instance {iid!r}: actor kept stopping")
+
+    # -- slots ---------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Asks for a scheduling pass (from any thread)."""
+        if self._kick_pending:
+            return
+        self._kick_pending = True
+        try:
+            self.ctx.loop.call_soon_threadsafe(self.pump)
+        except RuntimeError:
+            pass  # the loop is closed
+
+    def pump(self) -> None:
+        """Starts instances while slots are free (engine loop only)."""
+        self._kick_pending = False
+        cap = self.ctx.limits.max_concurrent
+        throttled = None
+        while self.running < cap:
+            nxt = self._next()
+            if nxt is None:
+                break
+            actor, reason = nxt
+            self.running += 1
+            self.by_wf[actor.wfe.name] += 1
+            self.started += 1
+            actor.woken = True  # keeps it in memory until it starts
+            try:
+                actor.actor_ref.tell(("start", reason))
+            except pykka.ActorDeadError:
+                self.running -= 1
+                self.by_wf[actor.wfe.name] -= 1
+        for wfe in self.engines.values():
+            if wfe.router.throttled and wfe.router.bucket is not None:
+                w = wfe.router.bucket.wait_s()
+                throttled = w if throttled is None else min(throttled, w)
+        if throttled is not None and self._retry_handle is None:
+            self._retry_handle = self.ctx.loop.call_later(max(throttled, 0.001), self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        self.pump()
+
+    def _next(self) -> tuple[InstanceActor, str] | None:
+        deferred = []
+        found = None
+        while self.wakes:
+            actor, reason = self.wakes.popleft()
+            if self.by_wf[actor.wfe.name] >= actor.wfe.limits.max_concurrent:
+                deferred.append((actor, reason))
+                continue
+            found = (actor, reason)
+            break
+        self.wakes.extendleft(reversed(deferred))
+        if found is not None:
+            return found
+        engines = list(self.engines.values())
+        for i in range(len(engines)):
+            wfe = engines[(self._rr + i) % len(engines)]
+            if self.by_wf[wfe.name] >= wfe.limits.max_concurrent:
+                continue
+            while True:
+                item = wfe.router.pop(use_bucket=wfe.limits.overflow == "queue")
+                if item is None:
+                    break
+                reason, iid = item
+                try:
+                    actor = self.actor(wfe, iid)
+                except InstanceNotFound:
+                    continue
+                self._rr = (self._rr + i + 1) % len(engines)
+                return actor, reason
+        return None
+
+    def released(self, actor: InstanceActor) -> None:
+        """An instance gave its slot back (hibernated, finished, crashed or skipped)."""
+        self.running -= 1
+        self.by_wf[actor.wfe.name] -= 1
+        self.pump()
+
+    def wake(self, actor: InstanceActor, reason: str = "wake") -> None:
+        """Queues a waking instance ahead of new ones (engine loop only)."""
+        actor.woken = True
+        self.wakes.append((actor, reason))
+        self.pump()
+
+    def on_timer(self, target: bytes, key: bytes, deadline: int) -> bool:
+        """Timer-thread handler of instance deadlines; False means "not now"."""
+        if len(self.wakes) >= _MAX_WAKES:
+            return False
+        wf, iid = split_ikey(target)
+        wfe = self.engines.get(wf)
+        if wfe is None:
+            return False
+        try:
+            actor = self.actor(wfe, iid)
+            actor.actor_ref.tell(("timer", key, deadline))
+        except (InstanceNotFound, pykka.ActorDeadError):
+            self.ctx.timers.done(key)
+            return False
+        return True
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def crashed(self, actor: InstanceActor, exc: BaseException) -> None:
+        """Restarts a crashed instance from its checkpoint, with backoff, or gives up."""
+        self.crash_count += 1
+        now = time.monotonic()
+        actor.crashes = [t for t in actor.crashes if now - t < self.crash_window] + [now]
+        n = len(actor.crashes)
+        if n > self.max_crashes:
+            msg = (f"{actor.where} crashed {n} times within {self.crash_window:.0f} s; "
+                   f"giving up. Last crash: {type(exc).__name__}: {exc}")
+            log.error(msg)
+            actor.actor_ref.tell(("fail", msg))
+            return
+        delay = min(0.05 * 2 ** (n - 1), 5.0)
+        log.warning("%s crashed (%s: %s); restarting in %.2f s", actor.where,
+                    type(exc).__name__, exc, delay)
+        actor.woken = True
+        self.ctx.loop.call_later(delay, self.wake, actor, "crash")
+
+    def finished(self, actor: InstanceActor) -> None:
+        """Wakes threads waiting for the instance to finish."""
+        with self._lock:
+            watchers = self._watchers.pop(actor.ik, [])
+        for ev in watchers:
+            ev.set()
+
+    def watch(self, ik: bytes) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._watchers.setdefault(ik, []).append(ev)
+        return ev
+
+    def unwatch(self, ik: bytes, ev: threading.Event) -> None:
+        with self._lock:
+            lst = self._watchers.get(ik)
+            if lst and ev in lst:
+                lst.remove(ev)
+                if not lst:
+                    del self._watchers[ik]
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def recover(self, wfe: WorkflowEngine) -> int:
+        """Resumes a workflow's unfinished runs after a restart (engine loop only).
+
+        Queued instances are in the router's durable queue and waiting ones in
+        the timer index; instances that were running (or pausing) when the
+        process died are queued here, and each gets a new epoch when it starts.
+        """
+        n = 0
+        for status in ("running", "waitingForPause"):
+            for key, _ in self.ctx.storage.scan(IDX, prefix=idx_prefix(wfe.name, status),
+                                                keys_only=True):
+                iid = idx_iid(key)
+                try:
+                    actor = self.actor(wfe, iid)
+                except InstanceNotFound:
+                    continue
+                if actor.running() or actor.woken:
+                    continue
+                actor.woken = True
+                self.wakes.append((actor, "recover"))
+                n += 1
+        self.pump()
+        return n
