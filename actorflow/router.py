@@ -134,6 +134,16 @@ class Router:
         _key, iid = self._prefetch.popleft()
         return ("new", iid.decode())
 
+    def ready(self) -> bool:
+        """True if an entry is waiting that :meth:`pop` has not handed out yet."""
+        if self._prefetch:
+            return True
+        for prefix, cursor in ((PRIO_WAKE, self._wake_cursor), (PRIO_NEW, self._new_cursor)):
+            if self._storage.scan(self.db, prefix=prefix, start_after=cursor, limit=1,
+                                  keys_only=True):
+                return True
+        return False
+
     def forget_position(self) -> None:
         """Reads the queue again from its start (after recovery or a takeover)."""
         self._prefetch.clear()

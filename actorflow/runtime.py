@@ -84,6 +84,9 @@ class Runtime:
         self.timers.register(WAKE_KIND, self._supervisor.on_timer)
         self._bindings: dict[str, WorkflowBinding] = {}
         self._engine.start()
+        attach = getattr(self.clock, "attach", None)
+        if attach is not None:
+            attach(self)
         self._reaper = threading.Thread(target=self._reap, name="actorflow-reaper", daemon=True)
         self._reaper.start()
         self.timers.start()
@@ -128,6 +131,38 @@ class Runtime:
     def workflows(self) -> list[str]:
         """The names of the registered workflows."""
         return list(self._bindings)
+
+    # -- idleness ----------------------------------------------------------------
+
+    def is_idle(self) -> bool:
+        """True when nothing can progress without time passing or outside input.
+
+        Every live instance is blocked (sleeping, waiting or pausing), nothing is
+        being written, no wake-up or startable instance is pending, and no
+        timer is being delivered.
+        """
+        if self._closed.is_set():
+            return True
+        if not self.storage._queue.empty() or self.timers._inflight:
+            return False
+        return bool(self._engine.call(self._supervisor.is_idle, timeout=10))
+
+    def wait_until_idle(self, timeout: float = 10.0) -> bool:
+        """Blocks until :meth:`is_idle` holds twice in a row; False on timeout."""
+        import time as _time  # real waiting, not engine time
+
+        deadline = _time.monotonic() + timeout
+        streak = 0
+        while _time.monotonic() < deadline:
+            self.timers.sync(timeout=max(0.01, deadline - _time.monotonic()))
+            if self.is_idle():
+                streak += 1
+                if streak >= 2:
+                    return True
+            else:
+                streak = 0
+                _time.sleep(0.001)
+        return False
 
     def _check_open(self) -> None:
         if self._closed.is_set():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -72,7 +71,11 @@ def resolve_config(
         ValueError: An unknown key, a negative limit, a bad duration or backoff,
             or a zero timeout; the message names ``where`` (the step).
     """
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    d = DEFAULT_CONFIG["retries"]
+    cfg: dict[str, Any] = {
+        "retries": {"limit": d["limit"], "delay": d["delay"], "backoff": d["backoff"]},
+        "timeout": DEFAULT_CONFIG["timeout"],
+    }
     if config is not None:
         if not isinstance(config, dict):
             raise ValueError(f"{where}: config must be a dict")
@@ -122,6 +125,11 @@ def retry_delay_ms(config: dict[str, Any], attempt: int) -> int:
 
 def wants_ctx(fn: Callable[..., Any]) -> bool:
     """Tells whether a step callable takes a ``ctx`` parameter."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not hasattr(fn, "__wrapped__"):
+        # Plain functions and lambdas: read the code object (inspect.signature is slow).
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        return "ctx" in names
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

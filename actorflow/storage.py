@@ -39,6 +39,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -206,6 +207,57 @@ class WriteBatch:
         return len(self.ops)
 
 
+class _ReadGate:
+    """Keeps readers out while the map is resized, without a lock per read.
+
+    Each reading thread owns a one-element list, its *slot*, set while it
+    reads. A reader raises its slot, then checks the ``closed`` flag; the
+    resizer sets the flag, then waits until every slot is down. Under the
+    GIL these plain loads and stores are sequentially consistent, so either
+    the reader sees the flag (and backs off) or the resizer sees the slot
+    (and waits). Resizing is rare; reads are the hot path.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._slots: list[list[bool]] = []
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def enter(self) -> list[bool]:
+        """Waits until reads are allowed; returns the slot to lower when done."""
+        try:
+            slot: list[bool] = self._local.slot
+        except AttributeError:
+            slot = self._local.slot = [False]
+            with self._cond:
+                self._slots.append(slot)
+        while True:
+            slot[0] = True
+            if not self.closed:
+                return slot
+            slot[0] = False
+            with self._cond:
+                while self.closed:
+                    self._cond.wait()
+
+    def close(self) -> None:
+        """Stops new reads and waits for those in progress to end."""
+        with self._cond:
+            self.closed = True
+            slots = list(self._slots)
+        delay = 0.0001
+        while any(s[0] for s in slots):
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def open(self) -> None:
+        """Lets reads in again."""
+        with self._cond:
+            self.closed = False
+            self._cond.notify_all()
+
+
 class Storage:
     """One LMDB environment with named keyspaces and a group-commit writer thread.
 
@@ -241,9 +293,7 @@ class Storage:
         )
         self._dbs: dict[str, Any] = {}
         self._db_lock = threading.Lock()
-        self._readers = 0
-        self._gate = threading.Condition()
-        self._resizing = False
+        self._gate = _ReadGate()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._after_batch: list[Callable[[], None]] = []
@@ -282,24 +332,27 @@ class Storage:
     def _read(self, keyspace: str) -> Iterator[Any]:
         self._check_pid()
         db = self._db(keyspace)
-        with self._gate:
-            while self._resizing:
-                self._gate.wait()
-            self._readers += 1
+        slot = self._gate.enter()
         try:
             with self._env.begin(db=db, buffers=False) as txn:
                 yield txn
         finally:
-            with self._gate:
-                self._readers -= 1
-                if self._resizing and self._readers == 0:
-                    self._gate.notify_all()
+            slot[0] = False
 
     def get(self, keyspace: str, key: bytes) -> bytes | None:
         """Returns the committed value of ``key``, or None."""
-        with self._read(keyspace) as txn:
-            value: bytes | None = txn.get(key)
-            return value
+        # The hottest read: _read() inlined, without its generator.
+        self._check_pid()
+        db = self._dbs.get(keyspace)
+        if db is None:
+            db = self._db(keyspace)
+        slot = self._gate.enter()
+        try:
+            with self._env.begin(db=db, buffers=False) as txn:
+                value: bytes | None = txn.get(key)
+                return value
+        finally:
+            slot[0] = False
 
     def get_many(self, keyspace: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
         """Returns the committed values of ``keys`` that exist, in one snapshot."""
@@ -463,9 +516,7 @@ class Storage:
                 return
 
     def _commit(self, items: list[tuple[WriteBatch, Callback | None]]) -> None:
-        import time as _time  # measuring commit latency is not reading the clock
-
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()  # measuring commit latency is not reading the clock
         while True:
             results: list[BaseException | None] = [None] * len(items)
             # Chains broken in this attempt; applied to the chains only once the
@@ -490,7 +541,7 @@ class Storage:
             if err is not None and chain is not None and not chain.failed:
                 chain.error = err
                 chain.failed = True
-        self.commit_seconds += _time.perf_counter() - t0
+        self.commit_seconds += time.perf_counter() - t0
         self.batches += 1
         self.commits += len(items)
         for (_batch, cb), err in zip(items, results, strict=True):
@@ -533,17 +584,14 @@ class Storage:
         return None
 
     def _grow(self) -> None:
-        with self._gate:
-            self._resizing = True
-            while self._readers:
-                self._gate.wait()
-            try:
-                new_size = self._env.info()["map_size"] * 2
-                self._env.set_mapsize(new_size)
-                log.info("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
-            finally:
-                self._resizing = False
-                self._gate.notify_all()
+        # LMDB remaps the file: no read transaction may be open meanwhile.
+        self._gate.close()
+        try:
+            new_size = self._env.info()["map_size"] * 2
+            self._env.set_mapsize(new_size)
+            log.info("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
+        finally:
+            self._gate.open()
 
     @property
     def map_size(self) -> int:

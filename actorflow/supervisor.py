@@ -246,6 +246,26 @@ class Supervisor:
                 if not lst:
                     del self._watchers[ik]
 
+    def is_idle(self) -> bool:
+        """True when no instance can make progress on its own (engine loop only)."""
+        if self.wakes:
+            return False
+        for actor in list(self.live.values()):
+            if actor.busy:
+                return False
+            ex = actor.exec
+            if ex is not None and not ex.finished and (
+                ex.in_flight or ex.pending or ex.hibernating or not ex.waiters
+            ):
+                return False
+        if self.running < self.ctx.limits.max_concurrent:
+            for wfe in self.engines.values():
+                if self.by_wf[wfe.name] < wfe.limits.max_concurrent and wfe.router.ready() and (
+                    wfe.router.bucket is None or wfe.router.bucket.wait_s() == 0.0
+                ):
+                    return False
+        return True
+
     # -- recovery ----------------------------------------------------------------------
 
     def recover(self, wfe: WorkflowEngine) -> int:

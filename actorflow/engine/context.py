@@ -24,7 +24,54 @@ if TYPE_CHECKING:
     from actorflow.router import Router
     from actorflow.supervisor import Supervisor
 
-__all__ = ["EngineContext", "WorkflowEngine"]
+__all__ = ["EngineContext", "Watchdog", "WorkflowEngine"]
+
+_NAME_CACHE = 4096
+
+
+class _Watch:
+    __slots__ = ("deadline", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None, deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.fired = False
+
+
+class Watchdog:
+    """Cancels async step bodies that outlive their timeout.
+
+    One periodic check (every 50 ms while anything is armed) instead of a
+    timer handle per step: arming is a dict insert on the hot path.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._armed: dict[int, _Watch] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> _Watch:
+        w = _Watch(asyncio.current_task(), self._loop.time() + seconds)
+        self._armed[id(w)] = w
+        if self._handle is None:
+            self._handle = self._loop.call_later(min(seconds, 0.05), self._check)
+        return w
+
+    def disarm(self, w: _Watch) -> None:
+        self._armed.pop(id(w), None)
+
+    def _check(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        for key, w in list(self._armed.items()):
+            if w.deadline <= now:
+                del self._armed[key]
+                w.fired = True
+                if w.task is not None:
+                    w.task.cancel()
+        if self._armed:
+            soonest = min(w.deadline for w in self._armed.values())
+            self._handle = self._loop.call_later(max(0.001, min(soonest - now, 0.05)), self._check)
 
 
 class EngineContext:
@@ -61,6 +108,8 @@ class EngineContext:
         self.run_pool = concurrent.futures.ThreadPoolExecutor(run_threads, "actorflow-run")
         self.step_pool = concurrent.futures.ThreadPoolExecutor(step_threads, "actorflow-step")
         self.modifiers: dict[bytes, Modifiers] = {}
+        self.watchdog = Watchdog(self.loop)
+        self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.
         self._seq = itertools.count(time.time_ns() // 1000)
@@ -86,6 +135,12 @@ class EngineContext:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def remember_name(self, name: str) -> None:
+        """Caches a validated step name (validation is on the hot path)."""
+        if len(self.valid_names) >= _NAME_CACHE:
+            self.valid_names.clear()
+        self.valid_names.add(name)
 
     def next_seq(self) -> int:
         return next(self._seq)

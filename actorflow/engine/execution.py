@@ -450,7 +450,9 @@ class Execution:
         self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
     ) -> Any:
         where = self._here(name)
-        validate_step_name(name, self.where)
+        if name not in self.ctx.valid_names:
+            validate_step_name(name, self.where)
+            self.ctx.remember_name(name)
         if not callable(fn):
             raise TypeError(f"{where}: step.do needs a callable")
         self.step_calls += 1
@@ -544,21 +546,33 @@ class Execution:
             args = (StepContext(attempt, StepInfo(name, count), copy.deepcopy(cfg)),)
         if self.mods is not None and self.mods.forced_timeout(name):
             raise StepTimeoutError(f"{self._here(name)}: attempt {attempt} timed out (forced)")
-        seconds = cfg["timeout"] / 1000.0
+        if inspect.iscoroutinefunction(fn):
+            watch = self.ctx.watchdog.arm(cfg["timeout"] / 1000.0)
+            try:
+                return await fn(*args)
+            except asyncio.CancelledError:
+                if watch.fired:
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    raise self._timed_out(name, attempt, cfg) from None
+                raise
+            finally:
+                self.ctx.watchdog.disarm(watch)
         try:
-            async with asyncio.timeout(seconds) as cm:
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(*args)
-                value = await self.loop.run_in_executor(self.ctx.step_pool, functools.partial(fn, *args))
+            async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
+                value = await self.loop.run_in_executor(
+                    self.ctx.step_pool, functools.partial(fn, *args))
                 if inspect.isawaitable(value):
                     value = await value
                 return value
         except TimeoutError:
             if cm.expired():
-                raise StepTimeoutError(
-                    f"{self._here(name)}: attempt {attempt} timed out after {cfg['timeout']} ms",
-                    workflow=self.wfe.name, instance=self.actor.iid, step=name) from None
+                raise self._timed_out(name, attempt, cfg) from None
             raise
+
+    def _timed_out(self, name: str, attempt: int, cfg: dict[str, Any]) -> StepTimeoutError:
+        return StepTimeoutError(
+            f"{self._here(name)}: attempt {attempt} timed out after {cfg['timeout']} ms",
+            workflow=self.wfe.name, instance=self.actor.iid, step=name)
 
     # -- sleeps -----------------------------------------------------------------
 

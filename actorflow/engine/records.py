@@ -23,6 +23,7 @@ serializer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import struct
@@ -97,10 +98,14 @@ def epoch_bytes(epoch: int) -> bytes:
     return _U64.pack(epoch)
 
 
+@functools.lru_cache(maxsize=8192)
+def _name_digest(kind: str, name: str) -> bytes:
+    return KIND_CODES[kind] + hashlib.sha1(name.encode()).digest()[:12]
+
+
 def step_key(ik: bytes, kind: str, name: str, count: int) -> bytes:
     """Returns the key of occurrence ``count`` of step ``name`` of ``kind``."""
-    digest = hashlib.sha1(name.encode()).digest()[:12]
-    return ik + b"\x00" + KIND_CODES[kind] + digest + _U32.pack(count)
+    return ik + b"\x00" + _name_digest(kind, name) + _U32.pack(count)
 
 
 def steps_prefix(ik: bytes) -> bytes:

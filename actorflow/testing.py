@@ -1,0 +1,132 @@
+"""Tools for testing workflows: a fake clock, modifiers and failure simulation.
+
+:class:`FakeClock` replaces the runtime's clock. Time moves only when a test
+calls :meth:`FakeClock.advance` (or, with ``autojump=True``, whenever every
+instance is idle), and everything that became due fires before ``advance``
+returns: sleeps, retry delays, event timeouts, alarms, rate-limit windows.
+
+Step modifiers come from ``binding.modify(instance_id)``; crash injection is
+``binding.modify(id).crash_at(step, point)``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from actorflow.binding import WorkflowModifier
+from actorflow.clock import _Subscribers, parse_duration_ms, to_datetime
+
+if TYPE_CHECKING:
+    from actorflow.runtime import Runtime
+
+__all__ = ["FakeClock", "WorkflowModifier"]
+
+
+class FakeClock:
+    """A clock that moves only when told to.
+
+    Args:
+        start: The initial time: an aware datetime or epoch seconds (default:
+            the real time when the clock is made, whole seconds).
+        autojump: Jump to the next timer whenever every instance is idle.
+    """
+
+    def __init__(self, start: datetime | float | None = None, autojump: bool = False) -> None:
+        if start is None:
+            start = float(int(time.time()))  # noqa: TID251 - the fake clock's own origin
+        elif isinstance(start, datetime):
+            start = start.timestamp()
+        self._now = float(start)
+        self._lock = threading.Lock()
+        self._subs = _Subscribers()
+        self._runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self._autojump = autojump
+        self._stop = threading.Event()
+        self._jumper: threading.Thread | None = None
+        if autojump:
+            self._jumper = threading.Thread(target=self._autojump_loop, daemon=True,
+                                            name="actorflow-autojump")
+            self._jumper.start()
+
+    # -- the Clock protocol --------------------------------------------------------
+
+    def now(self) -> float:
+        return self._now
+
+    def real_timeout(self, deadline: float) -> float | None:
+        return 0.0 if deadline <= self._now else None
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._subs.add(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._subs.remove(callback)
+
+    # -- test controls ---------------------------------------------------------------
+
+    def attach(self, runtime: Runtime) -> None:
+        """Called by the runtime: lets ``advance`` wait for it to settle."""
+        self._runtimes.add(runtime)
+
+    @property
+    def datetime(self) -> datetime:
+        """The current fake time as an aware datetime."""
+        return to_datetime(self._now)
+
+    def advance(self, duration: Any, *, settle_timeout: float = 10.0) -> None:
+        """Moves time forward by ``duration`` and fires everything due on the way.
+
+        Time moves timer by timer, so that what a fired timer schedules
+        within the window fires too, in order.
+        """
+        target = self._now + parse_duration_ms(duration, what="FakeClock.advance") / 1000.0
+        self._settle(settle_timeout)
+        while True:
+            nxt = self._next_deadline()
+            step_to = target if nxt is None or nxt > target else max(nxt, self._now)
+            with self._lock:
+                self._now = max(self._now, step_to)
+            self._subs.notify()
+            self._settle(settle_timeout)
+            if step_to >= target:
+                nxt = self._next_deadline()
+                if nxt is None or nxt > self._now:
+                    return
+
+    def set(self, when: datetime | float) -> None:
+        """Jumps to ``when`` (not backwards), firing what became due."""
+        ts = when.timestamp() if isinstance(when, datetime) else float(when)
+        if ts > self._now:
+            self.advance((ts - self._now) * 1000.0)
+
+    def _next_deadline(self) -> float | None:
+        best = None
+        for rt in list(self._runtimes):
+            ms = rt.timers.next_deadline_ms()
+            if ms is not None and (best is None or ms < best):
+                best = ms
+        return None if best is None else best / 1000.0
+
+    def _settle(self, timeout: float) -> None:
+        for rt in list(self._runtimes):
+            rt.wait_until_idle(timeout)
+
+    def _autojump_loop(self) -> None:
+        while not self._stop.wait(0.005):
+            rts = list(self._runtimes)
+            if not rts or any(not rt.is_idle() for rt in rts):
+                continue
+            nxt = self._next_deadline()
+            if nxt is not None and nxt > self._now:
+                with self._lock:
+                    self._now = nxt
+                self._subs.notify()
+
+    def close(self) -> None:
+        """Stops the autojump thread."""
+        self._stop.set()
