@@ -52,6 +52,7 @@ log = logging.getLogger("actorflow.actors")
 
 _SLICE = 32  # messages handled per scheduling, so one busy actor cannot starve the rest
 T = TypeVar("T")
+_UNSET: Any = pykka.Future()._get_hook_result  # pykka's immutable "no hook result" marker
 
 
 class LatchFuture(pykka.Future[T]):
@@ -68,7 +69,9 @@ class LatchFuture(pykka.Future[T]):
     __slots__ = ("_exc_info", "_latch", "_set", "_value")
 
     def __init__(self) -> None:
-        super().__init__()
+        # pykka.Future.__init__ minus a fresh "unset" marker per future.
+        self._get_hook = None
+        self._get_hook_result = _UNSET
         self._latch = _thread.allocate_lock()
         self._latch.acquire()
         self._set = False

@@ -8,6 +8,7 @@ event log. This keeps the hot path at one write per step.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -133,19 +134,28 @@ def build_history(
     stored: list[tuple[int, dict[str, Any]]],
     steps: list[StepRecord],
 ) -> list[HistoryEvent]:
-    """Merges stored instance events and step records into one log, oldest first."""
+    """Merges stored instance events and step records into one log, oldest first.
+
+    Stored events keep their write order (a restart and the run after it may
+    share a millisecond); step events are ordered by time. Where the two
+    streams tie on a millisecond, lifecycle starts go before step events and
+    lifecycle ends after them.
+    """
+    lifecycle: list[tuple[float, int, int, HistoryEvent]] = [
+        (instance["created"], 0, 0,
+         HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)))]
+    for seq, e in stored:
+        lifecycle.append((e["ts"], _RANK.get(e["type"], 2), seq + 1,
+                          HistoryEvent(e["type"], to_datetime(e["ts"] / 1000),
+                                       data=e.get("data", {}))))
     events: list[tuple[float, int, int, HistoryEvent]] = []
     order = 0
 
     def add(ms: float, ev: HistoryEvent) -> None:
-        # Within one millisecond: lifecycle starts, then steps, then lifecycle ends.
         nonlocal order
         order += 1
-        events.append((ms, _RANK.get(ev.type, 2), order, ev))
+        events.append((ms, 2, order, ev))
 
-    add(instance["created"], HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)))
-    for _seq, e in stored:
-        add(e["ts"], HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})))
     for s in steps:
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
@@ -185,5 +195,7 @@ def build_history(
             elif s.status == "errored" and s.end:
                 add(s.end.timestamp() * 1000,
                     HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}))
-    events.sort(key=lambda t: (t[0], t[1], t[2]))
-    return [e for *_, e in events]
+    events.sort(key=lambda t: (t[0], t[2]))
+    # A merge, not a sort: it keeps the order within each stream.
+    merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
+    return [e for *_, e in merged]

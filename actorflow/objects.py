@@ -724,7 +724,9 @@ class DurableObjectStub(Generic[T]):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _RemoteMethod(self, name)
+        method = _RemoteMethod(self, name)
+        self.__dict__[name] = method  # found without __getattr__ next time
+        return method
 
     def __repr__(self) -> str:
         return f"<DurableObjectStub {self._ns.name}/{self.id.hex[:12]}>"

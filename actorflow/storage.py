@@ -258,6 +258,16 @@ class _ReadGate:
             self._cond.notify_all()
 
 
+class _OpenDb:
+    """A request to the writer thread to open a named database."""
+
+    __slots__ = ("name", "opened")
+
+    def __init__(self, name: str, opened: threading.Event) -> None:
+        self.name = name
+        self.opened = opened
+
+
 class Storage:
     """One LMDB environment with named keyspaces and a group-commit writer thread.
 
@@ -309,12 +319,25 @@ class Storage:
 
     def _db(self, name: str) -> Any:
         db = self._dbs.get(name)
-        if db is None:
-            with self._db_lock:
-                db = self._dbs.get(name)
-                if db is None:
-                    db = self._env.open_db(name.encode())
-                    self._dbs[name] = db
+        if db is not None:
+            return db
+        if threading.current_thread() is self._writer or not self._writer.is_alive():
+            return self._open_db(name)
+        # Opening a named database takes LMDB's write lock, and py-lmdb waits
+        # for it holding the GIL: from any thread but the writer, that
+        # deadlocks against a group commit in progress. The writer opens it
+        # between two transactions instead.
+        opened = threading.Event()
+        self._queue.put(_OpenDb(name, opened))
+        opened.wait()
+        return self._dbs[name]
+
+    def _open_db(self, name: str) -> Any:
+        with self._db_lock:
+            db = self._dbs.get(name)
+            if db is None:
+                db = self._env.open_db(name.encode())
+                self._dbs[name] = db
         return db
 
     # -- reads ---------------------------------------------------------------
@@ -500,6 +523,10 @@ class Storage:
             item = q.get()
             if item is _STOP:
                 return
+            if isinstance(item, _OpenDb):
+                self._open_db(item.name)
+                item.opened.set()
+                continue
             items = [item]
             stop = False
             try:
@@ -508,6 +535,10 @@ class Storage:
                     if nxt is _STOP:
                         stop = True
                         break
+                    if isinstance(nxt, _OpenDb):
+                        self._open_db(nxt.name)  # no transaction is open yet
+                        nxt.opened.set()
+                        continue
                     items.append(nxt)
             except queue.Empty:
                 pass

@@ -57,6 +57,7 @@ class Supervisor:
         self.crash_window = crash_window
         self.started = 0
         self.crash_count = 0
+        self.closing = False
         ctx.clock.subscribe(self.kick)
 
     # -- the live table ------------------------------------------------------------
@@ -119,6 +120,8 @@ class Supervisor:
     def pump(self) -> None:
         """Starts instances while slots are free (engine loop only)."""
         self._kick_pending = False
+        if self.closing:
+            return
         cap = self.ctx.limits.max_concurrent
         throttled = None
         while self.running < cap:
@@ -141,6 +144,20 @@ class Supervisor:
                 throttled = w if throttled is None else min(throttled, w)
         if throttled is not None and self._retry_handle is None:
             self._retry_handle = self.ctx.loop.call_later(max(throttled, 0.001), self._retry)
+
+    def shutdown(self) -> None:
+        """Stops every live run without writing (engine loop only); starts nothing more.
+
+        The runs resume from their checkpoints when the data directory is
+        opened again.
+        """
+        self.closing = True
+        self.ctx.clock.unsubscribe(self.kick)
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        for actor in list(self.live.values()):
+            actor.handle_stop_run()
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -198,12 +215,18 @@ class Supervisor:
         if wfe is None:
             return False
         try:
-            actor = self.actor(wfe, iid)
-            actor.actor_ref.tell(("timer", key, deadline))
-        except (InstanceNotFound, pykka.ActorDeadError):
-            self.ctx.timers.done(key)
+            # Delivered from the loop, where eviction happens too: a message
+            # can then never land in an actor that is being evicted.
+            self.ctx.loop.call_soon_threadsafe(self._deliver_timer, wfe, iid, key, deadline)
+        except RuntimeError:
             return False
         return True
+
+    def _deliver_timer(self, wfe: WorkflowEngine, iid: str, key: bytes, deadline: int) -> None:
+        try:
+            self.actor(wfe, iid).actor_ref.tell(("timer", key, deadline))
+        except (InstanceNotFound, pykka.ActorDeadError):
+            self.ctx.timers.done(key)
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -218,6 +241,8 @@ class Supervisor:
                    f"giving up. Last crash: {type(exc).__name__}: {exc}")
             log.error(msg)
             actor.actor_ref.tell(("fail", msg))
+            return
+        if self.closing:
             return
         delay = min(0.05 * 2 ** (n - 1), 5.0)
         log.warning("%s crashed (%s: %s); restarting in %.2f s", actor.where,

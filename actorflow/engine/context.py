@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineContext", "Watchdog", "WorkflowEngine"]
 
 _NAME_CACHE = 4096
+_SHUTDOWN_S = 5.0  # how long close() lets stopped runs and pending handlers finish
 
 
 class _Watch:
@@ -146,13 +147,33 @@ class EngineContext:
         return next(self._seq)
 
     def now_ms(self) -> int:
-        return int(self.clock.now() * 1000)
+        # round, not int: float seconds lose a fraction of a ms (a fake clock
+        # advanced ms by ms drifts below the true value).
+        return round(self.clock.now() * 1000)
 
     async def write(self, batch: WriteBatch) -> None:
         """Commits ``batch`` from the loop and waits until it is durable."""
         fut = self.loop.create_future()
         self.storage.submit(batch, self.notifier.callback(fut))
         await fut
+
+    async def _shutdown(self) -> None:
+        sup = getattr(self, "supervisor", None)
+        if sup is not None:
+            sup.shutdown()
+        me = asyncio.current_task()
+        deadline = self.loop.time() + _SHUTDOWN_S
+        while True:
+            tasks = [t for t in asyncio.all_tasks(self.loop) if t is not me and not t.done()]
+            left = deadline - self.loop.time()
+            if not tasks:
+                return
+            if left <= 0:
+                break
+            await asyncio.wait(tasks, timeout=left)
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=1.0)
 
     def call(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
         """Runs ``fn(*args)`` (a coroutine function or plain function) on the loop, waits."""
@@ -166,7 +187,19 @@ class EngineContext:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Stops every run, lets pending handlers end, then stops the loop.
+
+        Runs are stopped without writing anything (they resume from their
+        checkpoints on the next start). Stopping the loop under pending tasks
+        would destroy them mid-await and run their cleanup against closed
+        storage.
+        """
         if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(
+                    _SHUTDOWN_S + 1.0)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass  # stop the loop anyway; what is left is lost, as in a crash
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.run_pool.shutdown(wait=False, cancel_futures=True)

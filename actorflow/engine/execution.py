@@ -130,6 +130,7 @@ class Execution:
         self.slot = True  # holds a concurrency slot until it ends
         self.t_start = self.now_ms()
         self._poke_scheduled = False
+        self._hib_task: asyncio.Task[None] | None = None
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
 
     # -- driving the run ----------------------------------------------------
@@ -158,6 +159,8 @@ class Execution:
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
             outcome = ("complete", output)
+        except GeneratorExit:
+            raise  # the coroutine is being closed (its loop is gone): do nothing more
         except Suspend:
             outcome = ("suspended", None)
         except (Stop, asyncio.CancelledError):
@@ -304,7 +307,8 @@ class Execution:
 
     def _check_idle(self) -> None:
         self._poke_scheduled = False
-        if not self.waiters or self.in_flight or self.pending or self.hibernating or self.stopped:
+        if (not self.waiters or self.in_flight or self.pending or self.hibernating
+                or self.stopped or self.suspended):
             return
         now = self.now_ms()
         for w in self.waiters:
@@ -315,7 +319,8 @@ class Execution:
                 w.fut.set_result(None)
                 return
         self.hibernating = True
-        self.loop.create_task(self._hibernate())
+        # The loop keeps only weak references to tasks: hold this one.
+        self._hib_task = self.loop.create_task(self._hibernate())
 
     async def _hibernate(self) -> None:
         paused = self.pause_requested
@@ -333,7 +338,8 @@ class Execution:
             self.hibernating = False
             for w in list(self.waiters):
                 if not w.fut.done():
-                    w.fut.set_exception(e if isinstance(e, Stop | EngineFault) else EngineFault(str(e)))
+                    w.fut.set_exception(
+                        e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
             return
         self.hibernating = False
         self._timers_done(keys)
@@ -382,7 +388,7 @@ class Execution:
     # -- helpers -------------------------------------------------------------
 
     def now_ms(self) -> int:
-        return int(self.ctx.clock.now() * 1000)
+        return self.ctx.now_ms()
 
     def _key(self, kind: str, name: str) -> tuple[bytes, int]:
         ck = (kind, name)

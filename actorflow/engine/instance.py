@@ -365,31 +365,42 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
         ex = self.exec
-        live = ex is not None and not ex.finished
-        wake = (not live and not self.woken and self.record["s"] == "waiting"
-                and event_type in self.record.get("waits", ()))
+        wake = (ex is None or ex.finished) and self._wants(event_type)
         if wake:
             self.status_ops(batch, "waiting", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         await self.commit(batch)
-        if live and ex is self.exec and ex is not None:
+        ex = self.exec  # the run may have hibernated while the event was being written
+        if ex is not None and not ex.finished:
             ex.on_event(event_type, ekey, data, ts)
         elif wake:
             self.wfe.router.note_wake()
             self.ctx.supervisor.kick()
+        elif self._wants(event_type):
+            self.ctx.supervisor.wake(self)
+
+    def _wants(self, event_type: str) -> bool:
+        """True if the instance hibernated waiting for this type and nothing woke it yet."""
+        return (not self.woken and self.record["s"] == "waiting"
+                and event_type in self.record.get("waits", ()))
 
     async def handle_timer(self, key: bytes, deadline: int) -> None:
         ex = self.exec
         if ex is not None and not ex.finished:
-            if ex.on_timer():
-                return  # the step that wakes removes the timer in its own write
-        elif self.record["s"] == "waiting" and not self.woken:
-            self.woken = True
+            # A live run consumes its deadlines itself: the step that wakes
+            # removes the timer in its own write. If no waiter is due yet (the
+            # replay has not reached the step, or the run is hibernating right
+            # now), leave the timer armed; it is offered again on a later pass.
+            if not ex.on_timer() or ex.suspended:
+                self.ctx.timers.done(key)
+            return
+        if self.woken:
+            return
+        if self.record["s"] == "waiting":
             self.ctx.supervisor.wake(self)
             return
-        elif self.woken:
-            return
+        # Queued, paused, finished: nobody needs it now (a replay re-arms what it waits on).
         batch = WriteBatch()
-        batch.delete(TIMERS, key)  # nobody needs it any more
+        batch.delete(TIMERS, key)
         try:
             await self.ctx.write(batch)
         finally:
