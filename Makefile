@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: install demo test lint typecheck unit stress bench clean
+.PHONY: install demo test lint typecheck unit stress bench bench-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,6 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check actorflow tests benchmarks
-	$(BIN)/ruff format --check actorflow
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -34,7 +33,11 @@ stress: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_FLAGS)
 
 bench: $(STAMP)
-	$(BIN)/pytest benchmarks --benchmark-only --benchmark-autosave -p no:randomly $(PYTEST_FLAGS)
+	$(BIN)/pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-autosave \
+		--benchmark-columns=median,iqr,ops $(PYTEST_FLAGS)
+
+bench-report: $(STAMP)
+	$(BIN)/actorflow bench --profile cloudflare-v2
 
 clean:
 	rm -rf $(VENV) actorflow-data .benchmarks
