@@ -46,7 +46,14 @@ import pykka
 from pykka import messages
 from pykka._envelope import Envelope
 
-__all__ = ["Executor", "LatchFuture", "LoopExecutor", "PooledActor", "ThreadExecutor"]
+__all__ = [
+    "Executor",
+    "LatchFuture",
+    "LoopExecutor",
+    "PooledActor",
+    "StopFlag",
+    "ThreadExecutor",
+]
 
 log = logging.getLogger("actorflow.actors")
 
@@ -210,6 +217,53 @@ class _Inbox:
         return not self._items
 
 
+class StopFlag(threading.Event):
+    """A :class:`threading.Event` for ``actor_stopped`` that costs one small object.
+
+    An Event carries a Condition, a lock, a waiter deque and bound methods:
+    about seven objects the garbage collector must walk, per actor, for a
+    flag that is almost never waited on. This one makes its Event only if
+    somebody waits.
+    """
+
+    __slots__ = ("_ev", "_flg", "_mutex")
+
+    def __init__(self) -> None:  # no Event.__init__: that is the point
+        self._flg = False
+        self._ev: threading.Event | None = None
+        self._mutex = _thread.allocate_lock()
+
+    def is_set(self) -> bool:
+        return self._flg
+
+    isSet = is_set  # threading.Event's legacy alias
+
+    def set(self) -> None:
+        with self._mutex:
+            self._flg = True
+            ev = self._ev
+        if ev is not None:
+            ev.set()
+
+    def clear(self) -> None:
+        with self._mutex:
+            self._flg = False
+            if self._ev is not None:
+                self._ev.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._mutex:
+            if self._flg:
+                return True
+            if self._ev is None:
+                self._ev = threading.Event()
+            ev = self._ev
+        return ev.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"<StopFlag {'set' if self._flg else 'unset'}>"
+
+
 class PooledActor(pykka.Actor):
     """A pykka actor that borrows a thread from an :class:`Executor` per slice.
 
@@ -222,7 +276,7 @@ class PooledActor(pykka.Actor):
         # here may live for one message, so both are made on first use (see the
         # properties below), which halves the cost of an activation.
         self.actor_inbox = self._create_actor_inbox()
-        self.actor_stopped = threading.Event()
+        self.actor_stopped = StopFlag()
         self._urn: str | None = None
         self._ref: pykka.ActorRef[Any] | None = None
         self._executor = executor

@@ -32,13 +32,24 @@ How the output gate is kept without blocking a thread per call:
   activation, which reads storage anew.
 * An object is evicted only when idle *and* with nothing in flight, so a new
   activation never reads storage older than what the previous one wrote.
+
+Alarms (one per object) live in the runtime's durable timer index and run at
+least once: the timer key is removed only in the commit that settles the
+handler's run. A handler that raises is retried after ``2 s << n`` plus up to
+25 % jitter, at most :data:`ALARM_MAX_RETRIES` times; its writes made before
+the exception are kept (as for calls), and if it set or deleted the alarm,
+that replaces the retry. While the handler runs, ``get_alarm()`` reads None
+unless the handler set a new alarm.
+
+Storage of an object is written only through that object: its view caches
+what it read, so writing its keys behind its back (another process on the
+same data directory) is not supported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import collections
 import hashlib
 import inspect
 import logging
@@ -503,8 +514,12 @@ class _ObjectActor(PooledActor):
         self.obj: DurableObject | None = None
         self.last_used = time.monotonic()
         self._chain = Chain()
-        self._flights: collections.deque[_Flight] = collections.deque()
-        self._gate = threading.Lock()  # guards _flights against the writer thread
+        # A list, not a deque: usually empty or short, and one object less for
+        # the garbage collector to walk per live object.
+        self._flights: builtins.list[_Flight] = []
+        # Guards _flights against the writer thread. The scheduling lock does
+        # (never held together with this role), one lock less per object.
+        self._gate = self._sched_lock
 
     def on_start(self) -> None:
         """Nothing: the object is built when its first message is handled."""
@@ -611,7 +626,7 @@ class _ObjectActor(PooledActor):
         """Runs on the writer thread once ``flight``'s batch is durable or failed."""
         with self._gate:
             if self._flights and self._flights[0] is flight:
-                self._flights.popleft()
+                del self._flights[0]
             else:  # pragma: no cover - flights land in submission order
                 try:
                     self._flights.remove(flight)

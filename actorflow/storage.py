@@ -330,7 +330,10 @@ class Storage:
         opened = threading.Event()
         self._queue.put(_OpenDb(name, opened))
         opened.wait()
-        return self._dbs[name]
+        db = self._dbs.get(name)
+        if db is None:  # close() released us: the writer had stopped
+            raise StorageError(f"storage at {self.path} is closed")
+        return db
 
     def _open_db(self, name: str) -> Any:
         with self._db_lock:
@@ -647,7 +650,9 @@ class Storage:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP and item[1] is not None:
+            if isinstance(item, _OpenDb):
+                item.opened.set()  # its waiter finds no database and raises
+            elif item is not _STOP and item[1] is not None:
                 try:
                     item[1](StorageError(f"storage at {self.path} was closed before the write"))
                 except Exception:
