@@ -81,7 +81,9 @@ def steps(root: Path, instances: int = 1000, per: int = 20) -> dict[str, float]:
     return {"steps_per_s": instances * per / dt, "seconds": dt}
 
 
-def create(root: Path, batch: int = 20_000, threads: int = 16, single: int = 5_000) -> dict[str, float]:
+def create(
+    root: Path, batch: int = 20_000, threads: int = 16, single: int = 5_000
+) -> dict[str, float]:
     """Durable creations per second: one ``create_batch`` and ``create()`` from many threads."""
     limits = af.Limits(max_concurrent=1)  # measure ingestion, not execution
     with af.Runtime(_fresh(root, "create"), limits=limits) as rt:
@@ -116,8 +118,10 @@ def latency(root: Path, n: int = 300) -> dict[str, float]:
             started = inst.wait(timeout=30).output
             samples.append((started - t) * 1000)
     samples.sort()
-    return {"create_to_first_step_p50_ms": samples[len(samples) // 2],
-            "create_to_first_step_p99_ms": samples[int(len(samples) * 0.99) - 1]}
+    return {
+        "create_to_first_step_p50_ms": samples[len(samples) // 2],
+        "create_to_first_step_p99_ms": samples[int(len(samples) * 0.99) - 1],
+    }
 
 
 def objects(root: Path, objects_n: int = 1000, calls: int = 20_000) -> dict[str, float]:
@@ -149,8 +153,12 @@ SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
 CLOUDFLARE_V2 = {"create_batch_per_s": 300.0, "create_16_threads_per_s": 300.0}
 
 
-def run_scenarios(names: list[str], repeat: int = 3, root: str | None = None,
-                  progress: Callable[[str], Any] | None = None) -> dict[str, dict[str, float]]:
+def run_scenarios(
+    names: list[str],
+    repeat: int = 3,
+    root: str | None = None,
+    progress: Callable[[str], Any] | None = None,
+) -> dict[str, dict[str, float]]:
     """Runs each scenario ``repeat`` times; returns the median of every figure."""
     base = Path(root or tempfile.mkdtemp(prefix="actorflow-bench-"))
     out: dict[str, dict[str, float]] = {}
@@ -166,4 +174,3 @@ def run_scenarios(names: list[str], repeat: int = 3, root: str | None = None,
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return out
-

@@ -41,6 +41,7 @@ def _record(store: Storage, wf: str, iid: str) -> dict[str, Any]:
 
 
 def _cmd_list(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Instances of the index, newest first, filtered by workflow and status."""
     out = []
     for key, _ in store.scan(IDX, keys_only=True):
         wf, status, _created, iid = key.split(b"\x00", 3)
@@ -49,8 +50,15 @@ def _cmd_list(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.status and status.decode() != args.status:
             continue
         rec = _record(store, wf.decode(), iid.decode())
-        out.append({"workflow": wf.decode(), "id": iid.decode(), "status": status.decode(),
-                    "created_ms": rec["created"], "error": rec.get("error")})
+        out.append(
+            {
+                "workflow": wf.decode(),
+                "id": iid.decode(),
+                "status": status.decode(),
+                "created_ms": rec["created"],
+                "error": rec.get("error"),
+            }
+        )
     out.sort(key=lambda r: -r["created_ms"])
     return out[: args.limit]
 
@@ -69,15 +77,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("workflow")
         p.add_argument("id")
     p = sub.add_parser("bench", help="run benchmark scenarios and print a table")
-    p.add_argument("scenarios", nargs="*", default=["disk", "steps", "create", "latency", "objects"],
-                   metavar="SCENARIO", help=f"any of {sorted(SCENARIOS)}")
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        default=["disk", "steps", "create", "latency", "objects"],
+        metavar="SCENARIO",
+        help=f"any of {sorted(SCENARIOS)}",
+    )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", choices=["cloudflare-v2"], default=None)
     args = parser.parse_args(argv)
 
     if args.cmd == "bench":
-        res = run_scenarios(args.scenarios, args.repeat,
-                            progress=lambda m: print(f"  running {m}", file=sys.stderr, flush=True))
+        res = run_scenarios(
+            args.scenarios,
+            args.repeat,
+            progress=lambda m: print(f"  running {m}", file=sys.stderr, flush=True),
+        )
         if args.json:
             print(json.dumps(res, indent=2))
             return 0
@@ -103,32 +119,55 @@ def main(argv: list[str] | None = None) -> int:
     store = Storage(args.data)
     try:
         if args.cmd == "list":
-            rows = _cmd_list(store, args)
+            found = _cmd_list(store, args)
             if args.json:
-                print(json.dumps(rows, indent=2))
+                print(json.dumps(found, indent=2))
             else:
-                print(_table([[r["workflow"], r["id"], r["status"]] for r in rows],
-                             ["workflow", "id", "status"]))
+                print(
+                    _table(
+                        [[r["workflow"], r["id"], r["status"]] for r in found],
+                        ["workflow", "id", "status"],
+                    )
+                )
             return 0
         rec = _record(store, args.workflow, args.id)
         ik = ikey(args.workflow, args.id)
-        steps = build_steps([load(v) for _, v in store.scan(STEPS, prefix=steps_prefix(ik))],
-                            store.serializer.loads)
+        steps = build_steps(
+            [load(v) for _, v in store.scan(STEPS, prefix=steps_prefix(ik))], store.serializer.loads
+        )
         if args.cmd == "status":
-            out = {"status": rec["s"], "error": rec.get("error"),
-                   "output": store.serializer.loads(rec["output"]) if rec.get("output") else None}
+            out = {
+                "status": rec["s"],
+                "error": rec.get("error"),
+                "output": store.serializer.loads(rec["output"]) if rec.get("output") else None,
+            }
             print(json.dumps(out, indent=None if args.json else 2, default=str))
         elif args.cmd == "steps":
-            rows = [[s.name, s.count, s.kind, s.status, len(s.attempts)] for s in steps]
-            print(json.dumps([s.__dict__ for s in steps], default=str) if args.json else
-                  _table(rows, ["step", "count", "kind", "status", "attempts"]))
+            rows = [[s.name, str(s.count), s.kind, s.status, str(len(s.attempts))] for s in steps]
+            print(
+                json.dumps([s.__dict__ for s in steps], default=str)
+                if args.json
+                else _table(rows, ["step", "count", "kind", "status", "attempts"])
+            )
         else:
-            stored = [(i, load(v)) for i, (_, v) in enumerate(store.scan(HIST, prefix=ik + b"\x00"))]
+            stored = [
+                (i, load(v)) for i, (_, v) in enumerate(store.scan(HIST, prefix=ik + b"\x00"))
+            ]
             events = build_history(rec, stored, steps)
-            rows = [[e.timestamp.isoformat(timespec="milliseconds"), e.type, e.step or "",
-                     e.attempt or ""] for e in events]
-            print(json.dumps([e.__dict__ for e in events], default=str) if args.json else
-                  _table(rows, ["time", "event", "step", "attempt"]))
+            rows = [
+                [
+                    e.timestamp.isoformat(timespec="milliseconds"),
+                    e.type,
+                    e.step or "",
+                    str(e.attempt or ""),
+                ]
+                for e in events
+            ]
+            print(
+                json.dumps([e.__dict__ for e in events], default=str)
+                if args.json
+                else _table(rows, ["time", "event", "step", "attempt"])
+            )
         return 0
     finally:
         store.close()

@@ -145,7 +145,7 @@ def parse_duration_ms(value: object, *, what: str = "duration") -> int:
         )
     if ms != ms or ms in (float("inf"), float("-inf")) or ms < 0:
         raise ValueError(f"{what}: invalid duration {value!r} (must be finite and >= 0)")
-    return int(round(ms))
+    return round(ms)
 
 
 def to_epoch_ms(when: object, *, what: str = "time") -> int:
@@ -157,7 +157,7 @@ def to_epoch_ms(when: object, *, what: str = "time") -> int:
     if isinstance(when, datetime):
         if when.tzinfo is None:
             raise ValueError(f"{what}: use an aware datetime (for example with tzinfo=UTC)")
-        return int(round(when.timestamp() * 1000))
+        return round(when.timestamp() * 1000)
     if isinstance(when, int | float) and not isinstance(when, bool):
         return int(when)
     raise ValueError(f"{what}: expected an aware datetime or epoch milliseconds, got {when!r}")

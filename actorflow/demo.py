@@ -55,15 +55,21 @@ class Checkout(af.Workflow):
             return f"LBL-{order['id']}-{sku}"
 
         payment = await step.do(
-            "charge card", charge,
-            retries={"limit": 3, "delay": 250, "backoff": "exponential"}, timeout="5 seconds",
+            "charge card",
+            charge,
+            retries={"limit": 3, "delay": 250, "backoff": "exponential"},
+            timeout="5 seconds",
         )
         reserved = await step.do("reserve inventory", reserve)
         await step.sleep("fraud cool-down", "1 second")
         approval = await step.wait_for_event("manager approval", "approved", timeout="1 minute")
         labels = await step.map("shipping label", label, order["items"])
-        return {"payment": payment, "reserved": reserved, "approved_by": approval.payload["by"],
-                "labels": labels}
+        return {
+            "payment": payment,
+            "reserved": reserved,
+            "approved_by": approval.payload["by"],
+            "labels": labels,
+        }
 
 
 def _orders(run: str, n: int) -> list[dict[str, Any]]:
@@ -103,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         while pending:
             time.sleep(0.5)
             counts = collections.Counter(i.status().status for i in orders)
-            for iid in [k for k, i in pending.items() if i.status().status in ("complete",
-                                                                                 "errored")]:
+            for iid in [
+                k for k, i in pending.items() if i.status().status in ("complete", "errored")
+            ]:
                 del pending[iid]
             line = "  ".join(f"{s}={n}" for s, n in sorted(counts.items()))
             print(f"  {time.perf_counter() - t0:5.1f}s  {line}", flush=True)
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 if ev.attempt is not None:
                     extra = f"attempt {ev.attempt}"
                 if ev.type == "ATTEMPT_FAILURE":
-                    extra += f"  {ev.data['error']['message']}; retry in {ev.data.get('retryDelayMs')} ms"
+                    err, delay = ev.data["error"]["message"], ev.data.get("retryDelayMs")
+                    extra += f"  {err}; retry in {delay} ms"
                 print(f"  +{ms:7.0f} ms  {ev.type:<18} {what:<22} {extra}")
             print(f"  output: {flaky.status().output['labels']}")
     return 0 if counts.get("complete", 0) == len(orders) else 1

@@ -168,7 +168,9 @@ class Runtime:
         if self._closed.is_set():
             raise ActorflowError(f"runtime at {self.data_dir} is closed")
         if not self._engine.alive():
-            raise ActorflowError(f"the engine loop of {self.data_dir} died: {self._engine.loop_error!r}")
+            raise ActorflowError(
+                f"the engine loop of {self.data_dir} died: {self._engine.loop_error!r}"
+            )
 
     # -- Durable Objects -----------------------------------------------------
 

@@ -11,11 +11,11 @@ Step modifiers come from ``binding.modify(instance_id)``; crash injection is
 
 from __future__ import annotations
 
+import datetime as _dt
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from actorflow.binding import WorkflowModifier
@@ -36,10 +36,10 @@ class FakeClock:
         autojump: Jump to the next timer whenever every instance is idle.
     """
 
-    def __init__(self, start: datetime | float | None = None, autojump: bool = False) -> None:
+    def __init__(self, start: _dt.datetime | float | None = None, autojump: bool = False) -> None:
         if start is None:
             start = float(int(time.time()))  # noqa: TID251 - the fake clock's own origin
-        elif isinstance(start, datetime):
+        elif isinstance(start, _dt.datetime):
             start = start.timestamp()
         self._now = float(start)
         self._lock = threading.Lock()
@@ -49,8 +49,9 @@ class FakeClock:
         self._stop = threading.Event()
         self._jumper: threading.Thread | None = None
         if autojump:
-            self._jumper = threading.Thread(target=self._autojump_loop, daemon=True,
-                                            name="actorflow-autojump")
+            self._jumper = threading.Thread(
+                target=self._autojump_loop, daemon=True, name="actorflow-autojump"
+            )
             self._jumper.start()
 
     # -- the Clock protocol --------------------------------------------------------
@@ -74,7 +75,7 @@ class FakeClock:
         self._runtimes.add(runtime)
 
     @property
-    def datetime(self) -> datetime:
+    def datetime(self) -> _dt.datetime:
         """The current fake time as an aware datetime."""
         return to_datetime(self._now)
 
@@ -98,9 +99,9 @@ class FakeClock:
                 if nxt is None or nxt > self._now:
                     return
 
-    def set(self, when: datetime | float) -> None:
+    def set(self, when: _dt.datetime | float) -> None:
         """Jumps to ``when`` (not backwards), firing what became due."""
-        ts = when.timestamp() if isinstance(when, datetime) else float(when)
+        ts = when.timestamp() if isinstance(when, _dt.datetime) else float(when)
         if ts > self._now:
             self.advance((ts - self._now) * 1000.0)
 

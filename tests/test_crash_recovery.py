@@ -55,7 +55,9 @@ def run_and_kill(tmp_path: Path, n: int, kill_after_lines: int, max_concurrent: 
     with open(err, "wb") as err_file:
         child = subprocess.Popen(
             [sys.executable, str(APP), str(data), str(journal), str(n), str(max_concurrent)],
-            env=env, stdout=subprocess.DEVNULL, stderr=err_file,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
         )
     deadline = time.monotonic() + 60
     try:
@@ -97,7 +99,7 @@ def test_sigkill_mid_flight_then_recover_in_new_process(tmp_path: Path, monkeypa
             assert len(st.output) in (4, 5)
 
     after = journal_counts(journal)
-    for k, item in enumerate(crash_app.kinds(n)):
+    for k in range(n):
         for step in ("s1", "s2", "s3", "s4"):
             assert after[(f"i{k}", step)] >= 1, f"step {step} of i{k} never ran"
     rerun_committed = {p: c for p, c in after.items() if p in committed and c > 1}

@@ -9,19 +9,53 @@ from pathlib import Path
 import actorflow as af
 
 EXPECTED = {
-    "ActorflowError", "AlarmInfo", "Attempt", "DurableObject", "DurableObjectId",
-    "DurableObjectNamespace", "DurableObjectState", "DurableObjectStub", "EventTimeoutError",
-    "HistoryEvent", "Instance", "InstanceAlreadyExists", "InstanceNotFound", "InstanceStatus",
-    "InvalidInstanceId", "InvalidInstanceState", "JsonSerializer", "LimitExceeded", "Limits",
-    "NonRetryableError", "PickleSerializer", "RateLimitError", "RetryPolicy", "Runtime",
-    "SerializationError", "StepContext", "StepRecord", "StepTimeoutError", "StorageError",
-    "Workflow", "WorkflowBinding", "WorkflowEntrypoint", "WorkflowEvent", "WorkflowStep",
+    "ActorflowError",
+    "AlarmInfo",
+    "Attempt",
+    "DurableObject",
+    "DurableObjectId",
+    "DurableObjectNamespace",
+    "DurableObjectState",
+    "DurableObjectStub",
+    "EventTimeoutError",
+    "HistoryEvent",
+    "Instance",
+    "InstanceAlreadyExists",
+    "InstanceNotFound",
+    "InstanceStatus",
+    "InvalidInstanceId",
+    "InvalidInstanceState",
+    "JsonSerializer",
+    "LimitExceeded",
+    "Limits",
+    "NonRetryableError",
+    "PickleSerializer",
+    "RateLimitError",
+    "RetryPolicy",
+    "Runtime",
+    "SerializationError",
+    "StepContext",
+    "StepRecord",
+    "StepTimeoutError",
+    "StorageError",
+    "Workflow",
+    "WorkflowBinding",
+    "WorkflowEntrypoint",
+    "WorkflowEvent",
+    "WorkflowStep",
     "WorkflowStepEvent",
 }
 ERRORS = [
-    "InvalidInstanceId", "InstanceNotFound", "InstanceAlreadyExists", "InvalidInstanceState",
-    "RateLimitError", "EventTimeoutError", "StepTimeoutError", "NonRetryableError",
-    "SerializationError", "LimitExceeded",
+    "InvalidInstanceId",
+    "InstanceNotFound",
+    "InstanceAlreadyExists",
+    "InvalidInstanceState",
+    "RateLimitError",
+    "EventTimeoutError",
+    "StepTimeoutError",
+    "NonRetryableError",
+    "SerializationError",
+    "LimitExceeded",
 ]
 PACKAGE = Path(af.__file__).parent
 
@@ -40,7 +74,9 @@ def test_errors_derive_from_base_build_from_message_and_pickle() -> None:
     for name in ERRORS:
         cls = getattr(af, name)
         assert issubclass(cls, af.ActorflowError)
-        err = cls("workflow 'w', instance 'i', step 's': boom", workflow="w", instance="i", step="s")
+        err = cls(
+            "workflow 'w', instance 'i', step 's': boom", workflow="w", instance="i", step="s"
+        )
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is cls
         assert str(back) == str(err)
@@ -75,10 +111,27 @@ def test_engine_reads_time_only_through_the_clock() -> None:
 
 def test_layers_do_not_import_upwards() -> None:
     """storage <- objects <- workflows <- runtime <- cli."""
-    order = {"storage": 0, "clock": 0, "errors": 0, "limits": 0, "timers": 0, "actors": 0,
-             "objects": 1, "workflow": 2, "step": 2, "history": 2, "engine": 2, "router": 2,
-             "supervisor": 2, "binding": 2, "runtime": 3, "testing": 3, "demo": 4, "cli": 4,
-             "bench": 4}
+    order = {
+        "storage": 0,
+        "clock": 0,
+        "errors": 0,
+        "limits": 0,
+        "timers": 0,
+        "actors": 0,
+        "objects": 1,
+        "workflow": 2,
+        "step": 2,
+        "history": 2,
+        "engine": 2,
+        "router": 2,
+        "supervisor": 2,
+        "binding": 2,
+        "runtime": 3,
+        "testing": 3,
+        "demo": 4,
+        "cli": 4,
+        "bench": 4,
+    }
     bad = []
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).parts
@@ -86,8 +139,11 @@ def test_layers_do_not_import_upwards() -> None:
         if mod not in order:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
-                    "actorflow."):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("actorflow.")
+            ):
                 target = node.module.split(".")[1]
                 if target in order and order[target] > order[mod] and not _type_only(node):
                     bad.append(f"{'/'.join(rel)} imports {node.module}")
