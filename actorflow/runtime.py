@@ -132,6 +132,11 @@ class Runtime:
         """The names of the registered workflows."""
         return list(self._bindings)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closed.is_set()
+
     # -- idleness ----------------------------------------------------------------
 
     def is_idle(self) -> bool:

@@ -105,21 +105,25 @@ class FakeClock:
         if ts > self._now:
             self.advance((ts - self._now) * 1000.0)
 
+    def _live(self) -> list[Runtime]:
+        # A runtime that was closed drops out: the clock may outlive it (reopen tests).
+        return [rt for rt in list(self._runtimes) if not rt.closed]
+
     def _next_deadline(self) -> float | None:
         best = None
-        for rt in list(self._runtimes):
+        for rt in self._live():
             ms = rt.timers.next_deadline_ms()
             if ms is not None and (best is None or ms < best):
                 best = ms
         return None if best is None else best / 1000.0
 
     def _settle(self, timeout: float) -> None:
-        for rt in list(self._runtimes):
+        for rt in self._live():
             rt.wait_until_idle(timeout)
 
     def _autojump_loop(self) -> None:
         while not self._stop.wait(0.005):
-            rts = list(self._runtimes)
+            rts = self._live()
             if not rts or any(not rt.is_idle() for rt in rts):
                 continue
             nxt = self._next_deadline()
