@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import builtins
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from actorflow.engine.context import WorkflowEngine
-from actorflow.engine.instance import new_instance_batch
+from actorflow.engine.instance import InstanceActor, new_instance_batch
 from actorflow.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.engine.records import (
     HIST,
     IDX,
     INST,
+    PRIO_NEW,
     STEPS,
     idx_iid,
+    idx_key,
     idx_prefix,
     load,
+    queue_key,
     steps_prefix,
 )
 from actorflow.errors import (
@@ -163,7 +167,9 @@ class WorkflowModifier:
         self._m.results[name] = value
         return self
 
-    def mock_step_error(self, name: str, error: BaseException, times: int | None = None) -> WorkflowModifier:
+    def mock_step_error(
+        self, name: str, error: BaseException, times: int | None = None
+    ) -> WorkflowModifier:
         """Step ``name`` raises ``error`` on its next ``times`` attempts (always if None)."""
         self._m.errors[name] = [error, times]
         return self
@@ -231,12 +237,11 @@ class WorkflowBinding:
         return data
 
     def _admit(self, n: int, where: str) -> None:
+        # The concurrency part of reject mode is checked by Router.reserve, under
+        # its lock, together with the instances created but not started yet.
         lim = self._wfe.limits
         if lim.overflow != "reject":
             return
-        if self._sup.running + n > lim.max_concurrent:
-            raise RateLimitError(f"workflow {self.name!r}: {where}: {lim.max_concurrent} "
-                                 "instances are already running", workflow=self.name)
         bucket = self._wfe.router.bucket
         for _ in range(n):
             if bucket is not None and not bucket.take():
@@ -256,10 +261,12 @@ class WorkflowBinding:
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
         self._admit(1, where)
-        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), self._ctx.next_seq())
+        seq = self._ctx.next_seq()
+        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq)
         self._wfe.router.reserve(1, where)
         try:
             self._storage.write(batch)
+            self._wfe.router.enqueued(queue_key(PRIO_NEW, seq))
         except ConflictError:
             raise InstanceAlreadyExists(f"{where}: an instance with this id already exists",
                                         workflow=self.name, instance=iid) from None
@@ -287,16 +294,19 @@ class WorkflowBinding:
                 continue
             seen.add(iid)
             data = self._encode(item.get("params"), f"workflow {self.name!r}, instance {iid!r}")
-            prepared.append((iid, new_instance_batch(self._wfe, iid, data, now,
-                                                     self._ctx.next_seq())))
+            seq = self._ctx.next_seq()
+            prepared.append((iid, seq, new_instance_batch(self._wfe, iid, data, now, seq)))
         self._admit(len(prepared), "create_batch")
         self._wfe.router.reserve(len(prepared), "create_batch")
         try:
-            results = self._write_all([b for _, b in prepared])
+            results = self._write_all([b for _, _, b in prepared])
+            for (_, seq, _), err in zip(prepared, results, strict=True):
+                if err is None:
+                    self._wfe.router.enqueued(queue_key(PRIO_NEW, seq))
         finally:
             self._wfe.router.unreserve(len(prepared))
         out = []
-        for (iid, _), err in zip(prepared, results, strict=True):
+        for (iid, _, _), err in zip(prepared, results, strict=True):
             if err is None:
                 out.append(Instance(self, iid))
             elif not isinstance(err, ConflictError):
@@ -349,6 +359,8 @@ class WorkflowBinding:
             keys.extend(k for k, _ in self._storage.scan(IDX, prefix=idx_prefix(self.name, s),
                                                          keys_only=True))
         # newest first across statuses: the index sorts by inverted creation time
+        if status is not None:
+            keys = self._overlay_live(status, keys)
         keys.sort(key=lambda k: k.split(b"\x00", 2)[2])
         ids = [idx_iid(k) for k in keys]
         if cursor is not None and cursor in ids:
@@ -356,6 +368,28 @@ class WorkflowBinding:
         if limit is not None:
             ids = ids[:limit]
         return [Instance(self, i) for i in ids]
+
+    def _overlay_live(self, status: str, keys: builtins.list[bytes]) -> builtins.list[bytes]:
+        """Corrects index keys of one status with the live status of active instances.
+
+        The index holds the last written status; a live instance may be ahead of
+        it (started and not yet checkpointed, pausing, woken and waiting for a slot).
+        """
+        live: dict[str, InstanceActor | None] = {
+            a.iid: a for a in builtins.list(self._sup.live.values())
+            if a.wfe is self._wfe and not a.actor_stopped.is_set()
+        }
+        if not live:
+            return keys
+        out = []
+        for k in keys:
+            found = live.pop(idx_iid(k), None)
+            if found is None or found.public_status() == status:
+                out.append(k)
+        for iid, actor in live.items():
+            if actor is not None and actor.public_status() == status:
+                out.append(idx_key(self.name, status, actor.record["created"], iid))
+        return out
 
     def modify(self, id: str) -> WorkflowModifier:
         """Returns the test modifiers of instance ``id`` (it may not exist yet)."""

@@ -163,7 +163,8 @@ def build_history(
             add(t0, HistoryEvent("STEP_START", s.start or to_datetime(t0 / 1000), label,
                                  data={"config": s.config}))
             for a in s.attempts:
-                add(a.start.timestamp() * 1000, HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))
+                add(a.start.timestamp() * 1000,
+                    HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))
                 if a.end is None:
                     continue
                 if a.error is None:

@@ -79,6 +79,10 @@ class Router:
         )
         self._lock = threading.Lock()
         self._reserved = 0
+        # Queue keys handed to the supervisor whose entries are still stored:
+        # the instance started but its first write (which deletes the entry)
+        # has not landed yet. They are not "queued" any more.
+        self._handed: set[bytes] = set()
         self._prefetch: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._new_cursor: bytes | None = None
         self._wake_cursor: bytes | None = None
@@ -86,17 +90,30 @@ class Router:
         self.throttled = False
 
     def depth(self) -> int:
-        """Instances waiting in the queue (committed entries)."""
-        return self._storage.count(self.db)
+        """Instances waiting in the queue: committed entries not yet started."""
+        return max(0, self._storage.count(self.db) - len(self._handed))
 
     def reserve(self, n: int, what: str) -> None:
-        """Claims room for ``n`` entries or raises :class:`RateLimitError` (nothing written)."""
-        limit = self.wfe.limits.max_queued
+        """Claims room for ``n`` entries or raises :class:`RateLimitError` (nothing written).
+
+        With ``overflow="reject"`` it also refuses instances that could not
+        start at once: the running ones plus those already waiting for a slot
+        (created but not started yet) must stay within ``max_concurrent``.
+        """
+        lim = self.wfe.limits
         with self._lock:
-            if self.depth() + self._reserved + n > limit:
+            waiting = self.depth() + self._reserved
+            if waiting + n > lim.max_queued:
                 raise RateLimitError(
                     f"workflow {self.wfe.name!r}: {what}: the queue holds its maximum of "
-                    f"{limit} instances; try again later", workflow=self.wfe.name)
+                    f"{lim.max_queued} instances; try again later", workflow=self.wfe.name)
+            if lim.overflow == "reject":
+                sup = self.wfe.ctx.supervisor
+                if (sup.by_wf[self.wfe.name] + waiting + n > lim.max_concurrent
+                        or sup.running + waiting + n > self.wfe.ctx.limits.max_concurrent):
+                    raise RateLimitError(
+                        f"workflow {self.wfe.name!r}: {what}: {lim.max_concurrent} instances "
+                        "are already running or about to", workflow=self.wfe.name)
             self._reserved += n
 
     def unreserve(self, n: int) -> None:
@@ -114,39 +131,84 @@ class Router:
         instance's first write removes it, so a crash before that restarts it.
         """
         self.throttled = False
-        if self._wakes:
-            rows = self._storage.scan(self.db, prefix=PRIO_WAKE, start_after=self._wake_cursor,
-                                      limit=1)
-            if rows:
-                self._wake_cursor = rows[0][0]
-                return ("wake", rows[0][1].decode())
-            self._wakes = False
-        if not self._prefetch:
-            rows = self._storage.scan(self.db, prefix=PRIO_NEW, start_after=self._new_cursor,
-                                      limit=_PREFETCH)
-            if not rows:
+        with self._lock:
+            if self._wakes:
+                rows, cursor = self._take(PRIO_WAKE, self._wake_cursor, 1)
+                self._wake_cursor = cursor
+                if rows:
+                    self._handed.add(rows[0][0])
+                    return ("wake", rows[0][1].decode())
+                self._wakes = False
+            if not self._prefetch:
+                rows, cursor = self._take(PRIO_NEW, self._new_cursor, _PREFETCH)
+                self._new_cursor = cursor
+                if not rows:
+                    return None
+                self._prefetch.extend(rows)
+            if use_bucket and self.bucket is not None and not self.bucket.take():
+                self.throttled = True
                 return None
-            self._new_cursor = rows[-1][0]
-            self._prefetch.extend(rows)
-        if use_bucket and self.bucket is not None and not self.bucket.take():
-            self.throttled = True
-            return None
-        _key, iid = self._prefetch.popleft()
-        return ("new", iid.decode())
+            key, iid = self._prefetch.popleft()
+            self._handed.add(key)
+            return ("new", iid.decode())
+
+    def _take(
+        self, prefix: bytes, cursor: bytes | None, limit: int
+    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        """Reads up to ``limit`` entries after ``cursor`` not handed out yet.
+
+        Returns them and the cursor past them (and past handed entries skipped).
+        """
+        out: list[tuple[bytes, bytes]] = []
+        while True:
+            rows = self._storage.scan(self.db, prefix=prefix, start_after=cursor,
+                                      limit=max(limit, 64))
+            if not rows:
+                return out, cursor
+            for key, value in rows:
+                cursor = key
+                if key in self._handed:
+                    continue
+                out.append((key, value))
+                if len(out) == limit:
+                    return out, cursor
+
+    def enqueued(self, key: bytes) -> None:
+        """The entry ``key`` was written durably.
+
+        Keys are taken before their batches commit, and concurrent writers
+        (threads calling ``create``, the engine loop) may commit out of key
+        order: if the cursor already passed ``key``, read again from the start.
+        """
+        with self._lock:
+            if key[:1] == PRIO_WAKE:
+                self._wakes = True
+                if self._wake_cursor is not None and key <= self._wake_cursor:
+                    self._wake_cursor = None
+            elif self._new_cursor is not None and key <= self._new_cursor:
+                self._new_cursor = None
+                self._prefetch.clear()
+
+    def dequeued(self, key: bytes) -> None:
+        """The entry ``key`` was deleted durably (its instance started or changed state)."""
+        self._handed.discard(key)
 
     def ready(self) -> bool:
         """True if an entry is waiting that :meth:`pop` has not handed out yet."""
-        if self._prefetch:
-            return True
-        for prefix, cursor in ((PRIO_WAKE, self._wake_cursor), (PRIO_NEW, self._new_cursor)):
-            if self._storage.scan(self.db, prefix=prefix, start_after=cursor, limit=1,
-                                  keys_only=True):
+        with self._lock:
+            if self._prefetch:
                 return True
-        return False
+            for prefix, cursor in ((PRIO_WAKE, self._wake_cursor),
+                                   (PRIO_NEW, self._new_cursor)):
+                if self._take(prefix, cursor, 1)[0]:
+                    return True
+            return False
 
     def forget_position(self) -> None:
         """Reads the queue again from its start (after recovery or a takeover)."""
-        self._prefetch.clear()
-        self._new_cursor = None
-        self._wake_cursor = None
+        with self._lock:
+            self._prefetch.clear()
+            self._handed.clear()
+            self._new_cursor = None
+            self._wake_cursor = None
         self._wakes = True

@@ -95,7 +95,8 @@ def resolve_config(
         r = cfg["retries"]
         if "limit" in retries:
             limit = retries["limit"]
-            if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_RETRIES:
+            valid = isinstance(limit, int) and not isinstance(limit, bool)
+            if not valid or not 0 <= limit <= MAX_RETRIES:
                 raise ValueError(f"{where}: retries.limit must be an int from 0 to {MAX_RETRIES}")
             r["limit"] = limit
         if "delay" in retries:
@@ -148,9 +149,13 @@ class StepRunner(Protocol):
 
     def sleep_until(self, name: str, when: Any) -> Coroutine[Any, Any, None]: ...
 
-    def wait_for_event(self, name: str, event_type: str, timeout: Any) -> Coroutine[Any, Any, Any]: ...
+    def wait_for_event(
+        self, name: str, event_type: str, timeout: Any
+    ) -> Coroutine[Any, Any, Any]: ...
 
-    def gather(self, coros: list[Coroutine[Any, Any, Any]], limit: int | None) -> Coroutine[Any, Any, list[Any]]: ...
+    def gather(
+        self, coros: list[Coroutine[Any, Any, Any]], limit: int | None
+    ) -> Coroutine[Any, Any, list[Any]]: ...
 
     def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
 

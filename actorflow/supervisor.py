@@ -41,7 +41,9 @@ class Supervisor:
         crash_window: The window, in seconds.
     """
 
-    def __init__(self, ctx: EngineContext, max_crashes: int = 5, crash_window: float = 60.0) -> None:
+    def __init__(
+        self, ctx: EngineContext, max_crashes: int = 5, crash_window: float = 60.0
+    ) -> None:
         self.ctx = ctx
         self.engines: dict[str, WorkflowEngine] = {}
         self.live: dict[bytes, InstanceActor] = {}
@@ -58,6 +60,10 @@ class Supervisor:
         self.started = 0
         self.crash_count = 0
         self.closing = False
+        self.restarting = 0  # crash restarts waiting for their backoff to pass
+        # Due timers of workflows not registered (yet): held as "in flight" so that
+        # they are not offered again and again, and released by ``recover``.
+        self._parked: dict[str, list[bytes]] = {}
         ctx.clock.subscribe(self.kick)
 
     # -- the live table ------------------------------------------------------------
@@ -211,9 +217,11 @@ class Supervisor:
         if len(self.wakes) >= _MAX_WAKES:
             return False
         wf, iid = split_ikey(target)
-        wfe = self.engines.get(wf)
-        if wfe is None:
-            return False
+        with self._lock:
+            wfe = self.engines.get(wf)
+            if wfe is None:
+                self._parked.setdefault(wf, []).append(key)
+                return True
         try:
             # Delivered from the loop, where eviction happens too: a message
             # can then never land in an actor that is being evicted.
@@ -248,7 +256,12 @@ class Supervisor:
         log.warning("%s crashed (%s: %s); restarting in %.2f s", actor.where,
                     type(exc).__name__, exc, delay)
         actor.woken = True
-        self.ctx.loop.call_later(delay, self.wake, actor, "crash")
+        self.restarting += 1
+        self.ctx.loop.call_later(delay, self._restart, actor)
+
+    def _restart(self, actor: InstanceActor) -> None:
+        self.restarting -= 1
+        self.wake(actor, "crash")
 
     def finished(self, actor: InstanceActor) -> None:
         """Wakes threads waiting for the instance to finish."""
@@ -273,15 +286,16 @@ class Supervisor:
 
     def is_idle(self) -> bool:
         """True when no instance can make progress on its own (engine loop only)."""
-        if self.wakes:
+        if self.wakes or self.restarting:
             return False
         for actor in list(self.live.values()):
             if actor.busy:
                 return False
             ex = actor.exec
-            if ex is not None and not ex.finished and (
-                ex.in_flight or ex.pending or ex.hibernating or not ex.waiters
-            ):
+            # A run that has not ended always moves on by itself: to its next
+            # step, to hibernation, or out of ``run`` after hibernating. Even
+            # "every branch blocked" is only the moment before it hibernates.
+            if ex is not None and not ex.finished:
                 return False
         if self.running < self.ctx.limits.max_concurrent:
             for wfe in self.engines.values():
@@ -300,6 +314,12 @@ class Supervisor:
         the timer index; instances that were running (or pausing) when the
         process died are queued here, and each gets a new epoch when it starts.
         """
+        with self._lock:
+            parked = self._parked.pop(wfe.name, [])
+        for key in parked:
+            self.ctx.timers.done(key)
+        if parked:
+            self.ctx.timers.kick()
         n = 0
         for status in ("running", "waitingForPause"):
             for key, _ in self.ctx.storage.scan(IDX, prefix=idx_prefix(wfe.name, status),

@@ -125,12 +125,16 @@ class Execution:
         self.hibernating = False
         self.stopped = False
         self.suspended = False
+        self.ending = False  # run returned: only the final write may land
         self.finished = False
         self.task: asyncio.Task[Any] | None = None
         self.slot = True  # holds a concurrency slot until it ends
         self.t_start = self.now_ms()
         self._poke_scheduled = False
         self._hib_task: asyncio.Task[None] | None = None
+        self._hib_done: asyncio.Future[None] | None = None
+        # Waiters woken so far: a hibernation decided at count n is void if it moved.
+        self.wakeups = 0
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
 
     # -- driving the run ----------------------------------------------------
@@ -185,6 +189,10 @@ class Execution:
         actor.execution_ended(self, outcome[0], outcome[1])
 
     async def _finish(self, kind: str, value: Any) -> None:
+        # Branches still going (siblings of a failed branch of a gather or
+        # step.map) must not write after this: their activation would turn the
+        # finished instance back into "running".
+        self.ending = True
         batch = WriteBatch()
         keys = self._disarm_all(batch)
         self.actor.activation_ops(batch)
@@ -199,7 +207,7 @@ class Execution:
             err = error_dict(value)
             self.actor.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
                                   hist_data={"error": err})
-        await self._commit(batch, activate=False)
+        await self._commit(batch, activate=False, final=True)
         self._timers_done(keys)
 
     def stop(self) -> None:
@@ -217,19 +225,33 @@ class Execution:
 
     # -- commits ------------------------------------------------------------
 
-    async def _commit(self, batch: WriteBatch, activate: bool = True) -> None:
-        if self.stopped:
-            raise Stop()
-        if self.suspended:
-            raise Suspend()
-        if activate:
-            self.actor.activation_ops(batch)
-        batch.guard(*self.actor.fence_guard())
-        fut = self.loop.create_future()
+    async def _commit(
+        self,
+        batch: WriteBatch,
+        activate: bool = True,
+        *,
+        hibernation: bool = False,
+        final: bool = False,
+    ) -> None:
         self.pending += 1
         try:
+            # A branch woken while the status "waiting"/"paused" is being
+            # written waits for that write: the hibernation then either carries
+            # on (and this commit sets "running" again) or suspends the run (and
+            # this commit must not land after it).
+            while self.hibernating and not hibernation and self._hib_done is not None:
+                await asyncio.shield(self._hib_done)
+            if self.stopped or (self.ending and not final):
+                raise Stop()
+            if self.suspended:
+                raise Suspend()
+            if activate:
+                self.actor.activation_ops(batch)
+            batch.guard(*self.actor.fence_guard())
+            fut = self.loop.create_future()
             self.ctx.storage.submit(batch, self.ctx.notifier.callback(fut))
             await fut
+            self.actor.committed()
         except ConflictError:
             self.stopped = True
             raise Stop() from None
@@ -312,41 +334,61 @@ class Execution:
             return
         now = self.now_ms()
         for w in self.waiters:
+            if w.fut.done():
+                return  # woken, its branch has not resumed yet: it is not blocked
             ready = (w.deadline is not None and w.deadline <= now) or (
                 w.etype is not None and self.inbox.get(w.etype)
             )
-            if ready and not w.fut.done():
-                w.fut.set_result(None)
+            if ready:
+                self._wake(w)
                 return
         self.hibernating = True
+        self._hib_done = self.loop.create_future()
         # The loop keeps only weak references to tasks: hold this one.
-        self._hib_task = self.loop.create_task(self._hibernate())
+        self._hib_task = self.loop.create_task(self._hibernate(self.wakeups))
 
-    async def _hibernate(self) -> None:
-        paused = self.pause_requested
-        batch = WriteBatch()
-        keys = self._disarm_all(batch, rearm=not paused)
-        waits = sorted({w.etype for w in self.waiters if w.etype})
-        self.actor.activation_ops(batch)
-        self.actor.status_ops(
-            batch, "paused" if paused else "waiting", waits=waits,
-            hist="WORKFLOW_PAUSED" if paused else None,
-        )
+    def _wake(self, w: _Waiter) -> None:
+        w.fut.set_result(None)
+        self.wakeups += 1
+
+    async def _hibernate(self, seen: int) -> None:
+        """Writes "waiting" (or "paused") and unwinds the run, unless it was woken meanwhile.
+
+        Args:
+            seen: :attr:`wakeups` when every branch was found blocked.
+        """
         try:
-            await self._commit(batch, activate=False)
-        except BaseException as e:
+            while True:
+                paused = self.pause_requested
+                batch = WriteBatch()
+                keys = self._disarm_all(batch, rearm=not paused)
+                waits = sorted({w.etype for w in self.waiters if w.etype})
+                self.actor.activation_ops(batch)
+                self.actor.status_ops(
+                    batch, "paused" if paused else "waiting", waits=waits,
+                    hist="WORKFLOW_PAUSED" if paused else None,
+                )
+                try:
+                    await self._commit(batch, activate=False, hibernation=True)
+                except BaseException as e:
+                    for w in list(self.waiters):
+                        if not w.fut.done():
+                            w.fut.set_exception(
+                                e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
+                    return
+                self._timers_done(keys)
+                woken = self.wakeups != seen or any(w.fut.done() for w in self.waiters)
+                if woken and not self.pause_requested:
+                    return  # woken while writing the status: carry on running
+                if self.pause_requested != paused:
+                    continue  # paused or resumed meanwhile: write the status that holds now
+                break
+            self.suspended = True
+            self._cancel_waiters(Suspend)
+        finally:
             self.hibernating = False
-            for w in list(self.waiters):
-                if not w.fut.done():
-                    w.fut.set_exception(
-                        e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
-            return
-        self.hibernating = False
-        self._timers_done(keys)
-        if any(w.fut.done() for w in self.waiters) and not paused:
-            return  # woken while writing the status: carry on running
-        self.suspended = True
-        self._cancel_waiters(Suspend)
+            if self._hib_done is not None and not self._hib_done.done():
+                self._hib_done.set_result(None)
 
     def on_timer(self) -> bool:
         """A timer of this instance fired; wakes the waiters that are due."""
@@ -354,7 +396,7 @@ class Execution:
         hit = False
         for w in self.waiters:
             if w.deadline is not None and w.deadline <= now and not w.fut.done():
-                w.fut.set_result(None)
+                self._wake(w)
                 hit = True
         return hit
 
@@ -363,7 +405,7 @@ class Execution:
         self.inbox.setdefault(etype, collections.deque()).append((key, data, ts))
         for w in self.waiters:
             if w.etype == etype and not w.fut.done():
-                w.fut.set_result(None)
+                self._wake(w)
                 break
 
     def request_pause(self) -> bool:
@@ -377,7 +419,7 @@ class Execution:
         self.pause_requested = False
         for w in self.waiters:
             if w.key is None and w.deadline is None and w.etype is None and not w.fut.done():
-                w.fut.set_result(None)
+                self._wake(w)
 
     async def _gate(self) -> None:
         if self.stopped:

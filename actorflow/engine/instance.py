@@ -88,6 +88,10 @@ class InstanceActor(PooledActor):
         self.woken = False
         self.busy = 0
         self.crashes: list[float] = []
+        # Queue entries deleted and written by the batches being committed.
+        self.dequeued: list[bytes] = []
+        self.enqueued: list[bytes] = []
+        self.start_after: str | None = None  # a start that waits for the run to unwind
         self.where = f"workflow {wfe.name!r}, instance {iid!r}"
 
     # -- message plumbing -------------------------------------------------------
@@ -127,14 +131,27 @@ class InstanceActor(PooledActor):
 
     # -- status and writes --------------------------------------------------------
 
+    def live_run(self) -> Execution | None:
+        """The run, if it is going on: not finished, and not unwinding after hibernating.
+
+        A suspended run has written its "waiting"/"paused" status and only
+        unwinds; events, timers and pauses must treat the instance as
+        hibernated, or what they bring is lost with the run.
+        """
+        ex = self.exec
+        if ex is None or ex.finished or ex.suspended:
+            return None
+        return ex
+
     def public_status(self) -> str:
         """The status as users see it, including in-memory states."""
-        ex = self.exec
-        if ex is not None and not ex.finished:
-            if ex.pause_requested and not ex.suspended:
+        ex = self.live_run()
+        if ex is not None:
+            if ex.pause_requested:
                 return "waitingForPause"
             return "running"
-        if self.woken and self.record["s"] == "waiting":
+        if self.woken and self.record["s"] in ("waiting", "running", "queued"):
+            # Woken (a timer, a crash restart, recovery) and waiting for a slot.
             return "queued"
         status: str = self.record["s"]
         return status
@@ -156,11 +173,13 @@ class InstanceActor(PooledActor):
         rec = self.record
         new = dict(rec, s=status, **fields)
         old_qk = rec.get("qk")
-        new_qk = fields["qk"] if "qk" in fields else (old_qk if status == "queued" else None)
+        new_qk = fields.get("qk", old_qk if status == "queued" else None)
         if old_qk and old_qk != new_qk:
             batch.delete(queue_db(self.wfe.name), old_qk)
+            self.dequeued.append(old_qk)
         if new_qk and new_qk != old_qk:
             batch.put(queue_db(self.wfe.name), new_qk, self.iid.encode())
+            self.enqueued.append(new_qk)
         new["qk"] = new_qk
         batch.put(INST, self.ik, dump(new))
         if status != rec["s"]:
@@ -178,15 +197,22 @@ class InstanceActor(PooledActor):
         batch.put(HIST, hist_key(self.ik, self.ctx.next_seq()), dump(ev))
 
     def activation_ops(self, batch: WriteBatch) -> None:
-        """On the first write of a run, records that the instance is running."""
+        """On the first write of a run, records that the instance is running.
+
+        A pending pause ("waitingForPause") stays as it is: the run pauses at
+        its next step boundary, and a crash meanwhile must not forget it.
+        """
         rec = self.record
-        if rec["s"] != "running":
-            first = rec.get("started") is None
-            t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
-            self.status_ops(
-                batch, "running", hist="WORKFLOW_START" if first else None, hist_ts=t0,
-                started=rec.get("started") or t0, waits=[],
-            )
+        pausing = rec["s"] == "waitingForPause"
+        if rec["s"] == "running" or (pausing and rec.get("started") is not None):
+            return
+        first = rec.get("started") is None
+        t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
+        self.status_ops(
+            batch, "waitingForPause" if pausing else "running",
+            hist="WORKFLOW_START" if first else None, hist_ts=t0,
+            started=rec.get("started") or t0, waits=[],
+        )
 
     async def commit(self, batch: WriteBatch, new_epoch: bool = False) -> None:
         """Writes ``batch`` guarded by the current epoch (moving it if asked)."""
@@ -196,8 +222,20 @@ class InstanceActor(PooledActor):
             self.record["epoch"] = self.epoch + 1
             batch.put(INST, self.ik, dump(self.record))
         await self.ctx.write(batch)
+        self.committed()
         if new_epoch:
             self.epoch += 1
+
+    def committed(self) -> None:
+        """A batch built by :meth:`status_ops` is durable: tells the router what changed."""
+        if self.dequeued:
+            for key in self.dequeued:
+                self.wfe.router.dequeued(key)
+            self.dequeued.clear()
+        if self.enqueued:
+            for key in self.enqueued:
+                self.wfe.router.enqueued(key)
+            self.enqueued.clear()
 
     def _stored_steps(self) -> dict[bytes, dict[str, Any]]:
         if self.exec is not None:
@@ -222,6 +260,15 @@ class InstanceActor(PooledActor):
     async def handle_start(self, reason: str) -> None:
         """The supervisor gave this instance a slot."""
         self.woken = False
+        old = self.exec
+        if old is not None and not old.finished and old.suspended:
+            # Woken while the previous run unwinds from hibernating (a sync run's
+            # thread leaves ``run`` at its own pace): give the slot back and start
+            # as a wake-up once it has ended (see execution_ended).
+            self.start_after = reason
+            self.woken = True  # stays in memory until then
+            self.ctx.supervisor.released(self)
+            return
         status = self.record["s"]
         if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
             self.ctx.supervisor.released(self)
@@ -254,6 +301,10 @@ class InstanceActor(PooledActor):
             self.ctx.supervisor.released(self)
         if ex is not self.exec:
             return
+        if self.start_after is not None:
+            reason, self.start_after = self.start_after, None
+            self.ctx.supervisor.wake(self, reason)
+            return
         if outcome == "crashed":
             self.ctx.supervisor.crashed(self, value)
         elif outcome in ("complete", "errored"):
@@ -265,7 +316,8 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
-        self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err})
+        self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
+                        hist_data={"error": err})
         await self.commit(batch, new_epoch=True)
         self._timers_done(keys)
         self.ctx.supervisor.finished(self)
@@ -277,8 +329,10 @@ class InstanceActor(PooledActor):
                                        workflow=self.wfe.name, instance=self.iid)
         if status in ("paused", "waitingForPause"):
             return
-        ex = self.exec
-        if ex is not None and not ex.finished:
+        ex = self.live_run()
+        if ex is not None:
+            if ex.ending:
+                return  # run() returned: its end is being written; nothing to pause
             if not ex.request_pause():
                 batch = WriteBatch()
                 self.status_ops(batch, "waitingForPause")
@@ -293,9 +347,12 @@ class InstanceActor(PooledActor):
 
     async def handle_resume(self) -> None:
         status = self.public_status()
-        ex = self.exec
-        if status == "waitingForPause" and ex is not None:
-            ex.cancel_pause()
+        ex = self.live_run()
+        if status == "waitingForPause":
+            if ex is not None:
+                ex.cancel_pause()
+                if ex.ending:
+                    return  # run() returned: its end is being written
             batch = WriteBatch()
             self.status_ops(batch, "running", hist="WORKFLOW_RESUMED")
             await self.commit(batch)
@@ -316,6 +373,7 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         self.woken = False
+        self.start_after = None
         self.status_ops(batch, "terminated", hist="WORKFLOW_TERMINATED",
                         hist_data={"trigger": {"source": "api"}})
         await self.commit(batch, new_epoch=True)
@@ -342,6 +400,7 @@ class InstanceActor(PooledActor):
         keys = self._disarm_steps(batch, drop)
         batch.delete_prefix(EVENTS, events_prefix(self.ik))
         self.woken = False
+        self.start_after = None
         self.status_ops(
             batch, "queued", hist="WORKFLOW_RESTARTED",
             hist_data={"from_step": from_step} if from_step else None,
@@ -364,13 +423,13 @@ class InstanceActor(PooledActor):
         ekey = event_key(self.ik, event_type, self.ctx.next_seq())
         batch = WriteBatch()
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
-        ex = self.exec
-        wake = (ex is None or ex.finished) and self._wants(event_type)
+        wake = self.live_run() is None and self._wants(event_type)
         if wake:
-            self.status_ops(batch, "waiting", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            # Woken, it waits for a slot like a resumed instance: "queued" (served first).
+            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         await self.commit(batch)
-        ex = self.exec  # the run may have hibernated while the event was being written
-        if ex is not None and not ex.finished:
+        ex = self.live_run()  # the run may have hibernated while the event was being written
+        if ex is not None:
             ex.on_event(event_type, ekey, data, ts)
         elif wake:
             self.wfe.router.note_wake()
@@ -384,13 +443,15 @@ class InstanceActor(PooledActor):
                 and event_type in self.record.get("waits", ()))
 
     async def handle_timer(self, key: bytes, deadline: int) -> None:
-        ex = self.exec
-        if ex is not None and not ex.finished:
+        ex = self.live_run()
+        if ex is not None:
             # A live run consumes its deadlines itself: the step that wakes
             # removes the timer in its own write. If no waiter is due yet (the
             # replay has not reached the step, or the run is hibernating right
             # now), leave the timer armed; it is offered again on a later pass.
-            if not ex.on_timer() or ex.suspended:
+            # A suspended run is handled below, like a hibernated instance:
+            # handle_start lets it finish unwinding before the next run starts.
+            if not ex.on_timer():
                 self.ctx.timers.done(key)
             return
         if self.woken:
