@@ -110,9 +110,12 @@ class FakeClock:
         return [rt for rt in list(self._runtimes) if not rt.closed]
 
     def _next_deadline(self) -> float | None:
+        # Timers already due were offered while settling; one still armed has no
+        # taker (its workflow or namespace is not registered) and must not stall us.
         best = None
+        now_ms = int(self._now * 1000)
         for rt in self._live():
-            ms = rt.timers.next_deadline_ms()
+            ms = rt.timers.next_deadline_ms(after_ms=now_ms)
             if ms is not None and (best is None or ms < best):
                 best = ms
         return None if best is None else best / 1000.0

@@ -119,12 +119,22 @@ class TimerService:
         """Returns how many timers are armed (the timer backlog)."""
         return self._storage.count(TIMERS)
 
-    def next_deadline_ms(self) -> int | None:
-        """Returns the earliest armed deadline that is not in flight, or None."""
-        for key, _ in self._storage.scan(TIMERS, limit=_MAX_SCAN, keys_only=True):
+    def next_deadline_ms(self, after_ms: int | None = None) -> int | None:
+        """Returns the earliest armed deadline that is not in flight, or None.
+
+        With ``after_ms``, only deadlines later than it count: timers already
+        due that nobody took (their owner is not registered) are skipped.
+        """
+        start = timer_key(after_ms + 1, "\x00", b"") if after_ms is not None else None
+        for key, _ in self._storage.scan(TIMERS, start=start, limit=_MAX_SCAN, keys_only=True):
             if key not in self._inflight:
                 return parse_timer_key(key)[0]
         return None
+
+    def busy(self, ignore: set[bytes] | frozenset[bytes] = frozenset()) -> bool:
+        """True while a fired timer is being handled (keys in ``ignore`` aside)."""
+        with self._cond:
+            return bool(self._inflight - ignore) if ignore else bool(self._inflight)
 
     def stop(self) -> None:
         """Stops the timer thread."""

@@ -50,3 +50,30 @@ def test_autojump_moves_time_when_everything_is_idle(tmp_path: Path) -> None:
             assert clock.now() - start >= 2 * 3600
     finally:
         clock.close()
+
+
+class Reminder(af.DurableObject):
+    def arm(self, when_ms: int) -> None:
+        self.ctx.storage.set_alarm(when_ms)
+
+    def alarm(self, info: af.AlarmInfo) -> None:
+        self.ctx.storage.put("fired", info.retry_count)
+
+    def fired(self) -> int | None:
+        value: int | None = self.ctx.storage.get("fired")
+        return value
+
+
+def test_due_alarm_of_an_unregistered_namespace_does_not_stall_advance(tmp_path: Path) -> None:
+    import time
+
+    clock = FakeClock()
+    with af.Runtime(tmp_path / "d", clock=clock) as rt:
+        rt.durable_objects(Reminder, name="r").get_by_name("x").arm(int(clock.now() * 1000) + 1000)
+    with af.Runtime(tmp_path / "d", clock=clock) as rt:
+        t0 = time.monotonic()
+        clock.advance("1 hour")  # the alarm is due but its namespace is not registered yet
+        assert time.monotonic() - t0 < 5
+        stub = rt.durable_objects(Reminder, name="r").get_by_name("x")
+        clock.advance("1 second")
+        assert stub.fired() == 0
