@@ -21,10 +21,12 @@ import lmdb
 
 import actorflow as af
 
-__all__ = ["SCENARIOS", "run_scenarios"]
+__all__ = ["SCENARIOS", "TrivialSteps", "run_scenarios"]
 
 
-class _Steps(af.Workflow):
+class TrivialSteps(af.Workflow):
+    """``payload`` trivial async steps, each checkpointed."""
+
     async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
         async def one() -> int:
             return 1
@@ -72,7 +74,7 @@ def disk(root: Path, n: int = 500) -> dict[str, float]:
 def steps(root: Path, instances: int = 1000, per: int = 20) -> dict[str, float]:
     """Durable trivial steps per second: ``instances`` x ``per`` async steps, fsync on."""
     with af.Runtime(_fresh(root, "steps")) as rt:
-        wf = rt.register(_Steps, name="steps")
+        wf = rt.register(TrivialSteps, name="steps")
         t = time.perf_counter()
         insts = wf.create_batch([{"params": per} for _ in range(instances)])
         for inst in insts:
@@ -87,7 +89,7 @@ def create(
     """Durable creations per second: one ``create_batch`` and ``create()`` from many threads."""
     limits = af.Limits(max_concurrent=1)  # measure ingestion, not execution
     with af.Runtime(_fresh(root, "create"), limits=limits) as rt:
-        wf = rt.register(_Steps, name="steps")
+        wf = rt.register(TrivialSteps, name="steps")
         t = time.perf_counter()
         wf.create_batch([{"params": 0} for _ in range(batch)])
         batch_rate = batch / (time.perf_counter() - t)

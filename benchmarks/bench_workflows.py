@@ -15,20 +15,10 @@ from typing import Any
 import lmdb
 
 import actorflow as af
+from actorflow.bench import TrivialSteps as Steps
 from actorflow.engine.records import step_key
 from actorflow.storage import WriteBatch
 from actorflow.timers import TIMERS, TimerService
-
-
-class Steps(af.Workflow):
-    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
-        async def one() -> int:
-            return 1
-
-        total = 0
-        for i in range(event.payload):
-            total += await step.do(f"s{i}", one)
-        return total
 
 
 def test_fsync_commit(benchmark: Any, tmp_path: Path) -> None:
