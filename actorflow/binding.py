@@ -272,7 +272,7 @@ class WorkflowBinding:
                                         workflow=self.name, instance=iid) from None
         finally:
             self._wfe.router.unreserve(1)
-        self._sup.kick()
+        self._sup.kick_for(self._wfe)
         return Instance(self, iid)
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
@@ -311,7 +311,7 @@ class WorkflowBinding:
                 out.append(Instance(self, iid))
             elif not isinstance(err, ConflictError):
                 raise err
-        self._sup.kick()
+        self._sup.kick_for(self._wfe)
         return out
 
     def _write_all(self, batches: list[WriteBatch]) -> list[BaseException | None]:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["Router", "TokenBucket"]
 
 _PREFETCH = 512
+# Reserves served from the bound between two reads of the real entry count.
+_RECOUNT_EVERY = 256
+# Headroom below max_queued under which the bound is trusted (see _waiting_bound).
+_BOUND_MARGIN = 16_384
 
 
 class TokenBucket:
@@ -79,6 +83,12 @@ class Router:
         )
         self._lock = threading.Lock()
         self._reserved = 0
+        # The last entry count read, and the entries announced before it (see
+        # _waiting_bound).
+        self._count = 0
+        self._announced = 0
+        self._announced_at_count = 0
+        self._since_count = _RECOUNT_EVERY  # read it on the first reserve
         # Queue keys handed to the supervisor whose entries are still stored:
         # the instance started but its first write (which deletes the entry)
         # has not landed yet. They are not "queued" any more.
@@ -102,7 +112,7 @@ class Router:
         """
         lim = self.wfe.limits
         with self._lock:
-            waiting = self.depth() + self._reserved
+            waiting = self._waiting_bound(n, lim.max_queued, exact=lim.overflow == "reject")
             if waiting + n > lim.max_queued:
                 raise RateLimitError(
                     f"workflow {self.wfe.name!r}: {what}: the queue holds its maximum of "
@@ -115,6 +125,29 @@ class Router:
                         f"workflow {self.wfe.name!r}: {what}: {lim.max_concurrent} instances "
                         "are already running or about to", workflow=self.wfe.name)
             self._reserved += n
+
+    def _waiting_bound(self, n: int, max_queued: int, exact: bool) -> int:
+        """Returns the waiting instances (reserved included), or an upper bound of them.
+
+        Reading the entry count is a read transaction per ``create``, under
+        the lock: with many creating threads that lock convoys behind the
+        reads. Far from ``max_queued`` an upper bound does as well: the last
+        count read plus every entry announced (:meth:`enqueued`) since. Near
+        the limit, every ``_RECOUNT_EVERY`` reserves, and in reject mode
+        (whose concurrency check wants small exact numbers) it reads the
+        count as before. The margin covers entries committed but not yet
+        announced (engine writes whose callbacks the loop has not run).
+        Called with the lock held.
+        """
+        if not exact and self._since_count < _RECOUNT_EVERY:
+            bound = self._count + (self._announced - self._announced_at_count) + self._reserved
+            if bound + n + _BOUND_MARGIN <= max_queued:
+                self._since_count += 1
+                return bound
+        self._announced_at_count = self._announced
+        self._count = self._storage.count(self.db)
+        self._since_count = 0
+        return max(0, self._count - len(self._handed)) + self._reserved
 
     def unreserve(self, n: int) -> None:
         with self._lock:
@@ -181,6 +214,7 @@ class Router:
         order: if the cursor already passed ``key``, read again from the start.
         """
         with self._lock:
+            self._announced += 1
             if key[:1] == PRIO_WAKE:
                 self._wakes = True
                 if self._wake_cursor is not None and key <= self._wake_cursor:

@@ -123,6 +123,20 @@ class Supervisor:
         except RuntimeError:
             pass  # the loop is closed
 
+    def kick_for(self, wfe: WorkflowEngine) -> None:
+        """Asks for a scheduling pass after ``wfe``'s queue got a durable entry.
+
+        Skipped while every slot the entry could use is taken: waking the loop
+        costs a self-pipe write and a pass per create, all for nothing. Safe
+        because the caller's entry is committed before this check, and the
+        release of a slot decrements the counters and then pumps on the loop,
+        so a release the check missed pumps after the entry is readable.
+        """
+        if (self.running >= self.ctx.limits.max_concurrent
+                or self.by_wf[wfe.name] >= wfe.limits.max_concurrent):
+            return
+        self.kick()
+
     def pump(self) -> None:
         """Starts instances while slots are free (engine loop only)."""
         self._kick_pending = False
