@@ -119,7 +119,6 @@ class Instance:
         """
         ik = self._b._wfe.ik(self.id)
         ev = self._b._sup.watch(ik)
-        clock = threading.Event()
         try:
             import time as _time  # real waiting, not engine time
 
@@ -138,7 +137,6 @@ class Instance:
                 ev = self._b._sup.watch(ik)
         finally:
             self._b._sup.unwatch(ik, ev)
-            clock.set()
 
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""

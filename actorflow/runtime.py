@@ -148,9 +148,8 @@ class Runtime:
         """
         if self._closed.is_set():
             return True
-        # Timers of a workflow that is not registered are parked: nobody can take them.
-        parked = {k for keys in self._supervisor._parked.values() for k in keys}
-        if not self.storage._queue.empty() or self.timers.busy(ignore=parked):
+        parked = self._supervisor.parked_timers()
+        if not self.storage.idle() or self.timers.busy(ignore=parked):
             return False
         return bool(self._engine.call(self._supervisor.is_idle, timeout=10))
 

@@ -518,6 +518,10 @@ class Storage:
         if result[0] is not None:
             raise result[0]
 
+    def idle(self) -> bool:
+        """True when no submitted batch is waiting for the writer."""
+        return self._queue.empty()
+
     def add_after_batch(self, hook: Callable[[], None]) -> None:
         """Registers ``hook`` to run on the writer thread after every group commit."""
         self._after_batch.append(hook)

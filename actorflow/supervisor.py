@@ -298,6 +298,10 @@ class Supervisor:
                 if not lst:
                     del self._watchers[ik]
 
+    def parked_timers(self) -> set[bytes]:
+        """Timers held back because their workflow is not registered (nobody can take them)."""
+        return {k for keys in self._parked.values() for k in keys}
+
     def is_idle(self) -> bool:
         """True when no instance can make progress on its own (engine loop only)."""
         if self.wakes or self.restarting:
