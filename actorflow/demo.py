@@ -17,6 +17,7 @@ import collections
 import hashlib
 import secrets
 import sys
+import threading
 import time
 from typing import Any
 
@@ -102,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         orders = checkout.create_batch(_orders(run, args.orders))
         t_created = time.perf_counter() - t0
-        for inst in orders:  # approvals may arrive before the wait: they are buffered
-            inst.send_event("approved", {"by": "ann"})
+        def approve() -> None:
+            # A manager approves every order; an approval that arrives before the
+            # workflow reaches its wait is buffered until it gets there.
+            for inst in orders:
+                inst.send_event("approved", {"by": "ann"})
+
+        approver = threading.Thread(target=approve, name="manager")
+        approver.start()
         pending = {i.id: i for i in orders}
         counts: collections.Counter[str] = collections.Counter()
         while pending:
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             line = "  ".join(f"{s}={n}" for s, n in sorted(counts.items()))
             print(f"  {time.perf_counter() - t0:5.1f}s  {line}", flush=True)
         wall = time.perf_counter() - t0
+        approver.join()
 
         steps = retries = 0
         flaky = None
