@@ -29,8 +29,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Long runs at scale, outside the default test run.
 stress: $(STAMP)
-	$(BIN)/pytest -m slow $(PYTEST_FLAGS)
+	$(BIN)/python benchmarks/scale.py recovery --n 10000
+	$(BIN)/python benchmarks/scale.py concurrency --n 50000
+	$(BIN)/python benchmarks/scale.py queue --n 2000000
 
 bench: $(STAMP)
 	$(BIN)/pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-autosave \
