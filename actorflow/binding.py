@@ -255,6 +255,7 @@ class WorkflowBinding:
             InstanceAlreadyExists: The id exists.
             RateLimitError: The queue is full (or a reject-mode limit was hit).
         """
+        self._ctx.check()
         iid = validate_instance_id(id if id is not None else str(uuid.uuid4()), self.name)
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
@@ -279,6 +280,7 @@ class WorkflowBinding:
         Each item is ``{"id": ..., "params": ...}`` (both optional). Returns the
         created instances, in order.
         """
+        self._ctx.check()
         items = list(items)
         if not items:
             raise ValueError(f"workflow {self.name!r}: create_batch needs at least one instance")

@@ -101,8 +101,7 @@ class Supervisor:
 
     def call(self, wfe: WorkflowEngine, iid: str, message: tuple[Any, ...]) -> Any:
         """Sends ``message`` to the instance's actor and returns its reply."""
-        if not self.ctx.alive():
-            raise ActorflowError(f"the engine loop has stopped: {self.ctx.loop_error!r}")
+        self.ctx.check()
         for _ in range(16):
             actor = self.actor(wfe, iid)
             try:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import itertools
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from actorflow.clock import Clock
 from actorflow.engine.modifiers import Modifiers
 from actorflow.engine.records import ikey
 from actorflow.engine.signals import LoopNotifier
+from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
 from actorflow.storage import Storage, WriteBatch
 from actorflow.timers import TimerService
@@ -132,10 +134,18 @@ class EngineContext:
         except BaseException as e:  # the runtime reports this loudly on every call
             self.loop_error = e
             self._ready.set()
-            raise
+            logging.getLogger("actorflow.engine").critical(
+                "the engine loop died; every workflow call will fail: %r", e)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raises if the engine loop is not running, so that no call fails silently."""
+        if not self._thread.is_alive():
+            if self.loop_error is not None:
+                raise ActorflowError(f"the engine loop died: {self.loop_error!r}")
+            raise ActorflowError("the runtime is closed")
 
     def remember_name(self, name: str) -> None:
         """Caches a validated step name (validation is on the hot path)."""

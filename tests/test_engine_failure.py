@@ -1,0 +1,46 @@
+"""If the engine loop (the supervisor's thread) dies, every workflow call fails loudly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import actorflow as af
+
+
+class Nap(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> None:
+        step.sleep("nap", "1 hour")
+
+
+def _kill_loop(rt: af.Runtime) -> None:
+    def die() -> None:
+        raise SystemExit("injected engine failure")
+
+    rt._engine.loop.call_soon_threadsafe(die)
+    rt._engine._thread.join(5)
+    assert not rt._engine.alive()
+
+
+def test_a_dead_engine_loop_fails_every_call_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = af.Runtime(tmp_path / "d")
+    try:
+        wf = rt.register(Nap, name="nap")
+        inst = wf.create(id="a")
+        with caplog.at_level(logging.CRITICAL, logger="actorflow.engine"):
+            _kill_loop(rt)
+        assert any("engine loop died" in r.message for r in caplog.records)
+        with pytest.raises(af.ActorflowError, match="engine loop died"):
+            wf.create(id="b")
+        with pytest.raises(af.ActorflowError, match="engine loop died"):
+            wf.create_batch([{"id": "c"}])
+        with pytest.raises(af.ActorflowError, match="engine loop died"):
+            inst.pause()
+        with pytest.raises(af.InstanceNotFound):
+            wf.get("b")  # nothing was written by the failed create
+    finally:
+        rt.close()
