@@ -12,17 +12,14 @@ from actorflow.engine.context import WorkflowEngine
 from actorflow.engine.instance import InstanceActor, new_instance_batch
 from actorflow.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.engine.records import (
-    HIST,
     IDX,
     INST,
     PRIO_NEW,
-    STEPS,
     idx_iid,
     idx_key,
     idx_prefix,
     load,
     queue_key,
-    steps_prefix,
 )
 from actorflow.errors import (
     InstanceAlreadyExists,
@@ -31,7 +28,7 @@ from actorflow.errors import (
     RateLimitError,
     SerializationError,
 )
-from actorflow.history import HistoryEvent, StepRecord, build_history, build_steps
+from actorflow.history import HistoryEvent, StepRecord, read_history, read_steps
 from actorflow.storage import ConflictError, WriteBatch
 from actorflow.supervisor import Supervisor
 from actorflow.workflow import (
@@ -140,18 +137,12 @@ class Instance:
 
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
-        rec = self._record()
-        ik = self._b._wfe.ik(self.id)
-        stored = [(i, load(v)) for i, (_k, v) in
-                  enumerate(self._b._storage.scan(HIST, prefix=ik + b"\x00"))]
-        return build_history(rec, stored, self.steps())
+        return read_history(self._b._storage, self._b._wfe.ik(self.id), self._record())
 
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""
-        self._record()
-        ik = self._b._wfe.ik(self.id)
-        raw = [load(v) for _k, v in self._b._storage.scan(STEPS, prefix=steps_prefix(ik))]
-        return build_steps(raw, self._b._storage.serializer.loads)
+        self._record()  # raises InstanceNotFound
+        return read_steps(self._b._storage, self._b._wfe.ik(self.id))
 
 
 class WorkflowModifier:

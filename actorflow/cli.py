@@ -18,14 +18,15 @@ import sys
 from typing import Any
 
 from actorflow.bench import CLOUDFLARE_V2, SCENARIOS, run_scenarios
-from actorflow.engine.records import HIST, IDX, INST, STEPS, ikey, load, steps_prefix
-from actorflow.history import build_history, build_steps
+from actorflow.engine.records import IDX, INST, ikey, load
+from actorflow.history import read_history, read_steps
 from actorflow.storage import Storage
 
 __all__ = ["main"]
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """Formats rows as a plain-text table with a header and a rule."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             header += ["Cloudflare V2", "ratio"]
         width = max(len(r) for r in rows)
         header += [""] * (width - len(header))
-        print(_table([r + [""] * (width - len(r)) for r in rows], header))
+        print(format_table([r + [""] * (width - len(r)) for r in rows], header))
         return 0
 
     store = Storage(args.data)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(found, indent=2))
             else:
                 print(
-                    _table(
+                    format_table(
                         [[r["workflow"], r["id"], r["status"]] for r in found],
                         ["workflow", "id", "status"],
                     )
@@ -132,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         rec = _record(store, args.workflow, args.id)
         ik = ikey(args.workflow, args.id)
-        steps = build_steps(
-            [load(v) for _, v in store.scan(STEPS, prefix=steps_prefix(ik))], store.serializer.loads
-        )
+        steps = read_steps(store, ik)
         if args.cmd == "status":
             out = {
                 "status": rec["s"],
@@ -147,13 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps([s.__dict__ for s in steps], default=str)
                 if args.json
-                else _table(rows, ["step", "count", "kind", "status", "attempts"])
+                else format_table(rows, ["step", "count", "kind", "status", "attempts"])
             )
         else:
-            stored = [
-                (i, load(v)) for i, (_, v) in enumerate(store.scan(HIST, prefix=ik + b"\x00"))
-            ]
-            events = build_history(rec, stored, steps)
+            events = read_history(store, ik, rec, steps)
             rows = [
                 [
                     e.timestamp.isoformat(timespec="milliseconds"),
@@ -166,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps([e.__dict__ for e in events], default=str)
                 if args.json
-                else _table(rows, ["time", "event", "step", "attempt"])
+                else format_table(rows, ["time", "event", "step", "attempt"])
             )
         return 0
     finally:

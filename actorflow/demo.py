@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import actorflow as af
+from actorflow.cli import format_table
 
 __all__ = ["Checkout", "main"]
 
@@ -83,13 +84,6 @@ def _orders(run: str, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def _table(rows: list[tuple[str, str]], title: str) -> str:
-    width = max(len(r[0]) for r in rows)
-    lines = [title, "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:>12}" for k, v in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=3000)
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             ("steps/s (incl. sleeps)", f"{steps / wall:,.0f}"),
         ]
         print()
-        print(_table(rows, "Summary"))
+        print(format_table([list(r) for r in rows], ["Summary", ""]))
         if flaky is not None:
             print(f"\nTrace of order {flaky.id} (its card was declined twice):")
             start = None

@@ -14,8 +14,18 @@ from datetime import datetime
 from typing import Any
 
 from actorflow.clock import to_datetime
+from actorflow.engine.records import HIST, STEPS, load, steps_prefix
+from actorflow.storage import Storage
 
-__all__ = ["Attempt", "HistoryEvent", "StepRecord", "build_history", "build_steps"]
+__all__ = [
+    "Attempt",
+    "HistoryEvent",
+    "StepRecord",
+    "build_history",
+    "build_steps",
+    "read_history",
+    "read_steps",
+]
 
 EVENT_TYPES = (
     "WORKFLOW_QUEUED",
@@ -200,3 +210,17 @@ def build_history(
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [e for *_, e in merged]
+
+
+def read_steps(storage: Storage, ik: bytes) -> list[StepRecord]:
+    """Reads the step records of instance ``ik`` (``wf \\0 id``) from storage."""
+    raw = [load(v) for _k, v in storage.scan(STEPS, prefix=steps_prefix(ik))]
+    return build_steps(raw, storage.serializer.loads)
+
+
+def read_history(
+    storage: Storage, ik: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
+) -> list[HistoryEvent]:
+    """Reads the event log of instance ``ik`` whose record is ``instance``."""
+    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=ik + b"\x00"))]
+    return build_history(instance, stored, read_steps(storage, ik) if steps is None else steps)

@@ -147,6 +147,13 @@ class EngineContext:
                 raise ActorflowError(f"the engine loop died: {self.loop_error!r}")
             raise ActorflowError("the runtime is closed")
 
+    def timers_done(self, keys: list[bytes]) -> None:
+        """Tells the timer service that a commit consumed or re-armed ``keys``."""
+        for k in keys:
+            self.timers.done(k)
+        if keys:
+            self.timers.kick()
+
     def remember_name(self, name: str) -> None:
         """Caches a validated step name (validation is on the hot path)."""
         if len(self.valid_names) >= _NAME_CACHE:

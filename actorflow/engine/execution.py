@@ -43,6 +43,7 @@ from actorflow.engine.records import (
     events_prefix,
     load,
     step_key,
+    step_timers,
     steps_prefix,
 )
 from actorflow.engine.signals import EngineFault, Fatal, InjectedCrash, Stop, Suspend
@@ -77,7 +78,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Execution"]
 
-_BLOCKED = (SLEEPING, WAITING, RETRYING)
 
 
 class _Waiter:
@@ -208,7 +208,7 @@ class Execution:
             self.actor.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
                                   hist_data={"error": err})
         await self._commit(batch, activate=False, final=True)
-        self._timers_done(keys)
+        self.ctx.timers_done(keys)
 
     def stop(self) -> None:
         """Stops the run at once (terminate, restart); its later writes are fenced off."""
@@ -290,25 +290,16 @@ class Execution:
     def _disarm_all(self, batch: WriteBatch, rearm: bool = False) -> list[bytes]:
         """Adds the removal (or re-arming) of every armed timer of the run to ``batch``.
 
-        The caller passes the returned keys to ``TimerService.done`` after the
+        The caller passes the returned keys to ``ctx.timers_done`` after the
         commit, so that a re-armed timer that had fired is offered again.
         """
-        keys = []
-        for rec in self.steps.values():
-            tk = rec.get("tk")
-            if tk and rec["s"] in _BLOCKED:
-                keys.append(tk)
-                if rearm:
-                    batch.put(TIMERS, tk, b"")
-                else:
-                    batch.delete(TIMERS, tk)
+        keys = step_timers(self.steps.values())
+        for tk in keys:
+            if rearm:
+                batch.put(TIMERS, tk, b"")
+            else:
+                batch.delete(TIMERS, tk)
         return keys
-
-    def _timers_done(self, keys: list[bytes]) -> None:
-        for k in keys:
-            self.ctx.timers.done(k)
-        if keys:
-            self.ctx.timers.kick()
 
     # -- blocking and hibernation --------------------------------------------
 
@@ -376,7 +367,7 @@ class Execution:
                             w.fut.set_exception(
                                 e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
                     return
-                self._timers_done(keys)
+                self.ctx.timers_done(keys)
                 woken = self.wakeups != seen or any(w.fut.done() for w in self.waiters)
                 if woken and not self.pause_requested:
                     return  # woken while writing the status: carry on running

@@ -41,6 +41,7 @@ from actorflow.engine.records import (
     queue_db,
     queue_key,
     step_key,
+    step_timers,
     steps_prefix,
 )
 from actorflow.errors import InvalidInstanceState
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["InstanceActor", "new_instance_batch"]
 
-_BLOCKED = ("sleeping", "waiting", "retrying")
 
 
 def new_instance_batch(
@@ -243,17 +243,10 @@ class InstanceActor(PooledActor):
         return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.ik))}
 
     def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
-        keys = []
-        for rec in steps.values():
-            tk = rec.get("tk")
-            if tk and rec["s"] in _BLOCKED:
-                batch.delete(TIMERS, tk)
-                keys.append(tk)
+        keys = step_timers(steps.values())
+        for tk in keys:
+            batch.delete(TIMERS, tk)
         return keys
-
-    def _timers_done(self, keys: list[bytes]) -> None:
-        for k in keys:
-            self.ctx.timers.done(k)
 
     # -- lifecycle messages ---------------------------------------------------------
 
@@ -281,7 +274,7 @@ class InstanceActor(PooledActor):
                 await self.commit(batch, new_epoch=True)
             finally:
                 self.ctx.supervisor.released(self)
-            self._timers_done(keys)
+            self.ctx.timers_done(keys)
             return
         if reason in ("recover", "crash"):
             batch = WriteBatch()
@@ -319,7 +312,7 @@ class InstanceActor(PooledActor):
         self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
                         hist_data={"error": err})
         await self.commit(batch, new_epoch=True)
-        self._timers_done(keys)
+        self.ctx.timers_done(keys)
         self.ctx.supervisor.finished(self)
 
     async def handle_pause(self) -> None:
@@ -343,7 +336,7 @@ class InstanceActor(PooledActor):
         self.woken = False
         self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
         await self.commit(batch)
-        self._timers_done(keys)
+        self.ctx.timers_done(keys)
 
     async def handle_resume(self) -> None:
         status = self.public_status()
@@ -377,7 +370,7 @@ class InstanceActor(PooledActor):
         self.status_ops(batch, "terminated", hist="WORKFLOW_TERMINATED",
                         hist_data={"trigger": {"source": "api"}})
         await self.commit(batch, new_epoch=True)
-        self._timers_done(keys)
+        self.ctx.timers_done(keys)
         if self.exec is not None:
             self.exec.stop()
         self.ctx.supervisor.finished(self)
@@ -408,7 +401,7 @@ class InstanceActor(PooledActor):
             waits=[],
         )
         await self.commit(batch, new_epoch=True)
-        self._timers_done(keys)
+        self.ctx.timers_done(keys)
         if self.exec is not None:
             self.exec.stop()
             self.exec = None  # the new run starts from the queue

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import pickle
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -153,6 +154,14 @@ def queue_db(wf: str) -> str:
 def queue_key(priority: bytes, seq: int) -> bytes:
     """Returns a queue key; lower priority bytes are served first."""
     return priority + _U64.pack(seq)
+
+
+BLOCKED = (SLEEPING, WAITING, RETRYING)
+
+
+def step_timers(steps: Iterable[dict[str, Any]]) -> list[bytes]:
+    """Returns the timer keys of the steps still blocked on a deadline."""
+    return [r["tk"] for r in steps if r.get("tk") and r["s"] in BLOCKED]
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:
