@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -115,23 +116,18 @@ class Instance:
             TimeoutError: It had not finished after ``timeout`` seconds.
         """
         ik = self._b._wfe.ik(self.id)
+        deadline = None if timeout is None else time.monotonic() + timeout  # real time
         ev = self._b._sup.watch(ik)
         try:
-            import time as _time  # real waiting, not engine time
-
-            deadline = None if timeout is None else _time.monotonic() + timeout
             while True:
                 st = self.status()
                 if st.status in FINISHED:
                     return st
-                left = None if deadline is None else deadline - _time.monotonic()
+                left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"{self!r} is still {st.status} after {timeout} s")
-                if not ev.wait(0.5 if left is None else min(left, 0.5)):
-                    continue
-                ev.clear()
-                self._b._sup.unwatch(ik, ev)
-                ev = self._b._sup.watch(ik)
+                if ev.wait(0.5 if left is None else min(left, 0.5)):
+                    ev = self._b._sup.watch(ik)  # the supervisor drops a watcher it has set
         finally:
             self._b._sup.unwatch(ik, ev)
 

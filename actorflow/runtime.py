@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any, TypeVar
 
 from actorflow.actors import ThreadExecutor
@@ -155,19 +156,17 @@ class Runtime:
 
     def wait_until_idle(self, timeout: float = 10.0) -> bool:
         """Blocks until :meth:`is_idle` holds twice in a row; False on timeout."""
-        import time as _time  # real waiting, not engine time
-
-        deadline = _time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         streak = 0
-        while _time.monotonic() < deadline:
-            self.timers.sync(timeout=max(0.01, deadline - _time.monotonic()))
+        while time.monotonic() < deadline:
+            self.timers.sync(timeout=max(0.01, deadline - time.monotonic()))
             if self.is_idle():
                 streak += 1
                 if streak >= 2:
                     return True
             else:
                 streak = 0
-                _time.sleep(0.001)
+                time.sleep(0.001)
         return False
 
     def _check_open(self) -> None:
