@@ -15,7 +15,8 @@ from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.records import WAKE_KIND
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
-from actorflow.objects import ALARM_KIND, DurableObject, DurableObjectNamespace
+from actorflow.object_storage import ALARM_KIND
+from actorflow.objects import DurableObject, DurableObjectNamespace
 from actorflow.router import Router
 from actorflow.storage import Serializer, Storage
 from actorflow.supervisor import Supervisor

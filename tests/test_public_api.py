@@ -119,6 +119,7 @@ def test_layers_do_not_import_upwards() -> None:
         "timers": 0,
         "actors": 0,
         "objects": 1,
+        "object_storage": 1,
         "workflow": 2,
         "step": 2,
         "history": 2,
