@@ -26,7 +26,6 @@ from actorflow.errors import (
     InstanceAlreadyExists,
     InstanceNotFound,
     LimitExceeded,
-    RateLimitError,
     SerializationError,
 )
 from actorflow.history import HistoryEvent, StepRecord, read_history, read_steps
@@ -221,19 +220,6 @@ class WorkflowBinding:
                                 workflow=self.name)
         return data
 
-    def _admit(self, n: int, where: str) -> None:
-        # The concurrency part of reject mode is checked by Router.reserve, under
-        # its lock, together with the instances created but not started yet.
-        lim = self._wfe.limits
-        if lim.overflow != "reject":
-            return
-        bucket = self._wfe.router.bucket
-        for _ in range(n):
-            if bucket is not None and not bucket.take():
-                raise RateLimitError(f"workflow {self.name!r}: {where}: more than "
-                                     f"{lim.max_creation_rate} creations per second",
-                                     workflow=self.name)
-
     def create(self, id: str | None = None, params: Any = None) -> Instance:
         """Creates an instance (queued at once, durably) and returns it.
 
@@ -246,7 +232,6 @@ class WorkflowBinding:
         iid = validate_instance_id(id if id is not None else str(uuid.uuid4()), self.name)
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
-        self._admit(1, where)
         seq = self._ctx.next_seq()
         batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq)
         self._wfe.router.reserve(1, where)
@@ -283,7 +268,6 @@ class WorkflowBinding:
             data = self._encode(item.get("params"), f"workflow {self.name!r}, instance {iid!r}")
             seq = self._ctx.next_seq()
             prepared.append((iid, seq, new_instance_batch(self._wfe, iid, data, now, seq)))
-        self._admit(len(prepared), "create_batch")
         self._wfe.router.reserve(len(prepared), "create_batch")
         try:
             results = self._write_all([b for _, _, b in prepared])

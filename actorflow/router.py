@@ -52,12 +52,12 @@ class TokenBucket:
             self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
         self._last = now
 
-    def take(self) -> bool:
-        """Takes a token if one is available."""
+    def take(self, n: int = 1) -> bool:
+        """Takes ``n`` tokens if that many are available (all or none)."""
         with self._lock:
             self._refill()
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self._tokens >= n:
+                self._tokens -= n
                 return True
             return False
 
@@ -108,7 +108,8 @@ class Router:
 
         With ``overflow="reject"`` it also refuses instances that could not
         start at once: the running ones plus those already waiting for a slot
-        (created but not started yet) must stay within ``max_concurrent``.
+        (created but not started yet) must stay within ``max_concurrent``, and
+        creations beyond ``max_creation_rate`` are refused rather than delayed.
         """
         lim = self.wfe.limits
         with self._lock:
@@ -124,6 +125,10 @@ class Router:
                     raise RateLimitError(
                         f"workflow {self.wfe.name!r}: {what}: {lim.max_concurrent} instances "
                         "are already running or about to", workflow=self.wfe.name)
+                if self.bucket is not None and not self.bucket.take(n):
+                    raise RateLimitError(
+                        f"workflow {self.wfe.name!r}: {what}: more than "
+                        f"{lim.max_creation_rate} creations per second", workflow=self.wfe.name)
             self._reserved += n
 
     def _waiting_bound(self, n: int, max_queued: int, exact: bool) -> int:
