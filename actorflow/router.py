@@ -242,12 +242,3 @@ class Router:
                 if self._take(prefix, cursor, 1)[0]:
                     return True
             return False
-
-    def forget_position(self) -> None:
-        """Reads the queue again from its start (after recovery or a takeover)."""
-        with self._lock:
-            self._prefetch.clear()
-            self._handed.clear()
-            self._new_cursor = None
-            self._wake_cursor = None
-        self._wakes = True

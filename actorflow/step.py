@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -263,7 +263,3 @@ def _bind(fn: Callable[[Any], Any], item: Any) -> Callable[[], Any]:
 
     return call
 
-
-def is_awaitable(value: Any) -> bool:
-    """Tells whether ``value`` must be awaited."""
-    return isinstance(value, Awaitable) or inspect.isawaitable(value)

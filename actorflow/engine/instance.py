@@ -32,7 +32,6 @@ from actorflow.engine.records import (
     STEPS,
     dump,
     epoch_bytes,
-    error_dict,
     event_key,
     events_prefix,
     hist_key,
@@ -464,6 +463,3 @@ class InstanceActor(PooledActor):
         """Shutdown: stop the run without writing anything."""
         if self.exec is not None:
             self.exec.stop()
-
-    def error_of(self, exc: BaseException) -> dict[str, str]:
-        return error_dict(exc)
