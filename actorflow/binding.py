@@ -16,15 +16,19 @@ from actorflow.engine.records import (
     IDX,
     INST,
     PRIO_NEW,
+    STEPS,
     idx_iid,
     idx_key,
     idx_prefix,
     load,
     queue_key,
+    step_key,
 )
 from actorflow.errors import (
+    ActorflowError,
     InstanceAlreadyExists,
     InstanceNotFound,
+    InvalidInstanceState,
     LimitExceeded,
     SerializationError,
 )
@@ -138,6 +142,92 @@ class Instance:
         """One record per step (in start order), with its attempts."""
         self._record()  # raises InstanceNotFound
         return read_steps(self._b._storage, self._b._wfe.ik(self.id))
+
+    def wait_for_status(self, status: str, timeout: float = 10.0) -> InstanceStatus:
+        """Blocks until the instance is in ``status`` (Cloudflare's ``waitForStatus``).
+
+        It polls in real time and never moves a fake clock. Meant for statuses
+        an instance stays in (``waiting``, ``paused``, ``errored``...): a
+        ``running`` spell shorter than the polling interval can be missed.
+
+        Returns:
+            The status, as :meth:`status` gives it.
+
+        Raises:
+            ValueError: ``status`` is not a status name.
+            InvalidInstanceState: The instance ended in another status first.
+            TimeoutError: It was not in ``status`` after ``timeout`` seconds.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; use one of {STATUSES}")
+        deadline = time.monotonic() + timeout  # real time: a test's patience
+        delay = 0.001
+        while True:
+            st = self.status()
+            if st.status == status:
+                return st
+            if st.status in FINISHED:
+                raise InvalidInstanceState(
+                    f"{self!r} ended {st.status} (error: {st.error}) while waiting for "
+                    f"status {status!r}", workflow=self._b.name, instance=self.id)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r} is still {st.status}, not {status!r}, "
+                                   f"after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def wait_for_step(self, name: str, *, count: int = 1, timeout: float = 10.0) -> Any:
+        """Blocks until step ``name`` has a result and returns it (``waitForStepResult``).
+
+        The result of ``step.do`` is its return value, of ``wait_for_event``
+        the event's payload, of a sleep ``None``. ``count`` picks an occurrence
+        of a name used more than once (1-based, as in ``inst.steps()``). It
+        polls in real time and never moves a fake clock.
+
+        Raises:
+            Exception: The step failed for good: its error (for ``step.do``,
+                the exception the body raised last; a timed-out wait raises
+                :class:`~actorflow.EventTimeoutError`).
+            InvalidInstanceState: The instance ended without that step completing.
+            TimeoutError: The step had no result after ``timeout`` seconds.
+        """
+        ik = self._b._wfe.ik(self.id)
+        deadline = time.monotonic() + timeout  # real time: a test's patience
+        delay = 0.001
+        while True:
+            st = self.status()  # read first: a step is written before the end
+            for rec in read_steps(self._b._storage, ik):
+                if rec.name != name or rec.count != count:
+                    continue
+                if rec.status == "complete":
+                    return rec.output
+                if rec.status == "errored":
+                    raise self._step_error(rec)
+            if st.status in FINISHED:
+                raise InvalidInstanceState(
+                    f"{self!r} ended {st.status} (error: {st.error}) without a result for "
+                    f"step {name!r} (occurrence {count})",
+                    workflow=self._b.name, instance=self.id, step=name)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r}: step {name!r} (occurrence {count}) has no result "
+                                   f"after {timeout} s; the instance is {st.status}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def _step_error(self, rec: StepRecord) -> BaseException:
+        raw = self._b._storage.get(STEPS, step_key(self._b._wfe.ik(self.id), rec.kind,
+                                                   rec.name, rec.count))
+        stored = load(raw).get("e") if raw is not None else None
+        if stored is not None:
+            try:
+                err = self._b._storage.serializer.loads(stored)
+            except Exception:
+                err = None
+            if isinstance(err, BaseException):
+                return err
+        ed = rec.error or {"name": "Error", "message": "step failed"}
+        return ActorflowError(f"{self!r}, step {rec.name!r}: {ed['name']}: {ed['message']}",
+                              workflow=self._b.name, instance=self.id, step=rec.name)
 
 
 class WorkflowModifier:

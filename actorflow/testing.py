@@ -118,7 +118,31 @@ class FakeClock:
             ms = rt.timers.next_deadline_ms(after_ms=now_ms)
             if ms is not None and (best is None or ms < best):
                 best = ms
-        return None if best is None else best / 1000.0
+        nxt = None if best is None else best / 1000.0
+        token = self._next_token()
+        if token is not None and (nxt is None or token < nxt):
+            nxt = token
+        return nxt
+
+    def _next_token(self) -> float | None:
+        """When the next start is released to a queue held back by ``max_creation_rate``.
+
+        A rate-limit window is a deadline like a timer's: stepping to each
+        token in turn starts as many instances as real time would have.
+        """
+        best = None
+        for rt in self._live():
+            for name in rt.workflows:
+                router = rt.workflow(name)._wfe.router
+                bucket = router.bucket
+                if bucket is None or not router.throttled:
+                    continue
+                wait = bucket.wait_s()
+                if wait > 0:
+                    # At least a millisecond: float rounding must not stall the clock.
+                    when = self._now + max(wait, 0.001)
+                    best = when if best is None else min(best, when)
+        return best
 
     def _settle(self, timeout: float) -> None:
         for rt in self._live():

@@ -77,3 +77,151 @@ def test_due_alarm_of_an_unregistered_namespace_does_not_stall_advance(tmp_path:
         stub = rt.durable_objects(Reminder, name="r").get_by_name("x")
         clock.advance("1 second")
         assert stub.fired() == 0
+
+
+class Quick(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> str:
+        return step.do("go", lambda: event.instance_id)
+
+
+def test_advance_releases_rate_limited_starts_window_by_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    limits = af.Limits(max_creation_rate=2, burst=1)  # one start every 500 ms
+    with af.Runtime(tmp_path / "d", clock=clock, limits=limits) as rt:
+        wf = rt.register(Quick)
+        insts = [wf.create(id=f"q{i}") for i in range(8)]
+        assert rt.wait_until_idle()
+        done = lambda: sum(i.status().status == "complete" for i in insts)  # noqa: E731
+        assert done() == 1  # the burst
+        clock.advance(499)
+        assert done() == 1
+        clock.advance(1)
+        assert done() == 2
+        # 2 s hold four windows: four more starts, as in real time (not just a burst's worth).
+        clock.advance("2 seconds")
+        assert done() == 6
+        clock.advance("1 hour")  # the queue drains; the clock does not spin on an empty bucket
+        assert done() == 8
+
+
+class Everything(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> list[str]:
+        out = []
+
+        def flaky(ctx: af.StepContext) -> str:
+            if ctx.attempt == 1:
+                raise RuntimeError("first attempt fails")
+            return "retried"
+
+        out.append(step.do("flaky", flaky, retries={"limit": 1, "delay": "10 minutes"}))
+        step.sleep("nap", "1 hour")
+        out.append("slept")
+        try:
+            step.wait_for_event("approval", "approved", timeout="1 day")
+        except af.EventTimeoutError:
+            out.append("event timed out")
+        return out
+
+
+def test_one_advance_fires_retry_delays_sleeps_event_timeouts_and_alarms(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with af.Runtime(tmp_path / "d", clock=clock) as rt:
+        inst = rt.register(Everything).create(id="e")
+        stub = rt.durable_objects(Reminder, name="r").get_by_name("x")
+        stub.arm(int((clock.now() + 20 * 3600) * 1000))  # an alarm in 20 hours
+        assert rt.wait_until_idle()
+        assert inst.status().status == "waiting" and stub.fired() is None
+        clock.advance("1 day")  # short of the event timeout
+        assert inst.status().status == "waiting"
+        assert stub.fired() == 0
+        clock.advance("2 hours")  # 10 min + 1 h + 1 day < 26 h: everything is due
+        assert inst.status().output == ["retried", "slept", "event timed out"]
+
+
+def test_wall_time_reads_are_banned_outside_the_clock() -> None:
+    """ruff's banned-api (TID251) rejects every wall-time read outside clock.py."""
+    import tomllib
+
+    banned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"][
+        "flake8-tidy-imports"]["banned-api"]
+    for name in ("time.time", "time.time_ns", "datetime.datetime.now",
+                 "datetime.datetime.utcnow", "datetime.datetime.today", "datetime.date.today"):
+        assert name in banned, name
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Modules of the engine: they time workflow semantics (sleeps, retry delays,
+#: event timeouts, alarms, rate windows) through the runtime's clock only.
+ENGINE = ["engine", "supervisor.py", "router.py", "timers.py", "step.py", "workflow.py",
+          "objects.py", "object_storage.py", "binding.py", "history.py", "runtime.py"]
+#: Calls that measure or wait for real time.
+REAL_TIME = {"time.monotonic", "time.perf_counter", "time.sleep", "asyncio.sleep", "loop.time",
+             "loop.call_later", "loop.call_at"}
+#: Where the engine uses real time on purpose, and why. Anything else is a bug:
+#: a FakeClock would not move it.
+REAL_TIME_ALLOWED = {
+    "engine/context.py:Watchdog.arm": "step attempt timeouts run in real time (documented)",
+    "engine/context.py:Watchdog._check": "step attempt timeouts run in real time (documented)",
+    "engine/context.py:EngineContext._shutdown": "close()'s grace period",
+    "supervisor.py:Supervisor.pump": "re-checks a throttled queue (advance kicks it too)",
+    "supervisor.py:Supervisor.crashed": "crash-loop window and restart backoff",
+    "objects.py:_ObjectActor.__init__": "idle eviction frees memory in real time",
+    "objects.py:_ObjectActor._handle_envelope": "idle eviction frees memory in real time",
+    "objects.py:DurableObjectNamespace.evict_idle": "idle eviction frees memory in real time",
+    "objects.py:DurableObjectNamespace.shutdown": "close()'s grace period",
+    "binding.py:Instance.wait": "the caller's timeout",
+    "binding.py:Instance.wait_for_status": "the caller's timeout",
+    "binding.py:Instance.wait_for_step": "the caller's timeout",
+    "runtime.py:Runtime.wait_until_idle": "the caller's timeout",
+}
+
+
+def _real_time_calls(path: Path) -> list[tuple[str, int, str]]:
+    """Returns (enclosing function, line, call) for each real-time call in ``path``."""
+    import ast
+
+    found: list[tuple[str, int, str]] = []
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(child, [*scope, child.name])
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                owner = child.func.value
+                name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+                call = f"{name.lstrip('_')}.{child.func.attr}"
+                if call in REAL_TIME:
+                    found.append((".".join(scope), child.lineno, call))
+            visit(child, scope)
+
+    visit(ast.parse(path.read_text()), [])
+    return found
+
+
+def test_engine_code_waits_on_real_time_only_where_allowed() -> None:
+    """Engine code times workflow semantics through the clock; real time only on the list."""
+    package = ROOT / "actorflow"
+    offenders, seen = [], set()
+    for entry in ENGINE:
+        paths = sorted((package / entry).rglob("*.py")) if entry == "engine" else [
+            package / entry]
+        for path in paths:
+            rel = path.relative_to(package).as_posix()
+            for func, line, call in _real_time_calls(path):
+                where = f"{rel}:{func}"
+                if where in REAL_TIME_ALLOWED:
+                    seen.add(where)
+                else:
+                    offenders.append(f"{rel}:{line} ({func}): {call}")
+    assert not offenders, (
+        "read time through the runtime's clock, or add the function to REAL_TIME_ALLOWED "
+        f"with the reason: {offenders}")
+    assert seen, "the scan found nothing: is ENGINE out of date?"
+
+
+def test_the_real_time_rule_can_fail(tmp_path: Path) -> None:
+    path = tmp_path / "m.py"
+    path.write_text("import asyncio, time\n\nclass A:\n    async def f(self):\n"
+                    "        await asyncio.sleep(1)\n        return time.monotonic()\n")
+    assert _real_time_calls(path) == [("A.f", 5, "asyncio.sleep"), ("A.f", 6, "time.monotonic")]

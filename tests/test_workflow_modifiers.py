@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import Journal, history_types
 
 import actorflow as af
@@ -102,3 +103,55 @@ def test_modifiers_do_not_leak_to_other_instances(rt: af.Runtime, clock: FakeClo
     clock.advance("1 day")
     plain.send_event("approved", 1)
     assert plain.wait(timeout=10).output == ["real", 1]
+
+
+def test_wait_for_step_returns_results_as_they_land(rt: af.Runtime, clock: FakeClock,
+                                                    journal: Journal) -> None:
+    wf = rt.register(Pipeline, name="pipe", env=journal)
+    inst = wf.create(id="w")
+    assert inst.wait_for_step("fetch") == "real"
+    with pytest.raises(TimeoutError, match="'nap'"):
+        inst.wait_for_step("nap", timeout=0.2)  # it sleeps a day: no result in real time
+    clock.advance("1 day")
+    assert inst.wait_for_step("nap") is None
+    inst.send_event("approved", {"user": "ann"})
+    assert inst.wait_for_step("approval") == {"user": "ann"}
+    assert inst.wait(timeout=10).output == ["real", {"user": "ann"}]
+
+
+def test_wait_for_step_raises_the_steps_error(rt: af.Runtime, journal: Journal) -> None:
+    wf = rt.register(Pipeline, name="pipe", env=journal)
+    wf.modify("x").mock_step_error("fetch", ConnectionError("down")).disable_retry_delays()
+    inst = wf.create(id="x")
+    with pytest.raises(ConnectionError, match="down"):
+        inst.wait_for_step("fetch")
+    wf.modify("t").disable_sleeps().force_event_timeout("approval")
+    with pytest.raises(af.EventTimeoutError):
+        wf.create(id="t").wait_for_step("approval")
+
+
+def test_wait_for_step_fails_fast_when_the_instance_ends_without_it(
+        rt: af.Runtime, journal: Journal) -> None:
+    wf = rt.register(Pipeline, name="pipe", env=journal)
+    wf.modify("m").disable_sleeps().mock_event("approved", 1)
+    inst = wf.create(id="m")
+    with pytest.raises(af.InvalidInstanceState, match="without a result for step 'nope'"):
+        inst.wait_for_step("nope", timeout=10)
+    assert inst.wait_for_step("fetch", count=1) == "real"
+    with pytest.raises(af.InvalidInstanceState):
+        inst.wait_for_step("fetch", count=2, timeout=10)  # only one occurrence
+
+
+def test_wait_for_status(rt: af.Runtime, clock: FakeClock, journal: Journal) -> None:
+    wf = rt.register(Pipeline, name="pipe", env=journal)
+    inst = wf.create(id="s")
+    assert inst.wait_for_status("waiting").status == "waiting"  # in the day-long nap
+    inst.pause()
+    assert inst.wait_for_status("paused") == af.InstanceStatus("paused", None, None)
+    with pytest.raises(TimeoutError, match="still paused"):
+        inst.wait_for_status("complete", timeout=0.1)
+    with pytest.raises(ValueError, match="unknown status"):
+        inst.wait_for_status("done")
+    inst.terminate()
+    with pytest.raises(af.InvalidInstanceState, match="ended terminated"):
+        inst.wait_for_status("complete", timeout=10)

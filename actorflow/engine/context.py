@@ -115,7 +115,7 @@ class EngineContext:
         self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.
-        self._seq = itertools.count(time.time_ns() // 1000)
+        self._seq = itertools.count(time.time_ns() // 1000)  # noqa: TID251 - ids, not time
         self.supervisor: Supervisor
         self._thread = threading.Thread(target=self._run_loop, name="actorflow-engine", daemon=True)
         self._ready = threading.Event()
