@@ -323,7 +323,9 @@ class WorkflowBinding:
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
         seq = self._ctx.next_seq()
-        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq)
+        obs = self._ctx.observer
+        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq,
+                                   obs.traceparent() if obs is not None else None)
         self._wfe.router.reserve(1, where)
         try:
             self._storage.write(batch)
@@ -347,6 +349,8 @@ class WorkflowBinding:
         if not items:
             raise ValueError(f"workflow {self.name!r}: create_batch needs at least one instance")
         now = self._ctx.now_ms()
+        obs = self._ctx.observer
+        tp = obs.traceparent() if obs is not None else None
         prepared = []
         seen = set()
         for item in items:
@@ -357,7 +361,7 @@ class WorkflowBinding:
             seen.add(iid)
             data = self._encode(item.get("params"), f"workflow {self.name!r}, instance {iid!r}")
             seq = self._ctx.next_seq()
-            prepared.append((iid, seq, new_instance_batch(self._wfe, iid, data, now, seq)))
+            prepared.append((iid, seq, new_instance_batch(self._wfe, iid, data, now, seq, tp)))
         self._wfe.router.reserve(len(prepared), "create_batch")
         try:
             results = self._write_all([b for _, _, b in prepared])

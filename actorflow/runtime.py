@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -12,9 +13,10 @@ from actorflow.actors import ThreadExecutor
 from actorflow.binding import WorkflowBinding
 from actorflow.clock import Clock, SystemClock
 from actorflow.engine.context import EngineContext, WorkflowEngine
-from actorflow.engine.records import WAKE_KIND
+from actorflow.engine.records import IDX, WAKE_KIND, queue_db
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
+from actorflow.metrics import CommitMonitor, Metrics, WorkflowMetrics
 from actorflow.object_storage import ALARM_KIND
 from actorflow.objects import DurableObject, DurableObjectNamespace
 from actorflow.router import Router
@@ -23,7 +25,12 @@ from actorflow.supervisor import Supervisor
 from actorflow.timers import TimerService
 from actorflow.workflow import Workflow
 
-__all__ = ["Runtime"]
+__all__ = ["OWNER_LOCK", "Runtime"]
+
+#: A file in the data directory that every open runtime holds a shared
+#: ``flock`` on: tools take it exclusively to know that no process has the
+#: directory open.
+OWNER_LOCK = "actorflow.lock"
 
 log = logging.getLogger("actorflow.runtime")
 T = TypeVar("T", bound=DurableObject)
@@ -51,6 +58,9 @@ class Runtime:
         max_crashes: Crashes of one instance tolerated within
             ``crash_window`` seconds before it is marked errored.
         crash_window: See ``max_crashes``.
+        tracer_provider: An OpenTelemetry ``TracerProvider``: traces runs,
+            steps and attempts (see :mod:`actorflow.tracing`; needs the
+            ``otel`` extra). None (the default): no tracing, at no cost.
     """
 
     def __init__(
@@ -67,12 +77,16 @@ class Runtime:
         step_threads: int = 64,
         max_crashes: int = 5,
         crash_window: float = 60.0,
+        tracer_provider: Any = None,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
         self.limits = limits or Limits()
         self.clock: Clock = clock or SystemClock()
         self.idle_timeout = idle_timeout
+        self._owner_fd = self._lock_owner()
         self.storage = Storage(self.data_dir, sync=sync, serializer=serializer)
+        self._commits = CommitMonitor(self.clock.now)
+        self.storage.add_commit_observer(self._commits)
         self.timers = TimerService(self.storage, self.clock)
         self.timers.register(ALARM_KIND, self._fire_alarm)
         self._pool = ThreadExecutor(pool_size, name="actorflow-do")
@@ -85,6 +99,10 @@ class Runtime:
         self._engine.supervisor = self._supervisor
         self.timers.register(WAKE_KIND, self._supervisor.on_timer)
         self._bindings: dict[str, WorkflowBinding] = {}
+        if tracer_provider is not None:
+            from actorflow.tracing import instrument
+
+            instrument(self, tracer_provider)
         self._engine.start()
         attach = getattr(self.clock, "attach", None)
         if attach is not None:
@@ -122,6 +140,28 @@ class Runtime:
         self.timers.kick()
         return binding
 
+    def unregistered(self, name: str) -> WorkflowBinding:
+        """A binding on the instances of workflow ``name`` without registering its class.
+
+        Its instances can be read and controlled (``pause``, ``resume``,
+        ``terminate``, ``restart``, ``send_event``): each control writes the
+        same durable records as it does for a registered workflow, so the
+        runtime that registers the class later continues them correctly.
+        Nothing of the workflow runs here: ``create`` queues instances that
+        only a runtime registering the class will start.
+        """
+        self._check_open()
+        if name in self._bindings:
+            return self._bindings[name]
+
+        class Unregistered(Workflow):
+            def run(self, event: Any, step: Any) -> Any:
+                raise RuntimeError(f"workflow {name!r} is not registered in this runtime")
+
+        wfe = WorkflowEngine(self._engine, Unregistered, name, None)
+        wfe.router = Router(wfe)
+        return WorkflowBinding(wfe, self._supervisor)
+
     def workflow(self, name: str) -> WorkflowBinding:
         """Returns the binding of a registered workflow."""
         try:
@@ -138,6 +178,64 @@ class Runtime:
     def closed(self) -> bool:
         """True once :meth:`close` has been called."""
         return self._closed.is_set()
+
+    # -- observability -------------------------------------------------------------
+
+    def metrics(self) -> Metrics:
+        """Returns a snapshot of the runtime's figures (see :class:`~actorflow.metrics.Metrics`).
+
+        Counts by status cover every workflow in the data directory. The first
+        call scans the status index once; later calls cost O(workflows).
+        """
+        self._check_open()
+        if not self._commits.seeded:
+            self._commits.seed(self._scan_index)
+        sup = self._supervisor
+        counts = self._commits.counts()
+        names = sorted(set(counts) | set(self._bindings))
+        workflows = {}
+        for name in names:
+            binding = self._bindings.get(name)
+            if binding is not None:
+                depth = binding._wfe.router.depth()
+                cap = binding._wfe.limits.max_concurrent
+            else:
+                depth = self.storage.count(queue_db(name))
+                cap = self.limits.for_workflow(name).max_concurrent
+            workflows[name] = WorkflowMetrics(name, counts.get(name, {}), depth,
+                                              sup.by_wf.get(name, 0), cap, binding is not None)
+        total: dict[str, int] = {}
+        for wm in workflows.values():
+            for status, n in wm.counts.items():
+                total[status] = total.get(status, 0) + n
+        p50, p99 = self._commits.latency_ms()
+        return Metrics(
+            workflows=workflows,
+            counts=total,
+            creations_per_s=self._commits.creations.rate(),
+            steps_per_s=self._engine.step_rate.rate(),
+            running=sup.running,
+            max_concurrent=self.limits.max_concurrent,
+            queue_depth=sum(w.queue_depth for w in workflows.values()),
+            timer_backlog=self.timers.pending(),
+            live_instances=len(sup.live),
+            commit_p50_ms=p50,
+            commit_p99_ms=p99,
+            commits_per_s=self._commits.commits.rate(),
+            batches_per_s=self._commits.batches.rate(),
+            window_s=self._commits.commits.window,
+        )
+
+    def _scan_index(self, visit: Any) -> int:
+        """Visits every status-index key in one snapshot; returns its transaction id."""
+        return self.storage.visit_keys(IDX, visit)
+
+    def _lock_owner(self) -> int:
+        """Takes a shared lock on the data directory's owner file for this runtime's life."""
+        os.makedirs(self.data_dir, exist_ok=True)
+        fd = os.open(os.path.join(self.data_dir, OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a tool holds it exclusively
+        return fd
 
     # -- idleness ----------------------------------------------------------------
 
@@ -234,6 +332,9 @@ class Runtime:
         self._pool.shutdown()
         self._reaper.join()
         self.storage.close()
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)  # releases the owner lock
+            self._owner_fd = -1
 
     def __enter__(self) -> Runtime:
         return self

@@ -66,6 +66,9 @@ MAX_KEY_BYTES = 511  # LMDB's compiled-in key size limit
 _PUT, _DELETE, _DELETE_PREFIX = 0, 1, 2
 _STOP = object()
 Callback = Callable[[BaseException | None], None]
+#: observer(items, results, seconds, txn_id) of a group commit (writer thread).
+CommitObserver = Callable[
+    [list[tuple["WriteBatch", Callback | None]], list[BaseException | None], float, int], None]
 
 
 class ConflictError(StorageError):
@@ -309,6 +312,7 @@ class Storage:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._after_batch: list[Callable[[], None]] = []
+        self._observers: list[CommitObserver] = []
         self._fault: Callable[[WriteBatch], None] | None = None
         self._closed = False
         self.commits = 0
@@ -454,6 +458,17 @@ class Storage:
                     ok = cur.prev()
         return out
 
+    def visit_keys(self, keyspace: str, visit: Callable[[bytes], None]) -> int:
+        """Calls ``visit(key)`` for every key, in one snapshot; returns its transaction id.
+
+        Commits with a larger id are not in the snapshot.
+        """
+        with self._read(keyspace) as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                visit(key)
+            txn_id: int = txn.id()
+            return txn_id
+
     def first(self, keyspace: str, *, after: bytes | None = None) -> tuple[bytes, bytes] | None:
         """Returns the first pair (strictly after ``after`` if given), or None."""
         with self._read(keyspace) as txn:
@@ -522,6 +537,11 @@ class Storage:
         """True when no submitted batch is waiting for the writer."""
         return self._queue.empty()
 
+    def add_commit_observer(self, observer: CommitObserver) -> None:
+        """Registers ``observer(items, results, seconds, txn_id)``, called on the
+        writer thread after every group commit, before the callbacks run."""
+        self._observers.append(observer)
+
     def add_after_batch(self, hook: Callable[[], None]) -> None:
         """Registers ``hook`` to run on the writer thread after every group commit."""
         self._after_batch.append(hook)
@@ -571,6 +591,7 @@ class Storage:
 
     def _commit(self, items: list[tuple[WriteBatch, Callback | None]]) -> None:
         t0 = time.perf_counter()  # measuring commit latency is not reading the clock
+        txn_id = 0
         while True:
             results: list[BaseException | None] = [None] * len(items)
             # Chains broken in this attempt; applied to the chains only once the
@@ -578,6 +599,7 @@ class Storage:
             broken: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
+                    txn_id = txn.id()
                     for i, (batch, _cb) in enumerate(items):
                         results[i] = err = self._apply(txn, batch, broken)
                         if err is not None and batch.chain is not None:
@@ -595,9 +617,15 @@ class Storage:
             if err is not None and chain is not None and not chain.failed:
                 chain.error = err
                 chain.failed = True
-        self.commit_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.commit_seconds += elapsed
         self.batches += 1
         self.commits += len(items)
+        for obs in self._observers:
+            try:
+                obs(items, results, elapsed, txn_id)
+            except Exception:
+                log.exception("commit observer failed")
         for (_batch, cb), err in zip(items, results, strict=True):
             if cb is not None:
                 try:

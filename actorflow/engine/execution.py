@@ -148,6 +148,9 @@ class Execution:
         rec = actor.record
         assert rec is not None
         outcome: tuple[str, Any] = ("stop", None)
+        obs = self.ctx.observer
+        if obs is not None:
+            obs.run_started(self)
         try:
             obj = wfe.cls(wfe.env)
             event = WorkflowEvent(
@@ -186,6 +189,8 @@ class Execution:
                 outcome = ("crashed", e)
         self.finished = True
         self._cancel_waiters(Stop)
+        if obs is not None:
+            obs.run_ended(self, outcome[0], outcome[1])
         actor.execution_ended(self, outcome[0], outcome[1])
 
     async def _finish(self, kind: str, value: Any) -> None:
@@ -282,6 +287,10 @@ class Execution:
         batch.put(STEPS, key, dump(rec))
         await self._commit(batch)
         self.steps[key] = rec
+        if rec["s"] == DONE or rec["s"] == FAILED:
+            self.ctx.step_rate.add()
+        if self.ctx.observer is not None:
+            self.ctx.observer.step_committed(self, rec)
         if disarm and disarm != arm:
             self.ctx.timers.done(disarm)
         if arm:

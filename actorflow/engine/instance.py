@@ -56,13 +56,19 @@ __all__ = ["InstanceActor", "new_instance_batch"]
 
 
 def new_instance_batch(
-    wfe: WorkflowEngine, iid: str, params: bytes, now_ms: int, seq: int
+    wfe: WorkflowEngine, iid: str, params: bytes, now_ms: int, seq: int,
+    traceparent: str | None = None,
 ) -> WriteBatch:
-    """Returns the writes that create a queued instance (guarded: it must not exist)."""
+    """Returns the writes that create a queued instance (guarded: it must not exist).
+
+    ``traceparent`` (W3C) is the creator's trace context, kept for tracing.
+    """
     ik = wfe.ik(iid)
     qk = queue_key(PRIO_NEW, seq)
     rec = {"wf": wfe.name, "id": iid, "s": "queued", "created": now_ms, "params": params,
            "epoch": 1, "qk": qk, "started": None, "output": None, "error": None, "waits": []}
+    if traceparent:
+        rec["tp"] = traceparent
     batch = WriteBatch()
     batch.guard(INST, ik, None)
     batch.put(INST, ik, dump(rec))

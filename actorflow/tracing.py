@@ -1,0 +1,239 @@
+"""OpenTelemetry tracing of workflow runs (the optional extra ``otel``).
+
+Enable it per runtime, with an OpenTelemetry SDK ``TracerProvider``::
+
+    rt = af.Runtime("./data", tracer_provider=provider)
+    # or, on a running runtime:
+    actorflow.tracing.instrument(rt, provider)
+
+Then every activation of an instance (a run, from its start or wake-up to
+its end or hibernation) is a span, with a child span per step it ended
+(``step.do``, ``step.sleep``, ``step.wait_for_event``) and, under each
+``step.do`` span, a span per attempt. Failed attempts carry an
+``exception`` event and an error status; a retry is a ``retry`` event on the
+step span with its delay. ``create()`` makes a ``workflow.create`` span in the
+caller's context and stores its W3C ``traceparent`` with the instance: every
+run of the instance is its child, in the caller's trace if there is one,
+also after the process restarts.
+
+Step and attempt spans are emitted when the step ends, from its durable
+record, with the exact start and end of every attempt (including attempts
+made before a restart). Timestamps come from the runtime's clock.
+
+Without a provider nothing of this module is imported by the engine and
+OpenTelemetry need not be installed: the engine's hooks are a ``None`` test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from actorflow.engine.execution import Execution
+
+__all__ = ["OTelObserver", "RunObserver", "instrument", "uninstrument"]
+
+#: The field of an instance record holding the creator's W3C traceparent.
+TRACEPARENT = "tp"
+_NS = 1_000_000  # ms -> ns
+
+
+class RunObserver(Protocol):
+    """What the engine tells an observer about runs and steps (engine loop only)."""
+
+    def traceparent(self) -> str | None:
+        """The caller's trace context to store with a new instance (any thread)."""
+        ...
+
+    def run_started(self, ex: Execution) -> None:
+        """A run (one activation of an instance) starts."""
+        ...
+
+    def step_committed(self, ex: Execution, rec: dict[str, Any]) -> None:
+        """A step record ``rec`` was written durably."""
+        ...
+
+    def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
+        """The run ended: ``complete``, ``errored``, ``suspended``, ``stop`` or ``crashed``."""
+        ...
+
+
+class _Instrumentable(Protocol):
+    _engine: Any
+
+
+def instrument(rt: _Instrumentable, provider: Any) -> OTelObserver:
+    """Traces the runs of runtime ``rt`` with ``provider`` (an OpenTelemetry TracerProvider).
+
+    Raises:
+        ImportError: OpenTelemetry is not installed (``pip install actorflow[otel]``).
+    """
+    observer = OTelObserver(provider)
+    rt._engine.observer = observer
+    return observer
+
+
+def uninstrument(rt: _Instrumentable) -> None:
+    """Stops tracing runtime ``rt``; runs in progress end their spans normally."""
+    rt._engine.observer = None
+
+
+class OTelObserver:
+    """A :class:`RunObserver` that makes OpenTelemetry spans.
+
+    With the SDK's ``TracerProvider``, step and attempt spans are built as
+    finished spans and handed straight to the provider's span processors
+    (they are complete when the step ends), which costs a fraction of the
+    tracer's ``start_span``/``end``. With any other provider they go
+    through its tracer.
+
+    Args:
+        provider: The TracerProvider.
+    """
+
+    def __init__(self, provider: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+
+        self._trace = trace
+        self._SpanContext = SpanContext
+        self._kind = SpanKind.INTERNAL
+        self._ok = Status(StatusCode.OK)
+        self._Status = Status
+        self._ERROR = StatusCode.ERROR
+        self._propagator = TraceContextTextMapPropagator()
+        self._tracer = provider.get_tracer("actorflow")
+        self._runs: dict[int, Any] = {}
+        self._fast: tuple[Any, ...] | None = None
+        processor = getattr(provider, "_active_span_processor", None)
+        scope = getattr(self._tracer, "_instrumentation_scope", None)
+        if processor is not None and scope is not None:
+            from opentelemetry.sdk.trace import Event, ReadableSpan
+
+            self._fast = (processor, provider.resource, provider.id_generator, scope,
+                          ReadableSpan, Event)
+
+    # -- create ----------------------------------------------------------------
+
+    def traceparent(self) -> str | None:
+        """Emits a ``workflow.create`` span in the caller's context; returns its traceparent.
+
+        Every run of the instances created is its child: one trace per
+        instance, inside the caller's trace if there is one.
+        """
+        span = self._tracer.start_span("workflow.create", kind=self._kind)
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
+        span.end()
+        return carrier.get("traceparent")
+
+    # -- runs --------------------------------------------------------------------
+
+    def run_started(self, ex: Execution) -> None:
+        rec = ex.actor.record
+        parent = None
+        tp = rec.get(TRACEPARENT) if rec is not None else None
+        if tp:
+            parent = self._propagator.extract({"traceparent": tp})
+        span = self._tracer.start_span(
+            f"workflow.run {ex.wfe.name}",
+            context=parent,
+            kind=self._kind,
+            start_time=ex.t_start * _NS,
+            attributes={"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
+                        "actorflow.epoch": ex.actor.epoch},
+        )
+        self._runs[id(ex)] = span
+
+    def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
+        span = self._runs.pop(id(ex), None)
+        if span is None:
+            return
+        span.set_attribute("actorflow.outcome", outcome)
+        if outcome == "errored" or outcome == "crashed":
+            if isinstance(value, BaseException):
+                span.record_exception(value, timestamp=ex.now_ms() * _NS)
+                desc = f"{type(value).__name__}: {value}"
+            else:
+                desc = str(value)
+            span.set_status(self._Status(self._ERROR, desc))
+        elif outcome == "complete":
+            span.set_status(self._ok)
+        span.end(end_time=ex.now_ms() * _NS)
+
+    # -- steps ---------------------------------------------------------------------
+
+    def step_committed(self, ex: Execution, rec: dict[str, Any]) -> None:
+        status = rec["s"]
+        if status != "complete" and status != "errored":
+            return
+        run = self._runs.get(id(ex))
+        if run is None:
+            return
+        parent = run.get_span_context()
+        if not parent.trace_flags.sampled:
+            return
+        kind = rec["k"]
+        base = {"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
+                "actorflow.step": rec["n"], "actorflow.step.count": rec["c"],
+                "actorflow.step.kind": kind, "actorflow.step.status": status}
+        t0, t1 = rec.get("t0") or ex.t_start, rec.get("t1") or ex.now_ms()
+        error = rec.get("ed") if status == "errored" else None
+        if kind == "do":
+            attempts = rec.get("att", ())
+            base["actorflow.attempts"] = len(attempts)
+            events = [
+                ("retry", a[1], {"actorflow.attempt": i + 1, "actorflow.retry.delay_ms": a[3]})
+                for i, a in enumerate(attempts) if a[3] is not None
+            ]
+            step = self._span(parent, f"step {rec['n']}", base, t0, t1, events, error)
+            for i, (a0, a1, aerr, _delay) in enumerate(attempts):
+                attrs = dict(base, **{"actorflow.attempt": i + 1})
+                del attrs["actorflow.step.status"], attrs["actorflow.attempts"]
+                self._span(step, f"attempt {i + 1}", attrs, a0, a1 if a1 is not None else t1,
+                           (), aerr)
+        else:
+            if kind == "wait_for_event":
+                base["actorflow.event.type"] = rec.get("ty", "")
+            name = "sleep" if kind == "sleep" else "wait_for_event"
+            self._span(parent, f"{name} {rec['n']}", base, t0, t1, (), error)
+
+    def _span(
+        self,
+        parent: Any,
+        name: str,
+        attributes: dict[str, Any],
+        start_ms: int,
+        end_ms: int,
+        events: Any,
+        error: Mapping[str, str] | None,
+    ) -> Any:
+        """Emits one finished span; returns its SpanContext."""
+        status = self._ok
+        errs = []
+        if error is not None:
+            status = self._Status(self._ERROR, f"{error['name']}: {error['message']}")
+            errs = [("exception", end_ms, {"exception.type": error["name"],
+                                          "exception.message": error["message"]})]
+        if self._fast is not None:
+            processor, resource, ids, scope, readable, event = self._fast
+            ctx = self._SpanContext(parent.trace_id, ids.generate_span_id(), False,
+                                    parent.trace_flags, parent.trace_state)
+            span = readable(
+                name=name, context=ctx, parent=parent, resource=resource, attributes=attributes,
+                events=[event(n, a, t * _NS) for n, t, a in [*events, *errs]], kind=self._kind,
+                instrumentation_scope=scope, status=status, start_time=start_ms * _NS,
+                end_time=end_ms * _NS)
+            processor.on_end(span)
+            return ctx
+        live = self._tracer.start_span(
+            name, context=self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent)),
+            kind=self._kind, attributes=attributes, start_time=start_ms * _NS)
+        for n, t, a in [*events, *errs]:
+            live.add_event(n, a, timestamp=t * _NS)
+        live.set_status(status)
+        live.end(end_time=end_ms * _NS)
+        return live.get_span_context()
