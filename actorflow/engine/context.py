@@ -19,6 +19,7 @@ from actorflow.engine.signals import LoopNotifier
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
 from actorflow.metrics import RateWindow
+from actorflow.metrics import RateWindow
 from actorflow.storage import Storage, WriteBatch
 from actorflow.timers import TimerService
 from actorflow.workflow import Workflow, validate_workflow_name
@@ -123,6 +124,9 @@ class EngineContext:
         self._thread = threading.Thread(target=self._run_loop, name="actorflow-engine", daemon=True)
         self._ready = threading.Event()
         self.loop_error: BaseException | None = None
+        # Observability: steps ended per second, and the run observer (tracing).
+        self.step_rate = RateWindow(clock.now)
+        self.observer: RunObserver | None = None
 
     def start(self) -> None:
         self._thread.start()
