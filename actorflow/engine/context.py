@@ -19,7 +19,6 @@ from actorflow.engine.signals import LoopNotifier
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
 from actorflow.metrics import RateWindow
-from actorflow.metrics import RateWindow
 from actorflow.storage import Storage, WriteBatch
 from actorflow.timers import TimerService
 from actorflow.workflow import Workflow, validate_workflow_name
@@ -27,7 +26,6 @@ from actorflow.workflow import Workflow, validate_workflow_name
 if TYPE_CHECKING:
     from actorflow.router import Router
     from actorflow.supervisor import Supervisor
-    from actorflow.tracing import RunObserver
     from actorflow.tracing import RunObserver
 
 __all__ = ["EngineContext", "Watchdog", "WorkflowEngine"]
