@@ -1,0 +1,97 @@
+"""What the machine allows, measured in the same run as the scenarios.
+
+Three baselines: the disk's ``fsync``'d commit rate (raw LMDB, one put per
+commit, one commit at a time), the interpreter's cost of a bare function
+call, and the cost of handing an item from one thread to another through a
+``queue.SimpleQueue``.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+
+__all__ = ["bare_call_ns", "fsync_commits", "physical", "thread_handoff_us"]
+
+
+def fsync_commits(path: Path, n: int = 500) -> tuple[float, float]:
+    """Raw LMDB, one small put per ``fsync``'d commit: commits/s and the median commit in ms."""
+    shutil.rmtree(path, ignore_errors=True)
+    env = lmdb.open(str(path), map_size=1 << 28, sync=True, metasync=True)
+    try:
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"k%d" % i, b"v" * 64)
+            lat.append(time.perf_counter() - t)
+        rate = n / (time.perf_counter() - t0)
+    finally:
+        env.close()
+        shutil.rmtree(path, ignore_errors=True)
+    return rate, statistics.median(lat) * 1000
+
+
+def _nop(x: int) -> int:
+    return x
+
+
+def bare_call_ns(n: int = 1_000_000) -> float:
+    """Nanoseconds per call of a one-argument Python function (loop overhead removed)."""
+    f = _nop
+    r = range(n)
+    t = time.perf_counter()
+    for i in r:
+        f(i)
+    with_call = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in r:
+        pass
+    empty = time.perf_counter() - t
+    return max(0.0, with_call - empty) / n * 1e9
+
+
+def thread_handoff_us(n: int = 20_000) -> float:
+    """Microseconds to hand an item to another thread and be woken by its reply, halved.
+
+    A ping-pong over two ``queue.SimpleQueue`` s: each round trip is two
+    handoffs, each a put, a wake-up of the blocked thread and a get.
+    """
+    ping: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    pong: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := ping.get()) is not None:
+            pong.put(item)
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    for i in range(100):  # warm up
+        ping.put(i)
+        pong.get()
+    t = time.perf_counter()
+    for i in range(n):
+        ping.put(i)
+        pong.get()
+    dt = time.perf_counter() - t
+    ping.put(None)
+    th.join()
+    return dt / n / 2 * 1e6
+
+
+def physical(root: Path) -> dict[str, float]:
+    """All three baselines, as figures of the ``disk`` scenario."""
+    rate, commit_ms = fsync_commits(root / "disk")
+    return {
+        "fsync_commits_per_s": rate,
+        "fsync_commit_ms": commit_ms,
+        "bare_call_ns": bare_call_ns(),
+        "thread_handoff_us": thread_handoff_us(),
+    }

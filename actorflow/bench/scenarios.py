@@ -1,0 +1,523 @@
+"""The named scenarios behind ``actorflow bench``.
+
+Each scenario takes a fresh data directory, a size (its main count: instances,
+calls or samples), a :class:`~actorflow.bench.progress.Progress` and the
+:class:`Options`, and returns an :class:`Outcome`: named figures plus, for
+latency distributions, the raw samples. Heavy scenarios are run in a fresh
+child process each (see :mod:`actorflow.bench.isolate`) so that their memory is
+measured cleanly; the parent adds ``peak_rss_mib`` and ``kib_per_instance``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import actorflow as af
+from actorflow.bench.physical import physical
+from actorflow.bench.progress import Progress
+from actorflow.bench.workloads import (
+    Counter,
+    EventResume,
+    Gauge,
+    HeldStep,
+    Journaled,
+    OneStep,
+    Sleeper,
+    StampFirst,
+    TrivialSteps,
+)
+from actorflow.engine.records import IDX, STEPS, idx_prefix, load
+
+__all__ = [
+    "SCENARIOS",
+    "Options",
+    "Outcome",
+    "Scenario",
+    "percentile",
+    "rss_mib",
+]
+
+CHUNK = 20_000  # instances per create_batch call in the large scenarios
+
+
+@dataclass
+class Options:
+    """Knobs of the scenarios besides their size.
+
+    Attributes:
+        hold: ``concurrency``: seconds each step awaits ``asyncio.sleep``.
+        wake_rate: ``sleepers``: deadlines are spread so this many wake per second.
+        of: ``scaling``: the scenario run at growing sizes.
+        drain: ``queue``: also drain the queue to completion.
+        sleep_margin: ``sleepers``: seconds from the first creation to the first
+            deadline; ``None`` estimates the time to put them all asleep.
+    """
+
+    hold: float = 2.0
+    wake_rate: float = 10_000.0
+    of: str = "queue"
+    drain: bool = True
+    sleep_margin: float | None = None
+
+
+@dataclass
+class Outcome:
+    """What one run of a scenario measured."""
+
+    figures: dict[str, float]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named scenario.
+
+    Attributes:
+        name: Its name on the command line.
+        run: ``run(data_dir, size, progress, options) -> Outcome``.
+        size: The default size, small enough for a 2-core machine.
+        isolated: Run in a fresh child process (memory is part of the result).
+        about: One line for ``--help`` and the docs.
+        unit: What ``size`` counts.
+        time_figure: For ``scaling``: the figure that is the run's duration.
+    """
+
+    name: str
+    run: Callable[[Path, int, Progress, Options], Outcome]
+    size: int
+    isolated: bool
+    about: str
+    unit: str = "instances"
+    time_figure: str = ""
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``samples``."""
+    if not samples:
+        return math.nan
+    s = sorted(samples)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def _dist(prefix: str, samples: list[float]) -> dict[str, float]:
+    return {f"{prefix}_p{q}_ms": percentile(samples, q) for q in (50, 90, 99)}
+
+
+def rss_mib() -> float:
+    """This process's resident set size now, in MiB (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _fresh(root: Path, name: str) -> Path:
+    d = root / name
+    shutil.rmtree(d, ignore_errors=True)
+    return d
+
+
+def _count(rt: af.Runtime, wf: str, status: str) -> int:
+    return rt.storage.count(IDX, idx_prefix(wf, status))
+
+
+def _create_all(
+    wf: af.WorkflowBinding, items: Iterator[dict[str, Any]], n: int, progress: Progress
+) -> float:
+    """Creates ``n`` instances in batches of :data:`CHUNK`; returns the seconds it took."""
+    t = time.perf_counter()
+    batch: list[dict[str, Any]] = []
+    done = 0
+    for item in items:
+        batch.append(item)
+        if len(batch) == CHUNK:
+            wf.create_batch(batch)
+            done += len(batch)
+            batch = []
+            progress.update(done)
+    if batch:
+        wf.create_batch(batch)
+        progress.update(n)
+    return time.perf_counter() - t
+
+
+def _poll(until: Callable[[], int], n: int, progress: Progress, timeout: float) -> float:
+    """Polls ``until()`` (a count) until it reaches ``n``; returns the seconds waited.
+
+    The polling interval grows with ``n`` so that counting does not steal much
+    of the engine's time.
+    """
+    t = time.perf_counter()
+    every = min(2.0, max(0.02, n / 500_000))
+    while (done := until()) < n:
+        progress.update(done)
+        if time.perf_counter() - t > timeout:
+            raise TimeoutError(f"only {done:,} of {n:,} after {timeout:.0f} s")
+        time.sleep(every)
+    progress.update(n)
+    return time.perf_counter() - t
+
+
+# -- in-process scenarios --------------------------------------------------------------------
+
+
+def run_physical(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """The machine's baselines: fsync'd commits, a bare call, a thread handoff."""
+    progress.phase("fsync, call, handoff", 0)
+    return Outcome(physical(root))
+
+
+def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``create_batch`` of ``size``, then ``size // 4`` ``create()`` calls from 16 threads."""
+    limits = af.Limits(max_concurrent=1, max_queued=max(2_000_000, size))  # ingestion only
+    with af.Runtime(_fresh(root, "create"), limits=limits) as rt:
+        wf = rt.register(TrivialSteps, name="steps")
+        progress.phase("create_batch", size)
+        dt = _create_all(wf, ({"params": 0} for _ in range(size)), size, progress)
+        batch_rate = size / dt
+        threads = 16
+        per = max(1, size // 4 // threads)
+        progress.phase("create() x 16 threads", per * threads)
+        done = [0] * threads
+
+        def worker(k: int) -> None:
+            for i in range(per):
+                wf.create(params=0)
+                done[k] = i + 1
+
+        ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        while any(th.is_alive() for th in ts):
+            progress.update(sum(done))
+            ts[0].join(0.05)
+        for th in ts:
+            th.join()
+        single_rate = per * threads / (time.perf_counter() - t)
+    return Outcome({"create_batch_per_s": batch_rate, "create_16_threads_per_s": single_rate})
+
+
+def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` instances of 20 trivial async steps, created in one batch, until all complete."""
+    per = 20
+    with af.Runtime(_fresh(root, "steps")) as rt:
+        wf = rt.register(TrivialSteps, name="steps")
+        progress.phase(f"{size:,} x {per} steps", size)
+        t = time.perf_counter()
+        insts = wf.create_batch([{"params": per} for _ in range(size)])
+        for i, inst in enumerate(insts):
+            inst.wait(timeout=600)
+            progress.update(i + 1)
+        dt = time.perf_counter() - t
+    return Outcome({"steps_per_s": size * per / dt, "seconds": dt})
+
+
+def run_latency(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` samples each: create to first step, event to resume, timer lateness."""
+    with af.Runtime(_fresh(root, "latency")) as rt:
+        first = rt.register(StampFirst, name="first")
+        progress.phase("create -> first step", size)
+        create_ms = []
+        for i in range(size):
+            t = time.perf_counter()
+            started = first.create().wait(timeout=30).output
+            create_ms.append((started - t) * 1000)
+            progress.update(i + 1)
+
+        waiter = rt.register(EventResume, name="waiter")
+        insts = waiter.create_batch([{} for _ in range(size)])
+        progress.phase("waiting for events", size)
+        _poll(lambda: _count(rt, "waiter", "waiting"), size, progress, 120)
+        progress.phase("event -> resume", size)
+        event_ms = []
+        for i, inst in enumerate(insts):
+            t = time.perf_counter()
+            inst.send_event("go")
+            resumed = inst.wait(timeout=30).output
+            event_ms.append((resumed - t) * 1000)
+            progress.update(i + 1)
+
+        sleeper = rt.register(Sleeper, name="sleeper")
+        start = int(rt.clock.now() * 1000) + 1000  # one wake every 5 ms from 1 s on
+        sleepers = sleeper.create_batch([{"params": start + 5 * i} for i in range(size)])
+        progress.phase("timers", size)
+        timer_ms = []
+        for i, inst in enumerate(sleepers):
+            inst.wait(timeout=60)
+            progress.update(i + 1)
+            for s in inst.steps():
+                if s.kind == "sleep" and s.end and s.deadline:
+                    timer_ms.append((s.end - s.deadline).total_seconds() * 1000)
+    figures = {
+        **_dist("create_to_first_step", create_ms),
+        **_dist("event_to_resume", event_ms),
+        **_dist("timer_lateness", timer_ms),
+    }
+    samples = {
+        "create_to_first_step_ms": create_ms,
+        "event_to_resume_ms": event_ms,
+        "timer_lateness_ms": timer_ms,
+    }
+    return Outcome(figures, samples)
+
+
+def run_objects(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` durable increments pipelined over 1,000 objects; then one call at a time."""
+    n_objects = min(1000, size)
+    with af.Runtime(_fresh(root, "objects")) as rt:
+        ns = rt.durable_objects(Counter, name="counter")
+        stubs = [ns.get_by_name(f"c{i}") for i in range(n_objects)]
+        for f in [s.increment.future(0) for s in stubs]:
+            f.get(timeout=60)  # activate every object first
+        progress.phase("pipelined calls", size)
+        t = time.perf_counter()
+        futs = [stubs[i % n_objects].increment.future(1) for i in range(size)]
+        for i, f in enumerate(futs):
+            f.get(timeout=60)
+            if i % 1000 == 0:
+                progress.update(i)
+        rate = size / (time.perf_counter() - t)
+        progress.phase("one call at a time", 400)
+        one = stubs[0]
+        calls, hops = [], []
+        for i in range(200):
+            t = time.perf_counter()
+            one.increment(1)
+            calls.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            one.ping()
+            hops.append((time.perf_counter() - t) * 1e6)
+            progress.update(2 * i + 2)
+    return Outcome(
+        {
+            "do_calls_per_s": rate,
+            "do_single_call_ms": percentile(calls, 50),
+            "do_rpc_hop_us": percentile(hops, 50),
+        }
+    )
+
+
+# -- isolated scenarios (one child process each) ----------------------------------------------
+
+
+def run_concurrency(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` instances running at once, each step awaiting ``asyncio.sleep(hold)``."""
+    gauge = Gauge()
+    limits = af.Limits(max_concurrent=size, max_queued=max(2_000_000, size))
+    with af.Runtime(_fresh(root, "concurrency"), limits=limits) as rt:
+        wf = rt.register(HeldStep, name="held", env=gauge)
+        rss0 = rss_mib()
+        progress.phase("creating", size)
+        t = time.perf_counter()
+        _create_all(wf, ({"params": opts.hold} for _ in range(size)), size, progress)
+        progress.phase("running at once", size)
+        _poll(lambda: gauge.peak, size, progress, 600 + opts.hold)
+        all_running_s = time.perf_counter() - t
+        progress.phase("complete", size)
+        _poll(lambda: _count(rt, "held", "complete"), size, progress, 600 + opts.hold)
+        dt = time.perf_counter() - t
+    return Outcome(
+        {
+            "n": float(size),
+            "peak_running": float(gauge.peak),
+            "all_running_s": all_running_s,
+            "all_complete_s": dt,
+            "instances_per_s": size / dt,
+            "rss_start_mib": rss0,
+        }
+    )
+
+
+def _sleep_lateness(rt: af.Runtime) -> list[float]:
+    """Lateness in ms (resumed minus deadline) of every completed sleep in the store."""
+    out = []
+    for _, v in rt.storage.scan(STEPS):
+        r = load(v)
+        if r.get("k") == "sleep" and "t1" in r:
+            out.append(float(r["t1"] - r["dl"]))
+    return out
+
+
+def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` sleeping instances, then woken at ``wake_rate`` per second."""
+    limits = af.Limits(max_queued=max(2_000_000, size))
+    with af.Runtime(_fresh(root, "sleepers"), limits=limits) as rt:
+        wf = rt.register(Sleeper, name="sleeper")
+        rss0 = rss_mib()
+        # Time to put them all asleep, estimated generously: the first wake comes after it.
+        margin = opts.sleep_margin if opts.sleep_margin is not None else 5.0 + size / 2_000
+        first_wake = int((rt.clock.now() + margin) * 1000)
+        step_ms = 1000.0 / opts.wake_rate
+        items = ({"params": first_wake + int(j * step_ms)} for j in range(size))
+        progress.phase("creating", size)
+        t = time.perf_counter()
+        _create_all(wf, items, size, progress)
+        progress.phase("falling asleep", size)
+
+        def settled() -> int:  # asleep or already woken and done
+            return _count(rt, "sleeper", "waiting") + _count(rt, "sleeper", "complete")
+
+        _poll(settled, size, progress, 3600)
+        asleep_s = time.perf_counter() - t
+        before_first_wake = rt.clock.now() * 1000 < first_wake
+        rss_asleep = rss_mib()
+        progress.phase("waking", size)
+        _poll(lambda: _count(rt, "sleeper", "complete"), size, progress, 3600 + margin)
+        late = _sleep_lateness(rt)
+    figures = {
+        "n": float(size),
+        "asleep_s": asleep_s,
+        "all_asleep_before_first_wake": float(before_first_wake),
+        "rss_start_mib": rss0,
+        "rss_asleep_mib": rss_asleep,
+        "wake_rate_per_s": opts.wake_rate,
+        **_dist("wake_lateness", late),
+    }
+    return Outcome(figures, {"wake_lateness_ms": late})
+
+
+def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` instances queued in one workflow (one runs at a time), then drained."""
+    data = _fresh(root, "queue")
+    limits = af.Limits(max_concurrent=1, max_queued=max(2_000_000, size))
+    with af.Runtime(data, limits=limits) as rt:
+        wf = rt.register(OneStep, name="one")
+        rss0 = rss_mib()
+        progress.phase("enqueueing", size)
+        dt = _create_all(wf, ({} for _ in range(size)), size, progress)
+        rss_queued = rss_mib()
+        queued = _count(rt, "one", "queued")
+    figures = {
+        "n": float(size),
+        "enqueue_s": dt,
+        "enqueues_per_s": size / dt,
+        "queued": float(queued),
+        "rss_start_mib": rss0,
+        "rss_queued_mib": rss_queued,
+    }
+    if opts.drain:
+        with af.Runtime(data, limits=af.Limits(max_queued=max(2_000_000, size))) as rt:
+            t = time.perf_counter()
+            rt.register(OneStep, name="one")
+            progress.phase("draining", size)
+            _poll(lambda: _count(rt, "one", "complete"), size, progress, 7200)
+            drain = time.perf_counter() - t
+        figures["drain_s"] = drain
+        figures["drained_per_s"] = size / drain
+    return Outcome(figures)
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def recovery_worker(data: str, journal: str, n: int) -> None:
+    """The process that ``recovery`` kills: creates ``n`` instances and works until killed."""
+    rt = af.Runtime(data, limits=af.Limits(max_concurrent=n, max_queued=max(2_000_000, n)))
+    wf = rt.register(Journaled, name="journaled", env=journal)
+    for k in range(0, n, CHUNK):
+        wf.create_batch([{"id": f"i{j}"} for j in range(k, min(n, k + CHUNK))])
+    while True:
+        time.sleep(1)
+
+
+def run_recovery(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """SIGKILL a child process with ``size`` instances in flight, then reopen and finish them."""
+    data = _fresh(root, "recovery")
+    journal = root / "recovery.journal"
+    journal.unlink(missing_ok=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "actorflow.bench.child", "recovery-worker",
+         str(data), str(journal), str(size)],
+        stdout=subprocess.DEVNULL,
+    )
+    progress.phase("child working", size)
+    try:
+        t = time.perf_counter()
+        while (done := _lines(journal)) < size:  # about a quarter of all step bodies
+            if child.poll() is not None:
+                raise RuntimeError(f"the recovery child exited with {child.returncode}")
+            if time.perf_counter() - t > 1800:
+                raise TimeoutError("the recovery child made no progress")
+            progress.update(done)
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    at_kill = _lines(journal)
+    progress.phase("reopening", 1)
+    t0 = time.perf_counter()
+    with af.Runtime(data, limits=af.Limits(max_concurrent=size)) as rt:
+        rt.register(Journaled, name="journaled", env=str(journal))
+        t_open = time.perf_counter() - t0
+        while _lines(journal) == at_kill:
+            if time.perf_counter() - t0 > 600:
+                raise TimeoutError("no step resumed")
+            time.sleep(0.001)
+        t_first = time.perf_counter() - t0
+        progress.phase("completing", size)
+        _poll(lambda: _count(rt, "journaled", "complete"), size, progress, 3600)
+        t_all = time.perf_counter() - t0
+    total = _lines(journal)
+    return Outcome(
+        {
+            "n": float(size),
+            "bodies_before_kill": float(at_kill),
+            "reopen_s": t_open,
+            "first_resumed_step_s": t_first,
+            "all_complete_s": t_all,
+            "bodies_run_again": float(total - 4 * size),
+        }
+    )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario("physical", run_physical, 0, False,
+                 "the machine: fsync'd commits/s, a bare call, a thread handoff", unit="-"),
+        Scenario("create", run_create, 20_000, False,
+                 "create_batch of N, then N/4 create() calls from 16 threads"),
+        Scenario("steps", run_steps, 1_000, False,
+                 "N instances x 20 trivial async steps, created in one batch"),
+        Scenario("latency", run_latency, 200, False,
+                 "create to first step, event to resume, timer lateness: p50/p90/p99",
+                 unit="samples"),
+        Scenario("objects", run_objects, 20_000, False,
+                 "Durable Object increments pipelined over 1,000 objects; single calls",
+                 unit="calls"),
+        Scenario("concurrency", run_concurrency, 5_000, True,
+                 "N instances running at once, each step awaiting asyncio.sleep(--hold)",
+                 time_figure="all_complete_s"),
+        Scenario("sleepers", run_sleepers, 10_000, True,
+                 "N sleeping instances, then woken at --wake-rate per second",
+                 time_figure="asleep_s"),
+        Scenario("queue", run_queue, 50_000, True,
+                 "N queued in one workflow (one running at a time), then drained",
+                 time_figure="enqueue_s"),
+        Scenario("recovery", run_recovery, 1_000, True,
+                 "SIGKILL a child process with N in flight; reopen and finish them",
+                 time_figure="all_complete_s"),
+    ]
+}

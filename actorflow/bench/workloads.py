@@ -1,0 +1,151 @@
+"""The workflows and Durable Objects the benchmark scenarios run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import actorflow as af
+
+__all__ = [
+    "Counter",
+    "EventResume",
+    "Gauge",
+    "HeldStep",
+    "Journaled",
+    "OneStep",
+    "Sleeper",
+    "StampFirst",
+    "TrivialSteps",
+]
+
+
+class TrivialSteps(af.Workflow):
+    """``payload`` trivial async steps, each checkpointed."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        async def one() -> int:
+            return 1
+
+        total = 0
+        for i in range(event.payload):
+            total += await step.do(f"s{i}", one)
+        return total
+
+
+class OneStep(af.Workflow):
+    """One trivial step: the unit of queue and scaling runs."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        async def one() -> int:
+            return 1
+
+        return int(await step.do("one", one))
+
+
+class StampFirst(af.Workflow):
+    """Its first step returns ``time.perf_counter()`` when its body starts."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> float:
+        async def stamp() -> float:
+            return time.perf_counter()
+
+        return float(await step.do("first", stamp))
+
+
+class EventResume(af.Workflow):
+    """Waits for a ``go`` event, then a step returns ``time.perf_counter()``."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> float:
+        await step.wait_for_event("go", "go", timeout="1 hour")
+
+        async def stamp() -> float:
+            return time.perf_counter()
+
+        return float(await step.do("after", stamp))
+
+
+class Sleeper(af.Workflow):
+    """Sleeps until the epoch milliseconds in its payload, then ends."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        await step.sleep_until("nap", event.payload)
+        return 1
+
+
+class Gauge:
+    """Counts step bodies in flight and remembers the most at once (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.done = 0
+
+    def enter(self) -> None:
+        """Marks a body as started."""
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        """Marks a body as finished."""
+        with self._lock:
+            self.now -= 1
+            self.done += 1
+
+
+class HeldStep(af.Workflow):
+    """One async step that awaits ``asyncio.sleep(payload)`` seconds (I/O, no thread).
+
+    ``env`` is a :class:`Gauge` counting the steps awaiting at once.
+    """
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        gauge: Gauge = self.env
+
+        async def hold() -> int:
+            gauge.enter()
+            try:
+                await asyncio.sleep(event.payload)
+            finally:
+                gauge.leave()
+            return 1
+
+        return int(await step.do("hold", hold))
+
+
+class Journaled(af.Workflow):
+    """Four steps; each body appends one line to the file named by ``env``."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        path: str = self.env
+        iid = event.instance_id
+        for name in ("s1", "s2", "s3", "s4"):
+
+            async def body(name: str = name) -> str:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, f"{iid},{name}\n".encode())  # one O_APPEND write: atomic
+                finally:
+                    os.close(fd)
+                return name
+
+            await step.do(name, body)
+        return 4
+
+
+class Counter(af.DurableObject):
+    """A durable counter."""
+
+    def increment(self, by: int = 1) -> int:
+        """Adds ``by`` and returns the new value (one durable write)."""
+        n: int = self.ctx.storage.get("n", 0) + by
+        self.ctx.storage.put("n", n)
+        return n
+
+    def ping(self) -> str:
+        """Writes nothing: the cost of reaching the object and back."""
+        return "pong"

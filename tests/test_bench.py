@@ -1,0 +1,219 @@
+"""Smoke tests of ``actorflow bench``: every scenario at a tiny size, results' shape and sanity."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from actorflow.bench import (
+    CLOUDFLARE_V2,
+    DEFAULT,
+    SCENARIOS,
+    Measurement,
+    Options,
+    main,
+    measure,
+    run_scenarios,
+)
+from actorflow.bench.isolate import run_isolated
+from actorflow.bench.peers import actorflow_workload
+from actorflow.bench.peers import main as peers_main
+from actorflow.bench.physical import bare_call_ns, thread_handoff_us
+from actorflow.bench.progress import Bar, NullProgress
+from actorflow.bench.report import TARGETS, Target, hardware, judge, rows
+from actorflow.bench.scenarios import percentile
+
+FAST = Options(hold=0.2, wake_rate=2_000, sleep_margin=1.5)
+
+
+def _positive(figures: dict[str, float], *names: str) -> None:
+    for name in names:
+        assert figures[name] > 0 and math.isfinite(figures[name]), (name, figures[name])
+
+
+def test_every_scenario_is_named_and_described() -> None:
+    expected = {"physical", "create", "steps", "latency", "concurrency", "sleepers", "queue",
+                "recovery", "objects", "scaling"}
+    assert set(SCENARIOS) == expected
+    assert "scaling" not in DEFAULT
+    assert all(s.about and s.name == k for k, s in SCENARIOS.items())
+    assert {t.scenario for t in TARGETS} <= expected
+
+
+def test_physical_baselines(tmp_path: Path) -> None:
+    figures = SCENARIOS["physical"].run(tmp_path, 0, NullProgress(), Options()).figures
+    _positive(figures, "fsync_commits_per_s", "fsync_commit_ms", "bare_call_ns",
+              "thread_handoff_us")
+    assert figures["bare_call_ns"] < 10_000  # a call is nanoseconds, not microseconds
+    assert 0 < thread_handoff_us(500) < 10_000
+    assert bare_call_ns(10_000) >= 0
+
+
+def test_create(tmp_path: Path) -> None:
+    figures = SCENARIOS["create"].run(tmp_path, 256, NullProgress(), FAST).figures
+    _positive(figures, "create_batch_per_s", "create_16_threads_per_s")
+
+
+def test_steps(tmp_path: Path) -> None:
+    figures = SCENARIOS["steps"].run(tmp_path, 10, NullProgress(), FAST).figures
+    _positive(figures, "steps_per_s", "seconds")
+    assert figures["steps_per_s"] == pytest.approx(200 / figures["seconds"])
+
+
+def test_latency_samples_and_percentiles(tmp_path: Path) -> None:
+    out = SCENARIOS["latency"].run(tmp_path, 8, NullProgress(), FAST)
+    assert {len(v) for v in out.samples.values()} == {8}
+    for kind in ("create_to_first_step", "event_to_resume", "timer_lateness"):
+        p50, p90, p99 = (out.figures[f"{kind}_p{q}_ms"] for q in (50, 90, 99))
+        assert 0 <= p50 <= p90 <= p99
+    assert 0 < out.figures["create_to_first_step_p50_ms"] < 1000
+    assert 0 < out.figures["event_to_resume_p50_ms"] < 1000
+
+
+def test_objects(tmp_path: Path) -> None:
+    figures = SCENARIOS["objects"].run(tmp_path, 300, NullProgress(), FAST).figures
+    _positive(figures, "do_calls_per_s", "do_single_call_ms", "do_rpc_hop_us")
+
+
+def test_concurrency_holds_all_at_once(tmp_path: Path) -> None:
+    figures = run_isolated("concurrency", 40, tmp_path, NullProgress(), FAST).figures
+    assert figures["peak_running"] == 40
+    assert figures["all_complete_s"] >= FAST.hold
+    _positive(figures, "peak_rss_mib", "kib_per_instance", "instances_per_s")
+    assert figures["peak_rss_mib"] >= figures["rss_start_mib"]
+
+
+def test_sleepers_wake_and_report_lateness(tmp_path: Path) -> None:
+    out = run_isolated("sleepers", 40, tmp_path, NullProgress(), FAST)
+    assert out.figures["all_asleep_before_first_wake"] == 1
+    assert len(out.samples["wake_lateness_ms"]) == 40
+    assert min(out.samples["wake_lateness_ms"]) >= 0
+    _positive(out.figures, "rss_asleep_mib", "peak_rss_mib")
+
+
+def test_queue_fills_then_drains(tmp_path: Path) -> None:
+    figures = run_isolated("queue", 300, tmp_path, NullProgress(), FAST).figures
+    assert 290 <= figures["queued"] <= 300  # at most one runs at a time while filling
+    _positive(figures, "enqueues_per_s", "drained_per_s", "rss_queued_mib")
+
+
+def test_recovery_after_sigkill(tmp_path: Path) -> None:
+    figures = run_isolated("recovery", 30, tmp_path, NullProgress(), FAST).figures
+    assert figures["bodies_before_kill"] >= 30
+    assert 0 < figures["first_resumed_step_s"] <= figures["all_complete_s"]
+    assert figures["bodies_run_again"] >= 0  # at least once: nothing skipped
+
+
+def test_a_failing_child_reports_its_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"scaling|KeyError"):
+        run_isolated("scaling", 10, tmp_path, NullProgress(), FAST)
+
+
+def test_scaling_reports_per_instance_cost(tmp_path: Path) -> None:
+    figures = SCENARIOS["scaling"].run(
+        tmp_path, 1_000, NullProgress(), Options(of="queue", drain=False)
+    ).figures
+    for n in (100, 1_000):
+        _positive(figures, f"queue_{n}_us_per_instance", f"queue_{n}_peak_rss_mib")
+    assert "queue_10000_us_per_instance" not in figures
+    assert figures["queue_superlinear"] in (0, 1)
+    with pytest.raises(ValueError, match="scaling runs one of"):
+        SCENARIOS["scaling"].run(tmp_path, 100, NullProgress(), Options(of="steps"))
+
+
+def test_measure_takes_medians(tmp_path: Path) -> None:
+    m = measure(["steps"], repeat=3, size=5, options=FAST, root=tmp_path)
+    runs = [r["steps_per_s"] for r in m.runs["steps"]]
+    assert len(runs) == 3
+    assert m.medians["steps"]["steps_per_s"] == sorted(runs)[1]
+    assert m.sizes == {"steps": 5}
+
+
+def test_run_scenarios_keeps_the_old_names(tmp_path: Path) -> None:
+    said: list[str] = []
+    res = run_scenarios(["disk"], 1, root=str(tmp_path), progress=said.append)
+    assert res["disk"]["fsync_commits_per_s"] > 0
+    assert said == ["disk run 1/1"]
+    assert CLOUDFLARE_V2["create_batch_per_s"] == 300
+
+
+def test_percentile_nearest_rank() -> None:
+    xs = [float(i) for i in range(1, 101)]
+    assert (percentile(xs, 50), percentile(xs, 99), percentile(xs, 100)) == (50, 99, 100)
+    assert math.isnan(percentile([], 50))
+
+
+def test_targets_are_judged_only_at_scale() -> None:
+    t = Target("queue", "peak_rss_mib", "<=", 1024, 2_000_000)
+    assert judge(t, 100, 1_000) == "not at scale"
+    assert judge(t, 100, 2_000_000) == "met"
+    assert judge(t, 2000, 2_000_000) == "MISSED"
+    assert judge(Target("steps", "steps_per_s", ">=", 20_000), 19_999, 1) == "MISSED"
+
+
+def test_table_rows_with_profile_and_hardware() -> None:
+    phys = {"fsync_commits_per_s": 4000.0, "fsync_commit_ms": 0.25, "bare_call_ns": 25.0,
+            "thread_handoff_us": 5.0}
+    assert "8.0x fsync" in hardware("steps_per_s", 32_000, phys)
+    assert hardware("steps_per_s", 32_000, {}) == ""
+    header, body = rows({"physical": phys, "create": {"create_batch_per_s": 60_000.0}},
+                        {"create": 100}, "cloudflare-v2")
+    assert header[-2:] == ["Cloudflare V2", "ratio"]
+    create = next(r for r in body if r[1] == "create_batch_per_s")
+    assert create[4] == "met" and create[-1] == "200.0x"
+
+
+def test_bar_draws_on_a_stream() -> None:
+    out = io.StringIO()
+    bar = Bar(out, prefix="steps 1/3 ")
+    bar.phase("creating", 10)
+    bar.update(5)
+    bar.close()
+    assert "steps 1/3 creating [" in out.getvalue() and "0/10" in out.getvalue()
+
+
+def test_main_json_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["steps", "--size", "5", "--repeat", "1", "--json", "-", "--data-dir",
+                 str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["medians"]) == {"physical", "steps"}
+    assert doc["sizes"]["steps"] == 5
+    assert any(r["figure"] == "steps_per_s" for r in doc["table"])
+
+
+def test_main_table_and_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nope"]) == 2
+    assert main(["steps", "--size", "5", "--repeat", "1", "--no-physical",
+                 "--profile", "cloudflare-v2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps_per_s" in out and "Cloudflare V2" in out and "physical" not in out
+
+
+def test_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from actorflow.bench.plots import plot_all
+
+    m = Measurement(
+        sizes={"concurrency": 100},
+        medians={
+            "concurrency": {"n": 100.0, "instances_per_s": 40.0, "peak_rss_mib": 60.0},
+            "scaling": {"queue_100_us_per_instance": 30.0, "queue_100_peak_rss_mib": 40.0,
+                        "queue_1000_us_per_instance": 25.0, "queue_1000_peak_rss_mib": 45.0},
+        },
+        samples={"latency": {"event_to_resume_ms": [0.5, 1.0, 2.0, 0.0]}},
+    )
+    made = plot_all(m, tmp_path / "charts")
+    assert [p.name for p in made] == ["bench-throughput-concurrency.png", "bench-memory.png",
+                                      "bench-latency.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
+
+
+def test_peers_actorflow_side_and_missing_peer(tmp_path: Path) -> None:
+    steps = actorflow_workload("steps", tmp_path / "s", 0, 5, 4)
+    assert steps["steps_per_s"] == pytest.approx(20 / steps["seconds"])
+    assert actorflow_workload("enqueues", tmp_path / "e", 20, 0, 0)["enqueues_per_s"] > 0
+    assert peers_main(["--peer-python", str(tmp_path / "none")]) == 2
