@@ -136,6 +136,7 @@ def test_layers_do_not_import_upwards() -> None:
         "node": 3,
         "demo": 4,
         "cli": 4,
+        "http": 4,
         "bench": 4,
     }
     bad = []

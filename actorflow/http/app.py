@@ -1,0 +1,475 @@
+"""The ASGI application: the workflows REST API, its OpenAPI schema and the dashboard.
+
+Every API response uses Cloudflare's envelope::
+
+    {"success": true, "errors": [], "messages": [], "result": ...}
+
+and a failure carries ``errors: [{"code", "message", "name"}]`` where ``name``
+is the error class (``InstanceNotFound``, ``RateLimitError``, ...).
+
+Runtime calls block (they return once their writes are durable), so handlers
+run them in Starlette's thread pool and the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from actorflow.binding import Instance, WorkflowBinding
+from actorflow.errors import (
+    ActorflowError,
+    InstanceAlreadyExists,
+    InstanceNotFound,
+    InvalidInstanceId,
+    InvalidInstanceState,
+    LimitExceeded,
+    RateLimitError,
+    SerializationError,
+    StorageError,
+)
+from actorflow.http.openapi import openapi_schema
+from actorflow.http.views import (
+    history_view,
+    instance_summary,
+    instance_view,
+    jsonable,
+    workflow_counts,
+)
+from actorflow.runtime import Runtime
+from actorflow.workflow import STATUSES, validate_instance_id
+
+__all__ = ["ApiError", "create_app"]
+
+log = logging.getLogger("actorflow.http")
+
+#: HTTP status of each error class (the first match wins).
+ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (InstanceNotFound, 404),
+    (InstanceAlreadyExists, 409),
+    (InvalidInstanceState, 409),
+    (InvalidInstanceId, 400),
+    (SerializationError, 400),
+    (LimitExceeded, 400),
+    (RateLimitError, 429),
+    (StorageError, 503),
+)
+#: Bytes a request body may have beyond the runtime's payload limit (ids, JSON framing).
+BODY_SLACK = 64 * 1024
+#: Instances one batch request may create (Cloudflare's ``createBatch`` cap).
+MAX_BATCH = 100
+#: Instances one list page may hold.
+MAX_PAGE = 1000
+ACTIONS = ("pause", "resume", "terminate", "restart")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
+    ),
+)
+_ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+class ApiError(Exception):
+    """An error answered as an envelope with an HTTP status.
+
+    Args:
+        status: The HTTP status code.
+        name: The error's name (``errors[0].name``).
+        message: A human-readable message.
+    """
+
+    def __init__(self, status: int, name: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.name = name
+        self.message = message
+
+
+def envelope(result: Any, status: int = 200, result_info: Any = None) -> JSONResponse:
+    """Returns a successful response in Cloudflare's envelope."""
+    body: dict[str, Any] = {"success": True, "errors": [], "messages": [], "result": result}
+    if result_info is not None:
+        body["result_info"] = result_info
+    return JSONResponse(body, status_code=status)
+
+
+def error_response(status: int, name: str, message: str) -> JSONResponse:
+    """Returns a failed response in Cloudflare's envelope; the code is 10000 + status."""
+    body = {
+        "success": False,
+        "errors": [{"code": 10000 + status, "message": message, "name": name}],
+        "messages": [],
+        "result": None,
+    }
+    headers = {"WWW-Authenticate": 'Bearer realm="actorflow"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_of(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    for cls, status in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return ApiError(status, type(exc).__name__, str(exc))
+    if isinstance(exc, ValueError | TypeError):
+        return ApiError(400, "ValidationError", str(exc))
+    if isinstance(exc, ActorflowError):
+        return ApiError(503, type(exc).__name__, str(exc))
+    log.exception("unexpected error in an API handler")
+    return ApiError(500, "InternalError", "internal error; see the server's log")
+
+
+class _SecurityHeaders:
+    """ASGI middleware adding headers that keep browsers from framing or sniffing responses."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *_SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Api:
+    """The handlers, bound to one runtime and one token."""
+
+    def __init__(self, rt: Runtime, token: str | None) -> None:
+        self.rt = rt
+        self._token_digest = None if token is None else hashlib.sha256(token.encode()).digest()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """True if no token is configured, or the request carries it (constant time)."""
+        if self._token_digest is None:
+            return True
+        scheme, _, cred = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(cred.strip().encode()).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._token_digest)
+
+    def endpoint(self, fn: Handler) -> Handler:
+        """Wraps a handler with the token check and the error envelope."""
+
+        async def wrapped(request: Request) -> Response:
+            if not self.authorized(request):
+                return error_response(401, "Unauthorized", "a valid bearer token is required")
+            try:
+                return await fn(request)
+            except Exception as exc:
+                err = _error_of(exc)
+                return error_response(err.status, err.name, err.message)
+
+        wrapped.__name__ = fn.__name__
+        wrapped.__doc__ = fn.__doc__
+        return wrapped
+
+    def binding(self, request: Request) -> WorkflowBinding:
+        name = request.path_params["wf"]
+        try:
+            return self.rt.workflow(name)
+        except KeyError:
+            raise ApiError(404, "WorkflowNotFound", f"no workflow registered as {name!r}")
+
+    def instance(self, request: Request) -> tuple[WorkflowBinding, Instance]:
+        b = self.binding(request)
+        return b, b.get(request.path_params["id"])
+
+    def body_limit(self, binding: WorkflowBinding) -> int:
+        return self.rt.limits.for_workflow(binding.name).max_event_payload_bytes + BODY_SLACK
+
+    async def json_body(self, request: Request, limit: int) -> Any:
+        """Reads a JSON body of at most ``limit`` bytes; an empty body is None.
+
+        Every mutating request must say ``Content-Type: application/json``,
+        even with an empty body: a browser cannot send that header across
+        origins without a CORS preflight, which this app never grants.
+        """
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"the body must be application/json, not {ctype or 'missing'!r}")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
+        if not data.strip():
+            return None
+        try:
+            return json.loads(bytes(data), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, "ValidationError", f"the body is not valid JSON: {e}")
+
+    # -- handlers -------------------------------------------------------------------
+
+    async def list_workflows(self, request: Request) -> Response:
+        """Every registered workflow with its instance counts by status."""
+
+        def work() -> list[dict[str, Any]]:
+            out = []
+            for name in self.rt.workflows:
+                counts = workflow_counts(self.rt.workflow(name))
+                out.append({"name": name, "counts": counts, "total": sum(counts.values())})
+            return out
+
+        return envelope(await run_in_threadpool(work))
+
+    async def get_workflow(self, request: Request) -> Response:
+        """One workflow with its instance counts by status."""
+        b = self.binding(request)
+        counts = await run_in_threadpool(workflow_counts, b)
+        return envelope({"name": b.name, "counts": counts, "total": sum(counts.values())})
+
+    async def list_instances(self, request: Request) -> Response:
+        """A page of a workflow's instances, newest first."""
+        b = self.binding(request)
+        q = request.query_params
+        status = q.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, "ValidationError", f"unknown status {status!r}")
+        limit = _int_param(q.get("limit"), "limit", default=50, lo=1, hi=MAX_PAGE)
+        cursor = q.get("cursor") or None
+        if cursor is not None:
+            validate_instance_id(cursor, b.name)
+
+        def work() -> tuple[list[dict[str, Any]], str | None]:
+            page = b.list(status=status, limit=limit + 1, cursor=cursor)
+            more = len(page) > limit
+            page = page[:limit]
+            rows = [instance_summary(b, i) for i in page]
+            return rows, (page[-1].id if more and page else None)
+
+        rows, next_cursor = await run_in_threadpool(work)
+        return envelope(rows, result_info={"count": len(rows), "cursor": next_cursor})
+
+    async def create_instance(self, request: Request) -> Response:
+        """Creates one instance (``{"id"?, "params"?}``) or, given a list, a batch."""
+        b = self.binding(request)
+        body = await self.json_body(request, self.body_limit(b))
+        if isinstance(body, list):
+            return await self._create_batch(b, body)
+        item = _create_item({} if body is None else body)
+
+        def work() -> dict[str, Any]:
+            inst = b.create(id=item["id"], params=item["params"])
+            return {"id": inst.id, "workflow": b.name, "status": inst.status().status}
+
+        return envelope(await run_in_threadpool(work), status=201)
+
+    async def create_batch(self, request: Request) -> Response:
+        """Creates many instances; ids that already exist are skipped."""
+        b = self.binding(request)
+        body = await self.json_body(request, self.body_limit(b))
+        if not isinstance(body, list):
+            raise ApiError(400, "ValidationError", "the body must be a JSON array of instances")
+        return await self._create_batch(b, body)
+
+    async def _create_batch(self, b: WorkflowBinding, body: list[Any]) -> Response:
+        if not body:
+            raise ApiError(400, "ValidationError", "a batch needs at least one instance")
+        if len(body) > MAX_BATCH:
+            raise ApiError(400, "LimitExceeded",
+                           f"a batch holds at most {MAX_BATCH} instances, not {len(body)}")
+        items = [_create_item(x) for x in body]
+
+        def work() -> list[dict[str, Any]]:
+            made = b.create_batch(items)
+            return [{"id": i.id, "workflow": b.name, "status": "queued"} for i in made]
+
+        return envelope(await run_in_threadpool(work), status=201)
+
+    async def get_instance(self, request: Request) -> Response:
+        """An instance: status, params, output, error, times and steps with attempts."""
+
+        def work() -> dict[str, Any]:
+            b, inst = self.instance(request)
+            return instance_view(b, inst)
+
+        return envelope(await run_in_threadpool(work))
+
+    async def get_history(self, request: Request) -> Response:
+        """An instance's event log, oldest first."""
+
+        def work() -> list[dict[str, Any]]:
+            _b, inst = self.instance(request)
+            return history_view(inst.history())
+
+        return envelope(await run_in_threadpool(work))
+
+    async def send_event(self, request: Request) -> Response:
+        """Sends an event of type ``{type}``; the JSON body is its payload."""
+        b = self.binding(request)
+        payload = await self.json_body(request, self.body_limit(b))
+        event_type = request.path_params["type"]
+
+        def work() -> dict[str, Any]:
+            inst = b.get(request.path_params["id"])
+            inst.send_event(event_type, payload)
+            return {"id": inst.id, "type": event_type, "status": inst.status().status}
+
+        return envelope(await run_in_threadpool(work))
+
+    async def change_status(self, request: Request) -> Response:
+        """Pauses, resumes, terminates or restarts an instance."""
+        b = self.binding(request)
+        body = await self.json_body(request, BODY_SLACK)
+        if not isinstance(body, dict) or body.get("status") not in ACTIONS:
+            raise ApiError(400, "ValidationError",
+                           f'the body must be {{"status": one of {list(ACTIONS)}}}')
+        unknown = set(body) - {"status", "from_step"}
+        if unknown:
+            raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
+        action, from_step = body["status"], body.get("from_step")
+        if from_step is not None and (action != "restart" or not isinstance(from_step, str)):
+            raise ApiError(400, "ValidationError", "from_step is a step name, only for restart")
+
+        def work() -> dict[str, Any]:
+            inst = b.get(request.path_params["id"])
+            if action == "restart":
+                inst.restart(from_step=from_step)
+            else:
+                getattr(inst, action)()
+            return {"id": inst.id, "status": inst.status().status}
+
+        return envelope(await run_in_threadpool(work))
+
+    async def metrics(self, request: Request) -> Response:
+        """The runtime's metrics (``rt.metrics()``), or counts by status without it."""
+
+        def work() -> dict[str, Any]:
+            fn = getattr(self.rt, "metrics", None)
+            if callable(fn):
+                return {"source": "runtime", "metrics": jsonable(fn())}
+            counts = {n: workflow_counts(self.rt.workflow(n)) for n in self.rt.workflows}
+            return {"source": "counts", "metrics": {"instances_by_status": counts}}
+
+        return envelope(await run_in_threadpool(work))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int_param(raw: str | None, name: str, *, default: int, lo: int, hi: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ApiError(400, "ValidationError", f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def _create_item(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "ValidationError", 'an instance is a JSON object {"id"?, "params"?}')
+    unknown = set(body) - {"id", "instance_id", "params"}
+    if unknown:
+        raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
+    iid = body.get("id", body.get("instance_id"))
+    if iid is not None and not isinstance(iid, str):
+        raise ApiError(400, "InvalidInstanceId", f"an instance id is a string, not {iid!r}")
+    return {"id": iid, "params": body.get("params")}
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("actorflow") / "dashboard" / name).read_bytes()
+
+
+def create_app(
+    rt: Runtime, *, token: str | None = None, allowed_hosts: Sequence[str] | None = None
+) -> Starlette:
+    """Returns the ASGI app serving the API, its OpenAPI schema and the dashboard.
+
+    Mount it in any ASGI service (``Mount("/actorflow", app=create_app(rt))``)
+    or run it with :func:`actorflow.http.serve`.
+
+    Args:
+        rt: The runtime whose registered workflows the app exposes.
+        token: If set, every ``/api`` request must carry
+            ``Authorization: Bearer <token>``; others get 401 and change nothing.
+        allowed_hosts: If set, requests whose ``Host`` header is not one of
+            these names are refused (a guard against DNS rebinding).
+    """
+    if token is not None and not token.strip():
+        raise ValueError("the API token must not be empty")
+    api = _Api(rt, token)
+    ep = api.endpoint
+    base = "/api/workflows/{wf}/instances"
+    routes = [
+        Route("/api/workflows", ep(api.list_workflows), methods=["GET"]),
+        Route("/api/workflows/{wf}", ep(api.get_workflow), methods=["GET"]),
+        Route(base, ep(api.list_instances), methods=["GET"]),
+        Route(base, ep(api.create_instance), methods=["POST"]),
+        Route(base + "/batch", ep(api.create_batch), methods=["POST"]),
+        Route(base + "/{id}", ep(api.get_instance), methods=["GET"]),
+        Route(base + "/{id}/history", ep(api.get_history), methods=["GET"]),
+        Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),
+        Route(base + "/{id}/status", ep(api.change_status), methods=["PATCH"]),
+        Route("/api/metrics", ep(api.metrics), methods=["GET"]),
+    ]
+    schema = openapi_schema([(r.path, sorted(r.methods or ())) for r in routes])
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(schema)
+
+    def asset(path: str) -> Handler:
+        name, media = _ASSETS[path]
+
+        async def serve_asset(request: Request) -> Response:
+            return Response(_asset(name), media_type=media,
+                            headers={"Cache-Control": "no-cache"})
+
+        return serve_asset
+
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    routes += [Route(p, asset(p), methods=["GET"]) for p in _ASSETS]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return error_response(exc.status_code, name, str(exc.detail))
+
+    middleware = [Middleware(_SecurityHeaders)]
+    if allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    return Starlette(
+        routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error}
+    )

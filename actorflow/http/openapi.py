@@ -1,0 +1,239 @@
+"""The OpenAPI 3.1 description of the HTTP API.
+
+Each route of the app must have an entry in :data:`OPERATIONS`; building the
+schema fails on a route without one, so the schema cannot fall behind the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actorflow.workflow import STATUSES
+
+__all__ = ["OPERATIONS", "openapi_schema"]
+
+_ID = {"type": "string", "maxLength": 100, "pattern": "^[a-zA-Z0-9_][a-zA-Z0-9-_]*$"}
+_EVENT_TYPE = {"type": "string", "maxLength": 100, "pattern": "^[a-zA-Z0-9_][a-zA-Z0-9-_]*$"}
+_STATUS = {"type": "string", "enum": [s for s in STATUSES]}
+_ANY: dict[str, Any] = {}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _path(name: str, schema: dict[str, Any], doc: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema, "description": doc}
+
+
+def _query(name: str, schema: dict[str, Any], doc: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": doc}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _ok(result: dict[str, Any], doc: str, status: str = "200") -> dict[str, Any]:
+    env = {"allOf": [_ref("Envelope"), {"type": "object", "properties": {"result": result}}]}
+    return {status: {"description": doc, **_json(env)}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    docs = {
+        400: "Invalid input: InvalidInstanceId, ValidationError, SerializationError, LimitExceeded",
+        401: "Unauthorized: a token is configured and the request lacks it",
+        404: "WorkflowNotFound or InstanceNotFound",
+        409: "InstanceAlreadyExists or InvalidInstanceState",
+        413: "LimitExceeded: the body is larger than the payload limit",
+        415: "UnsupportedMediaType: the body is not application/json",
+        429: "RateLimitError: the workflow's queue is full",
+    }
+    return {str(c): {"description": docs[c], **_json(_ref("ErrorEnvelope"))}
+            for c in (401, *codes)}
+
+
+_WF = _path("wf", {"type": "string"}, "The workflow's registered name.")
+_IID = _path("id", _ID, "The instance id.")
+_MUTATING = (400, 404, 413, 415)
+
+#: The operations of the API, keyed by (path, method).
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/workflows", "GET"): {
+        "summary": "List the registered workflows with instance counts by status",
+        "operationId": "listWorkflows",
+        "responses": {**_ok({"type": "array", "items": _ref("Workflow")}, "The workflows"),
+                      **_errors()},
+    },
+    ("/api/workflows/{wf}", "GET"): {
+        "summary": "Get a workflow with its instance counts by status",
+        "operationId": "getWorkflow",
+        "parameters": [_WF],
+        "responses": {**_ok(_ref("Workflow"), "The workflow"), **_errors(404)},
+    },
+    ("/api/workflows/{wf}/instances", "GET"): {
+        "summary": "List a workflow's instances, newest first",
+        "operationId": "listInstances",
+        "parameters": [
+            _WF,
+            _query("status", _STATUS, "Only instances of this status."),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                   "The most instances to return."),
+            _query("cursor", _ID, "result_info.cursor of the previous page."),
+        ],
+        "responses": {
+            "200": {"description": "A page of instances; result_info.cursor is the next page",
+                    **_json({"allOf": [_ref("Envelope"), {"type": "object", "properties": {
+                        "result": {"type": "array", "items": _ref("InstanceSummary")},
+                        "result_info": {"type": "object", "properties": {
+                            "count": {"type": "integer"},
+                            "cursor": {"type": ["string", "null"]}}}}}]})},
+            **_errors(400, 404),
+        },
+    },
+    ("/api/workflows/{wf}/instances", "POST"): {
+        "summary": "Create an instance (or, with an array body, a batch)",
+        "operationId": "createInstance",
+        "parameters": [_WF],
+        "requestBody": {"required": False, **_json({"oneOf": [
+            _ref("CreateInstance"),
+            {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100},
+        ]})},
+        "responses": {**_ok({"oneOf": [_ref("Created"),
+                                       {"type": "array", "items": _ref("Created")}]},
+                            "Created (durably queued)", "201"),
+                      **_errors(*_MUTATING, 409, 429)},
+    },
+    ("/api/workflows/{wf}/instances/batch", "POST"): {
+        "summary": "Create up to 100 instances; ids that already exist are skipped",
+        "operationId": "createInstanceBatch",
+        "parameters": [_WF],
+        "requestBody": {"required": True, **_json(
+            {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100})},
+        "responses": {**_ok({"type": "array", "items": _ref("Created")},
+                            "The instances created", "201"),
+                      **_errors(*_MUTATING, 429)},
+    },
+    ("/api/workflows/{wf}/instances/{id}", "GET"): {
+        "summary": "Get an instance's status, params, output, error and steps with attempts",
+        "operationId": "getInstance",
+        "parameters": [_WF, _IID],
+        "responses": {**_ok(_ref("InstanceDetails"), "The instance"), **_errors(400, 404)},
+    },
+    ("/api/workflows/{wf}/instances/{id}/history", "GET"): {
+        "summary": "Get an instance's event log, oldest first",
+        "operationId": "getInstanceHistory",
+        "parameters": [_WF, _IID],
+        "responses": {**_ok({"type": "array", "items": _ref("HistoryEvent")}, "The events"),
+                      **_errors(400, 404)},
+    },
+    ("/api/workflows/{wf}/instances/{id}/events/{type}", "POST"): {
+        "summary": "Send an event to an instance; the JSON body is its payload",
+        "operationId": "sendEvent",
+        "parameters": [_WF, _IID, _path("type", _EVENT_TYPE, "The event type.")],
+        "requestBody": {"required": False, **_json(_ANY)},
+        "responses": {**_ok({"type": "object", "properties": {
+            "id": {"type": "string"}, "type": {"type": "string"}, "status": _STATUS}},
+            "The event is durably buffered"), **_errors(*_MUTATING, 409)},
+    },
+    ("/api/workflows/{wf}/instances/{id}/status", "PATCH"): {
+        "summary": "Pause, resume, terminate or restart an instance",
+        "operationId": "changeInstanceStatus",
+        "parameters": [_WF, _IID],
+        "requestBody": {"required": True, **_json({
+            "type": "object", "required": ["status"], "additionalProperties": False,
+            "properties": {
+                "status": {"type": "string", "enum": ["pause", "resume", "terminate", "restart"]},
+                "from_step": {"type": "string",
+                              "description": "restart only: the first step to run again"},
+            }})},
+        "responses": {**_ok({"type": "object", "properties": {
+            "id": {"type": "string"}, "status": _STATUS}}, "The status after the change"),
+            **_errors(*_MUTATING, 409)},
+    },
+    ("/api/metrics", "GET"): {
+        "summary": "The runtime's metrics",
+        "operationId": "getMetrics",
+        "responses": {**_ok({"type": "object", "properties": {
+            "source": {"type": "string", "enum": ["runtime", "counts"]},
+            "metrics": {"type": "object"}}}, "Metrics"), **_errors()},
+    },
+}
+
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_ERROR = {"type": ["object", "null"], "properties": {
+    "name": {"type": "string"}, "message": {"type": "string"}}}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+
+SCHEMAS: dict[str, Any] = {
+    "Envelope": {"type": "object", "required": ["success", "errors", "messages", "result"],
+                 "properties": {"success": {"type": "boolean"},
+                                "errors": {"type": "array", "items": _ref("Error")},
+                                "messages": {"type": "array", "items": {"type": "string"}},
+                                "result": _ANY}},
+    "ErrorEnvelope": {"allOf": [_ref("Envelope"), {"type": "object", "properties": {
+        "success": {"const": False}, "result": {"type": "null"}}}]},
+    "Error": {"type": "object", "required": ["code", "message", "name"], "properties": {
+        "code": {"type": "integer", "description": "10000 + the HTTP status"},
+        "message": {"type": "string"},
+        "name": {"type": "string", "description": "The error class, e.g. InstanceNotFound"}}},
+    "Workflow": {"type": "object", "properties": {
+        "name": {"type": "string"}, "counts": _COUNTS, "total": {"type": "integer"}}},
+    "CreateInstance": {"type": "object", "additionalProperties": False, "properties": {
+        "id": _ID, "instance_id": _ID, "params": _ANY}},
+    "Created": {"type": "object", "properties": {
+        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS}},
+    "InstanceSummary": {"type": "object", "properties": {
+        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS,
+        "created_on": _TIME, "started_on": _TIME, "error": _ERROR}},
+    "Attempt": {"type": "object", "properties": {
+        "attempt": {"type": "integer"}, "start": _TIME, "end": _TIME,
+        "success": {"type": ["boolean", "null"]}, "error": _ERROR,
+        "retry_delay_ms": {"type": ["integer", "null"]}}},
+    "Step": {"type": "object", "properties": {
+        "type": {"type": "string", "enum": ["step", "sleep", "waitForEvent"]},
+        "name": {"type": "string"}, "count": {"type": "integer"}, "status": {"type": "string"},
+        "start": _TIME, "end": _TIME, "deadline": _TIME, "finished": {"type": "boolean"},
+        "success": {"type": ["boolean", "null"]}, "config": _ANY,
+        "attempts": {"type": "array", "items": _ref("Attempt")}, "output": _ANY,
+        "error": _ERROR}},
+    "InstanceDetails": {"type": "object", "properties": {
+        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS,
+        "params": _ANY, "output": _ANY, "error": _ERROR, "queued": _TIME, "start": _TIME,
+        "end": _TIME, "success": {"type": ["boolean", "null"]},
+        "now": {**_TIME, "description": "The runtime clock's time of this reading"},
+        "steps": {"type": "array", "items": _ref("Step")}}},
+    "HistoryEvent": {"type": "object", "properties": {
+        "type": {"type": "string"}, "timestamp": _TIME, "step": {"type": ["string", "null"]},
+        "attempt": {"type": ["integer", "null"]}, "data": {"type": "object"}}},
+}
+
+
+def openapi_schema(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Returns the OpenAPI document of ``routes`` (``(path, methods)`` pairs).
+
+    Raises:
+        KeyError: A route has no entry in :data:`OPERATIONS`.
+    """
+    paths: dict[str, dict[str, Any]] = {}
+    for path, methods in routes:
+        for method in methods:
+            if method == "HEAD":
+                continue
+            op = OPERATIONS[(path, method)]
+            paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "actorflow",
+            "version": "1",
+            "description": "Workflows and instances of one actorflow runtime, in the shape of "
+            "Cloudflare's Workflows REST API.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+    }

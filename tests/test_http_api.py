@@ -1,0 +1,342 @@
+"""The HTTP API: every endpoint, the envelope, status codes and error names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Journal, wait_for
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import actorflow as af
+from actorflow.http import create_app
+from actorflow.testing import FakeClock
+
+BASE = "/api/workflows/flaky/instances"
+
+
+class Flaky(af.Workflow):
+    """Fails its first step once (retried after 1 s), then waits for an approval."""
+
+    def run(self, event: af.WorkflowEvent, step: Any) -> Any:
+        def charge(ctx: Any) -> dict[str, Any]:
+            if ctx.attempt == 1:
+                raise RuntimeError("card declined")
+            return {"charge": f"ch_{event.payload['n']}"}
+
+        charged = step.do("charge", charge, retries={"limit": 3, "delay": "1 second"})
+        ok = step.wait_for_event("approval", "approved", timeout="1 hour")
+        step.do("ship", lambda: "shipped")
+        return {"charged": charged, "by": ok.payload}
+
+
+class Blocked(af.Workflow):
+    """Waits for an event forever (for status changes)."""
+
+    def run(self, event: af.WorkflowEvent, step: Any) -> Any:
+        step.do("first", lambda: 1)
+        step.do("second", lambda: 2)
+        step.wait_for_event("wait", "go", timeout="1 day")
+        return "done"
+
+
+@pytest.fixture
+def client(rt: af.Runtime) -> Iterator[TestClient]:
+    rt.register(Flaky, name="flaky")
+    rt.register(Blocked, name="blocked")
+    with TestClient(create_app(rt)) as c:
+        yield c
+
+
+def ok(resp: Any, status: int = 200) -> Any:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["success"] is True and body["errors"] == [] and body["messages"] == []
+    return body["result"]
+
+
+def fails(resp: Any, status: int, name: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["success"] is False and body["result"] is None
+    [err] = body["errors"]
+    assert err["name"] == name, err
+    assert err["code"] == 10000 + status
+    message: str = err["message"]
+    return message
+
+
+def test_create_get_list_and_counts(client: TestClient, rt: af.Runtime) -> None:
+    made = ok(client.post(BASE, json={"id": "o-1", "params": {"n": 1}}), 201)
+    assert made == {"id": "o-1", "workflow": "flaky", "status": "queued"}
+    made = ok(client.post(BASE, json={"params": {"n": 2}}), 201)
+    auto_id = made["id"]
+    assert len(auto_id) == 36  # a uuid4
+    assert rt.workflow("flaky").get("o-1").status().status != "unknown"
+
+    got = ok(client.get(f"{BASE}/o-1"))
+    assert got["id"] == "o-1" and got["params"] == {"n": 1}
+    assert got["status"] in ("queued", "running", "waiting")
+
+    wait_for(lambda: rt.workflow("flaky").get("o-1").status().status == "waiting")
+    rows = ok(client.get(BASE))
+    assert {r["id"] for r in rows} == {"o-1", auto_id}
+    assert all(r["workflow"] == "flaky" and r["created_on"] for r in rows)
+
+    workflows = ok(client.get("/api/workflows"))
+    by_name = {w["name"]: w for w in workflows}
+    assert set(by_name) == {"flaky", "blocked"}
+    assert by_name["flaky"]["total"] == 2 and by_name["blocked"]["total"] == 0
+    assert sum(by_name["flaky"]["counts"].values()) == 2
+    one = ok(client.get("/api/workflows/flaky"))
+    assert one["name"] == "flaky" and one["total"] == 2
+
+
+def test_list_filters_by_status_and_pages_with_a_cursor(
+    client: TestClient, rt: af.Runtime, clock: FakeClock
+) -> None:
+    b = rt.workflow("blocked")
+    for i in range(5):
+        b.create(id=f"b-{i}")
+        clock.advance(10)  # ms: distinct creation times, so newest first is well defined
+    wait_for(lambda: all(b.get(f"b-{i}").status().status == "waiting" for i in range(5)))
+    b.get("b-0").terminate()
+
+    waiting = ok(client.get("/api/workflows/blocked/instances?status=waiting"))
+    assert [r["id"] for r in waiting] == ["b-4", "b-3", "b-2", "b-1"]
+    terminated = ok(client.get("/api/workflows/blocked/instances", params={"status": "terminated"}))
+    assert [r["id"] for r in terminated] == ["b-0"]
+
+    resp = client.get("/api/workflows/blocked/instances?limit=2")
+    assert [r["id"] for r in ok(resp)] == ["b-4", "b-3"]
+    info = resp.json()["result_info"]
+    assert info == {"count": 2, "cursor": "b-3"}
+    resp = client.get("/api/workflows/blocked/instances?limit=2&cursor=b-3")
+    assert [r["id"] for r in ok(resp)] == ["b-2", "b-1"]
+    resp = client.get("/api/workflows/blocked/instances?limit=2&cursor=b-1")
+    assert [r["id"] for r in ok(resp)] == ["b-0"]
+    assert resp.json()["result_info"]["cursor"] is None
+
+    counts = ok(client.get("/api/workflows/blocked"))["counts"]
+    assert counts["waiting"] == 4 and counts["terminated"] == 1
+
+    fails(client.get("/api/workflows/blocked/instances?status=bogus"), 400, "ValidationError")
+    fails(client.get("/api/workflows/blocked/instances?limit=0"), 400, "ValidationError")
+    fails(client.get("/api/workflows/blocked/instances?limit=x"), 400, "ValidationError")
+    fails(client.get("/api/workflows/blocked/instances?cursor=a.b"), 400, "InvalidInstanceId")
+
+
+def test_create_batch_skips_existing_ids(client: TestClient, rt: af.Runtime) -> None:
+    ok(client.post(BASE, json={"id": "x-1", "params": {"n": 1}}), 201)
+    made = ok(client.post(BASE, json=[{"id": "x-1", "params": {"n": 1}},
+                                      {"id": "x-2", "params": {"n": 2}}]), 201)
+    assert [m["id"] for m in made] == ["x-2"]
+    made = ok(client.post(f"{BASE}/batch", json=[{"instance_id": "x-3", "params": {"n": 3}}]),
+              201)
+    assert [m["id"] for m in made] == ["x-3"]
+    assert rt.workflow("flaky").get("x-3").status().status != "unknown"
+    fails(client.post(f"{BASE}/batch", json={"id": "x-4"}), 400, "ValidationError")
+    fails(client.post(f"{BASE}/batch", json=[]), 400, "ValidationError")
+    fails(client.post(f"{BASE}/batch", json=[{"id": f"y{i}"} for i in range(101)]),
+          400, "LimitExceeded")
+    fails(client.post(f"{BASE}/batch", json=[{"id": "ok"}, {"id": "not ok"}]),
+          400, "InvalidInstanceId")
+    with pytest.raises(af.InstanceNotFound):
+        rt.workflow("flaky").get("ok")  # nothing of a rejected batch was written
+
+
+def test_errors_map_to_status_codes_and_class_names(client: TestClient, rt: af.Runtime) -> None:
+    ok(client.post(BASE, json={"id": "dup", "params": {"n": 1}}), 201)
+    fails(client.post(BASE, json={"id": "dup"}), 409, "InstanceAlreadyExists")
+    fails(client.post(BASE, json={"id": "bad id!"}), 400, "InvalidInstanceId")
+    fails(client.post(BASE, json={"id": "x" * 101}), 400, "InvalidInstanceId")
+    fails(client.post(BASE, json={"id": 7}), 400, "InvalidInstanceId")
+    fails(client.post(BASE, json={"id": "a", "extra": 1}), 400, "ValidationError")
+    fails(client.post(BASE, json="just a string"), 400, "ValidationError")
+    msg = fails(client.get(f"{BASE}/nope"), 404, "InstanceNotFound")
+    assert "nope" in msg
+    fails(client.get("/api/workflows/unknown"), 404, "WorkflowNotFound")
+    fails(client.get("/api/workflows/unknown/instances"), 404, "WorkflowNotFound")
+    fails(client.get(f"{BASE}/nope/history"), 404, "InstanceNotFound")
+    fails(client.get("/api/nothing-here"), 404, "NotFound")
+    fails(client.delete(f"{BASE}/dup"), 405, "MethodNotAllowed")
+    fails(client.post(BASE, content=b"{not json", headers={"content-type": "application/json"}),
+          400, "ValidationError")
+    fails(client.post(BASE, content=b'{"id": "n", "params": NaN}',
+                      headers={"content-type": "application/json"}), 400, "ValidationError")
+    with pytest.raises(af.InstanceNotFound):
+        rt.workflow("flaky").get("n")
+
+
+def test_rate_limit_is_429(make_runtime: Any) -> None:
+    runtime = make_runtime(limits=af.Limits(max_queued=0))
+    runtime.register(Blocked, name="blocked")
+    with TestClient(create_app(runtime)) as c:
+        fails(c.post("/api/workflows/blocked/instances", json={"id": "r1"}), 429,
+              "RateLimitError")
+    with pytest.raises(af.InstanceNotFound):
+        runtime.workflow("blocked").get("r1")
+
+
+def test_instance_shows_failed_attempt_retry_and_history(
+    client: TestClient, rt: af.Runtime, clock: FakeClock
+) -> None:
+    ok(client.post(BASE, json={"id": "o-9", "params": {"n": 9}}), 201)
+    inst = rt.workflow("flaky").get("o-9")
+    wait_for(lambda: inst.status().status == "waiting")
+    got = ok(client.get(f"{BASE}/o-9"))
+    [charge] = got["steps"]
+    assert charge["type"] == "step" and charge["status"] == "retrying"
+    [first] = charge["attempts"]
+    assert first["success"] is False and first["retry_delay_ms"] == 1000
+    assert first["error"] == {"name": "RuntimeError", "message": "card declined"}
+
+    clock.advance("1 second")
+    wait_for(lambda: [s.name for s in inst.steps()] == ["charge", "approval"])
+    got = ok(client.get(f"{BASE}/o-9"))
+    charge, approval = got["steps"]
+    assert [a["success"] for a in charge["attempts"]] == [False, True]
+    assert charge["output"] == {"charge": "ch_9"} and charge["success"] is True
+    assert approval["type"] == "waitForEvent" and approval["finished"] is False
+
+    sent = ok(client.post(f"{BASE}/o-9/events/approved", json={"user": "ann"}))
+    assert sent["type"] == "approved"
+    assert inst.wait(timeout=10).status == "complete"
+    got = ok(client.get(f"{BASE}/o-9"))
+    assert got["status"] == "complete" and got["success"] is True
+    assert got["output"] == {"charged": {"charge": "ch_9"}, "by": {"user": "ann"}}
+    assert got["end"] is not None and got["start"] is not None
+
+    events = ok(client.get(f"{BASE}/o-9/history"))
+    types = [e["type"] for e in events]
+    assert types[:2] == ["WORKFLOW_QUEUED", "WORKFLOW_START"]
+    assert types[-1] == "WORKFLOW_SUCCESS"
+    failure = next(e for e in events if e["type"] == "ATTEMPT_FAILURE")
+    assert failure["step"] == "charge-1" and failure["attempt"] == 1
+    assert failure["data"]["retryDelayMs"] == 1000
+    assert [e["type"] for e in events if e["step"] == "charge-1"].count("ATTEMPT_START") == 2
+
+
+def test_send_event_validates_type_and_payload(make_runtime: Any) -> None:
+    runtime = make_runtime(limits=af.Limits(max_event_payload_bytes=200))
+    runtime.register(Blocked, name="blocked")
+    inst = runtime.workflow("blocked").create(id="e1")
+    url = "/api/workflows/blocked/instances/e1/events"
+    with TestClient(create_app(runtime)) as c:
+        fails(c.post(f"{url}/bad.type", json={}), 400, "ValidationError")
+        fails(c.post(f"{url}/{'t' * 101}", json={}), 400, "ValidationError")
+        fails(c.post(f"{url}/go", json={"blob": "x" * 500}), 400, "LimitExceeded")
+        fails(c.post(f"{url}/go", json={"blob": "x" * 70_000}), 413, "LimitExceeded")
+        fails(c.post("/api/workflows/blocked/instances/none/events/go", json={}), 404,
+              "InstanceNotFound")
+        ok(c.post(f"{url}/go", content=b"", headers={"content-type": "application/json"}))
+    assert inst.wait(timeout=10).status == "complete"
+
+
+def test_status_changes(client: TestClient, rt: af.Runtime) -> None:
+    b = rt.workflow("blocked")
+    inst = b.create(id="s1")
+    url = "/api/workflows/blocked/instances/s1/status"
+    wait_for(lambda: inst.status().status == "waiting")
+    assert ok(client.patch(url, json={"status": "pause"}))["status"] == "paused"
+    assert inst.status().status == "paused"
+    assert ok(client.patch(url, json={"status": "resume"}))["status"] in ("queued", "running",
+                                                                          "waiting")
+    wait_for(lambda: inst.status().status == "waiting")
+    ok(client.patch(url, json={"status": "terminate"}))
+    assert inst.status().status == "terminated"
+    fails(client.patch(url, json={"status": "terminate"}), 409, "InvalidInstanceState")
+    fails(client.patch(url, json={"status": "restart", "from_step": "nope"}), 409,
+          "InvalidInstanceState")
+    ok(client.patch(url, json={"status": "restart", "from_step": "second"}))
+    wait_for(lambda: inst.status().status == "waiting")
+    assert [e.type for e in inst.history()].count("WORKFLOW_RESTARTED") == 1
+    ok(client.patch(url, json={"status": "restart"}))
+    wait_for(lambda: inst.status().status == "waiting")
+
+    fails(client.patch(url, json={"status": "explode"}), 400, "ValidationError")
+    fails(client.patch(url, json={}), 400, "ValidationError")
+    fails(client.patch(url, json={"status": "pause", "from_step": "x"}), 400, "ValidationError")
+    fails(client.patch(url, json={"status": "pause", "other": 1}), 400, "ValidationError")
+    fails(client.patch("/api/workflows/blocked/instances/none/status",
+                       json={"status": "pause"}), 404, "InstanceNotFound")
+
+
+def test_openapi_describes_every_route(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    app = client.app
+    assert isinstance(app, Starlette)
+    documented = {(p, m.upper()) for p, ops in schema["paths"].items() for m in ops}
+    api_routes = {
+        (r.path, m)
+        for r in app.routes
+        if isinstance(r, Route) and r.path.startswith("/api/")
+        for m in (r.methods or ()) if m != "HEAD"
+    }
+    assert api_routes and api_routes == documented
+    for ops in schema["paths"].values():
+        for op in ops.values():
+            assert "200" in op["responses"] or "201" in op["responses"]
+            assert "401" in op["responses"]
+    refs = {s.rsplit("/", 1)[1] for s in _refs(schema)}
+    assert refs <= set(schema["components"]["schemas"])
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_metrics_uses_rt_metrics_when_present(
+    client: TestClient, rt: af.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt.workflow("blocked").create(id="m1")
+    got = ok(client.get("/api/metrics"))
+    if got["source"] == "counts":
+        assert got["metrics"]["instances_by_status"]["blocked"]["queued"] + sum(
+            v for k, v in got["metrics"]["instances_by_status"]["blocked"].items()
+            if k != "queued") == 1
+    monkeypatch.setattr(rt, "metrics", lambda: {"steps_per_s": 1.5, "at": None}, raising=False)
+    assert ok(client.get("/api/metrics")) == {
+        "source": "runtime", "metrics": {"steps_per_s": 1.5, "at": None}}
+
+
+def test_values_that_are_not_json_are_shown_as_repr(rt: af.Runtime, journal: Journal) -> None:
+    class Odd(af.Workflow):
+        def run(self, event: af.WorkflowEvent, step: Any) -> Any:
+            return step.do("odd", lambda: {1, 2}) and {"when": event.timestamp, "b": b"\x00"}
+
+    rt.register(Odd, name="odd")
+    inst = rt.workflow("odd").create(id="o")
+    assert inst.wait(timeout=10).status == "complete"
+    with TestClient(create_app(rt)) as c:
+        got = ok(c.get("/api/workflows/odd/instances/o"))
+    assert got["output"]["b"] == "b'\\x00'"
+    assert got["output"]["when"].endswith("+00:00")
+    assert got["steps"][0]["output"] == [1, 2]
+
+
+def test_dashboard_assets_and_mounting(rt: af.Runtime) -> None:
+    rt.register(Blocked, name="blocked")
+    outer = Starlette(routes=[Route("/", lambda r: None), Mount("/ops", app=create_app(rt))])
+    with TestClient(outer) as c:
+        page = c.get("/ops/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert 'src="dashboard/app.js"' in page.text
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        js = c.get("/ops/dashboard/app.js")
+        assert js.status_code == 200 and "renderGantt" in js.text
+        assert "http://" not in js.text and "https://" not in js.text  # nothing from the internet
+        assert c.get("/ops/dashboard/style.css").status_code == 200
+        assert [w["name"] for w in ok(c.get("/ops/api/workflows"))] == ["blocked"]
