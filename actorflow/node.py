@@ -39,13 +39,10 @@ from typing import IO, Any
 
 from actorflow import errors as _errors
 from actorflow.errors import ActorflowError
+from actorflow.lease import LEASE_TIMEOUT_ENV, NODE_ID_ENV
 
 __all__ = ["LEASE_TIMEOUT_ENV", "NODE_ID_ENV", "NodeProcess", "NodeProcessError", "main"]
 
-#: The environment variable that makes a child's runtime join as a node.
-NODE_ID_ENV = "ACTORFLOW_NODE_ID"
-#: The environment variable with the lease timeout of the child's node, in seconds.
-LEASE_TIMEOUT_ENV = "ACTORFLOW_LEASE_TIMEOUT"
 #: Exit status of a node process that found its lease taken over.
 EXIT_LEASE_LOST = 3
 
@@ -476,8 +473,19 @@ class _Server:
         return getattr(ns.get_by_name(name), method)(*args, **kwargs)
 
     def op_stats(self) -> dict[str, Any]:
-        stats = getattr(self.rt, "stats", None)
-        return dict(stats()) if callable(stats) else {}
+        rt = self.rt
+        sup = rt._supervisor
+        lease = getattr(rt, "lease", None)
+        return {
+            "node_id": getattr(rt, "node_id", None),
+            "pid": os.getpid(),
+            "started": sup.started,
+            "crashes": sup.crash_count,
+            "running": sup.running,
+            "live": len(sup.live),
+            "lease_lost": bool(getattr(rt, "lease_lost", False)),
+            "adoptions": list(lease.adoptions) if lease is not None else [],
+        }
 
     def op_idle(self, wait: float = 30.0) -> bool:
         return bool(self.rt.wait_until_idle(wait))

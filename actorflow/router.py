@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from actorflow.clock import Clock
@@ -98,6 +99,8 @@ class Router:
         self._wake_cursor: bytes | None = None
         self._wakes = bool(self._storage.scan(self.db, prefix=PRIO_WAKE, limit=1, keys_only=True))
         self.throttled = False
+        # Multi-node: only entries of instances this node owns are taken.
+        self.accept: Callable[[bytes], bool] | None = None
 
     def depth(self) -> int:
         """Instances waiting in the queue: committed entries not yet started."""
@@ -205,7 +208,7 @@ class Router:
                 return out, cursor
             for key, value in rows:
                 cursor = key
-                if key in self._handed:
+                if key in self._handed or (self.accept is not None and not self.accept(value)):
                     continue
                 out.append((key, value))
                 if len(out) == limit:
@@ -227,6 +230,14 @@ class Router:
             elif self._new_cursor is not None and key <= self._new_cursor:
                 self._new_cursor = None
                 self._prefetch.clear()
+
+    def rescan(self) -> None:
+        """Reads the queue again from its start (this node took over instances)."""
+        with self._lock:
+            self._wakes = True
+            self._wake_cursor = None
+            self._new_cursor = None
+            self._prefetch.clear()
 
     def dequeued(self, key: bytes) -> None:
         """The entry ``key`` was deleted durably (its instance started or changed state)."""

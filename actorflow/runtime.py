@@ -15,6 +15,14 @@ from actorflow.clock import Clock, SystemClock
 from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.records import IDX, WAKE_KIND, queue_db
 from actorflow.errors import ActorflowError
+from actorflow.lease import (
+    DEFAULT_LEASE_TIMEOUT,
+    LEASE_TIMEOUT_ENV,
+    NODE_ID_ENV,
+    NODE_MAP_SIZE,
+    NodeLease,
+    node_sequence,
+)
 from actorflow.limits import Limits
 from actorflow.metrics import CommitMonitor, Metrics, WorkflowMetrics
 from actorflow.object_storage import ALARM_KIND
@@ -61,6 +69,14 @@ class Runtime:
         tracer_provider: An OpenTelemetry ``TracerProvider``: traces runs,
             steps and attempts (see :mod:`actorflow.tracing`; needs the
             ``otel`` extra). None (the default): no tracing, at no cost.
+        node_id: Join the data directory as this node (default: the
+            ``ACTORFLOW_NODE_ID`` environment variable; unset: a lone
+            runtime). Several nodes, in processes on one host, can share a
+            data directory; each runs the instances it owns and adopts those
+            of a node whose lease expired (see :mod:`actorflow.lease`).
+        lease_timeout: Seconds without a heartbeat after which this node's
+            instances are adopted by another node (default: the
+            ``ACTORFLOW_LEASE_TIMEOUT`` environment variable, else 5).
     """
 
     def __init__(
@@ -78,13 +94,17 @@ class Runtime:
         max_crashes: int = 5,
         crash_window: float = 60.0,
         tracer_provider: Any = None,
+        node_id: str | None = None,
+        lease_timeout: float | None = None,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
         self.limits = limits or Limits()
         self.clock: Clock = clock or SystemClock()
         self.idle_timeout = idle_timeout
         self._owner_fd = self._lock_owner()
-        self.storage = Storage(self.data_dir, sync=sync, serializer=serializer)
+        self.node_id = node_id or os.environ.get(NODE_ID_ENV) or None
+        self.storage = Storage(self.data_dir, sync=sync, serializer=serializer,
+                               **({"map_size": NODE_MAP_SIZE} if self.node_id else {}))
         self._commits = CommitMonitor(self.clock.now)
         self.storage.add_commit_observer(self._commits)
         self.timers = TimerService(self.storage, self.clock)
@@ -99,6 +119,9 @@ class Runtime:
         self._engine.supervisor = self._supervisor
         self.timers.register(WAKE_KIND, self._supervisor.on_timer)
         self._bindings: dict[str, WorkflowBinding] = {}
+        self._lease: NodeLease | None = None
+        if self.node_id:
+            self._join(lease_timeout)
         if tracer_provider is not None:
             from actorflow.tracing import instrument
 
@@ -110,6 +133,8 @@ class Runtime:
         self._reaper = threading.Thread(target=self._reap, name="actorflow-reaper", daemon=True)
         self._reaper.start()
         self.timers.start()
+        if self._lease is not None:
+            self._lease.start()
 
     # -- Workflows -------------------------------------------------------------
 
@@ -129,6 +154,7 @@ class Runtime:
             return self._bindings[name]
         wfe = WorkflowEngine(self._engine, cls, name, env)
         wfe.router = Router(wfe)
+        self._own_queue(wfe)
         binding = WorkflowBinding(wfe, self._supervisor)
         self._bindings[name] = binding
 
@@ -160,6 +186,7 @@ class Runtime:
 
         wfe = WorkflowEngine(self._engine, Unregistered, name, None)
         wfe.router = Router(wfe)
+        self._own_queue(wfe)
         return WorkflowBinding(wfe, self._supervisor)
 
     def workflow(self, name: str) -> WorkflowBinding:
@@ -237,6 +264,45 @@ class Runtime:
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a tool holds it exclusively
         return fd
 
+    # -- multi-node ----------------------------------------------------------------
+
+    def _join(self, lease_timeout: float | None) -> None:
+        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.lease`)."""
+        assert self.node_id is not None
+        if lease_timeout is None:
+            lease_timeout = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT)
+        lease = NodeLease(self.storage, self.node_id, lease_timeout)
+        slot = lease.join()
+        self._engine._seq = node_sequence(slot)  # ids distinct from other live nodes'
+        sup = self._supervisor
+        sup.node = lease
+        lease.on_adopted = sup.adopted
+        lease.on_tick = sup.prune_foreign
+        lease.on_lost = self._lease_lost
+        self._lease = lease
+
+    def _own_queue(self, wfe: WorkflowEngine) -> None:
+        lease = self._lease
+        if lease is not None:
+            wfe.router.accept = lambda iid: lease.owns(wfe.ik(iid.decode()))
+
+    def _lease_lost(self) -> None:
+        # Other nodes took over: stop every run here (their writes would fail anyway).
+        try:
+            self._engine.call(self._supervisor.shutdown, timeout=10)
+        except Exception:
+            log.exception("stopping the runs of node %s failed", self.node_id)
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once this node found its lease taken over (it then runs nothing)."""
+        return self._lease is not None and self._lease.lost
+
+    @property
+    def lease(self) -> NodeLease | None:
+        """This node's lease (None for a lone runtime)."""
+        return self._lease
+
     # -- idleness ----------------------------------------------------------------
 
     def is_idle(self) -> bool:
@@ -275,6 +341,10 @@ class Runtime:
             raise ActorflowError(
                 f"the engine loop of {self.data_dir} died: {self._engine.loop_error!r}"
             )
+        if self.lease_lost:
+            raise ActorflowError(
+                f"node {self.node_id} of {self.data_dir} lost its lease: other nodes took "
+                "over its instances; open a new runtime to rejoin")
 
     # -- Durable Objects -----------------------------------------------------
 
@@ -325,12 +395,16 @@ class Runtime:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._lease is not None:
+            self._lease.stop()
         self.timers.stop()
         self._engine.stop()
         for ns in self._namespaces.values():
             ns.shutdown()
         self._pool.shutdown()
         self._reaper.join()
+        if self._lease is not None:
+            self._lease.leave()
         self.storage.close()
         if self._owner_fd >= 0:
             os.close(self._owner_fd)  # releases the owner lock

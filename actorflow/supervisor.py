@@ -15,7 +15,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
@@ -23,6 +23,10 @@ from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.instance import InstanceActor
 from actorflow.engine.records import IDX, INST, idx_iid, idx_prefix, load, split_ikey
 from actorflow.errors import ActorflowError, InstanceNotFound
+from actorflow.timers import TIMERS
+
+if TYPE_CHECKING:
+    from actorflow.lease import NodeLease
 
 __all__ = ["Supervisor"]
 
@@ -64,6 +68,11 @@ class Supervisor:
         # Due timers of workflows not registered (yet): held as "in flight" so that
         # they are not offered again and again, and released by ``recover``.
         self._parked: dict[str, list[bytes]] = {}
+        # Multi-node (see actorflow.lease): this node's lease, and due timers of
+        # instances other nodes own, held until their owner consumes them or
+        # this node adopts the instance.
+        self.node: NodeLease | None = None
+        self._foreign: dict[bytes, set[bytes]] = {}
         ctx.clock.subscribe(self.kick)
 
     # -- the live table ------------------------------------------------------------
@@ -87,6 +96,9 @@ class Supervisor:
                         f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
                         workflow=wfe.name, instance=iid)
                 actor = InstanceActor(wfe, iid, load(raw))
+                if self.node is not None:  # read after the record: see NodeLease
+                    actor.owner = self.node.owner_of(ik)
+                    actor.owned = actor.owner == self.node.node_id
                 self.live[ik] = actor
                 actor.start_on()
         return actor
@@ -235,6 +247,12 @@ class Supervisor:
             if wfe is None:
                 self._parked.setdefault(wf, []).append(key)
                 return True
+        if self.node is not None:
+            ik = wfe.ik(iid)
+            if not self.node.owns(ik):
+                with self._lock:
+                    self._foreign.setdefault(ik, set()).add(key)
+                return True
         try:
             # Delivered from the loop, where eviction happens too: a message
             # can then never land in an actor that is being evicted.
@@ -299,7 +317,8 @@ class Supervisor:
 
     def parked_timers(self) -> set[bytes]:
         """Timers held back because their workflow is not registered (nobody can take them)."""
-        return {k for keys in self._parked.values() for k in keys}
+        with self._lock:
+            return {k for keys in [*self._parked.values(), *self._foreign.values()] for k in keys}
 
     def is_idle(self) -> bool:
         """True when no instance can make progress on its own (engine loop only)."""
@@ -342,6 +361,8 @@ class Supervisor:
             for key, _ in self.ctx.storage.scan(IDX, prefix=idx_prefix(wfe.name, status),
                                                 keys_only=True):
                 iid = idx_iid(key)
+                if self.node is not None and not self.node.owns(wfe.ik(iid)):
+                    continue  # another node's: its owner (or an adopter) resumes it
                 try:
                     actor = self.actor(wfe, iid)
                 except InstanceNotFound:
@@ -353,3 +374,66 @@ class Supervisor:
                 n += 1
         self.pump()
         return n
+
+    # -- multi-node ------------------------------------------------------------------
+
+    def release_foreign(self, ik: bytes) -> None:
+        """This node now owns ``ik``: its held timers are offered again."""
+        with self._lock:
+            keys = self._foreign.pop(ik, ())
+        for key in keys:
+            self.ctx.timers.done(key)
+        if keys:
+            self.ctx.timers.kick()
+
+    def prune_foreign(self) -> None:
+        """Forgets held timers their owner has consumed (any thread)."""
+        with self._lock:
+            items = [(ik, k) for ik, keys in self._foreign.items() for k in keys]
+        if not items:
+            return
+        alive = self.ctx.storage.get_many(TIMERS, [k for _, k in items])
+        with self._lock:
+            for ik, key in items:
+                if key not in alive:
+                    keys = self._foreign.get(ik)
+                    if keys is not None:
+                        keys.discard(key)
+                        if not keys:
+                            del self._foreign[ik]
+                    self.ctx.timers.done(key)
+
+    def adopted(self, items: list[tuple[bytes, str]]) -> None:
+        """This node took over ``(instance key, status)`` pairs (any thread)."""
+        try:
+            self.ctx.loop.call_soon_threadsafe(self._adopted, items)
+        except RuntimeError:
+            pass  # the loop is closed
+
+    def _adopted(self, items: list[tuple[bytes, str]]) -> None:
+        if self.closing:
+            return
+        rescan: set[str] = set()
+        for ik, status in items:
+            self.release_foreign(ik)
+            wf, iid = split_ikey(ik)
+            wfe = self.engines.get(wf)
+            if wfe is None:
+                continue  # resumed by recover() when the workflow is registered
+            old = self.live.get(ik)
+            if old is not None and not old.busy and not old.running() and not old.woken:
+                self.evict(old)  # made before the takeover: reload it
+            if status in ("running", "waitingForPause"):
+                try:
+                    actor = self.actor(wfe, iid)
+                except InstanceNotFound:
+                    continue
+                if actor.owned and not actor.running() and not actor.woken:
+                    actor.woken = True
+                    self.wakes.append((actor, "recover"))
+            elif status == "queued":
+                rescan.add(wf)
+        for wf in rescan:
+            self.engines[wf].router.rescan()
+        self.ctx.timers.kick()
+        self.pump()

@@ -44,6 +44,7 @@ from actorflow.engine.records import (
     steps_prefix,
 )
 from actorflow.errors import InvalidInstanceState
+from actorflow.lease import OWNER, claim_ops, is_poke, poke_key
 from actorflow.storage import WriteBatch
 from actorflow.timers import TIMERS
 from actorflow.workflow import FINISHED
@@ -75,6 +76,9 @@ def new_instance_batch(
     batch.put(FENCE, ik, epoch_bytes(1))
     batch.put(IDX, idx_key(wfe.name, "queued", now_ms, iid), b"")
     batch.put(queue_db(wfe.name), qk, iid.encode())
+    node = wfe.ctx.supervisor.node
+    if node is not None:
+        claim_ops(batch, ik, node.node_id, None)
     return batch
 
 
@@ -98,6 +102,11 @@ class InstanceActor(PooledActor):
         self.enqueued: list[bytes] = []
         self.start_after: str | None = None  # a start that waits for the run to unwind
         self.where = f"workflow {wfe.name!r}, instance {iid!r}"
+        # Multi-node (see actorflow.lease): whether this node owns the instance,
+        # and the event keys the current run was handed (so none is handed twice).
+        self.owned = True
+        self.owner: str | None = None
+        self.seen_events: set[bytes] = set()
 
     # -- message plumbing -------------------------------------------------------
 
@@ -258,6 +267,9 @@ class InstanceActor(PooledActor):
     async def handle_start(self, reason: str) -> None:
         """The supervisor gave this instance a slot."""
         self.woken = False
+        if not self.owned:  # another node owns it (a stale queue entry or wake-up)
+            self.ctx.supervisor.released(self)
+            return
         old = self.exec
         if old is not None and not old.finished and old.suspended:
             # Woken while the previous run unwinds from hibernating (a sync run's
@@ -290,6 +302,7 @@ class InstanceActor(PooledActor):
                 self.ctx.supervisor.released(self)
                 raise
         self.exec = Execution(self)
+        self.seen_events = {k for q in self.exec.inbox.values() for k, _, _ in q}
         self.exec.launch()
 
     def execution_ended(self, ex: Execution, outcome: str, value: Any) -> None:
@@ -321,6 +334,7 @@ class InstanceActor(PooledActor):
         self.ctx.supervisor.finished(self)
 
     async def handle_pause(self) -> None:
+        await self.take_over()
         status = self.public_status()
         if status in FINISHED:
             raise InvalidInstanceState(f"{self.where}: cannot pause an instance that is {status}",
@@ -344,6 +358,7 @@ class InstanceActor(PooledActor):
         self.ctx.timers_done(keys)
 
     async def handle_resume(self) -> None:
+        await self.take_over()
         status = self.public_status()
         ex = self.live_run()
         if status == "waitingForPause":
@@ -363,6 +378,7 @@ class InstanceActor(PooledActor):
             self.ctx.supervisor.kick()
 
     async def handle_terminate(self) -> None:
+        await self.take_over()
         status = self.public_status()
         if status in FINISHED:
             raise InvalidInstanceState(
@@ -381,6 +397,7 @@ class InstanceActor(PooledActor):
         self.ctx.supervisor.finished(self)
 
     async def handle_restart(self, from_step: str | None) -> None:
+        await self.take_over()
         steps = self._stored_steps()
         batch = WriteBatch()
         if from_step is not None:
@@ -421,6 +438,12 @@ class InstanceActor(PooledActor):
         ekey = event_key(self.ik, event_type, self.ctx.next_seq())
         batch = WriteBatch()
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
+        if not self.owned:
+            # Another node runs it: store the event and poke the owner, whose
+            # timer thread reads the poke and hands the event to its run.
+            batch.put(TIMERS, poke_key(self.ctx.now_ms(), self.ik), b"")
+            await self.ctx.write(batch)
+            return
         wake = self.live_run() is None and self._wants(event_type)
         if wake:
             # Woken, it waits for a slot like a resumed instance: "queued" (served first).
@@ -428,6 +451,7 @@ class InstanceActor(PooledActor):
         await self.commit(batch)
         ex = self.live_run()  # the run may have hibernated while the event was being written
         if ex is not None:
+            self.seen_events.add(ekey)
             ex.on_event(event_type, ekey, data, ts)
         elif wake:
             self.wfe.router.note_wake()
@@ -441,6 +465,12 @@ class InstanceActor(PooledActor):
                 and event_type in self.record.get("waits", ()))
 
     async def handle_timer(self, key: bytes, deadline: int) -> None:
+        if not self.owned:
+            self.ctx.timers.done(key)  # offered again, the supervisor holds it for its owner
+            return
+        if is_poke(key):
+            await self._poked(key)
+            return
         ex = self.live_run()
         if ex is not None:
             # A live run consumes its deadlines itself: the step that wakes
@@ -464,6 +494,60 @@ class InstanceActor(PooledActor):
             await self.ctx.write(batch)
         finally:
             self.ctx.timers.done(key)
+
+    async def _poked(self, key: bytes) -> None:
+        """Another node stored events for this instance: hand them to the run, or wake it."""
+        stored = self.ctx.storage.scan(EVENTS, prefix=events_prefix(self.ik))
+        ex = self.live_run()
+        if ex is not None:
+            for ekey, raw in stored:
+                if ekey not in self.seen_events:
+                    self.seen_events.add(ekey)
+                    ev = load(raw)
+                    ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
+        elif not self.woken and self.record["s"] == "waiting":
+            types = {load(raw)["type"] for _, raw in stored}
+            if types & set(self.record.get("waits", ())):
+                self.ctx.supervisor.wake(self)
+        batch = WriteBatch()
+        batch.delete(TIMERS, key)
+        try:
+            await self.ctx.write(batch)
+        finally:
+            self.ctx.timers.done(key)
+
+    async def take_over(self) -> None:
+        """Makes this node the owner (a control call through a node that does not own it).
+
+        Moves the epoch, so the previous owner's run can no longer commit, and
+        resumes here what was running there.
+        """
+        node = self.ctx.supervisor.node
+        if self.owned or node is None:
+            return
+        new = self.epoch + 1
+        rec = dict(self.record, epoch=new)
+        batch = WriteBatch()
+        batch.guard(*self.fence_guard())
+        batch.guard(OWNER, self.ik, self.owner.encode() if self.owner is not None else None)
+        batch.put(FENCE, self.ik, epoch_bytes(new))
+        batch.put(INST, self.ik, dump(rec))
+        claim_ops(batch, self.ik, node.node_id, self.owner)
+        try:
+            await self.ctx.write(batch)
+        except ConflictError:
+            raise InvalidInstanceState(
+                f"{self.where}: it moved to another node meanwhile; try again",
+                workflow=self.wfe.name, instance=self.iid) from None
+        self.record, self.epoch = rec, new
+        self.owned, self.owner = True, node.node_id
+        sup = self.ctx.supervisor
+        sup.release_foreign(self.ik)
+        if rec["s"] in ("running", "waitingForPause") and not self.woken:
+            sup.wake(self, "recover")
+        elif rec["s"] == "queued":
+            self.wfe.router.rescan()
+            sup.kick()
 
     def handle_stop_run(self) -> None:
         """Shutdown: stop the run without writing anything."""

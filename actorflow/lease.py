@@ -1,0 +1,350 @@
+"""Several runtimes on one data directory: node leases, ownership and adoption.
+
+A runtime opened with a ``node_id`` is a *node*. Several nodes (processes on
+one host) can share a data directory; LMDB is safe across processes.
+
+- **The node registry** (keyspace ``nodes``): one record per node id with its
+  incarnation (bumped each time the node starts), its process id, its
+  heartbeat (wall-clock ms) and its state (``alive``, ``dead`` while being
+  adopted, ``adopted``, ``left`` after a clean close). A node rewrites its
+  record every ``timeout / 5`` seconds, guarded on the value it wrote last,
+  so a node whose record was taken over finds out at its next heartbeat.
+- **Ownership**: every instance has an owner node (keyspace ``owner``, with
+  the index ``owned``: ``node \\0 instance key``). The creating node owns a
+  new instance. Only the owner starts it, fires its timers and runs it;
+  other nodes leave its queue entries and timers alone.
+- **Fencing**: taking over an instance (adoption, or a control call through
+  another node) writes the new owner and moves the instance's epoch in one
+  batch guarded on the epoch read. Every engine write of the old owner is
+  guarded on the old epoch and fails: a stale node can never commit.
+- **Adoption**: a node whose heartbeat is older than its lease timeout (or
+  that left cleanly) is adopted by the first live node to notice: it marks
+  the record ``dead``, takes over every unfinished instance of that node,
+  resumes the running ones from their checkpoints, and marks it ``adopted``.
+
+Leases use the host's wall clock, never the runtime's clock: a
+:class:`~actorflow.testing.FakeClock` is private to one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from actorflow.clock import SystemClock
+from actorflow.engine.records import FENCE, INST, WAKE_KIND, dump, epoch_bytes, load
+from actorflow.storage import ConflictError, Storage, WriteBatch
+from actorflow.timers import timer_key
+from actorflow.workflow import FINISHED
+
+__all__ = [
+    "DEFAULT_LEASE_TIMEOUT",
+    "LEASE_TIMEOUT_ENV",
+    "NODES",
+    "NODE_ID_ENV",
+    "NODE_MAP_SIZE",
+    "OWNED",
+    "OWNER",
+    "NodeLease",
+    "claim_ops",
+    "is_poke",
+    "node_sequence",
+    "poke_key",
+]
+
+log = logging.getLogger("actorflow.lease")
+
+NODES = "nodes"
+OWNER = "owner"
+OWNED = "owned"
+#: Seconds without a heartbeat after which a node's instances are adopted.
+DEFAULT_LEASE_TIMEOUT = 5.0
+_SLOTS = 256  # sequence streams: live nodes draw ids from distinct residues
+_SLOT_KEY = b"\x00slot\x00"
+_CHUNK = 512
+
+#: adopted(instances) is called after a takeover with ``(instance key, status)`` pairs.
+Adopted = Callable[[list[tuple[bytes, str]]], None]
+
+
+def owned_key(node: str, ik: bytes) -> bytes:
+    """Returns the key of ``ik`` in a node's ownership index."""
+    return node.encode() + b"\x00" + ik
+
+
+def claim_ops(batch: WriteBatch, ik: bytes, node: str, old: str | None) -> None:
+    """Adds the writes that make ``node`` the owner of instance ``ik`` to ``batch``."""
+    if old is not None and old != node:
+        batch.delete(OWNED, owned_key(old, ik))
+    batch.put(OWNER, ik, node.encode())
+    batch.put(OWNED, owned_key(node, ik), b"")
+
+
+class NodeLease:
+    """This runtime's membership of the node registry, and its heartbeat thread.
+
+    Args:
+        storage: The runtime's storage.
+        node_id: This node's id (stable across restarts of the same node).
+        timeout: The lease timeout in seconds.
+    """
+
+    def __init__(self, storage: Storage, node_id: str, timeout: float = DEFAULT_LEASE_TIMEOUT
+                 ) -> None:
+        if not node_id or "\x00" in node_id or len(node_id) > 128:
+            raise ValueError(f"invalid node id {node_id!r}")
+        self.storage = storage
+        self.node_id = node_id
+        self.timeout = float(timeout)
+        self._wall = SystemClock()
+        self._key = node_id.encode()
+        self._last: bytes | None = None
+        self.record: dict[str, Any] = {}
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+        self.on_adopted: Adopted | None = None
+        self.on_tick: Callable[[], None] | None = None
+        self.adoptions: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="actorflow-lease", daemon=True)
+
+    def now_ms(self) -> int:
+        return int(self._wall.now() * 1000)
+
+    # -- joining ---------------------------------------------------------------------
+
+    def join(self) -> int:
+        """Registers a new incarnation of this node; returns its sequence slot."""
+        while True:
+            raw = self.storage.get(NODES, self._key)
+            old = load(raw) if raw is not None else {}
+            slot = self._take_slot(old.get("slot"))
+            rec = {"node": self.node_id, "inc": old.get("inc", 0) + 1, "pid": os.getpid(),
+                   "hb": self.now_ms(), "state": "alive", "slot": slot,
+                   "timeout_ms": int(self.timeout * 1000), "started": self.now_ms()}
+            data = dump(rec)
+            batch = WriteBatch().guard(NODES, self._key, raw).put(NODES, self._key, data)
+            try:
+                self.storage.write(batch)
+            except ConflictError:
+                continue
+            self._last, self.record = data, rec
+            return slot
+
+    def _take_slot(self, mine: int | None) -> int:
+        """Claims a sequence slot no live node holds (``mine`` first)."""
+        order = ([mine] if mine is not None else []) + [s for s in range(_SLOTS) if s != mine]
+        nodes = self.nodes()
+        for slot in order:
+            key = _SLOT_KEY + bytes([slot])
+            holder = self.storage.get(NODES, key)
+            if holder is not None and holder != self._key:
+                rec = nodes.get(holder.decode())
+                if rec is not None and rec.get("state") == "alive" and not self._expired(rec):
+                    continue
+            try:
+                self.storage.write(WriteBatch().guard(NODES, key, holder).put(NODES, key,
+                                                                               self._key))
+            except ConflictError:
+                continue
+            return slot
+        raise RuntimeError(f"more than {_SLOTS} live nodes on {self.storage.path}")
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Every registered node's record, by node id."""
+        out = {}
+        for key, value in self.storage.scan(NODES):
+            if not key.startswith(b"\x00"):
+                out[key.decode()] = load(value)
+        return out
+
+    def _expired(self, rec: dict[str, Any]) -> bool:
+        return bool(self.now_ms() - rec.get("hb", 0) > rec.get("timeout_ms", 0))
+
+    # -- ownership -------------------------------------------------------------------
+
+    def owner_of(self, ik: bytes) -> str | None:
+        """The owner of instance ``ik`` (None: it has none)."""
+        raw = self.storage.get(OWNER, ik)
+        return raw.decode() if raw is not None else None
+
+    def owns(self, ik: bytes) -> bool:
+        """True if this node owns instance ``ik``."""
+        return self.storage.get(OWNER, ik) == self._key
+
+    # -- the heartbeat thread --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the heartbeat thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def leave(self) -> None:
+        """Records a clean exit: other nodes adopt this node's instances at once."""
+        self.stop()
+        if not self.lost and self._last is not None:
+            rec = dict(self.record, state="left", hb=0)
+            try:
+                self._write_own(rec)
+            except Exception:
+                log.warning("node %s could not record that it left", self.node_id)
+
+    def _write_own(self, rec: dict[str, Any]) -> None:
+        data = dump(rec)
+        self.storage.write(WriteBatch().guard(NODES, self._key, self._last)
+                           .put(NODES, self._key, data), timeout=max(self.timeout, 10.0))
+        self._last, self.record = data, rec
+
+    def _loop(self) -> None:
+        period = max(0.05, self.timeout / 5)
+        while not self._stop.wait(period):
+            try:
+                self.beat()
+                if self.lost:
+                    return
+                self.check_others()
+                if self.on_tick is not None:
+                    self.on_tick()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                log.exception("lease pass of node %s failed", self.node_id)
+
+    def beat(self) -> None:
+        """Renews this node's lease; notices if it was taken over."""
+        try:
+            self._write_own(dict(self.record, hb=self.now_ms()))
+        except ConflictError:
+            self.lost = True
+            log.error("node %s: its lease was taken over (it was presumed dead); "
+                      "it stops running instances", self.node_id)
+            if self.on_lost is not None:
+                self.on_lost()
+
+    def check_others(self) -> None:
+        """Adopts the instances of nodes whose lease expired (or that left)."""
+        nodes = self.nodes()
+        for node, rec in nodes.items():
+            if node == self.node_id:
+                continue
+            state = rec.get("state")
+            if state in ("alive", "left") and (state == "left" or self._expired(rec)):
+                self.adopt(node, rec)
+            elif state == "dead":
+                by = nodes.get(rec.get("adopted_by", ""))
+                if by is None or by.get("state") != "alive" or self._expired(by):
+                    self.adopt(node, rec)  # its adopter died too
+
+    # -- adoption ---------------------------------------------------------------------
+
+    def adopt(self, node: str, rec: dict[str, Any]) -> int:
+        """Takes over every unfinished instance of ``node``; returns how many."""
+        key = node.encode()
+        raw = dump(rec)
+        t0 = self.now_ms()
+        mark = dict(rec, state="dead", adopted_by=self.node_id, adopted_at=t0)
+        try:
+            self.storage.write(WriteBatch().guard(NODES, key, raw).put(NODES, key, dump(mark)))
+        except ConflictError:
+            return 0  # it came back, or another node is adopting it
+        log.warning("node %s adopts the instances of node %s (last heartbeat %d ms ago)",
+                    self.node_id, node, t0 - rec.get("hb", 0))
+        taken: list[tuple[bytes, str]] = []
+        prefix = key + b"\x00"
+        while True:
+            rows = self.storage.scan(OWNED, prefix=prefix, limit=_CHUNK, keys_only=True)
+            if not rows:
+                break
+            taken.extend(self._claim_chunk(node, [k[len(prefix):] for k, _ in rows]))
+        done = dict(mark, state="adopted", adopted_done=self.now_ms(), adopted_n=len(taken))
+        try:
+            self.storage.write(WriteBatch().guard(NODES, key, dump(mark))
+                               .put(NODES, key, dump(done)))
+        except ConflictError:
+            pass
+        self.adoptions.append({"node": node, "n": len(taken), "at": t0,
+                               "ms": self.now_ms() - t0})
+        if taken and self.on_adopted is not None:
+            self.on_adopted(taken)
+        return len(taken)
+
+    def _claim_chunk(self, node: str, iks: list[bytes]) -> list[tuple[bytes, str]]:
+        """Claims the instances ``iks`` of ``node``; drops index entries of the rest."""
+        fences = self.storage.get_many(FENCE, iks)
+        owners = self.storage.get_many(OWNER, iks)
+        recs = self.storage.get_many(INST, iks)
+        waits: list[tuple[bytes, str, threading.Event, list[BaseException | None]]] = []
+        cleanup = WriteBatch()
+        for ik in iks:
+            raw, fence = recs.get(ik), fences.get(ik)
+            rec = load(raw) if raw is not None else None
+            if (owners.get(ik) != node.encode() or rec is None or fence is None
+                    or rec["s"] in FINISHED):
+                cleanup.delete(OWNED, owned_key(node, ik))
+                continue
+            epoch = int.from_bytes(fence, "big") + 1
+            rec["epoch"] = epoch
+            batch = WriteBatch()
+            batch.guard(FENCE, ik, fence).guard(OWNER, ik, node.encode())
+            batch.put(FENCE, ik, epoch_bytes(epoch)).put(INST, ik, dump(rec))
+            claim_ops(batch, ik, self.node_id, node)
+            ev = threading.Event()
+            res: list[BaseException | None] = [None]
+
+            def cb(err: BaseException | None, ev: threading.Event = ev,
+                   res: list[BaseException | None] = res) -> None:
+                res[0] = err
+                ev.set()
+
+            self.storage.submit(batch, cb)
+            waits.append((ik, rec["s"], ev, res))
+        if len(cleanup):
+            self.storage.write(cleanup)
+        out = []
+        for ik, status, ev, res in waits:
+            ev.wait()
+            if res[0] is None:
+                out.append((ik, status))
+            elif not isinstance(res[0], ConflictError):
+                raise res[0]
+            # A conflict: it moved meanwhile; the next scan reads it again.
+        return out
+
+
+
+#: The environment variable that makes a runtime join its data directory as a node.
+NODE_ID_ENV = "ACTORFLOW_NODE_ID"
+#: The environment variable with the node's lease timeout, in seconds.
+LEASE_TIMEOUT_ENV = "ACTORFLOW_LEASE_TIMEOUT"
+#: The memory map of a node: large and sparse, so that no process ever has to
+#: grow it while others have it mapped.
+NODE_MAP_SIZE = 1 << 38
+_POKE = b"\x00\xff"
+
+
+def poke_key(now_ms: int, ik: bytes) -> bytes:
+    """A timer due now that tells the owner of ``ik`` to read its events again."""
+    return timer_key(now_ms, WAKE_KIND, ik + _POKE)
+
+
+def is_poke(key: bytes) -> bool:
+    """True if timer ``key`` is a poke (see :func:`poke_key`)."""
+    return key.endswith(_POKE)
+
+
+def node_sequence(slot: int) -> itertools.count[int]:
+    """Event, history and queue ids for a node: increasing, and distinct across live nodes.
+
+    Ids start from the current time in microseconds, as for a lone runtime,
+    shifted by the slot so that every live node draws from its own residue.
+    """
+    return itertools.count(time.time_ns() // 1000 * _SLOTS + slot, _SLOTS)  # noqa: TID251
