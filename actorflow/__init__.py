@@ -19,6 +19,7 @@ from actorflow.history import Attempt, HistoryEvent, StepRecord
 from actorflow.limits import Limits
 from actorflow.objects import (
     AlarmInfo,
+    DeliveryError,
     DurableObject,
     DurableObjectId,
     DurableObjectNamespace,
@@ -40,6 +41,7 @@ __all__ = [
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DeliveryError",
     "DurableObject",
     "DurableObjectId",
     "DurableObjectNamespace",

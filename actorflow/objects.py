@@ -57,6 +57,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -72,6 +73,7 @@ from actorflow.timers import TimerService
 
 __all__ = [
     "AlarmInfo",
+    "DeliveryError",
     "DurableObject",
     "DurableObjectId",
     "DurableObjectNamespace",
@@ -95,6 +97,35 @@ class AlarmInfo:
     retry_count: int
     is_retry: bool
     scheduled_time: int  # epoch ms
+
+
+class DeliveryError(ActorflowError):
+    """A call to a Durable Object was lost on its way, as a network fault would lose it.
+
+    Raised to the caller instead of the call's result; only fault injection
+    (:mod:`actorflow.testing`) causes it in an embedded runtime. Its fields:
+    ``retryable`` (always True: the object is fine, try again), ``applied``
+    (False: the request was lost and the call never ran; True: the reply was
+    lost after the call ran and its writes became durable, so a retry applies
+    it twice unless the method is idempotent), ``namespace`` and ``method``.
+    """
+
+
+class _LostReply(LatchFuture[Any]):
+    """Stands in for a caller's reply: whatever the call returns, the caller gets ``error``."""
+
+    __slots__ = ("_caller", "_error")
+
+    def __init__(self, caller: LatchFuture[Any], error: DeliveryError) -> None:
+        super().__init__()
+        self._caller = caller
+        self._error = error
+
+    def set(self, value: Any | None = None) -> None:
+        self._caller.set_exception(exc_info=_exc_info(self._error))
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        self._caller.set_exception(exc_info=_exc_info(self._error))
 
 
 class DurableObjectId:
@@ -477,6 +508,7 @@ class DurableObjectNamespace(Generic[T]):
         self._lock = threading.Lock()
         self._closing = False
         self.activations = 0
+        self._delivery_fault: Callable[[DurableObjectId, str], str | None] | None = None
 
     # -- ids and stubs -------------------------------------------------------
 
@@ -550,8 +582,46 @@ class DurableObjectNamespace(Generic[T]):
         self, oid: DurableObjectId, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> LatchFuture[Any]:
         future: LatchFuture[Any] = LatchFuture()
+        fault = self._delivery_fault
+        if fault is not None:
+            action = fault(oid, name)
+            if action is not None:
+                self._deliver_faulty(action, oid, _Call(name, args, kwargs), future)
+                return future
         self._post(oid, Envelope(_Call(name, args, kwargs), reply_to=future))
         return future
+
+    def set_delivery_fault(
+        self, fault: Callable[[DurableObjectId, str], str | None] | None
+    ) -> None:
+        """Installs a hook that may lose or duplicate calls (used by :mod:`actorflow.testing`).
+
+        ``fault(id, method)`` is asked for every call and returns None
+        (deliver it), ``"drop"`` (lose the request: the call never runs),
+        ``"drop_reply"`` (run it, commit its writes, lose the reply) or
+        ``"duplicate"`` (deliver it twice in a row; the caller gets the first
+        reply). A lost request or reply raises :class:`DeliveryError` to the caller.
+        """
+        self._delivery_fault = fault
+
+    def _deliver_faulty(
+        self, action: str, oid: DurableObjectId, call: _Call, future: LatchFuture[Any]
+    ) -> None:
+        where = f"object {self.name}/{oid}: call {call.name!r}"
+        fields = {"namespace": self.name, "method": call.name, "retryable": True}
+        if action == "drop":
+            err = DeliveryError(f"{where}: the request was lost before it reached the object; "
+                                "the call did not run", applied=False, **fields)
+            future.set_exception(exc_info=_exc_info(err))
+        elif action == "drop_reply":
+            err = DeliveryError(f"{where}: the reply was lost; the call ran and its writes are "
+                                "durable", applied=True, **fields)
+            self._post(oid, Envelope(call, reply_to=_LostReply(future, err)))
+        elif action == "duplicate":
+            self._post(oid, Envelope(call, reply_to=future))
+            self._post(oid, Envelope(_Call(call.name, call.args, call.kwargs)))
+        else:
+            raise ValueError(f"unknown delivery fault {action!r}")
 
     def _call(
         self, oid: DurableObjectId, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]

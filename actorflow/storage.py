@@ -314,6 +314,7 @@ class Storage:
         self._after_batch: list[Callable[[], None]] = []
         self._observers: list[CommitObserver] = []
         self._fault: Callable[[WriteBatch], None] | None = None
+        self._latency = 0.0
         self._closed = False
         self.commits = 0
         self.batches = 0
@@ -555,6 +556,14 @@ class Storage:
         """
         self._fault = fault
 
+    def set_latency(self, seconds: float) -> None:
+        """Makes every group commit take ``seconds`` longer, as a slow disk's fsync would.
+
+        Callers wait that much longer for their writes; nothing else changes.
+        ``0`` removes the latency. Used by :mod:`actorflow.testing`.
+        """
+        self._latency = max(0.0, float(seconds))
+
     def _run(self) -> None:
         q = self._queue
         while True:
@@ -612,6 +621,8 @@ class Storage:
                 err = StorageError(f"durable write to {self.path} failed: {exc}")
                 results = [err] * len(items)
                 break
+        if self._latency:
+            time.sleep(self._latency)  # an injected slow disk (set_latency)
         for (batch, _cb), err in zip(items, results, strict=True):
             chain = batch.chain
             if err is not None and chain is not None and not chain.failed:

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from actorflow.binding import WorkflowModifier
 from actorflow.clock import _Subscribers, parse_duration_ms, to_datetime
+from actorflow.faults import Faults
 from actorflow.node import NodeProcess, NodeProcessError
 
 if TYPE_CHECKING:
     from actorflow.runtime import Runtime
 
-__all__ = ["FakeClock", "NodeProcess", "NodeProcessError", "WorkflowModifier"]
+__all__ = ["FakeClock", "Faults", "NodeProcess", "NodeProcessError", "WorkflowModifier"]
 
 
 class FakeClock:

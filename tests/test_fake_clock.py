@@ -165,6 +165,7 @@ REAL_TIME_ALLOWED = {
     "engine/context.py:EngineContext._shutdown": "close()'s grace period",
     "supervisor.py:Supervisor.pump": "re-checks a throttled queue (advance kicks it too)",
     "supervisor.py:Supervisor.crashed": "crash-loop window and restart backoff",
+    "engine/instance.py:InstanceActor._fail_later": "retries a write storage refused",
     "objects.py:_ObjectActor.__init__": "idle eviction frees memory in real time",
     "objects.py:_ObjectActor._handle_envelope": "idle eviction frees memory in real time",
     "objects.py:DurableObjectNamespace.evict_idle": "idle eviction frees memory in real time",
@@ -173,6 +174,7 @@ REAL_TIME_ALLOWED = {
     "binding.py:Instance.wait_for_status": "the caller's timeout",
     "binding.py:Instance.wait_for_step": "the caller's timeout",
     "runtime.py:Runtime.wait_until_idle": "the caller's timeout",
+    "timers.py:TimerService._pass": "the periodic full re-read of the index (sync() forces one)",
 }
 
 

@@ -12,6 +12,7 @@ EXPECTED = {
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DeliveryError",
     "DurableObject",
     "DurableObjectId",
     "DurableObjectNamespace",
@@ -56,6 +57,7 @@ ERRORS = [
     "NonRetryableError",
     "SerializationError",
     "LimitExceeded",
+    "DeliveryError",
 ]
 PACKAGE = Path(af.__file__).parent
 
@@ -133,6 +135,8 @@ def test_layers_do_not_import_upwards() -> None:
         "lease": 2,
         "runtime": 3,
         "testing": 3,
+        "faults": 3,
+        "pytest_plugin": 4,
         "node": 3,
         "demo": 4,
         "cli": 4,

@@ -43,9 +43,9 @@ from actorflow.engine.records import (
     step_timers,
     steps_prefix,
 )
-from actorflow.errors import InvalidInstanceState
+from actorflow.errors import InvalidInstanceState, StorageError
 from actorflow.lease import OWNER, claim_ops, is_poke, poke_key
-from actorflow.storage import WriteBatch
+from actorflow.storage import ConflictError, WriteBatch
 from actorflow.timers import TIMERS
 from actorflow.workflow import FINISHED
 
@@ -298,8 +298,14 @@ class InstanceActor(PooledActor):
             self.add_history(batch, "INSTANCE_RECOVERED", {"reason": reason})
             try:
                 await self.commit(batch, new_epoch=True)
-            except BaseException:
+            except BaseException as e:
                 self.ctx.supervisor.released(self)
+                if isinstance(e, StorageError) and not isinstance(e, ConflictError):
+                    # Storage refused the write (a full disk): one more crash,
+                    # restarted with backoff, counted towards max_crashes.
+                    self.record["epoch"] = self.epoch
+                    self.ctx.supervisor.crashed(self, e)
+                    return
                 raise
         self.exec = Execution(self)
         self.seen_events = {k for q in self.exec.inbox.values() for k, _, _ in q}
@@ -327,11 +333,34 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
+        before = self.record
         self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
                         hist_data={"error": err})
-        await self.commit(batch, new_epoch=True)
+        try:
+            await self.commit(batch, new_epoch=True)
+        except StorageError as e:
+            if isinstance(e, ConflictError):
+                raise
+            # Not even "errored" can be written (a full disk): the instance
+            # keeps its last durable status, and the write is tried again.
+            self.record = before
+            self.dequeued.clear()
+            self.enqueued.clear()
+            self._fail_later(message)
+            return
         self.ctx.timers_done(keys)
         self.ctx.supervisor.finished(self)
+
+    def _fail_later(self, message: str, delay: float = 1.0) -> None:
+        sup = self.ctx.supervisor
+        sup.restarting += 1  # pending work: the runtime is not idle meanwhile
+
+        def again() -> None:
+            sup.restarting -= 1
+            if not sup.closing:
+                sup.actor(self.wfe, self.iid).actor_ref.tell(("fail", message))
+
+        self.ctx.loop.call_later(delay, again)
 
     async def handle_pause(self) -> None:
         await self.take_over()
