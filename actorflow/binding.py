@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from actorflow.engine.context import WorkflowEngine
@@ -286,6 +287,11 @@ class WorkflowModifier:
         return self
 
 
+def _created_ms(idx: bytes) -> int:
+    """The creation time (epoch ms) held by a status-index key."""
+    return 2**63 - int.from_bytes(idx.split(b"\x00", 2)[2][:8], "big")
+
+
 class WorkflowBinding:
     """A registered workflow: creates, finds and lists its instances."""
 
@@ -411,10 +417,17 @@ class WorkflowBinding:
         *,
         limit: int | None = 100,
         cursor: str | None = None,
+        created_after: datetime | int | None = None,
     ) -> list[Instance]:
         """Lists instances, newest first, optionally of one status.
 
-        ``cursor`` is the id of the last instance of the previous page.
+        Args:
+            status: Only instances in this status.
+            limit: The most instances to return (None: all).
+            cursor: The id of the last instance of the previous page; the
+                page starts after it, also if its status changed meanwhile.
+            created_after: Only instances created strictly after this
+                (an aware datetime, or epoch milliseconds).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; use one of {STATUSES}")
@@ -427,9 +440,16 @@ class WorkflowBinding:
         if status is not None:
             keys = self._overlay_live(status, keys)
         keys.sort(key=lambda k: k.split(b"\x00", 2)[2])
+        if created_after is not None:
+            after = (created_after if isinstance(created_after, int)
+                     else round(created_after.timestamp() * 1000))
+            keys = [k for k in keys if _created_ms(k) > after]
+        if cursor is not None:
+            raw = self._storage.get(INST, self._wfe.ik(cursor))
+            if raw is not None:  # the page starts after the cursor's place in the order
+                mark = idx_key(self.name, "", load(raw)["created"], cursor).split(b"\x00", 2)[2]
+                keys = [k for k in keys if k.split(b"\x00", 2)[2] > mark]
         ids = [idx_iid(k) for k in keys]
-        if cursor is not None and cursor in ids:
-            ids = ids[ids.index(cursor) + 1:]
         if limit is not None:
             ids = ids[:limit]
         return [Instance(self, i) for i in ids]

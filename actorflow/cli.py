@@ -1,28 +1,53 @@
-"""The ``actorflow`` command: inspect a data directory and run benchmarks.
+"""The ``actorflow`` command: inspect and control workflow instances, serve, benchmark.
 
-    actorflow --data ./actorflow-data list [--workflow W] [--status S]
-    actorflow --data ./actorflow-data status WORKFLOW ID
-    actorflow --data ./actorflow-data history WORKFLOW ID
-    actorflow --data ./actorflow-data steps WORKFLOW ID
-    actorflow bench [steps create latency objects disk] [--repeat 3] [--json]
-                    [--profile cloudflare-v2]
+    actorflow [--data DIR | --url URL [--token T]] [--json] COMMAND ...
 
-The inspection commands read the data directory; they never change it.
+    list [--workflow W] [--status S] [--limit N] [--cursor C]
+    status WORKFLOW ID          history WORKFLOW ID          steps WORKFLOW ID
+    send-event WORKFLOW ID TYPE [--payload JSON]
+    pause | resume | terminate WORKFLOW ID
+    restart WORKFLOW ID [--from-step NAME]
+    metrics
+    serve [--app pkg.mod:factory] [--host H] [--port P] [--token T]
+    bench ...                   (arguments go to ``actorflow.bench``)
+
+With ``--data`` (the default, ``./actorflow-data``) it works on a data
+directory. Reads are always safe: LMDB readers never block or disturb a
+writer. Changes (``send-event``, ``pause``, ...) need the directory to be
+closed: while a runtime holds it open, they are refused, and ``--url``
+sends them to that runtime's HTTP API (``actorflow serve``) instead. On a
+closed directory they write the same durable records as the Python API, so
+the next runtime that registers the workflow continues from them.
 """
 
 from __future__ import annotations
 
-import argparse
+import base64
+import fcntl
+import importlib
 import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
 from typing import Any
 
-from actorflow.bench import CLOUDFLARE_V2, SCENARIOS, run_scenarios
+import click
+
 from actorflow.engine.records import IDX, INST, ikey, load
 from actorflow.history import read_history, read_steps
+from actorflow.runtime import OWNER_LOCK, Runtime
 from actorflow.storage import Storage
+from actorflow.workflow import STATUSES
 
-__all__ = ["main"]
+__all__ = ["cli", "format_table", "main"]
+
+_ACTIONS = ("pause", "resume", "terminate", "restart")
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -31,142 +56,457 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*map(str, r)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
-def _record(store: Storage, wf: str, iid: str) -> dict[str, Any]:
-    raw = store.get(INST, ikey(wf, iid))
-    if raw is None:
-        raise SystemExit(f"actorflow: workflow {wf!r} has no instance {iid!r}")
-    return load(raw)
+def _plain(value: Any) -> Any:
+    """JSON-ready data from records, dataclasses and datetimes."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="milliseconds")
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
 
 
-def _cmd_list(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Instances of the index, newest first, filtered by workflow and status."""
-    out = []
-    for key, _ in store.scan(IDX, keys_only=True):
-        wf, status, _created, iid = key.split(b"\x00", 3)
-        if args.workflow and wf.decode() != args.workflow:
-            continue
-        if args.status and status.decode() != args.status:
-            continue
-        rec = _record(store, wf.decode(), iid.decode())
-        out.append(
-            {
-                "workflow": wf.decode(),
-                "id": iid.decode(),
-                "status": status.decode(),
-                "created_ms": rec["created"],
-                "error": rec.get("error"),
-            }
-        )
-    out.sort(key=lambda r: -r["created_ms"])
-    return out[: args.limit]
+def _iso_ms(ms: int | None) -> str:
+    from actorflow.clock import to_datetime
+
+    return "" if ms is None else to_datetime(ms / 1000).isoformat(timespec="milliseconds")
+
+
+# -- the data directory -----------------------------------------------------------
+
+
+class _ToolRuntime(Runtime):
+    """A runtime opened by the command while it holds the owner lock exclusively."""
+
+    def _lock_owner(self) -> int:
+        return -1
+
+
+@contextmanager
+def _exclusive(data: str) -> Iterator[None]:
+    """Holds the data directory's owner lock exclusively, or fails if a runtime has it."""
+    if not os.path.isdir(data):
+        raise click.ClickException(f"no data directory at {data}")
+    fd = os.open(os.path.join(data, OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(
+                f"a running process has {data} open; changing it from here could corrupt it. "
+                "Send the change through that process's HTTP API instead: "
+                "actorflow --url http://HOST:PORT ... (see `actorflow serve`)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _Local:
+    """Reads (and, when no process has it open, changes) a data directory."""
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+    @contextmanager
+    def _store(self) -> Iterator[Storage]:
+        if not os.path.exists(os.path.join(self.data, "data.mdb")):
+            raise click.ClickException(f"no actorflow data directory at {self.data}")
+        store = Storage(self.data)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def _record(self, store: Storage, wf: str, iid: str) -> dict[str, Any]:
+        raw = store.get(INST, ikey(wf, iid))
+        if raw is None:
+            raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
+        return load(raw)
+
+    def instances(self, workflow: str | None, status: str | None, limit: int,
+             cursor: str | None) -> dict[str, Any]:
+        with self._store() as store:
+            prefix = f"{workflow}\x00".encode() if workflow else b""
+            rows = []
+            for key, _ in store.scan(IDX, prefix=prefix, keys_only=True):
+                wf_b, st_b, rest = key.split(b"\x00", 2)
+                if status and st_b.decode() != status:
+                    continue
+                rows.append((rest, wf_b.decode(), st_b.decode()))
+            rows.sort()  # newest first: the index holds the inverted creation time
+            if cursor:
+                try:
+                    mark = _split_mark(base64.urlsafe_b64decode(cursor.encode()))
+                except ValueError:
+                    raise click.BadParameter("not a cursor printed by list",
+                                             param_hint="--cursor") from None
+                rows = [r for r in rows if (r[0], r[1]) > mark]
+            page = rows[:limit]
+            out = []
+            for rest, name, st in page:
+                iid = rest[9:].decode()
+                rec = self._record(store, name, iid)
+                out.append({"workflow": name, "id": iid, "status": st,
+                            "created": _iso_ms(rec["created"]), "error": rec.get("error")})
+            nxt = None
+            if len(rows) > limit and page:
+                rest, name, _ = page[-1]
+                nxt = base64.urlsafe_b64encode(rest + b"\x00" + name.encode()).decode()
+            return {"instances": out, "cursor": nxt}
+
+    def status(self, wf: str, iid: str) -> dict[str, Any]:
+        with self._store() as store:
+            rec = self._record(store, wf, iid)
+            status = rec["s"] if rec["s"] in STATUSES else "unknown"
+            out = None
+            if status == "complete" and rec.get("output") is not None:
+                out = store.serializer.loads(rec["output"])
+            return {"workflow": wf, "id": iid, "status": status, "output": out,
+                    "error": rec.get("error") if status == "errored" else None,
+                    "created": _iso_ms(rec["created"]), "started": _iso_ms(rec.get("started"))}
+
+    def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
+        with self._store() as store:
+            rec = self._record(store, wf, iid)
+            return [_plain(e) for e in read_history(store, ikey(wf, iid), rec)]
+
+    def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
+        with self._store() as store:
+            self._record(store, wf, iid)
+            return [_plain(s) for s in read_steps(store, ikey(wf, iid))]
+
+    def metrics(self) -> dict[str, Any]:
+        with _exclusive(self.data), _ToolRuntime(self.data) as rt:
+            return rt.metrics().to_dict()
+
+    def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
+        from actorflow.errors import ActorflowError
+
+        with _exclusive(self.data), _ToolRuntime(self.data) as rt:
+            try:
+                inst = rt.unregistered(wf).get(iid)
+                if action == "event":
+                    inst.send_event(kw["type"], kw.get("payload"))
+                elif action == "restart":
+                    inst.restart(from_step=kw.get("from_step"))
+                else:
+                    getattr(inst, action)()
+            except ActorflowError as e:
+                raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+def _split_mark(mark: bytes) -> tuple[bytes, str]:
+    rest, wf = mark.rsplit(b"\x00", 1)
+    return rest, wf.decode()
+
+
+# -- a running service ---------------------------------------------------------------
+
+
+class _Remote:
+    """Talks to a running runtime through its HTTP API (``actorflow serve``)."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _call(self, method: str, path: str, body: Any = None,
+              query: dict[str, Any] | None = None) -> Any:
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                envelope = json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                envelope = json.loads(e.read() or b"{}")
+            except ValueError:
+                raise click.ClickException(f"{method} {url}: HTTP {e.code}") from None
+            errors = envelope.get("errors") or [{"message": f"HTTP {e.code}"}]
+            raise click.ClickException("; ".join(
+                f"{err.get('name') or 'Error'}: {err.get('message')}" for err in errors)) from None
+        except urllib.error.URLError as e:
+            raise click.ClickException(f"cannot reach {self.url}: {e.reason}") from None
+        return envelope.get("result") if isinstance(envelope, dict) else envelope
+
+    def _wfs(self) -> list[str]:
+        result = self._call("GET", "/api/workflows") or []
+        return [w["name"] if isinstance(w, dict) else str(w) for w in result]
+
+    def instances(self, workflow: str | None, status: str | None, limit: int,
+             cursor: str | None) -> dict[str, Any]:
+        if workflow is None:
+            rows: list[dict[str, Any]] = []
+            for wf in self._wfs():
+                rows += self.instances(wf, status, limit, None)["instances"]
+            rows.sort(key=lambda r: r.get("created") or "", reverse=True)
+            return {"instances": rows[:limit], "cursor": None}
+        result = self._call("GET", f"/api/workflows/{_q(workflow)}/instances",
+                            query={"status": status, "limit": limit, "cursor": cursor})
+        items = result.get("instances", []) if isinstance(result, dict) else (result or [])
+        nxt = result.get("cursor") if isinstance(result, dict) else None
+        return {"instances": [dict(r, workflow=r.get("workflow", workflow)) for r in items],
+                "cursor": nxt}
+
+    def status(self, wf: str, iid: str) -> dict[str, Any]:
+        result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}")
+        result = dict(result or {})
+        result.pop("steps", None)
+        return result
+
+    def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}/history")
+                    or [])
+
+    def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
+        result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}") or {}
+        return list(result.get("steps", []))
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/metrics") or {})
+
+    def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
+        base = f"/api/workflows/{_q(wf)}/instances/{_q(iid)}"
+        if action == "event":
+            self._call("POST", f"{base}/events/{_q(kw['type'])}", kw.get("payload"))
+        else:
+            body: dict[str, Any] = {"status": action}
+            if kw.get("from_step"):
+                body["from_step"] = kw["from_step"]
+            self._call("PATCH", f"{base}/status", body)
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, target: _Local | _Remote, as_json: bool) -> None:
+        self.target = target
+        self.json = as_json
+
+    def emit(self, data: Any, table: str) -> None:
+        click.echo(json.dumps(_plain(data), indent=2) if self.json else table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", default="./actorflow-data", show_default=True, envvar="ACTORFLOW_DATA",
+              help="The data directory.")
+@click.option("--url", default=None, envvar="ACTORFLOW_URL",
+              help="A running runtime's HTTP API (actorflow serve), instead of --data.")
+@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN",
+              help="Bearer token for --url (or ACTORFLOW_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_context
+def cli(ctx: click.Context, data: str, url: str | None, token: str | None,
+        as_json: bool) -> None:
+    """Inspect and control actorflow workflow instances."""
+    target: _Local | _Remote = _Remote(url, token) if url else _Local(data)
+    ctx.obj = _Ctx(target, as_json)
+
+
+@cli.command("list")
+@click.option("--workflow", "-w", default=None, help="Only this workflow.")
+@click.option("--status", "-s", default=None, type=click.Choice(STATUSES),
+              help="Only this status.")
+@click.option("--limit", "-n", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--cursor", default=None, help="The cursor printed after the previous page.")
+@click.pass_obj
+def list_cmd(obj: _Ctx, workflow: str | None, status: str | None, limit: int,
+             cursor: str | None) -> None:
+    """List instances, newest first."""
+    page = obj.target.instances(workflow, status, limit, cursor)
+    rows = [[r["workflow"], r["id"], r["status"], r.get("created") or ""]
+            for r in page["instances"]]
+    table = format_table(rows, ["workflow", "id", "status", "created"])
+    if page["cursor"]:
+        table += f"\n(more: --cursor {page['cursor']})"
+    obj.emit(page, table)
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.pass_obj
+def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
+    """Show an instance's status, output and error."""
+    st = obj.target.status(workflow, instance_id)
+    rows = [[k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
+            for k, v in st.items() if v is not None]
+    obj.emit(st, format_table(rows, ["field", "value"]))
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.pass_obj
+def history(obj: _Ctx, workflow: str, instance_id: str) -> None:
+    """Show an instance's event log, oldest first."""
+    events = obj.target.history(workflow, instance_id)
+    rows = [[e.get("timestamp") or "", e["type"], e.get("step") or "",
+             str(e.get("attempt") or ""), _brief(e.get("data"))] for e in events]
+    obj.emit(events, format_table(rows, ["time", "event", "step", "attempt", "data"]))
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.pass_obj
+def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
+    """Show an instance's steps with their attempts."""
+    recs = obj.target.steps(workflow, instance_id)
+    rows = []
+    for s in recs:
+        atts = s.get("attempts") or []
+        failed = sum(1 for a in atts if a.get("error"))
+        err = s.get("error") or {}
+        rows.append([s["name"], str(s["count"]), s["kind"], s["status"], str(len(atts)),
+                     str(failed), _duration(s.get("start"), s.get("end")),
+                     f"{err.get('name')}: {err.get('message')}" if err else
+                     _brief(s.get("output"))])
+    obj.emit(recs, format_table(rows, ["step", "count", "kind", "status", "attempts",
+                                       "failed", "duration", "output / error"]))
+
+
+@cli.command()
+@click.pass_obj
+def metrics(obj: _Ctx) -> None:
+    """Show counts by status, rates, queue depths and commit latency."""
+    m = obj.target.metrics()
+    rows = [[k, f"{v:,.2f}" if isinstance(v, float) else str(v)]
+            for k, v in m.items() if k != "workflows"]
+    for name, wm in (m.get("workflows") or {}).items():
+        counts = " ".join(f"{s}={n}" for s, n in sorted((wm.get("counts") or {}).items()))
+        rows.append([f"workflow {name}", f"{counts} queue={wm.get('queue_depth')}"])
+    obj.emit(m, format_table(rows, ["figure", "value"]))
+
+
+@cli.command("send-event")
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.argument("event_type")
+@click.option("--payload", default=None, help="The event's payload, as JSON.")
+@click.pass_obj
+def send_event(obj: _Ctx, workflow: str, instance_id: str, event_type: str,
+               payload: str | None) -> None:
+    """Send an event to an instance."""
+    try:
+        value = None if payload is None else json.loads(payload)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--payload") from None
+    obj.target.control(workflow, instance_id, "event", type=event_type, payload=value)
+    obj.emit({"ok": True}, f"sent {event_type!r} to {workflow}/{instance_id}")
+
+
+def _action(name: str, doc: str) -> None:
+    @click.argument("workflow")
+    @click.argument("instance_id")
+    @click.pass_obj
+    def command(obj: _Ctx, workflow: str, instance_id: str, **kw: Any) -> None:
+        obj.target.control(workflow, instance_id, name, **kw)
+        obj.emit({"ok": True}, f"{name}: {workflow}/{instance_id}")
+
+    command.__doc__ = doc
+    if name == "restart":
+        command = click.option("--from-step", default=None,
+                               help="Keep the steps before this step.")(command)
+    cli.command(name)(command)
+
+
+_action("pause", "Pause an instance.")
+_action("resume", "Resume a paused instance.")
+_action("terminate", "Terminate an instance for good.")
+_action("restart", "Run an instance again from the start (or from a step).")
+
+
+@cli.command()
+@click.option("--app", default=None,
+              help="pkg.module:factory building the Runtime (with its registrations).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int)
+@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN",
+              help="Bearer token required by mutating endpoints (or ACTORFLOW_TOKEN).")
+@click.pass_context
+def serve(ctx: click.Context, app: str | None, host: str, port: int,
+          token: str | None) -> None:
+    """Serve the HTTP API and dashboard of a runtime."""
+    if token is None and ctx.parent is not None:
+        token = ctx.parent.params.get("token")
+    try:
+        http = importlib.import_module("actorflow.http")
+    except ImportError as e:
+        raise click.ClickException(
+            f"the HTTP API is not available ({e}); install actorflow[serve]") from None
+    if app:
+        mod_name, _, attr = app.partition(":")
+        factory = getattr(importlib.import_module(mod_name), attr or "create_runtime")
+        rt = factory()
+    else:
+        data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
+        rt = Runtime(data)
+    try:
+        http.serve(rt, host=host, port=port, token=token)
+    finally:
+        rt.close()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Run the benchmarks (arguments go to actorflow.bench; try `bench --help`)."""
+    mod = importlib.import_module("actorflow.bench")
+    ctx.exit(mod.main(list(args)))
+
+
+def _brief(value: Any, width: int = 60) -> str:
+    if value in (None, {}, []):
+        return ""
+    text = value if isinstance(value, str) else json.dumps(_plain(value))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    if not start or not end:
+        return ""
+    ms = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() * 1000
+    return f"{ms:,.0f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="actorflow", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="./actorflow-data", help="the data directory")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("list", help="list instances, newest first")
-    p.add_argument("--workflow")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=50)
-    for name in ("status", "history", "steps"):
-        p = sub.add_parser(name, help=f"show an instance's {name}")
-        p.add_argument("workflow")
-        p.add_argument("id")
-    p = sub.add_parser("bench", help="run benchmark scenarios and print a table")
-    p.add_argument(
-        "scenarios",
-        nargs="*",
-        default=["disk", "steps", "create", "latency", "objects"],
-        metavar="SCENARIO",
-        help=f"any of {sorted(SCENARIOS)}",
-    )
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--profile", choices=["cloudflare-v2"], default=None)
-    args = parser.parse_args(argv)
-
-    if args.cmd == "bench":
-        res = run_scenarios(
-            args.scenarios,
-            args.repeat,
-            progress=lambda m: print(f"  running {m}", file=sys.stderr, flush=True),
-        )
-        if args.json:
-            print(json.dumps(res, indent=2))
-            return 0
-        rows = []
-        disk = res.get("disk", {}).get("fsync_commits_per_s")
-        for scen, figures in res.items():
-            for k, v in figures.items():
-                row = [scen, k, f"{v:,.2f}"]
-                if args.profile == "cloudflare-v2":
-                    cf = CLOUDFLARE_V2.get(k)
-                    row += [f"{cf:,.0f}" if cf else "", f"{v / cf:,.0f}x" if cf else ""]
-                if disk and k.endswith("_per_s") and scen != "disk":
-                    row.append(f"{v / disk:.1f}x disk")
-                rows.append(row)
-        header = ["scenario", "figure", f"median of {args.repeat}"]
-        if args.profile == "cloudflare-v2":
-            header += ["Cloudflare V2", "ratio"]
-        width = max(len(r) for r in rows)
-        header += [""] * (width - len(header))
-        print(format_table([r + [""] * (width - len(r)) for r in rows], header))
-        return 0
-
-    store = Storage(args.data)
+    """Runs the command; returns its exit status."""
     try:
-        if args.cmd == "list":
-            found = _cmd_list(store, args)
-            if args.json:
-                print(json.dumps(found, indent=2))
-            else:
-                print(
-                    format_table(
-                        [[r["workflow"], r["id"], r["status"]] for r in found],
-                        ["workflow", "id", "status"],
-                    )
-                )
-            return 0
-        rec = _record(store, args.workflow, args.id)
-        ik = ikey(args.workflow, args.id)
-        steps = read_steps(store, ik)
-        if args.cmd == "status":
-            out = {
-                "status": rec["s"],
-                "error": rec.get("error"),
-                "output": store.serializer.loads(rec["output"]) if rec.get("output") else None,
-            }
-            print(json.dumps(out, indent=None if args.json else 2, default=str))
-        elif args.cmd == "steps":
-            rows = [[s.name, str(s.count), s.kind, s.status, str(len(s.attempts))] for s in steps]
-            print(
-                json.dumps([s.__dict__ for s in steps], default=str)
-                if args.json
-                else format_table(rows, ["step", "count", "kind", "status", "attempts"])
-            )
-        else:
-            events = read_history(store, ik, rec, steps)
-            rows = [
-                [
-                    e.timestamp.isoformat(timespec="milliseconds"),
-                    e.type,
-                    e.step or "",
-                    str(e.attempt or ""),
-                ]
-                for e in events
-            ]
-            print(
-                json.dumps([e.__dict__ for e in events], default=str)
-                if args.json
-                else format_table(rows, ["time", "event", "step", "attempt"])
-            )
-        return 0
-    finally:
-        store.close()
+        code = cli.main(args=argv, prog_name="actorflow", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

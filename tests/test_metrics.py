@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Journal
 
 import actorflow as af
 from actorflow.engine.records import IDX
@@ -31,7 +30,7 @@ class Sleeper(af.Workflow):
 
 class Blocker(af.Workflow):
     def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
-        journal: Journal = self.env
+        journal: Any = self.env
         step.do("hold", lambda: journal.block("go"))
         return event.payload
 
@@ -96,7 +95,7 @@ def test_creation_and_step_rates(rt: af.Runtime, clock: FakeClock) -> None:
     assert (later.creations_per_s, later.steps_per_s, later.commits_per_s) == (0.0, 0.0, 0.0)
 
 
-def test_queue_depth_running_and_cap(make_runtime: Any, journal: Journal) -> None:
+def test_queue_depth_running_and_cap(make_runtime: Any, journal: Any) -> None:
     rt = make_runtime(limits=af.Limits(max_concurrent=1))
     wf = rt.register(Blocker, name="blocker", env=journal)
     first = wf.create(id="b0", params=0)

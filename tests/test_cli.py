@@ -1,0 +1,335 @@
+"""The ``actorflow`` command: reads, changes on a closed directory, refusal on an open one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import actorflow as af
+from actorflow.cli import cli, main
+from actorflow.testing import FakeClock
+
+
+class Order(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        journal: Any = self.env
+
+        def charge(ctx: af.StepContext) -> str:
+            journal.add(("charge", event.instance_id))
+            if ctx.attempt == 1 and event.payload == "flaky":
+                raise RuntimeError("card declined")
+            return "charged"
+
+        step.do("charge", charge, retries={"limit": 2, "delay": 1, "backoff": "constant"})
+        ev = step.wait_for_event("approval", "approved", timeout="1 hour")
+        step.do("ship", lambda: journal.add(("ship", event.instance_id)))
+        return ev.payload
+
+
+def run_cli(data: Path, *args: str, code: int = 0) -> Result:
+    result = CliRunner().invoke(cli, ["--data", str(data), *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture
+def data(tmp_path: Path, journal: Any) -> Path:
+    """A closed data directory with three instances waiting for their approval."""
+    path = tmp_path / "data"
+    with af.Runtime(path) as rt:
+        wf = rt.register(Order, name="order", env=journal)
+        for i, p in enumerate(["flaky", "ok", "ok"]):
+            wf.create(id=f"o{i}", params=p)
+        for i in range(3):
+            wf.get(f"o{i}").wait_for_status("waiting")
+    return path
+
+
+def reopen(path: Path, journal: Any) -> tuple[af.Runtime, af.WorkflowBinding]:
+    rt = af.Runtime(path)
+    return rt, rt.register(Order, name="order", env=journal)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+def test_list_status_history_steps(data: Path) -> None:
+    out = run_cli(data, "list").output
+    assert out.splitlines()[0].split() == ["workflow", "id", "status", "created"]
+    assert [line.split()[1] for line in out.splitlines()[2:]] == ["o2", "o1", "o0"]
+    rows = json.loads(run_cli(data, "--json", "list", "--status", "waiting").output)
+    assert [r["id"] for r in rows["instances"]] == ["o2", "o1", "o0"]
+    assert json.loads(run_cli(data, "--json", "list", "--status", "complete").output) == {
+        "instances": [], "cursor": None}
+    st = json.loads(run_cli(data, "--json", "status", "order", "o0").output)
+    assert (st["status"], st["error"]) == ("waiting", None)
+    assert "waiting" in run_cli(data, "status", "order", "o0").output
+    hist = json.loads(run_cli(data, "--json", "history", "order", "o0").output)
+    types_ = [e["type"] for e in hist]
+    assert types_[:3] == ["WORKFLOW_QUEUED", "WORKFLOW_START", "STEP_START"]
+    assert "ATTEMPT_FAILURE" in types_ and types_[-1] == "WAIT_START"
+    assert "ATTEMPT_FAILURE" in run_cli(data, "history", "order", "o0").output
+    steps = json.loads(run_cli(data, "--json", "steps", "order", "o0").output)
+    charge = steps[0]
+    assert (charge["name"], charge["status"], len(charge["attempts"])) == ("charge", "complete", 2)
+    assert charge["attempts"][0]["error"] == {"name": "RuntimeError", "message": "card declined"}
+    assert charge["attempts"][0]["retry_delay_ms"] == 1
+    table = run_cli(data, "steps", "order", "o0").output
+    assert "charge" in table and "approval" in table and "wait_for_event" in table
+    err = run_cli(data, "status", "order", "nope", code=1).output
+    assert "no instance 'nope'" in err
+
+
+def test_list_pages_with_a_cursor(data: Path) -> None:
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        args = ["--json", "list", "--limit", "2"] + (["--cursor", cursor] if cursor else [])
+        page = json.loads(run_cli(data, *args).output)
+        seen += [r["id"] for r in page["instances"]]
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == ["o2", "o1", "o0"]
+    assert "--cursor" in run_cli(data, "list", "--limit", "1").output
+    run_cli(data, "list", "--cursor", "!!", code=2)
+
+
+def test_metrics_command(data: Path) -> None:
+    m = json.loads(run_cli(data, "--json", "metrics").output)
+    assert m["workflows"]["order"]["counts"] == {"waiting": 3}
+    assert "workflow order" in run_cli(data, "metrics").output
+
+
+# -- changes on a closed directory: the next runtime continues them ---------------------------
+
+
+def test_send_event_is_taken_by_the_next_runtime(data: Path, journal: Any) -> None:
+    run_cli(data, "send-event", "order", "o1", "approved", "--payload", '{"by": "ann"}')
+    assert json.loads(run_cli(data, "--json", "status", "order", "o1").output)["status"] == "queued"
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o1").wait(timeout=10).output == {"by": "ann"}
+        assert wf.get("o2").status().status == "waiting"
+    assert journal.count(("ship", "o1")) == 1
+    run_cli(data, "send-event", "order", "o1", "approved", "--payload", "{not json", code=2)
+
+
+def test_pause_then_resume_offline(data: Path, journal: Any) -> None:
+    run_cli(data, "pause", "order", "o2")
+    run_cli(data, "send-event", "order", "o2", "approved", "--payload", '"late"')
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert rt.wait_until_idle()
+        assert wf.get("o2").status().status == "paused"  # the event waits in its buffer
+    run_cli(data, "resume", "order", "o2")
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o2").wait(timeout=10).output == "late"
+
+
+def test_terminate_offline_is_final(data: Path, journal: Any) -> None:
+    run_cli(data, "terminate", "order", "o0")
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o0").status().status == "terminated"
+        with pytest.raises(af.InvalidInstanceState, match="terminated"):
+            wf.get("o0").send_event("approved")
+    assert journal.count(("ship", "o0")) == 0
+    out = run_cli(data, "terminate", "order", "o0", code=1).output
+    assert "InvalidInstanceState" in out
+
+
+def test_restart_from_step_offline(data: Path, journal: Any) -> None:
+    rt, wf = reopen(data, journal)
+    with rt:
+        wf.get("o1").send_event("approved", 1)
+        assert wf.get("o1").wait(timeout=10).output == 1
+    charges = journal.count(("charge", "o1"))
+    run_cli(data, "restart", "order", "o1", "--from-step", "ship")
+    assert json.loads(run_cli(data, "--json", "status", "order", "o1").output)["status"] == "queued"
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o1").wait(timeout=10).output == 1  # the approval is kept too
+    assert journal.count(("charge", "o1")) == charges  # kept: before the restart point
+    assert journal.count(("ship", "o1")) == 2
+    run_cli(data, "restart", "order", "o1", "--from-step", "nope", code=1)
+
+
+# -- a directory a runtime holds open -----------------------------------------------------------
+
+_OWNER = """
+import sys, time, actorflow as af
+class Order(af.Workflow):
+    def run(self, event, step):
+        return step.wait_for_event("approval", "approved", timeout="1 hour").payload
+with af.Runtime(sys.argv[1]) as rt:
+    rt.register(Order, name="order")
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def owned(data: Path) -> Iterator[Path]:
+    proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(data)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield data
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_changes_are_refused_while_a_runtime_owns_the_directory(owned: Path) -> None:
+    for args in (["pause", "order", "o1"], ["terminate", "order", "o1"],
+                 ["restart", "order", "o1"], ["send-event", "order", "o1", "approved"],
+                 ["resume", "order", "o1"]):
+        out = run_cli(owned, *args, code=1).output
+        assert "running process" in out and "--url" in out
+    # Reads work meanwhile, and nothing was changed.
+    st = json.loads(run_cli(owned, "--json", "status", "order", "o1").output)
+    assert st["status"] == "waiting"
+    assert len(json.loads(run_cli(owned, "--json", "list").output)["instances"]) == 3
+
+
+def test_the_lock_is_released_when_the_runtime_closes(data: Path, journal: Any) -> None:
+    rt, _ = reopen(data, journal)
+    run_cli(data, "pause", "order", "o1", code=1)  # held by this process's runtime
+    rt.close()
+    run_cli(data, "pause", "order", "o1")
+
+
+# -- a running service through its HTTP API --------------------------------------------------------
+
+
+class _Stub(BaseHTTPRequestHandler):
+    calls: list[tuple[str, str, Any, str | None]]
+
+    def _reply(self, code: int, result: Any, errors: list[Any] | None = None) -> None:
+        body = json.dumps({"success": code < 400, "errors": errors or [], "messages": [],
+                           "result": result}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(n)) if n else None
+        self.calls.append((self.command, self.path, body, self.headers.get("Authorization")))
+        if self.path.startswith("/api/workflows/order/instances/missing"):
+            self._reply(404, None, [{"code": 404, "name": "InstanceNotFound",
+                                     "message": "no instance 'missing'"}])
+        elif self.path == "/api/workflows":
+            self._reply(200, [{"name": "order"}])
+        elif self.path.startswith("/api/workflows/order/instances?"):
+            self._reply(200, [{"id": "a", "status": "running", "created": "2026-01-01"}])
+        elif self.path == "/api/workflows/order/instances/a":
+            self._reply(200, {"id": "a", "status": "paused", "steps": [
+                {"name": "s", "count": 1, "kind": "do", "status": "complete", "attempts": []}]})
+        else:
+            self._reply(200, None)
+
+    do_GET = do_POST = do_PATCH = _handle
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def service() -> Iterator[tuple[str, list[Any]]]:
+    calls: list[Any] = []
+    handler = type("Handler", (_Stub,), {"calls": calls})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", calls
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
+    url, calls = service
+    r = CliRunner().invoke(cli, ["--url", url, "--token", "s3cret", "--json", "list",
+                                 "-w", "order", "-s", "running"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["instances"][0]["id"] == "a"
+    assert calls[-1][:2] == ("GET", "/api/workflows/order/instances?status=running&limit=50")
+    assert calls[-1][3] == "Bearer s3cret"
+    r = CliRunner().invoke(cli, ["--url", url, "status", "order", "a"])
+    assert r.exit_code == 0 and "paused" in r.output
+    r = CliRunner().invoke(cli, ["--url", url, "steps", "order", "a"])
+    assert r.exit_code == 0 and "complete" in r.output
+    CliRunner().invoke(cli, ["--url", url, "restart", "order", "a", "--from-step", "s"])
+    assert calls[-1][:3] == ("PATCH", "/api/workflows/order/instances/a/status",
+                             {"status": "restart", "from_step": "s"})
+    CliRunner().invoke(cli, ["--url", url, "terminate", "order", "a"],
+                       env={"ACTORFLOW_TOKEN": "from-env"})
+    assert calls[-1][2:] == ({"status": "terminate"}, "Bearer from-env")
+    CliRunner().invoke(cli, ["--url", url, "send-event", "order", "a", "go", "--payload", "[1]"])
+    assert calls[-1][:3] == ("POST", "/api/workflows/order/instances/a/events/go", [1])
+    r = CliRunner().invoke(cli, ["--url", url, "pause", "order", "missing"])
+    assert r.exit_code == 1 and "InstanceNotFound: no instance 'missing'" in r.output
+    r = CliRunner().invoke(cli, ["--url", url, "--json", "list"])
+    assert r.exit_code == 0 and calls[-2][1] == "/api/workflows"
+
+
+# -- serve and bench -------------------------------------------------------------------------------
+
+
+def test_serve_calls_the_http_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    got: dict[str, Any] = {}
+    fake = types.ModuleType("actorflow.http")
+
+    def serve(rt: af.Runtime, host: str, port: int, token: str | None) -> None:
+        got.update(data=rt.data_dir, host=host, port=port, token=token)
+
+    fake.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "actorflow.http", fake)
+    monkeypatch.setenv("ACTORFLOW_TOKEN", "tok")
+    assert main(["--data", str(tmp_path / "d"), "serve", "--host", "0.0.0.0", "--port", "9"]) == 0
+    assert got == {"data": str(tmp_path / "d"), "host": "0.0.0.0", "port": 9, "token": "tok"}
+
+
+def test_bench_arguments_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    import actorflow.bench
+
+    got: list[list[str]] = []
+    monkeypatch.setattr(actorflow.bench, "main", lambda argv: got.append(argv) or 3)
+    assert main(["bench", "--profile", "cloudflare-v2", "--repeat", "1", "--help"]) == 3
+    assert got == [["--profile", "cloudflare-v2", "--repeat", "1", "--help"]]
+
+
+# -- binding.list ----------------------------------------------------------------------------------
+
+
+def test_binding_list_pages_filters_and_keeps_its_place(rt: af.Runtime, clock: FakeClock) -> None:
+    wf = rt.unregistered("queued-only")  # nothing runs: they stay queued
+    for i in range(5):
+        wf.create(id=f"i{i}")
+        clock.advance(10)
+    ids = [i.id for i in wf.list()]
+    assert ids == ["i4", "i3", "i2", "i1", "i0"]
+    first = wf.list(limit=2)
+    assert [i.id for i in first] == ["i4", "i3"]
+    first[-1].terminate()  # its status changes: the next page still starts after it
+    assert [i.id for i in wf.list(limit=2, cursor="i3")] == ["i2", "i1"]
+    after = [i.id for i in wf.list(created_after=round(rt.clock.now() * 1000) - 25)]
+    assert after == ["i4", "i3"]
+    assert [i.id for i in wf.list(status="queued", limit=10)] == ["i4", "i2", "i1", "i0"]
