@@ -29,6 +29,16 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Browser tests of the dashboard in Debian's headless Chromium (/usr/bin/chromium, never downloaded).
+E2E_STAMP := $(VENV)/.installed-e2e
+$(E2E_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,serve,e2e]'
+	touch $@
+
+.PHONY: e2e
+e2e: $(E2E_STAMP)
+	$(BIN)/pytest -m e2e tests/e2e $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run.
 stress: $(STAMP)
 	$(BIN)/python benchmarks/scale.py recovery --n 10000

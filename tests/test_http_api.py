@@ -303,13 +303,19 @@ def test_metrics_uses_rt_metrics_when_present(
 ) -> None:
     rt.workflow("blocked").create(id="m1")
     got = ok(client.get("/api/metrics"))
-    if got["source"] == "counts":
-        assert got["metrics"]["instances_by_status"]["blocked"]["queued"] + sum(
-            v for k, v in got["metrics"]["instances_by_status"]["blocked"].items()
-            if k != "queued") == 1
-    monkeypatch.setattr(rt, "metrics", lambda: {"steps_per_s": 1.5, "at": None}, raising=False)
+    assert got["source"] == "runtime"
+    assert sum(got["metrics"]["workflows"]["blocked"]["counts"].values()) == 1
+    assert ok(client.get("/api/workflows/blocked"))["total"] == 1
+
+    monkeypatch.setattr(rt, "metrics", lambda: {"steps_per_s": 1.5, "at": None})
     assert ok(client.get("/api/metrics")) == {
         "source": "runtime", "metrics": {"steps_per_s": 1.5, "at": None}}
+    assert ok(client.get("/api/workflows/blocked"))["total"] == 1  # counted by listing
+
+    monkeypatch.setattr(rt, "metrics", None)  # a runtime without metrics
+    got = ok(client.get("/api/metrics"))
+    assert got["source"] == "counts"
+    assert sum(got["metrics"]["instances_by_status"]["blocked"].values()) == 1
 
 
 def test_values_that_are_not_json_are_shown_as_repr(rt: af.Runtime, journal: Journal) -> None:

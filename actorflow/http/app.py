@@ -241,22 +241,37 @@ class _Api:
 
     # -- handlers -------------------------------------------------------------------
 
+    def counts(self, names: list[str]) -> dict[str, dict[str, int]]:
+        """Counts by status of workflows ``names``.
+
+        From ``rt.metrics()`` (kept up to date, O(workflows)) when the runtime
+        has it, else by listing every instance.
+        """
+        fn = getattr(self.rt, "metrics", None)
+        by_wf = getattr(fn(), "workflows", None) if callable(fn) else None
+        out = {}
+        for name in names:
+            wm = by_wf.get(name) if isinstance(by_wf, dict) else None
+            if wm is not None and isinstance(getattr(wm, "counts", None), dict):
+                raw = wm.counts
+                out[name] = {s: int(raw.get(s, 0)) for s in STATUSES if s != "unknown"}
+            else:
+                out[name] = workflow_counts(self.rt.workflow(name))
+        return out
+
     async def list_workflows(self, request: Request) -> Response:
         """Every registered workflow with its instance counts by status."""
 
         def work() -> list[dict[str, Any]]:
-            out = []
-            for name in self.rt.workflows:
-                counts = workflow_counts(self.rt.workflow(name))
-                out.append({"name": name, "counts": counts, "total": sum(counts.values())})
-            return out
+            counts = self.counts(self.rt.workflows)
+            return [{"name": n, "counts": c, "total": sum(c.values())} for n, c in counts.items()]
 
         return envelope(await run_in_threadpool(work))
 
     async def get_workflow(self, request: Request) -> Response:
         """One workflow with its instance counts by status."""
         b = self.binding(request)
-        counts = await run_in_threadpool(workflow_counts, b)
+        counts = (await run_in_threadpool(self.counts, [b.name]))[b.name]
         return envelope({"name": b.name, "counts": counts, "total": sum(counts.values())})
 
     async def list_instances(self, request: Request) -> Response:
@@ -379,7 +394,7 @@ class _Api:
             fn = getattr(self.rt, "metrics", None)
             if callable(fn):
                 return {"source": "runtime", "metrics": jsonable(fn())}
-            counts = {n: workflow_counts(self.rt.workflow(n)) for n in self.rt.workflows}
+            counts = self.counts(self.rt.workflows)
             return {"source": "counts", "metrics": {"instances_by_status": counts}}
 
         return envelope(await run_in_threadpool(work))
