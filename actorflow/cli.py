@@ -221,7 +221,7 @@ class _Remote:
         self.token = token
 
     def _call(self, method: str, path: str, body: Any = None,
-              query: dict[str, Any] | None = None) -> Any:
+              query: dict[str, Any] | None = None, envelope: bool = False) -> Any:
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -233,18 +233,20 @@ class _Remote:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                envelope = json.loads(resp.read() or b"{}")
+                env = json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as e:
             try:
-                envelope = json.loads(e.read() or b"{}")
+                env = json.loads(e.read() or b"{}")
             except ValueError:
                 raise click.ClickException(f"{method} {url}: HTTP {e.code}") from None
-            errors = envelope.get("errors") or [{"message": f"HTTP {e.code}"}]
+            errors = env.get("errors") or [{"message": f"HTTP {e.code}"}]
             raise click.ClickException("; ".join(
                 f"{err.get('name') or 'Error'}: {err.get('message')}" for err in errors)) from None
         except urllib.error.URLError as e:
             raise click.ClickException(f"cannot reach {self.url}: {e.reason}") from None
-        return envelope.get("result") if isinstance(envelope, dict) else envelope
+        if envelope:
+            return env
+        return env.get("result") if isinstance(env, dict) else env
 
     def _wfs(self) -> list[str]:
         result = self._call("GET", "/api/workflows") or []
@@ -258,12 +260,14 @@ class _Remote:
                 rows += self.instances(wf, status, limit, None)["instances"]
             rows.sort(key=lambda r: r.get("created") or "", reverse=True)
             return {"instances": rows[:limit], "cursor": None}
-        result = self._call("GET", f"/api/workflows/{_q(workflow)}/instances",
-                            query={"status": status, "limit": limit, "cursor": cursor})
-        items = result.get("instances", []) if isinstance(result, dict) else (result or [])
-        nxt = result.get("cursor") if isinstance(result, dict) else None
-        return {"instances": [dict(r, workflow=r.get("workflow", workflow)) for r in items],
-                "cursor": nxt}
+        env = self._call("GET", f"/api/workflows/{_q(workflow)}/instances",
+                         query={"status": status, "limit": limit, "cursor": cursor},
+                         envelope=True)
+        items = env.get("result") or []
+        nxt = (env.get("result_info") or {}).get("cursor")
+        rows = [dict(r, workflow=r.get("workflow", workflow),
+                     created=r.get("created", r.get("created_on"))) for r in items]
+        return {"instances": rows, "cursor": nxt}
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
         result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}")
@@ -380,7 +384,8 @@ def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
         atts = s.get("attempts") or []
         failed = sum(1 for a in atts if a.get("error"))
         err = s.get("error") or {}
-        rows.append([s["name"], str(s["count"]), s["kind"], s["status"], str(len(atts)),
+        rows.append([s["name"], str(s["count"]), s.get("kind") or s.get("type") or "",
+                     s["status"], str(len(atts)),
                      str(failed), _duration(s.get("start"), s.get("end")),
                      f"{err.get('name')}: {err.get('message')}" if err else
                      _brief(s.get("output"))])
@@ -463,9 +468,14 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
         rt = factory()
     else:
         data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
+        click.echo(f"serving {data} without --app: no workflow class is registered, so "
+                   "instances are neither run nor listed; pass --app pkg.module:factory",
+                   err=True)
         rt = Runtime(data)
     try:
         http.serve(rt, host=host, port=port, token=token)
+    except ValueError as e:  # a public address without a token
+        raise click.ClickException(str(e)) from None
     finally:
         rt.close()
 

@@ -333,3 +333,43 @@ def test_binding_list_pages_filters_and_keeps_its_place(rt: af.Runtime, clock: F
     after = [i.id for i in wf.list(created_after=round(rt.clock.now() * 1000) - 25)]
     assert after == ["i4", "i3"]
     assert [i.id for i in wf.list(status="queued", limit=10)] == ["i4", "i2", "i1", "i0"]
+
+
+def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any,
+                                            clock: FakeClock) -> None:
+    http = pytest.importorskip("actorflow.http")
+    wf = rt.register(Order, name="order", env=journal)
+    for i in range(3):
+        wf.create(id=f"o{i}", params="ok")
+        clock.advance(1)
+    for i in range(3):
+        wf.get(f"o{i}").wait_for_status("waiting")
+    with http.serving(rt, token="s3cret") as url:
+        def cli_(*args: str, code: int = 0, token: str | None = "s3cret") -> str:
+            opts = ["--url", url] + (["--token", token] if token else [])
+            r = CliRunner().invoke(cli, [*opts, *args], env={"ACTORFLOW_TOKEN": None})
+            assert r.exit_code == code, r.output
+            return r.output
+
+        page = json.loads(cli_("--json", "list", "-w", "order", "--limit", "2"))
+        assert [r["id"] for r in page["instances"]] == ["o2", "o1"]
+        page2 = json.loads(cli_("--json", "list", "-w", "order", "--cursor", page["cursor"]))
+        assert [r["id"] for r in page2["instances"]] == ["o0"]
+        assert len(json.loads(cli_("--json", "list"))["instances"]) == 3
+        assert "waiting" in cli_("status", "order", "o1")
+        assert "charge" in cli_("steps", "order", "o1")
+        assert "WAIT_START" in cli_("history", "order", "o1")
+        assert "order" in cli_("metrics")
+        out = cli_("pause", "order", "o1", code=1, token="wrong")
+        assert "Unauthorized: a valid bearer token is required" in out
+        assert wf.get("o1").status().status == "waiting"
+        cli_("pause", "order", "o1")
+        assert wf.get("o1").status().status == "paused"
+        cli_("resume", "order", "o1")
+        cli_("send-event", "order", "o1", "approved", "--payload", '{"by": "bo"}')
+        assert wf.get("o1").wait(timeout=10).output == {"by": "bo"}
+        cli_("terminate", "order", "o0")
+        assert wf.get("o0").status().status == "terminated"
+        cli_("restart", "order", "o0")
+        wf.get("o0").wait_for_status("waiting")
+        assert "InstanceNotFound" in cli_("status", "order", "nope", code=1)
