@@ -1,5 +1,7 @@
 """actorflow: Durable Objects and durable Workflows embedded in any Python process."""
 
+import logging as _logging
+
 from actorflow.binding import Instance, WorkflowBinding
 from actorflow.errors import (
     ActorflowError,
@@ -75,3 +77,6 @@ __all__ = [
     "WorkflowStep",
     "WorkflowStepEvent",
 ]
+
+# Quiet by default: records go nowhere until the application configures logging.
+_logging.getLogger("actorflow").addHandler(_logging.NullHandler())

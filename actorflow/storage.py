@@ -682,7 +682,7 @@ class Storage:
         try:
             new_size = self._env.info()["map_size"] * 2
             self._env.set_mapsize(new_size)
-            log.info("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
+            log.debug("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
         finally:
             self._gate.open()
 

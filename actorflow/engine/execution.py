@@ -24,6 +24,7 @@ import concurrent.futures
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,8 @@ if TYPE_CHECKING:
     from actorflow.engine.instance import InstanceActor
 
 __all__ = ["Execution"]
+
+log = logging.getLogger("actorflow.engine")
 
 
 
@@ -570,6 +573,10 @@ class Execution:
                 self._crash_point(name, "after_commit")
                 return value
             ed = error_dict(err)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: attempt %d failed: %s: %s", where, attempt, ed["name"],
+                          ed["message"], extra={"workflow": self.wfe.name, "step": name,
+                                                "instance": self.actor.iid, "attempt": attempt})
             if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
                 new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1, ed=ed,
                            e=self._dump_error(err))

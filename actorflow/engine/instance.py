@@ -17,6 +17,7 @@ run can never land.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import TYPE_CHECKING, Any
 
 from actorflow.actors import PooledActor
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from actorflow.engine.context import WorkflowEngine
 
 __all__ = ["InstanceActor", "new_instance_batch"]
+
+log = logging.getLogger("actorflow.engine")
 
 
 
@@ -112,6 +115,9 @@ class InstanceActor(PooledActor):
 
     def on_receive(self, message: Any) -> Any:
         name, *args = message
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s", self.where, name, extra={"workflow": self.wfe.name,
+                                                         "instance": self.iid})
         return getattr(self, "handle_" + name)(*args)
 
     def _handle_receive(self, message: Any) -> Any:
@@ -313,6 +319,9 @@ class InstanceActor(PooledActor):
 
     def execution_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         """Called by the run's task when ``run`` returned, raised or was unwound."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: run ended: %s", self.where, outcome, extra={
+                "workflow": self.wfe.name, "instance": self.iid, "outcome": outcome})
         if ex.slot:
             ex.slot = False
             self.ctx.supervisor.released(self)
