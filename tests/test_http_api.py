@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import schemathesis
 from conftest import Journal, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
@@ -119,6 +122,18 @@ def test_list_filters_by_status_and_pages_with_a_cursor(
     resp = client.get("/api/workflows/blocked/instances?limit=2&cursor=b-1")
     assert [r["id"] for r in ok(resp)] == ["b-0"]
     assert resp.json()["result_info"]["cursor"] is None
+
+    created = {r["id"]: r["created_on"] for r in ok(client.get("/api/workflows/blocked/instances"))}
+    newer = ok(client.get("/api/workflows/blocked/instances",
+                          params={"created_after": created["b-2"]}))
+    assert [r["id"] for r in newer] == ["b-4", "b-3"]
+    ms = rt.workflow("blocked").get("b-3").history()[0].timestamp.timestamp() * 1000
+    newer = ok(client.get(f"/api/workflows/blocked/instances?created_after={round(ms)}"))
+    assert [r["id"] for r in newer] == ["b-4"]
+    fails(client.get("/api/workflows/blocked/instances?created_after=2024-01-01T00:00:00"),
+          400, "ValidationError")
+    fails(client.get("/api/workflows/blocked/instances?created_after=yesterday"),
+          400, "ValidationError")
 
     counts = ok(client.get("/api/workflows/blocked"))["counts"]
     assert counts["waiting"] == 4 and counts["terminated"] == 1
@@ -346,3 +361,66 @@ def test_dashboard_assets_and_mounting(rt: af.Runtime) -> None:
         assert "http://" not in js.text and "https://" not in js.text  # nothing from the internet
         assert c.get("/ops/dashboard/style.css").status_code == 200
         assert [w["name"] for w in ok(c.get("/ops/api/workflows"))] == ["blocked"]
+
+
+def test_workflows_found_only_in_storage_are_readable_and_controllable(
+    make_runtime: Any, clock: FakeClock
+) -> None:
+    first = make_runtime()
+    b = first.register(Blocked, name="blocked")
+    for iid in ("u1", "u2"):
+        b.create(id=iid, params={"who": iid})
+    wait_for(lambda: all(b.get(i).status().status == "waiting" for i in ("u1", "u2")))
+    first.close()
+
+    second = make_runtime()  # the same directory; nothing registered
+    with TestClient(create_app(second)) as c:
+        [row] = ok(c.get("/api/workflows"))
+        assert row["name"] == "blocked" and row["registered"] is False
+        assert row["counts"]["waiting"] == 2
+        assert ok(c.get("/api/workflows/blocked"))["total"] == 2
+        assert {r["id"] for r in ok(c.get("/api/workflows/blocked/instances"))} == {"u1", "u2"}
+        got = ok(c.get("/api/workflows/blocked/instances/u1"))
+        assert got["params"] == {"who": "u1"} and got["status"] == "waiting"
+        assert [s["name"] for s in got["steps"]] == ["first", "second", "wait"]
+        assert ok(c.get("/api/workflows/blocked/instances/u1/history"))[0]["type"] == (
+            "WORKFLOW_QUEUED")
+        url = "/api/workflows/blocked/instances/u2/status"
+        assert ok(c.patch(url, json={"status": "terminate"}))["status"] == "terminated"
+        fails(c.get("/api/workflows/never-seen"), 404, "WorkflowNotFound")
+        fails(c.get("/api/workflows/never-seen/instances"), 404, "WorkflowNotFound")
+    second.close()
+
+    third = make_runtime()
+    b3 = third.register(Blocked, name="blocked")
+    assert b3.get("u2").status().status == "terminated"
+    b3.get("u1").send_event("go")
+    assert b3.get("u1").wait(timeout=10).status == "complete"
+
+
+def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
+    """Schemathesis: generated requests never get a 500, and every answer fits the schema."""
+    runtime = make_runtime(sync=False)
+    b = runtime.register(Blocked, name="blocked")
+    b.create(id="known")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime))
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) == 10
+    seen: set[str] = set()
+
+    @given(data=st.data())
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(data: Any) -> None:
+        op = data.draw(st.sampled_from(operations))
+        case = data.draw(op.as_strategy())
+        params = case.path_parameters or {}
+        if "wf" in params and data.draw(st.booleans()):
+            params["wf"] = "blocked"  # a real workflow, not only 404s
+            if "id" in params and data.draw(st.booleans()):
+                params["id"] = "known"
+        seen.add(f"{case.method} {case.operation.path}")
+        case.call_and_validate()
+
+    check()
+    assert len(seen) >= 8, seen

@@ -205,7 +205,10 @@ function overviewPage(main, r) {
     }
     wfSelect.value = r.wf;
     wfBody.replaceChildren(...result.map((w) => h("tr", {dataset: {workflow: w.name}},
-      h("td", {class: "mono"}, w.name),
+      h("td", {class: "mono"}, w.name, w.registered === false ? h("span", {
+        class: "muted tag", title: "Its class is not registered in this process: its " +
+          "instances are shown and can be controlled, but do not run here"},
+      " not registered here") : ""),
       h("td", {}, STATUSES.filter((s) => w.counts[s]).map((s) => {
         const b = badge(s, "count");
         b.textContent = `${s} ${w.counts[s]}`;

@@ -17,7 +17,10 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import threading
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -172,6 +175,8 @@ class _Api:
     def __init__(self, rt: Runtime, token: str | None) -> None:
         self.rt = rt
         self._token_digest = None if token is None else hashlib.sha256(token.encode()).digest()
+        self._lock = threading.Lock()
+        self._unregistered: dict[str, WorkflowBinding] = {}
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -199,15 +204,41 @@ class _Api:
         wrapped.__doc__ = fn.__doc__
         return wrapped
 
-    def binding(self, request: Request) -> WorkflowBinding:
-        name = request.path_params["wf"]
-        try:
+    def runtime_metrics(self) -> Any:
+        """``rt.metrics()``, or None for a runtime without it."""
+        fn = getattr(self.rt, "metrics", None)
+        return fn() if callable(fn) else None
+
+    def workflow_names(self) -> dict[str, bool]:
+        """Every workflow to show, registered or only found in storage -> registered."""
+        names = dict.fromkeys(self.rt.workflows, True)
+        by_wf = getattr(self.runtime_metrics(), "workflows", None)
+        if isinstance(by_wf, dict) and callable(getattr(self.rt, "unregistered", None)):
+            for name in by_wf:
+                names.setdefault(name, False)
+        return names
+
+    def binding_named(self, name: str) -> WorkflowBinding:
+        """The binding of workflow ``name``: registered, or one found in storage only.
+
+        A workflow with instances in the data directory but no class registered
+        in this process is still readable and controllable (``rt.unregistered``).
+        """
+        if name in self.rt.workflows:
             return self.rt.workflow(name)
-        except KeyError:
-            raise ApiError(404, "WorkflowNotFound", f"no workflow registered as {name!r}")
+        with self._lock:
+            found = self._unregistered.get(name)
+            if found is None:
+                if name not in self.workflow_names():
+                    raise ApiError(404, "WorkflowNotFound", f"no workflow {name!r}")
+                found = self._unregistered[name] = self.rt.unregistered(name)
+            return found
+
+    async def binding(self, request: Request) -> WorkflowBinding:
+        return await run_in_threadpool(self.binding_named, request.path_params["wf"])
 
     def instance(self, request: Request) -> tuple[WorkflowBinding, Instance]:
-        b = self.binding(request)
+        b = self.binding_named(request.path_params["wf"])
         return b, b.get(request.path_params["id"])
 
     def body_limit(self, binding: WorkflowBinding) -> int:
@@ -225,7 +256,8 @@ class _Api:
             raise ApiError(415, "UnsupportedMediaType",
                            f"the body must be application/json, not {ctype or 'missing'!r}")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and (not re.fullmatch(r"[0-9]{1,18}", declared)
+                                     or int(declared) > limit):
             raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
         data = bytearray()
         async for chunk in request.stream():
@@ -247,8 +279,7 @@ class _Api:
         From ``rt.metrics()`` (kept up to date, O(workflows)) when the runtime
         has it, else by listing every instance.
         """
-        fn = getattr(self.rt, "metrics", None)
-        by_wf = getattr(fn(), "workflows", None) if callable(fn) else None
+        by_wf = getattr(self.runtime_metrics(), "workflows", None)
         out = {}
         for name in names:
             wm = by_wf.get(name) if isinstance(by_wf, dict) else None
@@ -256,27 +287,30 @@ class _Api:
                 raw = wm.counts
                 out[name] = {s: int(raw.get(s, 0)) for s in STATUSES if s != "unknown"}
             else:
-                out[name] = workflow_counts(self.rt.workflow(name))
+                out[name] = workflow_counts(self.binding_named(name))
         return out
 
+    def workflow_rows(self, only: str | None = None) -> list[dict[str, Any]]:
+        names = self.workflow_names()
+        if only is not None:
+            names = {only: names.get(only, False)}
+        counts = self.counts(list(names))
+        return [{"name": n, "registered": names[n], "counts": c, "total": sum(c.values())}
+                for n, c in counts.items()]
+
     async def list_workflows(self, request: Request) -> Response:
-        """Every registered workflow with its instance counts by status."""
-
-        def work() -> list[dict[str, Any]]:
-            counts = self.counts(self.rt.workflows)
-            return [{"name": n, "counts": c, "total": sum(c.values())} for n, c in counts.items()]
-
-        return envelope(await run_in_threadpool(work))
+        """Every workflow (registered, or with instances in storage) with counts by status."""
+        return envelope(await run_in_threadpool(self.workflow_rows))
 
     async def get_workflow(self, request: Request) -> Response:
         """One workflow with its instance counts by status."""
-        b = self.binding(request)
-        counts = (await run_in_threadpool(self.counts, [b.name]))[b.name]
-        return envelope({"name": b.name, "counts": counts, "total": sum(counts.values())})
+        b = await self.binding(request)
+        [row] = await run_in_threadpool(self.workflow_rows, b.name)
+        return envelope(row)
 
     async def list_instances(self, request: Request) -> Response:
         """A page of a workflow's instances, newest first."""
-        b = self.binding(request)
+        b = await self.binding(request)
         q = request.query_params
         status = q.get("status") or None
         if status is not None and status not in STATUSES:
@@ -285,9 +319,14 @@ class _Api:
         cursor = q.get("cursor") or None
         if cursor is not None:
             validate_instance_id(cursor, b.name)
+        after = _time_param(q.get("created_after"), "created_after")
 
         def work() -> tuple[list[dict[str, Any]], str | None]:
-            page = b.list(status=status, limit=limit + 1, cursor=cursor)
+            if after is None:
+                page = b.list(status=status, limit=limit + 1, cursor=cursor)
+            else:
+                page = b.list(status=status, limit=limit + 1, cursor=cursor,
+                              created_after=after)
             more = len(page) > limit
             page = page[:limit]
             rows = [instance_summary(b, i) for i in page]
@@ -298,7 +337,7 @@ class _Api:
 
     async def create_instance(self, request: Request) -> Response:
         """Creates one instance (``{"id"?, "params"?}``) or, given a list, a batch."""
-        b = self.binding(request)
+        b = await self.binding(request)
         body = await self.json_body(request, self.body_limit(b))
         if isinstance(body, list):
             return await self._create_batch(b, body)
@@ -312,7 +351,7 @@ class _Api:
 
     async def create_batch(self, request: Request) -> Response:
         """Creates many instances; ids that already exist are skipped."""
-        b = self.binding(request)
+        b = await self.binding(request)
         body = await self.json_body(request, self.body_limit(b))
         if not isinstance(body, list):
             raise ApiError(400, "ValidationError", "the body must be a JSON array of instances")
@@ -352,7 +391,7 @@ class _Api:
 
     async def send_event(self, request: Request) -> Response:
         """Sends an event of type ``{type}``; the JSON body is its payload."""
-        b = self.binding(request)
+        b = await self.binding(request)
         payload = await self.json_body(request, self.body_limit(b))
         event_type = request.path_params["type"]
 
@@ -365,7 +404,7 @@ class _Api:
 
     async def change_status(self, request: Request) -> Response:
         """Pauses, resumes, terminates or restarts an instance."""
-        b = self.binding(request)
+        b = await self.binding(request)
         body = await self.json_body(request, BODY_SLACK)
         if not isinstance(body, dict) or body.get("status") not in ACTIONS:
             raise ApiError(400, "ValidationError",
@@ -387,13 +426,13 @@ class _Api:
 
         return envelope(await run_in_threadpool(work))
 
-    async def metrics(self, request: Request) -> Response:
+    async def get_metrics(self, request: Request) -> Response:
         """The runtime's metrics (``rt.metrics()``), or counts by status without it."""
 
         def work() -> dict[str, Any]:
-            fn = getattr(self.rt, "metrics", None)
-            if callable(fn):
-                return {"source": "runtime", "metrics": jsonable(fn())}
+            found = self.runtime_metrics()
+            if found is not None:
+                return {"source": "runtime", "metrics": jsonable(found)}
             counts = self.counts(self.rt.workflows)
             return {"source": "counts", "metrics": {"instances_by_status": counts}}
 
@@ -407,9 +446,25 @@ def _no_constant(name: str) -> Any:
 def _int_param(raw: str | None, name: str, *, default: int, lo: int, hi: int) -> int:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not lo <= int(raw) <= hi:
         raise ApiError(400, "ValidationError", f"{name} must be an integer from {lo} to {hi}")
     return int(raw)
+
+
+def _time_param(raw: str | None, name: str) -> int | None:
+    """Parses epoch milliseconds or an ISO 8601 time with a UTC offset."""
+    if raw is None or raw == "":
+        return None
+    if re.fullmatch(r"[0-9]{1,15}", raw):
+        return int(raw)
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ApiError(400, "ValidationError",
+                       f"{name} must be epoch milliseconds or an ISO 8601 time with an offset")
+    return round(when.timestamp() * 1000)
 
 
 def _create_item(body: Any) -> dict[str, Any]:
@@ -458,7 +513,7 @@ def create_app(
         Route(base + "/{id}/history", ep(api.get_history), methods=["GET"]),
         Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),
         Route(base + "/{id}/status", ep(api.change_status), methods=["PATCH"]),
-        Route("/api/metrics", ep(api.metrics), methods=["GET"]),
+        Route("/api/metrics", ep(api.get_metrics), methods=["GET"]),
     ]
     schema = openapi_schema([(r.path, sorted(r.methods or ())) for r in routes])
 

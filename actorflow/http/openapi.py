@@ -60,7 +60,7 @@ _MUTATING = (400, 404, 413, 415)
 #: The operations of the API, keyed by (path, method).
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/workflows", "GET"): {
-        "summary": "List the registered workflows with instance counts by status",
+        "summary": "List the workflows (registered, or found in storage) with counts by status",
         "operationId": "listWorkflows",
         "responses": {**_ok({"type": "array", "items": _ref("Workflow")}, "The workflows"),
                       **_errors()},
@@ -80,6 +80,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
                    "The most instances to return."),
             _query("cursor", _ID, "result_info.cursor of the previous page."),
+            _query("created_after", {"type": "string", "pattern": "^[0-9]{1,15}$"},
+                   "Only instances created after this time, in epoch milliseconds (an ISO "
+                   "8601 time with a UTC offset is accepted too)."),
         ],
         "responses": {
             "200": {"description": "A page of instances; result_info.cursor is the next page",
@@ -95,7 +98,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Create an instance (or, with an array body, a batch)",
         "operationId": "createInstance",
         "parameters": [_WF],
-        "requestBody": {"required": False, **_json({"oneOf": [
+        "requestBody": {"required": True, **_json({"oneOf": [
             _ref("CreateInstance"),
             {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100},
         ]})},
@@ -131,7 +134,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Send an event to an instance; the JSON body is its payload",
         "operationId": "sendEvent",
         "parameters": [_WF, _IID, _path("type", _EVENT_TYPE, "The event type.")],
-        "requestBody": {"required": False, **_json(_ANY)},
+        "requestBody": {"required": True, "description": "The payload; null for none",
+                        **_json(_ANY)},
         "responses": {**_ok({"type": "object", "properties": {
             "id": {"type": "string"}, "type": {"type": "string"}, "status": _STATUS}},
             "The event is durably buffered"), **_errors(*_MUTATING, 409)},
@@ -140,13 +144,17 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Pause, resume, terminate or restart an instance",
         "operationId": "changeInstanceStatus",
         "parameters": [_WF, _IID],
-        "requestBody": {"required": True, **_json({
-            "type": "object", "required": ["status"], "additionalProperties": False,
-            "properties": {
-                "status": {"type": "string", "enum": ["pause", "resume", "terminate", "restart"]},
-                "from_step": {"type": "string",
-                              "description": "restart only: the first step to run again"},
-            }})},
+        "requestBody": {"required": True, **_json({"oneOf": [
+            {"type": "object", "required": ["status"], "additionalProperties": False,
+             "properties": {"status": {"type": "string",
+                                       "enum": ["pause", "resume", "terminate"]}}},
+            {"type": "object", "required": ["status"], "additionalProperties": False,
+             "properties": {
+                 "status": {"const": "restart"},
+                 "from_step": {"type": "string", "minLength": 1, "maxLength": 256,
+                               "pattern": "^[^\\x00-\\x1f]*$",
+                               "description": "Keep the steps before this one"}}},
+        ]})},
         "responses": {**_ok({"type": "object", "properties": {
             "id": {"type": "string"}, "status": _STATUS}}, "The status after the change"),
             **_errors(*_MUTATING, 409)},
@@ -178,7 +186,11 @@ SCHEMAS: dict[str, Any] = {
         "message": {"type": "string"},
         "name": {"type": "string", "description": "The error class, e.g. InstanceNotFound"}}},
     "Workflow": {"type": "object", "properties": {
-        "name": {"type": "string"}, "counts": _COUNTS, "total": {"type": "integer"}}},
+        "name": {"type": "string"},
+        "registered": {"type": "boolean",
+                       "description": "False: known from storage only; its instances do not run "
+                       "in this process, but can be read and controlled"},
+        "counts": _COUNTS, "total": {"type": "integer"}}},
     "CreateInstance": {"type": "object", "additionalProperties": False, "properties": {
         "id": _ID, "instance_id": _ID, "params": _ANY}},
     "Created": {"type": "object", "properties": {
