@@ -477,7 +477,15 @@ class WorkflowBinding:
         return out
 
     def modify(self, id: str) -> WorkflowModifier:
-        """Returns the test modifiers of instance ``id`` (it may not exist yet)."""
+        """Returns the test modifiers of instance ``id`` (it may not exist yet).
+
+        They apply from the next step the instance reaches, also when it is
+        already running.
+        """
         ik = self._wfe.ik(validate_instance_id(id, self.name))
         mods = self._ctx.modifiers.setdefault(ik, Modifiers())
+        actor = self._sup.live.get(ik)
+        ex = actor.exec if actor is not None else None
+        if ex is not None and ex.mods is None:
+            ex.mods = mods  # a run that started before any modifier existed
         return WorkflowModifier(mods)

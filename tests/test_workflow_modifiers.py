@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Journal, history_types
+from conftest import Journal, history_types, wait_for
 
 import actorflow as af
 from actorflow.testing import FakeClock
@@ -155,3 +155,20 @@ def test_wait_for_status(rt: af.Runtime, clock: FakeClock, journal: Journal) -> 
     inst.terminate()
     with pytest.raises(af.InvalidInstanceState, match="ended terminated"):
         inst.wait_for_status("complete", timeout=10)
+
+
+class Gated(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        j: Journal = self.env
+        first = step.do("first", lambda: j.block("first") or "first")
+        return [first, step.do("second", lambda: "real second")]
+
+
+def test_modifiers_made_while_the_instance_runs_apply_to_its_next_steps(
+        rt: af.Runtime, journal: Journal) -> None:
+    wf = rt.register(Gated, env=journal)
+    inst = wf.create(id="g")
+    wait_for(lambda: inst.status().status == "running")
+    wf.modify("g").mock_step_result("second", "mocked second")
+    journal.gate("first").set()
+    assert inst.wait(timeout=10).output == ["first", "mocked second"]
