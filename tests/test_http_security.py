@@ -289,3 +289,19 @@ def _free_port() -> int:
 def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     yield
+
+
+def test_unexpected_errors_reveal_nothing(
+    rt: af.Runtime, blocked: af.WorkflowBinding, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def boom(self: Any, *a: Any, **k: Any) -> Any:
+        raise RuntimeError("secret detail from /etc/passwd")
+
+    monkeypatch.setattr(af.WorkflowBinding, "get", boom)
+    with TestClient(create_app(rt)) as c:
+        resp = c.get(f"{WF}/existing")
+    assert resp.status_code == 500
+    assert resp.json()["errors"][0]["name"] == "InternalError"
+    assert "secret" not in resp.text
+    assert "secret detail" in caplog.text  # but the server's log has it

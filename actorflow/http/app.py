@@ -1,12 +1,6 @@
 """The ASGI application: the workflows REST API, its OpenAPI schema and the dashboard.
 
-Every API response uses Cloudflare's envelope::
-
-    {"success": true, "errors": [], "messages": [], "result": ...}
-
-and a failure carries ``errors: [{"code", "message", "name"}]`` where ``name``
-is the error class (``InstanceNotFound``, ``RateLimitError``, ...).
-
+Responses use Cloudflare's envelope (see :mod:`actorflow.http.envelope`).
 Runtime calls block (they return once their writes are durable), so handlers
 run them in Starlette's thread pool and the event loop stays free.
 """
@@ -15,12 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import logging
-import re
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -32,19 +22,18 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actorflow.binding import Instance, WorkflowBinding
-from actorflow.errors import (
-    ActorflowError,
-    InstanceAlreadyExists,
-    InstanceNotFound,
-    InvalidInstanceId,
-    InvalidInstanceState,
-    LimitExceeded,
-    RateLimitError,
-    SerializationError,
-    StorageError,
+from actorflow.http.envelope import (
+    BODY_SLACK,
+    ApiError,
+    SecurityHeaders,
+    envelope,
+    error_of,
+    error_response,
+    int_param,
+    read_json,
+    time_param,
 )
 from actorflow.http.openapi import openapi_schema
 from actorflow.http.views import (
@@ -59,111 +48,17 @@ from actorflow.workflow import STATUSES, validate_instance_id
 
 __all__ = ["ApiError", "create_app"]
 
-log = logging.getLogger("actorflow.http")
-
-#: HTTP status of each error class (the first match wins).
-ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (InstanceNotFound, 404),
-    (InstanceAlreadyExists, 409),
-    (InvalidInstanceState, 409),
-    (InvalidInstanceId, 400),
-    (SerializationError, 400),
-    (LimitExceeded, 400),
-    (RateLimitError, 429),
-    (StorageError, 503),
-)
-#: Bytes a request body may have beyond the runtime's payload limit (ids, JSON framing).
-BODY_SLACK = 64 * 1024
 #: Instances one batch request may create (Cloudflare's ``createBatch`` cap).
 MAX_BATCH = 100
 #: Instances one list page may hold.
 MAX_PAGE = 1000
 ACTIONS = ("pause", "resume", "terminate", "restart")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-_SECURITY_HEADERS = (
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
-    ),
-)
 _ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-
-
-class ApiError(Exception):
-    """An error answered as an envelope with an HTTP status.
-
-    Args:
-        status: The HTTP status code.
-        name: The error's name (``errors[0].name``).
-        message: A human-readable message.
-    """
-
-    def __init__(self, status: int, name: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.name = name
-        self.message = message
-
-
-def envelope(result: Any, status: int = 200, result_info: Any = None) -> JSONResponse:
-    """Returns a successful response in Cloudflare's envelope."""
-    body: dict[str, Any] = {"success": True, "errors": [], "messages": [], "result": result}
-    if result_info is not None:
-        body["result_info"] = result_info
-    return JSONResponse(body, status_code=status)
-
-
-def error_response(status: int, name: str, message: str) -> JSONResponse:
-    """Returns a failed response in Cloudflare's envelope; the code is 10000 + status."""
-    body = {
-        "success": False,
-        "errors": [{"code": 10000 + status, "message": message, "name": name}],
-        "messages": [],
-        "result": None,
-    }
-    headers = {"WWW-Authenticate": 'Bearer realm="actorflow"'} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _error_of(exc: BaseException) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    for cls, status in ERROR_STATUS:
-        if isinstance(exc, cls):
-            return ApiError(status, type(exc).__name__, str(exc))
-    if isinstance(exc, ValueError | TypeError):
-        return ApiError(400, "ValidationError", str(exc))
-    if isinstance(exc, ActorflowError):
-        return ApiError(503, type(exc).__name__, str(exc))
-    log.exception("unexpected error in an API handler")
-    return ApiError(500, "InternalError", "internal error; see the server's log")
-
-
-class _SecurityHeaders:
-    """ASGI middleware adding headers that keep browsers from framing or sniffing responses."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], *_SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -197,7 +92,7 @@ class _Api:
             try:
                 return await fn(request)
             except Exception as exc:
-                err = _error_of(exc)
+                err = error_of(exc)
                 return error_response(err.status, err.name, err.message)
 
         wrapped.__name__ = fn.__name__
@@ -244,33 +139,6 @@ class _Api:
     def body_limit(self, binding: WorkflowBinding) -> int:
         return self.rt.limits.for_workflow(binding.name).max_event_payload_bytes + BODY_SLACK
 
-    async def json_body(self, request: Request, limit: int) -> Any:
-        """Reads a JSON body of at most ``limit`` bytes; an empty body is None.
-
-        Every mutating request must say ``Content-Type: application/json``,
-        even with an empty body: a browser cannot send that header across
-        origins without a CORS preflight, which this app never grants.
-        """
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body must be application/json, not {ctype or 'missing'!r}")
-        declared = request.headers.get("content-length")
-        if declared is not None and (not re.fullmatch(r"[0-9]{1,18}", declared)
-                                     or int(declared) > limit):
-            raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
-        if not data.strip():
-            return None
-        try:
-            return json.loads(bytes(data), parse_constant=_no_constant)
-        except (ValueError, RecursionError) as e:
-            raise ApiError(400, "ValidationError", f"the body is not valid JSON: {e}")
-
     # -- handlers -------------------------------------------------------------------
 
     def counts(self, names: list[str]) -> dict[str, dict[str, int]]:
@@ -315,11 +183,11 @@ class _Api:
         status = q.get("status") or None
         if status is not None and status not in STATUSES:
             raise ApiError(400, "ValidationError", f"unknown status {status!r}")
-        limit = _int_param(q.get("limit"), "limit", default=50, lo=1, hi=MAX_PAGE)
+        limit = int_param(q.get("limit"), "limit", default=50, lo=1, hi=MAX_PAGE)
         cursor = q.get("cursor") or None
         if cursor is not None:
             validate_instance_id(cursor, b.name)
-        after = _time_param(q.get("created_after"), "created_after")
+        after = time_param(q.get("created_after"), "created_after")
 
         def work() -> tuple[list[dict[str, Any]], str | None]:
             if after is None:
@@ -338,7 +206,7 @@ class _Api:
     async def create_instance(self, request: Request) -> Response:
         """Creates one instance (``{"id"?, "params"?}``) or, given a list, a batch."""
         b = await self.binding(request)
-        body = await self.json_body(request, self.body_limit(b))
+        body = await read_json(request, self.body_limit(b))
         if isinstance(body, list):
             return await self._create_batch(b, body)
         item = _create_item({} if body is None else body)
@@ -352,7 +220,7 @@ class _Api:
     async def create_batch(self, request: Request) -> Response:
         """Creates many instances; ids that already exist are skipped."""
         b = await self.binding(request)
-        body = await self.json_body(request, self.body_limit(b))
+        body = await read_json(request, self.body_limit(b))
         if not isinstance(body, list):
             raise ApiError(400, "ValidationError", "the body must be a JSON array of instances")
         return await self._create_batch(b, body)
@@ -392,7 +260,7 @@ class _Api:
     async def send_event(self, request: Request) -> Response:
         """Sends an event of type ``{type}``; the JSON body is its payload."""
         b = await self.binding(request)
-        payload = await self.json_body(request, self.body_limit(b))
+        payload = await read_json(request, self.body_limit(b))
         event_type = request.path_params["type"]
 
         def work() -> dict[str, Any]:
@@ -405,7 +273,7 @@ class _Api:
     async def change_status(self, request: Request) -> Response:
         """Pauses, resumes, terminates or restarts an instance."""
         b = await self.binding(request)
-        body = await self.json_body(request, BODY_SLACK)
+        body = await read_json(request, BODY_SLACK)
         if not isinstance(body, dict) or body.get("status") not in ACTIONS:
             raise ApiError(400, "ValidationError",
                            f'the body must be {{"status": one of {list(ACTIONS)}}}')
@@ -437,34 +305,6 @@ class _Api:
             return {"source": "counts", "metrics": {"instances_by_status": counts}}
 
         return envelope(await run_in_threadpool(work))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _int_param(raw: str | None, name: str, *, default: int, lo: int, hi: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if not re.fullmatch(r"[0-9]{1,9}", raw) or not lo <= int(raw) <= hi:
-        raise ApiError(400, "ValidationError", f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
-
-
-def _time_param(raw: str | None, name: str) -> int | None:
-    """Parses epoch milliseconds or an ISO 8601 time with a UTC offset."""
-    if raw is None or raw == "":
-        return None
-    if re.fullmatch(r"[0-9]{1,15}", raw):
-        return int(raw)
-    try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        raise ApiError(400, "ValidationError",
-                       f"{name} must be epoch milliseconds or an ISO 8601 time with an offset")
-    return round(when.timestamp() * 1000)
 
 
 def _create_item(body: Any) -> dict[str, Any]:
@@ -537,7 +377,7 @@ def create_app(
         name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return error_response(exc.status_code, name, str(exc.detail))
 
-    middleware = [Middleware(_SecurityHeaders)]
+    middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
     return Starlette(

@@ -42,6 +42,16 @@ class Checkout(af.Workflow):
                 "labels": labels}
 
 
+class Refund(af.Workflow):
+    """Fails for good: its step raises NonRetryableError, which run does not catch."""
+
+    def run(self, event: af.WorkflowEvent, step: Any) -> Any:
+        def refund() -> None:
+            raise af.NonRetryableError("refund window closed")
+
+        return step.do("refund", refund)
+
+
 def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -138,6 +148,17 @@ def test_dashboard_shows_a_retried_step_and_controls_the_instance(
         page.wait_for_selector("#status [data-status='complete']")
         assert '"approved_by": "ann"' in page.inner_text("#output")
         assert other.status().output["labels"] == ["LBL-mug"]
+
+        # an errored instance shows its error
+        refund = rt.register(Refund, name="refund")
+        refund.create(id="refund-1", params={"order": 1})
+        assert refund.get("refund-1").wait(timeout=10).status == "errored"
+        page.goto(url + "/#/i/refund/refund-1")
+        page.wait_for_selector("#status [data-status='errored']")
+        assert page.is_visible("#error")
+        assert page.inner_text("#error") == "NonRetryableError: refund window closed"
+        page.wait_for_selector("#timeline .bar[data-attempt='1'][data-outcome='failed']")
+        assert page.locator("#timeline .bar.retry-wait").count() == 0
 
         # an error from the API is shown, not swallowed
         page.fill("#event-type", "not.valid")
