@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: install demo test lint typecheck unit stress bench bench-report clean
+.PHONY: install demo test lint typecheck unit stress bench bench-report bench-compare bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,18 +39,34 @@ $(E2E_STAMP): $(STAMP) pyproject.toml
 e2e: $(E2E_STAMP)
 	$(BIN)/pytest -m e2e tests/e2e $(PYTEST_FLAGS)
 
-# Long runs at scale, outside the default test run.
+# Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
-	$(BIN)/python benchmarks/scale.py recovery --n 10000
-	$(BIN)/python benchmarks/scale.py concurrency --n 50000
-	$(BIN)/python benchmarks/scale.py queue --n 2000000
+	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
+	$(BIN)/python -m actorflow.bench concurrency --size 50000 --hold 5 --repeat 1
+	$(BIN)/python -m actorflow.bench queue --size 2000000 --repeat 1
+	$(BIN)/python -m actorflow.bench sleepers --size 1000000 --repeat 1
 
 bench: $(STAMP)
 	$(BIN)/pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-autosave \
 		--benchmark-columns=median,iqr,ops $(PYTEST_FLAGS)
 
+# Compares a new run with the last one saved by `make bench`; fails on a large regression.
+bench-compare: $(STAMP)
+	$(BIN)/pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-compare \
+		--benchmark-compare-fail=median:50% --benchmark-columns=median,iqr,ops $(PYTEST_FLAGS)
+
 bench-report: $(STAMP)
-	$(BIN)/actorflow bench --profile cloudflare-v2
+	$(BIN)/python -m actorflow.bench --profile cloudflare-v2
+
+# DBOS (PyPI dbos, SQLite system database) in its own environment, side by side with actorflow.
+PEERS := benchmarks/peers/.venv
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q 'dbos>=3.4,<4'
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS)/.installed
+	$(BIN)/python -m actorflow.bench peers --peer-python $(PEERS)/bin/python
 
 clean:
-	rm -rf $(VENV) actorflow-data .benchmarks
+	rm -rf $(VENV) $(PEERS) actorflow-data .benchmarks

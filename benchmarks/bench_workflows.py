@@ -1,14 +1,18 @@
 """pytest-benchmark suites for the workflow engine's hot paths.
 
-Run with ``make bench`` (saves each run; compare with
-``pytest-benchmark compare``). Figures are per operation; read them against
-``test_fsync_commit`` (one fsync'd LMDB commit) measured in the same run.
+Run with ``make bench`` (saves each run); ``make bench-compare`` runs them again
+and fails if a median regressed by more than 50 % against the last saved run.
+Figures are per operation; read them against the baselines measured in the
+same session: ``test_fsync_commit`` (one fsync'd LMDB commit), ``test_bare_call``
+and ``test_thread_handoff_round_trip``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pickle
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +115,33 @@ def test_asyncio_task_step(benchmark: Any) -> None:
 
     benchmark(lambda: loop.run_until_complete(nop()))
     loop.close()
+
+
+def test_bare_call(benchmark: Any) -> None:
+    """The interpreter's floor: one call of a one-argument Python function."""
+
+    def nop(x: int) -> int:
+        return x
+
+    benchmark(nop, 1)
+
+
+def test_thread_handoff_round_trip(benchmark: Any) -> None:
+    """Two thread handoffs: an item to another thread and its reply back (SimpleQueue)."""
+    ping: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    pong: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := ping.get()) is not None:
+            pong.put(item)
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+
+    def round_trip() -> int:
+        ping.put(1)
+        return pong.get()
+
+    assert benchmark(round_trip) == 1
+    ping.put(None)
+    th.join()

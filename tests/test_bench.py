@@ -177,16 +177,28 @@ def test_bar_draws_on_a_stream() -> None:
 
 
 def test_main_json_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["steps", "--size", "5", "--repeat", "1", "--json", "-", "--data-dir",
-                 str(tmp_path)]) == 0
+    assert main(["steps", "objects", "--size", "5", "--size", "objects=7", "--repeat", "1",
+                 "--json", "-", "--data-dir", str(tmp_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc["medians"]) == {"physical", "steps"}
-    assert doc["sizes"]["steps"] == 5
+    assert set(doc["medians"]) == {"physical", "steps", "objects"}
+    assert (doc["sizes"]["steps"], doc["sizes"]["objects"]) == (5, 7)
     assert any(r["figure"] == "steps_per_s" for r in doc["table"])
+
+
+def test_main_reports_a_failed_scenario(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # scaling of a scenario that is not isolated fails; the other figures are still printed
+    assert main(["scaling", "steps", "--of", "steps", "--size", "5", "--repeat", "1",
+                 "--no-physical", "--json", "-"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert "scaling runs one of" in doc["failed"]["scaling"]
+    assert "steps_per_s" in doc["medians"]["steps"]
 
 
 def test_main_table_and_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nope"]) == 2
+    assert main(["steps", "--size", "nope=3"]) == 2
     assert main(["steps", "--size", "5", "--repeat", "1", "--no-physical",
                  "--profile", "cloudflare-v2"]) == 0
     out = capsys.readouterr().out

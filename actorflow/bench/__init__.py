@@ -74,7 +74,7 @@ def measure(
 
     Args:
         names: Scenario names (see :data:`SCENARIOS`).
-        repeat: Runs per scenario.
+        repeat: Runs per scenario (``scaling`` runs once: each of its points is a run).
         size: Overrides every scenario's default size.
         options: Knobs besides the size.
         root: Where the data directories go (default: a temporary directory, removed).
@@ -93,8 +93,9 @@ def measure(
             n = sc.size if size is None else size
             out.sizes[name] = n
             runs: list[Outcome] = []
-            for i in range(repeat):
-                where = progress(f"{name} {i + 1}/{repeat} ") if progress else NullProgress()
+            reps = 1 if sc is SCALING else repeat  # each of its points is already a run
+            for i in range(reps):
+                where = progress(f"{name} {i + 1}/{reps} ") if progress else NullProgress()
                 if sc.isolated:
                     runs.append(run_isolated(sc.name, n, base, where, opts))
                 else:
@@ -146,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help="scenarios to run (default: all but scaling)")
     p.add_argument("--repeat", type=int, default=3, help="runs per scenario (default 3)")
-    p.add_argument("--size", type=int, default=None, help="N for every scenario run")
+    p.add_argument("--size", action="append", default=[], metavar="[SCENARIO=]N",
+                   help="N for every scenario, or for one (repeatable): --size scaling=100000")
     p.add_argument("--json", metavar="FILE", default=None, help="write JSON to FILE (- = stdout)")
     p.add_argument("--profile", choices=["cloudflare-v2"], default=None,
                    help="show each figure beside Cloudflare V2's published limit")
@@ -167,6 +169,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sizes(specs: list[str]) -> dict[str, int]:
+    """``["1000", "queue=5000"]`` -> ``{"": 1000, "queue": 5000}`` (``""``: every scenario)."""
+    out = {}
+    for spec in specs:
+        name, _, n = spec.rpartition("=")
+        name = _ALIASES.get(name, name)
+        if name and name not in SCENARIOS:
+            raise ValueError(f"--size {spec}: no scenario {name!r}")
+        out[name] = int(n.replace(",", "").replace("_", ""))
+    return out
+
+
 def main(argv: list[str]) -> int:
     """The ``actorflow bench`` command; returns its exit status."""
     if argv[:1] == ["peers"]:
@@ -180,6 +194,11 @@ def main(argv: list[str]) -> int:
         print(f"actorflow bench: unknown scenario(s) {unknown}; see --help", file=sys.stderr)
         return 2
     names = [_ALIASES.get(n, n) for n in names]
+    try:
+        sizes = _sizes(args.size)
+    except ValueError as exc:
+        print(f"actorflow bench: {exc}", file=sys.stderr)
+        return 2
     if not args.no_physical and "physical" not in names:
         names.insert(0, "physical")
     if args.plot:
@@ -198,10 +217,19 @@ def main(argv: list[str]) -> int:
         return bar
 
     result = Measurement()
+    failed: dict[str, str] = {}
     try:
         for name in names:
-            m = measure([name], args.repeat, size=None if name == "physical" else args.size,
-                        options=opts, root=args.data_dir, progress=progress)
+            size = None if name == "physical" else sizes.get(name, sizes.get(""))
+            try:
+                m = measure([name], args.repeat, size=size, options=opts, root=args.data_dir,
+                            progress=progress)
+            except Exception as exc:  # report it, keep the other scenarios' figures
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                if bar is not None:
+                    bar.close()
+                print(f"actorflow bench: {name} failed: {failed[name]}", file=sys.stderr)
+                continue
             result.sizes.update(m.sizes)
             result.medians.update(m.medians)
             result.runs.update(m.runs)
@@ -218,6 +246,7 @@ def main(argv: list[str]) -> int:
     if args.json is not None:
         doc = {"machine": info, "repeat": args.repeat, "sizes": result.sizes,
                "options": vars(opts), "medians": result.medians, "runs": result.runs,
+               "failed": failed,
                "table": [dict(zip(header, r, strict=True)) for r in body]}
         text = json.dumps(doc, indent=2)
         if args.json == "-":
@@ -229,4 +258,4 @@ def main(argv: list[str]) -> int:
 
         for path in plot_all(result, Path(args.plot), opts.hold):
             print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["check_available", "plot_all"]
 
-_SCALED = re.compile(r"^(\w+?)_(\d+)_(us_per_instance|peak_rss_mib)$")
+_SCALED = re.compile(r"^(\w+?)_(\d+)_(us_per_instance|peak_rss_mib|instances_per_s)$")
 
 
 def check_available() -> None:
@@ -50,8 +50,8 @@ def _scaled(m: Measurement) -> dict[str, dict[int, dict[str, float]]]:
 
 def throughput_vs_concurrency(m: Measurement, path: Path, hold: float) -> Path | None:
     """Completions per second against instances running at once."""
-    points = {n: 1e6 / f["us_per_instance"]
-              for n, f in _scaled(m).get("concurrency", {}).items() if f.get("us_per_instance")}
+    points = {n: f["instances_per_s"]
+              for n, f in _scaled(m).get("concurrency", {}).items() if f.get("instances_per_s")}
     conc = m.medians.get("concurrency")
     if conc and conc.get("n"):
         points.setdefault(int(conc["n"]), conc["instances_per_s"])

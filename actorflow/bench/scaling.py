@@ -57,6 +57,8 @@ def run_scaling(root: Path, size: int, progress: Progress, opts: Options) -> Out
             figures[f"{name}_{n}_us_per_instance"] = secs / n * 1e6
             figures[f"{name}_{n}_kib_per_instance"] = grown * 1024 / n
             figures[f"{name}_{n}_peak_rss_mib"] = o.figures["peak_rss_mib"]
+            if "instances_per_s" in o.figures:
+                figures[f"{name}_{n}_instances_per_s"] = o.figures["instances_per_s"]
             if prev is not None and prev[0] >= 1_000:
                 worst_t = max(worst_t, _exponent(prev[0], prev[1], n, secs))
                 worst_m = max(worst_m, _exponent(prev[0], prev[2], n, grown))
