@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -424,3 +426,21 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
 
     check()
     assert len(seen) >= 8, seen
+
+
+def test_the_core_does_not_need_the_serve_extra() -> None:
+    code = (
+        "import sys\n"
+        "import actorflow, actorflow.cli\n"
+        "assert 'starlette' not in sys.modules and 'uvicorn' not in sys.modules\n"
+        "sys.modules['starlette'] = None  # as if the extra were not installed\n"
+        "try:\n"
+        "    import actorflow.http\n"
+        "except ImportError as e:\n"
+        "    assert \"pip install 'actorflow[serve]'\" in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('imported without starlette')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
