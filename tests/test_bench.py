@@ -104,7 +104,8 @@ def test_queue_fills_then_drains(tmp_path: Path) -> None:
 def test_recovery_after_sigkill(tmp_path: Path) -> None:
     figures = run_isolated("recovery", 30, tmp_path, NullProgress(), FAST).figures
     assert figures["bodies_before_kill"] >= 30
-    assert 0 < figures["first_resumed_step_s"] <= figures["all_complete_s"]
+    first = figures["first_resumed_step_s"]  # nan if every body had run before the kill
+    assert math.isnan(first) or 0 < first <= figures["all_complete_s"]
     assert figures["bodies_run_again"] >= 0  # at least once: nothing skipped
 
 

@@ -49,8 +49,13 @@ def run_isolated(
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: leave no child behind
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     proc.stdout.close()
