@@ -35,10 +35,11 @@ import asyncio
 import collections
 import inspect
 import logging
+import os
 import queue
 import sys
 import threading
-import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -199,16 +200,35 @@ class LoopExecutor:
 class _Inbox:
     """An unbounded FIFO inbox that schedules its actor when a message arrives."""
 
-    __slots__ = ("_items", "owner")
+    __slots__ = ("_items", "_owner")
 
     def __init__(self) -> None:
         self._items: collections.deque[Envelope[Any]] = collections.deque()
-        self.owner: PooledActor | None = None
+        self._owner: weakref.ref[PooledActor] | None = None
+
+    @property
+    def owner(self) -> PooledActor | None:
+        return None if self._owner is None else self._owner()
+
+    @owner.setter
+    def owner(self, actor: PooledActor) -> None:
+        # Weak: actor -> inbox -> actor would be a reference cycle per actor,
+        # left for the cyclic collector; short-lived actors made by the
+        # thousand then cost full collections over a large heap.
+        self._owner = weakref.ref(actor)
 
     def put(self, envelope: Envelope[Any], /) -> None:
+        owner = self.owner
+        if owner is None and self._owner is not None:
+            # The actor is gone (nobody held it): answer as pykka does for a
+            # message that reached a stopped actor.
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception(exc_info=(
+                    pykka.ActorDeadError, pykka.ActorDeadError("actor stopped"), None))
+            return
         self._items.append(envelope)
-        if self.owner is not None:
-            self.owner._wake()
+        if owner is not None:
+            owner._wake()
 
     def get(self) -> Envelope[Any]:
         return self._items.popleft()
@@ -293,7 +313,9 @@ class PooledActor(pykka.Actor):
     def actor_urn(self) -> str:
         """The actor's URN, made on first use."""
         if self._urn is None:
-            self._urn = uuid.uuid4().urn
+            # Random like pykka's uuid4 URNs, without building a UUID object:
+            # an instance actor is made per activation, on the engine's hot path.
+            self._urn = f"urn:actorflow:{os.urandom(12).hex()}"
         return self._urn
 
     @actor_urn.setter

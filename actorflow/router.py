@@ -96,6 +96,9 @@ class Router:
         self._handed: set[bytes] = set()
         self._prefetch: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._new_cursor: bytes | None = None
+        # The new-instance queue was read empty and nothing was enqueued since:
+        # spares a storage scan on every pass of the supervisor.
+        self._new_empty = False
         self._wake_cursor: bytes | None = None
         self._wakes = bool(self._storage.scan(self.db, prefix=PRIO_WAKE, limit=1, keys_only=True))
         self.throttled = False
@@ -181,9 +184,12 @@ class Router:
                     return ("wake", rows[0][1].decode())
                 self._wakes = False
             if not self._prefetch:
+                if self._new_empty:
+                    return None
                 rows, cursor = self._take(PRIO_NEW, self._new_cursor, _PREFETCH)
                 self._new_cursor = cursor
                 if not rows:
+                    self._new_empty = True
                     return None
                 self._prefetch.extend(rows)
             if use_bucket and self.bucket is not None and not self.bucket.take():
@@ -227,9 +233,11 @@ class Router:
                 self._wakes = True
                 if self._wake_cursor is not None and key <= self._wake_cursor:
                     self._wake_cursor = None
-            elif self._new_cursor is not None and key <= self._new_cursor:
-                self._new_cursor = None
-                self._prefetch.clear()
+            else:
+                self._new_empty = False
+                if self._new_cursor is not None and key <= self._new_cursor:
+                    self._new_cursor = None
+                    self._prefetch.clear()
 
     def rescan(self) -> None:
         """Reads the queue again from its start (this node took over instances)."""
@@ -237,6 +245,7 @@ class Router:
             self._wakes = True
             self._wake_cursor = None
             self._new_cursor = None
+            self._new_empty = False
             self._prefetch.clear()
 
     def dequeued(self, key: bytes) -> None:

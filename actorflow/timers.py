@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from actorflow.clock import Clock
@@ -29,7 +30,8 @@ log = logging.getLogger("actorflow.timers")
 
 TIMERS = "timers"
 _DEADLINE = struct.Struct(">Q")
-_MAX_SCAN = 20_000
+_MAX_SCAN = 20_000  # keys one pass examines at most
+_CHUNK = 512
 # The longest a timer thread sleeps without re-reading the index, so that
 # timers armed by another process on the same data directory are seen.
 _POLL_S = 0.5
@@ -69,6 +71,9 @@ class TimerService:
         self._started = 0  # passes begun
         self._thread = threading.Thread(target=self._run, name="actorflow-timers", daemon=True)
         self.fired = 0
+        self._floor: bytes | None = None  # see _pass
+        self._resets = 0  # bumped whenever the floor is dropped during a pass
+        self._full_at = 0.0
         clock.subscribe(self.kick)
 
     def register(self, kind: str, handler: Handler) -> None:
@@ -94,11 +99,19 @@ class TimerService:
         if key:
             batch.delete(TIMERS, key)
 
-    def done(self, key: bytes | None) -> None:
-        """Tells the service the handler of ``key`` finished (or gave it up)."""
+    def done(self, key: bytes | None, consumed: bool = False) -> None:
+        """Tells the service the handler of ``key`` finished (or gave it up).
+
+        Args:
+            key: The timer.
+            consumed: The owner's commit deleted the key; unless it did, the
+                key may be due again and the next pass re-reads the index head.
+        """
         if key:
             with self._cond:
                 self._inflight.discard(key)
+                if not consumed and self._floor is not None and key <= self._floor:
+                    self._floor, self._resets = None, self._resets + 1
 
     def kick(self) -> None:
         """Makes the thread re-read the index now (a new early timer, freed capacity)."""
@@ -111,6 +124,8 @@ class TimerService:
         with self._cond:
             # Pass number ``_started + 1`` is the first to begin after now.
             target = self._started + 1
+            # A full pass: nothing below the floor is missed.
+            self._floor, self._resets = None, self._resets + 1
             self._kicked = True
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._passes >= target or self._stopped, timeout)
@@ -174,26 +189,61 @@ class TimerService:
                     self._cond.wait(wait)
 
     def _pass(self) -> int | None:
-        """Dispatches every due timer; returns the next deadline in ms, if any."""
+        """Dispatches every due timer; returns the next deadline in ms, if any.
+
+        Due timers stay in the index until their owner's commit deletes them,
+        so a burst of wake-ups leaves thousands of in-flight keys at its head.
+        A pass therefore starts after the run of in-flight keys the previous
+        pass saw at the head (``_floor``) rather than re-reading them all. A
+        key can only land below that point if it was armed with a deadline
+        already past, or handed back without being deleted: a full pass every
+        ``_POLL_S`` picks those up.
+        """
         now_ms = int(self._clock.now() * 1000)
-        rows = self._storage.scan(TIMERS, limit=_MAX_SCAN, keys_only=True)
-        for key, _ in rows:
-            deadline, kind, target = parse_timer_key(key)
-            if deadline > now_ms:
-                return deadline
-            with self._cond:
-                if key in self._inflight:
-                    continue
-                self._inflight.add(key)
-            handler = self._handlers.get(kind)
-            accepted = False
-            try:
-                accepted = handler is not None and handler(target, key, deadline)
-            except Exception:
-                log.exception("timer handler for kind %r failed", kind)
-            if accepted:
-                self.fired += 1
-            else:
+        mono = time.monotonic()
+        with self._cond:
+            if self._floor is None or mono - self._full_at >= _POLL_S:
+                self._floor, self._full_at = None, mono
+            floor, resets = self._floor, self._resets
+        head = True  # every key so far is in flight
+        seen = 0
+        start_after = floor
+        while seen < _MAX_SCAN:
+            rows = self._storage.scan(TIMERS, start_after=start_after, limit=_CHUNK,
+                                      keys_only=True)
+            if not rows:
+                break
+            for key, _ in rows:
+                seen += 1
+                deadline, kind, target = parse_timer_key(key)
+                if deadline > now_ms:
+                    self._keep_floor(floor, resets)
+                    return deadline
                 with self._cond:
-                    self._inflight.discard(key)
+                    if key in self._inflight:
+                        if head:
+                            floor = key
+                        continue
+                    self._inflight.add(key)
+                handler = self._handlers.get(kind)
+                accepted = False
+                try:
+                    accepted = handler is not None and handler(target, key, deadline)
+                except Exception:
+                    log.exception("timer handler for kind %r failed", kind)
+                if accepted:
+                    self.fired += 1
+                    if head:
+                        floor = key
+                else:
+                    head = False
+                    with self._cond:
+                        self._inflight.discard(key)
+            start_after = rows[-1][0]
+        self._keep_floor(floor, resets)
         return None
+
+    def _keep_floor(self, floor: bytes | None, resets: int) -> None:
+        with self._cond:
+            if self._resets == resets:  # nothing below it was handed back meanwhile
+                self._floor = floor

@@ -155,7 +155,7 @@ class EngineContext:
     def timers_done(self, keys: list[bytes]) -> None:
         """Tells the timer service that a commit consumed or re-armed ``keys``."""
         for k in keys:
-            self.timers.done(k)
+            self.timers.done(k, consumed=True)
         if keys:
             self.timers.kick()
 

@@ -139,12 +139,20 @@ class Execution:
         # Waiters woken so far: a hibernation decided at count n is void if it moved.
         self.wakeups = 0
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
+        # Step records written by the next commit of the run, whatever it is
+        # (see _commit_step), and what to do once that commit is durable.
+        self._staged: WriteBatch | None = None
+        self._staged_recs: list[dict[str, Any]] = []
+        self._staged_timers: list[tuple[bytes | None, bytes | None]] = []
 
     # -- driving the run ----------------------------------------------------
 
     def launch(self) -> None:
         """Starts ``run`` as a task on the engine loop."""
         self.task = self.loop.create_task(self._drive())
+        # Runs once the task has gone as far as it can without waiting (its
+        # first commit, a step's I/O, hibernation): the supervisor's start window.
+        self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
 
     async def _drive(self) -> None:
         wfe, actor = self.wfe, self.actor
@@ -171,9 +179,15 @@ class Execution:
             outcome = ("complete", output)
         except GeneratorExit:
             raise  # the coroutine is being closed (its loop is gone): do nothing more
-        except Suspend:
+        except Suspend as e:
+            # Unwinding left frames -> waiters -> futures -> this exception ->
+            # its traceback -> frames: a cycle per run that only the cyclic
+            # collector could free, and a full collection over a large heap is
+            # what a burst of hibernations would then cost.
+            e.__traceback__ = None
             outcome = ("suspended", None)
-        except (Stop, asyncio.CancelledError):
+        except (Stop, asyncio.CancelledError) as e:
+            e.__traceback__ = None
             outcome = ("stop", None)
         except Fatal as f:
             outcome = ("errored", f.error)
@@ -255,11 +269,22 @@ class Execution:
                 raise Suspend()
             if activate:
                 self.actor.activation_ops(batch)
+            staged = self._staged
+            if staged is not None:
+                # Earlier in the batch: a later write of the same key wins.
+                batch.ops[:0] = staged.ops
+                recs, timers = self._staged_recs, self._staged_timers
+                self._staged, self._staged_recs, self._staged_timers = None, [], []
             batch.guard(*self.actor.fence_guard())
             fut = self.loop.create_future()
             self.ctx.storage.submit(batch, self.ctx.notifier.callback(fut))
             await fut
             self.actor.committed()
+            if staged is not None:
+                for rec in recs:
+                    self._step_durable(rec)
+                for arm, disarm in timers:
+                    self._timers_after(arm, disarm)
         except ConflictError:
             self.stopped = True
             raise Stop() from None
@@ -278,8 +303,21 @@ class Execution:
         arm: bytes | None = None,
         disarm: bytes | None = None,
         batch: WriteBatch | None = None,
+        stage: bool = False,
     ) -> None:
-        batch = batch or WriteBatch()
+        """Writes a step record (with its timer changes) and waits until it is durable.
+
+        With ``stage``, the record is not written now but by the run's next
+        commit, whatever that is: a sleep's start goes with the hibernation
+        that follows it, and its end with the next step or the run's end.
+        Nothing outside the run reads these records before then, and a crash
+        before then replays the sleep from its earlier record to the same
+        result.
+        """
+        if stage:
+            batch = self._staged = self._staged or WriteBatch()
+        else:
+            batch = batch or WriteBatch()
         if arm:
             rec["tk"] = arm
             batch.put(TIMERS, arm, b"")
@@ -288,12 +326,23 @@ class Execution:
         if disarm and disarm != arm:
             batch.delete(TIMERS, disarm)
         batch.put(STEPS, key, dump(rec))
+        if stage:
+            self.steps[key] = rec
+            self._staged_recs.append(rec)
+            self._staged_timers.append((arm, disarm))
+            return
         await self._commit(batch)
         self.steps[key] = rec
+        self._step_durable(rec)
+        self._timers_after(arm, disarm)
+
+    def _step_durable(self, rec: dict[str, Any]) -> None:
         if rec["s"] == DONE or rec["s"] == FAILED:
             self.ctx.step_rate.add()
         if self.ctx.observer is not None:
             self.ctx.observer.step_committed(self, rec)
+
+    def _timers_after(self, arm: bytes | None, disarm: bytes | None) -> None:
         if disarm and disarm != arm:
             self.ctx.timers.done(disarm)
         if arm:
@@ -654,11 +703,11 @@ class Execution:
             rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
                    "dl": dl, "t0": now}
             if dl > now:
-                await self._commit_step(key, rec, arm=timer_key(dl, WAKE_KIND, key))
+                await self._commit_step(key, rec, arm=timer_key(dl, WAKE_KIND, key), stage=True)
         if rec["dl"] > self.now_ms():
             await self._block(key, rec["dl"], None)
         new = dict(rec, s=DONE, t1=self.now_ms())
-        await self._commit_step(key, new, disarm=rec.get("tk"))
+        await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
 
     # -- events -----------------------------------------------------------------
 
