@@ -33,6 +33,7 @@ opened it (LMDB forbids it); doing so raises :class:`StorageError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import pickle
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -297,6 +299,9 @@ class Storage:
         os.makedirs(self.path, exist_ok=True)
         self.serializer: Serializer = serializer or PickleSerializer()
         self._pid = os.getpid()
+        # Set in a forked child: cheaper than a getpid() system call per read.
+        self._forked = False
+        os.register_at_fork(after_in_child=functools.partial(_mark_forked, weakref.ref(self)))
         self._env = lmdb.open(
             self.path,
             map_size=map_size,
@@ -353,7 +358,9 @@ class Storage:
     # -- reads ---------------------------------------------------------------
 
     def _check_pid(self) -> None:
-        if os.getpid() != self._pid:
+        if not (self._forked or self._closed):
+            return
+        if self._forked:
             raise StorageError(
                 f"storage at {self.path} was opened in process {self._pid} and cannot be "
                 "used after fork(); open a new Runtime in the child"
@@ -534,6 +541,16 @@ class Storage:
         if result[0] is not None:
             raise result[0]
 
+    def reader_check(self) -> int:
+        """Frees the reader slots of processes that died with the environment open.
+
+        Several processes may share a data directory; one that was killed
+        leaves its slots taken (and its snapshots pinned) until this runs.
+        Returns how many slots were freed.
+        """
+        self._check_pid()
+        return int(self._env.reader_check())
+
     def idle(self) -> bool:
         """True when no submitted batch is waiting for the writer."""
         return self._queue.empty()
@@ -696,7 +713,7 @@ class Storage:
         """Flushes queued batches, stops the writer and closes the environment."""
         if self._closed:
             return
-        if os.getpid() != self._pid:
+        if self._forked:
             self._closed = True  # the parent owns the environment; never touch it here
             return
         self._queue.put(_STOP)
@@ -728,3 +745,9 @@ def _prefix_end(prefix: bytes) -> bytes | None:
             return bytes(p)
         p.pop()
     return None
+
+
+def _mark_forked(ref: weakref.ref[Storage]) -> None:
+    store = ref()
+    if store is not None:
+        store._forked = True

@@ -32,7 +32,11 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger("actorflow.supervisor")
 
-_MAX_WAKES = 20_000  # timer wake-ups held in memory before the timer index is left to wait
+_MAX_WAKES = 4096  # timer wake-ups held in memory before the timer index is left to wait
+# Instances started whose runs have not yet reached their first wait. Starting
+# every free slot at once (tens of thousands) would move them through the
+# engine as one wave, all in memory together; a window keeps them flowing.
+_START_WINDOW = 512
 
 
 class Supervisor:
@@ -53,6 +57,9 @@ class Supervisor:
         self.live: dict[bytes, InstanceActor] = {}
         self._lock = threading.Lock()
         self.running = 0
+        self.activating = 0  # see _START_WINDOW
+        self._delivering = 0  # timer wake-ups handed to the loop, not yet delivered
+        self._window_full = False
         self.by_wf: collections.Counter[str] = collections.Counter()
         self.wakes: collections.deque[tuple[InstanceActor, str]] = collections.deque()
         self._kick_pending = False
@@ -110,6 +117,10 @@ class Supervisor:
             if self.live.get(actor.ik) is actor:
                 del self.live[actor.ik]
             actor.actor_stopped.set()
+            # The run is over (or never was): dropping it breaks the actor <->
+            # run reference cycle, so both are freed at once, not by a full
+            # collection.
+            actor.exec = None
 
     def call(self, wfe: WorkflowEngine, iid: str, message: tuple[Any, ...]) -> Any:
         """Sends ``message`` to the instance's actor and returns its reply."""
@@ -156,11 +167,16 @@ class Supervisor:
         cap = self.ctx.limits.max_concurrent
         throttled = None
         while self.running < cap:
+            if self.activating >= _START_WINDOW:
+                self._window_full = True
+                break
             nxt = self._next()
             if nxt is None:
                 break
             actor, reason = nxt
             self.running += 1
+            self.activating += 1
+            actor.activating = True
             self.by_wf[actor.wfe.name] += 1
             self.started += 1
             actor.woken = True  # keeps it in memory until it starts
@@ -169,6 +185,7 @@ class Supervisor:
             except pykka.ActorDeadError:
                 self.running -= 1
                 self.by_wf[actor.wfe.name] -= 1
+                self.settled(actor)
         for wfe in self.engines.values():
             if wfe.router.throttled and wfe.router.bucket is not None:
                 w = wfe.router.bucket.wait_s()
@@ -229,7 +246,18 @@ class Supervisor:
         """An instance gave its slot back (hibernated, finished, crashed or skipped)."""
         self.running -= 1
         self.by_wf[actor.wfe.name] -= 1
+        self.settled(actor, pump=False)
         self.pump()
+
+    def settled(self, actor: InstanceActor, pump: bool = True) -> None:
+        """A started instance's run reached its first wait (or ended): it leaves the window."""
+        if not actor.activating:
+            return
+        actor.activating = False
+        self.activating -= 1
+        if pump and self._window_full and self.activating <= _START_WINDOW // 2:
+            self._window_full = False
+            self.pump()
 
     def wake(self, actor: InstanceActor, reason: str = "wake") -> None:
         """Queues a waking instance ahead of new ones (engine loop only)."""
@@ -239,7 +267,7 @@ class Supervisor:
 
     def on_timer(self, target: bytes, key: bytes, deadline: int) -> bool:
         """Timer-thread handler of instance deadlines; False means "not now"."""
-        if len(self.wakes) >= _MAX_WAKES:
+        if len(self.wakes) + self._delivering >= _MAX_WAKES:
             return False
         wf, iid = split_ikey(target)
         with self._lock:
@@ -253,15 +281,21 @@ class Supervisor:
                 with self._lock:
                     self._foreign.setdefault(ik, set()).add(key)
                 return True
+        with self._lock:
+            self._delivering += 1
         try:
             # Delivered from the loop, where eviction happens too: a message
             # can then never land in an actor that is being evicted.
             self.ctx.loop.call_soon_threadsafe(self._deliver_timer, wfe, iid, key, deadline)
         except RuntimeError:
+            with self._lock:
+                self._delivering -= 1
             return False
         return True
 
     def _deliver_timer(self, wfe: WorkflowEngine, iid: str, key: bytes, deadline: int) -> None:
+        with self._lock:
+            self._delivering -= 1
         try:
             self.actor(wfe, iid).actor_ref.tell(("timer", key, deadline))
         except (InstanceNotFound, pykka.ActorDeadError):
@@ -428,7 +462,9 @@ class Supervisor:
                     actor = self.actor(wfe, iid)
                 except InstanceNotFound:
                     continue
-                if actor.owned and not actor.running() and not actor.woken:
+                if not actor.owned:  # made before the takeover and busy: try again
+                    self.ctx.loop.call_soon(self._adopted, [(ik, status)])
+                elif not actor.running() and not actor.woken:
                     actor.woken = True
                     self.wakes.append((actor, "recover"))
             elif status == "queued":

@@ -98,6 +98,7 @@ class InstanceActor(PooledActor):
         self.epoch: int = record["epoch"]
         self.exec: Execution | None = None
         self.woken = False
+        self.activating = False  # started, its run not yet past its first suspension
         self.busy = 0
         self.crashes: list[float] = []
         # Queue entries deleted and written by the batches being committed.
@@ -273,6 +274,9 @@ class InstanceActor(PooledActor):
     async def handle_start(self, reason: str) -> None:
         """The supervisor gave this instance a slot."""
         self.woken = False
+        if self.ctx.supervisor.node is not None and self.owned and (
+                self.ctx.storage.get(FENCE, self.ik) != epoch_bytes(self.epoch)):
+            self.owned = False  # another node took it over since this actor was made
         if not self.owned:  # another node owns it (a stale queue entry or wake-up)
             self.ctx.supervisor.released(self)
             return
@@ -285,6 +289,14 @@ class InstanceActor(PooledActor):
             self.woken = True  # stays in memory until then
             self.ctx.supervisor.released(self)
             return
+        if reason == "crash" and not self.running():
+            # The write that failed may have left the record ahead of storage
+            # (a "complete" never written): restart from what is durable.
+            raw = self.ctx.storage.get(INST, self.ik)
+            if raw is not None:
+                self.record = load(raw)
+            self.dequeued.clear()
+            self.enqueued.clear()
         status = self.record["s"]
         if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
             self.ctx.supervisor.released(self)
