@@ -97,7 +97,6 @@ class OTelObserver:
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-
         self._trace = trace
         self._SpanContext = SpanContext
         self._kind = SpanKind.INTERNAL
@@ -106,15 +105,16 @@ class OTelObserver:
         self._ERROR = StatusCode.ERROR
         self._propagator = TraceContextTextMapPropagator()
         self._tracer = provider.get_tracer("actorflow")
-        self._runs: dict[int, Any] = {}
+        # id(execution) -> (run span, its context if sampled, else None)
+        self._runs: dict[int, tuple[Any, Any]] = {}
         self._fast: tuple[Any, ...] | None = None
         processor = getattr(provider, "_active_span_processor", None)
         scope = getattr(self._tracer, "_instrumentation_scope", None)
         if processor is not None and scope is not None:
             from opentelemetry.sdk.trace import Event, ReadableSpan
 
-            self._fast = (processor, provider.resource, provider.id_generator, scope,
-                          ReadableSpan, Event)
+            self._fast = (processor.on_end, provider.resource,
+                          provider.id_generator.generate_span_id, scope, ReadableSpan, Event)
 
     # -- create ----------------------------------------------------------------
 
@@ -146,12 +146,14 @@ class OTelObserver:
             attributes={"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
                         "actorflow.epoch": ex.actor.epoch},
         )
-        self._runs[id(ex)] = span
+        sc = span.get_span_context()
+        self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None)
 
     def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
-        span = self._runs.pop(id(ex), None)
-        if span is None:
+        run = self._runs.pop(id(ex), None)
+        if run is None:
             return
+        span = run[0]
         span.set_attribute("actorflow.outcome", outcome)
         if outcome == "errored" or outcome == "crashed":
             if isinstance(value, BaseException):
@@ -171,35 +173,34 @@ class OTelObserver:
         if status != "complete" and status != "errored":
             return
         run = self._runs.get(id(ex))
-        if run is None:
-            return
-        parent = run.get_span_context()
-        if not parent.trace_flags.sampled:
-            return
+        if run is None or run[1] is None:
+            return  # not traced, or not sampled
+        parent = run[1]
         kind = rec["k"]
-        base = {"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
-                "actorflow.step": rec["n"], "actorflow.step.count": rec["c"],
-                "actorflow.step.kind": kind, "actorflow.step.status": status}
+        wf, iid, name = ex.wfe.name, ex.actor.iid, rec["n"]
+        attrs = {"actorflow.workflow": wf, "actorflow.instance": iid, "actorflow.step": name,
+                 "actorflow.step.count": rec["c"], "actorflow.step.kind": kind,
+                 "actorflow.step.status": status}
         t0, t1 = rec.get("t0") or ex.t_start, rec.get("t1") or ex.now_ms()
         error = rec.get("ed") if status == "errored" else None
         if kind == "do":
             attempts = rec.get("att", ())
-            base["actorflow.attempts"] = len(attempts)
+            attrs["actorflow.attempts"] = len(attempts)
             events = [
                 ("retry", a[1], {"actorflow.attempt": i + 1, "actorflow.retry.delay_ms": a[3]})
                 for i, a in enumerate(attempts) if a[3] is not None
-            ]
-            step = self._span(parent, f"step {rec['n']}", base, t0, t1, events, error)
-            for i, (a0, a1, aerr, _delay) in enumerate(attempts):
-                attrs = dict(base, **{"actorflow.attempt": i + 1})
-                del attrs["actorflow.step.status"], attrs["actorflow.attempts"]
-                self._span(step, f"attempt {i + 1}", attrs, a0, a1 if a1 is not None else t1,
-                           (), aerr)
+            ] if len(attempts) > 1 else ()
+            step = self._span(parent, "step " + name, attrs, t0, t1, events, error)
+            for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
+                self._span(step, f"attempt {i}", {
+                    "actorflow.workflow": wf, "actorflow.instance": iid, "actorflow.step": name,
+                    "actorflow.step.count": rec["c"], "actorflow.attempt": i,
+                }, a0, a1 if a1 is not None else t1, (), aerr)
         else:
             if kind == "wait_for_event":
-                base["actorflow.event.type"] = rec.get("ty", "")
-            name = "sleep" if kind == "sleep" else "wait_for_event"
-            self._span(parent, f"{name} {rec['n']}", base, t0, t1, (), error)
+                attrs["actorflow.event.type"] = rec.get("ty", "")
+            label = "sleep " if kind == "sleep" else "wait_for_event "
+            self._span(parent, label + name, attrs, t0, t1, (), error)
 
     def _span(
         self,
@@ -213,26 +214,24 @@ class OTelObserver:
     ) -> Any:
         """Emits one finished span; returns its SpanContext."""
         status = self._ok
-        errs = []
         if error is not None:
             status = self._Status(self._ERROR, f"{error['name']}: {error['message']}")
-            errs = [("exception", end_ms, {"exception.type": error["name"],
-                                          "exception.message": error["message"]})]
+            events = [*events, ("exception", end_ms, {"exception.type": error["name"],
+                                                     "exception.message": error["message"]})]
         if self._fast is not None:
-            processor, resource, ids, scope, readable, event = self._fast
-            ctx = self._SpanContext(parent.trace_id, ids.generate_span_id(), False,
-                                    parent.trace_flags, parent.trace_state)
-            span = readable(
-                name=name, context=ctx, parent=parent, resource=resource, attributes=attributes,
-                events=[event(n, a, t * _NS) for n, t, a in [*events, *errs]], kind=self._kind,
-                instrumentation_scope=scope, status=status, start_time=start_ms * _NS,
-                end_time=end_ms * _NS)
-            processor.on_end(span)
+            on_end, resource, new_id, scope, readable, event = self._fast
+            # A SpanContext without re-validating ids that come from the generator.
+            ctx = tuple.__new__(self._SpanContext, (parent.trace_id, new_id(), False,
+                                                    parent.trace_flags, parent.trace_state, True))
+            on_end(readable(
+                name, ctx, parent, resource, attributes,
+                [event(n, a, t * _NS) for n, t, a in events] if events else (),
+                (), self._kind, None, status, start_ms * _NS, end_ms * _NS, scope))
             return ctx
         live = self._tracer.start_span(
             name, context=self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent)),
             kind=self._kind, attributes=attributes, start_time=start_ms * _NS)
-        for n, t, a in [*events, *errs]:
+        for n, t, a in events:
             live.add_event(n, a, timestamp=t * _NS)
         live.set_status(status)
         live.end(end_time=end_ms * _NS)
