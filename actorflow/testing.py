@@ -6,7 +6,12 @@ instance is idle), and everything that became due fires before ``advance``
 returns: sleeps, retry delays, event timeouts, alarms, rate-limit windows.
 
 Step modifiers come from ``binding.modify(instance_id)``; crash injection is
-``binding.modify(id).crash_at(step, point)``.
+``binding.modify(id).crash_at(step, point)``; ``inst.wait_for_step(name)`` and
+``inst.wait_for_status(status)`` wait for what a test wants to see.
+:class:`Faults` makes storage writes fail or slow and loses or duplicates
+calls to Durable Objects. :class:`NodeProcess` runs a runtime in a child
+process that a test can SIGKILL. The pytest fixtures over all of these are in
+:mod:`actorflow.pytest_plugin`.
 """
 
 from __future__ import annotations

@@ -182,3 +182,26 @@ def test_faults_are_per_runtime(tmp_path: Path) -> None:
         with pytest.raises(af.StorageError):
             one.durable_objects(Counter).get_by_name("x").increment()
         assert two.durable_objects(Counter).get_by_name("x").increment() == 1
+
+
+def test_a_refused_final_write_restarts_from_what_is_durable(rt: af.Runtime,
+                                                             journal: Journal) -> None:
+    import errno
+
+    from actorflow.engine.records import INST, load
+
+    refused: list[bool] = []
+
+    def fault(batch: Any) -> None:
+        for _kind, ks, _key, value in batch.ops:
+            if ks == INST and value and load(value)["s"] == "complete" and not refused:
+                refused.append(True)
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    journal.gate("b").set()
+    rt.storage.set_fault(fault)
+    inst = rt.register(TwoSteps, env=journal).create(id="f")
+    assert inst.wait(timeout=10).output == 3  # not stranded "running" after the refusal
+    assert refused == [True]
+    assert journal.counts() == {"a": 1, "b": 1}  # both results were durable: replayed
+    assert history_types(inst).count("INSTANCE_RECOVERED") == 1
