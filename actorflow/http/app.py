@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from actorflow.binding import Instance, WorkflowBinding
+from actorflow.errors import InstanceNotFound
 from actorflow.http.envelope import (
     BODY_SLACK,
     ApiError,
@@ -130,13 +131,16 @@ class _Api:
             return found
 
     async def binding(self, request: Request) -> WorkflowBinding:
+        """The binding of the request's ``{wf}`` (404 WorkflowNotFound if none)."""
         return await run_in_threadpool(self.binding_named, request.path_params["wf"])
 
     def instance(self, request: Request) -> tuple[WorkflowBinding, Instance]:
+        """The request's ``{wf}`` and instance ``{id}`` (404 InstanceNotFound if none)."""
         b = self.binding_named(request.path_params["wf"])
         return b, b.get(request.path_params["id"])
 
     def body_limit(self, binding: WorkflowBinding) -> int:
+        """The largest body accepted: the workflow's payload limit plus framing."""
         return self.rt.limits.for_workflow(binding.name).max_event_payload_bytes + BODY_SLACK
 
     # -- handlers -------------------------------------------------------------------
@@ -159,6 +163,7 @@ class _Api:
         return out
 
     def workflow_rows(self, only: str | None = None) -> list[dict[str, Any]]:
+        """The rows of ``GET /api/workflows`` (of workflow ``only``, if given)."""
         names = self.workflow_names()
         if only is not None:
             names = {only: names.get(only, False)}
@@ -190,6 +195,11 @@ class _Api:
         after = time_param(q.get("created_after"), "created_after")
 
         def work() -> tuple[list[dict[str, Any]], str | None]:
+            if cursor is not None:
+                try:
+                    b.get(cursor)
+                except InstanceNotFound as e:
+                    raise InstanceNotFound(f"cursor: {e}", workflow=b.name, instance=cursor)
             if after is None:
                 page = b.list(status=status, limit=limit + 1, cursor=cursor)
             else:
@@ -332,7 +342,9 @@ def create_app(
     or run it with :func:`actorflow.http.serve`.
 
     Args:
-        rt: The runtime whose registered workflows the app exposes.
+        rt: The runtime whose workflows the app exposes: those registered,
+            and those with instances in its data directory (readable and
+            controllable, though they do not run in this process).
         token: If set, every ``/api`` request must carry
             ``Authorization: Bearer <token>``; others get 401 and change nothing.
         allowed_hosts: If set, requests whose ``Host`` header is not one of
