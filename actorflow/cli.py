@@ -39,10 +39,11 @@ from typing import Any
 
 import click
 
-from actorflow.engine.records import IDX, INST, ikey, load
+from actorflow.engine.records import IDX, INST, ikey, load, queue_db
 from actorflow.history import read_history, read_steps
 from actorflow.runtime import OWNER_LOCK, Runtime
 from actorflow.storage import Storage
+from actorflow.timers import TIMERS
 from actorflow.workflow import STATUSES
 
 __all__ = ["cli", "format_table", "main"]
@@ -186,8 +187,25 @@ class _Local:
             return [_plain(s) for s in read_steps(store, ikey(wf, iid))]
 
     def metrics(self) -> dict[str, Any]:
-        with _exclusive(self.data), _ToolRuntime(self.data) as rt:
-            return rt.metrics().to_dict()
+        """What the directory itself tells: counts, queue depths, timers (rates live in
+        the process that runs the workflows: ask it with ``--url``)."""
+        with self._store() as store:
+            counts: dict[str, dict[str, int]] = {}
+            for key, _ in store.scan(IDX, keys_only=True):
+                wf_b, st_b, _rest = key.split(b"\x00", 2)
+                per = counts.setdefault(wf_b.decode(), {})
+                per[st_b.decode()] = per.get(st_b.decode(), 0) + 1
+            workflows = {
+                wf: {"name": wf, "counts": c, "queue_depth": store.count(queue_db(wf))}
+                for wf, c in sorted(counts.items())
+            }
+            total: dict[str, int] = {}
+            for c in counts.values():
+                for st, n in c.items():
+                    total[st] = total.get(st, 0) + n
+            return {"workflows": workflows, "counts": total,
+                    "queue_depth": sum(w["queue_depth"] for w in workflows.values()),
+                    "timer_backlog": store.count(TIMERS)}
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
         from actorflow.errors import ActorflowError
@@ -398,11 +416,11 @@ def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
 def metrics(obj: _Ctx) -> None:
     """Show counts by status, rates, queue depths and commit latency."""
     m = obj.target.metrics()
-    rows = [[k, f"{v:,.2f}" if isinstance(v, float) else str(v)]
-            for k, v in m.items() if k != "workflows"]
+    rows = [[k, f"{v:,.2f}" if isinstance(v, float) else _counts(v) if isinstance(v, dict)
+             else str(v)] for k, v in m.items() if k != "workflows"]
     for name, wm in (m.get("workflows") or {}).items():
-        counts = " ".join(f"{s}={n}" for s, n in sorted((wm.get("counts") or {}).items()))
-        rows.append([f"workflow {name}", f"{counts} queue={wm.get('queue_depth')}"])
+        rows.append([f"workflow {name}",
+                     f"{_counts(wm.get('counts') or {})}  queue={wm.get('queue_depth')}"])
     obj.emit(m, format_table(rows, ["figure", "value"]))
 
 
@@ -488,6 +506,10 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the benchmarks (arguments go to actorflow.bench; try `bench --help`)."""
     mod = importlib.import_module("actorflow.bench")
     ctx.exit(mod.main(list(args)))
+
+
+def _counts(counts: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
 
 
 def _brief(value: Any, width: int = 60) -> str:

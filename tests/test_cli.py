@@ -108,7 +108,8 @@ def test_list_pages_with_a_cursor(data: Path) -> None:
 def test_metrics_command(data: Path) -> None:
     m = json.loads(run_cli(data, "--json", "metrics").output)
     assert m["workflows"]["order"]["counts"] == {"waiting": 3}
-    assert "workflow order" in run_cli(data, "metrics").output
+    assert m["timer_backlog"] == 3  # the approvals' timeouts
+    assert "waiting=3" in run_cli(data, "metrics").output
 
 
 # -- changes on a closed directory: the next runtime continues them ---------------------------
@@ -205,6 +206,8 @@ def test_changes_are_refused_while_a_runtime_owns_the_directory(owned: Path) -> 
     st = json.loads(run_cli(owned, "--json", "status", "order", "o1").output)
     assert st["status"] == "waiting"
     assert len(json.loads(run_cli(owned, "--json", "list").output)["instances"]) == 3
+    metrics = json.loads(run_cli(owned, "--json", "metrics").output)
+    assert metrics["workflows"]["order"]["counts"] == {"waiting": 3}
 
 
 def test_the_lock_is_released_when_the_runtime_closes(data: Path, journal: Any) -> None:
