@@ -59,6 +59,7 @@ class Supervisor:
         self.running = 0
         self.activating = 0  # see _START_WINDOW
         self._delivering = 0  # timer wake-ups handed to the loop, not yet delivered
+        self._deliveries: list[tuple[WorkflowEngine, str, bytes, int]] = []
         self._window_full = False
         self.by_wf: collections.Counter[str] = collections.Counter()
         self.wakes: collections.deque[tuple[InstanceActor, str]] = collections.deque()
@@ -281,25 +282,33 @@ class Supervisor:
                 with self._lock:
                     self._foreign.setdefault(ik, set()).add(key)
                 return True
+        # Delivered from the loop, where eviction happens too: a message can
+        # then never land in an actor that is being evicted. One loop wake-up
+        # carries every delivery made meanwhile: a burst of due timers costs
+        # one self-pipe write, not one each.
         with self._lock:
+            self._deliveries.append((wfe, iid, key, deadline))
             self._delivering += 1
-        try:
-            # Delivered from the loop, where eviction happens too: a message
-            # can then never land in an actor that is being evicted.
-            self.ctx.loop.call_soon_threadsafe(self._deliver_timer, wfe, iid, key, deadline)
-        except RuntimeError:
-            with self._lock:
-                self._delivering -= 1
-            return False
+            first = len(self._deliveries) == 1
+        if first:
+            try:
+                self.ctx.loop.call_soon_threadsafe(self._deliver_timers)
+            except RuntimeError:
+                with self._lock:
+                    self._deliveries.clear()
+                    self._delivering = 0
+                return False
         return True
 
-    def _deliver_timer(self, wfe: WorkflowEngine, iid: str, key: bytes, deadline: int) -> None:
+    def _deliver_timers(self) -> None:
         with self._lock:
-            self._delivering -= 1
-        try:
-            self.actor(wfe, iid).actor_ref.tell(("timer", key, deadline))
-        except (InstanceNotFound, pykka.ActorDeadError):
-            self.ctx.timers.done(key)
+            items, self._deliveries = self._deliveries, []
+            self._delivering -= len(items)
+        for wfe, iid, key, deadline in items:
+            try:
+                self.actor(wfe, iid).actor_ref.tell(("timer", key, deadline))
+            except (InstanceNotFound, pykka.ActorDeadError):
+                self.ctx.timers.done(key)
 
     # -- outcomes --------------------------------------------------------------------
 
