@@ -22,10 +22,12 @@ def run_isolated(
     """Runs scenario ``name`` in a new interpreter and returns its outcome.
 
     The child prints its outcome as one ``RESULT`` JSON line and its progress
-    as ``PROGRESS`` lines on stderr. Its peak RSS comes from ``wait4`` (the
-    child's own ``getrusage``), so nothing the parent holds is counted. Adds
-    ``peak_rss_mib`` and, when the child reports ``n`` and ``rss_start_mib``,
-    ``kib_per_instance``: the peak growth over the start, per instance.
+    as ``PROGRESS`` lines on stderr. Its peak RSS (``peak_rss_mib``) is the
+    high-water mark of its own address space, which it reports itself
+    (``VmHWM``); where that is unavailable, the ``ru_maxrss`` that ``wait4``
+    returns for it (which also counts the parent's pages at the fork). When
+    the child reports ``n`` and ``rss_start_mib``, ``kib_per_instance`` is the
+    peak growth over the start, per instance.
 
     Raises:
         RuntimeError: The child failed; the message ends with its stderr.
@@ -67,8 +69,11 @@ def run_isolated(
         raise RuntimeError(f"scenario {name!r} failed (exit {proc.returncode}):\n{tail}")
     data = json.loads(result[-1][len("RESULT "):])
     outcome = Outcome(data["figures"], data["samples"])
-    peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-    outcome.figures["peak_rss_mib"] = peak
+    if "peak_rss_mib" not in outcome.figures:
+        outcome.figures["peak_rss_mib"] = usage.ru_maxrss / (
+            2**20 if sys.platform == "darwin" else 1024
+        )
+    peak = outcome.figures["peak_rss_mib"]
     n, start = outcome.figures.get("n"), outcome.figures.get("rss_start_mib")
     if n and start is not None:
         outcome.figures["kib_per_instance"] = max(0.0, peak - start) * 1024 / n

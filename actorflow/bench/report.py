@@ -38,6 +38,9 @@ CLOUDFLARE_V2_NOTES: dict[str, str] = {
 }
 
 
+_CAPACITY = {"peak_running", "queued"}  # counts, not rates: a ratio only at full scale
+
+
 @dataclass(frozen=True)
 class Target:
     """A goal for one figure.
@@ -89,6 +92,10 @@ def judge(target: Target, value: float, size: int) -> str:
     return "met" if ok else "MISSED"
 
 
+_RATES = {"create_batch_per_s", "create_16_threads_per_s", "steps_per_s", "do_calls_per_s",
+          "enqueues_per_s", "drained_per_s"}
+
+
 def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
     """How ``value`` compares with what the machine allowed in the same run."""
     fsync = phys.get("fsync_commits_per_s")
@@ -97,7 +104,7 @@ def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
     handoff_us = phys.get("thread_handoff_us")
     if not (fsync and commit_ms and call_ns and handoff_us) or value <= 0:
         return ""
-    if figure.endswith("_per_s") and figure != "wake_rate_per_s":
+    if figure in _RATES:
         us = 1e6 / value
         out = f"{value / fsync:.1f}x fsync'd commits/s; {us:.1f} us each"
         if figure == "create_16_threads_per_s" or figure == "do_calls_per_s":
@@ -145,10 +152,10 @@ def rows(
             ]
             if profile == "cloudflare-v2":
                 cf = CLOUDFLARE_V2.get(fig)
-                row += [
-                    f"{cf:,.0f} ({CLOUDFLARE_V2_NOTES[fig]})" if cf else "",
-                    f"{v / cf:,.1f}x" if cf else "",
-                ]
+                ratio = f"{v / cf:,.1f}x" if cf else ""
+                if cf and fig in _CAPACITY and v < cf:
+                    ratio = f"run at {v:,.0f}"
+                row += [f"{cf:,.0f} ({CLOUDFLARE_V2_NOTES[fig]})" if cf else "", ratio]
             out.append(row)
     return header, out
 
