@@ -39,6 +39,12 @@ $(E2E_STAMP): $(STAMP) pyproject.toml
 e2e: $(E2E_STAMP)
 	$(BIN)/pytest -m e2e tests/e2e $(PYTEST_FLAGS)
 
+# The multi-node chaos run: 3 node processes, 5,000 instances, a node killed every ~2 s
+# for 60 s, and the same workload without failures (docs/failover.md).
+.PHONY: chaos
+chaos: $(STAMP)
+	$(BIN)/pytest tests/test_chaos.py -m chaos -s -p no:randomly $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1

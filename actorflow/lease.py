@@ -7,7 +7,8 @@ one host) can share a data directory; LMDB is safe across processes.
   incarnation (bumped each time the node starts), its process id, its
   heartbeat (wall-clock ms) and its state (``alive``, ``dead`` while being
   adopted, ``adopted``, ``left`` after a clean close). A node rewrites its
-  record every ``timeout / 5`` seconds, guarded on the value it wrote last,
+  record every ``timeout / 5`` seconds (at most 0.5 s), guarded on the value
+  it wrote last,
   so a node whose record was taken over finds out at its next heartbeat.
 - **Ownership**: every instance has an owner node (keyspace ``owner``, with
   the index ``owned``: ``node \\0 instance key``). The creating node owns a
@@ -120,6 +121,7 @@ class NodeLease:
 
     def join(self) -> int:
         """Registers a new incarnation of this node; returns its sequence slot."""
+        self.storage.reader_check()
         while True:
             raw = self.storage.get(NODES, self._key)
             old = load(raw) if raw is not None else {}
@@ -205,13 +207,14 @@ class NodeLease:
         self._last, self.record = data, rec
 
     def _loop(self) -> None:
-        period = max(0.05, self.timeout / 5)
+        period = max(0.05, min(self.timeout / 5, 0.5))
         while not self._stop.wait(period):
             try:
                 self.beat()
                 if self.lost:
                     return
                 self.check_others()
+                self.storage.reader_check()  # slots of killed processes
                 if self.on_tick is not None:
                     self.on_tick()
             except Exception:
@@ -241,8 +244,9 @@ class NodeLease:
                 self.adopt(node, rec)
             elif state == "dead":
                 by = nodes.get(rec.get("adopted_by", ""))
-                if by is None or by.get("state") != "alive" or self._expired(by):
-                    self.adopt(node, rec)  # its adopter died too
+                if (rec.get("adopted_by") == self.node_id or by is None
+                        or by.get("state") != "alive" or self._expired(by)):
+                    self.adopt(node, rec)  # its adopter died too, or this node's attempt failed
 
     # -- adoption ---------------------------------------------------------------------
 
@@ -251,7 +255,8 @@ class NodeLease:
         key = node.encode()
         raw = dump(rec)
         t0 = self.now_ms()
-        mark = dict(rec, state="dead", adopted_by=self.node_id, adopted_at=t0)
+        mark = dict(rec, state="dead", was=rec.get("state"), adopted_by=self.node_id,
+                    adopted_at=t0)
         try:
             self.storage.write(WriteBatch().guard(NODES, key, raw).put(NODES, key, dump(mark)))
         except ConflictError:

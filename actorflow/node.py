@@ -521,13 +521,13 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=serve, name="actorflow-node-control", daemon=True).start()
     server.reply({"ready": True, "pid": os.getpid(), "node_id": getattr(rt, "node_id", None)})
-    code = 0
-    while not stop.wait(0.1):
+    while not stop.wait(0.05):
         if getattr(rt, "lease_lost", False):
+            # Other nodes own its instances now: exit at once, writing nothing more.
             print("actorflow node: the lease of this node was taken over; exiting",
                   file=sys.stderr, flush=True)
-            code = EXIT_LEASE_LOST
-            break
+            os._exit(EXIT_LEASE_LOST)
+    code = 0
     try:
         rt.close()
     finally:

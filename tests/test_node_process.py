@@ -10,7 +10,7 @@ import pytest
 import actorflow as af
 from actorflow.testing import NodeProcess, NodeProcessError
 
-APP = "tests.apps.node_app:factory"
+APP = "apps.node_app:factory"
 
 
 def test_start_create_event_and_complete(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_terminate_closes_cleanly(tmp_path: Path) -> None:
 
 
 def test_a_broken_factory_fails_start_with_its_traceback(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", app="tests.apps.node_app:broken")
+    node = NodeProcess(tmp_path / "data", app="apps.node_app:broken")
     with pytest.raises(NodeProcessError, match="broken on purpose"):
         node.start()
     assert not node.alive

@@ -555,16 +555,22 @@ class InstanceActor(PooledActor):
                     self.seen_events.add(ekey)
                     ev = load(raw)
                     ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
-        elif not self.woken and self.record["s"] == "waiting":
-            types = {load(raw)["type"] for _, raw in stored}
-            if types & set(self.record.get("waits", ())):
-                self.ctx.supervisor.wake(self)
         batch = WriteBatch()
         batch.delete(TIMERS, key)
+        wake = (ex is None and not self.woken and self.record["s"] == "waiting"
+                and bool({load(raw)["type"] for _, raw in stored}
+                         & set(self.record.get("waits", ()))))
+        if wake:
+            # Woken durably, in the write that consumes the poke, as by an event
+            # sent through this node: a node that adopts it later sees it queued.
+            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         try:
-            await self.ctx.write(batch)
+            await self.commit(batch)
         finally:
             self.ctx.timers.done(key)
+        if wake:
+            self.wfe.router.note_wake()
+            self.ctx.supervisor.kick()
 
     async def take_over(self) -> None:
         """Makes this node the owner (a control call through a node that does not own it).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import actorflow as af
 
@@ -18,6 +19,28 @@ class Greeter(af.Workflow):
         return {"hello": hello, "ok": ok.payload, "pid": step.do("pid", os.getpid)}
 
 
+def slow_body(journal: str) -> object:
+    """A step body taking ``SLOW_MS`` ms of this node's environment; journals start and end."""
+
+    def run() -> int:
+        with open(journal, "a") as f:
+            f.write(f"start {os.getpid()}\n")
+        time.sleep(int(os.environ.get("SLOW_MS", "100")) / 1000)
+        with open(journal, "a") as f:
+            f.write(f"end {os.getpid()}\n")
+        return os.getpid()
+
+    return run
+
+
+class Slow(af.Workflow):
+    """One slow step whose result is the pid of the node that ran it."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        pid: int = step.do("slow", slow_body(event.payload["journal"]))
+        return pid
+
+
 class Counter(af.DurableObject):
     """Counts."""
 
@@ -31,6 +54,7 @@ def factory(data_dir: str) -> af.Runtime:
     """Builds the node's runtime."""
     rt = af.Runtime(data_dir)
     rt.register(Greeter, name="greeter")
+    rt.register(Slow, name="slow")
     rt.durable_objects(Counter, name="counter")
     return rt
 

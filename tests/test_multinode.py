@@ -1,0 +1,221 @@
+"""Several node processes on one data directory: ownership, events, adoption, fencing."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actorflow.engine.records import STEPS, load, step_key
+from actorflow.lease import NODES, OWNER
+from actorflow.node import EXIT_LEASE_LOST
+from actorflow.storage import Storage
+from actorflow.testing import NodeProcess
+
+APP = "apps.node_app:factory"
+LEASE = 1.0
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
+    made: dict[str, NodeProcess] = {}
+
+    def make(node_id: str, **env: str) -> NodeProcess:
+        node = NodeProcess(tmp_path / "data", APP, node_id=node_id, lease_timeout=LEASE, env=env)
+        made[node_id] = node
+        return node.start()
+
+    yield make  # type: ignore[misc]
+    for node in made.values():
+        if node.alive:
+            node.send_signal(signal.SIGCONT)
+            node.kill()
+
+
+def read(data: Path, keyspace: str, key: bytes) -> bytes | None:
+    store = Storage(data)
+    try:
+        return store.get(keyspace, key)
+    finally:
+        store.close()
+
+
+def test_each_node_runs_what_it_created(nodes, tmp_path: Path) -> None:
+    a, b = nodes("a"), nodes("b")
+    a.create("greeter", id="ga", params={"name": "a"})
+    b.create("greeter", id="gb", params={"name": "b"})
+    for node, iid in ((a, "ga"), (b, "gb")):
+        node.wait_for_status("greeter", iid, "waiting")
+        node.send_event("greeter", iid, "ok", 1)
+    assert a.wait_for_status("greeter", "ga", "complete")["output"]["pid"] == a.pid
+    assert b.wait_for_status("greeter", "gb", "complete")["output"]["pid"] == b.pid
+    assert read(tmp_path / "data", OWNER, b"greeter\x00ga") == b"a"
+    assert read(tmp_path / "data", OWNER, b"greeter\x00gb") == b"b"
+
+
+def test_an_event_through_another_node_reaches_the_owner(nodes) -> None:
+    a, b = nodes("a"), nodes("b")
+    a.create_batch("greeter", [{"id": f"g{i}", "params": {"name": str(i)}} for i in range(20)])
+    for i in range(20):
+        a.wait_for_status("greeter", f"g{i}", "waiting")
+    for i in range(20):
+        b.send_event("greeter", f"g{i}", "ok", {"via": "b", "i": i})
+    for i in range(20):
+        st = b.wait_for_status("greeter", f"g{i}", "complete")
+        assert st["output"]["ok"] == {"via": "b", "i": i}
+        assert st["output"]["pid"] == a.pid  # it stayed with its owner
+    assert b.stats()["started"] == 0  # b never ran any of them
+
+
+def test_a_killed_nodes_instances_are_adopted_after_its_lease(nodes, tmp_path: Path) -> None:
+    a, b = nodes("a"), nodes("b")
+    a.create_batch("greeter", [{"id": f"g{i}", "params": {"name": str(i)}} for i in range(30)])
+    for i in range(30):
+        a.wait_for_status("greeter", f"g{i}", "waiting")
+    for i in range(10):  # buffered with the owner before it dies
+        b.send_event("greeter", f"g{i}", "ok", i)
+    a.kill()
+    killed = time.monotonic()
+    for i in range(10, 30):  # sent while nobody owns them: picked up by the adopter
+        b.send_event("greeter", f"g{i}", "ok", i)
+    for i in range(30):
+        st = b.wait_for_status("greeter", f"g{i}", "complete", timeout=30)
+        assert st["output"]["ok"] == i
+    took = time.monotonic() - killed
+    assert took < LEASE + 5
+    adoptions = b.stats()["adoptions"]
+    assert [x["node"] for x in adoptions] == ["a"]
+    rec = load(read(tmp_path / "data", NODES, b"a") or b"")
+    assert rec["state"] == "adopted" and rec["adopted_by"] == "b"
+
+
+def test_a_clean_exit_hands_instances_over_at_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with NodeProcess(data, APP, node_id="b", lease_timeout=60) as b:
+        with NodeProcess(data, APP, node_id="a", lease_timeout=60) as a:
+            a.create("greeter", id="g1", params={"name": "x"})
+            a.wait_for_status("greeter", "g1", "waiting")
+        t0 = time.monotonic()
+        b.send_event("greeter", "g1", "ok", 1)
+        assert b.wait_for_status("greeter", "g1", "complete", timeout=20)["output"]["pid"] == b.pid
+        assert time.monotonic() - t0 < 10  # not the 60 s lease
+
+
+def test_a_control_call_through_another_node_takes_the_instance_over(nodes) -> None:
+    a, b = nodes("a"), nodes("b")
+    a.create("greeter", id="g1", params={"name": "x"})
+    a.wait_for_status("greeter", "g1", "waiting")
+    b.control("greeter", "g1", "pause")
+    assert a.wait_for_status("greeter", "g1", "paused")["status"] == "paused"
+    b.control("greeter", "g1", "resume")
+    a.send_event("greeter", "g1", "ok", "through a")  # a no longer owns it: a poke to b
+    st = a.wait_for_status("greeter", "g1", "complete", timeout=20)
+    assert st["output"] == {"hello": "hello x", "ok": "through a", "pid": b.pid}
+
+
+def test_a_frozen_node_cannot_commit_after_adoption(nodes, tmp_path: Path) -> None:
+    """SIGSTOP a node mid-step; another adopts; SIGCONT: nothing of it lands, it exits."""
+    data, journal = tmp_path / "data", tmp_path / "journal.txt"
+    a = nodes("a", SLOW_MS="1500")
+    b = nodes("b", SLOW_MS="4000")
+    a.create("slow", id="s1", params={"journal": str(journal)})
+    deadline = time.monotonic() + 10
+    while not (journal.exists() and f"start {a.pid}" in journal.read_text()):
+        assert time.monotonic() < deadline, "a never started the step"
+        time.sleep(0.01)
+    a.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while f"start {b.pid}" not in journal.read_text():  # b adopted it and runs the step
+        assert time.monotonic() < deadline, "b never adopted the instance"
+        time.sleep(0.01)
+    a.send_signal(signal.SIGCONT)  # a's step ends now, long before b's
+    assert a.wait(timeout=15) == EXIT_LEASE_LOST  # it noticed its lease was gone
+    key = step_key(b"slow\x00s1", "do", "slow", 1)
+    # Whether a's body got to its end before a stopped or not, its result never landed.
+    assert read(data, STEPS, key) is None
+    st = b.wait_for_status("slow", "s1", "complete", timeout=20)
+    assert st["output"] == b.pid  # the one committed result is b's
+    rec = load(read(data, STEPS, key) or b"")
+    assert len(rec["att"]) == 1 and rec["att"][0][2] is None
+    assert "lease" in a.log_tail()
+
+
+def _seed_instance(store: Storage, ik: bytes, owner: str, status: str, epoch: int = 3) -> None:
+    from actorflow.engine.records import FENCE, INST, dump, epoch_bytes
+    from actorflow.lease import claim_ops
+    from actorflow.storage import WriteBatch
+
+    batch = WriteBatch()
+    batch.put(INST, ik, dump({"s": status, "epoch": epoch}))
+    batch.put(FENCE, ik, epoch_bytes(epoch))
+    claim_ops(batch, ik, owner, None)
+    store.write(batch)
+
+
+def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path) -> None:
+    """In one process, on storage: an expired node's unfinished instances change hands."""
+    from actorflow.engine.records import FENCE, INST, epoch_bytes
+    from actorflow.lease import OWNED, NodeLease, owned_key
+    from actorflow.storage import ConflictError, WriteBatch
+
+    store = Storage(tmp_path / "data")
+    try:
+        old = NodeLease(store, "old", timeout=0.05)
+        assert old.join() == 0
+        new = NodeLease(store, "new", timeout=60)
+        assert new.join() == 1  # a distinct sequence slot while "old" is alive
+        _seed_instance(store, b"wf\x00run", "old", "running")
+        _seed_instance(store, b"wf\x00done", "old", "complete")
+        adopted: list[list[tuple[bytes, str]]] = []
+        new.on_adopted = adopted.append
+        time.sleep(0.1)  # "old" stops heartbeating: its lease expires
+        new.check_others()
+        assert adopted == [[(b"wf\x00run", "running")]]
+        assert store.get(OWNER, b"wf\x00run") == b"new"
+        assert store.get(FENCE, b"wf\x00run") == epoch_bytes(4)
+        assert load(store.get(INST, b"wf\x00run") or b"")["epoch"] == 4
+        assert store.get(OWNED, owned_key("new", b"wf\x00run")) == b""
+        assert not store.scan(OWNED, prefix=b"old\x00")  # the finished one's entry is dropped
+        assert store.get(OWNER, b"wf\x00done") == b"old"
+        # The old owner's next write, guarded on the epoch it had, fails.
+        stale = WriteBatch().guard(FENCE, b"wf\x00run", epoch_bytes(3)).put(INST, b"wf\x00run", b"x")
+        with pytest.raises(ConflictError):
+            store.write(stale)
+        # Its heartbeat fails too: it finds out that its lease is gone.
+        lost: list[bool] = []
+        old.on_lost = lambda: lost.append(True)
+        old.beat()
+        assert old.lost and lost == [True]
+        rec = load(store.get(NODES, b"old") or b"")
+        assert (rec["state"], rec["was"], rec["adopted_by"], rec["adopted_n"]) == (
+            "adopted", "alive", "new", 1)
+        new.check_others()  # adopted once only
+        assert len(adopted) == 1
+    finally:
+        store.close()
+
+
+def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: Path) -> None:
+    from actorflow.lease import NodeLease
+
+    store = Storage(tmp_path / "data")
+    try:
+        a = NodeLease(store, "a", timeout=60)
+        a.join()
+        b = NodeLease(store, "b", timeout=60)
+        b.join()
+        _seed_instance(store, b"wf\x00x", "a", "waiting")
+        b.check_others()
+        assert store.get(OWNER, b"wf\x00x") == b"a"
+        a.beat()
+        assert not a.lost
+        again = NodeLease(store, "a", timeout=60)  # the same node, restarted
+        assert again.join() == 0  # keeps its slot
+        assert again.record["inc"] == 2
+        a.beat()  # the previous incarnation finds itself replaced
+        assert a.lost
+    finally:
+        store.close()
