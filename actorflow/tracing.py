@@ -26,6 +26,7 @@ OpenTelemetry need not be installed: the engine's hooks are a ``None`` test.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -94,19 +95,22 @@ class OTelObserver:
 
     def __init__(self, provider: Any) -> None:
         from opentelemetry import trace
-        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._trace = trace
         self._SpanContext = SpanContext
         self._kind = SpanKind.INTERNAL
         self._ok = Status(StatusCode.OK)
+        self._unset = Status(StatusCode.UNSET)
+        self._sampled = TraceFlags(TraceFlags.SAMPLED)
         self._Status = Status
         self._ERROR = StatusCode.ERROR
         self._propagator = TraceContextTextMapPropagator()
         self._tracer = provider.get_tracer("actorflow")
-        # id(execution) -> (run span, its context if sampled, else None)
-        self._runs: dict[int, tuple[Any, Any]] = {}
+        # id(execution) -> (the run's span, or what makes it at the end; its context if
+        # sampled, else None; its attributes)
+        self._runs: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
         self._fast: tuple[Any, ...] | None = None
         processor = getattr(provider, "_active_span_processor", None)
         scope = getattr(self._tracer, "_instrumentation_scope", None)
@@ -115,6 +119,8 @@ class OTelObserver:
 
             self._fast = (processor.on_end, provider.resource,
                           provider.id_generator.generate_span_id, scope, ReadableSpan, Event)
+            self._new_trace_id = provider.id_generator.generate_trace_id
+            self._sampler = provider.sampler
 
     # -- create ----------------------------------------------------------------
 
@@ -134,37 +140,63 @@ class OTelObserver:
 
     def run_started(self, ex: Execution) -> None:
         rec = ex.actor.record
-        parent = None
         tp = rec.get(TRACEPARENT) if rec is not None else None
-        if tp:
-            parent = self._propagator.extract({"traceparent": tp})
-        span = self._tracer.start_span(
-            f"workflow.run {ex.wfe.name}",
-            context=parent,
-            kind=self._kind,
-            start_time=ex.t_start * _NS,
-            attributes={"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
-                        "actorflow.epoch": ex.actor.epoch},
-        )
-        sc = span.get_span_context()
-        self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None)
+        name = f"workflow.run {ex.wfe.name}"
+        attrs = {"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
+                 "actorflow.epoch": ex.actor.epoch}
+        parent = self._propagator.extract({"traceparent": tp}) if tp else None
+        if self._fast is None:
+            span = self._tracer.start_span(name, context=parent, kind=self._kind,
+                                           start_time=ex.t_start * _NS, attributes=attrs)
+            sc = span.get_span_context()
+            self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None, attrs)
+            return
+        # The run span is emitted finished when the run ends; its context is made now
+        # (with the provider's sampler) so that step spans can point to it.
+        parent_sc = self._trace.get_current_span(parent).get_span_context() if parent else None
+        if parent_sc is not None and not parent_sc.is_valid:
+            parent_sc = None
+        trace_id = parent_sc.trace_id if parent_sc is not None else self._new_trace_id()
+        decision = self._sampler.should_sample(parent, trace_id, name, self._kind, attrs)
+        if not decision.decision.is_sampled():
+            self._runs[id(ex)] = (None, None, attrs)
+            return
+        ctx = self._SpanContext(trace_id, self._fast[2](), False, self._sampled,
+                                decision.trace_state)
+        self._runs[id(ex)] = ((name, parent_sc, ex.t_start), ctx, attrs)
 
     def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         run = self._runs.pop(id(ex), None)
-        if run is None:
+        if run is None or (run[0] is None and run[1] is None):
             return
-        span = run[0]
-        span.set_attribute("actorflow.outcome", outcome)
+        status = self._ok if outcome == "complete" else self._unset
+        events: list[Any] = []
+        end = ex.now_ms()
         if outcome == "errored" or outcome == "crashed":
             if isinstance(value, BaseException):
-                span.record_exception(value, timestamp=ex.now_ms() * _NS)
                 desc = f"{type(value).__name__}: {value}"
+                events.append(("exception", end, {
+                    "exception.type": type(value).__name__, "exception.message": str(value),
+                    "exception.stacktrace": "".join(traceback.format_exception(value))}))
             else:
                 desc = str(value)
-            span.set_status(self._Status(self._ERROR, desc))
-        elif outcome == "complete":
-            span.set_status(self._ok)
-        span.end(end_time=ex.now_ms() * _NS)
+            status = self._Status(self._ERROR, desc)
+        first, ctx, attrs = run
+        if isinstance(first, tuple):  # the SDK's fast path: one finished span
+            name, parent_sc, start = first
+            on_end, resource, _, scope, readable, event = self._fast  # type: ignore[misc]
+            on_end(readable(
+                name, ctx, parent_sc, resource, {**attrs, "actorflow.outcome": outcome},
+                [event(n, a, t * _NS) for n, t, a in events], (), self._kind, None, status,
+                start * _NS, end * _NS, scope))
+            return
+        span = first
+        span.set_attribute("actorflow.outcome", outcome)
+        for n, t, a in events:
+            span.add_event(n, a, timestamp=t * _NS)
+        if status is not self._unset:
+            span.set_status(status)
+        span.end(end_time=end * _NS)
 
     # -- steps ---------------------------------------------------------------------
 

@@ -202,3 +202,39 @@ def test_without_tracing_opentelemetry_is_never_imported(tmp_path: Path) -> None
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class _ApiOnly:
+    """A provider seen only through the OpenTelemetry API (no SDK internals)."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._provider = provider
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._provider.get_tracer(*args, **kwargs)
+
+
+def test_any_api_provider_gets_the_same_spans(
+    tmp_path: Path, clock: FakeClock, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = traced
+    with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=_ApiOnly(provider)) as rt:
+        inst = rt.register(Flaky, name="flaky").create(id="api")
+        assert rt.wait_until_idle()
+        clock.advance("1 second")
+        assert rt.wait_until_idle()
+        clock.advance("1 minute")
+        assert inst.wait(timeout=10).output == "charged"
+    spans = exporter.get_finished_spans()
+    runs = _by_name(spans, "workflow.run flaky")
+    assert len(runs) == 3
+    (step,) = _by_name(spans, "step charge")
+    assert step.parent is not None and step.parent.span_id in {r.context.span_id for r in runs}
+    attempts = [s for s in spans if s.name.startswith("attempt")
+                and s.attributes["actorflow.step"] == "charge"]
+    assert len(attempts) == 2
+    assert all(a.parent is not None and a.parent.span_id == step.context.span_id
+               for a in attempts)
+    assert [e.name for e in step.events] == ["retry"]
+    (doomed,) = _by_name(spans, "step doomed")
+    assert doomed.status.status_code == StatusCode.ERROR
