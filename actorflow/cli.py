@@ -486,10 +486,13 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
         rt = factory()
     else:
         data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
-        click.echo(f"serving {data} without --app: no workflow class is registered, so "
-                   "instances are neither run nor listed; pass --app pkg.module:factory",
-                   err=True)
         rt = Runtime(data)
+        names = sorted(rt.metrics().workflows)
+        for name in names:
+            rt.unregistered(name, listed=True)
+        click.echo(f"serving {data} without --app: its workflows ({', '.join(names) or 'none'})"
+                   " can be read and controlled, but nothing runs; pass --app "
+                   "pkg.module:factory to run them", err=True)
     try:
         http.serve(rt, host=host, port=port, token=token)
     except ValueError as e:  # a public address without a token

@@ -181,7 +181,7 @@ class Runtime:
         self.timers.kick()
         return binding
 
-    def unregistered(self, name: str) -> WorkflowBinding:
+    def unregistered(self, name: str, *, listed: bool = False) -> WorkflowBinding:
         """A binding on the instances of workflow ``name`` without registering its class.
 
         Its instances can be read and controlled (``pause``, ``resume``,
@@ -190,6 +190,11 @@ class Runtime:
         runtime that registers the class later continues them correctly.
         Nothing of the workflow runs here: ``create`` queues instances that
         only a runtime registering the class will start.
+
+        With ``listed=True`` the binding is also what :meth:`workflow` returns
+        and :attr:`workflows` lists, for tools built on those (the HTTP API
+        serving a data directory without its classes); the name can then no
+        longer be registered in this runtime.
         """
         self._check_open()
         if name in self._bindings:
@@ -202,7 +207,10 @@ class Runtime:
         wfe = WorkflowEngine(self._engine, Unregistered, name, None)
         wfe.router = Router(wfe)
         self._own_queue(wfe)
-        return WorkflowBinding(wfe, self._supervisor)
+        binding = WorkflowBinding(wfe, self._supervisor)
+        if listed:
+            self._bindings[name] = binding
+        return binding
 
     def workflow(self, name: str) -> WorkflowBinding:
         """Returns the binding of a registered workflow."""

@@ -310,6 +310,28 @@ def test_serve_calls_the_http_module(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert got == {"data": str(tmp_path / "d"), "host": "0.0.0.0", "port": 9, "token": "tok"}
 
 
+def test_serve_without_an_app_controls_the_directory(
+    data: Path, journal: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: dict[str, Any] = {}
+    fake = types.ModuleType("actorflow.http")
+
+    def serve(rt: af.Runtime, host: str, port: int, token: str | None) -> None:
+        got["workflows"] = rt.workflows
+        inst = rt.workflow("order").get("o1")  # what the HTTP API does
+        got["status"] = inst.status().status
+        inst.pause()
+
+    fake.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "actorflow.http", fake)
+    assert main(["--data", str(data), "serve"]) == 0
+    assert got == {"workflows": ["order"], "status": "waiting"}
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o1").status().status == "paused"
+        assert wf.get("o2").status().status == "waiting"
+
+
 def test_bench_arguments_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
     import actorflow.bench
 
