@@ -132,7 +132,7 @@ class Runtime:
         )
         self._supervisor = Supervisor(self._engine, max_crashes, crash_window)
         self._engine.supervisor = self._supervisor
-        self.timers.register(WAKE_KIND, self._supervisor.on_timer)
+        self.timers.register(WAKE_KIND, self._supervisor.on_timer, self._supervisor.saturated)
         self._bindings: dict[str, WorkflowBinding] = {}
         self._lease: NodeLease | None = None
         if self.node_id:

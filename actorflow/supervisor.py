@@ -266,9 +266,13 @@ class Supervisor:
         self.wakes.append((actor, reason))
         self.pump()
 
+    def saturated(self) -> bool:
+        """True while wake-ups are refused: enough are waiting for a slot already."""
+        return len(self.wakes) + self._delivering >= _MAX_WAKES
+
     def on_timer(self, target: bytes, key: bytes, deadline: int) -> bool:
         """Timer-thread handler of instance deadlines; False means "not now"."""
-        if len(self.wakes) + self._delivering >= _MAX_WAKES:
+        if self.saturated():
             return False
         wf, iid = split_ikey(target)
         with self._lock:

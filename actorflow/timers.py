@@ -63,6 +63,7 @@ class TimerService:
         self._storage = storage
         self._clock = clock
         self._handlers: dict[str, Handler] = {}
+        self._saturated: dict[str, Callable[[], bool]] = {}
         self._inflight: set[bytes] = set()
         self._cond = threading.Condition()
         self._kicked = False
@@ -76,11 +77,24 @@ class TimerService:
         self._full_at = 0.0
         clock.subscribe(self.kick)
 
-    def register(self, kind: str, handler: Handler) -> None:
-        """Routes timers of ``kind`` (one character) to ``handler``."""
+    def register(
+        self, kind: str, handler: Handler, saturated: Callable[[], bool] | None = None
+    ) -> None:
+        """Routes timers of ``kind`` (one character) to ``handler``.
+
+        Args:
+            kind: The kind.
+            handler: Called with each due timer of the kind.
+            saturated: Optional; True while the handler would refuse every
+                timer. A pass then skips the kind's keys without calling the
+                handler, and stops after a run of them, instead of offering
+                thousands of due keys again on every pass of a wake-up burst.
+        """
         if len(kind) != 1:
             raise ValueError("timer kind must be one character")
         self._handlers[kind] = handler
+        if saturated is not None:
+            self._saturated[kind] = saturated
 
     def start(self) -> None:
         """Starts the timer thread."""
@@ -206,9 +220,10 @@ class TimerService:
                 self._floor, self._full_at = None, mono
             floor, resets = self._floor, self._resets
         head = True  # every key so far is in flight
-        seen = 0
+        seen = skipped = 0
+        full = {k for k, f in self._saturated.items() if f()}
         start_after = floor
-        while seen < _MAX_SCAN:
+        while seen < _MAX_SCAN and skipped < _CHUNK:
             rows = self._storage.scan(TIMERS, start_after=start_after, limit=_CHUNK,
                                       keys_only=True)
             if not rows:
@@ -219,6 +234,13 @@ class TimerService:
                 if deadline > now_ms:
                     self._keep_floor(floor, resets)
                     return deadline
+                if kind in full:
+                    head = False
+                    skipped += 1
+                    if skipped >= _CHUNK:
+                        break
+                    continue
+                skipped = 0
                 with self._cond:
                     if key in self._inflight:
                         if head:
