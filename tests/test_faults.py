@@ -69,7 +69,7 @@ class WaitsForGo(af.Workflow):
         return step.wait_for_event("go", "go", timeout="1 hour").payload
 
 
-def test_create_and_send_event_raise_on_a_full_disk_and_write_nothing(rt: af.Runtime) -> None:
+def test_create_send_event_and_pause_raise_on_a_full_disk_and_write_nothing(rt: af.Runtime) -> None:
     wf = rt.register(WaitsForGo)
     inst = wf.create(id="w")
     inst.wait_for_status("waiting")
@@ -78,7 +78,9 @@ def test_create_and_send_event_raise_on_a_full_disk_and_write_nothing(rt: af.Run
             wf.create(id="new")
         with pytest.raises(af.StorageError, match="No space left"):
             inst.send_event("go", 1)
-        assert faults.failed_writes == 2
+        with pytest.raises(af.StorageError, match="No space left"):
+            inst.pause()
+        assert faults.failed_writes == 3
     with pytest.raises(af.InstanceNotFound):
         wf.get("new")
     assert rt.wait_until_idle()
