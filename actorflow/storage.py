@@ -2,7 +2,8 @@
 
 The storage contract, method by method:
 
-* :meth:`Storage.get`, :meth:`Storage.get_many`, :meth:`Storage.scan` and
+* :meth:`Storage.get`, :meth:`Storage.get_many`, :meth:`Storage.scan`,
+  :meth:`Storage.scan_prefixes` (several keyspaces, one snapshot) and
   :meth:`Storage.count` read the last committed state. They never see a write
   that is not yet durable, and they never block writers.
 * :meth:`Storage.submit` queues a :class:`WriteBatch`. The batch is applied
@@ -431,40 +432,70 @@ class Storage:
         out: list[tuple[bytes, bytes]] = []
         if limit is not None and limit <= 0:
             return out
-        with self._read(keyspace) as txn:
-            cur = txn.cursor()
-            if not reverse:
-                ok = cur.set_range(lo)
-                if start_after is not None and start_after >= lo:
-                    ok = cur.set_range(start_after)
-                    if ok and cur.key() == start_after:
-                        ok = cur.next()
-                while ok:
-                    k = cur.key()
-                    if (end is not None and k >= end) or not k.startswith(prefix):
-                        break
-                    out.append((k, b"" if keys_only else cur.value()))
-                    if limit is not None and len(out) >= limit:
-                        break
-                    ok = cur.next()
-            else:
-                upper = end
-                pend = _prefix_end(prefix) if prefix else None
-                if pend is not None and (upper is None or pend < upper):
-                    upper = pend
-                if upper is None:
-                    ok = cur.last()
-                else:
-                    ok = cur.prev() if cur.set_range(upper) else cur.last()
-                while ok:
-                    k = cur.key()
-                    if k < lo or (start_after is not None and k <= start_after):
-                        break
-                    out.append((k, b"" if keys_only else cur.value()))
-                    if limit is not None and len(out) >= limit:
-                        break
-                    ok = cur.prev()
+        # _read() inlined: its generator costs more than the scan of a short prefix.
+        self._check_pid()
+        db = self._dbs.get(keyspace)
+        if db is None:
+            db = self._db(keyspace)
+        slot = self._gate.enter()
+        try:
+            with self._env.begin(db=db, buffers=False) as txn:
+                    cur = txn.cursor()
+                    if not reverse:
+                        ok = cur.set_range(lo)
+                        if start_after is not None and start_after >= lo:
+                            ok = cur.set_range(start_after)
+                            if ok and cur.key() == start_after:
+                                ok = cur.next()
+                        while ok:
+                            k = cur.key()
+                            if (end is not None and k >= end) or not k.startswith(prefix):
+                                break
+                            out.append((k, b"" if keys_only else cur.value()))
+                            if limit is not None and len(out) >= limit:
+                                break
+                            ok = cur.next()
+                    else:
+                        upper = end
+                        pend = _prefix_end(prefix) if prefix else None
+                        if pend is not None and (upper is None or pend < upper):
+                            upper = pend
+                        if upper is None:
+                            ok = cur.last()
+                        else:
+                            ok = cur.prev() if cur.set_range(upper) else cur.last()
+                        while ok:
+                            k = cur.key()
+                            if k < lo or (start_after is not None and k <= start_after):
+                                break
+                            out.append((k, b"" if keys_only else cur.value()))
+                            if limit is not None and len(out) >= limit:
+                                break
+                            ok = cur.prev()
+        finally:
+            slot[0] = False
         return out
+
+    def scan_prefixes(self, wanted: list[tuple[str, bytes]]) -> list[list[tuple[bytes, bytes]]]:
+        """Returns the pairs under each ``(keyspace, prefix)`` of ``wanted``, from one snapshot."""
+        self._check_pid()
+        dbs = [self._dbs.get(ks) or self._db(ks) for ks, _ in wanted]
+        slot = self._gate.enter()
+        try:
+            with self._env.begin(buffers=False) as txn:
+                out: list[list[tuple[bytes, bytes]]] = []
+                for db, (_, prefix) in zip(dbs, wanted, strict=True):
+                    rows: list[tuple[bytes, bytes]] = []
+                    cur = txn.cursor(db=db)
+                    if cur.set_range(prefix):
+                        for k, v in cur.iternext():
+                            if not k.startswith(prefix):
+                                break
+                            rows.append((k, v))
+                    out.append(rows)
+                return out
+        finally:
+            slot[0] = False
 
     def visit_keys(self, keyspace: str, visit: Callable[[bytes], None]) -> int:
         """Calls ``visit(key)`` for every key, in one snapshot; returns its transaction id.

@@ -132,6 +132,17 @@ def test_scan_matches_sorted_dict_model(store: Storage, case: dict[str, Any], re
     assert all(v == b"" for _, v in keys_only)
 
 
+def test_scan_prefixes_reads_several_keyspaces_from_one_snapshot(store: Storage) -> None:
+    put_all(store, SCAN_DATA)
+    other = WriteBatch()
+    other.put("other", b"a1", b"x")
+    other.put("other", b"b1", b"y")
+    store.write(other)
+    got = store.scan_prefixes([(KS, b"a"), ("other", b"b"), (KS, b"zz-none"), ("other", b"")])
+    assert got == [model_scan(SCAN_DATA, prefix=b"a"), [(b"b1", b"y")], [],
+                   [(b"a1", b"x"), (b"b1", b"y")]]
+
+
 def test_count_and_first(store: Storage) -> None:
     put_all(store, SCAN_DATA)
     assert store.count(KS) == len(SCAN_DATA)

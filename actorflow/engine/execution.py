@@ -110,13 +110,15 @@ class Execution:
         self.mods = self.ctx.modifiers.get(self.ik)
         self.steps: dict[bytes, dict[str, Any]] = {}
         seq = 0
-        for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.ik)):
+        steps, events = self.ctx.storage.scan_prefixes(
+            [(STEPS, steps_prefix(self.ik)), (EVENTS, events_prefix(self.ik))])
+        for k, v in steps:
             rec = load(v)
             self.steps[k] = rec
             seq = max(seq, rec["seq"] + 1)
         self.seq = seq
         self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
-        for k, v in self.ctx.storage.scan(EVENTS, prefix=events_prefix(self.ik)):
+        for k, v in events:
             ev = load(v)
             self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
         self.counters: dict[tuple[str, str], int] = {}
