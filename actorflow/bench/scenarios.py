@@ -127,6 +127,29 @@ def rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_parts_mib(prefix: str) -> dict[str, float]:
+    """This process's resident memory now, split: anonymous (the heap) and file-backed.
+
+    File-backed pages are mostly LMDB's memory map of the data file: the
+    kernel can drop them under pressure and they are shared with the page
+    cache. Returns ``{prefix_anon_mib, prefix_file_mib}`` (empty off Linux).
+    """
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    out[f"{prefix}_{key[3:].lower()}_mib"] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def _disk_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
 def _fresh(root: Path, name: str) -> Path:
     d = root / name
     shutil.rmtree(d, ignore_errors=True)
@@ -331,6 +354,7 @@ def run_concurrency(root: Path, size: int, progress: Progress, opts: Options) ->
         # All of them at once, unless the first finished before the last started.
         _poll(lambda: gauge.peak if gauge.done == 0 else size, size, progress, 600 + opts.hold)
         all_running_s = time.perf_counter() - t
+        running_mem = rss_parts_mib("rss_running")
         progress.phase("complete", size)
         _poll(lambda: _count(rt, "held", "complete"), size, progress, 600 + opts.hold)
         dt = time.perf_counter() - t
@@ -342,6 +366,7 @@ def run_concurrency(root: Path, size: int, progress: Progress, opts: Options) ->
             "all_complete_s": dt,
             "instances_per_s": size / dt,
             "rss_start_mib": rss0,
+            **running_mem,
         }
     )
 
@@ -379,6 +404,8 @@ def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Ou
         asleep_s = time.perf_counter() - t
         before_first_wake = rt.clock.now() * 1000 < first_wake
         rss_asleep = rss_mib()
+        asleep_mem = rss_parts_mib("rss_asleep")
+        db_asleep = _disk_mib(Path(rt.data_dir))
         progress.phase("waking", size)
         _poll(lambda: _count(rt, "sleeper", "complete"), size, progress, 3600 + margin)
         late = _sleep_lateness(rt)
@@ -388,6 +415,8 @@ def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Ou
         "all_asleep_before_first_wake": float(before_first_wake),
         "rss_start_mib": rss0,
         "rss_asleep_mib": rss_asleep,
+        **asleep_mem,
+        "data_file_mib": db_asleep,
         "wake_rate_per_s": opts.wake_rate,
         **_dist("wake_lateness", late),
     }
@@ -404,7 +433,9 @@ def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outco
         progress.phase("enqueueing", size)
         dt = _create_all(wf, ({} for _ in range(size)), size, progress)
         rss_queued = rss_mib()
+        queued_mem = rss_parts_mib("rss_queued")
         queued = _count(rt, "one", "queued")
+        db_queued = _disk_mib(data)
     figures = {
         "n": float(size),
         "enqueue_s": dt,
@@ -412,6 +443,8 @@ def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outco
         "queued": float(queued),
         "rss_start_mib": rss0,
         "rss_queued_mib": rss_queued,
+        **queued_mem,
+        "data_file_mib": db_queued,
     }
     if opts.drain:
         with af.Runtime(data, limits=af.Limits(max_queued=max(2_000_000, size))) as rt:
