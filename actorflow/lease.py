@@ -18,19 +18,23 @@ one host) can share a data directory; LMDB is safe across processes.
   another node) writes the new owner and moves the instance's epoch in one
   batch guarded on the epoch read. Every engine write of the old owner is
   guarded on the old epoch and fails: a stale node can never commit.
-- **Adoption**: a node whose heartbeat is older than its lease timeout (or
-  that left cleanly) is adopted by the first live node to notice: it marks
-  the record ``dead``, takes over every unfinished instance of that node,
+- **Adoption**: a node whose heartbeat has not moved for its lease timeout
+  (as seen by the observing node), or that left cleanly, is adopted by the
+  first live node to notice: it marks the record ``dead``, takes over every
+  unfinished instance of that node (guarded on its epoch, owner and record),
   resumes the running ones from their checkpoints, and marks it ``adopted``.
 
-Leases use the host's wall clock, never the runtime's clock: a
-:class:`~actorflow.testing.FakeClock` is private to one process.
+Leases use real time, never the runtime's clock (a
+:class:`~actorflow.testing.FakeClock` is private to one process): heartbeats
+carry the wall clock for people reading the registry, and a node judges
+another expired by its own monotonic clock since it last saw it beat.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -111,6 +115,11 @@ class NodeLease:
         self.on_adopted: Adopted | None = None
         self.on_tick: Callable[[], None] | None = None
         self.adoptions: list[dict[str, Any]] = []
+        # node id -> (its last heartbeat seen, when it was first seen (monotonic
+        # s), this node's own heartbeats by then)
+        self._seen: dict[str, tuple[tuple[Any, Any], float, int]] = {}
+        self._beats = 0  # heartbeats of this node that landed
+        self.period = max(0.05, min(self.timeout / 5, 0.5))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actorflow-lease", daemon=True)
 
@@ -147,8 +156,8 @@ class NodeLease:
             holder = self.storage.get(NODES, key)
             if holder is not None and holder != self._key:
                 rec = nodes.get(holder.decode())
-                if rec is not None and rec.get("state") == "alive" and not self._expired(rec):
-                    continue
+                if rec is not None and rec.get("state") == "alive":
+                    continue  # held until the node leaves or is adopted
             try:
                 self.storage.write(WriteBatch().guard(NODES, key, holder).put(NODES, key,
                                                                                self._key))
@@ -165,8 +174,25 @@ class NodeLease:
                 out[key.decode()] = load(value)
         return out
 
-    def _expired(self, rec: dict[str, Any]) -> bool:
-        return bool(self.now_ms() - rec.get("hb", 0) > rec.get("timeout_ms", 0))
+    def _expired(self, node: str, rec: dict[str, Any]) -> bool:
+        """True if ``node``'s heartbeat has not moved for its lease timeout, as seen here.
+
+        Judged by this node's own observations, not by the time written in the
+        record (a heartbeat that waited in a busy writer's queue is late, not
+        stale), and only over time in which this node could write: it must
+        also have renewed its own lease enough times since (while a process
+        holds the host's LMDB write lock, frozen, no node can write, and none
+        of them counts that time against the others).
+        """
+        now = time.monotonic()
+        beat = (rec.get("inc"), rec.get("hb"))
+        seen = self._seen.get(node)
+        if seen is None or seen[0] != beat:
+            self._seen[node] = (beat, now, self._beats)
+            return False
+        timeout = rec.get("timeout_ms", 0) / 1000
+        needed = math.ceil(timeout / self.period) + 1
+        return now - seen[1] > timeout and self._beats - seen[2] >= needed
 
     # -- ownership -------------------------------------------------------------------
 
@@ -207,8 +233,7 @@ class NodeLease:
         self._last, self.record = data, rec
 
     def _loop(self) -> None:
-        period = max(0.05, min(self.timeout / 5, 0.5))
-        while not self._stop.wait(period):
+        while not self._stop.wait(self.period):
             try:
                 self.beat()
                 if self.lost:
@@ -226,6 +251,7 @@ class NodeLease:
         """Renews this node's lease; notices if it was taken over."""
         try:
             self._write_own(dict(self.record, hb=self.now_ms()))
+            self._beats += 1
         except ConflictError:
             self.lost = True
             log.error("node %s: its lease was taken over (it was presumed dead); "
@@ -240,12 +266,13 @@ class NodeLease:
             if node == self.node_id:
                 continue
             state = rec.get("state")
-            if state in ("alive", "left") and (state == "left" or self._expired(rec)):
+            if state == "left" or (state == "alive" and self._expired(node, rec)):
                 self.adopt(node, rec)
             elif state == "dead":
-                by = nodes.get(rec.get("adopted_by", ""))
-                if (rec.get("adopted_by") == self.node_id or by is None
-                        or by.get("state") != "alive" or self._expired(by)):
+                by_id = rec.get("adopted_by", "")
+                by = nodes.get(by_id)
+                if (by_id == self.node_id or by is None or by.get("state") != "alive"
+                        or self._expired(by_id, by)):
                     self.adopt(node, rec)  # its adopter died too, or this node's attempt failed
 
     # -- adoption ---------------------------------------------------------------------
@@ -299,7 +326,9 @@ class NodeLease:
             epoch = int.from_bytes(fence, "big") + 1
             rec["epoch"] = epoch
             batch = WriteBatch()
-            batch.guard(FENCE, ik, fence).guard(OWNER, ik, node.encode())
+            # Guarded on the record too: a node presumed dead may still be
+            # writing (a late heartbeat), and its last write must not be undone.
+            batch.guard(FENCE, ik, fence).guard(OWNER, ik, node.encode()).guard(INST, ik, raw)
             batch.put(FENCE, ik, epoch_bytes(epoch)).put(INST, ik, dump(rec))
             claim_ops(batch, ik, self.node_id, node)
             ev = threading.Event()

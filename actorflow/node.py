@@ -192,6 +192,8 @@ class NodeProcess:
                     fut.set_result(msg)
         except (OSError, ValueError):
             pass
+        with contextlib.suppress(OSError):
+            stream.close()
         with self._lock:
             self._dead = True
             pending, self._pending = list(self._pending.values()), {}

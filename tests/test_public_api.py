@@ -68,6 +68,14 @@ def test_exports_are_pinned() -> None:
         assert hasattr(af, name), name
 
 
+def test_node_failure_tools_are_in_testing() -> None:
+    import actorflow.testing as t
+
+    assert {"NodeProcess", "NodeProcessError"} <= set(t.__all__)
+    assert issubclass(t.NodeProcessError, af.ActorflowError)
+    assert {"node_id", "lease_timeout"} <= set(af.Runtime.__init__.__code__.co_varnames)
+
+
 def test_workflow_entrypoint_is_an_alias() -> None:
     assert af.WorkflowEntrypoint is af.Workflow
 

@@ -581,10 +581,18 @@ class InstanceActor(PooledActor):
         node = self.ctx.supervisor.node
         if self.owned or node is None:
             return
+        raw = self.ctx.storage.get(INST, self.ik)
+        stored = load(raw) if raw is not None else None
+        if stored is None or stored["epoch"] != self.epoch:
+            raise InvalidInstanceState(
+                f"{self.where}: it moved to another node meanwhile; try again",
+                workflow=self.wfe.name, instance=self.iid)
+        self.record = stored  # its owner may have moved it on since this actor was made
         new = self.epoch + 1
-        rec = dict(self.record, epoch=new)
+        rec = dict(stored, epoch=new)
         batch = WriteBatch()
         batch.guard(*self.fence_guard())
+        batch.guard(INST, self.ik, raw)
         batch.guard(OWNER, self.ik, self.owner.encode() if self.owner is not None else None)
         batch.put(FENCE, self.ik, epoch_bytes(new))
         batch.put(INST, self.ik, dump(rec))
