@@ -16,9 +16,10 @@ caller's context and stores its W3C ``traceparent`` with the instance: every
 run of the instance is its child, in the caller's trace if there is one,
 also after the process restarts.
 
-Step and attempt spans are emitted when the step ends, from its durable
-record, with the exact start and end of every attempt (including attempts
-made before a restart). Timestamps come from the runtime's clock.
+Step and attempt spans are made from the step's durable record once it
+ended, with the exact start and end of every attempt (including attempts
+made before a restart), in batches: when the run ends or hibernates, or
+every 64 ended steps. Timestamps come from the runtime's clock.
 
 Without a provider nothing of this module is imported by the engine and
 OpenTelemetry need not be installed: the engine's hooks are a ``None`` test.
@@ -38,6 +39,7 @@ __all__ = ["OTelObserver", "RunObserver", "instrument", "uninstrument"]
 #: The field of an instance record holding the creator's W3C traceparent.
 TRACEPARENT = "tp"
 _NS = 1_000_000  # ms -> ns
+_BATCH = 64  # ended steps of a run turned into spans together
 
 
 class RunObserver(Protocol):
@@ -109,8 +111,8 @@ class OTelObserver:
         self._propagator = TraceContextTextMapPropagator()
         self._tracer = provider.get_tracer("actorflow")
         # id(execution) -> (the run's span, or what makes it at the end; its context if
-        # sampled, else None; its attributes)
-        self._runs: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
+        # sampled, else None; its attributes; its ended steps not turned into spans yet)
+        self._runs: dict[int, tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]] = {}
         self._fast: tuple[Any, ...] | None = None
         processor = getattr(provider, "_active_span_processor", None)
         scope = getattr(self._tracer, "_instrumentation_scope", None)
@@ -149,7 +151,7 @@ class OTelObserver:
             span = self._tracer.start_span(name, context=parent, kind=self._kind,
                                            start_time=ex.t_start * _NS, attributes=attrs)
             sc = span.get_span_context()
-            self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None, attrs)
+            self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None, attrs, [])
             return
         # The run span is emitted finished when the run ends; its context is made now
         # (with the provider's sampler) so that step spans can point to it.
@@ -159,16 +161,17 @@ class OTelObserver:
         trace_id = parent_sc.trace_id if parent_sc is not None else self._new_trace_id()
         decision = self._sampler.should_sample(parent, trace_id, name, self._kind, attrs)
         if not decision.decision.is_sampled():
-            self._runs[id(ex)] = (None, None, attrs)
+            self._runs[id(ex)] = (None, None, attrs, [])
             return
         ctx = self._SpanContext(trace_id, self._fast[2](), False, self._sampled,
                                 decision.trace_state)
-        self._runs[id(ex)] = ((name, parent_sc, ex.t_start), ctx, attrs)
+        self._runs[id(ex)] = ((name, parent_sc, ex.t_start), ctx, attrs, [])
 
     def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         run = self._runs.pop(id(ex), None)
         if run is None or (run[0] is None and run[1] is None):
             return
+        self._flush(ex, run)
         status = self._ok if outcome == "complete" else self._unset
         events: list[Any] = []
         end = ex.now_ms()
@@ -181,7 +184,7 @@ class OTelObserver:
             else:
                 desc = str(value)
             status = self._Status(self._ERROR, desc)
-        first, ctx, attrs = run
+        first, ctx, attrs, _ = run
         if isinstance(first, tuple):  # the SDK's fast path: one finished span
             name, parent_sc, start = first
             on_end, resource, _, scope, readable, event = self._fast  # type: ignore[misc]
@@ -207,7 +210,24 @@ class OTelObserver:
         run = self._runs.get(id(ex))
         if run is None or run[1] is None:
             return  # not traced, or not sampled
+        # Spans are made in batches (when the run ends, or every _BATCH steps): the
+        # span code then runs hot instead of between two steps of the engine.
+        run[3].append(rec)
+        if len(run[3]) >= _BATCH:
+            self._flush(ex, run)
+
+    def _flush(self, ex: Execution, run: tuple[Any, Any, Any, list[dict[str, Any]]]) -> None:
+        """Emits the spans of the steps of ``run`` ended so far."""
+        if not run[3]:
+            return
+        steps = run[3][:]
+        run[3].clear()
         parent = run[1]
+        for rec in steps:
+            self._step_spans(ex, parent, rec)
+
+    def _step_spans(self, ex: Execution, parent: Any, rec: dict[str, Any]) -> None:
+        status = rec["s"]
         kind = rec["k"]
         wf, iid, name = ex.wfe.name, ex.actor.iid, rec["n"]
         attrs = {"actorflow.workflow": wf, "actorflow.instance": iid, "actorflow.step": name,
