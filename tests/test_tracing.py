@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,30 @@ def test_any_api_provider_gets_the_same_spans(
     assert [e.name for e in step.events] == ["retry"]
     (doomed,) = _by_name(spans, "step doomed")
     assert doomed.status.status_code == StatusCode.ERROR
+
+
+class Long(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        journal = self.env
+        for i in range(70):
+            step.do(f"s{i}", lambda: None)
+        step.do("hold", lambda: journal.block("go"))
+        return "done"
+
+
+def test_a_long_run_emits_its_step_spans_as_it_goes(
+    rt_traced: tuple[af.Runtime, InMemorySpanExporter], journal: Any
+) -> None:
+    rt, exporter = rt_traced
+    inst = rt.register(Long, name="long", env=journal).create(id="l")
+    deadline = time.monotonic() + 10
+    while len(_by_name(exporter.get_finished_spans(), "step s0")) == 0:
+        assert time.monotonic() < deadline, "no step span while the run goes on"
+        time.sleep(0.01)
+    assert inst.status().status == "running"  # blocked in "hold": the run has not ended
+    steps = [s for s in exporter.get_finished_spans() if s.name.startswith("step ")]
+    assert 64 <= len(steps) < 71
+    journal.open_all()
+    assert inst.wait(timeout=10).output == "done"
+    steps = [s for s in exporter.get_finished_spans() if s.name.startswith("step ")]
+    assert len(steps) == 71
