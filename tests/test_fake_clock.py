@@ -52,6 +52,20 @@ def test_autojump_moves_time_when_everything_is_idle(tmp_path: Path) -> None:
         clock.close()
 
 
+def test_set_jumps_forward_only_and_fires_what_became_due(tmp_path: Path) -> None:
+    import datetime as dt
+
+    start = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    clock = FakeClock(start=start)
+    with af.Runtime(tmp_path / "d", clock=clock) as rt:
+        inst = rt.register(Nap).create(id="n")
+        assert rt.wait_until_idle()
+        clock.set(start - dt.timedelta(days=1))  # never backwards
+        assert clock.datetime == start
+        clock.set(start + dt.timedelta(hours=3))
+        assert inst.status().output == "rested"
+        assert clock.now() == start.timestamp() + 3 * 3600
+
 class Reminder(af.DurableObject):
     def arm(self, when_ms: int) -> None:
         self.ctx.storage.set_alarm(when_ms)
