@@ -480,12 +480,13 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
     except ImportError as e:
         raise click.ClickException(
             f"the HTTP API is not available ({e}); install actorflow[serve]") from None
+    data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
     if app:
+        # The same contract as NodeProcess: factory(data_dir) -> Runtime.
         mod_name, _, attr = app.partition(":")
         factory = getattr(importlib.import_module(mod_name), attr or "create_runtime")
-        rt = factory()
+        rt = factory(data)
     else:
-        data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
         rt = Runtime(data)
         names = sorted(rt.metrics().workflows)
         for name in names:

@@ -332,6 +332,22 @@ def test_serve_without_an_app_controls_the_directory(
         assert wf.get("o2").status().status == "waiting"
 
 
+def test_serve_with_an_app_builds_the_runtime_on_the_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: dict[str, Any] = {}
+    fake = types.ModuleType("actorflow.http")
+
+    def serve(rt: af.Runtime, host: str, port: int, token: str | None) -> None:
+        got.update(data=rt.data_dir, workflows=rt.workflows)
+
+    fake.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "actorflow.http", fake)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["--data", str(tmp_path / "d"), "serve", "--app", "apps.crash_app:factory"]) == 0
+    assert got == {"data": str(tmp_path / "d"), "workflows": ["crashflow"]}
+
+
 def test_bench_arguments_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
     import actorflow.bench
 
