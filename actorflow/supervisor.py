@@ -23,6 +23,7 @@ from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.instance import InstanceActor
 from actorflow.engine.records import IDX, INST, idx_iid, idx_prefix, load, split_ikey
 from actorflow.errors import ActorflowError, InstanceNotFound
+from actorflow.lease import is_poke
 from actorflow.timers import TIMERS
 
 if TYPE_CHECKING:
@@ -310,7 +311,15 @@ class Supervisor:
             self._delivering -= len(items)
         for wfe, iid, key, deadline in items:
             try:
-                self.actor(wfe, iid).actor_ref.tell(("timer", key, deadline))
+                actor = self.actor(wfe, iid)
+                if (actor.exec is None and not actor.busy and not actor.woken and actor.owned
+                        and actor.record["s"] == "waiting" and actor.actor_inbox.empty()
+                        and not is_poke(key)):
+                    # A hibernated instance: what handle_timer would do, without a
+                    # message and a task. The run consumes the timer.
+                    self.wake(actor)
+                    continue
+                actor.actor_ref.tell(("timer", key, deadline))
             except (InstanceNotFound, pykka.ActorDeadError):
                 self.ctx.timers.done(key)
 
