@@ -48,7 +48,7 @@ chaos: $(STAMP)
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
-	$(BIN)/python -m actorflow.bench concurrency --size 50000 --hold 5 --repeat 1
+	$(BIN)/python -m actorflow.bench concurrency --size 50000 --hold 30 --repeat 1
 	$(BIN)/python -m actorflow.bench queue --size 2000000 --repeat 1
 	$(BIN)/python -m actorflow.bench sleepers --size 1000000 --repeat 1
 

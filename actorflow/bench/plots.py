@@ -1,8 +1,8 @@
 """PNG charts of a measurement (``--plot DIR``); needs matplotlib (the ``plot`` extra).
 
 * ``bench-throughput-concurrency.png``: instances completed per second against
-  instances running at once (``scaling --of concurrency``), beside the ideal
-  ``N / hold``.
+  the number started together (``concurrency`` and ``scaling --of
+  concurrency``), beside the ideal ``N / hold``.
 * ``bench-memory.png``: peak RSS against instance count, per scenario.
 * ``bench-latency.png``: the distribution (CDF) of every latency sampled.
 """
@@ -64,7 +64,7 @@ def throughput_vs_concurrency(m: Measurement, path: Path, hold: float) -> Path |
     ax.plot(xs, [x / hold for x in xs], "--", color="grey", label=f"ideal: N / {hold:g} s hold")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("instances running at once (each step awaits asyncio.sleep)")
+    ax.set_xlabel("instances started together, each step awaiting asyncio.sleep (no thread)")
     ax.set_ylabel("instances completed per second")
     ax.set_title("Throughput vs concurrency")
     ax.grid(True, which="both", alpha=0.3)

@@ -110,7 +110,8 @@ def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
         if figure == "create_16_threads_per_s" or figure == "do_calls_per_s":
             return out + f" = {us / handoff_us:.0f} thread handoffs"
         return out + f" = {us * 1000 / call_ns:,.0f} bare calls"
-    if figure.endswith("_ms") and ("p50" in figure or figure == "do_single_call_ms"):
+    if figure in ("create_to_first_step_p50_ms", "event_to_resume_p50_ms",
+                  "timer_lateness_p50_ms", "do_single_call_ms"):
         return f"{value / commit_ms:.1f} fsync'd commits"
     if figure == "do_rpc_hop_us":
         return f"{value / handoff_us:.1f} thread handoffs"
