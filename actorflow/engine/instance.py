@@ -177,6 +177,15 @@ class InstanceActor(PooledActor):
         status: str = self.record["s"]
         return status
 
+    def fenced(self) -> bool:
+        """True if another node took this instance over (multi-node only; one read).
+
+        A run about to start checks it, so that a node that was frozen and has
+        not yet found its lease gone starts no run that could never commit.
+        """
+        return (self.ctx.supervisor.node is not None
+                and self.ctx.storage.get(FENCE, self.ik) != epoch_bytes(self.epoch))
+
     def fence_guard(self) -> tuple[str, bytes, bytes]:
         return (FENCE, self.ik, epoch_bytes(self.epoch))
 
@@ -274,8 +283,7 @@ class InstanceActor(PooledActor):
     async def handle_start(self, reason: str) -> None:
         """The supervisor gave this instance a slot."""
         self.woken = False
-        if self.ctx.supervisor.node is not None and self.owned and (
-                self.ctx.storage.get(FENCE, self.ik) != epoch_bytes(self.epoch)):
+        if self.owned and self.fenced():
             self.owned = False  # another node took it over since this actor was made
         if not self.owned:  # another node owns it (a stale queue entry or wake-up)
             self.ctx.supervisor.released(self)
