@@ -223,9 +223,12 @@ class TimerService:
         seen = skipped = 0
         full = {k for k, f in self._saturated.items() if f()}
         start_after = floor
+        # A first small read: usually the head is already a future deadline.
+        chunk = 16
         while seen < _MAX_SCAN and skipped < _CHUNK:
-            rows = self._storage.scan(TIMERS, start_after=start_after, limit=_CHUNK,
+            rows = self._storage.scan(TIMERS, start_after=start_after, limit=chunk,
                                       keys_only=True)
+            chunk = _CHUNK
             if not rows:
                 break
             for key, _ in rows:
