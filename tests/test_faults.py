@@ -207,3 +207,33 @@ def test_a_refused_final_write_restarts_from_what_is_durable(rt: af.Runtime,
     assert refused == [True]
     assert journal.counts() == {"a": 1, "b": 1}  # both results were durable: replayed
     assert history_types(inst).count("INSTANCE_RECOVERED") == 1
+
+
+def test_status_never_shows_a_refused_final_write(rt: af.Runtime, journal: Journal) -> None:
+    import errno
+
+    from actorflow.engine.records import INST, load
+
+    refused: list[bool] = []
+
+    def fault(batch: Any) -> None:
+        for _kind, ks, _key, value in batch.ops:
+            if ks == INST and value and load(value)["s"] == "complete" and len(refused) < 3:
+                refused.append(True)
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    journal.gate("b").set()
+    rt.storage.set_fault(fault)
+    inst = rt.register(TwoSteps, env=journal).create(id="f")
+    wf_ik = b"TwoSteps\x00f"
+    seen = 0
+    while True:
+        st = inst.status().status
+        if st == "complete":
+            seen += 1
+            raw = rt.storage.get(INST, wf_ik)
+            assert raw is not None and load(raw)["s"] == "complete", "reported before durable"
+            break
+        assert st in ("queued", "running", "waiting"), st
+    assert refused == [True, True, True]
+    assert seen == 1

@@ -291,6 +291,7 @@ class Execution:
             self.stopped = True
             raise Stop() from None
         except StorageError as e:
+            self.actor.reload_record()
             raise EngineFault(f"{self.where}: commit failed: {e}") from e
         finally:
             self.pending -= 1

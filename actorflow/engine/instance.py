@@ -142,6 +142,18 @@ class InstanceActor(PooledActor):
             self.busy -= 1
             self.maybe_evict()
 
+    def reload_record(self) -> None:
+        """Goes back to the durable record, after a write that built a newer one failed.
+
+        ``status_ops`` updates the record as it builds a batch; if the batch is
+        refused, status reads must not show what never became durable.
+        """
+        raw = self.ctx.storage.get(INST, self.ik)
+        if raw is not None:
+            self.record = load(raw)
+        self.dequeued.clear()
+        self.enqueued.clear()
+
     def running(self) -> bool:
         return self.exec is not None and not self.exec.finished
 
@@ -300,11 +312,7 @@ class InstanceActor(PooledActor):
         if reason == "crash" and not self.running():
             # The write that failed may have left the record ahead of storage
             # (a "complete" never written): restart from what is durable.
-            raw = self.ctx.storage.get(INST, self.ik)
-            if raw is not None:
-                self.record = load(raw)
-            self.dequeued.clear()
-            self.enqueued.clear()
+            self.reload_record()
         status = self.record["s"]
         if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
             self.ctx.supervisor.released(self)
