@@ -233,3 +233,25 @@ def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: 
         assert a.lost
     finally:
         store.close()
+
+
+def test_a_terminate_through_another_node_fences_the_running_owner(nodes, tmp_path: Path) -> None:
+    """b terminates an instance a is running: a's commit of the step in flight is refused."""
+    data, journal = tmp_path / "data", tmp_path / "journal.txt"
+    a, b = nodes("a", SLOW_MS="1500"), nodes("b")
+    a.create("slow", id="s1", params={"journal": str(journal)})
+    deadline = time.monotonic() + 10
+    while not (journal.exists() and f"start {a.pid}" in journal.read_text()):
+        assert time.monotonic() < deadline, "a never started the step"
+        time.sleep(0.01)
+    b.control("slow", "s1", "terminate")
+    assert b.status("slow", "s1")["status"] == "terminated"
+    deadline = time.monotonic() + 10
+    while f"end {a.pid}" not in journal.read_text():  # a's body ends, its commit is refused
+        assert time.monotonic() < deadline, "a's step never ended"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert read(data, STEPS, step_key(b"slow\x00s1", "do", "slow", 1)) is None
+    assert a.status("slow", "s1")["status"] == "terminated"
+    assert a.alive and not a.stats()["lease_lost"]  # a lost one instance, not its lease
+    assert read(data, OWNER, b"slow\x00s1") == b"b"
