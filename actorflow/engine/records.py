@@ -14,6 +14,10 @@ steps      ik \\0 kind sha1(name) count         one step record (a pickled dict)
 events     ik \\0 type \\0 seq                  a buffered event, FIFO per type
 hist       ik \\0 seq                           an instance-level history event
 queue:wf   priority seq                         an instance id waiting for a slot
+owner      ik                                   multi-node: the owner's node id
+owned      node \\0 ik                          multi-node: empty, the instances of a node
+nodes      node                                 multi-node: the node registry (see
+                                                :mod:`actorflow.lease`)
 =========  ===================================  ========================================
 
 Engine records are pickled with protocol 5 (they hold only builtins); user
