@@ -279,7 +279,7 @@ def run_chaos(
             now = time.monotonic()
             assert now < deadline, f"instances never completed: {counts}"
             if now >= next_kill and (now < kill_until or (kill_until_done and not done)):
-                freeze = len(out.kills) % 4 == 3
+                freeze = len(out.kills) % 4 == 1
                 hit = cluster.freeze_one(lease * 2 + 1) if freeze else cluster.kill_one()
                 if hit is not None:
                     out.kills.append(hit)
@@ -443,7 +443,7 @@ def test_chaos_short(tmp_path: Path) -> None:
     """1,000 instances, a node SIGKILLed every ~2 s for 15 s."""
     out = run_chaos(tmp_path, n=1000, kill_for=15.0, event_window=8.0)
     summary = report("chaos short", out)
-    assert len(out.kills) >= 4
+    assert len(out.kills) >= 3
     assert out.freezes >= 1 and out.lease_lost_exits + len(out.stalled) == out.freezes
     assert out.adoption_ms, "no node was ever adopted"
     assert summary["adoption_ms_max"] < 15_000
