@@ -27,8 +27,12 @@ OpenTelemetry need not be installed: the engine's hooks are a ``None`` test.
 
 from __future__ import annotations
 
+import os
+import random
 import traceback
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -40,6 +44,7 @@ __all__ = ["OTelObserver", "RunObserver", "instrument", "uninstrument"]
 TRACEPARENT = "tp"
 _NS = 1_000_000  # ms -> ns
 _BATCH = 64  # ended steps of a run turned into spans together
+_ATTEMPT = tuple(f"attempt {i}" for i in range(16))  # span names
 
 
 class RunObserver(Protocol):
@@ -85,10 +90,11 @@ def uninstrument(rt: _Instrumentable) -> None:
 class OTelObserver:
     """A :class:`RunObserver` that makes OpenTelemetry spans.
 
-    With the SDK's ``TracerProvider``, step and attempt spans are built as
-    finished spans and handed straight to the provider's span processors
+    With the SDK's ``TracerProvider``, run, step and attempt spans are built
+    as finished spans and handed straight to the provider's span processors
     (they are complete when the step ends), which costs a fraction of the
-    tracer's ``start_span``/``end``. With any other provider they go
+    tracer's ``start_span``/``end``; the SDK's ``BatchSpanProcessor`` gets
+    each batch with one queue operation. With any other provider they go
     through its tracer.
 
     Args:
@@ -113,15 +119,26 @@ class OTelObserver:
         # id(execution) -> (the run's span, or what makes it at the end; its context if
         # sampled, else None; its attributes; its ended steps not turned into spans yet)
         self._runs: dict[int, tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]] = {}
+        self._last_tp: str | None = None
+        self._last_parent: Any = None
+        self._parent_sc: Any = None
         self._fast: tuple[Any, ...] | None = None
         processor = getattr(provider, "_active_span_processor", None)
         scope = getattr(self._tracer, "_instrumentation_scope", None)
         if processor is not None and scope is not None:
             from opentelemetry.sdk.trace import Event, ReadableSpan
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-            self._fast = (processor.on_end, provider.resource,
-                          provider.id_generator.generate_span_id, scope, ReadableSpan, Event)
-            self._new_trace_id = provider.id_generator.generate_trace_id
+            ids = provider.id_generator
+            # The default generator is getrandbits(64) but for 0, never a span id (see _build).
+            new_id: Callable[[], int] = (partial(random.getrandbits, 64)
+                                         if type(ids) is RandomIdGenerator
+                                         else ids.generate_span_id)
+            self._fast = (provider.resource, new_id, scope, ReadableSpan, Event)
+            self._processor = processor
+            self._batch_type: type = BatchSpanProcessor
+            self._new_trace_id = ids.generate_trace_id
             self._sampler = provider.sampler
 
     # -- create ----------------------------------------------------------------
@@ -146,7 +163,7 @@ class OTelObserver:
         name = f"workflow.run {ex.wfe.name}"
         attrs = {"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
                  "actorflow.epoch": ex.actor.epoch}
-        parent = self._propagator.extract({"traceparent": tp}) if tp else None
+        parent = self._parent(tp) if tp else None
         if self._fast is None:
             span = self._tracer.start_span(name, context=parent, kind=self._kind,
                                            start_time=ex.t_start * _NS, attributes=attrs)
@@ -155,23 +172,32 @@ class OTelObserver:
             return
         # The run span is emitted finished when the run ends; its context is made now
         # (with the provider's sampler) so that step spans can point to it.
-        parent_sc = self._trace.get_current_span(parent).get_span_context() if parent else None
-        if parent_sc is not None and not parent_sc.is_valid:
-            parent_sc = None
+        parent_sc = self._parent_sc if parent is not None else None
         trace_id = parent_sc.trace_id if parent_sc is not None else self._new_trace_id()
         decision = self._sampler.should_sample(parent, trace_id, name, self._kind, attrs)
         if not decision.decision.is_sampled():
             self._runs[id(ex)] = (None, None, attrs, [])
             return
-        ctx = self._SpanContext(trace_id, self._fast[2](), False, self._sampled,
+        ctx = self._SpanContext(trace_id, self._fast[1]() or 1, False, self._sampled,
                                 decision.trace_state)
         self._runs[id(ex)] = ((name, parent_sc, ex.t_start), ctx, attrs, [])
+
+    def _parent(self, tp: str) -> Any:
+        """The context of traceparent ``tp``; its span context in ``_parent_sc``.
+
+        The last one is kept: the instances of a ``create_batch`` share theirs.
+        """
+        if tp != self._last_tp:
+            parent = self._propagator.extract({"traceparent": tp})
+            sc = self._trace.get_current_span(parent).get_span_context()
+            self._last_tp, self._last_parent, self._parent_sc = (
+                tp, parent, sc if sc.is_valid else None)
+        return self._last_parent
 
     def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         run = self._runs.pop(id(ex), None)
         if run is None or (run[0] is None and run[1] is None):
             return
-        self._flush(ex, run)
         status = self._ok if outcome == "complete" else self._unset
         events: list[Any] = []
         end = ex.now_ms()
@@ -187,12 +213,15 @@ class OTelObserver:
         first, ctx, attrs, _ = run
         if isinstance(first, tuple):  # the SDK's fast path: one finished span
             name, parent_sc, start = first
-            on_end, resource, _, scope, readable, event = self._fast  # type: ignore[misc]
-            on_end(readable(
+            resource, _, scope, readable, event = self._fast  # type: ignore[misc]
+            spans = self._build(ex, run)
+            spans.append(readable(
                 name, ctx, parent_sc, resource, {**attrs, "actorflow.outcome": outcome},
                 [event(n, a, t * _NS) for n, t, a in events], (), self._kind, None, status,
                 start * _NS, end * _NS, scope))
+            self._emit(spans)
             return
+        self._flush(ex, run)
         span = first
         span.set_attribute("actorflow.outcome", outcome)
         for n, t, a in events:
@@ -220,11 +249,112 @@ class OTelObserver:
         """Emits the spans of the steps of ``run`` ended so far."""
         if not run[3]:
             return
+        if self._fast is not None:
+            self._emit(self._build(ex, run))
+            return
         steps = run[3][:]
         run[3].clear()
         parent = run[1]
         for rec in steps:
             self._step_spans(ex, parent, rec)
+
+    def _build(self, ex: Execution, run: tuple[Any, Any, Any, list[dict[str, Any]]]) -> list[Any]:
+        """The finished SDK spans of the steps of ``run`` ended so far (the fast path)."""
+        recs = run[3][:]
+        run[3].clear()
+        spans: list[Any] = []
+        if not recs:
+            return spans
+        resource, new_id, scope, readable, _ = self._fast  # type: ignore[misc]
+        parent = run[1]
+        kind, ok, sc, new = self._kind, self._ok, self._SpanContext, tuple.__new__
+        tid, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+        wf, iid = ex.wfe.name, ex.actor.iid
+        now = None
+        add = spans.append
+        for rec in recs:
+            status, name, count, k = rec["s"], rec["n"], rec["c"], rec["k"]
+            t0, t1 = rec.get("t0"), rec.get("t1")
+            if not t0:
+                t0 = ex.t_start
+            if not t1:
+                t1 = now = now or ex.now_ms()
+            attrs = {"actorflow.workflow": wf, "actorflow.instance": iid,
+                     "actorflow.step": name, "actorflow.step.count": count,
+                     "actorflow.step.kind": k, "actorflow.step.status": status}
+            events: Any = ()
+            st = ok
+            if k == "do":
+                attempts = rec.get("att", ())
+                attrs["actorflow.attempts"] = len(attempts)
+                if len(attempts) > 1:
+                    events = [("retry", a[1], {"actorflow.attempt": i,
+                                               "actorflow.retry.delay_ms": a[3]})
+                              for i, a in enumerate(attempts, 1) if a[3] is not None]
+                if status == "errored":
+                    st, events = self._failed(rec.get("ed"), events, t1)
+                # A SpanContext without re-validating ids that come from the generator.
+                ctx = new(sc, (tid, new_id() or 1, False, flags, state, True))
+                ns0, ns1 = t0 * _NS, t1 * _NS
+                add(readable("step " + name, ctx, parent, resource, attrs,
+                             self._events(events) if events else (), (), kind, None, st,
+                             ns0, ns1, scope))
+                for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
+                    if a1 is None:
+                        a1 = t1
+                    st, events = (ok, ()) if aerr is None else self._failed(aerr, (), a1)
+                    add(readable(
+                        _ATTEMPT[i] if i < len(_ATTEMPT) else f"attempt {i}",
+                        new(sc, (tid, new_id() or 1, False, flags, state, True)), ctx, resource,
+                        {"actorflow.workflow": wf, "actorflow.instance": iid,
+                         "actorflow.step": name, "actorflow.step.count": count,
+                         "actorflow.attempt": i},
+                        self._events(events) if events else (), (), kind, None, st,
+                        ns0 if a0 == t0 else a0 * _NS, ns1 if a1 == t1 else a1 * _NS, scope))
+            else:
+                if k == "wait_for_event":
+                    attrs["actorflow.event.type"] = rec.get("ty", "")
+                if status == "errored":
+                    st, events = self._failed(rec.get("ed"), events, t1)
+                add(readable(("sleep " if k == "sleep" else "wait_for_event ") + name,
+                             new(sc, (tid, new_id() or 1, False, flags, state, True)), parent,
+                             resource, attrs, self._events(events) if events else (), (), kind,
+                             None, st, t0 * _NS, t1 * _NS, scope))
+        return spans
+
+    def _failed(self, error: Mapping[str, str] | None, events: Any, end_ms: int) -> tuple[Any, Any]:
+        """The error status and events of a span that ended with ``error``."""
+        if error is None:
+            return self._ok, events
+        return (self._Status(self._ERROR, f"{error['name']}: {error['message']}"),
+                [*events, ("exception", end_ms, {"exception.type": error["name"],
+                                                 "exception.message": error["message"]})])
+
+    def _events(self, events: Any) -> Any:
+        event = self._fast[4]  # type: ignore[index]
+        return [event(n, a, t * _NS) for n, t, a in events]
+
+    def _emit(self, spans: list[Any]) -> None:
+        """Hands finished SDK spans to the provider's span processors, in order.
+
+        The SDK's ``BatchSpanProcessor`` gets them with one queue operation
+        instead of one ``on_end`` each (see :func:`_enqueue`); any other
+        processor gets an ``on_end`` per span.
+        """
+        if not spans:
+            return
+        multi = self._processor
+        processors = getattr(multi, "_span_processors", None)
+        if type(processors) is not tuple:
+            for span in spans:
+                multi.on_end(span)
+            return
+        for processor in processors:
+            if type(processor) is self._batch_type and _enqueue(processor, spans):
+                continue
+            on_end = processor.on_end
+            for span in spans:
+                on_end(span)
 
     def _step_spans(self, ex: Execution, parent: Any, rec: dict[str, Any]) -> None:
         status = rec["s"]
@@ -264,22 +394,10 @@ class OTelObserver:
         events: Any,
         error: Mapping[str, str] | None,
     ) -> Any:
-        """Emits one finished span; returns its SpanContext."""
+        """Emits one finished span through the tracer; returns its SpanContext."""
         status = self._ok
         if error is not None:
-            status = self._Status(self._ERROR, f"{error['name']}: {error['message']}")
-            events = [*events, ("exception", end_ms, {"exception.type": error["name"],
-                                                     "exception.message": error["message"]})]
-        if self._fast is not None:
-            on_end, resource, new_id, scope, readable, event = self._fast
-            # A SpanContext without re-validating ids that come from the generator.
-            ctx = tuple.__new__(self._SpanContext, (parent.trace_id, new_id(), False,
-                                                    parent.trace_flags, parent.trace_state, True))
-            on_end(readable(
-                name, ctx, parent, resource, attributes,
-                [event(n, a, t * _NS) for n, t, a in events] if events else (),
-                (), self._kind, None, status, start_ms * _NS, end_ms * _NS, scope))
-            return ctx
+            status, events = self._failed(error, events, end_ms)
         live = self._tracer.start_span(
             name, context=self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent)),
             kind=self._kind, attributes=attributes, start_time=start_ms * _NS)
@@ -288,3 +406,28 @@ class OTelObserver:
         live.set_status(status)
         live.end(end_time=end_ms * _NS)
         return live.get_span_context()
+
+
+def _enqueue(processor: Any, spans: list[Any]) -> bool:
+    """Queues sampled ``spans`` on an SDK ``BatchSpanProcessor`` as its ``on_end`` would.
+
+    One ``deque.extendleft`` for all the spans, in the order ``on_end``
+    would add them, then the same wake-up of its export thread. Returns
+    False, doing nothing, when its internals are not those of the SDK
+    versions known (1.34 on), it is shut down, the process was forked, or
+    its queue is too full (its own ``on_end`` then drops and counts).
+    """
+    try:
+        bp = processor._batch_processor
+        queue = bp._queue
+        if (type(queue) is not deque or queue.maxlen is None or bp._shutdown
+                or len(queue) + len(spans) > queue.maxlen or bp._pid != os.getpid()):
+            return False
+        awaken = bp._worker_awaken
+        limit = bp._max_export_batch_size
+    except AttributeError:
+        return False
+    queue.extendleft(spans)
+    if len(queue) >= limit and not awaken.is_set():
+        awaken.set()
+    return True

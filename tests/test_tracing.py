@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
@@ -266,3 +266,77 @@ def test_a_long_run_emits_its_step_spans_as_it_goes(
     assert inst.wait(timeout=10).output == "done"
     steps = [s for s in exporter.get_finished_spans() if s.name.startswith("step ")]
     assert len(steps) == 71
+
+
+def _tree(spans: tuple[ReadableSpan, ...]) -> list[tuple[Any, ...]]:
+    """Spans as (name, parent name, attributes, events, status) in emission order."""
+    names = {s.context.span_id: s.name for s in spans}
+    return [(s.name, names.get(s.parent.span_id) if s.parent else None, dict(s.attributes or {}),
+             [e.name for e in s.events], s.status.status_code, s.start_time, s.end_time)
+            for s in spans]
+
+
+def test_a_batch_processor_gets_the_same_spans_in_the_same_order(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # The SDK's BatchSpanProcessor is fed a run's spans in one go: what it exports
+    # is what a SimpleSpanProcessor beside it sees, span for span.
+    batched, simple = InMemorySpanExporter(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(batched))
+    provider.add_span_processor(SimpleSpanProcessor(simple))
+    with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
+        inst = rt.register(Flaky, name="flaky").create(id="b")
+        assert rt.wait_until_idle()
+        clock.advance("1 second")
+        assert rt.wait_until_idle()
+        clock.advance("1 minute")
+        assert inst.wait(timeout=10).output == "charged"
+    provider.force_flush()
+    assert len(simple.get_finished_spans()) == 10  # create, 3 runs, 3 steps, 3 attempts
+    assert [s.context.span_id for s in batched.get_finished_spans()] == [
+        s.context.span_id for s in simple.get_finished_spans()]
+    assert _tree(batched.get_finished_spans()) == _tree(simple.get_finished_spans())
+    provider.shutdown()
+
+
+def test_a_subclassed_batch_processor_gets_every_span_through_on_end(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    class Filtering(BatchSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            if not span.name.startswith("attempt"):
+                super().on_end(span)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(Filtering(exporter))
+    with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
+        assert rt.register(Quick, name="quick").create(params=1).wait(timeout=10).output == 1
+    provider.force_flush()
+    assert sorted(s.name for s in exporter.get_finished_spans()) == [
+        "step only", "workflow.create", "workflow.run quick"]
+    provider.shutdown()
+
+
+def test_each_caller_gets_its_own_trace(
+    tmp_path: Path, clock: FakeClock, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = traced
+    tracer = provider.get_tracer("caller")
+    callers = {}
+    with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
+        quick = rt.register(Quick, name="quick")
+        for who in ("a", "b"):
+            with tracer.start_as_current_span(f"request {who}") as span:
+                callers[who] = span.get_span_context().trace_id
+                insts = ([quick.create(id=who, params=1)] if who == "a" else
+                         quick.create_batch([{"id": f"b{i}", "params": 1} for i in range(3)]))
+            for inst in insts:
+                assert inst.wait(timeout=10).output == 1
+        assert quick.create(id="none", params=1).wait(timeout=10).output == 1
+    runs = {s.attributes["actorflow.instance"]: s.context.trace_id
+            for s in _by_name(exporter.get_finished_spans(), "workflow.run quick")}
+    assert runs["a"] == callers["a"]
+    assert runs["b0"] == runs["b1"] == runs["b2"] == callers["b"]
+    assert runs["none"] not in (callers["a"], callers["b"])
