@@ -583,6 +583,11 @@ class Execution:
         use_ctx = wants_ctx(fn)
         while True:
             attempt = len(rec["att"]) + 1
+            if self.actor.fenced():
+                # Another node took the instance over (this one was frozen):
+                # a body started now could only repeat one it committed.
+                self.stopped = True
+                raise Stop()
             self._crash_point(name, "before")
             a0 = self.now_ms()
             err: BaseException | None = None
