@@ -18,6 +18,7 @@ from actorflow.engine.records import HIST, STEPS, load, steps_prefix
 from actorflow.storage import Storage
 
 __all__ = [
+    "REDACTED",
     "Attempt",
     "HistoryEvent",
     "StepRecord",
@@ -103,6 +104,11 @@ _RANK = {
 }
 
 
+#: What history, steps, the CLI, the HTTP API and the dashboard show instead of the
+#: output of a step run with ``config={"redact": True}``. Replay still uses the real value.
+REDACTED = "[redacted]"
+
+
 def _dt(ms: int | None) -> datetime | None:
     return None if ms is None else to_datetime(ms / 1000.0)
 
@@ -118,7 +124,7 @@ def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
         output = None
         if r["s"] == "complete":
             if r["k"] == "do" and r.get("r") is not None:
-                output = loads(r["r"])
+                output = REDACTED if (r.get("cfg") or {}).get("redact") else loads(r["r"])
             elif r["k"] == "wait_for_event" and r.get("ev") is not None:
                 output = loads(r["ev"][0])
         out.append(

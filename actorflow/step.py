@@ -79,9 +79,15 @@ def resolve_config(
     if config is not None:
         if not isinstance(config, dict):
             raise ValueError(f"{where}: config must be a dict")
-        unknown = set(config) - {"retries", "timeout"}
+        unknown = set(config) - {"retries", "timeout", "redact"}
         if unknown:
             raise ValueError(f"{where}: unknown config keys {sorted(unknown)}")
+        if "redact" in config:
+            if not isinstance(config["redact"], bool):
+                raise ValueError(f"{where}: redact must be True or False")
+            if config["redact"]:
+                # Kept with the step's record: what shows its output shows a redaction.
+                cfg["redact"] = True
         retries = config.get("retries", retries) if retries is None else retries
         timeout = config.get("timeout", timeout) if timeout is None else timeout
     if retries is not None:

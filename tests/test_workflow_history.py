@@ -137,3 +137,34 @@ def test_history_of_unknown_instance_raises(rt: af.Runtime) -> None:
         except af.InstanceNotFound:
             continue
         raise AssertionError(f"{call.__name__} did not raise")
+
+
+class Secret(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> str:
+        token = step.do("fetch token", lambda: "s3cr3t", config={"redact": True})
+        shown = step.do("public", lambda: "hello")
+        step.sleep("nap", "1 second")
+        return f"{token[:2]}-{shown}"  # replay after the sleep still has the real value
+
+
+def test_a_redacted_step_shows_no_output_but_replays_it(rt: af.Runtime, clock: FakeClock) -> None:
+    inst = rt.register(Secret).create(id="r")
+    assert rt.wait_until_idle()
+    clock.advance("2 seconds")
+    assert inst.wait(timeout=10).output == "s3-hello"
+    steps = {s.name: s for s in inst.steps()}
+    assert steps["fetch token"].output == "[redacted]"
+    assert steps["fetch token"].config["redact"] is True
+    assert steps["public"].output == "hello"
+    results = [e.data.get("result") for e in inst.history() if e.type == "STEP_SUCCESS"]
+    assert results == ["[redacted]", "hello"]
+    assert "s3cr3t" not in repr(inst.history()) + repr(inst.steps())
+
+
+def test_redact_must_be_a_bool(rt: af.Runtime) -> None:
+    class Bad(af.Workflow):
+        def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> None:
+            step.do("x", lambda: 1, config={"redact": "yes"})
+
+    st = rt.register(Bad).create(id="b").wait(timeout=10)
+    assert st.status == "errored" and "redact must be True or False" in st.error["message"]
