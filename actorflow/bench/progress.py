@@ -72,8 +72,8 @@ class Bar:
         self._draw(0, force=True)
 
     def update(self, done: int) -> None:
-        """Redraws, at most ten times a second."""
-        self._draw(done)
+        """Redraws, at most ten times a second, and always on reaching the total."""
+        self._draw(done, force=0 < self._total <= done)
 
     def _draw(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
