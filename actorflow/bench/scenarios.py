@@ -388,7 +388,7 @@ def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Ou
         wf = rt.register(Sleeper, name="sleeper")
         rss0 = rss_mib()
         # Time to put them all asleep, estimated generously: the first wake comes after it.
-        margin = opts.sleep_margin if opts.sleep_margin is not None else 5.0 + size / 2_000
+        margin = opts.sleep_margin if opts.sleep_margin is not None else 5.0 + size / 1_000
         first_wake = int((rt.clock.now() + margin) * 1000)
         step_ms = 1000.0 / opts.wake_rate
         items = ({"params": first_wake + int(j * step_ms)} for j in range(size))
