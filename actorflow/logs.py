@@ -33,6 +33,7 @@ SUBSYSTEMS = (
     "actorflow.actors",
     "actorflow.engine",
     "actorflow.objects",
+    "actorflow.router",
     "actorflow.runtime",
     "actorflow.storage",
     "actorflow.supervisor",

@@ -13,6 +13,7 @@ The queue depth is LMDB's entry count of the keyspace: exact and O(1).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 from actorflow.clock import Clock
 from actorflow.engine.records import PRIO_NEW, PRIO_WAKE, queue_db
 from actorflow.errors import RateLimitError
+
+log = logging.getLogger("actorflow.router")
 
 if TYPE_CHECKING:
     from actorflow.engine.context import WorkflowEngine
@@ -117,6 +120,13 @@ class Router:
         (created but not started yet) must stay within ``max_concurrent``, and
         creations beyond ``max_creation_rate`` are refused rather than delayed.
         """
+        try:
+            self._reserve(n, what)
+        except RateLimitError as e:
+            log.debug("%s", e, extra={"workflow": self.wfe.name})
+            raise
+
+    def _reserve(self, n: int, what: str) -> None:
         lim = self.wfe.limits
         with self._lock:
             waiting = self._waiting_bound(n, lim.max_queued, exact=lim.overflow == "reject")

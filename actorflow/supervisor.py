@@ -334,14 +334,15 @@ class Supervisor:
         if n > self.max_crashes:
             msg = (f"{actor.where} crashed {n} times within {self.crash_window:.0f} s; "
                    f"giving up. Last crash: {type(exc).__name__}: {exc}")
-            log.error(msg)
+            log.error(msg, extra={"workflow": actor.wfe.name, "instance": actor.iid})
             actor.actor_ref.tell(("fail", msg))
             return
         if self.closing:
             return
         delay = min(0.05 * 2 ** (n - 1), 5.0)
         log.warning("%s crashed (%s: %s); restarting in %.2f s", actor.where,
-                    type(exc).__name__, exc, delay)
+                    type(exc).__name__, exc, delay,
+                    extra={"workflow": actor.wfe.name, "instance": actor.iid})
         actor.woken = True
         self.restarting += 1
         self.ctx.loop.call_later(delay, self._restart, actor)

@@ -129,3 +129,17 @@ def test_configure_prints_structured_fields() -> None:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+
+
+def test_a_full_queue_is_logged_at_debug_with_the_workflow(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="actorflow.router")
+    limits = af.Limits(max_creation_rate=0.01, max_queued=2)  # starts wait: the queue fills
+    with af.Runtime(tmp_path / "q", limits=limits) as rt:
+        wf = rt.register(Busy, name="full")
+        with pytest.raises(af.RateLimitError):
+            for k in range(5):
+                wf.create(id=f"c{k}")
+    recs = [r for r in caplog.records if r.name == "actorflow.router"]
+    assert recs and recs[0].levelno == logging.DEBUG and recs[0].workflow == "full"
