@@ -33,20 +33,8 @@ from typing import Any
 import lmdb
 
 import actorflow as af
+from actorflow.bench.workloads import Counter
 from actorflow.storage import WriteBatch
-
-
-class Counter(af.DurableObject):
-    """The object under test: a durable counter."""
-
-    def increment(self, by: int = 1) -> int:
-        n: int = self.ctx.storage.get("n", 0) + by
-        self.ctx.storage.put("n", n)
-        return n
-
-    def ping(self) -> str:
-        return "pong"
-
 
 # -- pytest-benchmark ---------------------------------------------------------------------
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import queue
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import lmdb
 
 import actorflow as af
 from actorflow.bench import TrivialSteps as Steps
+from actorflow.bench.physical import echo_thread
 from actorflow.engine.records import step_key
 from actorflow.storage import WriteBatch
 from actorflow.timers import TIMERS, TimerService
@@ -128,15 +127,7 @@ def test_bare_call(benchmark: Any) -> None:
 
 def test_thread_handoff_round_trip(benchmark: Any) -> None:
     """Two thread handoffs: an item to another thread and its reply back (SimpleQueue)."""
-    ping: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    pong: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-    def echo() -> None:
-        while (item := ping.get()) is not None:
-            pong.put(item)
-
-    th = threading.Thread(target=echo, daemon=True)
-    th.start()
+    ping, pong, th = echo_thread()
 
     def round_trip() -> int:
         ping.put(1)

@@ -58,11 +58,11 @@ def bare_call_ns(n: int = 1_000_000) -> float:
     return max(0.0, with_call - empty) / n * 1e9
 
 
-def thread_handoff_us(n: int = 20_000) -> float:
-    """Microseconds to hand an item to another thread and be woken by its reply, halved.
+def echo_thread() -> tuple[queue.SimpleQueue[int | None], queue.SimpleQueue[int],
+                             threading.Thread]:
+    """Starts a thread that sends back every item put on ``ping`` through ``pong``.
 
-    A ping-pong over two ``queue.SimpleQueue`` s: each round trip is two
-    handoffs, each a put, a wake-up of the blocked thread and a get.
+    Returns ``(ping, pong, thread)``; putting None on ``ping`` stops the thread.
     """
     ping: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     pong: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -73,6 +73,16 @@ def thread_handoff_us(n: int = 20_000) -> float:
 
     th = threading.Thread(target=echo, daemon=True)
     th.start()
+    return ping, pong, th
+
+
+def thread_handoff_us(n: int = 20_000) -> float:
+    """Microseconds to hand an item to another thread and be woken by its reply, halved.
+
+    A ping-pong over two ``queue.SimpleQueue`` s: each round trip is two
+    handoffs, each a put, a wake-up of the blocked thread and a get.
+    """
+    ping, pong, th = echo_thread()
     for i in range(100):  # warm up
         ping.put(i)
         pong.get()
