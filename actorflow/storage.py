@@ -369,11 +369,20 @@ class Storage:
         if self._closed:
             raise StorageError(f"storage at {self.path} is closed")
 
+    def _enter(self, keyspace: str) -> tuple[Any, list[bool]]:
+        """Checks the storage is usable here; returns the keyspace's db and a read slot.
+
+        The caller must set ``slot[0] = False`` when its read transaction ends.
+        """
+        self._check_pid()
+        db = self._dbs.get(keyspace)
+        if db is None:
+            db = self._db(keyspace)
+        return db, self._gate.enter()
+
     @contextmanager
     def _read(self, keyspace: str) -> Iterator[Any]:
-        self._check_pid()
-        db = self._db(keyspace)
-        slot = self._gate.enter()
+        db, slot = self._enter(keyspace)
         try:
             with self._env.begin(db=db, buffers=False) as txn:
                 yield txn
@@ -383,11 +392,7 @@ class Storage:
     def get(self, keyspace: str, key: bytes) -> bytes | None:
         """Returns the committed value of ``key``, or None."""
         # The hottest read: _read() inlined, without its generator.
-        self._check_pid()
-        db = self._dbs.get(keyspace)
-        if db is None:
-            db = self._db(keyspace)
-        slot = self._gate.enter()
+        db, slot = self._enter(keyspace)
         try:
             with self._env.begin(db=db, buffers=False) as txn:
                 value: bytes | None = txn.get(key)
@@ -433,11 +438,7 @@ class Storage:
         if limit is not None and limit <= 0:
             return out
         # _read() inlined: its generator costs more than the scan of a short prefix.
-        self._check_pid()
-        db = self._dbs.get(keyspace)
-        if db is None:
-            db = self._db(keyspace)
-        slot = self._gate.enter()
+        db, slot = self._enter(keyspace)
         try:
             with self._env.begin(db=db, buffers=False) as txn:
                     cur = txn.cursor()
