@@ -187,9 +187,16 @@ class EngineContext:
         deadline = self.loop.time() + _SHUTDOWN_S
         while True:
             tasks = [t for t in asyncio.all_tasks(self.loop) if t is not me and not t.done()]
-            left = deadline - self.loop.time()
             if not tasks:
-                return
+                # Callbacks already queued (a commit's reply resuming a run) may
+                # start new tasks: let them run, then look again.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                tasks = [t for t in asyncio.all_tasks(self.loop)
+                         if t is not me and not t.done()]
+                if not tasks:
+                    return
+            left = deadline - self.loop.time()
             if left <= 0:
                 break
             await asyncio.wait(tasks, timeout=left)
