@@ -340,3 +340,29 @@ def test_each_caller_gets_its_own_trace(
     assert runs["a"] == callers["a"]
     assert runs["b0"] == runs["b1"] == runs["b2"] == callers["b"]
     assert runs["none"] not in (callers["a"], callers["b"])
+
+
+@pytest.mark.parametrize("api_only", [False, True])
+def test_first_attempt_spans_can_be_left_out(
+    tmp_path: Path, clock: FakeClock, traced: tuple[TracerProvider, InMemorySpanExporter],
+    api_only: bool,
+) -> None:
+    provider, exporter = traced
+    rt = af.Runtime(tmp_path / "d", clock=clock)
+    tracing.instrument(rt, _ApiOnly(provider) if api_only else provider,
+                       first_attempt_spans=False)
+    with rt:
+        assert rt.register(Quick, name="quick").create(params=1).wait(timeout=10).output == 1
+        inst = rt.register(Flaky, name="flaky").create(id="f")
+        assert rt.wait_until_idle()
+        clock.advance("1 second")
+        assert rt.wait_until_idle()
+        clock.advance("1 minute")
+        assert inst.wait(timeout=10).output == "charged"
+    spans = exporter.get_finished_spans()
+    (only,) = _by_name(spans, "step only")
+    assert only.attributes["actorflow.attempts"] == 1
+    # Attempts are kept where they say more than their step: a retry, a failure.
+    attempts = sorted((s.attributes["actorflow.step"], s.name) for s in spans
+                      if s.name.startswith("attempt"))
+    assert attempts == [("charge", "attempt 1"), ("charge", "attempt 2"), ("doomed", "attempt 1")]
