@@ -449,10 +449,11 @@ def _enqueue(processor: Any, spans: list[Any]) -> bool:
     """Queues sampled ``spans`` on an SDK ``BatchSpanProcessor`` as its ``on_end`` would.
 
     One ``deque.extendleft`` for all the spans, in the order ``on_end``
-    would add them, then the same wake-up of its export thread. Returns
-    False, doing nothing, when its internals are not those of the SDK
-    versions known (1.34 on), it is shut down, the process was forked, or
-    its queue is too full (its own ``on_end`` then drops and counts).
+    would add them, then the same wake-up of its export thread, as its
+    ``emit`` does in SDK 1.45. Returns False, doing nothing, when its
+    internals are not those (another SDK version), it is shut down, the
+    process was forked, or its queue is too full: its own ``on_end`` then
+    does what it does in those cases (drops, counts, warns, re-forks).
     """
     try:
         bp = processor._batch_processor
