@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +51,7 @@ def data(tmp_path: Path, journal: Any) -> Path:
         wf = rt.register(Order, name="order", env=journal)
         for i, p in enumerate(["flaky", "ok", "ok"]):
             wf.create(id=f"o{i}", params=p)
+            time.sleep(0.003)  # "newest first" orders by creation time, in whole ms
         for i in range(3):
             wf.get(f"o{i}").wait_for_status("waiting")
     return path
