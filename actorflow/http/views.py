@@ -71,10 +71,17 @@ def _record(binding: WorkflowBinding, inst: Instance) -> dict[str, Any] | None:
 
 
 def workflow_counts(binding: WorkflowBinding) -> dict[str, int]:
-    """Counts a workflow's instances by status (live statuses included)."""
-    return {
-        s: len(binding.list(status=s, limit=None)) for s in STATUSES if s != "unknown"
-    }
+    """Counts a workflow's instances by status (live statuses included).
+
+    One listing, each instance counted once at the status it has when read:
+    a list per status could meet an instance that moved between two of them.
+    """
+    out = dict.fromkeys((s for s in STATUSES if s != "unknown"), 0)
+    for inst in binding.list(limit=None):
+        status = inst.status().status
+        if status in out:
+            out[status] += 1
+    return out
 
 
 def instance_summary(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
