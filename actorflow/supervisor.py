@@ -59,7 +59,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self.running = 0
         self.activating = 0  # see _START_WINDOW
-        self._delivering = 0  # timer wake-ups handed to the loop, not yet delivered
+        # Timer wake-ups handed to the loop, not yet delivered.
         self._deliveries: list[tuple[WorkflowEngine, str, bytes, int]] = []
         self._window_full = False
         self.by_wf: collections.Counter[str] = collections.Counter()
@@ -269,7 +269,7 @@ class Supervisor:
 
     def saturated(self) -> bool:
         """True while wake-ups are refused: enough are waiting for a slot already."""
-        return len(self.wakes) + self._delivering >= _MAX_WAKES
+        return len(self.wakes) + len(self._deliveries) >= _MAX_WAKES
 
     def on_timer(self, target: bytes, key: bytes, deadline: int) -> bool:
         """Timer-thread handler of instance deadlines; False means "not now"."""
@@ -293,7 +293,6 @@ class Supervisor:
         # one self-pipe write, not one each.
         with self._lock:
             self._deliveries.append((wfe, iid, key, deadline))
-            self._delivering += 1
             first = len(self._deliveries) == 1
         if first:
             try:
@@ -301,14 +300,12 @@ class Supervisor:
             except RuntimeError:
                 with self._lock:
                     self._deliveries.clear()
-                    self._delivering = 0
                 return False
         return True
 
     def _deliver_timers(self) -> None:
         with self._lock:
             items, self._deliveries = self._deliveries, []
-            self._delivering -= len(items)
         for wfe, iid, key, deadline in items:
             try:
                 actor = self.actor(wfe, iid)

@@ -125,7 +125,7 @@ class TimerService:
             with self._cond:
                 self._inflight.discard(key)
                 if not consumed and self._floor is not None and key <= self._floor:
-                    self._floor, self._resets = None, self._resets + 1
+                    self._drop_floor()
 
     def kick(self) -> None:
         """Makes the thread re-read the index now (a new early timer, freed capacity)."""
@@ -138,8 +138,7 @@ class TimerService:
         with self._cond:
             # Pass number ``_started + 1`` is the first to begin after now.
             target = self._started + 1
-            # A full pass: nothing below the floor is missed.
-            self._floor, self._resets = None, self._resets + 1
+            self._drop_floor()  # a full pass: nothing below the floor is missed
             self._kicked = True
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._passes >= target or self._stopped, timeout)
@@ -267,6 +266,10 @@ class TimerService:
             start_after = rows[-1][0]
         self._keep_floor(floor, resets)
         return None
+
+    def _drop_floor(self) -> None:
+        """Makes the next pass read the index from its head (hold ``_cond``)."""
+        self._floor, self._resets = None, self._resets + 1
 
     def _keep_floor(self, floor: bytes | None, resets: int) -> None:
         with self._cond:

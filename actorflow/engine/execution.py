@@ -144,8 +144,7 @@ class Execution:
         # Step records written by the next commit of the run, whatever it is
         # (see _commit_step), and what to do once that commit is durable.
         self._staged: WriteBatch | None = None
-        self._staged_recs: list[dict[str, Any]] = []
-        self._staged_timers: list[tuple[bytes | None, bytes | None]] = []
+        self._staged_after: list[tuple[dict[str, Any], bytes | None, bytes | None]] = []
 
     # -- driving the run ----------------------------------------------------
 
@@ -275,17 +274,15 @@ class Execution:
             if staged is not None:
                 # Earlier in the batch: a later write of the same key wins.
                 batch.ops[:0] = staged.ops
-                recs, timers = self._staged_recs, self._staged_timers
-                self._staged, self._staged_recs, self._staged_timers = None, [], []
+                after, self._staged, self._staged_after = self._staged_after, None, []
             batch.guard(*self.actor.fence_guard())
             fut = self.loop.create_future()
             self.ctx.storage.submit(batch, self.ctx.notifier.callback(fut))
             await fut
             self.actor.committed()
             if staged is not None:
-                for rec in recs:
+                for rec, arm, disarm in after:
                     self._step_durable(rec)
-                for arm, disarm in timers:
                     self._timers_after(arm, disarm)
         except ConflictError:
             self.stopped = True
@@ -331,8 +328,7 @@ class Execution:
         batch.put(STEPS, key, dump(rec))
         if stage:
             self.steps[key] = rec
-            self._staged_recs.append(rec)
-            self._staged_timers.append((arm, disarm))
+            self._staged_after.append((rec, arm, disarm))
             return
         await self._commit(batch)
         self.steps[key] = rec

@@ -370,7 +370,6 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
-        before = self.record
         self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
                         hist_data={"error": err})
         try:
@@ -380,9 +379,7 @@ class InstanceActor(PooledActor):
                 raise
             # Not even "errored" can be written (a full disk): the instance
             # keeps its last durable status, and the write is tried again.
-            self.record = before
-            self.dequeued.clear()
-            self.enqueued.clear()
+            self.reload_record()
             self._fail_later(message)
             return
         self.ctx.timers_done(keys)
