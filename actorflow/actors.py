@@ -398,6 +398,15 @@ class PooledActor(pykka.Actor):
         self.actor_stopped.set()
         return left
 
+    def quiet(self) -> bool:
+        """True if no slice is scheduled or running and the inbox is empty.
+
+        Read without the scheduling lock: a message posted from another thread
+        right after is handled by a slice that runs later on the executor, as
+        if it had arrived after whatever the caller does now.
+        """
+        return not self._scheduled and self.actor_inbox.empty()
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""

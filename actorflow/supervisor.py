@@ -21,7 +21,18 @@ import pykka
 
 from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.instance import InstanceActor
-from actorflow.engine.records import IDX, INST, idx_iid, idx_prefix, load, split_ikey
+from actorflow.engine.records import (
+    EVENTS,
+    IDX,
+    INST,
+    STEPS,
+    events_prefix,
+    idx_iid,
+    idx_prefix,
+    load,
+    split_ikey,
+    steps_prefix,
+)
 from actorflow.errors import ActorflowError, InstanceNotFound
 from actorflow.lease import is_poke
 from actorflow.timers import TIMERS
@@ -65,6 +76,7 @@ class Supervisor:
         self.by_wf: collections.Counter[str] = collections.Counter()
         self.wakes: collections.deque[tuple[InstanceActor, str]] = collections.deque()
         self._kick_pending = False
+        self._pump_pending = False
         self._retry_handle: Any = None
         self._rr = 0
         self._watchers: dict[bytes, list[threading.Event]] = {}
@@ -104,13 +116,50 @@ class Supervisor:
                     raise InstanceNotFound(
                         f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
                         workflow=wfe.name, instance=iid)
-                actor = InstanceActor(wfe, iid, load(raw))
-                if self.node is not None:  # read after the record: see NodeLease
-                    actor.owner = self.node.owner_of(ik)
-                    actor.owned = actor.owner == self.node.node_id
-                self.live[ik] = actor
-                actor.start_on()
+                actor = self._activate(wfe, iid, ik, raw)
         return actor
+
+    def _activate(self, wfe: WorkflowEngine, iid: str, ik: bytes, raw: bytes) -> InstanceActor:
+        """Makes the live actor of an instance from its record (hold ``_lock``).
+
+        Not started on the executor: its first message schedules it, and the
+        supervisor starts runs without one (see ``InstanceActor.can_begin``).
+        """
+        actor = InstanceActor(wfe, iid, load(raw))
+        if self.node is not None:  # read after the record: see NodeLease
+            actor.owner = self.node.owner_of(ik)
+            actor.owned = actor.owner == self.node.node_id
+        self.live[ik] = actor
+        return actor
+
+    def actors(self, pairs: list[tuple[WorkflowEngine, str]]) -> list[InstanceActor | None]:
+        """:meth:`actor` for many instances, with one read for every record (engine loop only).
+
+        None stands for an instance that does not exist.
+        """
+        out: list[InstanceActor | None] = [None] * len(pairs)
+        missing: list[tuple[int, WorkflowEngine, str, bytes]] = []
+        live = self.live
+        for i, (wfe, iid) in enumerate(pairs):
+            ik = wfe.ik(iid)
+            actor = live.get(ik)
+            if actor is not None and not actor.actor_stopped.is_set():
+                out[i] = actor
+            else:
+                missing.append((i, wfe, iid, ik))
+        if not missing:
+            return out
+        raws = self.ctx.storage.get_many(INST, [m[3] for m in missing])
+        with self._lock:
+            for i, wfe, iid, ik in missing:
+                actor = live.get(ik)  # made meanwhile (another thread, or a repeat here)
+                if actor is None or actor.actor_stopped.is_set():
+                    raw = raws.get(ik)
+                    if raw is None:
+                        continue
+                    actor = self._activate(wfe, iid, ik, raw)
+                out[i] = actor
+        return out
 
     def evict(self, actor: InstanceActor) -> None:
         with self._lock:
@@ -161,13 +210,26 @@ class Supervisor:
             return
         self.kick()
 
+    def pump_soon(self) -> None:
+        """Asks for a scheduling pass later in this loop iteration (engine loop only).
+
+        Slots freed and wake-ups queued by many callbacks of one iteration
+        (a group commit resolves hundreds of runs at once) then share a pass,
+        and their starts share one read of storage.
+        """
+        if not self._pump_pending:
+            self._pump_pending = True
+            self.ctx.loop.call_soon(self.pump)
+
     def pump(self) -> None:
         """Starts instances while slots are free (engine loop only)."""
         self._kick_pending = False
+        self._pump_pending = False
         if self.closing:
             return
         cap = self.ctx.limits.max_concurrent
         throttled = None
+        batch: list[tuple[InstanceActor, str]] = []
         while self.running < cap:
             if self.activating >= _START_WINDOW:
                 self._window_full = True
@@ -175,25 +237,69 @@ class Supervisor:
             nxt = self._next()
             if nxt is None:
                 break
-            actor, reason = nxt
+            actor = nxt[0]
             self.running += 1
             self.activating += 1
             actor.activating = True
             self.by_wf[actor.wfe.name] += 1
             self.started += 1
             actor.woken = True  # keeps it in memory until it starts
-            try:
-                actor.actor_ref.tell(("start", reason))
-            except pykka.ActorDeadError:
-                self.running -= 1
-                self.by_wf[actor.wfe.name] -= 1
-                self.settled(actor)
+            batch.append(nxt)
+        if batch:
+            self._start(batch)
         for wfe in self.engines.values():
             if wfe.router.throttled and wfe.router.bucket is not None:
                 w = wfe.router.bucket.wait_s()
                 throttled = w if throttled is None else min(throttled, w)
         if throttled is not None and self._retry_handle is None:
             self._retry_handle = self.ctx.loop.call_later(max(throttled, 0.001), self._retry)
+
+    def _start(self, batch: list[tuple[InstanceActor, str]]) -> None:
+        """Starts the runs of instances just given a slot.
+
+        A quiet actor whose start writes nothing gets its run here, its steps
+        and events read with those of the whole batch in one snapshot (nothing
+        else runs on the loop meanwhile, so they are what the run would read
+        itself); any other gets a "start" message.
+        """
+        direct = {id(a) for a, reason in batch if a.can_begin(reason)}
+        rows: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]] = {}
+        if direct:
+            wanted: list[tuple[str, bytes]] = []
+            order = []
+            for a, _ in batch:
+                if id(a) in direct and id(a) not in rows:
+                    rows[id(a)] = ([], [])
+                    order.append(id(a))
+                    wanted.append((STEPS, steps_prefix(a.ik)))
+                    wanted.append((EVENTS, events_prefix(a.ik)))
+            got = self.ctx.storage.scan_prefixes(wanted)
+            for j, key in enumerate(order):
+                rows[key] = (got[2 * j], got[2 * j + 1])
+        launched: list[InstanceActor] = []
+        for actor, reason in batch:
+            pre = rows.pop(id(actor), None)
+            if pre is not None and actor.can_begin(reason):
+                actor.begin(pre, settle=False)
+                launched.append(actor)
+                continue
+            try:
+                actor.actor_ref.tell(("start", reason))
+            except pykka.ActorDeadError:
+                self.running -= 1
+                self.by_wf[actor.wfe.name] -= 1
+                self.settled(actor)
+        if launched:
+            # After the first step of every task just made: their runs have
+            # gone as far as they can without waiting (see _START_WINDOW).
+            self.ctx.loop.call_soon(self._settle_all, launched)
+
+    def _settle_all(self, actors: list[InstanceActor]) -> None:
+        for actor in actors:
+            self.settled(actor, pump=False)
+        if self._window_full and self.activating <= _START_WINDOW // 2:
+            self._window_full = False
+            self.pump()
 
     def shutdown(self) -> None:
         """Stops every live run without writing (engine loop only); starts nothing more.
@@ -249,7 +355,7 @@ class Supervisor:
         self.running -= 1
         self.by_wf[actor.wfe.name] -= 1
         self.settled(actor, pump=False)
-        self.pump()
+        self.pump_soon()
 
     def settled(self, actor: InstanceActor, pump: bool = True) -> None:
         """A started instance's run reached its first wait (or ended): it leaves the window."""
@@ -265,7 +371,7 @@ class Supervisor:
         """Queues a waking instance ahead of new ones (engine loop only)."""
         actor.woken = True
         self.wakes.append((actor, reason))
-        self.pump()
+        self.pump_soon()
 
     def saturated(self) -> bool:
         """True while wake-ups are refused: enough are waiting for a slot already."""
@@ -306,19 +412,27 @@ class Supervisor:
     def _deliver_timers(self) -> None:
         with self._lock:
             items, self._deliveries = self._deliveries, []
-        for wfe, iid, key, deadline in items:
-            try:
-                actor = self.actor(wfe, iid)
-                if (actor.exec is None and not actor.busy and not actor.woken and actor.owned
-                        and actor.record["s"] == "waiting" and actor.actor_inbox.empty()
-                        and not is_poke(key)):
-                    # A hibernated instance: what handle_timer would do, without a
-                    # message and a task. The run consumes the timer.
-                    self.wake(actor)
-                    continue
-                actor.actor_ref.tell(("timer", key, deadline))
-            except (InstanceNotFound, pykka.ActorDeadError):
+        actors = self.actors([(wfe, iid) for wfe, iid, _, _ in items])
+        woke = False
+        for (_, _, key, deadline), actor in zip(items, actors, strict=True):
+            if actor is None:
                 self.ctx.timers.done(key)
+                continue
+            if (actor.exec is None and not actor.busy and not actor.woken and actor.owned
+                    and actor.record["s"] == "waiting" and actor.actor_inbox.empty()
+                    and not is_poke(key)):
+                # A hibernated instance: what handle_timer would do, without a
+                # message and a task. The run consumes the timer.
+                actor.woken = True
+                self.wakes.append((actor, "wake"))
+                woke = True
+                continue
+            try:
+                actor.actor_ref.tell(("timer", key, deadline))
+            except pykka.ActorDeadError:
+                self.ctx.timers.done(key)
+        if woke:
+            self.pump()
 
     # -- outcomes --------------------------------------------------------------------
 

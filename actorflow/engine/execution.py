@@ -98,7 +98,20 @@ class _Waiter:
 class Execution:
     """Executes ``run`` for one activation of an instance."""
 
-    def __init__(self, actor: InstanceActor) -> None:
+    def __init__(
+        self,
+        actor: InstanceActor,
+        preloaded: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None,
+    ) -> None:
+        """Loads the instance's steps and buffered events.
+
+        Args:
+            actor: The instance.
+            preloaded: The instance's ``(steps, events)`` rows, read by the
+                caller in the same loop callback (the supervisor reads those
+                of every instance it starts at once in one snapshot). None:
+                read them here.
+        """
         self.actor = actor
         self.wfe = actor.wfe
         self.ctx = actor.wfe.ctx
@@ -110,8 +123,11 @@ class Execution:
         self.mods = self.ctx.modifiers.get(self.ik)
         self.steps: dict[bytes, dict[str, Any]] = {}
         seq = 0
-        steps, events = self.ctx.storage.scan_prefixes(
-            [(STEPS, steps_prefix(self.ik)), (EVENTS, events_prefix(self.ik))])
+        if preloaded is None:
+            steps, events = self.ctx.storage.scan_prefixes(
+                [(STEPS, steps_prefix(self.ik)), (EVENTS, events_prefix(self.ik))])
+        else:
+            steps, events = preloaded
         for k, v in steps:
             rec = load(v)
             self.steps[k] = rec
@@ -148,12 +164,18 @@ class Execution:
 
     # -- driving the run ----------------------------------------------------
 
-    def launch(self) -> None:
-        """Starts ``run`` as a task on the engine loop."""
+    def launch(self, settle: bool = True) -> None:
+        """Starts ``run`` as a task on the engine loop.
+
+        Args:
+            settle: Tell the supervisor once the task has gone as far as it
+                can without waiting; False if the caller does it.
+        """
         self.task = self.loop.create_task(self._drive())
-        # Runs once the task has gone as far as it can without waiting (its
-        # first commit, a step's I/O, hibernation): the supervisor's start window.
-        self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
+        if settle:
+            # Runs once the task has gone as far as it can without waiting (its
+            # first commit, a step's I/O, hibernation): the supervisor's start window.
+            self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
 
     async def _drive(self) -> None:
         wfe, actor = self.wfe, self.actor
@@ -218,18 +240,18 @@ class Execution:
         self.ending = True
         batch = WriteBatch()
         keys = self._disarm_all(batch)
-        self.actor.activation_ops(batch)
         if kind == "complete":
             try:
                 data = self.ser.dumps(value)
             except SerializationError as e:
                 kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
             else:
-                self.actor.status_ops(batch, "complete", output=data, hist="WORKFLOW_SUCCESS")
+                self.actor.end_ops(batch, "complete", self.t_start, output=data,
+                                   hist="WORKFLOW_SUCCESS")
         if kind == "errored":
             err = error_dict(value)
-            self.actor.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
-                                  hist_data={"error": err})
+            self.actor.end_ops(batch, "errored", self.t_start, error=err,
+                               hist="WORKFLOW_FAILURE", hist_data={"error": err})
         await self._commit(batch, activate=False, final=True)
         self.ctx.timers_done(keys)
 
@@ -343,7 +365,7 @@ class Execution:
 
     def _timers_after(self, arm: bytes | None, disarm: bytes | None) -> None:
         if disarm and disarm != arm:
-            self.ctx.timers.done(disarm)
+            self.ctx.timers.done(disarm, consumed=True)  # the commit deleted it
         if arm:
             self.ctx.timers.kick()
 

@@ -256,6 +256,23 @@ class InstanceActor(PooledActor):
             started=rec.get("started") or t0, waits=[],
         )
 
+    def end_ops(
+        self, batch: WriteBatch, status: str, t0: int, *, hist: str,
+        hist_data: dict[str, Any] | None = None, **fields: Any,
+    ) -> None:
+        """Adds a run's final status to ``batch``, after what :meth:`activation_ops` would add.
+
+        One record and one index move instead of two: a woken instance that
+        ends at once goes from "waiting" to "complete" in its only write.
+        """
+        rec = self.record
+        if not (rec["s"] == "running"
+                or (rec["s"] == "waitingForPause" and rec.get("started") is not None)):
+            if rec.get("started") is None:
+                self.add_history(batch, "WORKFLOW_START", ts=t0)
+            fields = {"started": rec.get("started") or t0, "waits": [], **fields}
+        self.status_ops(batch, status, hist=hist, hist_data=hist_data, **fields)
+
     async def commit(self, batch: WriteBatch, new_epoch: bool = False) -> None:
         """Writes ``batch`` guarded by the current epoch (moving it if asked)."""
         batch.guard(*self.fence_guard())
@@ -341,9 +358,39 @@ class InstanceActor(PooledActor):
                     self.ctx.supervisor.crashed(self, e)
                     return
                 raise
-        self.exec = Execution(self)
-        self.seen_events = {k for q in self.exec.inbox.values() for k, _, _ in q}
-        self.exec.launch()
+        self.begin()
+
+    def can_begin(self, reason: str) -> bool:
+        """True if a start needs nothing but a new run: no write, no message, no wait.
+
+        The supervisor then calls :meth:`begin` directly instead of sending
+        "start" (a message, a slice and a task per wake-up). Only while the
+        actor is quiet: a start sent as a message would be handled at once too.
+        """
+        ex = self.exec
+        return (not self.busy and self.quiet() and self.owned
+                and self.ctx.supervisor.node is None
+                and reason not in ("recover", "crash")
+                and (ex is None or ex.finished)
+                and self.record["s"] in ("queued", "running", "waiting"))
+
+    def begin(
+        self, preloaded: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None,
+        settle: bool = True,
+    ) -> Execution:
+        """Starts a new run (engine loop only); see :class:`Execution` for ``preloaded``.
+
+        With ``settle`` false, the caller tells the supervisor when the run
+        has reached its first wait (see ``Supervisor.settled``).
+        """
+        self.woken = False
+        ex = self.exec = Execution(self, preloaded)
+        if ex.inbox:
+            self.seen_events = {k for q in ex.inbox.values() for k, _, _ in q}
+        elif self.seen_events:
+            self.seen_events = set()
+        ex.launch(settle)
+        return ex
 
     def execution_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         """Called by the run's task when ``run`` returned, raised or was unwound."""
