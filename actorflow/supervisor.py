@@ -262,24 +262,24 @@ class Supervisor:
         else runs on the loop meanwhile, so they are what the run would read
         itself); any other gets a "start" message.
         """
-        direct = {id(a) for a, reason in batch if a.can_begin(reason)}
-        rows: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]] = {}
-        if direct:
-            wanted: list[tuple[str, bytes]] = []
-            order = []
-            for a, _ in batch:
-                if id(a) in direct and id(a) not in rows:
-                    rows[id(a)] = ([], [])
-                    order.append(id(a))
-                    wanted.append((STEPS, steps_prefix(a.ik)))
-                    wanted.append((EVENTS, events_prefix(a.ik)))
-            got = self.ctx.storage.scan_prefixes(wanted)
-            for j, key in enumerate(order):
-                rows[key] = (got[2 * j], got[2 * j + 1])
+        # Only the begin() calls below change what can_begin() looks at, and
+        # only for their own actor: an actor listed twice (rare) begins once
+        # and its repeat gets the message, which finds the run going.
+        rows: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None] = {}
+        wanted: list[tuple[str, bytes]] = []
+        for a, reason in batch:
+            if id(a) not in rows and a.can_begin(reason):
+                rows[id(a)] = None
+                wanted.append((STEPS, steps_prefix(a.ik)))
+                wanted.append((EVENTS, events_prefix(a.ik)))
+        if wanted:
+            got = iter(self.ctx.storage.scan_prefixes(wanted))
+            for key in rows:  # in insertion order, as ``wanted``
+                rows[key] = (next(got), next(got))
         launched: list[InstanceActor] = []
         for actor, reason in batch:
             pre = rows.pop(id(actor), None)
-            if pre is not None and actor.can_begin(reason):
+            if pre is not None:
                 actor.begin(pre, settle=False)
                 launched.append(actor)
                 continue
@@ -464,6 +464,10 @@ class Supervisor:
 
     def finished(self, actor: InstanceActor) -> None:
         """Wakes threads waiting for the instance to finish."""
+        if not self._watchers:
+            # Read without the lock: a watcher added meanwhile reads the status
+            # after adding itself, and the end is durable already.
+            return
         with self._lock:
             watchers = self._watchers.pop(actor.ik, [])
         for ev in watchers:

@@ -98,6 +98,28 @@ class _Waiter:
 class Execution:
     """Executes ``run`` for one activation of an instance."""
 
+    # Defaults of the run's state, set per run only when they change: an
+    # activation is made per wake-up, and most never change most of them.
+    step_calls = 0
+    in_flight = 0
+    pending = 0
+    pause_requested = False
+    hibernating = False
+    stopped = False
+    suspended = False
+    ending = False  # run returned: only the final write may land
+    finished = False
+    task: asyncio.Task[Any] | None = None
+    slot = True  # holds a concurrency slot until it ends
+    _poke_scheduled = False
+    _hib_task: asyncio.Task[None] | None = None
+    _hib_done: asyncio.Future[None] | None = None
+    # Waiters woken so far: a hibernation decided at count n is void if it moved.
+    wakeups = 0
+    # Step records written by the next commit of the run, whatever it is
+    # (see _commit_step).
+    _staged: WriteBatch | None = None
+
     def __init__(
         self,
         actor: InstanceActor,
@@ -117,7 +139,6 @@ class Execution:
         self.ctx = actor.wfe.ctx
         self.loop = self.ctx.loop
         self.ik = actor.ik
-        self.where = f"workflow {self.wfe.name!r}, instance {actor.iid!r}"
         self.limits = self.wfe.limits
         self.ser = self.ctx.storage.serializer
         self.mods = self.ctx.modifiers.get(self.ik)
@@ -138,29 +159,16 @@ class Execution:
             ev = load(v)
             self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
         self.counters: dict[tuple[str, str], int] = {}
-        self.step_calls = 0
-        self.in_flight = 0
-        self.pending = 0
         self.waiters: list[_Waiter] = []
-        self.pause_requested = False
-        self.hibernating = False
-        self.stopped = False
-        self.suspended = False
-        self.ending = False  # run returned: only the final write may land
-        self.finished = False
-        self.task: asyncio.Task[Any] | None = None
-        self.slot = True  # holds a concurrency slot until it ends
-        self.t_start = self.now_ms()
-        self._poke_scheduled = False
-        self._hib_task: asyncio.Task[None] | None = None
-        self._hib_done: asyncio.Future[None] | None = None
-        # Waiters woken so far: a hibernation decided at count n is void if it moved.
-        self.wakeups = 0
+        self.t_start = self.ctx.now_ms()
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
-        # Step records written by the next commit of the run, whatever it is
-        # (see _commit_step), and what to do once that commit is durable.
-        self._staged: WriteBatch | None = None
+        # What to do once the commit that writes the staged records is durable.
         self._staged_after: list[tuple[dict[str, Any], bytes | None, bytes | None]] = []
+
+    @property
+    def where(self) -> str:
+        """Names the instance in messages (made when needed: most runs need none)."""
+        return self.actor.where
 
     # -- driving the run ----------------------------------------------------
 
@@ -712,15 +720,20 @@ class Execution:
         await self._sleep(name, None, ms)
 
     async def sleep_until(self, name: str, when: Any) -> None:
-        validate_step_name(name, self.where)
-        await self._sleep(name, to_epoch_ms(when, what=self._here(name)), 0)
+        if name not in self.ctx.valid_names:
+            validate_step_name(name, self.where)
+            self.ctx.remember_name(name)
+        if type(when) is not int:  # epoch ms as an int: nothing to convert or check
+            when = to_epoch_ms(when, what=self._here(name))
+        await self._sleep(name, when, 0)
 
     async def _sleep(self, name: str, until: int | None, ms: int) -> None:
         key, count = self._key("sleep", name)
         rec = self.steps.get(key)
         if rec is not None and rec["s"] == DONE:
             return
-        await self._gate()
+        if self.stopped or self.pause_requested:
+            await self._gate()
         now = self.now_ms()
         if rec is None:
             dl = until if until is not None else now + ms
@@ -730,9 +743,10 @@ class Execution:
                    "dl": dl, "t0": now}
             if dl > now:
                 await self._commit_step(key, rec, arm=timer_key(dl, WAKE_KIND, key), stage=True)
-        if rec["dl"] > self.now_ms():
+        if rec["dl"] > now:
             await self._block(key, rec["dl"], None)
-        new = dict(rec, s=DONE, t1=self.now_ms())
+            now = self.now_ms()
+        new = dict(rec, s=DONE, t1=now)
         await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
 
     # -- events -----------------------------------------------------------------

@@ -105,12 +105,16 @@ class InstanceActor(PooledActor):
         self.dequeued: list[bytes] = []
         self.enqueued: list[bytes] = []
         self.start_after: str | None = None  # a start that waits for the run to unwind
-        self.where = f"workflow {wfe.name!r}, instance {iid!r}"
         # Multi-node (see actorflow.lease): whether this node owns the instance,
         # and the event keys the current run was handed (so none is handed twice).
         self.owned = True
         self.owner: str | None = None
         self.seen_events: set[bytes] = set()
+
+    @property
+    def where(self) -> str:
+        """Names the instance in messages (made when needed: most activations need none)."""
+        return f"workflow {self.wfe.name!r}, instance {self.iid!r}"
 
     # -- message plumbing -------------------------------------------------------
 
