@@ -282,6 +282,25 @@ def test_failed_guard_rejects_the_whole_batch(store: Storage) -> None:
     assert store.get(KS, b"n3") is None
 
 
+def test_an_insert_guard_refuses_an_existing_key_and_writes_nothing(store: Storage) -> None:
+    # "Must be absent" on the key the batch puts first is applied as one insert.
+    put_all(store, {b"taken": b"old"})
+    batch = (
+        WriteBatch()
+        .guard(KS, b"taken", None)
+        .put(KS, b"taken", b"new")
+        .put(KS, b"side", b"x")
+        .put("other", b"y", b"z")
+    )
+    with pytest.raises(ConflictError):
+        store.write(batch)
+    assert store.get(KS, b"taken") == b"old"
+    assert store.get(KS, b"side") is None
+    assert store.get("other", b"y") is None
+    store.write(WriteBatch().guard(KS, b"free", None).put(KS, b"free", b"1").put(KS, b"s2", b"2"))
+    assert (store.get(KS, b"free"), store.get(KS, b"s2")) == (b"1", b"2")
+
+
 def test_a_rejected_batch_does_not_fail_its_group(store: Storage) -> None:
     results: dict[int, BaseException | None] = {}
     done = threading.Event()

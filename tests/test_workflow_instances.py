@@ -72,6 +72,12 @@ def test_create_without_id_makes_a_uuid(rt: af.Runtime) -> None:
     a, b = wf.create(params=1), wf.create(params=2)
     assert a.id != b.id
     assert str(uuid.UUID(a.id)) == a.id and uuid.UUID(a.id).version == 4
+    # Ids come from a pool refilled every 256: across refills they stay valid and unique.
+    ids = [i.id for i in wf.create_batch([{"params": n} for n in range(600)])]
+    assert len(set(ids) | {a.id, b.id}) == 602
+    for i in ids:
+        u = uuid.UUID(i)
+        assert (str(u), u.version, u.variant) == (i, 4, uuid.RFC_4122)
 
 
 def test_create_batch_skips_existing_ids(rt: af.Runtime) -> None:
