@@ -47,7 +47,7 @@ def test_every_scenario_is_named_and_described() -> None:
 def test_physical_baselines(tmp_path: Path) -> None:
     figures = SCENARIOS["physical"].run(tmp_path, 0, NullProgress(), Options()).figures
     _positive(figures, "fsync_commits_per_s", "fsync_commit_ms", "bare_call_ns",
-              "thread_handoff_us")
+              "thread_handoff_us", "threaded_commits_per_s")
     assert figures["bare_call_ns"] < 10_000  # a call is nanoseconds, not microseconds
     assert 0 < thread_handoff_us(500) < 10_000
     assert bare_call_ns(10_000) >= 0
@@ -160,6 +160,10 @@ def test_table_rows_with_profile_and_hardware() -> None:
     phys = {"fsync_commits_per_s": 4000.0, "fsync_commit_ms": 0.25, "bare_call_ns": 25.0,
             "thread_handoff_us": 5.0}
     assert "8.0x fsync" in hardware("steps_per_s", 32_000, phys)
+    assert "thread handoffs" in hardware("create_16_threads_per_s", 8_000, phys)
+    with_ceiling = {**phys, "threaded_commits_per_s": 16_000.0}
+    assert "50% of 16 threads' bare durable calls" in hardware(
+        "create_16_threads_per_s", 8_000, with_ceiling)
     assert hardware("steps_per_s", 32_000, {}) == ""
     header, body = rows({"physical": phys, "create": {"create_batch_per_s": 60_000.0}},
                         {"create": 100}, "cloudflare-v2")

@@ -1,13 +1,16 @@
 """What the machine allows, measured in the same run as the scenarios.
 
-Three baselines: the disk's ``fsync``'d commit rate (raw LMDB, one put per
+Four baselines: the disk's ``fsync``'d commit rate (raw LMDB, one put per
 commit, one commit at a time), the interpreter's cost of a bare function
-call, and the cost of handing an item from one thread to another through a
-``queue.SimpleQueue``.
+call, the cost of handing an item from one thread to another through a
+``queue.SimpleQueue``, and how many durable calls 16 Python threads can make
+through one group-commit writer thread when each call does nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import shutil
 import statistics
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import lmdb
 
-__all__ = ["bare_call_ns", "fsync_commits", "physical", "thread_handoff_us"]
+__all__ = ["bare_call_ns", "fsync_commits", "physical", "thread_handoff_us",
+           "threaded_commits_per_s"]
 
 
 def fsync_commits(path: Path, n: int = 500) -> tuple[float, float]:
@@ -96,12 +100,69 @@ def thread_handoff_us(n: int = 20_000) -> float:
     return dt / n / 2 * 1e6
 
 
+def threaded_commits_per_s(path: Path, threads: int = 16, per: int = 1000) -> float:
+    """Durable calls per second from ``threads`` threads through one writer thread.
+
+    Each call puts one random 16-byte key and blocks on a lock until the
+    writer's group commit (raw LMDB, ``fsync`` on) holding it is durable: the
+    shape of ``create()`` with none of its work. Its ceiling on CPython is set
+    by thread switches (every call wakes a thread, which then waits for the
+    GIL), not by the disk.
+    """
+    shutil.rmtree(path, ignore_errors=True)
+    env = lmdb.open(str(path), map_size=1 << 28, sync=True, metasync=True)
+    q: queue.SimpleQueue[tuple[bytes, threading.Lock] | None] = queue.SimpleQueue()
+
+    def writer() -> None:
+        stop = False
+        while not stop and (item := q.get()) is not None:
+            items = [item]
+            time.sleep(0)  # as Storage's writer: let the callers just woken join this group
+            with contextlib.suppress(queue.Empty):
+                while not stop:
+                    nxt = q.get_nowait()
+                    if nxt is None:
+                        stop = True
+                    else:
+                        items.append(nxt)
+            with env.begin(write=True) as txn:
+                for key, _ in items:
+                    txn.put(key, b"v" * 64)
+            for _, lock in items:
+                lock.release()
+
+    def caller() -> None:
+        for _ in range(per):
+            lock = threading.Lock()
+            lock.acquire()
+            q.put((os.urandom(16), lock))
+            lock.acquire()
+
+    w = threading.Thread(target=writer, daemon=True)
+    w.start()
+    callers = [threading.Thread(target=caller, daemon=True) for _ in range(threads)]
+    try:
+        t = time.perf_counter()
+        for th in callers:
+            th.start()
+        for th in callers:
+            th.join()
+        rate = threads * per / (time.perf_counter() - t)
+    finally:
+        q.put(None)
+        w.join()
+        env.close()
+        shutil.rmtree(path, ignore_errors=True)
+    return rate
+
+
 def physical(root: Path) -> dict[str, float]:
-    """All three baselines, as figures of the ``disk`` scenario."""
+    """All four baselines, as figures of the ``disk`` scenario."""
     rate, commit_ms = fsync_commits(root / "disk")
     return {
         "fsync_commits_per_s": rate,
         "fsync_commit_ms": commit_ms,
         "bare_call_ns": bare_call_ns(),
         "thread_handoff_us": thread_handoff_us(),
+        "threaded_commits_per_s": threaded_commits_per_s(root / "threaded"),
     }

@@ -107,6 +107,9 @@ def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
     if figure in _RATES:
         us = 1e6 / value
         out = f"{value / fsync:.1f}x fsync'd commits/s; {us:.1f} us each"
+        if figure == "create_16_threads_per_s" and phys.get("threaded_commits_per_s"):
+            share = value / phys["threaded_commits_per_s"]
+            return out + f"; {share:.0%} of 16 threads' bare durable calls"
         if figure == "create_16_threads_per_s" or figure == "do_calls_per_s":
             return out + f" = {us / handoff_us:.0f} thread handoffs"
         return out + f" = {us * 1000 / call_ns:,.0f} bare calls"

@@ -201,7 +201,7 @@ def _poll(until: Callable[[], int], n: int, progress: Progress, timeout: float) 
 
 
 def run_physical(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
-    """The machine's baselines: fsync'd commits, a bare call, a thread handoff."""
+    """The machine's baselines: fsync'd commits, a bare call, a thread handoff, threaded calls."""
     progress.phase("fsync, call, handoff", 0)
     return Outcome(physical(root))
 
@@ -536,7 +536,8 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario("physical", run_physical, 0, False,
-                 "the machine: fsync'd commits/s, a bare call, a thread handoff", unit="-"),
+                 "the machine: fsync'd commits/s, a bare call, a thread handoff, "
+                 "16 threads' durable calls", unit="-"),
         Scenario("create", run_create, 20_000, False,
                  "create_batch of N, then N/4 create() calls from 16 threads"),
         Scenario("steps", run_steps, 1_000, False,
