@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from actorflow.batch import _DELETE, _PUT
 from actorflow.engine.records import IDX, INST
 
 __all__ = ["CommitMonitor", "Metrics", "RateWindow", "WorkflowMetrics"]
 
-_PUT, _DELETE = 0, 1  # WriteBatch op codes (storage.py)
 _LATENCY_SAMPLES = 1024
 
 

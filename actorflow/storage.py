@@ -35,24 +35,26 @@ opened it (LMDB forbids it); doing so raises :class:`StorageError`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import pickle
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
-import cloudpickle
 import lmdb
 
-from actorflow.errors import LimitExceeded, SerializationError, StorageError
+from actorflow.batch import _DELETE, _PUT, MAX_KEY_BYTES, Chain, WriteBatch
+from actorflow.errors import StorageError
+from actorflow.serializers import JsonSerializer, PickleSerializer, Serializer
 
+# Chain, WriteBatch and the serializers live in their own modules; they are
+# exported here too, beside the Storage that takes them.
 __all__ = [
+    "MAX_KEY_BYTES",
     "Chain",
     "ConflictError",
     "JsonSerializer",
@@ -65,8 +67,6 @@ __all__ = [
 
 log = logging.getLogger("actorflow.storage")
 
-MAX_KEY_BYTES = 511  # LMDB's compiled-in key size limit
-_PUT, _DELETE, _DELETE_PREFIX = 0, 1, 2
 _STOP = object()
 Callback = Callable[[BaseException | None], None]
 #: observer(items, results, seconds, txn_id) of a group commit (writer thread).
@@ -81,138 +81,6 @@ class ConflictError(StorageError):
 def join_key(*parts: str) -> bytes:
     """Builds a key from parts separated by NUL, so that prefixes never collide."""
     return "\x00".join(parts).encode()
-
-
-class Serializer(Protocol):
-    """Turns values into bytes and back. Must be thread-safe."""
-
-    name: str
-
-    def dumps(self, value: Any) -> bytes:
-        """Returns the bytes of ``value``; raises SerializationError if it cannot."""
-        ...
-
-    def loads(self, data: bytes) -> Any:
-        """Returns the value of ``data``."""
-        ...
-
-
-class PickleSerializer:
-    """The default: pickle (fast), falling back to cloudpickle for closures,
-    lambdas and local classes, which plain pickle cannot serialize."""
-
-    name = "pickle"
-
-    def dumps(self, value: Any) -> bytes:
-        try:
-            return pickle.dumps(value, protocol=5)
-        except Exception:
-            pass
-        try:
-            return cloudpickle.dumps(value, protocol=5)
-        except Exception as exc:
-            raise SerializationError(
-                f"value of type {type(value).__name__} cannot be serialized: {exc}"
-            ) from None
-
-    def loads(self, data: bytes) -> Any:
-        try:
-            return pickle.loads(data)
-        except Exception as exc:
-            raise SerializationError(f"stored value cannot be deserialized: {exc}") from None
-
-
-class JsonSerializer:
-    """Portable JSON values (dicts, lists, str, numbers, bool, None)."""
-
-    name = "json"
-
-    def dumps(self, value: Any) -> bytes:
-        try:
-            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise SerializationError(
-                f"value of type {type(value).__name__} is not JSON-serializable: {exc}"
-            ) from None
-
-    def loads(self, data: bytes) -> Any:
-        return json.loads(data)
-
-
-def _check_key(key: bytes) -> None:
-    # LMDB rejects these inside the write transaction, which would fail every
-    # batch of the group; refuse them here, in the caller's thread, instead.
-    if len(key) > MAX_KEY_BYTES:
-        raise LimitExceeded(f"storage key of {len(key)} bytes exceeds {MAX_KEY_BYTES} bytes")
-    if not key:
-        raise ValueError("storage keys must not be empty")
-
-
-class Chain:
-    """Ties batches into a sequence that lands as a prefix (see the module doc).
-
-    Once :attr:`failed` is set (by the writer thread, when a batch of the
-    chain fails), every later batch of the chain fails without being applied.
-    A chain never recovers: start a new one.
-    """
-
-    __slots__ = ("error", "failed")
-
-    def __init__(self) -> None:
-        self.failed = False
-        self.error: BaseException | None = None
-
-
-class WriteBatch:
-    """Writes to apply atomically, with optional guards.
-
-    Operations are applied in the order they were added.
-    """
-
-    __slots__ = ("chain", "guards", "ops")
-
-    def __init__(self, chain: Chain | None = None) -> None:
-        self.ops: list[tuple[int, str, bytes, bytes | None]] = []
-        self.guards: list[tuple[str, bytes, bytes | None]] = []
-        self.chain = chain
-
-    def put(self, keyspace: str, key: bytes, value: bytes) -> WriteBatch:
-        """Sets ``key`` to ``value`` in ``keyspace``.
-
-        Raises:
-            LimitExceeded: The key is longer than LMDB allows.
-            ValueError: The key is empty.
-        """
-        if not key or len(key) > MAX_KEY_BYTES:  # the common case skips a call
-            _check_key(key)
-        self.ops.append((_PUT, keyspace, key, value))
-        return self
-
-    def delete(self, keyspace: str, key: bytes) -> WriteBatch:
-        """Removes ``key`` (a no-op if it is absent)."""
-        if not key or len(key) > MAX_KEY_BYTES:
-            _check_key(key)
-        self.ops.append((_DELETE, keyspace, key, None))
-        return self
-
-    def delete_prefix(self, keyspace: str, prefix: bytes) -> WriteBatch:
-        """Removes every key that starts with ``prefix``."""
-        self.ops.append((_DELETE_PREFIX, keyspace, prefix, None))
-        return self
-
-    def guard(self, keyspace: str, key: bytes, expected: bytes | None) -> WriteBatch:
-        """Applies the batch only if ``key`` holds ``expected`` (None: absent)."""
-        self.guards.append((keyspace, key, expected))
-        return self
-
-    def extend(self, other: WriteBatch) -> WriteBatch:
-        """Appends the operations and guards of ``other``."""
-        self.ops.extend(other.ops)
-        self.guards.extend(other.guards)
-        return self
-
-    def __len__(self) -> int:
-        return len(self.ops)
 
 
 class _ReadGate:

@@ -123,6 +123,8 @@ def test_layers_do_not_import_upwards() -> None:
     """storage <- objects <- workflows <- runtime <- cli."""
     order = {
         "storage": 0,
+        "batch": 0,
+        "serializers": 0,
         "clock": 0,
         "errors": 0,
         "limits": 0,
