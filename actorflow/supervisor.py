@@ -382,24 +382,28 @@ class Supervisor:
         if self.saturated():
             return False
         wf, iid = split_ikey(target)
+        node = self.node
         with self._lock:
             wfe = self.engines.get(wf)
             if wfe is None:
                 self._parked.setdefault(wf, []).append(key)
                 return True
-        if self.node is not None:
+            if node is None:
+                # Delivered from the loop, where eviction happens too: a message
+                # can then never land in an actor that is being evicted. One
+                # loop wake-up carries every delivery made meanwhile: a burst
+                # of due timers costs one self-pipe write, not one each.
+                self._deliveries.append((wfe, iid, key, deadline))
+                first = len(self._deliveries) == 1
+        if node is not None:
             ik = wfe.ik(iid)
-            if not self.node.owns(ik):
+            if not node.owns(ik):
                 with self._lock:
                     self._foreign.setdefault(ik, set()).add(key)
                 return True
-        # Delivered from the loop, where eviction happens too: a message can
-        # then never land in an actor that is being evicted. One loop wake-up
-        # carries every delivery made meanwhile: a burst of due timers costs
-        # one self-pipe write, not one each.
-        with self._lock:
-            self._deliveries.append((wfe, iid, key, deadline))
-            first = len(self._deliveries) == 1
+            with self._lock:
+                self._deliveries.append((wfe, iid, key, deadline))
+                first = len(self._deliveries) == 1
         if first:
             try:
                 self.ctx.loop.call_soon_threadsafe(self._deliver_timers)
