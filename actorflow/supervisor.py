@@ -273,14 +273,26 @@ class Supervisor:
                 wanted.append((STEPS, steps_prefix(a.ik)))
                 wanted.append((EVENTS, events_prefix(a.ik)))
         if wanted:
-            got = iter(self.ctx.storage.scan_prefixes(wanted))
-            for key in rows:  # in insertion order, as ``wanted``
-                rows[key] = (next(got), next(got))
+            try:
+                got = iter(self.ctx.storage.scan_prefixes(wanted))
+                for key in rows:  # in insertion order, as ``wanted``
+                    rows[key] = (next(got), next(got))
+            except Exception:
+                log.exception("reading the steps of %d instances to start failed", len(rows))
+                rows.clear()  # each gets "start", which reads (and fails) on its own
         launched: list[InstanceActor] = []
         for actor, reason in batch:
             pre = rows.pop(id(actor), None)
             if pre is not None:
-                actor.begin(pre, settle=False)
+                try:
+                    actor.begin(pre, settle=False)
+                except Exception:
+                    log.exception("%s: its run could not start", actor.where,
+                                  extra={"workflow": actor.wfe.name, "instance": actor.iid})
+                    actor.exec = None
+                    self.released(actor)
+                    actor.maybe_evict()
+                    continue
                 launched.append(actor)
                 continue
             try:
