@@ -53,36 +53,10 @@ from actorflow.workflow import FINISHED
 if TYPE_CHECKING:
     from actorflow.engine.context import WorkflowEngine
 
-__all__ = ["InstanceActor", "new_instance_batch"]
+__all__ = ["InstanceActor"]
 
 log = logging.getLogger("actorflow.engine")
 
-
-
-def new_instance_batch(
-    wfe: WorkflowEngine, iid: str, params: bytes, now_ms: int, seq: int,
-    traceparent: str | None = None,
-) -> WriteBatch:
-    """Returns the writes that create a queued instance (guarded: it must not exist).
-
-    ``traceparent`` (W3C) is the creator's trace context, kept for tracing.
-    """
-    ik = wfe.ik(iid)
-    qk = queue_key(PRIO_NEW, seq)
-    rec = {"wf": wfe.name, "id": iid, "s": "queued", "created": now_ms, "params": params,
-           "epoch": 1, "qk": qk, "started": None, "output": None, "error": None, "waits": []}
-    if traceparent:
-        rec["tp"] = traceparent
-    batch = WriteBatch()
-    batch.guard(INST, ik, None)
-    batch.put(INST, ik, dump(rec))
-    batch.put(FENCE, ik, epoch_bytes(1))
-    batch.put(IDX, idx_key(wfe.name, "queued", now_ms, iid), b"")
-    batch.put(queue_db(wfe.name), qk, iid.encode())
-    node = wfe.ctx.supervisor.node
-    if node is not None:
-        claim_ops(batch, ik, node.node_id, None)
-    return batch
 
 
 class InstanceActor(PooledActor):
