@@ -12,26 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from actorflow.bench.progress import ChildProgress
-from actorflow.bench.scenarios import SCENARIOS, Options, recovery_worker
+from actorflow.bench.scenarios import (
+    SCENARIOS,
+    Options,
+    peak_rss_since_exec_mib,
+    recovery_worker,
+)
 
 __all__ = ["main", "peak_rss_since_exec_mib"]
-
-
-def peak_rss_since_exec_mib() -> float | None:
-    """This process's peak RSS in MiB (``VmHWM``, Linux), counted from its ``exec``.
-
-    ``getrusage``'s ``ru_maxrss`` would also count the parent's pages at the
-    ``fork`` that started this process; the high-water mark of this
-    process's own address space does not.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def main(argv: list[str]) -> int:

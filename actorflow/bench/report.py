@@ -77,7 +77,9 @@ TARGETS: list[Target] = [
     Target("concurrency", "peak_rss_mib", "<=", 3 * GiB, 50_000),
     Target("sleepers", "peak_rss_mib", "<=", 2 * GiB, 1_000_000),
     Target("sleepers", "wake_lateness_p99_ms", "<=", 50),
-    Target("queue", "peak_rss_mib", "<=", 1 * GiB, 2_000_000),
+    # Memory while holding them: the drain that follows stores every completed
+    # instance, which grows the data file and its map (peak_rss_mib).
+    Target("queue", "peak_rss_queued_mib", "<=", 1 * GiB, 2_000_000),
     Target("recovery", "first_resumed_step_s", "<=", 5, 10_000),
 ]
 

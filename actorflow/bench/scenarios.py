@@ -45,6 +45,7 @@ __all__ = [
     "Options",
     "Outcome",
     "Scenario",
+    "peak_rss_since_exec_mib",
     "percentile",
     "rss_mib",
 ]
@@ -125,6 +126,23 @@ def rss_mib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_since_exec_mib() -> float | None:
+    """This process's peak RSS in MiB (``VmHWM``, Linux), counted from its ``exec``.
+
+    ``getrusage``'s ``ru_maxrss`` would also count the parent's pages at the
+    ``fork`` that started this process; the high-water mark of this
+    process's own address space does not.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def rss_parts_mib(prefix: str) -> dict[str, float]:
@@ -444,6 +462,9 @@ def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outco
         dt = _create_all(wf, ({} for _ in range(size)), size, progress)
         rss_queued = rss_mib()
         queued_mem = rss_parts_mib("rss_queued")
+        # The high-water mark so far: while enqueueing, before the drain (whose
+        # completed instances' records and history grow the data file) begins.
+        peak_queued = peak_rss_since_exec_mib()
         queued = _count(rt, "one", "queued")
         db_queued = _disk_mib(data)
     figures = {
@@ -454,6 +475,7 @@ def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outco
         "rss_start_mib": rss0,
         "rss_queued_mib": rss_queued,
         **queued_mem,
+        "peak_rss_queued_mib": peak_queued if peak_queued is not None else rss_queued,
         "data_file_mib": db_queued,
     }
     if opts.drain:
