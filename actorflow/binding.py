@@ -359,9 +359,11 @@ def _new_instance_batch(
 
     The record holds only what a queued instance has: fields that come later
     (``started``, ``output``, ``error``, ``waits``) are absent until then, and
-    readers use ``.get``. Two million queued records are then 40 % smaller on
-    disk, and the memory map that holds them too. ``traceparent`` (W3C) is the
-    creator's trace context, kept for tracing.
+    readers use ``.get``. The record is then about 90 bytes instead of 185,
+    and a queued instance takes about 460 bytes of pages across its four
+    keyspaces instead of 610 (the memory map that holds two million of them
+    shrinks alike). ``traceparent`` (W3C) is the creator's trace context,
+    kept for tracing.
     """
     ik = wfe.ik(iid)
     qk = queue_key(PRIO_NEW, seq)
