@@ -5,29 +5,24 @@ from __future__ import annotations
 import builtins
 import collections
 import functools
-import os
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
 from actorflow.engine.context import WorkflowEngine
+from actorflow.engine.creation import SLICE, Countdown, RandomIds, new_instance_batch
 from actorflow.engine.instance import InstanceActor
 from actorflow.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.engine.records import (
-    FENCE,
     IDX,
     INST,
     PRIO_NEW,
     STEPS,
-    dump,
-    epoch_bytes,
     idx_iid,
     idx_key,
     idx_prefix,
     load,
-    queue_db,
     queue_key,
     step_key,
 )
@@ -40,8 +35,7 @@ from actorflow.errors import (
     SerializationError,
 )
 from actorflow.history import HistoryEvent, StepRecord, read_history, read_steps
-from actorflow.lease import claim_ops
-from actorflow.storage import ConflictError, WriteBatch
+from actorflow.storage import ConflictError
 from actorflow.supervisor import Supervisor
 from actorflow.workflow import (
     FINISHED,
@@ -294,95 +288,6 @@ class WorkflowModifier:
         return self
 
 
-class _RandomIds:
-    """Makes uuid4 strings from one ``urandom`` read per 256 ids.
-
-    ``uuid.uuid4()`` reads 16 bytes per id: a system call, during which
-    other threads take the GIL (a thread switch when many threads create).
-    The pool is shared by threads (``list.pop`` is atomic). A forked child
-    would repeat the parent's pool, but it cannot write: storage refuses
-    writes after ``fork()``.
-    """
-
-    _BATCH = 256
-
-    def __init__(self) -> None:
-        self._pool: list[str] = []
-
-    def next(self) -> str:
-        while True:
-            try:
-                return self._pool.pop()
-            except IndexError:
-                self._pool.extend(self._make())
-
-    def _make(self) -> list[str]:
-        h = os.urandom(16 * self._BATCH).hex()
-        out = []
-        for i in range(0, len(h), 32):
-            # version 4 in the 13th hex digit, variant 10xx in the 17th (RFC 4122)
-            out.append(f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-"
-                       f"{'89ab'[int(h[i + 16], 16) & 3]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}")
-        return out
-
-
-# Instances per slice of create_batch (see WorkflowBinding._write_all).
-_SLICE = 1024
-
-
-class _Countdown:
-    """Collects the results of one slice of writes and signals when all are in."""
-
-    __slots__ = ("base", "done", "left", "lock", "results")
-
-    def __init__(self, results: list[BaseException | None], base: int, n: int) -> None:
-        self.results = results
-        self.base = base
-        self.left = n
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-
-    def set(self, i: int, err: BaseException | None) -> None:
-        """Storage callback (writer thread): the write of item ``i`` ended."""
-        self.results[i] = err
-        with self.lock:
-            self.left -= 1
-            if self.left == 0:
-                self.done.set()
-
-
-def _new_instance_batch(
-    wfe: WorkflowEngine, iid: str, params: bytes, now_ms: int, seq: int,
-    traceparent: str | None = None,
-) -> WriteBatch:
-    """Returns the writes that create a queued instance (guarded: it must not exist).
-
-    The record holds only what a queued instance has: fields that come later
-    (``started``, ``output``, ``error``, ``waits``) are absent until then, and
-    readers use ``.get``. The record is then about 90 bytes instead of 185,
-    and a queued instance takes about 460 bytes of pages across its four
-    keyspaces instead of 610 (the memory map that holds two million of them
-    shrinks alike). ``traceparent`` (W3C) is the creator's trace context,
-    kept for tracing.
-    """
-    ik = wfe.ik(iid)
-    qk = queue_key(PRIO_NEW, seq)
-    rec: dict[str, Any] = {"s": "queued", "created": now_ms, "params": params, "epoch": 1,
-                           "qk": qk}
-    if traceparent:
-        rec["tp"] = traceparent
-    batch = WriteBatch()
-    batch.guard(INST, ik, None)
-    batch.put(INST, ik, dump(rec))  # first, so that the guard is one insert (Storage._apply)
-    batch.put(FENCE, ik, epoch_bytes(1))
-    batch.put(IDX, idx_key(wfe.name, "queued", now_ms, iid), b"")
-    batch.put(queue_db(wfe.name), qk, iid.encode())
-    node = wfe.ctx.supervisor.node
-    if node is not None:
-        claim_ops(batch, ik, node.node_id, None)
-    return batch
-
-
 def _created_ms(idx: bytes) -> int:
     """The creation time (epoch ms) held by a status-index key."""
     return 2**63 - int.from_bytes(idx.split(b"\x00", 2)[2][:8], "big")
@@ -397,7 +302,7 @@ class WorkflowBinding:
         self._ctx = wfe.ctx
         self._storage = wfe.ctx.storage
         self.name = wfe.name
-        self._ids = _RandomIds()
+        self._ids = RandomIds()
 
     def __repr__(self) -> str:
         return f"<WorkflowBinding {self.name}>"
@@ -427,7 +332,7 @@ class WorkflowBinding:
         data = self._encode(params, where)
         seq = self._ctx.next_seq()
         obs = self._ctx.observer
-        batch = _new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq,
+        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq,
                                    obs.traceparent() if obs is not None else None)
         self._wfe.router.reserve(1, where)
         try:
@@ -492,7 +397,7 @@ class WorkflowBinding:
         """
         results: list[BaseException | None] = [None] * len(checked)
         router = self._wfe.router
-        inflight: collections.deque[tuple[_Countdown, list[int]]] = collections.deque()
+        inflight: collections.deque[tuple[Countdown, list[int]]] = collections.deque()
 
         def settle() -> None:
             countdown, seqs = inflight.popleft()
@@ -502,14 +407,14 @@ class WorkflowBinding:
                 if err is None:
                     router.enqueued(queue_key(PRIO_NEW, seq))
 
-        for base in range(0, len(checked), _SLICE):
-            part = checked[base:base + _SLICE]
-            countdown = _Countdown(results, base, len(part))
+        for base in range(0, len(checked), SLICE):
+            part = checked[base:base + SLICE]
+            countdown = Countdown(results, base, len(part))
             seqs = []
             for i, (iid, data) in enumerate(part):
                 seq = self._ctx.next_seq()
                 seqs.append(seq)
-                self._storage.submit(_new_instance_batch(self._wfe, iid, data, now, seq, tp),
+                self._storage.submit(new_instance_batch(self._wfe, iid, data, now, seq, tp),
                                      functools.partial(countdown.set, base + i))
             inflight.append((countdown, seqs))
             if len(inflight) > 1:
