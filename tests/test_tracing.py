@@ -44,6 +44,16 @@ class Flaky(af.Workflow):
         raise ValueError("no luck")
 
 
+def _run_flaky(rt: af.Runtime, clock: FakeClock, iid: str) -> None:
+    """Runs a Flaky instance to its end: a failed attempt, the retry 1 s later, a 1 min sleep."""
+    inst = rt.register(Flaky, name="flaky").create(id=iid)
+    assert rt.wait_until_idle()
+    clock.advance("1 second")  # the retry
+    assert rt.wait_until_idle()
+    clock.advance("1 minute")  # the sleep
+    assert inst.wait(timeout=10).output == "charged"
+
+
 @pytest.fixture
 def traced() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
@@ -62,12 +72,7 @@ def test_run_step_and_attempt_spans(
 ) -> None:
     provider, exporter = traced
     with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
-        inst = rt.register(Flaky, name="flaky").create(id="order-1")
-        assert rt.wait_until_idle()
-        clock.advance("1 second")  # the retry
-        assert rt.wait_until_idle()
-        clock.advance("1 minute")  # the sleep
-        assert inst.wait(timeout=10).output == "charged"
+        _run_flaky(rt, clock, "order-1")
     spans = exporter.get_finished_spans()
     runs = _by_name(spans, "workflow.run flaky")
     assert len(runs) == 3  # first run, after the retry delay, after the sleep
@@ -220,12 +225,7 @@ def test_any_api_provider_gets_the_same_spans(
 ) -> None:
     provider, exporter = traced
     with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=_ApiOnly(provider)) as rt:
-        inst = rt.register(Flaky, name="flaky").create(id="api")
-        assert rt.wait_until_idle()
-        clock.advance("1 second")
-        assert rt.wait_until_idle()
-        clock.advance("1 minute")
-        assert inst.wait(timeout=10).output == "charged"
+        _run_flaky(rt, clock, "api")
     spans = exporter.get_finished_spans()
     runs = _by_name(spans, "workflow.run flaky")
     assert len(runs) == 3
@@ -286,12 +286,7 @@ def test_a_batch_processor_gets_the_same_spans_in_the_same_order(
     provider.add_span_processor(BatchSpanProcessor(batched))
     provider.add_span_processor(SimpleSpanProcessor(simple))
     with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
-        inst = rt.register(Flaky, name="flaky").create(id="b")
-        assert rt.wait_until_idle()
-        clock.advance("1 second")
-        assert rt.wait_until_idle()
-        clock.advance("1 minute")
-        assert inst.wait(timeout=10).output == "charged"
+        _run_flaky(rt, clock, "b")
     provider.force_flush()
     assert len(simple.get_finished_spans()) == 10  # create, 3 runs, 3 steps, 3 attempts
     assert [s.context.span_id for s in batched.get_finished_spans()] == [
@@ -353,12 +348,7 @@ def test_first_attempt_spans_can_be_left_out(
                        first_attempt_spans=False)
     with rt:
         assert rt.register(Quick, name="quick").create(params=1).wait(timeout=10).output == 1
-        inst = rt.register(Flaky, name="flaky").create(id="f")
-        assert rt.wait_until_idle()
-        clock.advance("1 second")
-        assert rt.wait_until_idle()
-        clock.advance("1 minute")
-        assert inst.wait(timeout=10).output == "charged"
+        _run_flaky(rt, clock, "f")
     spans = exporter.get_finished_spans()
     (only,) = _by_name(spans, "step only")
     assert only.attributes["actorflow.attempts"] == 1

@@ -513,6 +513,12 @@ class Execution:
     def now_ms(self) -> int:
         return self.ctx.now_ms()
 
+    def _check_name(self, name: str) -> None:
+        # Names already seen valid skip the check: it runs for every step call.
+        if name not in self.ctx.valid_names:
+            validate_step_name(name, self.where)
+            self.ctx.remember_name(name)
+
     def _key(self, kind: str, name: str) -> tuple[bytes, int]:
         ck = (kind, name)
         count = self.counters.get(ck, 0) + 1
@@ -579,9 +585,7 @@ class Execution:
         self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
     ) -> Any:
         where = self._here(name)
-        if name not in self.ctx.valid_names:
-            validate_step_name(name, self.where)
-            self.ctx.remember_name(name)
+        self._check_name(name)
         if not callable(fn):
             raise TypeError(f"{where}: step.do needs a callable")
         self.step_calls += 1
@@ -715,14 +719,12 @@ class Execution:
     # -- sleeps -----------------------------------------------------------------
 
     async def sleep(self, name: str, duration: Any) -> None:
-        validate_step_name(name, self.where)
+        self._check_name(name)
         ms = parse_duration_ms(duration, what=self._here(name))
         await self._sleep(name, None, ms)
 
     async def sleep_until(self, name: str, when: Any) -> None:
-        if name not in self.ctx.valid_names:
-            validate_step_name(name, self.where)
-            self.ctx.remember_name(name)
+        self._check_name(name)
         if type(when) is not int:  # epoch ms as an int: nothing to convert or check
             when = to_epoch_ms(when, what=self._here(name))
         await self._sleep(name, when, 0)
@@ -753,7 +755,7 @@ class Execution:
 
     async def wait_for_event(self, name: str, event_type: str, timeout: Any) -> WorkflowStepEvent:
         where = self._here(name)
-        validate_step_name(name, self.where)
+        self._check_name(name)
         validate_event_type(event_type, where)
         ms = parse_duration_ms(timeout, what=f"{where}: timeout")
         if ms <= 0:

@@ -58,7 +58,6 @@ __all__ = ["InstanceActor"]
 log = logging.getLogger("actorflow.engine")
 
 
-
 class InstanceActor(PooledActor):
     """The live object of one workflow instance."""
 
@@ -216,6 +215,12 @@ class InstanceActor(PooledActor):
         ev = {"type": kind, "ts": self.ctx.now_ms() if ts is None else ts, "data": data or {}}
         batch.put(HIST, hist_key(self.ik, self.ctx.next_seq()), dump(ev))
 
+    def _active(self) -> bool:
+        """True if the record already says this run is active (nothing to activate)."""
+        rec = self.record
+        return rec["s"] == "running" or (
+            rec["s"] == "waitingForPause" and rec.get("started") is not None)
+
     def activation_ops(self, batch: WriteBatch) -> None:
         """On the first write of a run, records that the instance is running.
 
@@ -223,9 +228,9 @@ class InstanceActor(PooledActor):
         its next step boundary, and a crash meanwhile must not forget it.
         """
         rec = self.record
-        pausing = rec["s"] == "waitingForPause"
-        if rec["s"] == "running" or (pausing and rec.get("started") is not None):
+        if self._active():
             return
+        pausing = rec["s"] == "waitingForPause"
         first = rec.get("started") is None
         t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
         self.status_ops(
@@ -244,8 +249,7 @@ class InstanceActor(PooledActor):
         ends at once goes from "waiting" to "complete" in its only write.
         """
         rec = self.record
-        if not (rec["s"] == "running"
-                or (rec["s"] == "waitingForPause" and rec.get("started") is not None)):
+        if not self._active():
             if rec.get("started") is None:
                 self.add_history(batch, "WORKFLOW_START", ts=t0)
             fields = {"started": rec.get("started") or t0, "waits": [], **fields}
