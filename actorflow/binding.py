@@ -11,7 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from actorflow.engine.context import WorkflowEngine
-from actorflow.engine.creation import SLICE, Countdown, RandomIds, new_instance_batch
+from actorflow.engine.creation import (
+    SLICE,
+    Countdown,
+    RandomIds,
+    RecordNumbers,
+    new_instance_batch,
+)
 from actorflow.engine.instance import InstanceActor
 from actorflow.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.engine.records import (
@@ -54,6 +60,7 @@ class Instance:
     def __init__(self, binding: WorkflowBinding, instance_id: str) -> None:
         self._b = binding
         self.id = instance_id
+        self._rkey: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Instance {self._b.name}/{self.id}>"
@@ -67,12 +74,25 @@ class Instance:
     def _call(self, *message: Any) -> Any:
         return self._b._sup.call(self._b._wfe, self.id, message)
 
+    def _not_found(self) -> InstanceNotFound:
+        return InstanceNotFound(
+            f"(instance.not_found) workflow {self._b.name!r}: no instance {self.id!r}",
+            workflow=self._b.name, instance=self.id)
+
+    def _rk(self) -> bytes:
+        """The key of the instance's records (it never changes, so it is kept)."""
+        rk = self._rkey
+        if rk is None:
+            rk = self._b._wfe.rk(self.id)
+            if rk is None:
+                raise self._not_found()
+            self._rkey = rk
+        return rk
+
     def _record(self) -> dict[str, Any]:
-        raw = self._b._storage.get(INST, self._b._wfe.ik(self.id))
+        raw = self._b._storage.get(INST, self._rk())
         if raw is None:
-            raise InstanceNotFound(
-                f"(instance.not_found) workflow {self._b.name!r}: no instance {self.id!r}",
-                workflow=self._b.name, instance=self.id)
+            raise self._not_found()
         return load(raw)
 
     def status(self) -> InstanceStatus:
@@ -138,12 +158,12 @@ class Instance:
 
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
-        return read_history(self._b._storage, self._b._wfe.ik(self.id), self._record())
+        return read_history(self._b._storage, self._rk(), self._record())
 
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""
         self._record()  # raises InstanceNotFound
-        return read_steps(self._b._storage, self._b._wfe.ik(self.id))
+        return read_steps(self._b._storage, self._rk())
 
     def wait_for_status(self, status: str, timeout: float = 10.0) -> InstanceStatus:
         """Blocks until the instance is in ``status`` (Cloudflare's ``waitForStatus``).
@@ -193,12 +213,11 @@ class Instance:
             InvalidInstanceState: The instance ended without that step completing.
             TimeoutError: The step had no result after ``timeout`` seconds.
         """
-        ik = self._b._wfe.ik(self.id)
         deadline = time.monotonic() + timeout  # real time: a test's patience
         delay = 0.001
         while True:
             st = self.status()  # read first: a step is written before the end
-            for rec in read_steps(self._b._storage, ik):
+            for rec in read_steps(self._b._storage, self._rk()):
                 if rec.name != name or rec.count != count:
                     continue
                 if rec.status == "complete":
@@ -217,8 +236,7 @@ class Instance:
             delay = min(delay * 2, 0.02)
 
     def _step_error(self, rec: StepRecord) -> BaseException:
-        raw = self._b._storage.get(STEPS, step_key(self._b._wfe.ik(self.id), rec.kind,
-                                                   rec.name, rec.count))
+        raw = self._b._storage.get(STEPS, step_key(self._rk(), rec.kind, rec.name, rec.count))
         stored = load(raw).get("e") if raw is not None else None
         if stored is not None:
             try:
@@ -303,6 +321,7 @@ class WorkflowBinding:
         self._storage = wfe.ctx.storage
         self.name = wfe.name
         self._ids = RandomIds()
+        self._numbers = RecordNumbers(self._storage)
 
     def __repr__(self) -> str:
         return f"<WorkflowBinding {self.name}>"
@@ -332,7 +351,8 @@ class WorkflowBinding:
         data = self._encode(params, where)
         seq = self._ctx.next_seq()
         obs = self._ctx.observer
-        batch = new_instance_batch(self._wfe, iid, data, self._ctx.now_ms(), seq,
+        batch = new_instance_batch(self._wfe, iid, self._numbers.take(), data,
+                                   self._ctx.now_ms(), seq,
                                    obs.traceparent() if obs is not None else None)
         self._wfe.router.reserve(1, where)
         try:
@@ -407,6 +427,7 @@ class WorkflowBinding:
                 if err is None:
                     router.enqueued(queue_key(PRIO_NEW, seq))
 
+        take = self._numbers.take
         for base in range(0, len(checked), SLICE):
             part = checked[base:base + SLICE]
             countdown = Countdown(results, base, len(part))
@@ -414,7 +435,8 @@ class WorkflowBinding:
             for i, (iid, data) in enumerate(part):
                 seq = self._ctx.next_seq()
                 seqs.append(seq)
-                self._storage.submit(new_instance_batch(self._wfe, iid, data, now, seq, tp),
+                self._storage.submit(new_instance_batch(self._wfe, iid, take(), data, now, seq,
+                                                        tp),
                                      functools.partial(countdown.set, base + i))
             inflight.append((countdown, seqs))
             if len(inflight) > 1:
@@ -463,7 +485,8 @@ class WorkflowBinding:
                      else round(created_after.timestamp() * 1000))
             keys = [k for k in keys if _created_ms(k) > after]
         if cursor is not None:
-            raw = self._storage.get(INST, self._wfe.ik(cursor))
+            rk = self._wfe.rk(cursor)
+            raw = self._storage.get(INST, rk) if rk is not None else None
             if raw is not None:  # the page starts after the cursor's place in the order
                 mark = idx_key(self.name, "", load(raw)["created"], cursor).split(b"\x00", 2)[2]
                 keys = [k for k in keys if k.split(b"\x00", 2)[2] > mark]

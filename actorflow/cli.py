@@ -39,7 +39,7 @@ from typing import Any
 
 import click
 
-from actorflow.engine.records import IDX, INST, ikey, load, queue_db
+from actorflow.engine.records import IDS, IDX, INST, ikey, load, queue_db, rkey
 from actorflow.history import read_history, read_steps
 from actorflow.runtime import OWNER_LOCK, Runtime
 from actorflow.storage import Storage
@@ -128,8 +128,14 @@ class _Local:
         finally:
             store.close()
 
+    def _rk(self, store: Storage, wf: str, iid: str) -> bytes:
+        n = store.get(IDS, ikey(wf, iid))
+        if n is None:
+            raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
+        return rkey(wf, n)
+
     def _record(self, store: Storage, wf: str, iid: str) -> dict[str, Any]:
-        raw = store.get(INST, ikey(wf, iid))
+        raw = store.get(INST, self._rk(store, wf, iid))
         if raw is None:
             raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
         return load(raw)
@@ -179,12 +185,12 @@ class _Local:
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._store() as store:
             rec = self._record(store, wf, iid)
-            return [_plain(e) for e in read_history(store, ikey(wf, iid), rec)]
+            return [_plain(e) for e in read_history(store, self._rk(store, wf, iid), rec)]
 
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._store() as store:
             self._record(store, wf, iid)
-            return [_plain(s) for s in read_steps(store, ikey(wf, iid))]
+            return [_plain(s) for s in read_steps(store, self._rk(store, wf, iid))]
 
     def metrics(self) -> dict[str, Any]:
         """What the directory itself tells: counts, queue depths, timers (rates live in

@@ -102,8 +102,7 @@ class Faults:
         err = error or OSError(errno.ENOSPC, "No space left on device")
         keys = None
         if instance is not None:
-            ik = instance._b._wfe.ik(instance.id)
-            keys = [ik]
+            keys = [instance._rk()]
         with self._lock:
             self._write_error, self._write_left, self._write_keys = err, times, keys
         self._rt.storage.set_fault(self._write_fault)

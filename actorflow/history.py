@@ -218,15 +218,18 @@ def build_history(
     return [e for *_, e in merged]
 
 
-def read_steps(storage: Storage, ik: bytes) -> list[StepRecord]:
-    """Reads the step records of instance ``ik`` (``wf \\0 id``) from storage."""
-    raw = [load(v) for _k, v in storage.scan(STEPS, prefix=steps_prefix(ik))]
+def read_steps(storage: Storage, rk: bytes) -> list[StepRecord]:
+    """Reads the step records of the instance whose records are keyed ``rk``.
+
+    See :mod:`actorflow.engine.records` for the key.
+    """
+    raw = [load(v) for _k, v in storage.scan(STEPS, prefix=steps_prefix(rk))]
     return build_steps(raw, storage.serializer.loads)
 
 
 def read_history(
-    storage: Storage, ik: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
+    storage: Storage, rk: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
 ) -> list[HistoryEvent]:
-    """Reads the event log of instance ``ik`` whose record is ``instance``."""
-    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=ik + b"\x00"))]
-    return build_history(instance, stored, read_steps(storage, ik) if steps is None else steps)
+    """Reads the event log of the instance keyed ``rk`` whose record is ``instance``."""
+    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=rk + b"\x00"))]
+    return build_history(instance, stored, read_steps(storage, rk) if steps is None else steps)

@@ -42,7 +42,16 @@ from collections.abc import Callable
 from typing import Any
 
 from actorflow.clock import SystemClock
-from actorflow.engine.records import FENCE, INST, WAKE_KIND, dump, epoch_bytes, load
+from actorflow.engine.records import (
+    FENCE,
+    IDS,
+    INST,
+    WAKE_KIND,
+    dump,
+    epoch_bytes,
+    load,
+    rkey_of,
+)
 from actorflow.storage import ConflictError, Storage, WriteBatch
 from actorflow.timers import timer_key
 from actorflow.workflow import FINISHED
@@ -311,13 +320,15 @@ class NodeLease:
 
     def _claim_chunk(self, node: str, iks: list[bytes]) -> list[tuple[bytes, str]]:
         """Claims the instances ``iks`` of ``node``; drops index entries of the rest."""
-        fences = self.storage.get_many(FENCE, iks)
+        rks = {ik: rkey_of(ik, n) for ik, n in self.storage.get_many(IDS, iks).items()}
+        fences = self.storage.get_many(FENCE, rks.values())
         owners = self.storage.get_many(OWNER, iks)
-        recs = self.storage.get_many(INST, iks)
+        recs = self.storage.get_many(INST, rks.values())
         waits: list[tuple[bytes, str, threading.Event, list[BaseException | None]]] = []
         cleanup = WriteBatch()
         for ik in iks:
-            raw, fence = recs.get(ik), fences.get(ik)
+            rk = rks.get(ik, b"")
+            raw, fence = recs.get(rk), fences.get(rk)
             rec = load(raw) if raw is not None else None
             if (owners.get(ik) != node.encode() or rec is None or fence is None
                     or rec["s"] in FINISHED):
@@ -328,8 +339,8 @@ class NodeLease:
             batch = WriteBatch()
             # Guarded on the record too: a node presumed dead may still be
             # writing (a late heartbeat), and its last write must not be undone.
-            batch.guard(FENCE, ik, fence).guard(OWNER, ik, node.encode()).guard(INST, ik, raw)
-            batch.put(FENCE, ik, epoch_bytes(epoch)).put(INST, ik, dump(rec))
+            batch.guard(FENCE, rk, fence).guard(OWNER, ik, node.encode()).guard(INST, rk, raw)
+            batch.put(FENCE, rk, epoch_bytes(epoch)).put(INST, rk, dump(rec))
             claim_ops(batch, ik, self.node_id, node)
             ev = threading.Event()
             res: list[BaseException | None] = [None]

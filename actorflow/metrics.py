@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from actorflow.batch import _DELETE, _PUT
-from actorflow.engine.records import IDX, INST
+from actorflow.engine.records import IDS, IDX
 
 __all__ = ["CommitMonitor", "Metrics", "RateWindow", "WorkflowMetrics"]
 
@@ -115,8 +115,9 @@ class CommitMonitor:
             if err is not None:
                 continue
             ok += 1
-            for ks, _key, expected in batch.guards:
-                if expected is None and ks == INST:
+            for ks, key, expected in batch.guards:
+                # a creation inserts its id; ids' reserved keys start with 0
+                if expected is None and ks == IDS and key[:1] != b"\x00":
                     created += 1
             if counting:
                 for op in batch.ops:

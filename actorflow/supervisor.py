@@ -111,21 +111,24 @@ class Supervisor:
         with self._lock:
             actor = self.live.get(ik)
             if actor is None or actor.actor_stopped.is_set():
-                raw = self.ctx.storage.get(INST, ik)
-                if raw is None:
+                rk = wfe.rk(iid)
+                raw = self.ctx.storage.get(INST, rk) if rk is not None else None
+                if rk is None or raw is None:
                     raise InstanceNotFound(
                         f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
                         workflow=wfe.name, instance=iid)
-                actor = self._activate(wfe, iid, ik, raw)
+                actor = self._activate(wfe, iid, ik, rk, raw)
         return actor
 
-    def _activate(self, wfe: WorkflowEngine, iid: str, ik: bytes, raw: bytes) -> InstanceActor:
+    def _activate(
+        self, wfe: WorkflowEngine, iid: str, ik: bytes, rk: bytes, raw: bytes
+    ) -> InstanceActor:
         """Makes the live actor of an instance from its record (hold ``_lock``).
 
         Not started on the executor: its first message schedules it, and the
         supervisor starts runs without one (see ``InstanceActor.can_begin``).
         """
-        actor = InstanceActor(wfe, iid, load(raw))
+        actor = InstanceActor(wfe, iid, rk, load(raw))
         if self.node is not None:  # read after the record: see NodeLease
             actor.owner = self.node.owner_of(ik)
             actor.owned = actor.owner == self.node.node_id
@@ -149,15 +152,22 @@ class Supervisor:
                 missing.append((i, wfe, iid, ik))
         if not missing:
             return out
-        raws = self.ctx.storage.get_many(INST, [m[3] for m in missing])
+        rks: dict[bytes, bytes] = {}
+        by_wf: dict[str, tuple[WorkflowEngine, list[bytes]]] = {}
+        for _, wfe, _, ik in missing:
+            by_wf.setdefault(wfe.name, (wfe, []))[1].append(ik)
+        for wfe, iks in by_wf.values():
+            rks.update(wfe.rks(iks))
+        raws = self.ctx.storage.get_many(INST, list(rks.values()))
         with self._lock:
             for i, wfe, iid, ik in missing:
                 actor = live.get(ik)  # made meanwhile (another thread, or a repeat here)
                 if actor is None or actor.actor_stopped.is_set():
-                    raw = raws.get(ik)
-                    if raw is None:
+                    rk = rks.get(ik)
+                    raw = raws.get(rk) if rk is not None else None
+                    if rk is None or raw is None:
                         continue
-                    actor = self._activate(wfe, iid, ik, raw)
+                    actor = self._activate(wfe, iid, ik, rk, raw)
                 out[i] = actor
         return out
 
@@ -270,8 +280,8 @@ class Supervisor:
         for a, reason in batch:
             if id(a) not in rows and a.can_begin(reason):
                 rows[id(a)] = None
-                wanted.append((STEPS, steps_prefix(a.ik)))
-                wanted.append((EVENTS, events_prefix(a.ik)))
+                wanted.append((STEPS, steps_prefix(a.rk)))
+                wanted.append((EVENTS, events_prefix(a.rk)))
         if wanted:
             try:
                 got = iter(self.ctx.storage.scan_prefixes(wanted))

@@ -42,7 +42,7 @@ import pytest
 from apps.chaos_app import FLAKY, JOURNAL_ENV
 from apps.chaos_app import STEPS as STEP_NAMES
 
-from actorflow.engine.records import DONE, INST, STEPS, load
+from actorflow.engine.records import DONE, IDS, INST, STEPS, load
 from actorflow.errors import ActorflowError, InvalidInstanceState
 from actorflow.lease import NODES
 from actorflow.node import EXIT_LEASE_LOST
@@ -328,8 +328,10 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
         committed: dict[tuple[str, str], str] = {}  # (iid, step) -> winning nonce
         failed: dict[tuple[str, str, int], str] = {}  # (iid, step, attempt) -> committed nonce
         tokens: dict[str, list[str]] = collections.defaultdict(list)
-        for key, raw in store.scan(STEPS, prefix=WF.encode() + b"\x00"):
-            iid = key.split(b"\x00")[1].decode()
+        pre = WF.encode() + b"\x00"
+        ids = {pre + n: k[len(pre):].decode() for k, n in store.scan(IDS, prefix=pre)}
+        for key, raw in store.scan(STEPS, prefix=pre):
+            iid = ids[key[:len(pre) + 8]]
             rec = load(raw)
             if rec["k"] == "do":
                 for i, att in enumerate(rec["att"], start=1):

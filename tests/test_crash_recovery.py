@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import actorflow as af
-from actorflow.engine.records import DONE, STEPS, load
+from actorflow.engine.records import DONE, IDS, STEPS, load
 from actorflow.storage import Storage
 
 APP = Path(__file__).parent / "apps" / "crash_app.py"
@@ -39,10 +39,12 @@ def committed_steps(data_dir: Path) -> set[tuple[str, str]]:
     store = Storage(data_dir)
     try:
         out = set()
-        for key, value in store.scan(STEPS, prefix=b"crashflow\x00"):
+        pre = b"crashflow\x00"
+        ids = {pre + n: k[len(pre):].decode() for k, n in store.scan(IDS, prefix=pre)}
+        for key, value in store.scan(STEPS, prefix=pre):
             rec = load(value)
             if rec["k"] == "do" and rec["s"] == DONE:
-                out.add((key.split(b"\x00")[1].decode(), rec["n"]))
+                out.add((ids[key[:len(pre) + 8]], rec["n"]))
         return out
     finally:
         store.close()

@@ -225,13 +225,13 @@ def test_status_never_shows_a_refused_final_write(rt: af.Runtime, journal: Journ
     journal.gate("b").set()
     rt.storage.set_fault(fault)
     inst = rt.register(TwoSteps, env=journal).create(id="f")
-    wf_ik = b"TwoSteps\x00f"
+    rk = inst._rk()
     seen = 0
     while True:
         st = inst.status().status
         if st == "complete":
             seen += 1
-            raw = rt.storage.get(INST, wf_ik)
+            raw = rt.storage.get(INST, rk)
             assert raw is not None and load(raw)["s"] == "complete", "reported before durable"
             break
         assert st in ("queued", "running", "waiting"), st

@@ -16,7 +16,7 @@ from conftest import wait_for
 from starlette.testclient import TestClient
 
 import actorflow as af
-from actorflow.engine.records import EVENTS, FENCE, HIST, IDX, INST, STEPS, queue_db
+from actorflow.engine.records import EVENTS, FENCE, HIST, IDS, IDX, INST, STEPS, queue_db
 from actorflow.http import TOKEN_ENV, check_bind, create_app, make_server, serve, serving
 from actorflow.http import app as http_app
 
@@ -42,7 +42,7 @@ def blocked(rt: af.Runtime) -> af.WorkflowBinding:
 
 def snapshot(rt: af.Runtime) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every record the workflow engine keeps for workflow ``blocked``."""
-    spaces = [INST, FENCE, IDX, STEPS, EVENTS, HIST, queue_db("blocked")]
+    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, queue_db("blocked")]
     return {ks: rt.storage.scan(ks) for ks in spaces}
 
 

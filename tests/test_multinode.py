@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from actorflow.engine.records import STEPS, load, step_key
+from actorflow.engine.records import IDS, STEPS, load, rkey, step_key
 from actorflow.lease import NODES, OWNER
 from actorflow.node import EXIT_LEASE_LOST
 from actorflow.storage import Storage
@@ -141,7 +141,7 @@ def test_a_frozen_node_cannot_commit_after_adoption(nodes, tmp_path: Path) -> No
         pytest.fail("b never adopted the instance")
     a.send_signal(signal.SIGCONT)  # a's step ends now, long before b's
     assert a.wait(timeout=15) == EXIT_LEASE_LOST  # it noticed its lease was gone
-    key = step_key(b"slow\x00s1", "do", "slow", 1)
+    key = step_key(rkey("slow", read(data, IDS, b"slow\x00s1") or b""), "do", "slow", 1)
     # Whether a's body got to its end before a stopped or not, its result never landed.
     assert read(data, STEPS, key) is None
     st = b.wait_for_status("slow", "s1", "complete", timeout=20)
@@ -151,16 +151,22 @@ def test_a_frozen_node_cannot_commit_after_adoption(nodes, tmp_path: Path) -> No
     assert "lease" in a.log_tail()
 
 
-def _seed_instance(store: Storage, ik: bytes, owner: str, status: str, epoch: int = 3) -> None:
-    from actorflow.engine.records import FENCE, INST, dump, epoch_bytes
+def _seed_instance(
+    store: Storage, ik: bytes, n: int, owner: str, status: str, epoch: int = 3
+) -> bytes:
+    """Writes instance ``ik`` (record number ``n``); returns the key of its records."""
+    from actorflow.engine.records import FENCE, INST, dump, epoch_bytes, record_number
     from actorflow.lease import claim_ops
     from actorflow.storage import WriteBatch
 
+    rk = rkey(ik.split(b"\x00")[0].decode(), record_number(n))
     batch = WriteBatch()
-    batch.put(INST, ik, dump({"s": status, "epoch": epoch}))
-    batch.put(FENCE, ik, epoch_bytes(epoch))
+    batch.put(IDS, ik, record_number(n))
+    batch.put(INST, rk, dump({"s": status, "epoch": epoch}))
+    batch.put(FENCE, rk, epoch_bytes(epoch))
     claim_ops(batch, ik, owner, None)
     store.write(batch)
+    return rk
 
 
 def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path) -> None:
@@ -175,8 +181,8 @@ def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path)
         assert old.join() == 0
         new = NodeLease(store, "new", timeout=60)
         assert new.join() == 1  # a distinct sequence slot while "old" is alive
-        _seed_instance(store, b"wf\x00run", "old", "running")
-        _seed_instance(store, b"wf\x00done", "old", "complete")
+        run = _seed_instance(store, b"wf\x00run", 1, "old", "running")
+        _seed_instance(store, b"wf\x00done", 2, "old", "complete")
         adopted: list[list[tuple[bytes, str]]] = []
         new.on_adopted = adopted.append
         new.check_others()  # sees "old" beat once...
@@ -189,13 +195,13 @@ def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path)
         new.check_others()
         assert adopted == [[(b"wf\x00run", "running")]]
         assert store.get(OWNER, b"wf\x00run") == b"new"
-        assert store.get(FENCE, b"wf\x00run") == epoch_bytes(4)
-        assert load(store.get(INST, b"wf\x00run") or b"")["epoch"] == 4
+        assert store.get(FENCE, run) == epoch_bytes(4)
+        assert load(store.get(INST, run) or b"")["epoch"] == 4
         assert store.get(OWNED, owned_key("new", b"wf\x00run")) == b""
         assert not store.scan(OWNED, prefix=b"old\x00")  # the finished one's entry is dropped
         assert store.get(OWNER, b"wf\x00done") == b"old"
         # The old owner's next write, guarded on the epoch it had, fails.
-        stale = WriteBatch().guard(FENCE, b"wf\x00run", epoch_bytes(3)).put(INST, b"wf\x00run", b"x")
+        stale = WriteBatch().guard(FENCE, run, epoch_bytes(3)).put(INST, run, b"x")
         with pytest.raises(ConflictError):
             store.write(stale)
         # Its heartbeat fails too: it finds out that its lease is gone.
@@ -221,7 +227,7 @@ def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: 
         a.join()
         b = NodeLease(store, "b", timeout=60)
         b.join()
-        _seed_instance(store, b"wf\x00x", "a", "waiting")
+        _seed_instance(store, b"wf\x00x", 1, "a", "waiting")
         b.check_others()
         assert store.get(OWNER, b"wf\x00x") == b"a"
         a.beat()
@@ -251,7 +257,8 @@ def test_a_terminate_through_another_node_fences_the_running_owner(nodes, tmp_pa
         assert time.monotonic() < deadline, "a's step never ended"
         time.sleep(0.01)
     time.sleep(0.5)
-    assert read(data, STEPS, step_key(b"slow\x00s1", "do", "slow", 1)) is None
+    rk = rkey("slow", read(data, IDS, b"slow\x00s1") or b"")
+    assert read(data, STEPS, step_key(rk, "do", "slow", 1)) is None
     assert a.status("slow", "s1")["status"] == "terminated"
     assert a.alive and not a.stats()["lease_lost"]  # a lost one instance, not its lease
     assert read(data, OWNER, b"slow\x00s1") == b"b"

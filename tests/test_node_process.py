@@ -74,7 +74,7 @@ def test_terminate_closes_cleanly(tmp_path: Path) -> None:
     assert node.terminate() == 0
     assert not node.alive
     with af.Runtime(tmp_path / "data") as rt:  # the data directory is free again
-        assert rt.storage.get("inst", b"greeter\x00g1") is not None
+        assert rt.storage.get("ids", b"greeter\x00g1") is not None
 
 
 def test_a_broken_factory_fails_start_with_its_traceback(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow.actors import LoopExecutor
 from actorflow.clock import Clock
 from actorflow.engine.modifiers import Modifiers
-from actorflow.engine.records import ikey
+from actorflow.engine.records import IDS, ikey
 from actorflow.engine.signals import LoopNotifier
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
@@ -257,6 +257,18 @@ class WorkflowEngine:
         self.is_async = inspect.iscoroutinefunction(cls.run)
         self.limits = ctx.limits.for_workflow(name)
         self.router: Router
+        self._rk_prefix = self.name.encode() + b"\x00"
 
     def ik(self, iid: str) -> bytes:
+        """Returns the key that names an instance (see :mod:`actorflow.engine.records`)."""
         return ikey(self.name, iid)
+
+    def rk(self, iid: str) -> bytes | None:
+        """Returns the key of an instance's records; None if there is no such instance."""
+        n = self.ctx.storage.get(IDS, ikey(self.name, iid))
+        return None if n is None else self._rk_prefix + n
+
+    def rks(self, iks: list[bytes]) -> dict[bytes, bytes]:
+        """:meth:`rk` of many instances, by ``ik`` (those that exist), in one read."""
+        pre = self._rk_prefix
+        return {ik: pre + n for ik, n in self.ctx.storage.get_many(IDS, iks).items()}

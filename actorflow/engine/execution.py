@@ -44,6 +44,7 @@ from actorflow.engine.records import (
     events_prefix,
     load,
     step_key,
+    step_target,
     step_timers,
     steps_prefix,
 )
@@ -139,6 +140,7 @@ class Execution:
         self.ctx = actor.wfe.ctx
         self.loop = self.ctx.loop
         self.ik = actor.ik
+        self.rk = actor.rk
         self.limits = self.wfe.limits
         self.ser = self.ctx.storage.serializer
         self.mods = self.ctx.modifiers.get(self.ik)
@@ -146,7 +148,7 @@ class Execution:
         seq = 0
         if preloaded is None:
             steps, events = self.ctx.storage.scan_prefixes(
-                [(STEPS, steps_prefix(self.ik)), (EVENTS, events_prefix(self.ik))])
+                [(STEPS, steps_prefix(self.rk)), (EVENTS, events_prefix(self.rk))])
         else:
             steps, events = preloaded
         for k, v in steps:
@@ -523,7 +525,11 @@ class Execution:
         ck = (kind, name)
         count = self.counters.get(ck, 0) + 1
         self.counters[ck] = count
-        return step_key(self.ik, kind, name, count), count
+        return step_key(self.rk, kind, name, count), count
+
+    def _timer(self, deadline_ms: int, key: bytes) -> bytes:
+        """The timer key of step ``key``'s deadline (its target names the instance)."""
+        return timer_key(deadline_ms, WAKE_KIND, step_target(self.ik, self.rk, key))
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -673,7 +679,7 @@ class Execution:
                 cfg, attempt)
             dl = a1 + delay
             new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
-            tk = timer_key(dl, WAKE_KIND, key) if delay > 0 else None
+            tk = self._timer(dl, key) if delay > 0 else None
             await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
             rec = new
             if delay > 0:
@@ -744,7 +750,7 @@ class Execution:
             rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
                    "dl": dl, "t0": now}
             if dl > now:
-                await self._commit_step(key, rec, arm=timer_key(dl, WAKE_KIND, key), stage=True)
+                await self._commit_step(key, rec, arm=self._timer(dl, key), stage=True)
         if rec["dl"] > now:
             await self._block(key, rec["dl"], None)
             now = self.now_ms()
@@ -780,7 +786,7 @@ class Execution:
             rec = {"k": "wait_for_event", "n": name, "c": count, "seq": self._next_seq(),
                    "s": WAITING, "ty": event_type, "dl": now + ms, "t0": now}
             if not self.inbox.get(event_type) and not forced:
-                await self._commit_step(key, rec, arm=timer_key(rec["dl"], WAKE_KIND, key))
+                await self._commit_step(key, rec, arm=self._timer(rec["dl"], key))
         while True:
             queue = self.inbox.get(event_type)
             if queue and not forced:

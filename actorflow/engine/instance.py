@@ -61,12 +61,15 @@ log = logging.getLogger("actorflow.engine")
 class InstanceActor(PooledActor):
     """The live object of one workflow instance."""
 
-    def __init__(self, wfe: WorkflowEngine, iid: str, record: dict[str, Any]) -> None:
+    def __init__(
+        self, wfe: WorkflowEngine, iid: str, rk: bytes, record: dict[str, Any]
+    ) -> None:
         super().__init__(wfe.ctx.loop_executor)
         self.wfe = wfe
         self.ctx = wfe.ctx
         self.iid = iid
-        self.ik = wfe.ik(iid)
+        self.ik = wfe.ik(iid)  # names the instance: live actors, timers, owners
+        self.rk = rk  # keys its records (see actorflow.engine.records)
         self.record = record
         self.epoch: int = record["epoch"]
         self.exec: Execution | None = None
@@ -125,7 +128,7 @@ class InstanceActor(PooledActor):
         ``status_ops`` updates the record as it builds a batch; if the batch is
         refused, status reads must not show what never became durable.
         """
-        raw = self.ctx.storage.get(INST, self.ik)
+        raw = self.ctx.storage.get(INST, self.rk)
         if raw is not None:
             self.record = load(raw)
         self.dequeued.clear()
@@ -173,10 +176,10 @@ class InstanceActor(PooledActor):
         not yet found its lease gone starts no run that could never commit.
         """
         return (self.ctx.supervisor.node is not None
-                and self.ctx.storage.get(FENCE, self.ik) != epoch_bytes(self.epoch))
+                and self.ctx.storage.get(FENCE, self.rk) != epoch_bytes(self.epoch))
 
     def fence_guard(self) -> tuple[str, bytes, bytes]:
-        return (FENCE, self.ik, epoch_bytes(self.epoch))
+        return (FENCE, self.rk, epoch_bytes(self.epoch))
 
     def status_ops(
         self,
@@ -200,7 +203,7 @@ class InstanceActor(PooledActor):
             batch.put(queue_db(self.wfe.name), new_qk, self.iid.encode())
             self.enqueued.append(new_qk)
         new["qk"] = new_qk
-        batch.put(INST, self.ik, dump(new))
+        batch.put(INST, self.rk, dump(new))
         if status != rec["s"]:
             batch.delete(IDX, idx_key(self.wfe.name, rec["s"], rec["created"], self.iid))
             batch.put(IDX, idx_key(self.wfe.name, status, rec["created"], self.iid), b"")
@@ -213,7 +216,7 @@ class InstanceActor(PooledActor):
         ts: int | None = None,
     ) -> None:
         ev = {"type": kind, "ts": self.ctx.now_ms() if ts is None else ts, "data": data or {}}
-        batch.put(HIST, hist_key(self.ik, self.ctx.next_seq()), dump(ev))
+        batch.put(HIST, hist_key(self.rk, self.ctx.next_seq()), dump(ev))
 
     def _active(self) -> bool:
         """True if the record already says this run is active (nothing to activate)."""
@@ -259,9 +262,9 @@ class InstanceActor(PooledActor):
         """Writes ``batch`` guarded by the current epoch (moving it if asked)."""
         batch.guard(*self.fence_guard())
         if new_epoch:
-            batch.put(FENCE, self.ik, epoch_bytes(self.epoch + 1))
+            batch.put(FENCE, self.rk, epoch_bytes(self.epoch + 1))
             self.record["epoch"] = self.epoch + 1
-            batch.put(INST, self.ik, dump(self.record))
+            batch.put(INST, self.rk, dump(self.record))
         await self.ctx.write(batch)
         self.committed()
         if new_epoch:
@@ -281,7 +284,7 @@ class InstanceActor(PooledActor):
     def _stored_steps(self) -> dict[bytes, dict[str, Any]]:
         if self.exec is not None:
             return self.exec.steps
-        return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.ik))}
+        return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.rk))}
 
     def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
         keys = step_timers(steps.values())
@@ -493,7 +496,7 @@ class InstanceActor(PooledActor):
         steps = self._stored_steps()
         batch = WriteBatch()
         if from_step is not None:
-            target = steps.get(step_key(self.ik, "do", from_step, 1))
+            target = steps.get(step_key(self.rk, "do", from_step, 1))
             if target is None:
                 raise InvalidInstanceState(
                     f"(instance.cannot_restart) {self.where}: step {from_step!r} not found in "
@@ -503,9 +506,9 @@ class InstanceActor(PooledActor):
                 batch.delete(STEPS, k)
         else:
             drop = steps
-            batch.delete_prefix(STEPS, steps_prefix(self.ik))
+            batch.delete_prefix(STEPS, steps_prefix(self.rk))
         keys = self._disarm_steps(batch, drop)
-        batch.delete_prefix(EVENTS, events_prefix(self.ik))
+        batch.delete_prefix(EVENTS, events_prefix(self.rk))
         self.woken = False
         self.start_after = None
         self.status_ops(
@@ -527,7 +530,7 @@ class InstanceActor(PooledActor):
             raise InvalidInstanceState(
                 f"{self.where}: cannot send event {event_type!r} to an instance that is {status}",
                 workflow=self.wfe.name, instance=self.iid)
-        ekey = event_key(self.ik, event_type, self.ctx.next_seq())
+        ekey = event_key(self.rk, event_type, self.ctx.next_seq())
         batch = WriteBatch()
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
         if not self.owned:
@@ -589,7 +592,7 @@ class InstanceActor(PooledActor):
 
     async def _poked(self, key: bytes) -> None:
         """Another node stored events for this instance: hand them to the run, or wake it."""
-        stored = self.ctx.storage.scan(EVENTS, prefix=events_prefix(self.ik))
+        stored = self.ctx.storage.scan(EVENTS, prefix=events_prefix(self.rk))
         ex = self.live_run()
         if ex is not None:
             for ekey, raw in stored:
@@ -623,7 +626,7 @@ class InstanceActor(PooledActor):
         node = self.ctx.supervisor.node
         if self.owned or node is None:
             return
-        raw = self.ctx.storage.get(INST, self.ik)
+        raw = self.ctx.storage.get(INST, self.rk)
         stored = load(raw) if raw is not None else None
         if stored is None or stored["epoch"] != self.epoch:
             raise InvalidInstanceState(
@@ -634,10 +637,10 @@ class InstanceActor(PooledActor):
         rec = dict(stored, epoch=new)
         batch = WriteBatch()
         batch.guard(*self.fence_guard())
-        batch.guard(INST, self.ik, raw)
+        batch.guard(INST, self.rk, raw)
         batch.guard(OWNER, self.ik, self.owner.encode() if self.owner is not None else None)
-        batch.put(FENCE, self.ik, epoch_bytes(new))
-        batch.put(INST, self.ik, dump(rec))
+        batch.put(FENCE, self.rk, epoch_bytes(new))
+        batch.put(INST, self.rk, dump(rec))
         claim_ops(batch, self.ik, node.node_id, self.owner)
         try:
             await self.ctx.write(batch)

@@ -1,24 +1,34 @@
 """How workflow instances are laid out in storage.
 
-Keyspaces (LMDB named databases) and their keys; ``ik`` is ``wf \\0 id``:
+Keyspaces (LMDB named databases) and their keys. ``ik`` is ``wf \\0 id``, the
+instance's name; ``rk`` is ``wf \\0 n``, where ``n`` (8 bytes) is a number the
+instance gets at creation, increasing in creation order:
 
 =========  ===================================  ========================================
 keyspace   key                                  value
 =========  ===================================  ========================================
-inst       ik                                   the instance record (a pickled dict)
-fence      ik                                   the instance's epoch (8 bytes), the
+ids        ik                                   ``n``: where the instance's records are
+inst       rk                                   the instance record (a pickled dict)
+fence      rk                                   the instance's epoch (8 bytes), the
                                                 fencing token every engine write guards
 idx        wf \\0 status \\0 created \\0 id     empty: lists instances by status, newest
                                                 first, and finds unfinished ones
-steps      ik \\0 kind sha1(name) count         one step record (a pickled dict)
-events     ik \\0 type \\0 seq                  a buffered event, FIFO per type
-hist       ik \\0 seq                           an instance-level history event
+steps      rk \\0 kind sha1(name) count         one step record (a pickled dict)
+events     rk \\0 type \\0 seq                  a buffered event, FIFO per type
+hist       rk \\0 seq                           an instance-level history event
 queue:wf   priority seq                         an instance id waiting for a slot
 owner      ik                                   multi-node: the owner's node id
 owned      node \\0 ik                          multi-node: empty, the instances of a node
 nodes      node                                 multi-node: the node registry (see
                                                 :mod:`actorflow.lease`)
 =========  ===================================  ========================================
+
+Why two keys: ids are often random (uuid4), and a B-tree updated at random
+keys dirties a page per update. Keyed by ``rk``, the records of instances
+created together sit together, and so do their later writes when those
+follow creation order (a million sleepers woken in deadline order, a queue
+drained in order): a group commit then dirties a few pages, not one per
+instance per keyspace. Only ``ids`` is updated at random, and only once.
 
 Engine records are pickled with protocol 5 (they hold only builtins); user
 values inside them (params, results, payloads) are bytes from the runtime's
@@ -38,6 +48,7 @@ __all__ = [
     "EVENTS",
     "FENCE",
     "HIST",
+    "IDS",
     "IDX",
     "INST",
     "STEPS",
@@ -49,9 +60,14 @@ __all__ = [
     "ikey",
     "load",
     "queue_db",
+    "record_number",
+    "rkey",
+    "rkey_of",
     "step_key",
+    "step_target",
 ]
 
+IDS = "ids"
 INST = "inst"
 FENCE = "fence"
 IDX = "idx"
@@ -92,6 +108,21 @@ def ikey(wf: str, iid: str) -> bytes:
     return f"{wf}\x00{iid}".encode()
 
 
+def rkey(wf: str, n: bytes) -> bytes:
+    """Returns the key of an instance's records from its ``ids`` entry ``n``."""
+    return wf.encode() + b"\x00" + n
+
+
+def rkey_of(ik: bytes, n: bytes) -> bytes:
+    """Returns the key of the records of instance ``ik`` from its ``ids`` entry ``n``."""
+    return ik[:ik.index(b"\x00") + 1] + n
+
+
+def record_number(n: int) -> bytes:
+    """Encodes an instance's record number (its ``ids`` value)."""
+    return _U64.pack(n)
+
+
 def split_ikey(ik: bytes) -> tuple[str, str]:
     """Returns ``(workflow, instance id)`` of an instance key."""
     wf, iid = ik.split(b"\x00", 2)[:2]
@@ -108,31 +139,36 @@ def _name_digest(kind: str, name: str) -> bytes:
     return KIND_CODES[kind] + hashlib.sha1(name.encode()).digest()[:12]
 
 
-def step_key(ik: bytes, kind: str, name: str, count: int) -> bytes:
+def step_key(rk: bytes, kind: str, name: str, count: int) -> bytes:
     """Returns the key of occurrence ``count`` of step ``name`` of ``kind``."""
-    return ik + b"\x00" + _name_digest(kind, name) + _U32.pack(count)
+    return rk + b"\x00" + _name_digest(kind, name) + _U32.pack(count)
 
 
-def steps_prefix(ik: bytes) -> bytes:
+def steps_prefix(rk: bytes) -> bytes:
     """Returns the prefix of every step key of an instance."""
-    return ik + b"\x00"
+    return rk + b"\x00"
 
 
-def event_key(ik: bytes, event_type: str, seq: int) -> bytes:
+def step_target(ik: bytes, rk: bytes, key: bytes) -> bytes:
+    """Returns the timer target of step ``key``: named by ``ik``, which says whose it is."""
+    return ik + key[len(rk):]
+
+
+def event_key(rk: bytes, event_type: str, seq: int) -> bytes:
     """Returns the key of a buffered event."""
-    return ik + b"\x00" + event_type.encode() + b"\x00" + _U64.pack(seq)
+    return rk + b"\x00" + event_type.encode() + b"\x00" + _U64.pack(seq)
 
 
-def events_prefix(ik: bytes, event_type: str | None = None) -> bytes:
+def events_prefix(rk: bytes, event_type: str | None = None) -> bytes:
     """Returns the prefix of an instance's buffered events (of one type, if given)."""
     if event_type is None:
-        return ik + b"\x00"
-    return ik + b"\x00" + event_type.encode() + b"\x00"
+        return rk + b"\x00"
+    return rk + b"\x00" + event_type.encode() + b"\x00"
 
 
-def hist_key(ik: bytes, seq: int) -> bytes:
+def hist_key(rk: bytes, seq: int) -> bytes:
     """Returns the key of an instance-level history event."""
-    return ik + b"\x00" + _U64.pack(seq)
+    return rk + b"\x00" + _U64.pack(seq)
 
 
 def idx_key(wf: str, status: str, created_ms: int, iid: str) -> bytes:

@@ -66,7 +66,8 @@ def _ms_iso(ms: int | float | None) -> str | None:
 
 
 def _record(binding: WorkflowBinding, inst: Instance) -> dict[str, Any] | None:
-    raw = binding._storage.get(INST, binding._wfe.ik(inst.id))
+    rk = binding._wfe.rk(inst.id)
+    raw = binding._storage.get(INST, rk) if rk is not None else None
     return None if raw is None else load(raw)
 
 
@@ -138,7 +139,7 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     finished = st.status in ("complete", "errored", "terminated")
     end = None
     if finished and rec:
-        ends = [e.timestamp for e in read_history(binding._storage, binding._wfe.ik(inst.id),
+        ends = [e.timestamp for e in read_history(binding._storage, inst._rk(),
                                                    rec, steps) if e.type in _ENDS]
         end = ends[-1] if ends else None
     return {
