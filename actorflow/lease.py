@@ -382,8 +382,13 @@ def poke_key(now_ms: int, ik: bytes) -> bytes:
 
 
 def is_poke(key: bytes) -> bool:
-    """True if timer ``key`` is a poke (see :func:`poke_key`)."""
-    return key.endswith(_POKE)
+    """True if timer ``key`` is a poke (see :func:`poke_key`).
+
+    Its target is ``wf \\0 id \\0 \\xff``; a step's target has more after
+    the id (see :func:`~actorflow.engine.records.step_target`), which may end
+    in the same two bytes (a count of 255).
+    """
+    return key.endswith(_POKE) and key[9:].split(b"\x00", 2)[2:] == [b"\xff"]
 
 
 def node_sequence(slot: int) -> itertools.count[int]:

@@ -32,6 +32,7 @@ from actorflow.engine.records import (
     load,
     split_ikey,
     steps_prefix,
+    target_rkey,
 )
 from actorflow.errors import ActorflowError, InstanceNotFound
 from actorflow.lease import is_poke
@@ -135,10 +136,13 @@ class Supervisor:
         self.live[ik] = actor
         return actor
 
-    def actors(self, pairs: list[tuple[WorkflowEngine, str]]) -> list[InstanceActor | None]:
+    def actors(
+        self, pairs: list[tuple[WorkflowEngine, str]], known: dict[bytes, bytes] | None = None,
+    ) -> list[InstanceActor | None]:
         """:meth:`actor` for many instances, with one read for every record (engine loop only).
 
-        None stands for an instance that does not exist.
+        None stands for an instance that does not exist. ``known`` maps
+        instance keys to record keys the caller already has (from timer targets).
         """
         out: list[InstanceActor | None] = [None] * len(pairs)
         missing: list[tuple[int, WorkflowEngine, str, bytes]] = []
@@ -155,7 +159,11 @@ class Supervisor:
         rks: dict[bytes, bytes] = {}
         by_wf: dict[str, tuple[WorkflowEngine, list[bytes]]] = {}
         for _, wfe, _, ik in missing:
-            by_wf.setdefault(wfe.name, (wfe, []))[1].append(ik)
+            rk = known.get(ik) if known else None
+            if rk is not None:
+                rks[ik] = rk
+            else:
+                by_wf.setdefault(wfe.name, (wfe, []))[1].append(ik)
         for wfe, iks in by_wf.values():
             rks.update(wfe.rks(iks))
         raws = self.ctx.storage.get_many(INST, list(rks.values()))
@@ -438,7 +446,13 @@ class Supervisor:
     def _deliver_timers(self) -> None:
         with self._lock:
             items, self._deliveries = self._deliveries, []
-        actors = self.actors([(wfe, iid) for wfe, iid, _, _ in items])
+        # A step's timer names its instance's records: no ids lookup per wake-up.
+        known = {}
+        for wfe, iid, key, _ in items:
+            rk = target_rkey(key[9:])
+            if rk is not None:
+                known[wfe.ik(iid)] = rk
+        actors = self.actors([(wfe, iid) for wfe, iid, _, _ in items], known)
         woke = False
         for (_, _, key, deadline), actor in zip(items, actors, strict=True):
             if actor is None:

@@ -241,3 +241,25 @@ def test_the_real_time_rule_can_fail(tmp_path: Path) -> None:
     path.write_text("import asyncio, time\n\nclass A:\n    async def f(self):\n"
                     "        await asyncio.sleep(1)\n        return time.monotonic()\n")
     assert _real_time_calls(path) == [("A.f", 5, "asyncio.sleep"), ("A.f", 6, "time.monotonic")]
+
+
+class Ticks(af.Workflow):
+    """The 255th occurrence of a name is the one whose timer key ends like a poke's."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        for _ in range(event.payload):
+            step.sleep("tick", "1 second")
+        return event.payload
+
+
+def test_a_step_name_used_hundreds_of_times_wakes_every_time(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with af.Runtime(tmp_path / "d", clock=clock) as rt:
+        inst = rt.register(Ticks).create(id="t", params=260)
+        for _ in range(300):
+            assert rt.wait_until_idle()
+            if inst.status().status == "complete":
+                break
+            clock.advance("1 second")
+        assert inst.status().output == 260
+        assert sum(s.name == "tick" for s in inst.steps()) == 260

@@ -103,3 +103,28 @@ def test_unknown_ids_have_no_records(rt: af.Runtime) -> None:
         assert "unknown" in str(e) and "naps" in str(e)
     else:
         raise AssertionError("get of an unknown id did not raise")
+
+
+class Sleeps(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        step.sleep("nap", "1 hour")
+        return 1
+
+
+def test_a_step_timer_names_the_instance_and_its_records(rt: af.Runtime) -> None:
+    from actorflow.engine.records import split_ikey, target_rkey
+    from actorflow.lease import is_poke, poke_key
+    from actorflow.timers import TIMERS, parse_timer_key
+
+    wf = rt.register(Sleeps, name="sleeps")
+    wf.create(id=str(uuid.uuid4()))
+    inst = wf.create(id="b")
+    assert rt.wait_until_idle()
+    keys = [k for k, _ in rt.storage.scan(TIMERS)]
+    assert len(keys) == 2
+    targets = [parse_timer_key(k)[2] for k in keys]
+    mine = [t for t in targets if split_ikey(t) == ("sleeps", "b")]
+    assert len(mine) == 1 and target_rkey(mine[0]) == inst._rk()
+    assert not any(is_poke(k) for k in keys)
+    poke = poke_key(0, ikey("sleeps", "b"))
+    assert is_poke(poke) and target_rkey(parse_timer_key(poke)[2]) is None

@@ -65,6 +65,7 @@ __all__ = [
     "rkey_of",
     "step_key",
     "step_target",
+    "target_rkey",
 ]
 
 IDS = "ids"
@@ -150,8 +151,20 @@ def steps_prefix(rk: bytes) -> bytes:
 
 
 def step_target(ik: bytes, rk: bytes, key: bytes) -> bytes:
-    """Returns the timer target of step ``key``: named by ``ik``, which says whose it is."""
-    return ik + key[len(rk):]
+    """Returns the timer target of step ``key``: ``ik \\0 n \\0 step``.
+
+    ``ik`` says whose deadline it is; ``n`` lets the wake-up find the
+    instance's records without reading ``ids``.
+    """
+    return ik + key[rk.index(b"\x00"):]
+
+
+def target_rkey(target: bytes) -> bytes | None:
+    """Returns the record key in a timer target made by :func:`step_target` (else None)."""
+    parts = target.split(b"\x00", 2)
+    if len(parts) < 3 or len(parts[2]) <= 8:
+        return None
+    return parts[0] + b"\x00" + parts[2][:8]
 
 
 def event_key(rk: bytes, event_type: str, seq: int) -> bytes:
