@@ -43,7 +43,7 @@ OWNER_LOCK = "actorflow.lock"
 
 log = logging.getLogger("actorflow.runtime")
 #: The collector thresholds a runtime sets while open (see ``Runtime(gc_threshold=)``).
-GC_THRESHOLD = (500_000, 20, 100)
+GC_THRESHOLD = (1_000_000, 20, 100)
 T = TypeVar("T", bound=DurableObject)
 
 
@@ -87,9 +87,11 @@ class Runtime:
             thousands of instances in flight get promoted to the oldest
             generation and every full collection walks them all, which
             halves throughput. The first threshold counts objects made and
-            not yet freed: a burst of wake-ups keeps about 45 per run in
-            flight, so at 50,000 a burst of 10,000 wakes/s collected every
-            1,100 wakes and fell behind. The engine makes no reference
+            not yet freed, and a collection walks them all: it is set above
+            what a busy engine keeps alive (about 45 objects per run in
+            flight), so that no collection pauses a burst of wake-ups (at
+            500,000, collections of 100 to 200 ms during a burst of 10,000
+            wakes/s let it fall behind). The engine makes no reference
             cycles, so a high threshold costs little memory. None leaves
             the collector alone.
     """
