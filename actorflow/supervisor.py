@@ -23,6 +23,7 @@ from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.instance import InstanceActor
 from actorflow.engine.records import (
     EVENTS,
+    IDS,
     IDX,
     INST,
     STEPS,
@@ -30,6 +31,7 @@ from actorflow.engine.records import (
     idx_iid,
     idx_prefix,
     load,
+    rkey_of,
     split_ikey,
     steps_prefix,
     target_rkey,
@@ -156,16 +158,12 @@ class Supervisor:
                 missing.append((i, wfe, iid, ik))
         if not missing:
             return out
-        rks: dict[bytes, bytes] = {}
-        by_wf: dict[str, tuple[WorkflowEngine, list[bytes]]] = {}
-        for _, wfe, _, ik in missing:
-            rk = known.get(ik) if known else None
-            if rk is not None:
-                rks[ik] = rk
-            else:
-                by_wf.setdefault(wfe.name, (wfe, []))[1].append(ik)
-        for wfe, iks in by_wf.values():
-            rks.update(wfe.rks(iks))
+        known = known or {}
+        rks = {m[3]: known[m[3]] for m in missing if m[3] in known}
+        unknown = [m[3] for m in missing if m[3] not in known]
+        if unknown:
+            rks.update((ik, rkey_of(ik, n))
+                       for ik, n in self.ctx.storage.get_many(IDS, unknown).items())
         raws = self.ctx.storage.get_many(INST, list(rks.values()))
         with self._lock:
             for i, wfe, iid, ik in missing:

@@ -267,8 +267,3 @@ class WorkflowEngine:
         """Returns the key of an instance's records; None if there is no such instance."""
         n = self.ctx.storage.get(IDS, ikey(self.name, iid))
         return None if n is None else self._rk_prefix + n
-
-    def rks(self, iks: list[bytes]) -> dict[bytes, bytes]:
-        """:meth:`rk` of many instances, by ``ik`` (those that exist), in one read."""
-        pre = self._rk_prefix
-        return {ik: pre + n for ik, n in self.ctx.storage.get_many(IDS, iks).items()}

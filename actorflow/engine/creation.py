@@ -142,10 +142,10 @@ def new_instance_batch(
     The record holds only what a queued instance has: fields that come later
     (``started``, ``output``, ``error``, ``waits``) are absent until then, and
     readers use ``.get``. The record is then about 90 bytes instead of 185,
-    and a queued instance takes about 460 bytes of pages across its four
-    keyspaces instead of 610 (the memory map that holds two million of them
-    shrinks alike). ``traceparent`` (W3C) is the creator's trace context,
-    kept for tracing. ``n`` is the instance's record number (:class:`RecordNumbers`).
+    and a queued instance takes about 410 bytes of pages across its five
+    keyspaces (the memory map that holds two million of them shrinks alike).
+    ``traceparent`` (W3C) is the creator's trace context, kept for tracing.
+    ``n`` is the instance's record number (:class:`RecordNumbers`).
     """
     ik = wfe.ik(iid)
     nb = record_number(n)
