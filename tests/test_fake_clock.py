@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import actorflow as af
@@ -256,10 +257,10 @@ def test_a_step_name_used_hundreds_of_times_wakes_every_time(tmp_path: Path) -> 
     clock = FakeClock()
     with af.Runtime(tmp_path / "d", clock=clock) as rt:
         inst = rt.register(Ticks).create(id="t", params=260)
-        for _ in range(300):
-            assert rt.wait_until_idle()
-            if inst.status().status == "complete":
-                break
+        deadline = time.monotonic() + 60  # real time: a stuck sleep never completes
+        while inst.status().status != "complete":
+            assert time.monotonic() < deadline, f"stuck after {len(inst.steps())} sleeps"
+            rt.wait_until_idle(timeout=1)
             clock.advance("1 second")
         assert inst.status().output == 260
         assert sum(s.name == "tick" for s in inst.steps()) == 260
