@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow.actors import LoopExecutor
 from actorflow.clock import Clock
 from actorflow.engine.modifiers import Modifiers
-from actorflow.engine.records import IDS, ikey
+from actorflow.engine.records import IDS, ikey, rkey
 from actorflow.engine.signals import LoopNotifier
 from actorflow.errors import ActorflowError
 from actorflow.limits import Limits
@@ -257,7 +257,6 @@ class WorkflowEngine:
         self.is_async = inspect.iscoroutinefunction(cls.run)
         self.limits = ctx.limits.for_workflow(name)
         self.router: Router
-        self._rk_prefix = self.name.encode() + b"\x00"
 
     def ik(self, iid: str) -> bytes:
         """Returns the key that names an instance (see :mod:`actorflow.engine.records`)."""
@@ -266,4 +265,4 @@ class WorkflowEngine:
     def rk(self, iid: str) -> bytes | None:
         """Returns the key of an instance's records; None if there is no such instance."""
         n = self.ctx.storage.get(IDS, ikey(self.name, iid))
-        return None if n is None else self._rk_prefix + n
+        return None if n is None else rkey(self.name, n)

@@ -16,6 +16,7 @@ from actorflow.engine.records import (
     IDS,
     IDX,
     INST,
+    NUMBERS,
     PRIO_NEW,
     dump,
     epoch_bytes,
@@ -30,8 +31,7 @@ from actorflow.storage import ConflictError, Storage, WriteBatch
 
 __all__ = ["SLICE", "Countdown", "RandomIds", "RecordNumbers", "new_instance_batch"]
 
-# The ``ids`` key of the next free record number (no instance key starts with 0).
-_NEXT_KEY = b"\x00next"
+_NEXT_KEY = b"next"  # in NUMBERS: the first record number not yet reserved
 
 
 class RandomIds:
@@ -97,10 +97,11 @@ class RecordNumbers:
 
     def _reserve(self) -> range:
         while True:
-            raw = self._storage.get(IDS, _NEXT_KEY)
+            raw = self._storage.get(NUMBERS, _NEXT_KEY)
             first = int.from_bytes(raw, "big") if raw is not None else 1
             end = first + self.BLOCK
-            batch = WriteBatch().guard(IDS, _NEXT_KEY, raw).put(IDS, _NEXT_KEY, record_number(end))
+            batch = WriteBatch().guard(NUMBERS, _NEXT_KEY, raw)
+            batch.put(NUMBERS, _NEXT_KEY, record_number(end))
             try:
                 self._storage.write(batch)
             except ConflictError:

@@ -8,6 +8,7 @@ instance gets at creation, increasing in creation order:
 keyspace   key                                  value
 =========  ===================================  ========================================
 ids        ik                                   ``n``: where the instance's records are
+numbers    ``next``                             the first record number not yet reserved
 inst       rk                                   the instance record (a pickled dict)
 fence      rk                                   the instance's epoch (8 bytes), the
                                                 fencing token every engine write guards
@@ -51,6 +52,7 @@ __all__ = [
     "IDS",
     "IDX",
     "INST",
+    "NUMBERS",
     "STEPS",
     "dump",
     "epoch_bytes",
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 IDS = "ids"
+NUMBERS = "numbers"
 INST = "inst"
 FENCE = "fence"
 IDX = "idx"
