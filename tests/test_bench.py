@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,13 +50,20 @@ def test_physical_baselines(tmp_path: Path) -> None:
     _positive(figures, "fsync_commits_per_s", "fsync_commit_ms", "bare_call_ns",
               "thread_handoff_us", "threaded_commits_per_s")
     assert figures["bare_call_ns"] < 10_000  # a call is nanoseconds, not microseconds
+    for page in ("fsync_scattered_page_us", "fsync_contiguous_page_us"):
+        assert 0 <= figures[page] < 1e6 and math.isfinite(figures[page]), (page, figures[page])
     assert 0 < thread_handoff_us(500) < 10_000
     assert bare_call_ns(10_000) >= 0
 
 
 def test_create(tmp_path: Path) -> None:
     figures = SCENARIOS["create"].run(tmp_path, 256, NullProgress(), FAST).figures
-    _positive(figures, "create_batch_per_s", "create_16_threads_per_s")
+    _positive(figures, "create_batch_per_s", "create_16_threads_per_s",
+              "create_16_threads_batches_per_commit")
+    # 64 creations from 16 threads: at most 16 of them can share a commit
+    assert figures["create_16_threads_batches_per_commit"] <= 64
+    if sys.platform == "linux":
+        _positive(figures, "create_16_threads_pages_per_commit")
 
 
 def test_steps(tmp_path: Path) -> None:
@@ -166,6 +174,9 @@ def test_table_rows_with_profile_and_hardware() -> None:
     with_ceiling = {**phys, "threaded_commits_per_s": 16_000.0}
     assert "50% of 16 threads' bare durable calls" in hardware(
         "create_16_threads_per_s", 8_000, with_ceiling)
+    pages = {**phys, "fsync_scattered_page_us": 80.0}
+    assert hardware("create_16_threads_pages_per_commit", 30, pages).startswith(
+        "2.65 ms of disk per commit (0.25 ms + 30 scattered pages x 80 us)")
     assert hardware("steps_per_s", 32_000, {}) == ""
     header, body = rows({"physical": phys, "create": {"create_batch_per_s": 60_000.0}},
                         {"create": 100}, "cloudflare-v2")

@@ -118,6 +118,10 @@ def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
     if figure in ("create_to_first_step_p50_ms", "event_to_resume_p50_ms",
                   "timer_lateness_p50_ms", "do_single_call_ms"):
         return f"{value / commit_ms:.1f} fsync'd commits"
+    if figure == "create_16_threads_pages_per_commit" and phys.get("fsync_scattered_page_us"):
+        page_us = phys["fsync_scattered_page_us"]
+        return (f"{commit_ms + value * page_us / 1000:.2f} ms of disk per commit "
+                f"({commit_ms:.2f} ms + {value:.0f} scattered pages x {page_us:.0f} us)")
     if figure == "do_rpc_hop_us":
         return f"{value / handoff_us:.1f} thread handoffs"
     return ""

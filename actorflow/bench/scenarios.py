@@ -251,6 +251,8 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
                 done[k] = i + 1
 
         ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+        st = rt.storage
+        groups, batches, written = st.batches, st.commits, _bytes_written()
         t = time.perf_counter()
         for th in ts:
             th.start()
@@ -260,7 +262,26 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
         for th in ts:
             th.join()
         single_rate = per * threads / (time.perf_counter() - t)
-    return Outcome({"create_batch_per_s": batch_rate, "create_16_threads_per_s": single_rate})
+        groups = max(1, st.batches - groups)
+        figures = {"create_batch_per_s": batch_rate, "create_16_threads_per_s": single_rate,
+                   # write batches per group commit: creations, and the engine's own writes
+                   "create_16_threads_batches_per_commit": (st.commits - batches) / groups}
+        if written is not None:
+            figures["create_16_threads_pages_per_commit"] = (
+                (_bytes_written() or 0) - written) / 4096 / groups
+    return Outcome(figures)
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has passed to ``write`` calls so far (Linux), else None."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
