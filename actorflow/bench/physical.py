@@ -60,6 +60,7 @@ def fsync_page_us(path: Path, pages: int = 32, n: int = 40) -> tuple[float, floa
     os.makedirs(path)
     span = 4096  # pages in the file: 16 MiB
     page = b"p" * 4096
+    sync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
     fd = os.open(path / "pages", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         for i in range(0, span, 256):
@@ -71,7 +72,7 @@ def fsync_page_us(path: Path, pages: int = 32, n: int = 40) -> tuple[float, floa
             t = time.perf_counter()
             for off in offsets:
                 os.pwrite(fd, page, off * 4096)
-            os.fdatasync(fd)
+            sync(fd)
             return time.perf_counter() - t
 
         one, scattered, contiguous = [], [], []
