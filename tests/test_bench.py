@@ -60,7 +60,8 @@ def test_create(tmp_path: Path) -> None:
     figures = SCENARIOS["create"].run(tmp_path, 256, NullProgress(), FAST).figures
     _positive(figures, "create_batch_per_s", "create_16_threads_per_s",
               "create_16_threads_batches_per_commit")
-    # 64 creations from 16 threads: at most 16 of them can share a commit
+    # 64 creations from 16 threads, each waiting for its own commit, in at least 4 commits;
+    # the engine's own writes join them, so the bound is loose
     assert figures["create_16_threads_batches_per_commit"] <= 64
     if sys.platform == "linux":
         _positive(figures, "create_16_threads_pages_per_commit")

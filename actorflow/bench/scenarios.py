@@ -135,11 +135,18 @@ def peak_rss_since_exec_mib() -> float | None:
     ``fork`` that started this process; the high-water mark of this
     process's own address space does not.
     """
+    kib = _proc_field("/proc/self/status", "VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def _proc_field(path: str, name: str) -> int | None:
+    """The number after ``name:`` in a ``/proc`` file (Linux), else None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                key, _, rest = line.partition(":")
+                if key == name:
+                    return int(rest.split()[0])
     except OSError:
         pass
     return None
@@ -252,7 +259,9 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
 
         ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
         st = rt.storage
-        groups, batches, written = st.batches, st.commits, _bytes_written()
+        # Storage counts group commits as ``batches`` and write batches as ``commits``.
+        groups0, batches0 = st.batches, st.commits
+        written0 = _proc_field("/proc/self/io", "wchar")  # bytes passed to write calls
         t = time.perf_counter()
         for th in ts:
             th.start()
@@ -262,26 +271,14 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
         for th in ts:
             th.join()
         single_rate = per * threads / (time.perf_counter() - t)
-        groups = max(1, st.batches - groups)
+        written = _proc_field("/proc/self/io", "wchar")
+        groups = max(1, st.batches - groups0)
         figures = {"create_batch_per_s": batch_rate, "create_16_threads_per_s": single_rate,
                    # write batches per group commit: creations, and the engine's own writes
-                   "create_16_threads_batches_per_commit": (st.commits - batches) / groups}
-        if written is not None:
-            figures["create_16_threads_pages_per_commit"] = (
-                (_bytes_written() or 0) - written) / 4096 / groups
+                   "create_16_threads_batches_per_commit": (st.commits - batches0) / groups}
+        if written0 is not None and written is not None:
+            figures["create_16_threads_pages_per_commit"] = (written - written0) / 4096 / groups
     return Outcome(figures)
-
-
-def _bytes_written() -> int | None:
-    """Bytes this process has passed to ``write`` calls so far (Linux), else None."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
