@@ -41,6 +41,7 @@ from actorflow.errors import (
     SerializationError,
 )
 from actorflow.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.lease import lease_lost
 from actorflow.storage import ConflictError
 from actorflow.supervisor import Supervisor
 from actorflow.workflow import (
@@ -116,7 +117,12 @@ class Instance:
         self._call("pause")
 
     def resume(self) -> None:
-        """Resumes a paused (or pausing) instance; no effect in other statuses."""
+        """Resumes a paused (or pausing) instance; no effect in other statuses but one.
+
+        Raises:
+            InvalidInstanceState: It is terminated (a terminated instance cannot
+                be resumed; ``restart`` runs it again).
+        """
         self._call("resume")
 
     def terminate(self) -> None:
@@ -359,12 +365,19 @@ class WorkflowBinding:
             self._storage.write(batch)
             self._wfe.router.enqueued(queue_key(PRIO_NEW, seq))
         except ConflictError:
+            self._check_lease(where)
             raise InstanceAlreadyExists(f"{where}: an instance with this id already exists",
                                         workflow=self.name, instance=iid) from None
         finally:
             self._wfe.router.unreserve(1)
         self._sup.kick_for(self._wfe)
         return Instance(self, iid)
+
+    def _check_lease(self, where: str) -> None:
+        """After a refused creation: raises LeaseLost if this node was adopted."""
+        node = self._sup.node
+        if node is not None and not node.confirm_live():
+            raise lease_lost(node.node_id, where)
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
         """Creates many instances in group commits; ids that exist are skipped.
@@ -397,6 +410,10 @@ class WorkflowBinding:
         finally:
             router.unreserve(len(checked))
         out = []
+        if any(isinstance(err, ConflictError) for err in results):
+            # Refused as existing, or because this node was adopted meanwhile.
+            # The latter wrote nothing after the adoption, and says so.
+            self._check_lease(f"workflow {self.name!r}: create_batch")
         for (iid, _), err in zip(checked, results, strict=True):
             if err is None:
                 out.append(Instance(self, iid))

@@ -16,6 +16,7 @@ __all__ = [
     "InstanceNotFound",
     "InvalidInstanceId",
     "InvalidInstanceState",
+    "LeaseLost",
     "LimitExceeded",
     "NonRetryableError",
     "RateLimitError",
@@ -102,3 +103,13 @@ class LimitExceeded(ActorflowError):
 
 class StorageError(ActorflowError):
     """A durable write failed (for example a full disk); nothing of it was applied."""
+
+
+class LeaseLost(ActorflowError):
+    """This node's lease was taken over: other nodes run its instances now.
+
+    A node that was frozen or slow past its lease timeout is presumed dead
+    and adopted. Whatever it is asked afterwards (a create, a control call)
+    is refused with this error and nothing of it is written: the caller
+    retries through another node, or through a new runtime of this one.
+    """

@@ -8,8 +8,9 @@ documented outcome, never in silent loss (see ``docs/testing.md``):
   :class:`~actorflow.StorageError` to their caller and nothing of them is
   written; a Durable Object call raises it to its caller and the object is
   reset (its next call reads storage anew); a workflow run that cannot
-  checkpoint crashes and the supervisor restarts it from its last
-  checkpoint, with backoff, until ``max_crashes`` is reached.
+  checkpoint is restarted from its last checkpoint, with backoff, for as
+  long as writes fail (a storage fault never counts against
+  ``max_crashes``).
 * A slow write (``slow_writes``) only delays: every caller still gets its
   answer after its writes are durable.
 * A lost request (``drop_calls``) raises :class:`~actorflow.DeliveryError`

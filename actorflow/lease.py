@@ -52,6 +52,7 @@ from actorflow.engine.records import (
     load,
     rkey_of,
 )
+from actorflow.errors import LeaseLost
 from actorflow.storage import ConflictError, Storage, WriteBatch
 from actorflow.timers import timer_key
 from actorflow.workflow import FINISHED
@@ -67,6 +68,7 @@ __all__ = [
     "NodeLease",
     "claim_ops",
     "is_poke",
+    "lease_lost",
     "node_sequence",
     "poke_key",
 ]
@@ -80,10 +82,23 @@ OWNED = "owned"
 DEFAULT_LEASE_TIMEOUT = 5.0
 _SLOTS = 256  # sequence streams: live nodes draw ids from distinct residues
 _SLOT_KEY = b"\x00slot\x00"
+#: ``_LIVE_KEY + node``: the token of the node's live incarnation, written when
+#: it joins and removed in the write that marks it dead (or left). Every write
+#: that makes a node the owner of an instance is guarded on its own token, so a
+#: node that was presumed dead (frozen, or slow past its lease) can never take
+#: an instance in its own name after it was adopted: it would never run it.
+_LIVE_KEY = b"\x00live\x00"
 _CHUNK = 512
 
 #: adopted(instances) is called after a takeover with ``(instance key, status)`` pairs.
 Adopted = Callable[[list[tuple[bytes, str]]], None]
+
+
+def lease_lost(node: str, where: str) -> LeaseLost:
+    """The error of a call refused because node ``node`` lost its lease."""
+    return LeaseLost(
+        f"{where}: node {node!r} lost its lease (it was presumed dead and other nodes took "
+        "over its instances); nothing was written: retry through another node", node=node)
 
 
 def owned_key(node: str, ik: bytes) -> bytes:
@@ -117,9 +132,12 @@ class NodeLease:
         self.timeout = float(timeout)
         self._wall = SystemClock()
         self._key = node_id.encode()
+        self._live_key = _LIVE_KEY + self._key
+        self._token: bytes | None = None
         self._last: bytes | None = None
         self.record: dict[str, Any] = {}
         self.lost = False
+        self._lose_lock = threading.Lock()
         self.on_lost: Callable[[], None] | None = None
         self.on_adopted: Adopted | None = None
         self.on_tick: Callable[[], None] | None = None
@@ -148,12 +166,14 @@ class NodeLease:
                    "hb": self.now_ms(), "state": "alive", "slot": slot,
                    "timeout_ms": int(self.timeout * 1000), "started": self.now_ms()}
             data = dump(rec)
-            batch = WriteBatch().guard(NODES, self._key, raw).put(NODES, self._key, data)
+            token = f"{rec['inc']}:{rec['pid']}:{rec['started']}".encode()
+            batch = (WriteBatch().guard(NODES, self._key, raw).put(NODES, self._key, data)
+                     .put(NODES, self._live_key, token))
             try:
                 self.storage.write(batch)
             except ConflictError:
                 continue
-            self._last, self.record = data, rec
+            self._last, self.record, self._token = data, rec, token
             return slot
 
     def _take_slot(self, mine: int | None) -> int:
@@ -214,6 +234,30 @@ class NodeLease:
         """True if this node owns instance ``ik``."""
         return self.storage.get(OWNER, ik) == self._key
 
+    def claim(self, batch: WriteBatch, ik: bytes, old: str | None) -> None:
+        """Adds the writes that make this node the owner of ``ik``, guarded on its lease.
+
+        If this node has been presumed dead meanwhile (it was frozen or slow
+        past its lease, and another node adopted it), the batch is refused
+        with :class:`ConflictError`; :meth:`confirm_live` then tells why.
+        """
+        batch.guard(NODES, self._live_key, self._token)
+        claim_ops(batch, ik, self.node_id, old)
+
+    def confirm_live(self) -> bool:
+        """After a refused claim: True if this node still holds its lease.
+
+        False means another node took this one over; the lease is then
+        marked lost at once (as the next heartbeat would find), so that no
+        further call is accepted here.
+        """
+        if self.lost:
+            return False
+        if self.storage.get(NODES, self._live_key) == self._token:
+            return True
+        self._lose()
+        return False
+
     # -- the heartbeat thread --------------------------------------------------------
 
     def start(self) -> None:
@@ -231,14 +275,16 @@ class NodeLease:
         if not self.lost and self._last is not None:
             rec = dict(self.record, state="left", hb=0)
             try:
-                self._write_own(rec)
+                self._write_own(rec, leaving=True)
             except Exception:
                 log.warning("node %s could not record that it left", self.node_id)
 
-    def _write_own(self, rec: dict[str, Any]) -> None:
+    def _write_own(self, rec: dict[str, Any], leaving: bool = False) -> None:
         data = dump(rec)
-        self.storage.write(WriteBatch().guard(NODES, self._key, self._last)
-                           .put(NODES, self._key, data), timeout=max(self.timeout, 10.0))
+        batch = WriteBatch().guard(NODES, self._key, self._last).put(NODES, self._key, data)
+        if leaving:
+            batch.delete(NODES, self._live_key)
+        self.storage.write(batch, timeout=max(self.timeout, 10.0))
         self._last, self.record = data, rec
 
     def _loop(self) -> None:
@@ -262,11 +308,17 @@ class NodeLease:
             self._write_own(dict(self.record, hb=self.now_ms()))
             self._beats += 1
         except ConflictError:
+            self._lose()
+
+    def _lose(self) -> None:
+        with self._lose_lock:
+            if self.lost:
+                return
             self.lost = True
-            log.error("node %s: its lease was taken over (it was presumed dead); "
-                      "it stops running instances", self.node_id)
-            if self.on_lost is not None:
-                self.on_lost()
+        log.error("node %s: its lease was taken over (it was presumed dead); "
+                  "it stops running instances", self.node_id)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def check_others(self) -> None:
         """Adopts the instances of nodes whose lease expired (or that left)."""
@@ -293,8 +345,11 @@ class NodeLease:
         t0 = self.now_ms()
         mark = dict(rec, state="dead", was=rec.get("state"), adopted_by=self.node_id,
                     adopted_at=t0)
+        # Its live token goes in the same write: from now on no claim of that
+        # incarnation can land (see NodeLease.claim).
         try:
-            self.storage.write(WriteBatch().guard(NODES, key, raw).put(NODES, key, dump(mark)))
+            self.storage.write(WriteBatch().guard(NODES, key, raw).put(NODES, key, dump(mark))
+                               .delete(NODES, _LIVE_KEY + key))
         except ConflictError:
             return 0  # it came back, or another node is adopting it
         log.warning("node %s adopts the instances of node %s (last heartbeat %d ms ago)",
@@ -306,6 +361,8 @@ class NodeLease:
             if not rows:
                 break
             taken.extend(self._claim_chunk(node, [k[len(prefix):] for k, _ in rows]))
+            if self.lost:
+                break  # this node was adopted meanwhile: it can claim nothing more
         done = dict(mark, state="adopted", adopted_done=self.now_ms(), adopted_n=len(taken))
         try:
             self.storage.write(WriteBatch().guard(NODES, key, dump(mark))
@@ -341,7 +398,7 @@ class NodeLease:
             # writing (a late heartbeat), and its last write must not be undone.
             batch.guard(FENCE, rk, fence).guard(OWNER, ik, node.encode()).guard(INST, rk, raw)
             batch.put(FENCE, rk, epoch_bytes(epoch)).put(INST, rk, dump(rec))
-            claim_ops(batch, ik, self.node_id, node)
+            self.claim(batch, ik, node)
             ev = threading.Event()
             res: list[BaseException | None] = [None]
 
@@ -355,13 +412,17 @@ class NodeLease:
         if len(cleanup):
             self.storage.write(cleanup)
         out = []
+        conflicts = False
         for ik, status, ev, res in waits:
             ev.wait()
             if res[0] is None:
                 out.append((ik, status))
             elif not isinstance(res[0], ConflictError):
                 raise res[0]
-            # A conflict: it moved meanwhile; the next scan reads it again.
+            else:
+                conflicts = True  # it moved meanwhile (the next scan reads it again)...
+        if conflicts:
+            self.confirm_live()  # ...or this node lost its own lease
         return out
 
 

@@ -36,7 +36,8 @@ from actorflow.engine.records import (
     steps_prefix,
     target_rkey,
 )
-from actorflow.errors import ActorflowError, InstanceNotFound
+from actorflow.engine.signals import StorageFault
+from actorflow.errors import ActorflowError, InstanceNotFound, StorageError
 from actorflow.lease import is_poke
 from actorflow.timers import TIMERS
 
@@ -48,6 +49,8 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("actorflow.supervisor")
 
 _MAX_WAKES = 4096  # timer wake-ups held in memory before the timer index is left to wait
+#: Seconds between restarts of an instance while storage refuses its writes.
+_STORAGE_BACKOFF_MAX = 2.0
 # Instances started whose runs have not yet reached their first wait. Starting
 # every free slot at once (tens of thousands) would move them through the
 # engine as one wave, all in memory together; a window keeps them flowing.
@@ -475,9 +478,28 @@ class Supervisor:
     # -- outcomes --------------------------------------------------------------------
 
     def crashed(self, actor: InstanceActor, exc: BaseException) -> None:
-        """Restarts a crashed instance from its checkpoint, with backoff, or gives up."""
+        """Restarts a crashed instance from its checkpoint, with backoff, or gives up.
+
+        A storage fault (a commit refused by a full disk, an I/O error) is
+        not the instance's fault: it restarts with backoff (at most
+        ``_STORAGE_BACKOFF_MAX`` s apart) for as long as the fault lasts,
+        and never counts against ``max_crashes``.
+        """
         self.crash_count += 1
         now = time.monotonic()
+        if isinstance(exc, StorageFault | StorageError):
+            actor.storage_faults += 1
+            if self.closing:
+                return
+            delay = min(0.05 * 2 ** (actor.storage_faults - 1), _STORAGE_BACKOFF_MAX)
+            if actor.storage_faults == 1 or delay >= _STORAGE_BACKOFF_MAX:
+                log.warning("%s: storage refused a write (%s); retrying from the last "
+                            "checkpoint in %.2f s", actor.where, exc, delay,
+                            extra={"workflow": actor.wfe.name, "instance": actor.iid})
+            actor.woken = True
+            self.restarting += 1
+            self.ctx.loop.call_later(delay, self._restart, actor)
+            return
         actor.crashes = [t for t in actor.crashes if now - t < self.crash_window] + [now]
         n = len(actor.crashes)
         if n > self.max_crashes:

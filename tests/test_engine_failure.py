@@ -16,10 +16,17 @@ class Nap(af.Workflow):
 
 
 def _kill_loop(rt: af.Runtime) -> None:
-    def die() -> None:
-        raise SystemExit("injected engine failure")
+    # SystemExit no longer ends the loop (user code may raise it, see
+    # test_poison_code.py): break the loop's own machinery instead.
+    loop = rt._engine.loop
 
-    rt._engine.loop.call_soon_threadsafe(die)
+    def broken() -> None:
+        raise RuntimeError("injected engine failure")
+
+    def die() -> None:
+        loop._run_once = broken  # type: ignore[attr-defined]
+
+    loop.call_soon_threadsafe(die)
     rt._engine._thread.join(5)
     assert not rt._engine.alive()
 

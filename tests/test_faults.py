@@ -40,28 +40,27 @@ def test_a_refused_step_commit_restarts_the_instance_from_its_checkpoint(
     assert types.count("INSTANCE_RECOVERED") == 1 and types[-1] == "WORKFLOW_SUCCESS"
 
 
-def test_a_full_disk_that_lasts_ends_errored_once_the_write_can_land(
+def test_a_full_disk_that_lasts_delays_the_instance_until_the_write_can_land(
         make_runtime: Any, journal: Journal) -> None:
     rt = make_runtime(max_crashes=2)
     inst = rt.register(TwoSteps, env=journal).create(id="i")
     assert inst.wait_for_step("a") == 1
     faults = Faults(rt).fail_writes(instance=inst)
     journal.gate("b").set()
-    # Restarts with backoff, each refused; then "errored" cannot be written either.
+    # Restarts from the checkpoint with backoff, each refused, far past max_crashes:
+    # a storage fault is not the instance's, and it costs a delay, not the instance.
     wait_for(lambda: faults.failed_writes >= 4)
     seen = faults.failed_writes
-    wait_for(lambda: faults.failed_writes > seen)  # it keeps trying (once a second)
-    # Nothing new is durable: b's result and the failure are both still unwritten.
+    wait_for(lambda: faults.failed_writes > seen)  # it keeps trying
+    # Nothing new is durable meanwhile, and nothing says it failed.
     assert [s.name for s in inst.steps()] == ["a"]
     assert "WORKFLOW_FAILURE" not in history_types(inst)
+    assert inst.status().status != "errored"
     faults.stop_failing_writes()
-    wait_for(lambda: history_types(inst)[-1] == "WORKFLOW_FAILURE")
-    assert rt.wait_until_idle()
-    s = inst.status()
-    assert s.status == "errored"
-    assert s.error is not None
-    assert "crashed 3 times" in s.error["message"]
-    assert "No space left on device" in s.error["message"]
+    s = inst.wait(timeout=10)
+    assert s.status == "complete" and s.output == 3
+    assert journal.count("a") == 1  # the checkpointed step never ran again
+    assert "WORKFLOW_FAILURE" not in history_types(inst)
 
 
 class WaitsForGo(af.Workflow):

@@ -27,6 +27,7 @@ EXPECTED = {
     "InvalidInstanceId",
     "InvalidInstanceState",
     "JsonSerializer",
+    "LeaseLost",
     "LimitExceeded",
     "Limits",
     "NonRetryableError",
@@ -58,6 +59,7 @@ ERRORS = [
     "SerializationError",
     "LimitExceeded",
     "DeliveryError",
+    "LeaseLost",
 ]
 PACKAGE = Path(af.__file__).parent
 

@@ -134,13 +134,22 @@ class EngineContext:
         asyncio.set_event_loop(self.loop)
         self.loop_executor.bind_thread()
         self.loop.call_soon(self._ready.set)
-        try:
-            self.loop.run_forever()
-        except BaseException as e:  # the runtime reports this loudly on every call
-            self.loop_error = e
-            self._ready.set()
-            logging.getLogger("actorflow.engine").critical(
-                "the engine loop died; every workflow call will fail: %r", e)
+        log = logging.getLogger("actorflow.engine")
+        while True:
+            try:
+                self.loop.run_forever()
+                return
+            except (SystemExit, KeyboardInterrupt) as e:
+                # asyncio re-raises these out of run_forever from the task or
+                # callback that raised them. Workflow code that calls sys.exit()
+                # must not take every other instance of the runtime down: the
+                # task that raised it is done, the loop goes on.
+                log.error("%r escaped into the engine loop; the loop goes on", e)
+            except BaseException as e:  # the runtime reports this loudly on every call
+                self.loop_error = e
+                self._ready.set()
+                log.critical("the engine loop died; every workflow call will fail: %r", e)
+                return
 
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -26,7 +26,6 @@ from actorflow.engine.records import (
     record_number,
     rkey,
 )
-from actorflow.lease import claim_ops
 from actorflow.storage import ConflictError, Storage, WriteBatch
 
 __all__ = ["SLICE", "Countdown", "RandomIds", "RecordNumbers", "new_instance_batch"]
@@ -166,5 +165,5 @@ def new_instance_batch(
     batch.put(queue_db(wfe.name), qk, iid.encode())
     node = wfe.ctx.supervisor.node
     if node is not None:
-        claim_ops(batch, ik, node.node_id, None)
+        node.claim(batch, ik, None)
     return batch

@@ -48,10 +48,18 @@ from actorflow.engine.records import (
     step_timers,
     steps_prefix,
 )
-from actorflow.engine.signals import EngineFault, Fatal, InjectedCrash, Stop, Suspend
+from actorflow.engine.signals import (
+    EngineFault,
+    Fatal,
+    InjectedCrash,
+    Stop,
+    StorageFault,
+    Suspend,
+)
 from actorflow.errors import (
     ActorflowError,
     EventTimeoutError,
+    InvalidInstanceState,
     LimitExceeded,
     NonRetryableError,
     SerializationError,
@@ -82,6 +90,27 @@ __all__ = ["Execution"]
 
 log = logging.getLogger("actorflow.engine")
 
+
+
+def _cancelling() -> bool:
+    """True if the current task is being cancelled (by the engine, not by user code)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _user_signal(where: str, what: str, exc: BaseException) -> NonRetryableError:
+    """The failure of a step or run whose own code raised a BaseException.
+
+    SystemExit, KeyboardInterrupt, GeneratorExit and a CancelledError nobody
+    asked for mean "stop" to Python, but here they come from workflow code:
+    they fail the step at once (no retries) or the run, with an error that
+    says what was raised.
+    """
+    err = NonRetryableError(
+        f"{where}: {what} raised {type(exc).__name__}({exc}); a workflow cannot stop the "
+        "process or the engine: it fails instead")
+    err.__cause__ = exc
+    return err
 
 
 class _Waiter:
@@ -210,8 +239,10 @@ class Execution:
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
             outcome = ("complete", output)
-        except GeneratorExit:
-            raise  # the coroutine is being closed (its loop is gone): do nothing more
+        except GeneratorExit as e:
+            if not self.loop.is_running():
+                raise  # the coroutine is being closed (its loop is gone): do nothing more
+            outcome = ("errored", _user_signal(self.where, "run", e))
         except Suspend as e:
             # Unwinding left frames -> waiters -> futures -> this exception ->
             # its traceback -> frames: a cycle per run that only the cyclic
@@ -219,17 +250,35 @@ class Execution:
             # what a burst of hibernations would then cost.
             e.__traceback__ = None
             outcome = ("suspended", None)
-        except (Stop, asyncio.CancelledError) as e:
+        except Stop as e:
             e.__traceback__ = None
             outcome = ("stop", None)
+        except asyncio.CancelledError as e:
+            e.__traceback__ = None
+            if self.stopped or _cancelling():
+                outcome = ("stop", None)
+            else:  # raised by the workflow's own code: nobody cancelled this run
+                outcome = ("errored", _user_signal(self.where, "run", e))
         except Fatal as f:
             outcome = ("errored", f.error)
         except EngineFault as e:
             outcome = ("crashed", e)
         except Exception as e:
             outcome = ("errored", e)
-        except BaseException as e:  # an unexpected signal in user code is an engine fault
-            outcome = ("crashed", e)
+        except BaseException as e:
+            # SystemExit or KeyboardInterrupt raised by run's own code: a failure
+            # of the workflow. Taken as a crash it would be replayed into the
+            # same exit on every restart and reopen.
+            outcome = ("errored", _user_signal(self.where, "run", e))
+        if self.suspended and outcome[0] != "suspended":
+            # run caught the engine's unwinding (a bare except, or except
+            # BaseException, around a step) and went on: what it returned or
+            # raised afterwards is void. The instance is hibernated already.
+            self._warn_caught("suspended")
+            outcome = ("suspended", None)
+        elif self.stopped and outcome[0] in ("complete", "errored"):
+            self._warn_caught("stopped")
+            outcome = ("stop", None)
         if outcome[0] in ("complete", "errored") and not self.stopped:
             try:
                 await self._finish(*outcome)
@@ -243,6 +292,12 @@ class Execution:
             obs.run_ended(self, outcome[0], outcome[1])
         actor.execution_ended(self, outcome[0], outcome[1])
 
+    def _warn_caught(self, how: str) -> None:
+        log.warning(
+            "%s: run went on after the engine %s it (user code caught BaseException around "
+            "a step): its result is ignored. Catch Exception, not BaseException, in run.",
+            self.where, how, extra={"workflow": self.wfe.name, "instance": self.actor.iid})
+
     async def _finish(self, kind: str, value: Any) -> None:
         # Branches still going (siblings of a failed branch of a gather or
         # step.map) must not write after this: their activation would turn the
@@ -250,19 +305,25 @@ class Execution:
         self.ending = True
         batch = WriteBatch()
         keys = self._disarm_all(batch)
+        actor = self.actor
+        before = actor.record
         if kind == "complete":
             try:
                 data = self.ser.dumps(value)
             except SerializationError as e:
                 kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
             else:
-                self.actor.end_ops(batch, "complete", self.t_start, output=data,
-                                   hist="WORKFLOW_SUCCESS")
+                actor.end_ops(batch, "complete", self.t_start, output=data,
+                              hist="WORKFLOW_SUCCESS")
         if kind == "errored":
             err = error_dict(value)
-            self.actor.end_ops(batch, "errored", self.t_start, error=err,
-                               hist="WORKFLOW_FAILURE", hist_data={"error": err})
+            actor.end_ops(batch, "errored", self.t_start, error=err,
+                          hist="WORKFLOW_FAILURE", hist_data={"error": err})
+        # Status reads must not show the end before it is durable: the record
+        # that says "complete" becomes the actor's once the commit landed.
+        final, actor.record = actor.record, before
         await self._commit(batch, activate=False, final=True)
+        actor.record = final
         self.ctx.timers_done(keys)
 
     def stop(self) -> None:
@@ -297,8 +358,10 @@ class Execution:
             while self.hibernating and not hibernation and self._hib_done is not None:
                 await asyncio.shield(self._hib_done)
             if self.stopped or (self.ending and not final):
+                self.actor.reload_record()  # what the refused batch put in the record
                 raise Stop()
             if self.suspended:
+                self.actor.reload_record()
                 raise Suspend()
             if activate:
                 self.actor.activation_ops(batch)
@@ -318,10 +381,11 @@ class Execution:
                     self._timers_after(arm, disarm)
         except ConflictError:
             self.stopped = True
+            self.actor.reload_record()
             raise Stop() from None
         except StorageError as e:
             self.actor.reload_record()
-            raise EngineFault(f"{self.where}: commit failed: {e}") from e
+            raise StorageFault(f"{self.where}: commit failed: {e}") from e
         finally:
             self.pending -= 1
             if self.waiters:
@@ -505,12 +569,28 @@ class Execution:
                 self._wake(w)
 
     async def _gate(self) -> None:
-        if self.stopped:
-            raise Stop()
+        self._check_live()
         while self.pause_requested:
             await self._block(None, None, None)
 
     # -- helpers -------------------------------------------------------------
+
+    def _check_live(self) -> None:
+        """Refuses a step call once the run has been unwound, stopped or has ended.
+
+        User code that catches BaseException around a step swallows the
+        engine's unwinding; the next step call raises it again, before any
+        body runs (a body run then could never be checkpointed).
+        """
+        if self.stopped:
+            raise Stop()
+        if self.suspended:
+            raise Suspend()
+        if self.finished:
+            raise InvalidInstanceState(
+                f"{self.where}: a step was called after run ended; the step object "
+                "is valid only while run executes",
+                workflow=self.wfe.name, instance=self.actor.iid)
 
     def now_ms(self) -> int:
         return self.ctx.now_ms()
@@ -561,9 +641,11 @@ class Execution:
 
     def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Runs a step coroutine on the loop from a sync run's thread and waits for it."""
-        if self.stopped:
+        try:
+            self._check_live()
+        except BaseException:
             coro.close()
-            raise Stop()
+            raise
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._sync_futs.add(fut)
         try:
@@ -591,6 +673,7 @@ class Execution:
         self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
     ) -> Any:
         where = self._here(name)
+        self._check_live()
         self._check_name(name)
         if not callable(fn):
             raise TypeError(f"{where}: step.do needs a callable")
@@ -638,10 +721,19 @@ class Execution:
                     value = payload
                 else:
                     value = await self._invoke(fn, use_ctx, attempt, name, count, cfg)
-            except (Suspend, Stop, Fatal, EngineFault, asyncio.CancelledError):
+            except (Suspend, Stop, Fatal, EngineFault):
                 raise
+            except asyncio.CancelledError as e:
+                if self.stopped or _cancelling():
+                    raise
+                err = _user_signal(where, "the step body", e)  # raised by the body itself
             except Exception as e:
                 err = e
+            except BaseException as e:
+                # SystemExit, KeyboardInterrupt, GeneratorExit raised by the body:
+                # out of a step they would end the engine loop, and the step would
+                # rerun into the same exit on every reopen. The step fails instead.
+                err = _user_signal(where, "the step body", e)
             finally:
                 self.in_flight -= 1
                 if self.waiters:
@@ -649,17 +741,28 @@ class Execution:
             a1 = self.now_ms()
             if err is None:
                 self._crash_point(name, "after_body")
+                fatal: ActorflowError | None = None
                 try:
                     data = self.ser.dumps(value)
                 except SerializationError as e:
-                    raise Fatal(SerializationError(
+                    fatal = SerializationError(
                         f"{where}: value returned from the step is not serializable: {e}",
-                        workflow=self.wfe.name, instance=self.actor.iid, step=name)) from None
-                if len(data) > self.limits.max_step_result_bytes:
-                    raise Fatal(LimitExceeded(
-                        f"{where}: output is too large ({len(data)} bytes); the maximum is "
-                        f"{self.limits.max_step_result_bytes} bytes",
-                        workflow=self.wfe.name, instance=self.actor.iid, step=name))
+                        workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                else:
+                    if len(data) > self.limits.max_step_result_bytes:
+                        fatal = LimitExceeded(
+                            f"{where}: output is too large ({len(data)} bytes); the maximum is "
+                            f"{self.limits.max_step_result_bytes} bytes",
+                            workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                if fatal is not None:
+                    # The step's record says why it failed; it lands with the
+                    # instance's failure, in the run's final commit.
+                    ed = error_dict(fatal)
+                    new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1,
+                               ed=ed, e=self._dump_error(fatal))
+                    new.pop("dl", None)
+                    await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
+                    raise Fatal(fatal)
                 new = dict(rec, s=DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1)
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"))
@@ -725,11 +828,13 @@ class Execution:
     # -- sleeps -----------------------------------------------------------------
 
     async def sleep(self, name: str, duration: Any) -> None:
+        self._check_live()
         self._check_name(name)
         ms = parse_duration_ms(duration, what=self._here(name))
         await self._sleep(name, None, ms)
 
     async def sleep_until(self, name: str, when: Any) -> None:
+        self._check_live()
         self._check_name(name)
         if type(when) is not int:  # epoch ms as an int: nothing to convert or check
             when = to_epoch_ms(when, what=self._here(name))
@@ -761,6 +866,7 @@ class Execution:
 
     async def wait_for_event(self, name: str, event_type: str, timeout: Any) -> WorkflowStepEvent:
         where = self._here(name)
+        self._check_live()
         self._check_name(name)
         validate_event_type(event_type, where)
         ms = parse_duration_ms(timeout, what=f"{where}: timeout")

@@ -16,6 +16,7 @@ run can never land.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ from actorflow.engine.records import (
     steps_prefix,
 )
 from actorflow.errors import InvalidInstanceState, StorageError
-from actorflow.lease import OWNER, claim_ops, is_poke, poke_key
+from actorflow.lease import OWNER, is_poke, lease_lost, poke_key
 from actorflow.storage import ConflictError, WriteBatch
 from actorflow.timers import TIMERS
 from actorflow.workflow import FINISHED
@@ -77,6 +78,7 @@ class InstanceActor(PooledActor):
         self.activating = False  # started, its run not yet past its first suspension
         self.busy = 0
         self.crashes: list[float] = []
+        self.storage_faults = 0  # commits refused by storage since the last one landed
         # Queue entries deleted and written by the batches being committed.
         self.dequeued: list[bytes] = []
         self.enqueued: list[bytes] = []
@@ -272,6 +274,7 @@ class InstanceActor(PooledActor):
 
     def committed(self) -> None:
         """A batch built by :meth:`status_ops` is durable: tells the router what changed."""
+        self.storage_faults = 0
         if self.dequeued:
             for key in self.dequeued:
                 self.wfe.router.dequeued(key)
@@ -337,8 +340,8 @@ class InstanceActor(PooledActor):
             except BaseException as e:
                 self.ctx.supervisor.released(self)
                 if isinstance(e, StorageError) and not isinstance(e, ConflictError):
-                    # Storage refused the write (a full disk): one more crash,
-                    # restarted with backoff, counted towards max_crashes.
+                    # Storage refused the write (a full disk): tried again with
+                    # backoff while the fault lasts (see Supervisor.crashed).
                     self.record["epoch"] = self.epoch
                     self.ctx.supervisor.crashed(self, e)
                     return
@@ -454,7 +457,13 @@ class InstanceActor(PooledActor):
 
     async def handle_resume(self) -> None:
         await self.take_over()
-        status = self.public_status()
+        status = self.public_status()  # a run whose end is being written is still running
+        if status == "terminated":
+            # Cloudflare: a terminated instance "cannot be resumed". On complete or
+            # errored, as on any other status, resume has no effect (its docs).
+            raise InvalidInstanceState(
+                f"(instance.cannot_resume) {self.where}: cannot resume an instance that is "
+                f"{status}", workflow=self.wfe.name, instance=self.iid)
         ex = self.live_run()
         if status == "waitingForPause":
             if ex is not None:
@@ -474,6 +483,7 @@ class InstanceActor(PooledActor):
 
     async def handle_terminate(self) -> None:
         await self.take_over()
+        await self._let_end()
         status = self.public_status()
         if status in FINISHED:
             raise InvalidInstanceState(
@@ -493,6 +503,7 @@ class InstanceActor(PooledActor):
 
     async def handle_restart(self, from_step: str | None) -> None:
         await self.take_over()
+        await self._let_end()
         steps = self._stored_steps()
         batch = WriteBatch()
         if from_step is not None:
@@ -523,6 +534,16 @@ class InstanceActor(PooledActor):
             self.exec.stop()
             self.exec = None  # the new run starts from the queue
         self.ctx.supervisor.kick()
+
+    async def _let_end(self) -> None:
+        """Waits for a run whose end is being written (run returned) to finish.
+
+        Its final status is about to land or to fail; a control call built
+        on the record before that would be built on the wrong status.
+        """
+        ex = self.exec
+        if ex is not None and ex.ending and not ex.finished and ex.task is not None:
+            await asyncio.wait([ex.task])
 
     async def handle_event(self, event_type: str, data: bytes, ts: int) -> None:
         status = self.public_status()
@@ -641,10 +662,12 @@ class InstanceActor(PooledActor):
         batch.guard(OWNER, self.ik, self.owner.encode() if self.owner is not None else None)
         batch.put(FENCE, self.rk, epoch_bytes(new))
         batch.put(INST, self.rk, dump(rec))
-        claim_ops(batch, self.ik, node.node_id, self.owner)
+        node.claim(batch, self.ik, self.owner)
         try:
             await self.ctx.write(batch)
         except ConflictError:
+            if not node.confirm_live():
+                raise lease_lost(node.node_id, self.where) from None
             raise InvalidInstanceState(
                 f"{self.where}: it moved to another node meanwhile; try again",
                 workflow=self.wfe.name, instance=self.iid) from None

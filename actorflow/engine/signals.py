@@ -12,15 +12,31 @@ from typing import Any
 
 from actorflow.errors import ActorflowError
 
-__all__ = ["EngineFault", "Fatal", "InjectedCrash", "LoopNotifier", "Stop", "Suspend"]
+__all__ = [
+    "EngineFault",
+    "Fatal",
+    "InjectedCrash",
+    "LoopNotifier",
+    "Stop",
+    "StorageFault",
+    "Suspend",
+]
 
 
 class Suspend(BaseException):
     """Unwinds ``run`` when the instance hibernates (waiting or paused)."""
 
+    def __init__(self, message: str = "the run hibernates (it is replayed when woken); "
+                 "code in run must let this exception pass") -> None:
+        super().__init__(message)
+
 
 class Stop(BaseException):
     """Unwinds ``run`` after terminate or restart, or when the instance's fence moved."""
+
+    def __init__(self, message: str = "the run was stopped (terminated, restarted, taken "
+                 "over by another node, or the runtime closed)") -> None:
+        super().__init__(message)
 
 
 class Fatal(BaseException):
@@ -34,6 +50,15 @@ class Fatal(BaseException):
 class EngineFault(BaseException):
     """A failure of the engine, not of the workflow: the supervisor restarts the
     instance from its last checkpoint."""
+
+
+class StorageFault(EngineFault):
+    """A commit of the run failed in storage (a full disk, an I/O error).
+
+    The supervisor restarts the instance from its last checkpoint as after a
+    crash, with backoff, but does not count it against ``max_crashes``: a
+    storage fault that passes costs a delay, not the instance.
+    """
 
 
 class InjectedCrash(EngineFault):
