@@ -1,6 +1,6 @@
 """The ``actorflow`` command: inspect and control workflow instances, serve, benchmark.
 
-    actorflow [--data DIR | --url URL [--token T]] [--json] COMMAND ...
+    actorflow [--data DIR | --url URL [--token-file PATH]] [--json] COMMAND ...
 
     list [--workflow W] [--status S] [--limit N] [--cursor C]
     status WORKFLOW ID          history WORKFLOW ID          steps WORKFLOW ID
@@ -8,7 +8,7 @@
     pause | resume | terminate WORKFLOW ID
     restart WORKFLOW ID [--from-step NAME]
     metrics
-    serve [--app pkg.mod:factory] [--host H] [--port P] [--token T]
+    serve [--app pkg.mod:factory] [--host H] [--port P] [--token-file PATH]
     bench ...                   (arguments go to ``actorflow.bench``)
 
 With ``--data`` (the default, ``./actorflow-data``) it works on a data
@@ -18,6 +18,11 @@ closed: while a runtime holds it open, they are refused, and ``--url``
 sends them to that runtime's HTTP API (``actorflow serve``) instead. On a
 closed directory they write the same durable records as the Python API, so
 the next runtime that registers the workflow continues from them.
+
+The bearer token for ``--url`` and ``serve`` comes from the ``ACTORFLOW_TOKEN``
+environment variable or from ``--token-file PATH``. ``--token VALUE`` works
+too, but warns: a command line is visible to every user of the machine
+(``ps``, ``/proc/PID/cmdline``) and stays in the shell's history.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from actorflow.engine.records import IDS, IDX, INST, ikey, load, queue_db, rkey
 from actorflow.history import read_history, read_steps
@@ -329,12 +335,44 @@ def _q(part: str) -> str:
 
 
 class _Ctx:
-    def __init__(self, target: _Local | _Remote, as_json: bool) -> None:
+    def __init__(self, target: _Local | _Remote, as_json: bool, token: str | None) -> None:
         self.target = target
         self.json = as_json
+        self.token = token
 
     def emit(self, data: Any, table: str) -> None:
         click.echo(json.dumps(_plain(data), indent=2) if self.json else table)
+
+
+#: Printed when the token is given on the command line.
+TOKEN_ARGV_WARNING = (
+    "actorflow: warning: --token puts the token on the command line, where every user of "
+    "this machine can read it (ps, /proc/PID/cmdline) and the shell keeps it in its "
+    "history; set ACTORFLOW_TOKEN or use --token-file PATH instead"
+)
+_TOKEN_HELP = ("Bearer token. Visible to other users in ps: prefer ACTORFLOW_TOKEN "
+               "(read when this is not given) or --token-file.")
+_TOKEN_FILE_HELP = "Read the bearer token from this file (surrounding whitespace is ignored)."
+
+
+def _token(ctx: click.Context, token: str | None, token_file: str | None) -> str | None:
+    """The token from ``--token-file``, ``--token`` (with a warning) or ``ACTORFLOW_TOKEN``."""
+    on_argv = ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE
+    if token_file is not None:
+        if on_argv:
+            raise click.UsageError("give the token with --token-file or --token, not both")
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {token_file}: {e}",
+                                     param_hint="--token-file") from None
+        if not token:
+            raise click.BadParameter(f"{token_file} is empty", param_hint="--token-file")
+        return token
+    if on_argv:
+        click.echo(TOKEN_ARGV_WARNING, err=True)
+    return token or None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -342,15 +380,17 @@ class _Ctx:
               help="The data directory.")
 @click.option("--url", default=None, envvar="ACTORFLOW_URL",
               help="A running runtime's HTTP API (actorflow serve), instead of --data.")
-@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN",
-              help="Bearer token for --url (or ACTORFLOW_TOKEN).")
+@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN", help=_TOKEN_HELP)
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help=_TOKEN_FILE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.pass_context
 def cli(ctx: click.Context, data: str, url: str | None, token: str | None,
-        as_json: bool) -> None:
+        token_file: str | None, as_json: bool) -> None:
     """Inspect and control actorflow workflow instances."""
+    token = _token(ctx, token, token_file)
     target: _Local | _Remote = _Remote(url, token) if url else _Local(data)
-    ctx.obj = _Ctx(target, as_json)
+    ctx.obj = _Ctx(target, as_json, token)
 
 
 @cli.command("list")
@@ -473,14 +513,20 @@ _action("restart", "Run an instance again from the start (or from a step).")
               help="pkg.module:factory building the Runtime (with its registrations).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int)
-@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN",
-              help="Bearer token required by mutating endpoints (or ACTORFLOW_TOKEN).")
+@click.option("--token", default=None, envvar="ACTORFLOW_TOKEN", help=_TOKEN_HELP)
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help=_TOKEN_FILE_HELP)
 @click.pass_context
 def serve(ctx: click.Context, app: str | None, host: str, port: int,
-          token: str | None) -> None:
-    """Serve the HTTP API and dashboard of a runtime."""
-    if token is None and ctx.parent is not None:
-        token = ctx.parent.params.get("token")
+          token: str | None, token_file: str | None) -> None:
+    """Serve the HTTP API and dashboard of a runtime.
+
+    With a token, every API request must carry it; without one, the server
+    binds loopback only.
+    """
+    token = _token(ctx, token, token_file)
+    if token is None and isinstance(ctx.obj, _Ctx):
+        token = ctx.obj.token
     try:
         http = importlib.import_module("actorflow.http")
     except ImportError as e:

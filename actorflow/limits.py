@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,13 @@ class Limits:
             second's worth).
         per_workflow: Overrides by workflow name, e.g.
             ``{"checkout": {"max_concurrent": 10}}``.
+
+    Raises:
+        ValueError: At construction, for a field of the wrong type or out of
+            its range (a count below 1, or below 0 for ``max_queued``; a rate
+            that is not a positive finite number; a ``burst`` below 1), an
+            unknown ``overflow``, or a ``per_workflow`` override that names an
+            unknown field or sets a bad value (named with its workflow).
     """
 
     max_concurrent: int = 10_000
@@ -51,19 +59,31 @@ class Limits:
     per_workflow: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_concurrent < 1:
-            raise ValueError("Limits.max_concurrent must be at least 1")
-        if self.max_creation_rate is not None and self.max_creation_rate <= 0:
-            raise ValueError("Limits.max_creation_rate must be positive or None")
-        if self.max_queued < 0 or self.max_steps < 1:
-            raise ValueError("Limits.max_queued must be >= 0 and max_steps >= 1")
+        _count("max_concurrent", self.max_concurrent, 1)
+        _count("max_queued", self.max_queued, 0)
+        _count("max_steps", self.max_steps, 1)
+        _count("max_step_result_bytes", self.max_step_result_bytes, 1)
+        _count("max_event_payload_bytes", self.max_event_payload_bytes, 1)
+        _number("max_creation_rate", self.max_creation_rate, least=0, strict=True)
+        _number("burst", self.burst, least=1, strict=False)
         if self.overflow not in ("queue", "reject"):
-            raise ValueError("Limits.overflow must be 'queue' or 'reject'")
+            raise ValueError(f"Limits.overflow must be 'queue' or 'reject', not {self.overflow!r}")
+        if not isinstance(self.per_workflow, Mapping):
+            raise ValueError("Limits.per_workflow must map workflow names to dicts of fields")
         names = {f.name for f in dataclasses.fields(self)} - {"per_workflow"}
         for wf, over in self.per_workflow.items():
+            if not isinstance(wf, str) or not isinstance(over, Mapping):
+                raise ValueError(
+                    f"Limits.per_workflow must map workflow names to dicts of fields, "
+                    f"not {wf!r} to {over!r}")
             unknown = set(over) - names
             if unknown:
                 raise ValueError(f"Limits.per_workflow[{wf!r}]: unknown fields {sorted(unknown)}")
+            try:
+                # The same checks, now rather than when the workflow first runs.
+                dataclasses.replace(self, per_workflow={}, **dict(over))
+            except ValueError as e:
+                raise ValueError(f"Limits.per_workflow[{wf!r}]: {e}") from None
 
     @classmethod
     def cloudflare_v1(cls, **overrides: Any) -> Limits:
@@ -87,3 +107,17 @@ class Limits:
         if not over:
             return self
         return dataclasses.replace(self, per_workflow={}, **dict(over))
+
+
+def _count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"Limits.{name} must be an int >= {least}, not {value!r}")
+
+
+def _number(name: str, value: object, *, least: float, strict: bool) -> None:
+    if value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or (value <= least if strict else value < least)):
+        rule = f"> {least:g}" if strict else f">= {least:g}"
+        raise ValueError(f"Limits.{name} must be a finite number {rule} or None, not {value!r}")

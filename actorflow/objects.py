@@ -513,9 +513,24 @@ class DurableObjectNamespace(Generic[T]):
     # -- ids and stubs -------------------------------------------------------
 
     def id_from_name(self, name: str) -> DurableObjectId:
-        """Returns the id for ``name``: the same name always gives the same object."""
-        digest = hashlib.sha256(f"{self.name}\x00{name}".encode()).hexdigest()[:56]
-        return DurableObjectId(digest + self._tag, name)
+        """Returns the id for ``name``: the same name always gives the same object.
+
+        Raises:
+            TypeError: ``name`` is not a ``str`` (``5`` and ``"5"`` would
+                otherwise silently be the same object).
+            ValueError: ``name`` cannot be encoded as UTF-8 (a lone surrogate).
+        """
+        if not isinstance(name, str):
+            raise TypeError(
+                f"namespace {self.name!r}: id_from_name() takes a str name, "
+                f"not {type(name).__name__}")
+        try:
+            raw = f"{self.name}\x00{name}".encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"namespace {self.name!r}: the name {name!r:.60} is not valid text ({e.reason})"
+            ) from None
+        return DurableObjectId(hashlib.sha256(raw).hexdigest()[:56] + self._tag, name)
 
     def new_unique_id(self) -> DurableObjectId:
         """Returns a new random id."""
@@ -525,11 +540,18 @@ class DurableObjectNamespace(Generic[T]):
         """Parses an id made by this namespace (its ``str``).
 
         Raises:
+            TypeError: ``value`` is neither a ``str`` nor a :class:`DurableObjectId`.
             ValueError: Not 64 hex characters, or made by another namespace.
         """
+        if not isinstance(value, str | DurableObjectId):
+            raise TypeError(
+                f"namespace {self.name!r}: id_from_string() takes the str of an id, "
+                f"not {type(value).__name__}")
         v = str(value).lower()
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-            raise ValueError(f"invalid Durable Object id {value!r}: expected 64 hex characters")
+            raise ValueError(
+                f"namespace {self.name!r}: invalid Durable Object id {value!r:.80}: "
+                "expected 64 hex characters")
         if v[56:] != self._tag:
             raise ValueError(
                 f"Durable Object id {value!r} does not belong to namespace {self.name!r}"
@@ -539,13 +561,19 @@ class DurableObjectNamespace(Generic[T]):
     def get(self, oid: DurableObjectId) -> DurableObjectStub[T]:
         """Returns a stub for ``oid``; nothing is started until the first call."""
         if not isinstance(oid, DurableObjectId):
-            raise TypeError("get() takes a DurableObjectId; use get_by_name() for names")
+            raise TypeError(
+                f"namespace {self.name!r}: get() takes a DurableObjectId, not "
+                f"{type(oid).__name__}; use get_by_name() for names")
         if oid.hex[56:] != self._tag:
             raise ValueError(f"id {oid} does not belong to namespace {self.name!r}")
         return DurableObjectStub(self, oid)
 
     def get_by_name(self, name: str) -> DurableObjectStub[T]:
-        """Same as ``get(id_from_name(name))``."""
+        """Same as ``get(id_from_name(name))``.
+
+        Raises:
+            TypeError: ``name`` is not a ``str``.
+        """
         return self.get(self.id_from_name(name))
 
     # -- activation, calls, eviction ------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from actorflow.clock import parse_duration_ms
+from actorflow.clock import MAX_DURATION_MS, MAX_EPOCH_MS, parse_duration_ms, to_epoch_ms
+from actorflow.errors import NonRetryableError
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -19,6 +21,7 @@ __all__ = [
     "WorkflowStep",
     "resolve_config",
     "retry_delay_ms",
+    "step_body_problem",
     "wants_ctx",
 ]
 
@@ -33,11 +36,24 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """A retries setting, accepted wherever a retries dict is."""
+    """A retries setting, accepted wherever a retries dict is.
+
+    Checked when it is made, with the rules (and messages) of a retries dict.
+
+    Raises:
+        ValueError: ``limit`` is not an int from 0 to 10,000, ``delay`` is not
+            a valid duration, or ``backoff`` is not one of ``constant``,
+            ``linear``, ``exponential``.
+    """
 
     limit: int = 5
     delay: int | float | str | timedelta = "10 seconds"
     backoff: str = "exponential"
+
+    def __post_init__(self) -> None:
+        _check_retries(
+            "RetryPolicy", {"limit": self.limit, "delay": self.delay, "backoff": self.backoff},
+            prefix="")
 
 
 @dataclass(frozen=True)
@@ -95,22 +111,7 @@ def resolve_config(
             retries = {"limit": retries.limit, "delay": retries.delay, "backoff": retries.backoff}
         if not isinstance(retries, dict):
             raise ValueError(f"{where}: retries must be a dict or RetryPolicy")
-        unknown = set(retries) - {"limit", "delay", "backoff"}
-        if unknown:
-            raise ValueError(f"{where}: unknown retries keys {sorted(unknown)}")
-        r = cfg["retries"]
-        if "limit" in retries:
-            limit = retries["limit"]
-            valid = isinstance(limit, int) and not isinstance(limit, bool)
-            if not valid or not 0 <= limit <= MAX_RETRIES:
-                raise ValueError(f"{where}: retries.limit must be an int from 0 to {MAX_RETRIES}")
-            r["limit"] = limit
-        if "delay" in retries:
-            r["delay"] = parse_duration_ms(retries["delay"], what=f"{where}: retries.delay")
-        if "backoff" in retries:
-            if retries["backoff"] not in BACKOFFS:
-                raise ValueError(f"{where}: retries.backoff must be one of {BACKOFFS}")
-            r["backoff"] = retries["backoff"]
+        cfg["retries"].update(_check_retries(where, retries))
     if timeout is not None:
         ms = parse_duration_ms(timeout, what=f"{where}: timeout")
         if ms <= 0:
@@ -119,15 +120,50 @@ def resolve_config(
     return cfg
 
 
+def _check_retries(where: str, retries: dict[str, Any], prefix: str = "retries.") -> dict[str, Any]:
+    """Checks the fields of a retries setting; returns them with ``delay`` in ms.
+
+    Raises:
+        ValueError: An unknown key, a limit outside 0 to 10,000, a bad delay
+            or backoff; the message names ``where``.
+    """
+    unknown = set(retries) - {"limit", "delay", "backoff"}
+    if unknown:
+        raise ValueError(f"{where}: unknown retries keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if "limit" in retries:
+        limit = retries["limit"]
+        valid = isinstance(limit, int) and not isinstance(limit, bool)
+        if not valid or not 0 <= limit <= MAX_RETRIES:
+            raise ValueError(
+                f"{where}: {prefix}limit must be an int from 0 to {MAX_RETRIES}, not {limit!r}")
+        out["limit"] = limit
+    if "delay" in retries:
+        out["delay"] = parse_duration_ms(retries["delay"], what=f"{where}: {prefix}delay")
+    if "backoff" in retries:
+        if retries["backoff"] not in BACKOFFS:
+            raise ValueError(f"{where}: {prefix}backoff must be one of {BACKOFFS}, "
+                             f"not {retries['backoff']!r}")
+        out["backoff"] = retries["backoff"]
+    return out
+
+
 def retry_delay_ms(config: dict[str, Any], attempt: int) -> int:
-    """Returns the wait after failed attempt ``attempt`` (1-based)."""
+    """Returns the wait after failed attempt ``attempt`` (1-based).
+
+    At most :data:`~actorflow.clock.MAX_DURATION_MS` (100 years): an
+    exponential backoff over thousands of retries would otherwise reach
+    deadlines the engine cannot store.
+    """
     r = config["retries"]
     delay: int = r["delay"]
     if r["backoff"] == "constant":
-        return delay
-    if r["backoff"] == "linear":
-        return delay * attempt
-    return int(delay * 2 ** (attempt - 1))
+        wait = delay
+    elif r["backoff"] == "linear":
+        wait = delay * attempt
+    else:
+        wait = delay * 2 ** (attempt - 1)
+    return min(int(wait), MAX_DURATION_MS)
 
 
 def wants_ctx(fn: Callable[..., Any]) -> bool:
@@ -144,8 +180,101 @@ def wants_ctx(fn: Callable[..., Any]) -> bool:
     return "ctx" in params
 
 
+#: Stands for the argument a step body is called with, when its signature is checked.
+_PROBE = object()
+
+
+def step_body_problem(fn: Callable[..., Any]) -> str | None:
+    """Tells what keeps ``fn`` from being called as a step body, or None if nothing does.
+
+    The engine calls a step body with no argument, or, when it has a parameter
+    named ``ctx``, with one positional argument (the :class:`StepContext`). A
+    body that cannot be called so (``lambda x, y: ...``, ``def f(item)``, a
+    keyword-only ``ctx``) would fail every attempt alike: this is checked
+    before the first one. A callable whose signature cannot be read (some
+    builtins) is let through.
+    """
+    if _plainly_fine(fn):
+        return None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    takes_ctx = "ctx" in sig.parameters
+    try:
+        bound = sig.bind(_PROBE) if takes_ctx else sig.bind()
+    except TypeError as e:
+        how = "with ctx as its only argument" if takes_ctx else "without arguments"
+        return f"{_described(fn, sig)} cannot be called {how} ({e})"
+    if takes_ctx and bound.arguments.get("ctx") is not _PROBE:
+        return f"{_described(fn, sig)} must take ctx as its first positional parameter"
+    return None
+
+
+def _plainly_fine(fn: Callable[..., Any]) -> bool:
+    """True for the common shapes of a good body, read from the code object.
+
+    ``inspect.signature`` is slow and this runs for every step call: only a
+    verdict of "fine" is taken here; anything else is looked at in full.
+    """
+    skip = 0
+    if type(fn) is types.MethodType:
+        fn, skip = fn.__func__, 1  # ``self`` is bound already
+    if type(fn) is not types.FunctionType or hasattr(fn, "__wrapped__"):
+        return False
+    code = fn.__code__
+    if code.co_kwonlyargcount:
+        return False
+    n = code.co_argcount
+    names = code.co_varnames[skip:n]
+    required = len(names) - len(fn.__defaults__ or ())
+    if required <= 0 and "ctx" not in names:
+        return True
+    return bool(names) and names[0] == "ctx" and required <= 1
+
+
+def _described(fn: Callable[..., Any], sig: inspect.Signature) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"the step function {name}{sig}"
+
+
+_BODY_RULE = "a step function takes no parameter, or one parameter named ctx (an af.StepContext)"
+_ITEM_RULE = "the function of step.map takes one positional parameter, the item"
+
+
+def _bad_body(where: str, name: str, problem: str, rule: str = _BODY_RULE) -> Callable[[], Any]:
+    """A body that fails its step at once (no retries), recorded like any step failure."""
+    message = f"{where}, step {name!r}: {problem}; {rule}"
+
+    def invalid_step_function() -> Any:
+        raise NonRetryableError(message, step=name)
+
+    return invalid_step_function
+
+
+def _item_problem(fn: Any) -> str | None:
+    """Tells what keeps ``fn`` from being called with one item (``step.map``), or None."""
+    if not callable(fn):
+        return f"a {type(fn).__name__} is not callable"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(_PROBE)
+    except TypeError as e:
+        return (f"the function {getattr(fn, '__qualname__', type(fn).__name__)}{sig} cannot "
+                f"be called with one item ({e})")
+    return None
+
+
 class StepRunner(Protocol):
     """What :class:`WorkflowStep` needs from the engine (one instance's run)."""
+
+    @property
+    def where(self) -> str:
+        """Names the workflow and the instance in messages."""
+        ...
 
     def do(
         self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
@@ -207,14 +336,33 @@ class WorkflowStep:
                 return run_step
 
             return decorator
-        return self._result(self._runner.do(name, fn, retries, timeout, config))
+        return self._result(self._runner.do(name, self._body(name, fn), retries, timeout, config))
+
+    def _body(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, or, if it cannot be called as a step body, one that fails the step at once."""
+        if not callable(fn):
+            return fn  # the engine refuses it, naming the step
+        problem = step_body_problem(fn)
+        return fn if problem is None else _bad_body(self._runner.where, name, problem)
 
     def sleep(self, name: str, duration: Any) -> Any:
         """Sleeps durably for ``duration`` (ms, a string like "10 seconds", or a timedelta)."""
         return self._result(self._runner.sleep(name, duration))
 
     def sleep_until(self, name: str, when: Any) -> Any:
-        """Sleeps durably until ``when`` (an aware datetime or epoch milliseconds)."""
+        """Sleeps durably until ``when`` (an aware datetime or epoch milliseconds).
+
+        ``when`` must be from 1970 to 9999 (epoch ms 0 to
+        :data:`~actorflow.clock.MAX_EPOCH_MS`); else ``ValueError`` is raised
+        into ``run``, naming the step.
+        """
+        if type(when) is int and not 0 <= when <= MAX_EPOCH_MS:
+            # The engine takes an int as it is (its fast path): refuse it here, where the
+            # deadline could otherwise be written and make the instance unreadable.
+            try:
+                to_epoch_ms(when, what=f"{self._runner.where}, step {name!r}")
+            except ValueError as e:
+                return self._result(_raising(e))
         return self._result(self._runner.sleep_until(name, when))
 
     def wait_for_event(self, name: str, type: str, *, timeout: Any = "24 hours") -> Any:
@@ -238,8 +386,13 @@ class WorkflowStep:
 
         Returns the results in item order.
         """
+        problem = _item_problem(fn)
         coros = [
-            self._runner.do(f"{name}[{i}]", _bind(fn, item), retries, timeout, None)
+            self._runner.do(
+                f"{name}[{i}]",
+                _bind(fn, item) if problem is None
+                else _bad_body(self._runner.where, f"{name}[{i}]", problem, _ITEM_RULE),
+                retries, timeout, None)
             for i, item in enumerate(items)
         ]
         return self._result(self._runner.gather(coros, max_concurrency))
@@ -252,8 +405,13 @@ class WorkflowStep:
         max_concurrency: int | None = None,
     ) -> Any:
         """Runs distinct ``(name, fn)`` steps concurrently; returns their results in order."""
-        coros = [self._runner.do(n, f, retries, timeout, None) for n, f in steps]
+        coros = [self._runner.do(n, self._body(n, f), retries, timeout, None) for n, f in steps]
         return self._result(self._runner.gather(coros, max_concurrency))
+
+
+async def _raising(error: BaseException) -> Any:
+    """A step call that fails with ``error`` where the call is awaited (or blocked on)."""
+    raise error
 
 
 def _bind(fn: Callable[[Any], Any], item: Any) -> Callable[[], Any]:

@@ -274,7 +274,7 @@ def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
     r = CliRunner().invoke(cli, ["--url", url, "--token", "s3cret", "--json", "list",
                                  "-w", "order", "-s", "running"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["instances"][0]["id"] == "a"
+    assert json.loads(r.stdout)["instances"][0]["id"] == "a"
     assert calls[-1][:2] == ("GET", "/api/workflows/order/instances?status=running&limit=50")
     assert calls[-1][3] == "Bearer s3cret"
     r = CliRunner().invoke(cli, ["--url", url, "status", "order", "a"])
@@ -293,6 +293,73 @@ def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
     assert r.exit_code == 1 and "InstanceNotFound: no instance 'missing'" in r.output
     r = CliRunner().invoke(cli, ["--url", url, "--json", "list"])
     assert r.exit_code == 0 and calls[-2][1] == "/api/workflows"
+
+
+# -- the token: from the environment or a file, never quietly from argv -----------------------------
+
+
+def test_a_token_on_the_command_line_warns_that_ps_shows_it(
+    service: tuple[str, list[Any]]
+) -> None:
+    url, calls = service
+    r = CliRunner().invoke(cli, ["--url", url, "--token", "s3cret", "--json", "list", "-w",
+                                 "order"], env={"ACTORFLOW_TOKEN": None})
+    assert r.exit_code == 0, r.output  # it still works: scripts that pass it keep running
+    assert calls[-1][3] == "Bearer s3cret"
+    assert "--token puts the token on the command line" in r.stderr
+    assert "ps" in r.stderr and "ACTORFLOW_TOKEN" in r.stderr and "--token-file" in r.stderr
+    assert "s3cret" not in r.stderr
+    json.loads(r.stdout)
+    r = CliRunner().invoke(cli, ["--url", url, "--json", "list", "-w", "order"],
+                           env={"ACTORFLOW_TOKEN": "from-env"})
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert calls[-1][3] == "Bearer from-env"
+
+
+def test_the_token_can_come_from_a_file(
+    service: tuple[str, list[Any]], tmp_path: Path
+) -> None:
+    url, calls = service
+    path = tmp_path / "token"
+    path.write_text("  from-file\n")
+    r = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "--json", "list",
+                                 "-w", "order"], env={"ACTORFLOW_TOKEN": "from-env"})
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert calls[-1][3] == "Bearer from-file"  # the file wins over the environment
+    n = len(calls)
+    both = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "--token", "x",
+                                    "list"])
+    assert both.exit_code == 2 and "not both" in both.output
+    path.write_text("\n")
+    empty = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "list"])
+    assert empty.exit_code == 2 and "is empty" in empty.output
+    missing = CliRunner().invoke(cli, ["--url", url, "--token-file", str(tmp_path / "no"),
+                                       "list"])
+    assert missing.exit_code == 2 and "cannot read" in missing.output
+    assert len(calls) == n  # nothing was sent without the token meant
+
+
+def test_serve_takes_its_token_from_a_file_and_warns_about_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    got: list[str | None] = []
+    fake = types.ModuleType("actorflow.http")
+
+    def serve(rt: af.Runtime, host: str, port: int, token: str | None) -> None:
+        got.append(token)
+
+    fake.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "actorflow.http", fake)
+    monkeypatch.delenv("ACTORFLOW_TOKEN", raising=False)
+    path = tmp_path / "token"
+    path.write_text("served-token\n")
+    data = str(tmp_path / "d")
+    assert main(["--data", data, "serve", "--token-file", str(path)]) == 0
+    assert main(["--data", data, "--token-file", str(path), "serve"]) == 0
+    assert "--token puts" not in capsys.readouterr().err
+    assert main(["--data", data, "serve", "--token", "argv-token"]) == 0
+    assert "--token puts the token on the command line" in capsys.readouterr().err
+    assert got == ["served-token", "served-token", "argv-token"]
 
 
 # -- serve and bench -------------------------------------------------------------------------------
@@ -389,8 +456,7 @@ def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any,
         wf.get(f"o{i}").wait_for_status("waiting")
     with http.serving(rt, token="s3cret") as url:
         def cli_(*args: str, code: int = 0, token: str | None = "s3cret") -> str:
-            opts = ["--url", url] + (["--token", token] if token else [])
-            r = CliRunner().invoke(cli, [*opts, *args], env={"ACTORFLOW_TOKEN": None})
+            r = CliRunner().invoke(cli, ["--url", url, *args], env={"ACTORFLOW_TOKEN": token})
             assert r.exit_code == code, r.output
             return r.output
 

@@ -48,11 +48,16 @@ class Blocked(af.Workflow):
         return "done"
 
 
+def with_token(app: Starlette, outer: Starlette | None = None) -> TestClient:
+    """A client of ``outer`` (default ``app``) that sends ``app``'s token (made by create_app)."""
+    return TestClient(outer or app, headers={"Authorization": f"Bearer {app.state.token}"})
+
+
 @pytest.fixture
 def client(rt: af.Runtime) -> Iterator[TestClient]:
     rt.register(Flaky, name="flaky")
     rt.register(Blocked, name="blocked")
-    with TestClient(create_app(rt)) as c:
+    with with_token(create_app(rt)) as c:
         yield c
 
 
@@ -192,7 +197,7 @@ def test_errors_map_to_status_codes_and_class_names(client: TestClient, rt: af.R
 def test_rate_limit_is_429(make_runtime: Any) -> None:
     runtime = make_runtime(limits=af.Limits(max_queued=0))
     runtime.register(Blocked, name="blocked")
-    with TestClient(create_app(runtime)) as c:
+    with with_token(create_app(runtime)) as c:
         fails(c.post("/api/workflows/blocked/instances", json={"id": "r1"}), 429,
               "RateLimitError")
     with pytest.raises(af.InstanceNotFound):
@@ -243,7 +248,7 @@ def test_send_event_validates_type_and_payload(make_runtime: Any) -> None:
     runtime.register(Blocked, name="blocked")
     inst = runtime.workflow("blocked").create(id="e1")
     url = "/api/workflows/blocked/instances/e1/events"
-    with TestClient(create_app(runtime)) as c:
+    with with_token(create_app(runtime)) as c:
         fails(c.post(f"{url}/bad.type", json={}), 400, "ValidationError")
         fails(c.post(f"{url}/{'t' * 101}", json={}), 400, "ValidationError")
         fails(c.post(f"{url}/go", json={"blob": "x" * 500}), 400, "LimitExceeded")
@@ -344,7 +349,7 @@ def test_values_that_are_not_json_are_shown_as_repr(rt: af.Runtime, journal: Jou
     rt.register(Odd, name="odd")
     inst = rt.workflow("odd").create(id="o")
     assert inst.wait(timeout=10).status == "complete"
-    with TestClient(create_app(rt)) as c:
+    with with_token(create_app(rt)) as c:
         got = ok(c.get("/api/workflows/odd/instances/o"))
     assert got["output"]["b"] == "b'\\x00'"
     assert got["output"]["when"].endswith("+00:00")
@@ -353,8 +358,9 @@ def test_values_that_are_not_json_are_shown_as_repr(rt: af.Runtime, journal: Jou
 
 def test_dashboard_assets_and_mounting(rt: af.Runtime) -> None:
     rt.register(Blocked, name="blocked")
-    outer = Starlette(routes=[Route("/", lambda r: None), Mount("/ops", app=create_app(rt))])
-    with TestClient(outer) as c:
+    inner = create_app(rt)
+    outer = Starlette(routes=[Route("/", lambda r: None), Mount("/ops", app=inner)])
+    with with_token(inner, outer) as c:
         page = c.get("/ops/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert 'src="dashboard/app.js"' in page.text
@@ -377,7 +383,7 @@ def test_workflows_found_only_in_storage_are_readable_and_controllable(
     first.close()
 
     second = make_runtime()  # the same directory; nothing registered
-    with TestClient(create_app(second)) as c:
+    with with_token(create_app(second)) as c:
         [row] = ok(c.get("/api/workflows"))
         assert row["name"] == "blocked" and row["registered"] is False
         assert row["counts"]["waiting"] == 2
@@ -406,7 +412,8 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
     runtime = make_runtime(sync=False)
     b = runtime.register(Blocked, name="blocked")
     b.create(id="known")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime))
+    app = create_app(runtime, token=None, allowed_hosts=["*"])  # the API, not its guards
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) == 10
     seen: set[str] = set()

@@ -40,6 +40,11 @@ def blocked(rt: af.Runtime) -> af.WorkflowBinding:
     return b
 
 
+def local(rt: af.Runtime, **options: Any) -> TestClient:
+    """A client of a tokenless app, addressed to ``localhost`` (which it answers)."""
+    return TestClient(create_app(rt, token=None, **options), base_url="http://localhost")
+
+
 def snapshot(rt: af.Runtime) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every record the workflow engine keeps for workflow ``blocked``."""
     spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, queue_db("blocked")]
@@ -121,6 +126,85 @@ def test_an_empty_token_is_refused(rt: af.Runtime) -> None:
         create_app(rt, token="  ")
 
 
+# -- create_app's defaults: what a service that mounts it gets --------------------------------
+
+
+def test_create_app_by_default_needs_a_token_it_generates(
+    rt: af.Runtime, blocked: af.WorkflowBinding, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mounted as the docs show, with no argument: no request without the token does anything,
+    whatever host it is addressed to (a DNS-rebinding page's ``evil.example`` included)."""
+    with caplog.at_level("WARNING", logger="actorflow.http"):
+        app = create_app(rt)
+    before = snapshot(rt)
+    for base in ("http://evil.example", "http://127.0.0.1:8787", "http://localhost"):
+        with TestClient(app, base_url=base) as c:
+            for method, path, body in MUTATIONS:
+                resp = c.request(method, path, json=body)
+                assert resp.status_code == 401, (base, method, path, resp.text)
+            for path in READS:
+                assert c.get(path).status_code == 401, (base, path)
+            assert c.get("/").status_code == 200  # the dashboard's page, which asks for it
+    rt.wait_until_idle()
+    assert snapshot(rt) == before
+    token = app.state.token
+    assert isinstance(token, str) and len(token) >= 32
+    assert [r.getMessage().count(token) for r in caplog.records] == [1]  # logged once
+    assert create_app(rt).state.token != token  # one per app
+    with TestClient(app, base_url="http://ops.example.com",
+                    headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.post(WF, json={"id": "made"}).status_code == 201
+        assert c.get(f"{WF}/made").status_code == 200
+    assert blocked.get("made").status().status != "unknown"
+
+
+def test_a_tokenless_app_answers_only_loopback_host_names(
+    rt: af.Runtime, blocked: af.WorkflowBinding
+) -> None:
+    """``create_app(rt, token=None)``: a page whose own name resolves to 127.0.0.1 is refused."""
+    app = create_app(rt, token=None)
+    before = snapshot(rt)
+    for host in ("evil.example", "evil.example:8787", "127.0.0.1.evil.example", "testserver"):
+        with TestClient(app, base_url=f"http://{host}") as c:
+            for method, path, body in MUTATIONS:
+                resp = c.request(method, path, json=body)
+                assert resp.status_code == 400, (host, method, path, resp.text)
+            for path in [*READS, "/", "/openapi.json"]:
+                assert c.get(path).status_code == 400, (host, path)
+    rt.wait_until_idle()
+    assert snapshot(rt) == before
+    for host in ("localhost", "localhost:8787", "127.0.0.1:8787", "[::1]:8787"):
+        with TestClient(app, base_url=f"http://{host}") as c:
+            assert c.get("/api/workflows").status_code == 200, host
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.post(WF, json={"id": "local"}).status_code == 201
+    assert app.state.token is None
+
+
+def test_allowed_hosts_widen_or_narrow_the_host_check(
+    rt: af.Runtime, blocked: af.WorkflowBinding
+) -> None:
+    with local(rt, allowed_hosts=["ops.example.com", "*.internal"]) as c:
+        for host, code in [("ops.example.com", 200), ("a.b.internal", 200),
+                           ("localhost", 400), ("evil.example", 400)]:
+            assert c.get("/api/workflows", headers={"Host": host}).status_code == code, host
+    with TestClient(create_app(rt, token=None, allowed_hosts=["*"]),
+                    base_url="http://anything.example") as c:
+        assert c.get("/api/workflows").status_code == 200
+    # with a token, a Host check is still applied when asked for
+    with TestClient(create_app(rt, token=TOKEN, allowed_hosts=["localhost"]),
+                    base_url="http://evil.example",
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        assert c.get("/api/workflows").status_code == 400
+
+
+def test_create_app_refuses_bad_arguments(rt: af.Runtime) -> None:
+    with pytest.raises(TypeError, match="token must be a str or None"):
+        create_app(rt, token=12345)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="allowed_hosts is a list"):
+        create_app(rt, token=None, allowed_hosts="localhost")
+
+
 @pytest.mark.parametrize(
     "ctype",
     [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
@@ -131,7 +215,7 @@ def test_only_json_bodies_are_accepted(
 ) -> None:
     before = snapshot(rt)
     headers = {} if ctype is None else {"Content-Type": ctype}
-    with TestClient(create_app(rt)) as c:
+    with local(rt) as c:
         for method, path, body in MUTATIONS:
             resp = c.request(method, path, content=json.dumps(body).encode(), headers=headers)
             assert resp.status_code == 415, (method, path, resp.text)
@@ -151,7 +235,7 @@ def test_a_body_is_never_unpickled(
 
     evil = pickle.dumps(Exploit())
     before = snapshot(rt)
-    with TestClient(create_app(rt)) as c:
+    with local(rt) as c:
         for ctype in ("application/json", "application/octet-stream"):
             for method, path, _ in MUTATIONS:
                 resp = c.request(method, path, content=evil, headers={"Content-Type": ctype})
@@ -165,7 +249,7 @@ def test_a_string_that_looks_like_a_pickle_stays_a_string(
     rt: af.Runtime, blocked: af.WorkflowBinding
 ) -> None:
     text = pickle.dumps({"x": 1}).decode("latin-1")
-    with TestClient(create_app(rt)) as c:
+    with local(rt) as c:
         assert c.post(WF, json={"id": "p", "params": text}).status_code == 201
         assert c.get(f"{WF}/p").json()["result"]["params"] == text
 
@@ -173,7 +257,7 @@ def test_a_string_that_looks_like_a_pickle_stays_a_string(
 def test_input_limits_match_the_python_api(make_runtime: Any) -> None:
     runtime = make_runtime(limits=af.Limits(max_event_payload_bytes=1000))
     runtime.register(Blocked, name="blocked")
-    with TestClient(create_app(runtime)) as c:
+    with local(runtime) as c:
         assert c.post(WF, json={"id": "x" * 100}).status_code == 201
         for bad in ("x" * 101, "-lead", "sp ace", "dot.ted", "", "ü"):
             r = c.post(WF, json={"id": bad})
@@ -270,7 +354,7 @@ def test_without_a_token_only_loopback_host_names_are_answered(
             urllib.request.urlopen(req)
         assert e.value.code == 400
         e.value.close()
-        for name in ("localhost", "127.0.0.1"):
+        for name in ("localhost", "127.0.0.1", "[::1]"):
             port = url.rsplit(":", 1)[1]
             req = urllib.request.Request(url + "/api/workflows",
                                          headers={"Host": f"{name}:{port}"})
@@ -299,7 +383,7 @@ def test_unexpected_errors_reveal_nothing(
         raise RuntimeError("secret detail from /etc/passwd")
 
     monkeypatch.setattr(af.WorkflowBinding, "get", boom)
-    with TestClient(create_app(rt)) as c:
+    with local(rt) as c:
         resp = c.get(f"{WF}/existing")
     assert resp.status_code == 500
     assert resp.json()["errors"][0]["name"] == "InternalError"

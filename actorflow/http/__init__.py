@@ -1,6 +1,7 @@
 """The HTTP API and the live dashboard of a runtime (the ``serve`` extra).
 
-``create_app(rt)`` returns an ASGI app to mount in your service;
+``create_app(rt)`` returns an ASGI app to mount in your service (its API needs
+a bearer token: the one you pass, or one it makes, ``app.state.token``);
 ``serve(rt)`` runs it with uvicorn on 127.0.0.1:8787 (what ``actorflow serve``
 does).
 """

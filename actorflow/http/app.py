@@ -7,8 +7,11 @@ run them in Starlette's thread pool and the event loop stays free.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
+import logging
+import secrets
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -47,13 +50,17 @@ from actorflow.http.views import (
 from actorflow.runtime import Runtime
 from actorflow.workflow import STATUSES, validate_instance_id
 
-__all__ = ["ApiError", "create_app"]
+__all__ = ["LOOPBACK_HOSTS", "ApiError", "create_app"]
+
+log = logging.getLogger("actorflow.http")
 
 #: Instances one batch request may create (Cloudflare's ``createBatch`` cap).
 MAX_BATCH = 100
 #: Instances one list page may hold.
 MAX_PAGE = 1000
 ACTIONS = ("pause", "resume", "terminate", "restart")
+#: The host names a tokenless app answers by default (``[::1]`` is how a Host header
+#: writes ``::1``).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -63,6 +70,15 @@ _ASSETS = {
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Token(enum.Enum):
+    """The default of ``create_app(token=...)``: a token made for the app."""
+
+    GENERATE = "generate"
+
+    def __repr__(self) -> str:
+        return "<generated>"
 
 
 class _Api:
@@ -334,24 +350,58 @@ def _asset(name: str) -> bytes:
 
 
 def create_app(
-    rt: Runtime, *, token: str | None = None, allowed_hosts: Sequence[str] | None = None
+    rt: Runtime,
+    *,
+    token: str | _Token | None = _Token.GENERATE,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """Returns the ASGI app serving the API, its OpenAPI schema and the dashboard.
 
-    Mount it in any ASGI service (``Mount("/actorflow", app=create_app(rt))``)
-    or run it with :func:`actorflow.http.serve`.
+    Mount it in any ASGI service (``Mount("/actorflow", app=create_app(rt,
+    token=...))``) or run it with :func:`actorflow.http.serve`. It is safe as
+    made: every ``/api`` request needs a bearer token, or, with
+    ``token=None``, the app answers only requests addressed to a loopback
+    host name, so that no web page can drive it (DNS rebinding). The token
+    is ``app.state.token``.
 
     Args:
         rt: The runtime whose workflows the app exposes: those registered,
             and those with instances in its data directory (readable and
             controllable, though they do not run in this process).
-        token: If set, every ``/api`` request must carry
-            ``Authorization: Bearer <token>``; others get 401 and change nothing.
-        allowed_hosts: If set, requests whose ``Host`` header is not one of
-            these names are refused (a guard against DNS rebinding).
+        token: Every ``/api`` request, reads included, must carry
+            ``Authorization: Bearer <token>``; others get 401 and change
+            nothing. Not given: a random token is made for this app and
+            logged once (warning level) on the ``actorflow.http`` logger; pass
+            your own (from a secret) to choose it. ``None``: no token, which
+            is safe only on a loopback address (as ``serve`` does) or behind
+            your own authentication.
+        allowed_hosts: The ``Host`` names answered (Starlette's
+            ``TrustedHostMiddleware``: ``"*.example.com"`` patterns, ``"*"``
+            for any); others get 400. Default: any host with a token, and
+            only :data:`LOOPBACK_HOSTS` without one.
+
+    Raises:
+        TypeError: ``token`` is neither a str nor None, or ``allowed_hosts``
+            is a single str.
+        ValueError: ``token`` is empty or blank.
     """
+    if token is _Token.GENERATE:
+        token = secrets.token_urlsafe(32)
+        log.warning(
+            "create_app() was given no token, so this app's API needs the one it generated: "
+            "%s (send 'Authorization: Bearer <token>'; the dashboard asks for it). Pass "
+            "token=... to choose it, or token=None to serve without one to loopback host "
+            "names only.", token)
+    if token is not None and not isinstance(token, str):
+        raise TypeError(f"the API token must be a str or None, not {type(token).__name__}")
     if token is not None and not token.strip():
         raise ValueError("the API token must not be empty")
+    if isinstance(allowed_hosts, str):
+        raise TypeError("allowed_hosts is a list of host names, not one str")
+    if allowed_hosts is None and token is None:
+        # Without a token the Host check is the only guard against a page whose
+        # own name resolves to 127.0.0.1 (DNS rebinding): keep it to loopback names.
+        allowed_hosts = LOOPBACK_HOSTS
     api = _Api(rt, token)
     ep = api.endpoint
     base = "/api/workflows/{wf}/instances"
@@ -391,7 +441,10 @@ def create_app(
 
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
-    return Starlette(
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts),
+                                     www_redirect=False))
+    app = Starlette(
         routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error}
     )
+    app.state.token = token
+    return app

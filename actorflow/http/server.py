@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from actorflow.http.app import LOOPBACK_HOSTS, create_app
+from actorflow.http.app import create_app
 from actorflow.runtime import Runtime
 
 __all__ = ["TOKEN_ENV", "check_bind", "make_server", "serve", "serving"]
@@ -39,8 +39,8 @@ def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ValueError(
             f"refusing to serve on {host!r} without a token: anyone who can reach it could "
-            f"control your workflows. Pass a token (--token, or the {TOKEN_ENV} environment "
-            "variable), or bind 127.0.0.1."
+            f"control your workflows. Pass a token (the {TOKEN_ENV} environment variable or "
+            "--token-file PATH; token= from Python), or bind 127.0.0.1."
         )
 
 
@@ -55,15 +55,15 @@ def make_server(
 
     ``token`` defaults to the ``ACTORFLOW_TOKEN`` environment variable. With no
     token, the server binds loopback only and answers only requests addressed
-    to a loopback host name (a guard against DNS rebinding).
+    to a loopback host name (a guard against DNS rebinding): the defaults of
+    ``create_app(rt, token=None)``.
 
     Raises:
         ValueError: ``host`` is not loopback and there is no token.
     """
     token = token or os.environ.get(TOKEN_ENV) or None
     check_bind(host, token)
-    hosts = None if token else [h.strip("[]") for h in LOOPBACK_HOSTS]
-    app = create_app(rt, token=token, allowed_hosts=hosts)
+    app = create_app(rt, token=token)
     options: dict[str, Any] = {"log_level": "warning", "server_header": False}
     options.update(uvicorn_options)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
