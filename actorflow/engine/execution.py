@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from actorflow.clock import parse_duration_ms, to_datetime, to_epoch_ms
+from actorflow.clock import MAX_EPOCH_MS, parse_duration_ms, to_datetime, to_epoch_ms
 from actorflow.engine.records import (
     DONE,
     EVENTS,
@@ -90,6 +90,14 @@ __all__ = ["Execution"]
 
 log = logging.getLogger("actorflow.engine")
 
+
+
+def _deadline(now_ms: int, ms: int, where: str) -> int:
+    """``now_ms + ms``, refused past what a deadline can hold (the year 9999)."""
+    dl = now_ms + ms
+    if dl > MAX_EPOCH_MS:
+        raise ValueError(f"{where}: the deadline would fall after the year 9999")
+    return dl
 
 
 def _cancelling() -> bool:
@@ -780,7 +788,7 @@ class Execution:
                 raise err
             delay = 0 if self.mods is not None and self.mods.no_retry_delays else retry_delay_ms(
                 cfg, attempt)
-            dl = a1 + delay
+            dl = _deadline(a1, delay, where)
             new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
             tk = self._timer(dl, key) if delay > 0 else None
             await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
@@ -849,7 +857,7 @@ class Execution:
             await self._gate()
         now = self.now_ms()
         if rec is None:
-            dl = until if until is not None else now + ms
+            dl = until if until is not None else _deadline(now, ms, self._here(name))
             if self.mods is not None and self.mods.no_sleeps:
                 dl = now
             rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
@@ -890,7 +898,7 @@ class Execution:
         if rec is None:
             now = self.now_ms()
             rec = {"k": "wait_for_event", "n": name, "c": count, "seq": self._next_seq(),
-                   "s": WAITING, "ty": event_type, "dl": now + ms, "t0": now}
+                   "s": WAITING, "ty": event_type, "dl": _deadline(now, ms, where), "t0": now}
             if not self.inbox.get(event_type) and not forced:
                 await self._commit_step(key, rec, arm=self._timer(rec["dl"], key))
         while True:
