@@ -19,6 +19,7 @@ __all__ = [
     "LimitExceeded",
     "NonRetryableError",
     "RateLimitError",
+    "RecordFormatError",
     "SerializationError",
     "StepTimeoutError",
     "StorageError",
@@ -102,3 +103,11 @@ class LimitExceeded(ActorflowError):
 
 class StorageError(ActorflowError):
     """A durable write failed (for example a full disk); nothing of it was applied."""
+
+
+class RecordFormatError(ActorflowError):
+    """An engine record in a data directory is not one actorflow wrote.
+
+    The directory is damaged, or was crafted: a pickle that would build an
+    object or call a function is refused here, never run.
+    """
