@@ -46,6 +46,7 @@ import click
 from click.core import ParameterSource
 
 from actorflow.engine.records import IDS, IDX, INST, ikey, load, queue_db, rkey
+from actorflow.errors import ActorflowError
 from actorflow.history import read_history, read_steps
 from actorflow.runtime import OWNER_LOCK, Runtime
 from actorflow.storage import Storage
@@ -591,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    except ActorflowError as e:  # a read of a damaged or crafted record, for one
+        click.ClickException(f"{type(e).__name__}: {e}").show()
+        return 1
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
         return 1

@@ -20,6 +20,7 @@ __all__ = [
     "LimitExceeded",
     "NonRetryableError",
     "RateLimitError",
+    "RecordFormatError",
     "SerializationError",
     "StepTimeoutError",
     "StorageError",
@@ -112,4 +113,12 @@ class LeaseLost(ActorflowError):
     and adopted. Whatever it is asked afterwards (a create, a control call)
     is refused with this error and nothing of it is written: the caller
     retries through another node, or through a new runtime of this one.
+    """
+
+
+class RecordFormatError(ActorflowError):
+    """An engine record in a data directory is not one actorflow wrote.
+
+    The directory is damaged, or was crafted: a pickle that would build an
+    object or call a function is refused here, never run.
     """

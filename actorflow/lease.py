@@ -341,7 +341,11 @@ class NodeLease:
     def adopt(self, node: str, rec: dict[str, Any]) -> int:
         """Takes over every unfinished instance of ``node``; returns how many."""
         key = node.encode()
-        raw = dump(rec)
+        # Guarded on the stored bytes, checked to hold ``rec``: encoding ``rec``
+        # again would not give them back for a record of an older format.
+        raw = self.storage.get(NODES, key)
+        if raw is None or load(raw) != rec:
+            return 0  # it came back, or another node is adopting it
         t0 = self.now_ms()
         mark = dict(rec, state="dead", was=rec.get("state"), adopted_by=self.node_id,
                     adopted_at=t0)

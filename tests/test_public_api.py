@@ -33,6 +33,7 @@ EXPECTED = {
     "NonRetryableError",
     "PickleSerializer",
     "RateLimitError",
+    "RecordFormatError",
     "RetryPolicy",
     "Runtime",
     "SerializationError",
@@ -60,6 +61,7 @@ ERRORS = [
     "LimitExceeded",
     "DeliveryError",
     "LeaseLost",
+    "RecordFormatError",
 ]
 PACKAGE = Path(af.__file__).parent
 
