@@ -37,7 +37,7 @@ from actorflow.engine.records import (
     target_rkey,
 )
 from actorflow.engine.signals import StorageFault
-from actorflow.errors import ActorflowError, InstanceNotFound, StorageError
+from actorflow.errors import ActorflowError, InstanceNotFound, RecordFormatError, StorageError
 from actorflow.lease import is_poke
 from actorflow.timers import TIMERS
 
@@ -176,7 +176,13 @@ class Supervisor:
                     raw = raws.get(rk) if rk is not None else None
                     if rk is None or raw is None:
                         continue
-                    actor = self._activate(wfe, iid, ik, rk, raw)
+                    try:
+                        actor = self._activate(wfe, iid, ik, rk, raw)
+                    except RecordFormatError as e:
+                        # One damaged record must not hold up the others of the burst.
+                        log.error("workflow %r, instance %r: %s", wfe.name, iid, e,
+                                  extra={"workflow": wfe.name, "instance": iid})
+                        continue
                 out[i] = actor
         return out
 
@@ -598,6 +604,12 @@ class Supervisor:
                 try:
                     actor = self.actor(wfe, iid)
                 except InstanceNotFound:
+                    continue
+                except RecordFormatError as e:
+                    # A damaged record: that instance stays where it is (its calls
+                    # raise the same error); the others of the workflow resume.
+                    log.error("workflow %r, instance %r: %s", wfe.name, iid, e,
+                              extra={"workflow": wfe.name, "instance": iid})
                     continue
                 if actor.running() or actor.woken:
                     continue

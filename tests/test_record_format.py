@@ -351,3 +351,39 @@ def test_an_old_node_that_left_is_adopted(data: Path) -> None:
         wait.send_event("approved", "bob")
         assert wait.wait(timeout=30).output == {"charged": {"paid": "cat"}, "by": "bob"}
 
+
+
+class Naps(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        step.sleep("nap", "1 minute")
+        return step.do("after", lambda: event.payload)
+
+
+def test_one_damaged_record_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    from actorflow.testing import FakeClock
+
+    data = tmp_path / "data"
+    clock = FakeClock()
+    with af.Runtime(data, clock=clock) as rt:
+        wf = rt.register(Naps, name="naps")
+        for i in range(3):
+            wf.create(id=f"n{i}", params=i).wait_for_status("waiting")
+        # "running" when the process went: recovery must read it at register time.
+        bad_running = wf.create(id="r", params="r")
+        bad_running.wait_for_status("waiting")
+    store = Storage(data)
+    try:
+        for iid in ("n1", "r"):
+            n = store.get(IDS, ikey("naps", iid))
+            assert n is not None
+            store.write(WriteBatch().put(INST, rkey("naps", n), b"\xc1 not a record"))
+    finally:
+        store.close()
+    with af.Runtime(data, clock=clock) as rt:
+        wf = rt.register(Naps, name="naps")  # does not raise for the damaged ones
+        clock.advance("1 minute")
+        for iid in ("n0", "n2"):
+            assert wf.get(iid).wait(timeout=10).output == int(iid[1])
+        with pytest.raises(RecordFormatError):
+            wf.get("n1").status()
+        assert wf.create(id="new", params=7) is not None  # the runtime goes on
