@@ -5,6 +5,7 @@ import logging as _logging
 from actorflow.binding import Instance, WorkflowBinding
 from actorflow.errors import (
     ActorflowError,
+    DataDirectoryLocked,
     EventTimeoutError,
     InstanceAlreadyExists,
     InstanceNotFound,
@@ -15,7 +16,9 @@ from actorflow.errors import (
     RateLimitError,
     SerializationError,
     StepTimeoutError,
+    StorageCorrupted,
     StorageError,
+    StorageFull,
 )
 from actorflow.history import Attempt, HistoryEvent, StepRecord
 from actorflow.limits import Limits
@@ -43,6 +46,7 @@ __all__ = [
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DataDirectoryLocked",
     "DeliveryError",
     "DurableObject",
     "DurableObjectId",
@@ -69,7 +73,9 @@ __all__ = [
     "StepContext",
     "StepRecord",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
     "Workflow",
     "WorkflowBinding",
     "WorkflowEntrypoint",

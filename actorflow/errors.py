@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ActorflowError",
+    "DataDirectoryLocked",
     "EventTimeoutError",
     "InstanceAlreadyExists",
     "InstanceNotFound",
@@ -21,7 +22,9 @@ __all__ = [
     "RateLimitError",
     "SerializationError",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
 ]
 
 
@@ -102,3 +105,24 @@ class LimitExceeded(ActorflowError):
 
 class StorageError(ActorflowError):
     """A durable write failed (for example a full disk); nothing of it was applied."""
+
+
+class DataDirectoryLocked(ActorflowError):
+    """Another runtime has the data directory open, so this one may not open it.
+
+    A runtime without a ``node_id`` needs its data directory to itself; nodes
+    share one only with other nodes, each node id once. Fields: ``path``, and
+    ``pid`` (the process holding it) when it is known.
+    """
+
+
+class StorageCorrupted(StorageError):
+    """The data directory's files are damaged (truncated, missing or overwritten).
+
+    Raised when opening such a directory, and by reads and writes that meet a
+    damaged page. Field: ``path``.
+    """
+
+
+class StorageFull(StorageError):
+    """The disk holding the data directory is full; nothing of the write was applied."""

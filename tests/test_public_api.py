@@ -12,6 +12,7 @@ EXPECTED = {
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DataDirectoryLocked",
     "DeliveryError",
     "DurableObject",
     "DurableObjectId",
@@ -38,7 +39,9 @@ EXPECTED = {
     "StepContext",
     "StepRecord",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
     "Workflow",
     "WorkflowBinding",
     "WorkflowEntrypoint",
@@ -58,6 +61,9 @@ ERRORS = [
     "SerializationError",
     "LimitExceeded",
     "DeliveryError",
+    "DataDirectoryLocked",
+    "StorageCorrupted",
+    "StorageFull",
 ]
 PACKAGE = Path(af.__file__).parent
 
