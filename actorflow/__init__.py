@@ -5,6 +5,7 @@ import logging as _logging
 from actorflow.binding import Instance, WorkflowBinding
 from actorflow.errors import (
     ActorflowError,
+    DataDirectoryLocked,
     EventTimeoutError,
     InstanceAlreadyExists,
     InstanceNotFound,
@@ -17,7 +18,9 @@ from actorflow.errors import (
     RecordFormatError,
     SerializationError,
     StepTimeoutError,
+    StorageCorrupted,
     StorageError,
+    StorageFull,
 )
 from actorflow.history import Attempt, HistoryEvent, StepRecord
 from actorflow.limits import Limits
@@ -45,6 +48,7 @@ __all__ = [
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DataDirectoryLocked",
     "DeliveryError",
     "DurableObject",
     "DurableObjectId",
@@ -73,7 +77,9 @@ __all__ = [
     "StepContext",
     "StepRecord",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
     "Workflow",
     "WorkflowBinding",
     "WorkflowEntrypoint",

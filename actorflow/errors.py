@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ActorflowError",
+    "DataDirectoryLocked",
     "EventTimeoutError",
     "InstanceAlreadyExists",
     "InstanceNotFound",
@@ -23,7 +24,9 @@ __all__ = [
     "RecordFormatError",
     "SerializationError",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
 ]
 
 
@@ -122,3 +125,24 @@ class RecordFormatError(ActorflowError):
     The directory is damaged, or was crafted: a pickle that would build an
     object or call a function is refused here, never run.
     """
+
+
+class DataDirectoryLocked(ActorflowError):
+    """Another runtime has the data directory open, so this one may not open it.
+
+    A runtime without a ``node_id`` needs its data directory to itself; nodes
+    share one only with other nodes, each node id once. Fields: ``path``, and
+    ``pid`` (the process holding it) when it is known.
+    """
+
+
+class StorageCorrupted(StorageError):
+    """The data directory's files are damaged (truncated, missing or overwritten).
+
+    Raised when opening such a directory, and by reads and writes that meet a
+    damaged page. Field: ``path``.
+    """
+
+
+class StorageFull(StorageError):
+    """The disk holding the data directory is full; nothing of the write was applied."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import logging
 import os
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 from actorflow.actors import ThreadExecutor
 from actorflow.binding import WorkflowBinding
 from actorflow.clock import Clock, SystemClock
+from actorflow.datadir import DirectoryClaim, claim_directory, hold_shared
 from actorflow.engine.context import EngineContext, WorkflowEngine
 from actorflow.engine.records import IDX, WAKE_KIND, queue_db
 from actorflow.errors import ActorflowError
@@ -40,6 +40,9 @@ __all__ = ["OWNER_LOCK", "Runtime"]
 #: ``flock`` on: tools take it exclusively to know that no process has the
 #: directory open.
 OWNER_LOCK = "actorflow.lock"
+#: Seconds a new runtime waits for the ``actorflow`` command to finish changing
+#: its directory (it holds OWNER_LOCK exclusively meanwhile).
+OWNER_WAIT = 30.0
 
 log = logging.getLogger("actorflow.runtime")
 #: The collector thresholds a runtime sets while open (see ``Runtime(gc_threshold=)``).
@@ -123,10 +126,19 @@ class Runtime:
         self.limits = limits or Limits()
         self.clock: Clock = clock or SystemClock()
         self.idle_timeout = idle_timeout
-        self._owner_fd = self._lock_owner()
         self.node_id = node_id or os.environ.get(NODE_ID_ENV) or None
-        self.storage = Storage(self.data_dir, sync=sync, serializer=serializer,
-                               **({"map_size": NODE_MAP_SIZE} if self.node_id else {}))
+        self._claim: DirectoryClaim | None = None
+        try:
+            self._owner_fd = self._lock_owner()
+            try:
+                self.storage = Storage(self.data_dir, sync=sync, serializer=serializer,
+                                       **({"map_size": NODE_MAP_SIZE} if self.node_id else {}))
+            except BaseException:
+                self._unlock()
+                raise
+        except BaseException:
+            self._restore_gc()
+            raise
         self._commits = CommitMonitor(self.clock.now)
         self.storage.add_commit_observer(self._commits)
         self.timers = TimerService(self.storage, self.clock)
@@ -288,11 +300,36 @@ class Runtime:
         return self.storage.visit_keys(IDX, visit)
 
     def _lock_owner(self) -> int:
-        """Takes a shared lock on the data directory's owner file for this runtime's life."""
-        os.makedirs(self.data_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.data_dir, OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a tool holds it exclusively
-        return fd
+        """Claims the data directory for this runtime's life; returns the owner lock's descriptor.
+
+        A runtime without a node id claims it alone, a node shares it with
+        nodes of other ids (see :func:`actorflow.datadir.claim_directory`);
+        either refuses at once with :class:`~actorflow.errors.DataDirectoryLocked`.
+        Then it takes a shared lock on the owner file, waiting while the
+        ``actorflow`` command holds that exclusively (at most ``OWNER_WAIT``).
+        """
+        self._claim = claim_directory(self.data_dir, self.node_id)
+        try:
+            return hold_shared(os.path.join(self.data_dir, OWNER_LOCK), OWNER_WAIT)
+        except BaseException:
+            self._claim.release()
+            self._claim = None
+            raise
+
+    def _unlock(self) -> None:
+        """Releases what :meth:`_lock_owner` took."""
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)  # releases the owner lock
+            self._owner_fd = -1
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
+    def _restore_gc(self) -> None:
+        """Puts back the collector thresholds this runtime changed."""
+        if self._gc_before is not None and gc.get_threshold() == self._gc_ours:
+            gc.set_threshold(*self._gc_before)  # unless somebody changed it since
+            self._gc_before = None
 
     # -- multi-node ----------------------------------------------------------------
 
@@ -436,11 +473,8 @@ class Runtime:
         if self._lease is not None:
             self._lease.leave()
         self.storage.close()
-        if self._gc_before is not None and gc.get_threshold() == self._gc_ours:
-            gc.set_threshold(*self._gc_before)  # unless somebody changed it since
-        if self._owner_fd >= 0:
-            os.close(self._owner_fd)  # releases the owner lock
-            self._owner_fd = -1
+        self._restore_gc()
+        self._unlock()
 
     def __enter__(self) -> Runtime:
         return self

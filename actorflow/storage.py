@@ -30,6 +30,19 @@ The storage contract, method by method:
 
 A :class:`Storage` must not be used in a process forked from the one that
 opened it (LMDB forbids it); doing so raises :class:`StorageError`.
+
+Damage and a full disk get named errors (see :mod:`actorflow.datadir` for the
+checks made before LMDB maps the files):
+
+* Opening refuses a data directory whose data file is truncated, whose meta
+  pages are damaged, or which held data and lost its data file
+  (:class:`~actorflow.errors.StorageCorrupted`), and one on a full disk
+  (:class:`~actorflow.errors.StorageFull`), instead of the process dying of
+  SIGBUS or opening empty.
+* A read or a write that meets a page LMDB finds damaged raises (or fails its
+  batch with) :class:`~actorflow.errors.StorageCorrupted`; a write that finds
+  the disk full fails with :class:`~actorflow.errors.StorageFull`.
+* :meth:`Storage.verify` checks the whole file.
 """
 
 from __future__ import annotations
@@ -47,8 +60,9 @@ from typing import Any
 
 import lmdb
 
+from actorflow import datadir
 from actorflow.batch import _DELETE, _PUT, MAX_KEY_BYTES, Chain, WriteBatch
-from actorflow.errors import StorageError
+from actorflow.errors import DataDirectoryLocked, StorageCorrupted, StorageError, StorageFull
 from actorflow.serializers import JsonSerializer, PickleSerializer, Serializer
 
 # Chain, WriteBatch and the serializers live in their own modules; they are
@@ -76,6 +90,15 @@ CommitObserver = Callable[
 
 class ConflictError(StorageError):
     """A guard of a write batch did not hold; nothing of the batch was written."""
+
+
+#: LMDB's errors that mean the data file is damaged. A transaction that met a
+#: damaged page is left invalid, so BadTxnError comes after one of the others.
+_DAMAGED: tuple[type[BaseException], ...] = (
+    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError,
+    lmdb.BadTxnError)
+#: The most readers at once; the lock file is preallocated for them.
+MAX_READERS = 2048
 
 
 def join_key(*parts: str) -> bytes:
@@ -135,13 +158,30 @@ class _ReadGate:
 
 
 class _OpenDb:
-    """A request to the writer thread to open a named database."""
+    """A request to the writer thread to open a named database, or to run ``call``.
 
-    __slots__ = ("name", "opened")
+    Either runs between two group commits, with no write transaction open.
+    """
 
-    def __init__(self, name: str, opened: threading.Event) -> None:
+    __slots__ = ("call", "error", "name", "opened")
+
+    def __init__(self, name: str, opened: threading.Event,
+                 call: Callable[[], None] | None = None) -> None:
         self.name = name
         self.opened = opened
+        self.call = call
+        self.error: StorageError | None = None
+
+    def run(self, storage: Storage) -> None:
+        if self.call is not None:
+            self.call()  # sets ``opened`` itself
+            return
+        try:
+            storage._open_db(self.name)
+        except StorageError as exc:  # a full disk: the waiter raises it
+            self.error = exc
+        finally:
+            self.opened.set()
 
 
 class Storage:
@@ -165,21 +205,17 @@ class Storage:
         serializer: Serializer | None = None,
     ) -> None:
         self.path = os.fspath(path)
-        os.makedirs(self.path, exist_ok=True)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise datadir.disk_error(self.path, "creating the directory", exc) from exc
         self.serializer: Serializer = serializer or PickleSerializer()
         self._pid = os.getpid()
         # Set in a forked child: cheaper than a getpid() system call per read.
         self._forked = False
+        self._damage_logged = False
+        self._env = self._open(map_size, sync)
         os.register_at_fork(after_in_child=functools.partial(_mark_forked, weakref.ref(self)))
-        self._env = lmdb.open(
-            self.path,
-            map_size=map_size,
-            max_dbs=256,
-            max_readers=2048,
-            sync=sync,
-            metasync=sync,
-            readahead=False,
-        )
         self._dbs: dict[str, Any] = {}
         self._db_lock = threading.Lock()
         self._gate = _ReadGate()
@@ -196,6 +232,128 @@ class Storage:
         self._writer = threading.Thread(target=self._run, name="actorflow-writer", daemon=True)
         self._writer.start()
 
+    def _open(self, map_size: int, sync: bool) -> Any:
+        """Opens the LMDB environment, after the checks LMDB does not make itself."""
+        new = datadir.check_data_file(self.path)
+        datadir.preallocate_lock_file(self.path, MAX_READERS)
+        try:
+            env = lmdb.open(
+                self.path,
+                map_size=map_size,
+                max_dbs=256,
+                max_readers=MAX_READERS,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+            )
+        except lmdb.Error as exc:
+            if "already open in this process" in str(exc):
+                raise DataDirectoryLocked(
+                    f"data directory {self.path} is already open in this process (pid "
+                    f"{os.getpid()}): close the Runtime or Storage that has it open first; "
+                    "one process opens a data directory once (nodes sharing a directory run "
+                    "in separate processes)", path=self.path, pid=os.getpid()) from None
+            if new:
+                # A data file LMDB began (a full disk, say) holds nothing: without
+                # it, the next open starts afresh instead of finding it damaged.
+                try:
+                    os.unlink(os.path.join(self.path, datadir.DATA_FILE))
+                except OSError:
+                    pass
+            raise self._failure(exc, "opening the data file") from exc
+        if not os.path.exists(os.path.join(self.path, datadir.MARKER)):
+            try:
+                env.sync(True)  # the data file's meta pages are durable before the marker
+                datadir.mark(self.path)
+            except BaseException as exc:
+                env.close()
+                if isinstance(exc, lmdb.Error):
+                    raise self._failure(exc, "opening the data file") from exc
+                raise
+        return env
+
+    def _failure(self, exc: BaseException, doing: str) -> StorageError:
+        """The named error for an LMDB error met while ``doing`` something."""
+        if isinstance(exc, _DAMAGED):
+            err: StorageError = StorageCorrupted(
+                f"the data file of {self.path} is damaged ({doing}: {exc}). Stop the "
+                "process, check it with Storage.verify() and restore the directory from a "
+                "backup", path=self.path)
+            if not self._logged_damage():
+                log.error("%s", err)
+            return err
+        if isinstance(exc, lmdb.DiskError):
+            return StorageFull(
+                f"the disk holding data directory {self.path} is full ({doing}: {exc}); "
+                "nothing was written. Free some space and retry", path=self.path)
+        return StorageError(f"data directory {self.path}: {doing} failed: {exc}",
+                            path=self.path)
+
+    def _logged_damage(self) -> bool:
+        """True if damage was logged already (once per storage is enough); marks it logged."""
+        seen, self._damage_logged = self._damage_logged, True
+        return seen
+
+    def verify(self) -> None:
+        """Checks every page of the data file; raises what is damaged.
+
+        Uses py-lmdb's structural verifier (``lmdb.verify``, py-lmdb 3.0 or
+        later), which reads the file without mapping it: damage is an error,
+        never a crash. It runs on the writer thread inside a write transaction
+        that writes nothing, so that no commit, of this process or another,
+        changes the file meanwhile: writes wait for it (about a second per
+        300 MB of data file).
+
+        Raises:
+            StorageCorrupted: Naming the directory and the first problems found.
+            StorageError: py-lmdb is older than 3.0.
+        """
+        self._check_pid()
+        result: list[BaseException | None] = [None]
+        done = threading.Event()
+
+        def check() -> None:
+            try:
+                self._verify_now()
+            except BaseException as exc:
+                result[0] = exc
+            finally:
+                done.set()
+
+        if self._writer.is_alive():
+            self._queue.put(_OpenDb("", done, check))
+            done.wait()
+        else:
+            check()
+        if result[0] is not None:
+            raise result[0]
+
+    def _verify_now(self) -> None:
+        try:
+            from lmdb import verify as lmdb_verify
+        except ImportError:
+            raise StorageError(
+                f"cannot verify {self.path}: Storage.verify() needs py-lmdb 3.0 or later "
+                f"(installed: {lmdb.__version__})", path=self.path) from None
+        try:
+            txn = self._env.begin(write=True)
+            try:
+                problems = lmdb_verify.verify(self.path)
+            except lmdb_verify.VerifyError as exc:
+                problems = [str(exc)]
+            finally:
+                txn.abort()
+        except lmdb.Error as exc:
+            raise self._failure(exc, "verifying it") from exc
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            err = StorageCorrupted(
+                f"the data file of {self.path} is damaged: {'; '.join(problems[:5])}{more}. "
+                "Restore the directory from a backup", path=self.path, problems=problems)
+            if not self._logged_damage():
+                log.error("%s", err)
+            raise err
+
     # -- keyspaces ---------------------------------------------------------
 
     def _db(self, name: str) -> Any:
@@ -209,8 +367,11 @@ class Storage:
         # deadlocks against a group commit in progress. The writer opens it
         # between two transactions instead.
         opened = threading.Event()
-        self._queue.put(_OpenDb(name, opened))
+        request = _OpenDb(name, opened)
+        self._queue.put(request)
         opened.wait()
+        if request.error is not None:
+            raise request.error
         db = self._dbs.get(name)
         if db is None:  # close() released us: the writer had stopped
             raise StorageError(f"storage at {self.path} is closed")
@@ -220,7 +381,10 @@ class Storage:
         with self._db_lock:
             db = self._dbs.get(name)
             if db is None:
-                db = self._env.open_db(name.encode())
+                try:
+                    db = self._env.open_db(name.encode())
+                except lmdb.Error as exc:  # creating it is a commit: the disk may be full
+                    raise self._failure(exc, f"opening keyspace {name!r}") from exc
                 self._dbs[name] = db
         return db
 
@@ -254,6 +418,8 @@ class Storage:
         try:
             with self._env.begin(db=db, buffers=False) as txn:
                 yield txn
+        except _DAMAGED as exc:
+            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
         finally:
             slot[0] = False
 
@@ -265,6 +431,8 @@ class Storage:
             with self._env.begin(db=db, buffers=False) as txn:
                 value: bytes | None = txn.get(key)
                 return value
+        except _DAMAGED as exc:
+            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
         finally:
             slot[0] = False
 
@@ -341,6 +509,8 @@ class Storage:
                             if limit is not None and len(out) >= limit:
                                 break
                             ok = cur.prev()
+        except _DAMAGED as exc:
+            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
         finally:
             slot[0] = False
         return out
@@ -363,6 +533,9 @@ class Storage:
                             rows.append((k, v))
                     out.append(rows)
                 return out
+        except _DAMAGED as exc:
+            names = sorted({ks for ks, _ in wanted})
+            raise self._failure(exc, f"reading keyspaces {names}") from exc
         finally:
             slot[0] = False
 
@@ -488,8 +661,7 @@ class Storage:
             if item is _STOP:
                 return
             if isinstance(item, _OpenDb):
-                self._open_db(item.name)
-                item.opened.set()
+                item.run(self)
                 continue
             items = [item]
             stop = False
@@ -505,8 +677,7 @@ class Storage:
                         stop = True
                         break
                     if isinstance(nxt, _OpenDb):
-                        self._open_db(nxt.name)  # no transaction is open yet
-                        nxt.opened.set()
+                        nxt.run(self)  # no transaction is open yet
                         continue
                     items.append(nxt)
             except queue.Empty:
@@ -535,7 +706,9 @@ class Storage:
                 self._grow()
             except Exception as exc:  # disk full, I/O error: the whole group failed
                 log.error("group commit of %d batches failed: %s", len(items), exc)
-                err = StorageError(f"durable write to {self.path} failed: {exc}")
+                err = self._failure(exc, "a durable write") \
+                    if isinstance(exc, (*_DAMAGED, lmdb.DiskError)) \
+                    else StorageError(f"durable write to {self.path} failed: {exc}")
                 results = [err] * len(items)
                 break
         if self._latency:
@@ -639,6 +812,8 @@ class Storage:
             except queue.Empty:
                 break
             if isinstance(item, _OpenDb):
+                if item.call is not None:
+                    item.call()  # the environment is still open
                 item.opened.set()  # its waiter finds no database and raises
             elif item is not _STOP and item[1] is not None:
                 try:

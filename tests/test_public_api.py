@@ -12,6 +12,7 @@ EXPECTED = {
     "ActorflowError",
     "AlarmInfo",
     "Attempt",
+    "DataDirectoryLocked",
     "DeliveryError",
     "DurableObject",
     "DurableObjectId",
@@ -40,7 +41,9 @@ EXPECTED = {
     "StepContext",
     "StepRecord",
     "StepTimeoutError",
+    "StorageCorrupted",
     "StorageError",
+    "StorageFull",
     "Workflow",
     "WorkflowBinding",
     "WorkflowEntrypoint",
@@ -62,6 +65,9 @@ ERRORS = [
     "DeliveryError",
     "LeaseLost",
     "RecordFormatError",
+    "DataDirectoryLocked",
+    "StorageCorrupted",
+    "StorageFull",
 ]
 PACKAGE = Path(af.__file__).parent
 
