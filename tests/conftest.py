@@ -7,6 +7,8 @@ module-level mutable state.
 
 from __future__ import annotations
 
+import ast
+import gc
 import threading
 import time
 from collections import Counter
@@ -82,6 +84,22 @@ def wait_for(cond: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("condition never held")
         time.sleep(0.002)
+
+
+def parse_source(path: Path) -> Any:
+    """``ast.parse`` of a file, with the cyclic collector held off meanwhile.
+
+    CPython 3.11 can fail an ``ast.parse`` with "AST constructor recursion
+    depth mismatch" when a collection runs finalizers in the middle of it
+    (python/cpython#106905); earlier tests leave such garbage behind.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text())
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def history_types(inst: af.Instance, prefix: str = "") -> list[str]:

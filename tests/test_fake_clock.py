@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from conftest import parse_source
+
 import actorflow as af
 from actorflow.testing import FakeClock
 
@@ -212,7 +214,7 @@ def _real_time_calls(path: Path) -> list[tuple[str, int, str]]:
                     found.append((".".join(scope), child.lineno, call))
             visit(child, scope)
 
-    visit(ast.parse(path.read_text()), [])
+    visit(parse_source(path), [])
     return found
 
 

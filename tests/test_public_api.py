@@ -6,6 +6,8 @@ import ast
 import pickle
 from pathlib import Path
 
+from conftest import parse_source
+
 import actorflow as af
 
 EXPECTED = {
@@ -116,7 +118,7 @@ def test_engine_reads_time_only_through_the_clock() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.name == "clock.py":
             continue
-        tree = ast.parse(path.read_text())
+        tree = parse_source(path)
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 owner = node.func.value
@@ -169,7 +171,7 @@ def test_layers_do_not_import_upwards() -> None:
         mod = rel[0].removesuffix(".py")
         if mod not in order:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse_source(path)):
             if (
                 isinstance(node, ast.ImportFrom)
                 and node.module

@@ -267,7 +267,20 @@ class InstanceActor(PooledActor):
             batch.put(FENCE, self.rk, epoch_bytes(self.epoch + 1))
             self.record["epoch"] = self.epoch + 1
             batch.put(INST, self.rk, dump(self.record))
-        await self.ctx.write(batch)
+        try:
+            await self.ctx.write(batch)
+        except ConflictError:
+            self.reload_record()
+            node = self.ctx.supervisor.node
+            if node is None:
+                raise
+            # The epoch moved under this actor: another node took the instance over.
+            self.owned = False
+            if not node.confirm_live():
+                raise lease_lost(node.node_id, self.where) from None
+            raise InvalidInstanceState(
+                f"{self.where}: it moved to another node meanwhile; try again",
+                workflow=self.wfe.name, instance=self.iid) from None
         self.committed()
         if new_epoch:
             self.epoch += 1
