@@ -295,6 +295,41 @@ class NodeProcess:
             ActorflowError: The error the call raised in the node, as the same
                 actorflow error class when there is one.
         """
+        rid, fut = self._send(op, args)
+        try:
+            reply = fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise NodeProcessError(
+                f"node {self.node_id}: no reply to {op!r} within {timeout} s") from None
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+        return self._unpack(op, reply)
+
+    def submit(self, op: str, **args: Any) -> concurrent.futures.Future[Any]:
+        """Sends one control request without waiting for its reply (thread-safe).
+
+        The request is in the child's input when this returns, so a child
+        stopped with SIGSTOP reads it once it is continued. The future gets
+        what :meth:`request` would return or raise.
+
+        Raises:
+            NodeProcessError: The node is not running.
+        """
+        _, raw = self._send(op, args)
+        out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def unpack(done: concurrent.futures.Future[Any]) -> None:
+            try:
+                out.set_result(self._unpack(op, done.result()))
+            except BaseException as e:
+                out.set_exception(e)
+
+        raw.add_done_callback(unpack)
+        return out
+
+    def _send(self, op: str, args: dict[str, Any]) -> tuple[int, concurrent.futures.Future[Any]]:
+        """Writes one request line; returns its id and the future of its raw reply."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             proc = self._proc
@@ -310,14 +345,10 @@ class NodeProcess:
             except (OSError, ValueError):
                 self._pending.pop(rid, None)
                 raise NodeProcessError(f"node {self.node_id} died") from None
-        try:
-            reply = fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise NodeProcessError(
-                f"node {self.node_id}: no reply to {op!r} within {timeout} s") from None
-        finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+        return rid, fut
+
+    def _unpack(self, op: str, reply: Any) -> Any:
+        """The result of a raw reply, or the error it carries raised."""
         if reply is _EOF:
             raise NodeProcessError(f"node {self.node_id} died during {op!r}")
         if reply.get("ok"):
