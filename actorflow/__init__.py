@@ -2,8 +2,7 @@
 
 import logging as _logging
 
-from actorflow.binding import Instance, WorkflowBinding
-from actorflow.errors import (
+from actorflow.core.errors import (
     ActorflowError,
     DataDirectoryLocked,
     EventTimeoutError,
@@ -22,9 +21,9 @@ from actorflow.errors import (
     StorageError,
     StorageFull,
 )
-from actorflow.history import Attempt, HistoryEvent, StepRecord
-from actorflow.limits import Limits
-from actorflow.objects import (
+from actorflow.core.limits import Limits
+from actorflow.core.storage import JsonSerializer, PickleSerializer
+from actorflow.objects.namespace import (
     AlarmInfo,
     DeliveryError,
     DurableObject,
@@ -34,15 +33,16 @@ from actorflow.objects import (
     DurableObjectStub,
 )
 from actorflow.runtime import Runtime
-from actorflow.step import RetryPolicy, StepContext, WorkflowStep
-from actorflow.storage import JsonSerializer, PickleSerializer
-from actorflow.workflow import (
+from actorflow.workflows.definition import (
     InstanceStatus,
     Workflow,
     WorkflowEntrypoint,
     WorkflowEvent,
     WorkflowStepEvent,
 )
+from actorflow.workflows.handles import Instance, WorkflowBinding
+from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord
+from actorflow.workflows.step import RetryPolicy, StepContext, WorkflowStep
 
 __all__ = [
     "ActorflowError",

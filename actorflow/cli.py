@@ -45,13 +45,13 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from actorflow.engine.records import IDS, IDX, INST, ikey, load, queue_db, rkey
-from actorflow.errors import ActorflowError
-from actorflow.history import read_history, read_steps
+from actorflow.core.errors import ActorflowError
+from actorflow.core.storage import Storage
+from actorflow.core.timers import TIMERS
 from actorflow.runtime import OWNER_LOCK, Runtime
-from actorflow.storage import Storage
-from actorflow.timers import TIMERS
-from actorflow.workflow import STATUSES
+from actorflow.workflows.definition import STATUSES
+from actorflow.workflows.history import read_history, read_steps
+from actorflow.workflows.records import IDS, IDX, INST, ikey, load, queue_db, rkey
 
 __all__ = ["cli", "format_table", "main"]
 
@@ -85,7 +85,7 @@ def _plain(value: Any) -> Any:
 
 
 def _iso_ms(ms: int | None) -> str:
-    from actorflow.clock import to_datetime
+    from actorflow.core.clock import to_datetime
 
     return "" if ms is None else to_datetime(ms / 1000).isoformat(timespec="milliseconds")
 
@@ -221,7 +221,7 @@ class _Local:
                     "timer_backlog": store.count(TIMERS)}
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
-        from actorflow.errors import ActorflowError
+        from actorflow.core.errors import ActorflowError
 
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
             try:

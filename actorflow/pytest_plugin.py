@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from actorflow.faults import Faults
 from actorflow.runtime import Runtime
 from actorflow.testing import FakeClock
+from actorflow.testkit.faults import Faults
 
 if TYPE_CHECKING:
-    from actorflow.node import NodeProcess
+    from actorflow.testkit.node import NodeProcess
 
 __all__ = [
     "NodeFactory",
@@ -118,7 +118,7 @@ class NodeFactory:
         ``options`` go to :class:`~actorflow.testing.NodeProcess` (for example
         ``lease_timeout``). With ``start=False`` the caller starts it.
         """
-        from actorflow.node import NodeProcess  # only suites that use nodes pay for it
+        from actorflow.testkit.node import NodeProcess  # only suites that use nodes pay for it
 
         node = NodeProcess(self.data_dir, app, node_id=node_id, env=env, **options)
         self.nodes.append(node)

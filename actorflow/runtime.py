@@ -9,14 +9,7 @@ import threading
 import time
 from typing import Any, TypeVar
 
-from actorflow.actors import ThreadExecutor
-from actorflow.binding import WorkflowBinding
-from actorflow.clock import Clock, SystemClock
-from actorflow.datadir import DirectoryClaim, claim_directory, hold_shared
-from actorflow.engine.context import EngineContext, WorkflowEngine
-from actorflow.engine.records import IDX, WAKE_KIND, queue_db
-from actorflow.errors import ActorflowError
-from actorflow.lease import (
+from actorflow.cluster.lease import (
     DEFAULT_LEASE_TIMEOUT,
     LEASE_TIMEOUT_ENV,
     NODE_ID_ENV,
@@ -24,15 +17,23 @@ from actorflow.lease import (
     NodeLease,
     node_sequence,
 )
-from actorflow.limits import Limits
-from actorflow.metrics import CommitMonitor, Metrics, WorkflowMetrics
-from actorflow.object_storage import ALARM_KIND
-from actorflow.objects import DurableObject, DurableObjectNamespace
-from actorflow.router import Router
-from actorflow.storage import Serializer, Storage
-from actorflow.supervisor import Supervisor
-from actorflow.timers import TimerService
-from actorflow.workflow import Workflow
+from actorflow.core.actors import ThreadExecutor
+from actorflow.core.clock import Clock, SystemClock
+from actorflow.core.datadir import DirectoryClaim, claim_directory, hold_shared
+from actorflow.core.errors import ActorflowError
+from actorflow.core.limits import Limits
+from actorflow.core.storage import Serializer, Storage
+from actorflow.core.timers import TimerService
+from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
+from actorflow.objects.storage import ALARM_KIND
+from actorflow.observe.metrics import CommitMonitor, Metrics, WorkflowMetrics
+from actorflow.workflows.definition import Workflow
+from actorflow.workflows.adoption import claimer_for
+from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
+from actorflow.workflows.handles import WorkflowBinding
+from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
+from actorflow.workflows.router import Router
+from actorflow.workflows.supervisor import Supervisor
 
 __all__ = ["OWNER_LOCK", "Runtime"]
 
@@ -73,13 +74,13 @@ class Runtime:
             ``crash_window`` seconds before it is marked errored.
         crash_window: See ``max_crashes``.
         tracer_provider: An OpenTelemetry ``TracerProvider``: traces runs,
-            steps and attempts (see :mod:`actorflow.tracing`; needs the
+            steps and attempts (see :mod:`actorflow.observe.tracing`; needs the
             ``otel`` extra). None (the default): no tracing, at no cost.
         node_id: Join the data directory as this node (default: the
             ``ACTORFLOW_NODE_ID`` environment variable; unset: a lone
             runtime). Several nodes, in processes on one host, can share a
             data directory; each runs the instances it owns and adopts those
-            of a node whose lease expired (see :mod:`actorflow.lease`).
+            of a node whose lease expired (see :mod:`actorflow.cluster.lease`).
         lease_timeout: Seconds without a heartbeat after which this node's
             instances are adopted by another node (default: the
             ``ACTORFLOW_LEASE_TIMEOUT`` environment variable, else 5).
@@ -157,7 +158,7 @@ class Runtime:
         if self.node_id:
             self._join(lease_timeout)
         if tracer_provider is not None:
-            from actorflow.tracing import instrument
+            from actorflow.observe.tracing import instrument
 
             instrument(self, tracer_provider)
         self._engine.start()
@@ -251,7 +252,7 @@ class Runtime:
     # -- observability -------------------------------------------------------------
 
     def metrics(self) -> Metrics:
-        """Returns a snapshot of the runtime's figures (see :class:`~actorflow.metrics.Metrics`).
+        """Returns a snapshot of the runtime's figures (:class:`~actorflow.observe.Metrics`).
 
         Counts by status cover every workflow in the data directory. The first
         call scans the status index once; later calls cost O(workflows).
@@ -303,8 +304,8 @@ class Runtime:
         """Claims the data directory for this runtime's life; returns the owner lock's descriptor.
 
         A runtime without a node id claims it alone, a node shares it with
-        nodes of other ids (see :func:`actorflow.datadir.claim_directory`);
-        either refuses at once with :class:`~actorflow.errors.DataDirectoryLocked`.
+        nodes of other ids (see :func:`actorflow.core.datadir.claim_directory`);
+        either refuses at once with :class:`~actorflow.core.errors.DataDirectoryLocked`.
         Then it takes a shared lock on the owner file, waiting while the
         ``actorflow`` command holds that exclusively (at most ``OWNER_WAIT``).
         """
@@ -334,7 +335,7 @@ class Runtime:
     # -- multi-node ----------------------------------------------------------------
 
     def _join(self, lease_timeout: float | None) -> None:
-        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.lease`)."""
+        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.cluster.lease`)."""
         assert self.node_id is not None
         if lease_timeout is None:
             lease_timeout = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT)
@@ -343,6 +344,7 @@ class Runtime:
         self._engine._seq = node_sequence(slot)  # ids distinct from other live nodes'
         sup = self._supervisor
         sup.node = lease
+        lease.claimer = claimer_for(lease)
         lease.on_adopted = sup.adopted
         lease.on_tick = sup.prune_foreign
         lease.on_lost = self._lease_lost

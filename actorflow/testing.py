@@ -23,10 +23,10 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from actorflow.binding import WorkflowModifier
-from actorflow.clock import _Subscribers, parse_duration_ms, to_datetime
-from actorflow.faults import Faults
-from actorflow.node import NodeProcess, NodeProcessError
+from actorflow.core.clock import _Subscribers, parse_duration_ms, to_datetime
+from actorflow.testkit.faults import Faults
+from actorflow.testkit.node import NodeProcess, NodeProcessError
+from actorflow.workflows.handles import WorkflowModifier
 
 if TYPE_CHECKING:
     from actorflow.runtime import Runtime

@@ -34,7 +34,7 @@ import lmdb
 
 import actorflow as af
 from actorflow.bench.workloads import Counter
-from actorflow.storage import WriteBatch
+from actorflow.core.storage import WriteBatch
 
 # -- pytest-benchmark ---------------------------------------------------------------------
 

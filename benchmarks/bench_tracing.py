@@ -36,8 +36,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 import actorflow as af
-from actorflow import tracing
 from actorflow.bench import TrivialSteps
+from actorflow.observe import tracing
 
 MAX_OVERHEAD = 0.15
 

@@ -19,9 +19,9 @@ import lmdb
 import actorflow as af
 from actorflow.bench import TrivialSteps as Steps
 from actorflow.bench.physical import echo_thread
-from actorflow.engine.records import step_key
-from actorflow.storage import WriteBatch
-from actorflow.timers import TIMERS, TimerService
+from actorflow.core.storage import WriteBatch
+from actorflow.core.timers import TIMERS, TimerService
+from actorflow.workflows.records import step_key
 
 
 def test_fsync_commit(benchmark: Any, tmp_path: Path) -> None:

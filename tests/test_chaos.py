@@ -56,12 +56,12 @@ from apps.accounting import read_back as read_data
 from apps.chaos_app import FLAKY, JOURNAL_ENV
 from apps.chaos_app import STEPS as STEP_NAMES
 
-from actorflow.engine.records import load
-from actorflow.errors import ActorflowError, InstanceNotFound, InvalidInstanceState
-from actorflow.lease import NODES
-from actorflow.node import EXIT_LEASE_LOST
-from actorflow.storage import Storage
+from actorflow.cluster.lease import NODES
+from actorflow.core.errors import ActorflowError, InstanceNotFound, InvalidInstanceState
+from actorflow.core.storage import Storage
 from actorflow.testing import NodeProcess, NodeProcessError
+from actorflow.testkit.node import EXIT_LEASE_LOST
+from actorflow.workflows.records import load
 
 APP = "apps.chaos_app:factory"
 WF = "chaos"

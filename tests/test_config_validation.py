@@ -20,14 +20,14 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 import actorflow as af
-from actorflow import clock as clock_module
 from actorflow.cli import cli
-from actorflow.clock import parse_duration_ms, to_datetime, to_epoch_ms
-from actorflow.engine.records import STEPS, dump, load
+from actorflow.core import clock as clock_module
+from actorflow.core.clock import parse_duration_ms, to_datetime, to_epoch_ms
+from actorflow.core.storage import Storage, WriteBatch
 from actorflow.http import create_app
-from actorflow.step import resolve_config, retry_delay_ms
-from actorflow.storage import Storage, WriteBatch
 from actorflow.testing import FakeClock
+from actorflow.workflows.records import STEPS, dump, load
+from actorflow.workflows.step import resolve_config, retry_delay_ms
 
 #: The longest duration (100 years of 365 days) and the latest instant (9999-12-31T23:59:59.999Z).
 MAX_DURATION_MS = 100 * 365 * 86_400_000

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import actorflow as af
-from actorflow.engine.records import DONE, IDS, STEPS, load
-from actorflow.storage import Storage
+from actorflow.core.storage import Storage
+from actorflow.workflows.records import DONE, IDS, STEPS, load
 
 APP = Path(__file__).parent / "apps" / "crash_app.py"
 sys.path.insert(0, str(Path(__file__).parent))

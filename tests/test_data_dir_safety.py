@@ -25,9 +25,9 @@ import pytest
 
 import actorflow as af
 import actorflow.runtime
-from actorflow.datadir import MARKER, RUNTIME_LOCK
+from actorflow.core.datadir import MARKER, RUNTIME_LOCK
+from actorflow.core.storage import Storage, WriteBatch
 from actorflow.runtime import OWNER_LOCK
-from actorflow.storage import Storage, WriteBatch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -316,7 +316,7 @@ def _scribbled(tmp_path: Path, *, lmdb_sees_it: bool) -> Path:
 
 _VERIFY = """
 import json, sys, actorflow as af
-from actorflow.storage import Storage
+from actorflow.core.storage import Storage
 store = Storage(sys.argv[1])
 try:
     store.verify()
@@ -329,7 +329,7 @@ finally:
 
 _READ_ALL = """
 import json, sys, actorflow as af
-from actorflow.storage import Storage
+from actorflow.core.storage import Storage
 store = Storage(sys.argv[1])
 ok = damaged = 0
 message = ""

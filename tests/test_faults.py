@@ -189,7 +189,7 @@ def test_a_refused_final_write_restarts_from_what_is_durable(rt: af.Runtime,
                                                              journal: Journal) -> None:
     import errno
 
-    from actorflow.engine.records import INST, load
+    from actorflow.workflows.records import INST, load
 
     refused: list[bool] = []
 
@@ -211,7 +211,7 @@ def test_a_refused_final_write_restarts_from_what_is_durable(rt: af.Runtime,
 def test_status_never_shows_a_refused_final_write(rt: af.Runtime, journal: Journal) -> None:
     import errno
 
-    from actorflow.engine.records import INST, load
+    from actorflow.workflows.records import INST, load
 
     refused: list[bool] = []
 

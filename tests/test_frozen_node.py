@@ -27,9 +27,9 @@ import pytest
 from apps.accounting import ACKED, REFUSED, UNKNOWN, Audit, Call, DataDir, Ledger, Stored, read_back
 from apps.chaos_app import JOURNAL_ENV, STALL_ENV
 
-from actorflow.errors import InstanceNotFound
-from actorflow.node import EXIT_LEASE_LOST
+from actorflow.core.errors import InstanceNotFound
 from actorflow.testing import NodeProcess
+from actorflow.testkit.node import EXIT_LEASE_LOST
 
 APP = "apps.chaos_app:factory"
 WF = "chaos"

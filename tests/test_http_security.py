@@ -16,9 +16,9 @@ from conftest import wait_for
 from starlette.testclient import TestClient
 
 import actorflow as af
-from actorflow.engine.records import EVENTS, FENCE, HIST, IDS, IDX, INST, STEPS, queue_db
 from actorflow.http import TOKEN_ENV, check_bind, create_app, make_server, serve, serving
 from actorflow.http import app as http_app
+from actorflow.workflows.records import EVENTS, FENCE, HIST, IDS, IDX, INST, STEPS, queue_db
 
 TOKEN = "s3cret-token-for-tests"
 WF = "/api/workflows/blocked/instances"

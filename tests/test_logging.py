@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import actorflow as af
-from actorflow import logs
+from actorflow.observe import logs
 from actorflow.testing import FakeClock
 
 PACKAGE = Path(af.__file__).parent

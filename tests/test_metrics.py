@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 import actorflow as af
-from actorflow.engine.records import IDX
-from actorflow.metrics import RateWindow
+from actorflow.observe.metrics import RateWindow
 from actorflow.testing import FakeClock
+from actorflow.workflows.records import IDX
 
 
 class Approval(af.Workflow):

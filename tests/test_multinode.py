@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from actorflow.engine.records import IDS, STEPS, load, rkey, step_key
-from actorflow.lease import NODES, OWNER
-from actorflow.node import EXIT_LEASE_LOST
-from actorflow.storage import Storage
+from actorflow.cluster.lease import NODES, OWNER
+from actorflow.core.storage import Storage
 from actorflow.testing import NodeProcess
+from actorflow.testkit.node import EXIT_LEASE_LOST
+from actorflow.workflows.records import IDS, STEPS, load, rkey, step_key
 
 APP = "apps.node_app:factory"
 LEASE = 1.0
@@ -155,9 +155,9 @@ def _seed_instance(
     store: Storage, ik: bytes, n: int, owner: str, status: str, epoch: int = 3
 ) -> bytes:
     """Writes instance ``ik`` (record number ``n``); returns the key of its records."""
-    from actorflow.engine.records import FENCE, INST, dump, epoch_bytes, record_number
-    from actorflow.lease import claim_ops
-    from actorflow.storage import WriteBatch
+    from actorflow.cluster.lease import claim_ops
+    from actorflow.core.storage import WriteBatch
+    from actorflow.workflows.records import FENCE, INST, dump, epoch_bytes, record_number
 
     rk = rkey(ik.split(b"\x00")[0].decode(), record_number(n))
     batch = WriteBatch()
@@ -171,15 +171,17 @@ def _seed_instance(
 
 def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path) -> None:
     """In one process, on storage: an expired node's unfinished instances change hands."""
-    from actorflow.engine.records import FENCE, INST, epoch_bytes
-    from actorflow.lease import OWNED, NodeLease, owned_key
-    from actorflow.storage import ConflictError, WriteBatch
+    from actorflow.cluster.lease import OWNED, NodeLease, owned_key
+    from actorflow.core.storage import ConflictError, WriteBatch
+    from actorflow.workflows.adoption import claimer_for
+    from actorflow.workflows.records import FENCE, INST, epoch_bytes
 
     store = Storage(tmp_path / "data")
     try:
         old = NodeLease(store, "old", timeout=0.05)
         assert old.join() == 0
         new = NodeLease(store, "new", timeout=60)
+        new.claimer = claimer_for(new)  # as a runtime wires it
         assert new.join() == 1  # a distinct sequence slot while "old" is alive
         run = _seed_instance(store, b"wf\x00run", 1, "old", "running")
         _seed_instance(store, b"wf\x00done", 2, "old", "complete")
@@ -219,13 +221,15 @@ def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path)
 
 
 def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: Path) -> None:
-    from actorflow.lease import NodeLease
+    from actorflow.cluster.lease import NodeLease
+    from actorflow.workflows.adoption import claimer_for
 
     store = Storage(tmp_path / "data")
     try:
         a = NodeLease(store, "a", timeout=60)
         a.join()
         b = NodeLease(store, "b", timeout=60)
+        b.claimer = claimer_for(b)
         b.join()
         _seed_instance(store, b"wf\x00x", 1, "a", "waiting")
         b.check_others()

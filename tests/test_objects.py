@@ -12,8 +12,8 @@ import pykka
 import pytest
 
 import actorflow as af
-from actorflow.objects import ALARM_MAX_RETRIES
-from actorflow.storage import WriteBatch
+from actorflow.core.storage import WriteBatch
+from actorflow.objects.namespace import ALARM_MAX_RETRIES
 
 T0 = 1_700_000_000.0  # the fake clock's start, epoch seconds
 FAR_FUTURE_MS = 4_000_000_000_000

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import parse_source
@@ -72,6 +76,7 @@ ERRORS = [
     "StorageFull",
 ]
 PACKAGE = Path(af.__file__).parent
+ROOT = PACKAGE.parent
 
 
 def test_exports_are_pinned() -> None:
@@ -131,57 +136,26 @@ def test_engine_reads_time_only_through_the_clock() -> None:
     assert not offenders, offenders
 
 
-def test_layers_do_not_import_upwards() -> None:
-    """storage <- objects <- workflows <- runtime <- cli."""
-    order = {
-        "storage": 0,
-        "batch": 0,
-        "serializers": 0,
-        "clock": 0,
-        "errors": 0,
-        "limits": 0,
-        "timers": 0,
-        "actors": 0,
-        "objects": 1,
-        "object_storage": 1,
-        "workflow": 2,
-        "step": 2,
-        "history": 2,
-        "engine": 2,
-        "router": 2,
-        "supervisor": 2,
-        "binding": 2,
-        "metrics": 2,
-        "tracing": 2,
-        "logs": 0,
-        "lease": 2,
-        "runtime": 3,
-        "testing": 3,
-        "faults": 3,
-        "pytest_plugin": 4,
-        "node": 3,
-        "demo": 4,
-        "cli": 4,
-        "http": 4,
-        "bench": 4,
-    }
-    bad = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).parts
-        mod = rel[0].removesuffix(".py")
-        if mod not in order:
-            continue
-        for node in ast.walk(parse_source(path)):
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.module
-                and node.module.startswith("actorflow.")
-            ):
-                target = node.module.split(".")[1]
-                if target in order and order[target] > order[mod] and not _type_only(node):
-                    bad.append(f"{'/'.join(rel)} imports {node.module}")
-    assert not bad, bad
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """Runs import-linter with the project's contract on the package under ``root``."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([str(exe), str(ROOT / "pyproject.toml"), "--no-cache"],
+                          cwd=root, env=env, capture_output=True, text=True, check=False)
 
 
-def _type_only(node: ast.ImportFrom) -> bool:
-    return getattr(node, "_type_checking", False)
+def test_the_layers_contract_holds() -> None:
+    """core <- objects | cluster <- workflows <- observe <- runtime <- faces (docs/design.md)."""
+    res = _lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 kept, 0 broken" in res.stdout
+
+
+def test_the_layers_contract_can_fail(tmp_path: Path) -> None:
+    shutil.copytree(PACKAGE, tmp_path / "actorflow",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    clock = tmp_path / "actorflow" / "core" / "clock.py"
+    clock.write_text(clock.read_text() + "\nfrom actorflow.workflows import step  # noqa\n")
+    res = _lint_imports(tmp_path)
+    assert res.returncode == 1
+    assert "actorflow.core is not allowed to import actorflow.workflows" in res.stdout

@@ -23,7 +23,10 @@ from typing import Any
 import pytest
 
 import actorflow as af
-from actorflow.engine.records import (
+from actorflow.cluster.lease import NODES, OWNER
+from actorflow.core.errors import RecordFormatError
+from actorflow.core.storage import Storage, WriteBatch
+from actorflow.workflows.records import (
     EVENTS,
     HIST,
     IDS,
@@ -35,9 +38,6 @@ from actorflow.engine.records import (
     rkey,
     steps_prefix,
 )
-from actorflow.errors import RecordFormatError
-from actorflow.lease import NODES, OWNER
-from actorflow.storage import Storage, WriteBatch
 
 ENGINE_KEYSPACES = (INST, STEPS, EVENTS, HIST, NODES)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import actorflow as af
-from actorflow.engine.creation import RecordNumbers
-from actorflow.engine.records import EVENTS, FENCE, HIST, IDS, INST, STEPS, ikey, load, rkey
-from actorflow.storage import Storage
+from actorflow.core.storage import Storage
+from actorflow.workflows.engine.creation import RecordNumbers
+from actorflow.workflows.records import EVENTS, FENCE, HIST, IDS, INST, STEPS, ikey, load, rkey
 
 
 class Naps(af.Workflow):
@@ -112,9 +112,8 @@ class Sleeps(af.Workflow):
 
 
 def test_a_step_timer_names_the_instance_and_its_records(rt: af.Runtime) -> None:
-    from actorflow.engine.records import split_ikey, target_rkey
-    from actorflow.lease import is_poke, poke_key
-    from actorflow.timers import TIMERS, parse_timer_key
+    from actorflow.core.timers import TIMERS, parse_timer_key
+    from actorflow.workflows.records import is_poke, poke_key, split_ikey, target_rkey
 
     wf = rt.register(Sleeps, name="sleeps")
     wf.create(id=str(uuid.uuid4()))

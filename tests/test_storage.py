@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actorflow.errors import LimitExceeded, SerializationError, StorageError
-from actorflow.storage import (
+from actorflow.core.errors import LimitExceeded, SerializationError, StorageError
+from actorflow.core.storage import (
     Chain,
     ConflictError,
     JsonSerializer,
@@ -482,7 +482,7 @@ def test_map_grows_instead_of_failing(tmp_path: Any, sync: bool) -> None:
 
 DEADLOCK_SCRIPT = """
 import sys, threading, time
-from actorflow.storage import Storage, WriteBatch
+from actorflow.core.storage import Storage, WriteBatch
 store = Storage(sys.argv[1], sync=SYNC)
 gate = threading.Event()
 store.set_fault(lambda batch: gate.wait(5))

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 import actorflow as af
-from actorflow import tracing
+from actorflow.observe import tracing
 from actorflow.testing import FakeClock
 
 

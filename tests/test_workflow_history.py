@@ -8,6 +8,7 @@ from conftest import history_types
 
 import actorflow as af
 from actorflow.testing import FakeClock
+from actorflow.workflows.history import EVENT_TYPES
 
 
 class Full(af.Workflow):
@@ -126,7 +127,7 @@ def test_lifecycle_events(rt: af.Runtime, clock: FakeClock) -> None:
     types = history_types(inst, "WORKFLOW_")
     assert types == ["WORKFLOW_QUEUED", "WORKFLOW_START", "WORKFLOW_PAUSED", "WORKFLOW_RESUMED",
                      "WORKFLOW_RESTARTED", "WORKFLOW_START", "WORKFLOW_TERMINATED"]
-    assert set(history_types(inst)) <= set(af.history.EVENT_TYPES)
+    assert set(history_types(inst)) <= set(EVENT_TYPES)
 
 
 def test_history_of_unknown_instance_raises(rt: af.Runtime) -> None:

@@ -415,7 +415,7 @@ def hold_final_write(rt: af.Runtime) -> tuple[Any, Any]:
     """Holds the batch that writes "complete" in the storage writer until released."""
     import threading
 
-    from actorflow.engine.records import INST, load
+    from actorflow.workflows.records import INST, load
 
     holding, release = threading.Event(), threading.Event()
 

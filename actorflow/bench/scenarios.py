@@ -38,7 +38,7 @@ from actorflow.bench.workloads import (
     StampFirst,
     TrivialSteps,
 )
-from actorflow.engine.records import STEPS, load
+from actorflow.workflows.records import STEPS, load
 
 __all__ = [
     "SCENARIOS",

@@ -26,8 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from actorflow.binding import Instance, WorkflowBinding
-from actorflow.errors import InstanceNotFound
+from actorflow.core.errors import InstanceNotFound
 from actorflow.http.envelope import (
     BODY_SLACK,
     ApiError,
@@ -48,7 +47,8 @@ from actorflow.http.views import (
     workflow_counts,
 )
 from actorflow.runtime import Runtime
-from actorflow.workflow import STATUSES, validate_instance_id
+from actorflow.workflows.definition import STATUSES, validate_instance_id
+from actorflow.workflows.handles import Instance, WorkflowBinding
 
 __all__ = ["LOOPBACK_HOSTS", "ApiError", "create_app"]
 

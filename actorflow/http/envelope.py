@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actorflow.errors import (
+from actorflow.core.errors import (
     ActorflowError,
     InstanceAlreadyExists,
     InstanceNotFound,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actorflow.workflow import STATUSES
+from actorflow.workflows.definition import STATUSES
 
 __all__ = ["OPERATIONS", "openapi_schema"]
 

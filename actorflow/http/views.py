@@ -12,11 +12,11 @@ import math
 from datetime import datetime
 from typing import Any
 
-from actorflow.binding import Instance, WorkflowBinding
-from actorflow.clock import to_datetime
-from actorflow.engine.records import INST, load
-from actorflow.history import Attempt, HistoryEvent, StepRecord, read_history
-from actorflow.workflow import STATUSES
+from actorflow.core.clock import to_datetime
+from actorflow.workflows.definition import STATUSES
+from actorflow.workflows.handles import Instance, WorkflowBinding
+from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord, read_history
+from actorflow.workflows.records import INST, load
 
 __all__ = [
     "history_view",

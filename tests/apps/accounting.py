@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actorflow.engine.records import DONE, HIST, IDS, INST, STEPS, load
-from actorflow.errors import ActorflowError
-from actorflow.lease import NODES, OWNER
-from actorflow.node import NodeProcess, NodeProcessError
-from actorflow.storage import PickleSerializer, Storage
+from actorflow.cluster.lease import NODES, OWNER
+from actorflow.core.errors import ActorflowError
+from actorflow.core.storage import PickleSerializer, Storage
+from actorflow.testkit.node import NodeProcess, NodeProcessError
+from actorflow.workflows.records import DONE, HIST, IDS, INST, STEPS, load
 
 __all__ = [
     "ACKED",

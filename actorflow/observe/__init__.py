@@ -1,0 +1,2 @@
+"""Metrics, tracing and logs, fed by the engine's hooks.
+"""

@@ -1,0 +1,2 @@
+"""Testing tools behind :mod:`actorflow.testing`: fault injection and node processes.
+"""

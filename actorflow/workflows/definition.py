@@ -1,0 +1,147 @@
+"""Defining workflows: the base class, the event it receives, statuses and ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from actorflow.core.errors import InvalidInstanceId
+
+__all__ = [
+    "FINISHED",
+    "STATUSES",
+    "InstanceStatus",
+    "Workflow",
+    "WorkflowEntrypoint",
+    "WorkflowEvent",
+    "WorkflowStepEvent",
+    "validate_event_type",
+    "validate_instance_id",
+    "validate_step_name",
+    "validate_workflow_name",
+]
+
+#: Every status an instance can report, exactly as Cloudflare spells them.
+STATUSES = (
+    "queued",
+    "running",
+    "paused",
+    "errored",
+    "terminated",
+    "complete",
+    "waiting",
+    "waitingForPause",
+    "unknown",
+)
+#: Statuses an instance never leaves (except by ``restart``).
+FINISHED = frozenset({"complete", "errored", "terminated"})
+
+_ID_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9\-_]*$")
+MAX_INSTANCE_ID = 100
+MAX_WORKFLOW_NAME = 64
+MAX_EVENT_TYPE = 100
+MAX_STEP_NAME = 256
+
+
+@dataclass(frozen=True)
+class WorkflowEvent:
+    """What ``run`` receives: the instance's params and where it came from."""
+
+    payload: Any
+    timestamp: datetime
+    instance_id: str
+    workflow_name: str
+
+
+@dataclass(frozen=True)
+class WorkflowStepEvent:
+    """An event delivered to ``step.wait_for_event``."""
+
+    type: str
+    payload: Any
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """An instance's status string, its output when complete, its error when errored."""
+
+    status: str
+    output: Any = None
+    error: dict[str, str] | None = None
+
+
+class Workflow:
+    """Base class of workflows. Override ``run(event, step)``, sync or ``async def``.
+
+    ``run`` is executed again from the top on every wake-up; completed steps
+    return their stored results without running. Code outside steps may run
+    more than once, so it must be deterministic and free of side effects.
+
+    Attributes:
+        env: Whatever was passed as ``env`` to :meth:`actorflow.Runtime.register`.
+    """
+
+    def __init__(self, env: Any = None) -> None:
+        self.env = env
+
+    def run(self, event: WorkflowEvent, step: Any) -> Any:
+        """The workflow's body. Returns the instance's output."""
+        raise NotImplementedError(f"{type(self).__name__} must define run(event, step)")
+
+
+#: Cloudflare's name for :class:`Workflow`.
+WorkflowEntrypoint = Workflow
+
+
+def validate_instance_id(instance_id: object, workflow: str = "") -> str:
+    """Returns ``instance_id`` if valid, else raises :class:`InvalidInstanceId`."""
+    if (
+        not isinstance(instance_id, str)
+        or len(instance_id) > MAX_INSTANCE_ID
+        or not _ID_RE.match(instance_id)
+    ):
+        raise InvalidInstanceId(
+            f"workflow {workflow!r}: invalid instance id {instance_id!r}: use at most "
+            f"{MAX_INSTANCE_ID} characters from [a-zA-Z0-9_-], not starting with '-'",
+            workflow=workflow,
+            instance=instance_id,
+        )
+    return instance_id
+
+
+def validate_workflow_name(name: object) -> str:
+    """Returns ``name`` if it is a valid workflow name, else raises ValueError."""
+    if not isinstance(name, str) or len(name) > MAX_WORKFLOW_NAME or not _ID_RE.match(name):
+        raise ValueError(
+            f"invalid workflow name {name!r}: use at most {MAX_WORKFLOW_NAME} characters "
+            "from [a-zA-Z0-9_-], not starting with '-'"
+        )
+    return name
+
+
+def validate_event_type(event_type: object, where: str) -> str:
+    """Returns ``event_type`` if valid, else raises ValueError naming ``where``."""
+    if (
+        not isinstance(event_type, str)
+        or len(event_type) > MAX_EVENT_TYPE
+        or not _ID_RE.match(event_type)
+    ):
+        raise ValueError(
+            f"{where}: invalid event type {event_type!r}: use at most {MAX_EVENT_TYPE} "
+            "characters matching ^[a-zA-Z0-9_][a-zA-Z0-9-_]*$"
+        )
+    return event_type
+
+
+def validate_step_name(name: object, where: str) -> str:
+    """Returns ``name`` if it is a valid step name, else raises ValueError naming ``where``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a step name must be a non-empty str, got {name!r}")
+    if len(name) > MAX_STEP_NAME:
+        raise ValueError(f"{where}: step name {name[:40]!r}... is longer than {MAX_STEP_NAME}")
+    if any(ord(c) < 0x20 for c in name):
+        raise ValueError(f"{where}: step name {name!r} contains control characters")
+    return name

@@ -1,0 +1,2 @@
+"""The engine: one instance actor per live instance, one execution per run.
+"""

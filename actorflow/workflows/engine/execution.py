@@ -1,0 +1,923 @@
+"""One run of one instance: replay ``run``, execute and checkpoint its steps.
+
+Everything here runs on the runtime's engine loop, the instance actor's
+thread. A plain ``def run`` executes in a thread of the run pool and sends
+each step call to the loop (:meth:`Execution.block_on`).
+
+Replay: ``run`` starts from the top on every activation. Steps are keyed by
+(kind, name, occurrence). A stored complete step returns its result, a stored
+failed step raises its error, and anything else executes.
+
+Hibernation: when every branch of the run is blocked (a sleep, a retry delay,
+an event wait, or a requested pause) and no step body or commit is in flight,
+the instance writes its ``waiting`` (or ``paused``) status, its timers stay
+armed in the durable index, and ``run`` is unwound with :class:`Suspend`. It
+then holds no thread and no live actor until a timer, an event or a resume
+wakes it, and it replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import copy
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from actorflow.core.clock import MAX_EPOCH_MS, parse_duration_ms, to_datetime, to_epoch_ms
+from actorflow.core.errors import (
+    ActorflowError,
+    EventTimeoutError,
+    InvalidInstanceState,
+    LimitExceeded,
+    NonRetryableError,
+    SerializationError,
+    StepTimeoutError,
+    StorageError,
+)
+from actorflow.core.storage import ConflictError, WriteBatch
+from actorflow.core.timers import TIMERS, timer_key
+from actorflow.workflows.definition import (
+    WorkflowEvent,
+    WorkflowStepEvent,
+    validate_event_type,
+    validate_step_name,
+)
+from actorflow.workflows.engine.signals import (
+    EngineFault,
+    Fatal,
+    InjectedCrash,
+    Stop,
+    StorageFault,
+    Suspend,
+)
+from actorflow.workflows.records import (
+    DONE,
+    EVENTS,
+    FAILED,
+    RETRYING,
+    RUNNING,
+    SLEEPING,
+    STEPS,
+    WAITING,
+    WAKE_KIND,
+    dump,
+    error_dict,
+    events_prefix,
+    load,
+    step_key,
+    step_target,
+    step_timers,
+    steps_prefix,
+)
+from actorflow.workflows.step import (
+    StepContext,
+    StepInfo,
+    WorkflowStep,
+    resolve_config,
+    retry_delay_ms,
+    wants_ctx,
+)
+
+if TYPE_CHECKING:
+    from actorflow.workflows.engine.instance import InstanceActor
+
+__all__ = ["Execution"]
+
+log = logging.getLogger("actorflow.engine")
+
+
+
+def _deadline(now_ms: int, ms: int, where: str) -> int:
+    """``now_ms + ms``, refused past what a deadline can hold (the year 9999)."""
+    dl = now_ms + ms
+    if dl > MAX_EPOCH_MS:
+        raise ValueError(f"{where}: the deadline would fall after the year 9999")
+    return dl
+
+
+def _cancelling() -> bool:
+    """True if the current task is being cancelled (by the engine, not by user code)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _user_signal(where: str, what: str, exc: BaseException) -> NonRetryableError:
+    """The failure of a step or run whose own code raised a BaseException.
+
+    SystemExit, KeyboardInterrupt, GeneratorExit and a CancelledError nobody
+    asked for mean "stop" to Python, but here they come from workflow code:
+    they fail the step at once (no retries) or the run, with an error that
+    says what was raised.
+    """
+    err = NonRetryableError(
+        f"{where}: {what} raised {type(exc).__name__}({exc}); a workflow cannot stop the "
+        "process or the engine: it fails instead")
+    err.__cause__ = exc
+    return err
+
+
+class _Waiter:
+    __slots__ = ("deadline", "etype", "fut", "key")
+
+    def __init__(
+        self, key: bytes | None, deadline: int | None, etype: str | None, fut: asyncio.Future[Any]
+    ) -> None:
+        self.key = key
+        self.deadline = deadline
+        self.etype = etype
+        self.fut = fut
+
+
+class Execution:
+    """Executes ``run`` for one activation of an instance."""
+
+    # Defaults of the run's state, set per run only when they change: an
+    # activation is made per wake-up, and most never change most of them.
+    step_calls = 0
+    in_flight = 0
+    pending = 0
+    pause_requested = False
+    hibernating = False
+    stopped = False
+    suspended = False
+    ending = False  # run returned: only the final write may land
+    finished = False
+    task: asyncio.Task[Any] | None = None
+    slot = True  # holds a concurrency slot until it ends
+    _poke_scheduled = False
+    _hib_task: asyncio.Task[None] | None = None
+    _hib_done: asyncio.Future[None] | None = None
+    # Waiters woken so far: a hibernation decided at count n is void if it moved.
+    wakeups = 0
+    # Step records written by the next commit of the run, whatever it is
+    # (see _commit_step).
+    _staged: WriteBatch | None = None
+
+    def __init__(
+        self,
+        actor: InstanceActor,
+        preloaded: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None,
+    ) -> None:
+        """Loads the instance's steps and buffered events.
+
+        Args:
+            actor: The instance.
+            preloaded: The instance's ``(steps, events)`` rows, read by the
+                caller in the same loop callback (the supervisor reads those
+                of every instance it starts at once in one snapshot). None:
+                read them here.
+        """
+        self.actor = actor
+        self.wfe = actor.wfe
+        self.ctx = actor.wfe.ctx
+        self.loop = self.ctx.loop
+        self.ik = actor.ik
+        self.rk = actor.rk
+        self.limits = self.wfe.limits
+        self.ser = self.ctx.storage.serializer
+        self.mods = self.ctx.modifiers.get(self.ik)
+        self.steps: dict[bytes, dict[str, Any]] = {}
+        seq = 0
+        if preloaded is None:
+            steps, events = self.ctx.storage.scan_prefixes(
+                [(STEPS, steps_prefix(self.rk)), (EVENTS, events_prefix(self.rk))])
+        else:
+            steps, events = preloaded
+        for k, v in steps:
+            rec = load(v)
+            self.steps[k] = rec
+            seq = max(seq, rec["seq"] + 1)
+        self.seq = seq
+        self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
+        for k, v in events:
+            ev = load(v)
+            self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
+        self.counters: dict[tuple[str, str], int] = {}
+        self.waiters: list[_Waiter] = []
+        self.t_start = self.ctx.now_ms()
+        self._sync_futs: set[concurrent.futures.Future[Any]] = set()
+        # What to do once the commit that writes the staged records is durable.
+        self._staged_after: list[tuple[dict[str, Any], bytes | None, bytes | None]] = []
+
+    @property
+    def where(self) -> str:
+        """Names the instance in messages (made when needed: most runs need none)."""
+        return self.actor.where
+
+    # -- driving the run ----------------------------------------------------
+
+    def launch(self, settle: bool = True) -> None:
+        """Starts ``run`` as a task on the engine loop.
+
+        Args:
+            settle: Tell the supervisor once the task has gone as far as it
+                can without waiting; False if the caller does it.
+        """
+        self.task = self.loop.create_task(self._drive())
+        if settle:
+            # Runs once the task has gone as far as it can without waiting (its
+            # first commit, a step's I/O, hibernation): the supervisor's start window.
+            self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
+
+    async def _drive(self) -> None:
+        wfe, actor = self.wfe, self.actor
+        rec = actor.record
+        assert rec is not None
+        outcome: tuple[str, Any] = ("stop", None)
+        obs = self.ctx.observer
+        if obs is not None:
+            obs.run_started(self)
+        try:
+            obj = wfe.cls(wfe.env)
+            event = WorkflowEvent(
+                payload=self.ser.loads(rec["params"]),
+                timestamp=to_datetime(rec["created"] / 1000),
+                instance_id=actor.iid,
+                workflow_name=wfe.name,
+            )
+            if wfe.is_async:
+                output = await obj.run(event, WorkflowStep(self, sync=False))
+            else:
+                output = await self.loop.run_in_executor(
+                    self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
+                )
+            outcome = ("complete", output)
+        except GeneratorExit as e:
+            if not self.loop.is_running():
+                raise  # the coroutine is being closed (its loop is gone): do nothing more
+            outcome = ("errored", _user_signal(self.where, "run", e))
+        except Suspend as e:
+            # Unwinding left frames -> waiters -> futures -> this exception ->
+            # its traceback -> frames: a cycle per run that only the cyclic
+            # collector could free, and a full collection over a large heap is
+            # what a burst of hibernations would then cost.
+            e.__traceback__ = None
+            outcome = ("suspended", None)
+        except Stop as e:
+            e.__traceback__ = None
+            outcome = ("stop", None)
+        except asyncio.CancelledError as e:
+            e.__traceback__ = None
+            if self.stopped or _cancelling():
+                outcome = ("stop", None)
+            else:  # raised by the workflow's own code: nobody cancelled this run
+                outcome = ("errored", _user_signal(self.where, "run", e))
+        except Fatal as f:
+            outcome = ("errored", f.error)
+        except EngineFault as e:
+            outcome = ("crashed", e)
+        except Exception as e:
+            outcome = ("errored", e)
+        except BaseException as e:
+            # SystemExit or KeyboardInterrupt raised by run's own code: a failure
+            # of the workflow. Taken as a crash it would be replayed into the
+            # same exit on every restart and reopen.
+            outcome = ("errored", _user_signal(self.where, "run", e))
+        if self.suspended and outcome[0] != "suspended":
+            # run caught the engine's unwinding (a bare except, or except
+            # BaseException, around a step) and went on: what it returned or
+            # raised afterwards is void. The instance is hibernated already.
+            self._warn_caught("suspended")
+            outcome = ("suspended", None)
+        elif self.stopped and outcome[0] in ("complete", "errored"):
+            self._warn_caught("stopped")
+            outcome = ("stop", None)
+        if outcome[0] in ("complete", "errored") and not self.stopped:
+            try:
+                await self._finish(*outcome)
+            except (Stop, asyncio.CancelledError):
+                outcome = ("stop", None)
+            except BaseException as e:
+                outcome = ("crashed", e)
+        self.finished = True
+        self._cancel_waiters(Stop)
+        if obs is not None:
+            obs.run_ended(self, outcome[0], outcome[1])
+        actor.execution_ended(self, outcome[0], outcome[1])
+
+    def _warn_caught(self, how: str) -> None:
+        log.warning(
+            "%s: run went on after the engine %s it (user code caught BaseException around "
+            "a step): its result is ignored. Catch Exception, not BaseException, in run.",
+            self.where, how, extra={"workflow": self.wfe.name, "instance": self.actor.iid})
+
+    async def _finish(self, kind: str, value: Any) -> None:
+        # Branches still going (siblings of a failed branch of a gather or
+        # step.map) must not write after this: their activation would turn the
+        # finished instance back into "running".
+        self.ending = True
+        batch = WriteBatch()
+        keys = self._disarm_all(batch)
+        actor = self.actor
+        before = actor.record
+        if kind == "complete":
+            try:
+                data = self.ser.dumps(value)
+            except SerializationError as e:
+                kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
+            else:
+                actor.end_ops(batch, "complete", self.t_start, output=data,
+                              hist="WORKFLOW_SUCCESS")
+        if kind == "errored":
+            err = error_dict(value)
+            actor.end_ops(batch, "errored", self.t_start, error=err,
+                          hist="WORKFLOW_FAILURE", hist_data={"error": err})
+        # Status reads must not show the end before it is durable: the record
+        # that says "complete" becomes the actor's once the commit landed.
+        final, actor.record = actor.record, before
+        await self._commit(batch, activate=False, final=True)
+        actor.record = final
+        self.ctx.timers_done(keys)
+
+    def stop(self) -> None:
+        """Stops the run at once (terminate, restart); its later writes are fenced off."""
+        self.stopped = True
+        for f in list(self._sync_futs):
+            f.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _cancel_waiters(self, exc: type[BaseException]) -> None:
+        for w in list(self.waiters):
+            if not w.fut.done():
+                w.fut.set_exception(exc())
+
+    # -- commits ------------------------------------------------------------
+
+    async def _commit(
+        self,
+        batch: WriteBatch,
+        activate: bool = True,
+        *,
+        hibernation: bool = False,
+        final: bool = False,
+    ) -> None:
+        self.pending += 1
+        try:
+            # A branch woken while the status "waiting"/"paused" is being
+            # written waits for that write: the hibernation then either carries
+            # on (and this commit sets "running" again) or suspends the run (and
+            # this commit must not land after it).
+            while self.hibernating and not hibernation and self._hib_done is not None:
+                await asyncio.shield(self._hib_done)
+            if self.stopped or (self.ending and not final):
+                self.actor.reload_record()  # what the refused batch put in the record
+                raise Stop()
+            if self.suspended:
+                self.actor.reload_record()
+                raise Suspend()
+            if activate:
+                self.actor.activation_ops(batch)
+            staged = self._staged
+            if staged is not None:
+                # Earlier in the batch: a later write of the same key wins.
+                batch.ops[:0] = staged.ops
+                after, self._staged, self._staged_after = self._staged_after, None, []
+            batch.guard(*self.actor.fence_guard())
+            fut = self.loop.create_future()
+            self.ctx.storage.submit(batch, self.ctx.notifier.callback(fut))
+            await fut
+            self.actor.committed()
+            if staged is not None:
+                for rec, arm, disarm in after:
+                    self._step_durable(rec)
+                    self._timers_after(arm, disarm)
+        except ConflictError:
+            self.stopped = True
+            self.actor.reload_record()
+            raise Stop() from None
+        except StorageError as e:
+            self.actor.reload_record()
+            raise StorageFault(f"{self.where}: commit failed: {e}") from e
+        finally:
+            self.pending -= 1
+            if self.waiters:
+                self._poke()
+
+    async def _commit_step(
+        self,
+        key: bytes,
+        rec: dict[str, Any],
+        *,
+        arm: bytes | None = None,
+        disarm: bytes | None = None,
+        batch: WriteBatch | None = None,
+        stage: bool = False,
+    ) -> None:
+        """Writes a step record (with its timer changes) and waits until it is durable.
+
+        With ``stage``, the record is not written now but by the run's next
+        commit, whatever that is: a sleep's start goes with the hibernation
+        that follows it, and its end with the next step or the run's end.
+        Nothing outside the run reads these records before then, and a crash
+        before then replays the sleep from its earlier record to the same
+        result.
+        """
+        if stage:
+            batch = self._staged = self._staged or WriteBatch()
+        else:
+            batch = batch or WriteBatch()
+        if arm:
+            rec["tk"] = arm
+            batch.put(TIMERS, arm, b"")
+        else:
+            rec.pop("tk", None)
+        if disarm and disarm != arm:
+            batch.delete(TIMERS, disarm)
+        batch.put(STEPS, key, dump(rec))
+        if stage:
+            self.steps[key] = rec
+            self._staged_after.append((rec, arm, disarm))
+            return
+        await self._commit(batch)
+        self.steps[key] = rec
+        self._step_durable(rec)
+        self._timers_after(arm, disarm)
+
+    def _step_durable(self, rec: dict[str, Any]) -> None:
+        if rec["s"] == DONE or rec["s"] == FAILED:
+            self.ctx.step_rate.add()
+        if self.ctx.observer is not None:
+            self.ctx.observer.step_committed(self, rec)
+
+    def _timers_after(self, arm: bytes | None, disarm: bytes | None) -> None:
+        if disarm and disarm != arm:
+            self.ctx.timers.done(disarm, consumed=True)  # the commit deleted it
+        if arm:
+            self.ctx.timers.kick()
+
+    def _disarm_all(self, batch: WriteBatch, rearm: bool = False) -> list[bytes]:
+        """Adds the removal (or re-arming) of every armed timer of the run to ``batch``.
+
+        The caller passes the returned keys to ``ctx.timers_done`` after the
+        commit, so that a re-armed timer that had fired is offered again.
+        """
+        keys = step_timers(self.steps.values())
+        for tk in keys:
+            if rearm:
+                batch.put(TIMERS, tk, b"")
+            else:
+                batch.delete(TIMERS, tk)
+        return keys
+
+    # -- blocking and hibernation --------------------------------------------
+
+    async def _block(self, key: bytes | None, deadline: int | None, etype: str | None) -> None:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        w = _Waiter(key, deadline, etype, fut)
+        self.waiters.append(w)
+        self._poke()
+        try:
+            await fut
+        finally:
+            self.waiters.remove(w)
+
+    def _poke(self) -> None:
+        if not self._poke_scheduled and not self.finished:
+            self._poke_scheduled = True
+            self.loop.call_soon(self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._poke_scheduled = False
+        if (not self.waiters or self.in_flight or self.pending or self.hibernating
+                or self.stopped or self.suspended):
+            return
+        now = self.now_ms()
+        for w in self.waiters:
+            if w.fut.done():
+                return  # woken, its branch has not resumed yet: it is not blocked
+            ready = (w.deadline is not None and w.deadline <= now) or (
+                w.etype is not None and self.inbox.get(w.etype)
+            )
+            if ready:
+                self._wake(w)
+                return
+        self.hibernating = True
+        self._hib_done = self.loop.create_future()
+        # The loop keeps only weak references to tasks: hold this one.
+        self._hib_task = self.loop.create_task(self._hibernate(self.wakeups))
+
+    def _wake(self, w: _Waiter) -> None:
+        w.fut.set_result(None)
+        self.wakeups += 1
+
+    async def _hibernate(self, seen: int) -> None:
+        """Writes "waiting" (or "paused") and unwinds the run, unless it was woken meanwhile.
+
+        Args:
+            seen: :attr:`wakeups` when every branch was found blocked.
+        """
+        try:
+            while True:
+                paused = self.pause_requested
+                batch = WriteBatch()
+                keys = self._disarm_all(batch, rearm=not paused)
+                waits = sorted({w.etype for w in self.waiters if w.etype})
+                self.actor.activation_ops(batch)
+                self.actor.status_ops(
+                    batch, "paused" if paused else "waiting", waits=waits,
+                    hist="WORKFLOW_PAUSED" if paused else None,
+                )
+                try:
+                    await self._commit(batch, activate=False, hibernation=True)
+                except BaseException as e:
+                    for w in list(self.waiters):
+                        if not w.fut.done():
+                            w.fut.set_exception(
+                                e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
+                    return
+                self.ctx.timers_done(keys)
+                woken = self.wakeups != seen or any(w.fut.done() for w in self.waiters)
+                if woken and not self.pause_requested:
+                    return  # woken while writing the status: carry on running
+                if self.pause_requested != paused:
+                    continue  # paused or resumed meanwhile: write the status that holds now
+                break
+            self.suspended = True
+            self._cancel_waiters(Suspend)
+        finally:
+            self.hibernating = False
+            if self._hib_done is not None and not self._hib_done.done():
+                self._hib_done.set_result(None)
+
+    def on_timer(self) -> bool:
+        """A timer of this instance fired; wakes the waiters that are due."""
+        now = self.now_ms()
+        hit = False
+        for w in self.waiters:
+            if w.deadline is not None and w.deadline <= now and not w.fut.done():
+                self._wake(w)
+                hit = True
+        return hit
+
+    def on_event(self, etype: str, key: bytes, data: bytes, ts: int) -> None:
+        """A durable event arrived; hands it to the first waiter of its type."""
+        self.inbox.setdefault(etype, collections.deque()).append((key, data, ts))
+        for w in self.waiters:
+            if w.etype == etype and not w.fut.done():
+                self._wake(w)
+                break
+
+    def request_pause(self) -> bool:
+        """Asks the run to pause at its next step boundary; True if it can pause now."""
+        self.pause_requested = True
+        self._poke()
+        return not self.in_flight and not self.pending
+
+    def cancel_pause(self) -> None:
+        """Withdraws a pause request; blocked steps go on."""
+        self.pause_requested = False
+        for w in self.waiters:
+            if w.key is None and w.deadline is None and w.etype is None and not w.fut.done():
+                self._wake(w)
+
+    async def _gate(self) -> None:
+        self._check_live()
+        while self.pause_requested:
+            await self._block(None, None, None)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _check_live(self) -> None:
+        """Refuses a step call once the run has been unwound, stopped or has ended.
+
+        User code that catches BaseException around a step swallows the
+        engine's unwinding; the next step call raises it again, before any
+        body runs (a body run then could never be checkpointed).
+        """
+        if self.stopped:
+            raise Stop()
+        if self.suspended:
+            raise Suspend()
+        if self.finished:
+            raise InvalidInstanceState(
+                f"{self.where}: a step was called after run ended; the step object "
+                "is valid only while run executes",
+                workflow=self.wfe.name, instance=self.actor.iid)
+
+    def now_ms(self) -> int:
+        return self.ctx.now_ms()
+
+    def _check_name(self, name: str) -> None:
+        # Names already seen valid skip the check: it runs for every step call.
+        if name not in self.ctx.valid_names:
+            validate_step_name(name, self.where)
+            self.ctx.remember_name(name)
+
+    def _key(self, kind: str, name: str) -> tuple[bytes, int]:
+        ck = (kind, name)
+        count = self.counters.get(ck, 0) + 1
+        self.counters[ck] = count
+        return step_key(self.rk, kind, name, count), count
+
+    def _timer(self, deadline_ms: int, key: bytes) -> bytes:
+        """The timer key of step ``key``'s deadline (its target names the instance)."""
+        return timer_key(deadline_ms, WAKE_KIND, step_target(self.ik, self.rk, key))
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+    def _here(self, name: str) -> str:
+        return f"{self.where}, step {name!r}"
+
+    def _dump_error(self, err: BaseException) -> bytes | None:
+        try:
+            return self.ser.dumps(err)
+        except Exception:
+            return None
+
+    def _stored_error(self, rec: dict[str, Any]) -> BaseException:
+        if rec.get("e") is not None:
+            try:
+                err = self.ser.loads(rec["e"])
+                if isinstance(err, BaseException):
+                    return err
+            except Exception:
+                pass
+        ed = rec.get("ed") or {"name": "Error", "message": "step failed"}
+        return ActorflowError(f"{ed['name']}: {ed['message']}")
+
+    def _crash_point(self, name: str, point: str) -> None:
+        if self.mods is not None and self.mods.take_crash(name, point):
+            raise InjectedCrash(f"{self._here(name)}: injected crash {point}")
+
+    def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Runs a step coroutine on the loop from a sync run's thread and waits for it."""
+        try:
+            self._check_live()
+        except BaseException:
+            coro.close()
+            raise
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._sync_futs.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise Stop() from None
+        finally:
+            self._sync_futs.discard(fut)
+
+    async def gather(self, coros: list[Coroutine[Any, Any, Any]], limit: int | None) -> list[Any]:
+        """Runs step coroutines concurrently; results in order."""
+        if limit is not None and limit > 0:
+            sem = asyncio.Semaphore(limit)
+
+            async def bounded(c: Coroutine[Any, Any, Any]) -> Any:
+                async with sem:
+                    return await c
+
+            return list(await asyncio.gather(*(bounded(c) for c in coros)))
+        return list(await asyncio.gather(*coros))
+
+    # -- step.do ---------------------------------------------------------------
+
+    async def do(
+        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
+    ) -> Any:
+        where = self._here(name)
+        self._check_live()
+        self._check_name(name)
+        if not callable(fn):
+            raise TypeError(f"{where}: step.do needs a callable")
+        self.step_calls += 1
+        if self.step_calls > self.limits.max_steps:
+            raise Fatal(LimitExceeded(
+                f"{where}: the limit of {self.limits.max_steps} steps has been reached",
+                workflow=self.wfe.name, instance=self.actor.iid, step=name))
+        key, count = self._key("do", name)
+        rec = self.steps.get(key)
+        if rec is not None:
+            if rec["s"] == DONE:
+                return self.ser.loads(rec["r"])
+            if rec["s"] == FAILED:
+                raise self._stored_error(rec)
+            cfg = rec["cfg"]
+        else:
+            cfg = resolve_config(where, config, retries, timeout)
+        await self._gate()
+        now = self.now_ms()
+        if rec is None:
+            rec = {"k": "do", "n": name, "c": count, "seq": self._next_seq(), "s": RUNNING,
+                   "cfg": cfg, "att": [], "t0": now}
+        elif rec["s"] == RETRYING and rec.get("dl", 0) > now:
+            await self._block(key, rec["dl"], None)
+        use_ctx = wants_ctx(fn)
+        while True:
+            attempt = len(rec["att"]) + 1
+            if self.actor.fenced():
+                # Another node took the instance over (this one was frozen):
+                # a body started now could only repeat one it committed.
+                self.stopped = True
+                raise Stop()
+            self._crash_point(name, "before")
+            a0 = self.now_ms()
+            err: BaseException | None = None
+            value: Any = None
+            mock = self.mods.step_mock(name) if self.mods is not None else None
+            self.in_flight += 1
+            try:
+                if mock is not None:
+                    kind, payload = mock
+                    if kind == "error":
+                        raise payload
+                    value = payload
+                else:
+                    value = await self._invoke(fn, use_ctx, attempt, name, count, cfg)
+            except (Suspend, Stop, Fatal, EngineFault):
+                raise
+            except asyncio.CancelledError as e:
+                if self.stopped or _cancelling():
+                    raise
+                err = _user_signal(where, "the step body", e)  # raised by the body itself
+            except Exception as e:
+                err = e
+            except BaseException as e:
+                # SystemExit, KeyboardInterrupt, GeneratorExit raised by the body:
+                # out of a step they would end the engine loop, and the step would
+                # rerun into the same exit on every reopen. The step fails instead.
+                err = _user_signal(where, "the step body", e)
+            finally:
+                self.in_flight -= 1
+                if self.waiters:
+                    self._poke()
+            a1 = self.now_ms()
+            if err is None:
+                self._crash_point(name, "after_body")
+                fatal: ActorflowError | None = None
+                try:
+                    data = self.ser.dumps(value)
+                except SerializationError as e:
+                    fatal = SerializationError(
+                        f"{where}: value returned from the step is not serializable: {e}",
+                        workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                else:
+                    if len(data) > self.limits.max_step_result_bytes:
+                        fatal = LimitExceeded(
+                            f"{where}: output is too large ({len(data)} bytes); the maximum is "
+                            f"{self.limits.max_step_result_bytes} bytes",
+                            workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                if fatal is not None:
+                    # The step's record says why it failed; it lands with the
+                    # instance's failure, in the run's final commit.
+                    ed = error_dict(fatal)
+                    new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1,
+                               ed=ed, e=self._dump_error(fatal))
+                    new.pop("dl", None)
+                    await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
+                    raise Fatal(fatal)
+                new = dict(rec, s=DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1)
+                new.pop("dl", None)
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                self._crash_point(name, "after_commit")
+                return value
+            ed = error_dict(err)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: attempt %d failed: %s: %s", where, attempt, ed["name"],
+                          ed["message"], extra={"workflow": self.wfe.name, "step": name,
+                                                "instance": self.actor.iid, "attempt": attempt})
+            if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
+                new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1, ed=ed,
+                           e=self._dump_error(err))
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                raise err
+            delay = 0 if self.mods is not None and self.mods.no_retry_delays else retry_delay_ms(
+                cfg, attempt)
+            dl = _deadline(a1, delay, where)
+            new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
+            tk = self._timer(dl, key) if delay > 0 else None
+            await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
+            rec = new
+            if delay > 0:
+                await self._block(key, dl, None)
+
+    async def _invoke(
+        self, fn: Callable[..., Any], use_ctx: bool, attempt: int, name: str, count: int,
+        cfg: dict[str, Any],
+    ) -> Any:
+        args: tuple[Any, ...] = ()
+        if use_ctx:
+            args = (StepContext(attempt, StepInfo(name, count), copy.deepcopy(cfg)),)
+        if self.mods is not None and self.mods.forced_timeout(name):
+            raise StepTimeoutError(f"{self._here(name)}: attempt {attempt} timed out (forced)")
+        if inspect.iscoroutinefunction(fn):
+            watch = self.ctx.watchdog.arm(cfg["timeout"] / 1000.0)
+            try:
+                return await fn(*args)
+            except asyncio.CancelledError:
+                if watch.fired:
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    raise self._timed_out(name, attempt, cfg) from None
+                raise
+            finally:
+                self.ctx.watchdog.disarm(watch)
+        try:
+            async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
+                value = await self.loop.run_in_executor(
+                    self.ctx.step_pool, functools.partial(fn, *args))
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+        except TimeoutError:
+            if cm.expired():
+                raise self._timed_out(name, attempt, cfg) from None
+            raise
+
+    def _timed_out(self, name: str, attempt: int, cfg: dict[str, Any]) -> StepTimeoutError:
+        return StepTimeoutError(
+            f"{self._here(name)}: attempt {attempt} timed out after {cfg['timeout']} ms",
+            workflow=self.wfe.name, instance=self.actor.iid, step=name)
+
+    # -- sleeps -----------------------------------------------------------------
+
+    async def sleep(self, name: str, duration: Any) -> None:
+        self._check_live()
+        self._check_name(name)
+        ms = parse_duration_ms(duration, what=self._here(name))
+        await self._sleep(name, None, ms)
+
+    async def sleep_until(self, name: str, when: Any) -> None:
+        self._check_live()
+        self._check_name(name)
+        if type(when) is not int:  # epoch ms as an int: nothing to convert or check
+            when = to_epoch_ms(when, what=self._here(name))
+        await self._sleep(name, when, 0)
+
+    async def _sleep(self, name: str, until: int | None, ms: int) -> None:
+        key, count = self._key("sleep", name)
+        rec = self.steps.get(key)
+        if rec is not None and rec["s"] == DONE:
+            return
+        if self.stopped or self.pause_requested:
+            await self._gate()
+        now = self.now_ms()
+        if rec is None:
+            dl = until if until is not None else _deadline(now, ms, self._here(name))
+            if self.mods is not None and self.mods.no_sleeps:
+                dl = now
+            rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
+                   "dl": dl, "t0": now}
+            if dl > now:
+                await self._commit_step(key, rec, arm=self._timer(dl, key), stage=True)
+        if rec["dl"] > now:
+            await self._block(key, rec["dl"], None)
+            now = self.now_ms()
+        new = dict(rec, s=DONE, t1=now)
+        await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
+
+    # -- events -----------------------------------------------------------------
+
+    async def wait_for_event(self, name: str, event_type: str, timeout: Any) -> WorkflowStepEvent:
+        where = self._here(name)
+        self._check_live()
+        self._check_name(name)
+        validate_event_type(event_type, where)
+        ms = parse_duration_ms(timeout, what=f"{where}: timeout")
+        if ms <= 0:
+            raise ValueError(f"{where}: timeout must be greater than 0")
+        key, count = self._key("wait_for_event", name)
+        rec = self.steps.get(key)
+        if rec is not None:
+            if rec["s"] == DONE:
+                data, ts = rec["ev"]
+                return WorkflowStepEvent(rec["ty"], self.ser.loads(data), to_datetime(ts / 1000))
+            if rec["s"] == FAILED:
+                raise self._stored_error(rec)
+        await self._gate()
+        if self.mods is not None:
+            mocked = self.mods.event_mock(event_type)
+            if mocked is not None and not self.inbox.get(event_type):
+                self.inbox.setdefault(event_type, collections.deque()).append(
+                    (b"", self.ser.dumps(mocked), self.now_ms()))
+        forced = self.mods is not None and self.mods.forced_event_timeout(name)
+        if rec is None:
+            now = self.now_ms()
+            rec = {"k": "wait_for_event", "n": name, "c": count, "seq": self._next_seq(),
+                   "s": WAITING, "ty": event_type, "dl": _deadline(now, ms, where), "t0": now}
+            if not self.inbox.get(event_type) and not forced:
+                await self._commit_step(key, rec, arm=self._timer(rec["dl"], key))
+        while True:
+            queue = self.inbox.get(event_type)
+            if queue and not forced:
+                ekey, data, ts = queue.popleft()
+                batch = WriteBatch()
+                if ekey:
+                    batch.delete(EVENTS, ekey)  # consumed in the same commit as the result
+                new = dict(rec, s=DONE, ev=(data, ts), t1=self.now_ms())
+                new.pop("dl", None)
+                await self._commit_step(key, new, disarm=rec.get("tk"), batch=batch)
+                return WorkflowStepEvent(event_type, self.ser.loads(data), to_datetime(ts / 1000))
+            if forced or self.now_ms() >= rec["dl"]:
+                err = EventTimeoutError(
+                    f"{where}: no {event_type!r} event arrived within {ms} ms",
+                    workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                new = dict(rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err),
+                           e=self._dump_error(err))
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                raise err
+            await self._block(key, rec["dl"], event_type)

@@ -1,0 +1,235 @@
+"""An instance's history, in Cloudflare's event vocabulary, and its step records.
+
+Step-level events are not stored one by one: each step keeps one record with
+its attempts (start, end, error, retry delay), and :func:`build_history`
+turns those records, plus the few stored instance-level events, into the
+event log. This keeps the hot path at one write per step.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from actorflow.core.clock import to_datetime
+from actorflow.core.storage import Storage
+from actorflow.workflows.records import HIST, STEPS, load, steps_prefix
+
+__all__ = [
+    "REDACTED",
+    "Attempt",
+    "HistoryEvent",
+    "StepRecord",
+    "build_history",
+    "build_steps",
+    "read_history",
+    "read_steps",
+]
+
+EVENT_TYPES = (
+    "WORKFLOW_QUEUED",
+    "WORKFLOW_START",
+    "WORKFLOW_SUCCESS",
+    "WORKFLOW_FAILURE",
+    "WORKFLOW_TERMINATED",
+    "STEP_START",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "SLEEP_START",
+    "SLEEP_COMPLETE",
+    "ATTEMPT_START",
+    "ATTEMPT_SUCCESS",
+    "ATTEMPT_FAILURE",
+    "WAIT_START",
+    "WAIT_COMPLETE",
+    "WAIT_TIMED_OUT",
+    "WORKFLOW_PAUSED",
+    "WORKFLOW_RESUMED",
+    "WORKFLOW_RESTARTED",
+    "INSTANCE_RECOVERED",
+)
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One entry of ``inst.history()``."""
+
+    type: str
+    timestamp: datetime
+    step: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a step: when it ran and how it ended."""
+
+    attempt: int
+    start: datetime
+    end: datetime | None
+    error: dict[str, str] | None = None
+    retry_delay_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One entry of ``inst.steps()``."""
+
+    name: str
+    count: int
+    kind: str  # "do", "sleep" or "wait_for_event"
+    status: str  # running, retrying, sleeping, waiting, complete or errored
+    start: datetime | None
+    end: datetime | None
+    attempts: list[Attempt]
+    output: Any = None
+    error: dict[str, str] | None = None
+    config: dict[str, Any] | None = None
+    deadline: datetime | None = None
+
+
+_RANK = {
+    "WORKFLOW_QUEUED": 0,
+    "WORKFLOW_RESTARTED": 0,
+    "WORKFLOW_START": 1,
+    "WORKFLOW_RESUMED": 1,
+    "INSTANCE_RECOVERED": 1,
+    "WORKFLOW_PAUSED": 3,
+    "WORKFLOW_SUCCESS": 4,
+    "WORKFLOW_FAILURE": 4,
+    "WORKFLOW_TERMINATED": 4,
+}
+
+
+#: What history, steps, the CLI, the HTTP API and the dashboard show instead of the
+#: output of a step run with ``config={"redact": True}``. Replay still uses the real value.
+REDACTED = "[redacted]"
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else to_datetime(ms / 1000.0)
+
+
+def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
+    """Turns raw step records (in start order) into :class:`StepRecord` s."""
+    out = []
+    for r in sorted(records, key=lambda r: r["seq"]):
+        attempts = [
+            Attempt(i + 1, to_datetime(a[0] / 1000.0), _dt(a[1]), a[2], a[3])
+            for i, a in enumerate(r.get("att", ()))
+        ]
+        output = None
+        if r["s"] == "complete":
+            if r["k"] == "do" and r.get("r") is not None:
+                output = REDACTED if (r.get("cfg") or {}).get("redact") else loads(r["r"])
+            elif r["k"] == "wait_for_event" and r.get("ev") is not None:
+                output = loads(r["ev"][0])
+        out.append(
+            StepRecord(
+                name=r["n"],
+                count=r["c"],
+                kind=r["k"],
+                status=r["s"],
+                start=_dt(r.get("t0")),
+                end=_dt(r.get("t1")),
+                attempts=attempts,
+                output=output,
+                error=r.get("ed"),
+                config=r.get("cfg"),
+                deadline=_dt(r.get("dl")),
+            )
+        )
+    return out
+
+
+def build_history(
+    instance: dict[str, Any],
+    stored: list[tuple[int, dict[str, Any]]],
+    steps: list[StepRecord],
+) -> list[HistoryEvent]:
+    """Merges stored instance events and step records into one log, oldest first.
+
+    Stored events keep their write order (a restart and the run after it may
+    share a millisecond); step events are ordered by time. Where the two
+    streams tie on a millisecond, lifecycle starts go before step events and
+    lifecycle ends after them.
+    """
+    lifecycle: list[tuple[float, int, int, HistoryEvent]] = [
+        (instance["created"], 0, 0,
+         HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)))]
+    for seq, e in stored:
+        lifecycle.append((e["ts"], _RANK.get(e["type"], 2), seq + 1,
+                          HistoryEvent(e["type"], to_datetime(e["ts"] / 1000),
+                                       data=e.get("data", {}))))
+    events: list[tuple[float, int, int, HistoryEvent]] = []
+    order = 0
+
+    def add(ms: float, ev: HistoryEvent) -> None:
+        nonlocal order
+        order += 1
+        events.append((ms, 2, order, ev))
+
+    for s in steps:
+        label = f"{s.name}-{s.count}"
+        t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
+        if s.kind == "do":
+            add(t0, HistoryEvent("STEP_START", s.start or to_datetime(t0 / 1000), label,
+                                 data={"config": s.config}))
+            for a in s.attempts:
+                add(a.start.timestamp() * 1000,
+                    HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))
+                if a.end is None:
+                    continue
+                if a.error is None:
+                    add(a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt))
+                else:
+                    data: dict[str, Any] = {"error": a.error}
+                    if a.retry_delay_ms is not None:
+                        data["retryDelayMs"] = a.retry_delay_ms
+                    add(a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}))
+            elif s.status == "errored" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}))
+        elif s.kind == "sleep":
+            dur = (s.deadline.timestamp() * 1000 - t0) if s.deadline else 0
+            add(t0, HistoryEvent("SLEEP_START", s.start or to_datetime(t0 / 1000), label,
+                                 data={"durationMs": max(0, int(dur))}))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000, HistoryEvent("SLEEP_COMPLETE", s.end, label))
+        else:
+            add(t0, HistoryEvent("WAIT_START", s.start or to_datetime(t0 / 1000), label))
+            if s.status == "complete" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}))
+            elif s.status == "errored" and s.end:
+                add(s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}))
+    events.sort(key=lambda t: (t[0], t[2]))
+    # A merge, not a sort: it keeps the order within each stream.
+    merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
+    return [e for *_, e in merged]
+
+
+def read_steps(storage: Storage, rk: bytes) -> list[StepRecord]:
+    """Reads the step records of the instance whose records are keyed ``rk``.
+
+    See :mod:`actorflow.workflows.records` for the key.
+    """
+    raw = [load(v) for _k, v in storage.scan(STEPS, prefix=steps_prefix(rk))]
+    return build_steps(raw, storage.serializer.loads)
+
+
+def read_history(
+    storage: Storage, rk: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
+) -> list[HistoryEvent]:
+    """Reads the event log of the instance keyed ``rk`` whose record is ``instance``."""
+    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=rk + b"\x00"))]
+    return build_history(instance, stored, read_steps(storage, rk) if steps is None else steps)

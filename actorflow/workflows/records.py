@@ -1,0 +1,247 @@
+"""How workflow instances are laid out in storage.
+
+Keyspaces (LMDB named databases) and their keys. ``ik`` is ``wf \\0 id``, the
+instance's name; ``rk`` is ``wf \\0 n``, where ``n`` (8 bytes) is a number the
+instance gets at creation, increasing in creation order:
+
+=========  ===================================  ========================================
+keyspace   key                                  value
+=========  ===================================  ========================================
+ids        ik                                   ``n``: where the instance's records are
+numbers    ``next``                             the first record number not yet reserved
+inst       rk                                   the instance record (a dict)
+fence      rk                                   the instance's epoch (8 bytes), the
+                                                fencing token every engine write guards
+idx        wf \\0 status \\0 created \\0 id     empty: lists instances by status, newest
+                                                first, and finds unfinished ones
+steps      rk \\0 kind sha1(name) count         one step record (a dict)
+events     rk \\0 type \\0 seq                  a buffered event, FIFO per type
+hist       rk \\0 seq                           an instance-level history event
+queue:wf   priority seq                         an instance id waiting for a slot
+owner      ik                                   multi-node: the owner's node id
+owned      node \\0 ik                          multi-node: empty, the instances of a node
+nodes      node                                 multi-node: the node registry (see
+                                                :mod:`actorflow.cluster.lease`)
+=========  ===================================  ========================================
+
+Why two keys: ids are often random (uuid4), and a B-tree updated at random
+keys dirties a page per update. Keyed by ``rk``, the records of instances
+created together sit together, and so do their later writes when those
+follow creation order (a million sleepers woken in deadline order, a queue
+drained in order): a group commit then dirties a few pages, not one per
+instance per keyspace. Only ``ids`` is updated at random, and only once.
+
+Engine records (instance, step, event, history and node records) are
+dicts of builtins encoded with MessagePack, a format that describes data
+only: decoding one cannot run code, whoever wrote the directory. User
+values inside them (params, results, payloads, errors) are bytes from the
+runtime's serializer, decoded only where they are used (see "Trust boundary
+of a data directory" in docs/operations.md).
+
+Records written before that are pickles (protocol 5); they are still read
+if every opcode of the pickle only builds plain values (dicts, lists,
+tuples, strings, bytes, numbers), then by an unpickler that refuses every
+global; a record that would name or call anything is refused with
+:class:`RecordFormatError`, and nothing of it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from actorflow.core.codec import dump, load
+from actorflow.core.errors import RecordFormatError
+from actorflow.core.timers import parse_timer_key, timer_key
+
+__all__ = [
+    "EVENTS",
+    "FENCE",
+    "HIST",
+    "IDS",
+    "IDX",
+    "INST",
+    "NUMBERS",
+    "STEPS",
+    "RecordFormatError",
+    "dump",
+    "epoch_bytes",
+    "event_key",
+    "hist_key",
+    "idx_key",
+    "ikey",
+    "is_poke",
+    "load",
+    "poke_key",
+    "queue_db",
+    "record_number",
+    "rkey",
+    "rkey_of",
+    "step_key",
+    "step_target",
+    "target_rkey",
+]
+
+IDS = "ids"
+NUMBERS = "numbers"
+INST = "inst"
+FENCE = "fence"
+IDX = "idx"
+STEPS = "steps"
+EVENTS = "events"
+HIST = "hist"
+
+# Step record statuses.
+DONE = "complete"
+FAILED = "errored"
+RUNNING = "running"
+RETRYING = "retrying"
+SLEEPING = "sleeping"
+WAITING = "waiting"
+
+KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
+WAKE_KIND = "W"  # timer kind for instance deadlines
+PRIO_WAKE = b"\x00"  # queue entries of instances to resume: served first
+PRIO_NEW = b"\x01"  # queue entries of new (or restarted) instances
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+def ikey(wf: str, iid: str) -> bytes:
+    """Returns the key of an instance."""
+    return f"{wf}\x00{iid}".encode()
+
+
+def rkey(wf: str, n: bytes) -> bytes:
+    """Returns the key of an instance's records from its ``ids`` entry ``n``."""
+    return wf.encode() + b"\x00" + n
+
+
+def rkey_of(ik: bytes, n: bytes) -> bytes:
+    """Returns the key of the records of instance ``ik`` from its ``ids`` entry ``n``."""
+    return ik[:ik.index(b"\x00") + 1] + n
+
+
+def record_number(n: int) -> bytes:
+    """Encodes an instance's record number (its ``ids`` value)."""
+    return _U64.pack(n)
+
+
+def split_ikey(ik: bytes) -> tuple[str, str]:
+    """Returns ``(workflow, instance id)`` of an instance key."""
+    wf, iid = ik.split(b"\x00", 2)[:2]
+    return wf.decode(), iid.decode()
+
+
+def epoch_bytes(epoch: int) -> bytes:
+    """Encodes an epoch for the fence keyspace."""
+    return _U64.pack(epoch)
+
+
+@functools.lru_cache(maxsize=8192)
+def _name_digest(kind: str, name: str) -> bytes:
+    return KIND_CODES[kind] + hashlib.sha1(name.encode()).digest()[:12]
+
+
+def step_key(rk: bytes, kind: str, name: str, count: int) -> bytes:
+    """Returns the key of occurrence ``count`` of step ``name`` of ``kind``."""
+    return rk + b"\x00" + _name_digest(kind, name) + _U32.pack(count)
+
+
+def steps_prefix(rk: bytes) -> bytes:
+    """Returns the prefix of every step key of an instance."""
+    return rk + b"\x00"
+
+
+def step_target(ik: bytes, rk: bytes, key: bytes) -> bytes:
+    """Returns the timer target of step ``key``: ``ik \\0 n \\0 step``.
+
+    ``ik`` says whose deadline it is; ``n`` lets the wake-up find the
+    instance's records without reading ``ids``.
+    """
+    return ik + key[rk.index(b"\x00"):]
+
+
+def target_rkey(target: bytes) -> bytes | None:
+    """Returns the record key in a timer target made by :func:`step_target` (else None)."""
+    parts = target.split(b"\x00", 2)
+    if len(parts) < 3 or len(parts[2]) <= 8:
+        return None
+    return parts[0] + b"\x00" + parts[2][:8]
+
+
+def event_key(rk: bytes, event_type: str, seq: int) -> bytes:
+    """Returns the key of a buffered event."""
+    return rk + b"\x00" + event_type.encode() + b"\x00" + _U64.pack(seq)
+
+
+def events_prefix(rk: bytes, event_type: str | None = None) -> bytes:
+    """Returns the prefix of an instance's buffered events (of one type, if given)."""
+    if event_type is None:
+        return rk + b"\x00"
+    return rk + b"\x00" + event_type.encode() + b"\x00"
+
+
+def hist_key(rk: bytes, seq: int) -> bytes:
+    """Returns the key of an instance-level history event."""
+    return rk + b"\x00" + _U64.pack(seq)
+
+
+def idx_key(wf: str, status: str, created_ms: int, iid: str) -> bytes:
+    """Returns the status-index key of an instance (newest first within a status)."""
+    return f"{wf}\x00{status}\x00".encode() + _U64.pack(2**63 - created_ms) + b"\x00" + iid.encode()
+
+
+def idx_prefix(wf: str, status: str | None = None) -> bytes:
+    """Returns the prefix of a workflow's status index (of one status, if given)."""
+    return f"{wf}\x00{status}\x00".encode() if status else f"{wf}\x00".encode()
+
+
+def idx_iid(key: bytes) -> str:
+    """Returns the instance id of a status-index key."""
+    return key.rsplit(b"\x00", 1)[1].decode()
+
+
+def queue_db(wf: str) -> str:
+    """Returns the keyspace of a workflow's queue."""
+    return f"queue:{wf}"
+
+
+def queue_key(priority: bytes, seq: int) -> bytes:
+    """Returns a queue key; lower priority bytes are served first."""
+    return priority + _U64.pack(seq)
+
+
+BLOCKED = (SLEEPING, WAITING, RETRYING)
+
+
+def step_timers(steps: Iterable[dict[str, Any]]) -> list[bytes]:
+    """Returns the timer keys of the steps still blocked on a deadline."""
+    return [r["tk"] for r in steps if r.get("tk") and r["s"] in BLOCKED]
+
+
+def error_dict(exc: BaseException) -> dict[str, str]:
+    """Returns Cloudflare's ``{name, message}`` form of an exception."""
+    return {"name": type(exc).__name__, "message": str(exc)}
+
+
+_POKE = b"\x00\xff"
+
+
+def poke_key(now_ms: int, ik: bytes) -> bytes:
+    """A timer due now that tells the owner of ``ik`` to read its events again."""
+    return timer_key(now_ms, WAKE_KIND, ik + _POKE)
+
+
+def is_poke(key: bytes) -> bool:
+    """True if timer ``key`` is a poke (see :func:`poke_key`).
+
+    Its target is ``wf \\0 id \\0 \\xff``; a step's target has more after
+    the id (see :func:`~actorflow.workflows.records.step_target`), which may end
+    in the same two bytes (a count of 255).
+    """
+    return key.endswith(_POKE) and parse_timer_key(key)[2].split(b"\x00", 2)[2:] == [b"\xff"]

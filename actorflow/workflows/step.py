@@ -1,0 +1,429 @@
+"""Steps: the ``step`` object given to ``run``, step configs and retry policies."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from actorflow.core.clock import MAX_DURATION_MS, MAX_EPOCH_MS, parse_duration_ms, to_epoch_ms
+from actorflow.core.errors import NonRetryableError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "RetryPolicy",
+    "StepContext",
+    "StepInfo",
+    "WorkflowStep",
+    "resolve_config",
+    "retry_delay_ms",
+    "step_body_problem",
+    "wants_ctx",
+]
+
+BACKOFFS = ("constant", "linear", "exponential")
+MAX_RETRIES = 10_000
+#: Cloudflare's production defaults: 5 retries, 10 s, exponential, 10 minutes per attempt.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "retries": {"limit": 5, "delay": 10_000, "backoff": "exponential"},
+    "timeout": 600_000,
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A retries setting, accepted wherever a retries dict is.
+
+    Checked when it is made, with the rules (and messages) of a retries dict.
+
+    Raises:
+        ValueError: ``limit`` is not an int from 0 to 10,000, ``delay`` is not
+            a valid duration, or ``backoff`` is not one of ``constant``,
+            ``linear``, ``exponential``.
+    """
+
+    limit: int = 5
+    delay: int | float | str | timedelta = "10 seconds"
+    backoff: str = "exponential"
+
+    def __post_init__(self) -> None:
+        _check_retries(
+            "RetryPolicy", {"limit": self.limit, "delay": self.delay, "backoff": self.backoff},
+            prefix="")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """The step a callable runs for: its name and occurrence count (1-based)."""
+
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step callable may take as its ``ctx`` parameter."""
+
+    attempt: int
+    step: StepInfo
+    config: dict[str, Any]
+
+
+def resolve_config(
+    where: str,
+    config: dict[str, Any] | None = None,
+    retries: dict[str, Any] | RetryPolicy | None = None,
+    timeout: Any = None,
+) -> dict[str, Any]:
+    """Merges a step's settings field by field over :data:`DEFAULT_CONFIG`.
+
+    Returns a config with ``retries.delay`` and ``timeout`` in milliseconds.
+
+    Raises:
+        ValueError: An unknown key, a negative limit, a bad duration or backoff,
+            or a zero timeout; the message names ``where`` (the step).
+    """
+    d = DEFAULT_CONFIG["retries"]
+    cfg: dict[str, Any] = {
+        "retries": {"limit": d["limit"], "delay": d["delay"], "backoff": d["backoff"]},
+        "timeout": DEFAULT_CONFIG["timeout"],
+    }
+    if config is not None:
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: config must be a dict")
+        unknown = set(config) - {"retries", "timeout", "redact"}
+        if unknown:
+            raise ValueError(f"{where}: unknown config keys {sorted(unknown)}")
+        if "redact" in config:
+            if not isinstance(config["redact"], bool):
+                raise ValueError(f"{where}: redact must be True or False")
+            if config["redact"]:
+                # Kept with the step's record: what shows its output shows a redaction.
+                cfg["redact"] = True
+        retries = config.get("retries", retries) if retries is None else retries
+        timeout = config.get("timeout", timeout) if timeout is None else timeout
+    if retries is not None:
+        if isinstance(retries, RetryPolicy):
+            retries = {"limit": retries.limit, "delay": retries.delay, "backoff": retries.backoff}
+        if not isinstance(retries, dict):
+            raise ValueError(f"{where}: retries must be a dict or RetryPolicy")
+        cfg["retries"].update(_check_retries(where, retries))
+    if timeout is not None:
+        ms = parse_duration_ms(timeout, what=f"{where}: timeout")
+        if ms <= 0:
+            raise ValueError(f"{where}: timeout must be greater than 0")
+        cfg["timeout"] = ms
+    return cfg
+
+
+def _check_retries(where: str, retries: dict[str, Any], prefix: str = "retries.") -> dict[str, Any]:
+    """Checks the fields of a retries setting; returns them with ``delay`` in ms.
+
+    Raises:
+        ValueError: An unknown key, a limit outside 0 to 10,000, a bad delay
+            or backoff; the message names ``where``.
+    """
+    unknown = set(retries) - {"limit", "delay", "backoff"}
+    if unknown:
+        raise ValueError(f"{where}: unknown retries keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if "limit" in retries:
+        limit = retries["limit"]
+        valid = isinstance(limit, int) and not isinstance(limit, bool)
+        if not valid or not 0 <= limit <= MAX_RETRIES:
+            raise ValueError(
+                f"{where}: {prefix}limit must be an int from 0 to {MAX_RETRIES}, not {limit!r}")
+        out["limit"] = limit
+    if "delay" in retries:
+        out["delay"] = parse_duration_ms(retries["delay"], what=f"{where}: {prefix}delay")
+    if "backoff" in retries:
+        if retries["backoff"] not in BACKOFFS:
+            raise ValueError(f"{where}: {prefix}backoff must be one of {BACKOFFS}, "
+                             f"not {retries['backoff']!r}")
+        out["backoff"] = retries["backoff"]
+    return out
+
+
+def retry_delay_ms(config: dict[str, Any], attempt: int) -> int:
+    """Returns the wait after failed attempt ``attempt`` (1-based).
+
+    At most :data:`~actorflow.core.clock.MAX_DURATION_MS` (100 years): an
+    exponential backoff over thousands of retries would otherwise reach
+    deadlines the engine cannot store.
+    """
+    r = config["retries"]
+    delay: int = r["delay"]
+    if r["backoff"] == "constant":
+        wait = delay
+    elif r["backoff"] == "linear":
+        wait = delay * attempt
+    else:
+        wait = delay * 2 ** (attempt - 1)
+    return min(int(wait), MAX_DURATION_MS)
+
+
+def wants_ctx(fn: Callable[..., Any]) -> bool:
+    """Tells whether a step callable takes a ``ctx`` parameter."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not hasattr(fn, "__wrapped__"):
+        # Plain functions and lambdas: read the code object (inspect.signature is slow).
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        return "ctx" in names
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "ctx" in params
+
+
+#: Stands for the argument a step body is called with, when its signature is checked.
+_PROBE = object()
+
+
+def step_body_problem(fn: Callable[..., Any]) -> str | None:
+    """Tells what keeps ``fn`` from being called as a step body, or None if nothing does.
+
+    The engine calls a step body with no argument, or, when it has a parameter
+    named ``ctx``, with one positional argument (the :class:`StepContext`). A
+    body that cannot be called so (``lambda x, y: ...``, ``def f(item)``, a
+    keyword-only ``ctx``) would fail every attempt alike: this is checked
+    before the first one. A callable whose signature cannot be read (some
+    builtins) is let through.
+    """
+    if _plainly_fine(fn):
+        return None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    takes_ctx = "ctx" in sig.parameters
+    try:
+        bound = sig.bind(_PROBE) if takes_ctx else sig.bind()
+    except TypeError as e:
+        how = "with ctx as its only argument" if takes_ctx else "without arguments"
+        return f"{_described(fn, sig)} cannot be called {how} ({e})"
+    if takes_ctx and bound.arguments.get("ctx") is not _PROBE:
+        return f"{_described(fn, sig)} must take ctx as its first positional parameter"
+    return None
+
+
+def _plainly_fine(fn: Callable[..., Any]) -> bool:
+    """True for the common shapes of a good body, read from the code object.
+
+    ``inspect.signature`` is slow and this runs for every step call: only a
+    verdict of "fine" is taken here; anything else is looked at in full.
+    """
+    skip = 0
+    if type(fn) is types.MethodType:
+        fn, skip = fn.__func__, 1  # ``self`` is bound already
+    if type(fn) is not types.FunctionType or hasattr(fn, "__wrapped__"):
+        return False
+    code = fn.__code__
+    if code.co_kwonlyargcount:
+        return False
+    n = code.co_argcount
+    names = code.co_varnames[skip:n]
+    required = len(names) - len(fn.__defaults__ or ())
+    if required <= 0 and "ctx" not in names:
+        return True
+    return bool(names) and names[0] == "ctx" and required <= 1
+
+
+def _described(fn: Callable[..., Any], sig: inspect.Signature) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"the step function {name}{sig}"
+
+
+_BODY_RULE = "a step function takes no parameter, or one parameter named ctx (an af.StepContext)"
+_ITEM_RULE = "the function of step.map takes one positional parameter, the item"
+
+
+def _bad_body(where: str, name: str, problem: str, rule: str = _BODY_RULE) -> Callable[[], Any]:
+    """A body that fails its step at once (no retries), recorded like any step failure."""
+    message = f"{where}, step {name!r}: {problem}; {rule}"
+
+    def invalid_step_function() -> Any:
+        raise NonRetryableError(message, step=name)
+
+    return invalid_step_function
+
+
+def _item_problem(fn: Any) -> str | None:
+    """Tells what keeps ``fn`` from being called with one item (``step.map``), or None."""
+    if not callable(fn):
+        return f"a {type(fn).__name__} is not callable"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(_PROBE)
+    except TypeError as e:
+        return (f"the function {getattr(fn, '__qualname__', type(fn).__name__)}{sig} cannot "
+                f"be called with one item ({e})")
+    return None
+
+
+class StepRunner(Protocol):
+    """What :class:`WorkflowStep` needs from the engine (one instance's run)."""
+
+    @property
+    def where(self) -> str:
+        """Names the workflow and the instance in messages."""
+        ...
+
+    def do(
+        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
+    ) -> Coroutine[Any, Any, Any]: ...
+
+    def sleep(self, name: str, duration: Any) -> Coroutine[Any, Any, None]: ...
+
+    def sleep_until(self, name: str, when: Any) -> Coroutine[Any, Any, None]: ...
+
+    def wait_for_event(
+        self, name: str, event_type: str, timeout: Any
+    ) -> Coroutine[Any, Any, Any]: ...
+
+    def gather(
+        self, coros: list[Coroutine[Any, Any, Any]], limit: int | None
+    ) -> Coroutine[Any, Any, list[Any]]: ...
+
+    def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
+
+
+class WorkflowStep:
+    """The ``step`` argument of ``run``.
+
+    In an ``async def run`` every method returns an awaitable; in a plain
+    ``def run`` every method blocks and returns the result.
+    """
+
+    def __init__(self, runner: StepRunner, sync: bool) -> None:
+        self._runner = runner
+        self._sync = sync
+
+    def _result(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self._runner.block_on(coro) if self._sync else coro
+
+    def do(
+        self,
+        name: str,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        retries: dict[str, Any] | RetryPolicy | None = None,
+        timeout: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> Any:
+        """Runs ``fn`` as a durable step and returns its result.
+
+        Without ``fn`` it is a decorator: the decorated function runs the step
+        when called. ``fn`` may take one parameter named ``ctx`` (a
+        :class:`StepContext`). A completed step never runs again; its stored
+        result is returned on replay.
+        """
+        if fn is None:
+
+            def decorator(func: Callable[..., Any]) -> Callable[[], Any]:
+                @functools.wraps(func)
+                def run_step() -> Any:
+                    return self.do(name, func, retries=retries, timeout=timeout, config=config)
+
+                return run_step
+
+            return decorator
+        return self._result(self._runner.do(name, self._body(name, fn), retries, timeout, config))
+
+    def _body(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, or, if it cannot be called as a step body, one that fails the step at once."""
+        if not callable(fn):
+            return fn  # the engine refuses it, naming the step
+        problem = step_body_problem(fn)
+        return fn if problem is None else _bad_body(self._runner.where, name, problem)
+
+    def sleep(self, name: str, duration: Any) -> Any:
+        """Sleeps durably for ``duration`` (ms, a string like "10 seconds", or a timedelta)."""
+        return self._result(self._runner.sleep(name, duration))
+
+    def sleep_until(self, name: str, when: Any) -> Any:
+        """Sleeps durably until ``when`` (an aware datetime or epoch milliseconds).
+
+        ``when`` must be from 1970 to 9999 (epoch ms 0 to
+        :data:`~actorflow.core.clock.MAX_EPOCH_MS`); else ``ValueError`` is raised
+        into ``run``, naming the step.
+        """
+        if type(when) is int and not 0 <= when <= MAX_EPOCH_MS:
+            # The engine takes an int as it is (its fast path): refuse it here, where the
+            # deadline could otherwise be written and make the instance unreadable.
+            try:
+                to_epoch_ms(when, what=f"{self._runner.where}, step {name!r}")
+            except ValueError as e:
+                return self._result(_raising(e))
+        return self._result(self._runner.sleep_until(name, when))
+
+    def wait_for_event(self, name: str, type: str, *, timeout: Any = "24 hours") -> Any:
+        """Waits for an event of ``type``; returns a :class:`~actorflow.WorkflowStepEvent`.
+
+        Raises :class:`~actorflow.EventTimeoutError` into ``run`` on timeout.
+        """
+        return self._result(self._runner.wait_for_event(name, type, timeout))
+
+    def map(
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        items: Iterable[Any],
+        *,
+        retries: dict[str, Any] | RetryPolicy | None = None,
+        timeout: Any = None,
+        max_concurrency: int | None = None,
+    ) -> Any:
+        """Runs ``fn(item)`` for every item concurrently, each as step ``f"{name}[{i}]"``.
+
+        Returns the results in item order.
+        """
+        problem = _item_problem(fn)
+        coros = [
+            self._runner.do(
+                f"{name}[{i}]",
+                _bind(fn, item) if problem is None
+                else _bad_body(self._runner.where, f"{name}[{i}]", problem, _ITEM_RULE),
+                retries, timeout, None)
+            for i, item in enumerate(items)
+        ]
+        return self._result(self._runner.gather(coros, max_concurrency))
+
+    def parallel(
+        self,
+        *steps: tuple[str, Callable[..., Any]],
+        retries: dict[str, Any] | RetryPolicy | None = None,
+        timeout: Any = None,
+        max_concurrency: int | None = None,
+    ) -> Any:
+        """Runs distinct ``(name, fn)`` steps concurrently; returns their results in order."""
+        coros = [self._runner.do(n, self._body(n, f), retries, timeout, None) for n, f in steps]
+        return self._result(self._runner.gather(coros, max_concurrency))
+
+
+async def _raising(error: BaseException) -> Any:
+    """A step call that fails with ``error`` where the call is awaited (or blocked on)."""
+    raise error
+
+
+def _bind(fn: Callable[[Any], Any], item: Any) -> Callable[[], Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        async def call_async() -> Any:
+            return await fn(item)
+
+        return call_async
+
+    def call() -> Any:
+        return fn(item)
+
+    return call
+
