@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check actorflow tests benchmarks
+	$(BIN)/ruff format --check actorflow tests benchmarks
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)

@@ -113,7 +113,8 @@ def _exclusive(data: str) -> Iterator[None]:
             raise click.ClickException(
                 f"a running process has {data} open; changing it from here could corrupt it. "
                 "Send the change through that process's HTTP API instead: "
-                "actorflow --url http://HOST:PORT ... (see `actorflow serve`)") from None
+                "actorflow --url http://HOST:PORT ... (see `actorflow serve`)"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -147,8 +148,9 @@ class _Local:
             raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
         return load(raw)
 
-    def instances(self, workflow: str | None, status: str | None, limit: int,
-             cursor: str | None) -> dict[str, Any]:
+    def instances(
+        self, workflow: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
         with self._store() as store:
             prefix = f"{workflow}\x00".encode() if workflow else b""
             rows = []
@@ -162,16 +164,24 @@ class _Local:
                 try:
                     mark = _split_mark(base64.urlsafe_b64decode(cursor.encode()))
                 except ValueError:
-                    raise click.BadParameter("not a cursor printed by list",
-                                             param_hint="--cursor") from None
+                    raise click.BadParameter(
+                        "not a cursor printed by list", param_hint="--cursor"
+                    ) from None
                 rows = [r for r in rows if (r[0], r[1]) > mark]
             page = rows[:limit]
             out = []
             for rest, name, st in page:
                 iid = rest[9:].decode()
                 rec = self._record(store, name, iid)
-                out.append({"workflow": name, "id": iid, "status": st,
-                            "created": _iso_ms(rec["created"]), "error": rec.get("error")})
+                out.append(
+                    {
+                        "workflow": name,
+                        "id": iid,
+                        "status": st,
+                        "created": _iso_ms(rec["created"]),
+                        "error": rec.get("error"),
+                    }
+                )
             nxt = None
             if len(rows) > limit and page:
                 rest, name, _ = page[-1]
@@ -185,9 +195,15 @@ class _Local:
             out = None
             if status == "complete" and rec.get("output") is not None:
                 out = store.serializer.loads(rec["output"])
-            return {"workflow": wf, "id": iid, "status": status, "output": out,
-                    "error": rec.get("error") if status == "errored" else None,
-                    "created": _iso_ms(rec["created"]), "started": _iso_ms(rec.get("started"))}
+            return {
+                "workflow": wf,
+                "id": iid,
+                "status": status,
+                "output": out,
+                "error": rec.get("error") if status == "errored" else None,
+                "created": _iso_ms(rec["created"]),
+                "started": _iso_ms(rec.get("started")),
+            }
 
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._store() as store:
@@ -216,9 +232,12 @@ class _Local:
             for c in counts.values():
                 for st, n in c.items():
                     total[st] = total.get(st, 0) + n
-            return {"workflows": workflows, "counts": total,
-                    "queue_depth": sum(w["queue_depth"] for w in workflows.values()),
-                    "timer_backlog": store.count(TIMERS)}
+            return {
+                "workflows": workflows,
+                "counts": total,
+                "queue_depth": sum(w["queue_depth"] for w in workflows.values()),
+                "timer_backlog": store.count(TIMERS),
+            }
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
         from actorflow.core.errors import ActorflowError
@@ -251,8 +270,14 @@ class _Remote:
         self.url = url.rstrip("/")
         self.token = token
 
-    def _call(self, method: str, path: str, body: Any = None,
-              query: dict[str, Any] | None = None, envelope: bool = False) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        envelope: bool = False,
+    ) -> Any:
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -271,8 +296,9 @@ class _Remote:
             except ValueError:
                 raise click.ClickException(f"{method} {url}: HTTP {e.code}") from None
             errors = env.get("errors") or [{"message": f"HTTP {e.code}"}]
-            raise click.ClickException("; ".join(
-                f"{err.get('name') or 'Error'}: {err.get('message')}" for err in errors)) from None
+            raise click.ClickException(
+                "; ".join(f"{err.get('name') or 'Error'}: {err.get('message')}" for err in errors)
+            ) from None
         except urllib.error.URLError as e:
             raise click.ClickException(f"cannot reach {self.url}: {e.reason}") from None
         if envelope:
@@ -283,21 +309,31 @@ class _Remote:
         result = self._call("GET", "/api/workflows") or []
         return [w["name"] if isinstance(w, dict) else str(w) for w in result]
 
-    def instances(self, workflow: str | None, status: str | None, limit: int,
-             cursor: str | None) -> dict[str, Any]:
+    def instances(
+        self, workflow: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
         if workflow is None:
             rows: list[dict[str, Any]] = []
             for wf in self._wfs():
                 rows += self.instances(wf, status, limit, None)["instances"]
             rows.sort(key=lambda r: r.get("created") or "", reverse=True)
             return {"instances": rows[:limit], "cursor": None}
-        env = self._call("GET", f"/api/workflows/{_q(workflow)}/instances",
-                         query={"status": status, "limit": limit, "cursor": cursor},
-                         envelope=True)
+        env = self._call(
+            "GET",
+            f"/api/workflows/{_q(workflow)}/instances",
+            query={"status": status, "limit": limit, "cursor": cursor},
+            envelope=True,
+        )
         items = env.get("result") or []
         nxt = (env.get("result_info") or {}).get("cursor")
-        rows = [dict(r, workflow=r.get("workflow", workflow),
-                     created=r.get("created", r.get("created_on"))) for r in items]
+        rows = [
+            dict(
+                r,
+                workflow=r.get("workflow", workflow),
+                created=r.get("created", r.get("created_on")),
+            )
+            for r in items
+        ]
         return {"instances": rows, "cursor": nxt}
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
@@ -307,8 +343,7 @@ class _Remote:
         return result
 
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}/history")
-                    or [])
+        return list(self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}/history") or [])
 
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
         result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}") or {}
@@ -351,8 +386,10 @@ TOKEN_ARGV_WARNING = (
     "this machine can read it (ps, /proc/PID/cmdline) and the shell keeps it in its "
     "history; set ACTORFLOW_TOKEN or use --token-file PATH instead"
 )
-_TOKEN_HELP = ("Bearer token. Visible to other users in ps: prefer ACTORFLOW_TOKEN "
-               "(read when this is not given) or --token-file.")
+_TOKEN_HELP = (
+    "Bearer token. Visible to other users in ps: prefer ACTORFLOW_TOKEN "
+    "(read when this is not given) or --token-file."
+)
 _TOKEN_FILE_HELP = "Read the bearer token from this file (surrounding whitespace is ignored)."
 
 
@@ -366,8 +403,9 @@ def _token(ctx: click.Context, token: str | None, token_file: str | None) -> str
             with open(token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise click.BadParameter(f"cannot read {token_file}: {e}",
-                                     param_hint="--token-file") from None
+            raise click.BadParameter(
+                f"cannot read {token_file}: {e}", param_hint="--token-file"
+            ) from None
         if not token:
             raise click.BadParameter(f"{token_file} is empty", param_hint="--token-file")
         return token
@@ -377,17 +415,31 @@ def _token(ctx: click.Context, token: str | None, token_file: str | None) -> str
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", default="./actorflow-data", show_default=True, envvar="ACTORFLOW_DATA",
-              help="The data directory.")
-@click.option("--url", default=None, envvar="ACTORFLOW_URL",
-              help="A running runtime's HTTP API (actorflow serve), instead of --data.")
+@click.option(
+    "--data",
+    default="./actorflow-data",
+    show_default=True,
+    envvar="ACTORFLOW_DATA",
+    help="The data directory.",
+)
+@click.option(
+    "--url",
+    default=None,
+    envvar="ACTORFLOW_URL",
+    help="A running runtime's HTTP API (actorflow serve), instead of --data.",
+)
 @click.option("--token", default=None, envvar="ACTORFLOW_TOKEN", help=_TOKEN_HELP)
-@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
-              help=_TOKEN_FILE_HELP)
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False), help=_TOKEN_FILE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.pass_context
-def cli(ctx: click.Context, data: str, url: str | None, token: str | None,
-        token_file: str | None, as_json: bool) -> None:
+def cli(
+    ctx: click.Context,
+    data: str,
+    url: str | None,
+    token: str | None,
+    token_file: str | None,
+    as_json: bool,
+) -> None:
     """Inspect and control actorflow workflow instances."""
     token = _token(ctx, token, token_file)
     target: _Local | _Remote = _Remote(url, token) if url else _Local(data)
@@ -396,17 +448,18 @@ def cli(ctx: click.Context, data: str, url: str | None, token: str | None,
 
 @cli.command("list")
 @click.option("--workflow", "-w", default=None, help="Only this workflow.")
-@click.option("--status", "-s", default=None, type=click.Choice(STATUSES),
-              help="Only this status.")
+@click.option("--status", "-s", default=None, type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--limit", "-n", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--cursor", default=None, help="The cursor printed after the previous page.")
 @click.pass_obj
-def list_cmd(obj: _Ctx, workflow: str | None, status: str | None, limit: int,
-             cursor: str | None) -> None:
+def list_cmd(
+    obj: _Ctx, workflow: str | None, status: str | None, limit: int, cursor: str | None
+) -> None:
     """List instances, newest first."""
     page = obj.target.instances(workflow, status, limit, cursor)
-    rows = [[r["workflow"], r["id"], r["status"], r.get("created") or ""]
-            for r in page["instances"]]
+    rows = [
+        [r["workflow"], r["id"], r["status"], r.get("created") or ""] for r in page["instances"]
+    ]
     table = format_table(rows, ["workflow", "id", "status", "created"])
     if page["cursor"]:
         table += f"\n(more: --cursor {page['cursor']})"
@@ -420,8 +473,11 @@ def list_cmd(obj: _Ctx, workflow: str | None, status: str | None, limit: int,
 def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
     """Show an instance's status, output and error."""
     st = obj.target.status(workflow, instance_id)
-    rows = [[k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
-            for k, v in st.items() if v is not None]
+    rows = [
+        [k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
+        for k, v in st.items()
+        if v is not None
+    ]
     obj.emit(st, format_table(rows, ["field", "value"]))
 
 
@@ -432,8 +488,16 @@ def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
 def history(obj: _Ctx, workflow: str, instance_id: str) -> None:
     """Show an instance's event log, oldest first."""
     events = obj.target.history(workflow, instance_id)
-    rows = [[e.get("timestamp") or "", e["type"], e.get("step") or "",
-             str(e.get("attempt") or ""), _brief(e.get("data"))] for e in events]
+    rows = [
+        [
+            e.get("timestamp") or "",
+            e["type"],
+            e.get("step") or "",
+            str(e.get("attempt") or ""),
+            _brief(e.get("data")),
+        ]
+        for e in events
+    ]
     obj.emit(events, format_table(rows, ["time", "event", "step", "attempt", "data"]))
 
 
@@ -449,13 +513,25 @@ def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
         atts = s.get("attempts") or []
         failed = sum(1 for a in atts if a.get("error"))
         err = s.get("error") or {}
-        rows.append([s["name"], str(s["count"]), s.get("kind") or s.get("type") or "",
-                     s["status"], str(len(atts)),
-                     str(failed), _duration(s.get("start"), s.get("end")),
-                     f"{err.get('name')}: {err.get('message')}" if err else
-                     _brief(s.get("output"))])
-    obj.emit(recs, format_table(rows, ["step", "count", "kind", "status", "attempts",
-                                       "failed", "duration", "output / error"]))
+        rows.append(
+            [
+                s["name"],
+                str(s["count"]),
+                s.get("kind") or s.get("type") or "",
+                s["status"],
+                str(len(atts)),
+                str(failed),
+                _duration(s.get("start"), s.get("end")),
+                f"{err.get('name')}: {err.get('message')}" if err else _brief(s.get("output")),
+            ]
+        )
+    obj.emit(
+        recs,
+        format_table(
+            rows,
+            ["step", "count", "kind", "status", "attempts", "failed", "duration", "output / error"],
+        ),
+    )
 
 
 @cli.command()
@@ -463,11 +539,18 @@ def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
 def metrics(obj: _Ctx) -> None:
     """Show counts by status, rates, queue depths and commit latency."""
     m = obj.target.metrics()
-    rows = [[k, f"{v:,.2f}" if isinstance(v, float) else _counts(v) if isinstance(v, dict)
-             else str(v)] for k, v in m.items() if k != "workflows"]
+    rows = [
+        [k, f"{v:,.2f}" if isinstance(v, float) else _counts(v) if isinstance(v, dict) else str(v)]
+        for k, v in m.items()
+        if k != "workflows"
+    ]
     for name, wm in (m.get("workflows") or {}).items():
-        rows.append([f"workflow {name}",
-                     f"{_counts(wm.get('counts') or {})}  queue={wm.get('queue_depth')}"])
+        rows.append(
+            [
+                f"workflow {name}",
+                f"{_counts(wm.get('counts') or {})}  queue={wm.get('queue_depth')}",
+            ]
+        )
     obj.emit(m, format_table(rows, ["figure", "value"]))
 
 
@@ -477,8 +560,9 @@ def metrics(obj: _Ctx) -> None:
 @click.argument("event_type")
 @click.option("--payload", default=None, help="The event's payload, as JSON.")
 @click.pass_obj
-def send_event(obj: _Ctx, workflow: str, instance_id: str, event_type: str,
-               payload: str | None) -> None:
+def send_event(
+    obj: _Ctx, workflow: str, instance_id: str, event_type: str, payload: str | None
+) -> None:
     """Send an event to an instance."""
     try:
         value = None if payload is None else json.loads(payload)
@@ -498,8 +582,9 @@ def _action(name: str, doc: str) -> None:
 
     command.__doc__ = doc
     if name == "restart":
-        command = click.option("--from-step", default=None,
-                               help="Keep the steps before this step.")(command)
+        command = click.option(
+            "--from-step", default=None, help="Keep the steps before this step."
+        )(command)
     cli.command(name)(command)
 
 
@@ -510,16 +595,22 @@ _action("restart", "Run an instance again from the start (or from a step).")
 
 
 @cli.command()
-@click.option("--app", default=None,
-              help="pkg.module:factory building the Runtime (with its registrations).")
+@click.option(
+    "--app", default=None, help="pkg.module:factory building the Runtime (with its registrations)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int)
 @click.option("--token", default=None, envvar="ACTORFLOW_TOKEN", help=_TOKEN_HELP)
-@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
-              help=_TOKEN_FILE_HELP)
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False), help=_TOKEN_FILE_HELP)
 @click.pass_context
-def serve(ctx: click.Context, app: str | None, host: str, port: int,
-          token: str | None, token_file: str | None) -> None:
+def serve(
+    ctx: click.Context,
+    app: str | None,
+    host: str,
+    port: int,
+    token: str | None,
+    token_file: str | None,
+) -> None:
     """Serve the HTTP API and dashboard of a runtime.
 
     With a token, every API request must carry it; without one, the server
@@ -532,7 +623,8 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
         http = importlib.import_module("actorflow.http")
     except ImportError as e:
         raise click.ClickException(
-            f"the HTTP API is not available ({e}); install actorflow[serve]") from None
+            f"the HTTP API is not available ({e}); install actorflow[serve]"
+        ) from None
     data = ctx.parent.params["data"] if ctx.parent else "./actorflow-data"
     if app:
         # The same contract as NodeProcess: factory(data_dir) -> Runtime.
@@ -544,9 +636,12 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
         names = sorted(rt.metrics().workflows)
         for name in names:
             rt.unregistered(name, listed=True)
-        click.echo(f"serving {data} without --app: its workflows ({', '.join(names) or 'none'})"
-                   " can be read and controlled, but nothing runs; pass --app "
-                   "pkg.module:factory to run them", err=True)
+        click.echo(
+            f"serving {data} without --app: its workflows ({', '.join(names) or 'none'})"
+            " can be read and controlled, but nothing runs; pass --app "
+            "pkg.module:factory to run them",
+            err=True,
+        )
     try:
         http.serve(rt, host=host, port=port, token=token)
     except ValueError as e:  # a public address without a token
@@ -555,8 +650,13 @@ def serve(ctx: click.Context, app: str | None, host: str, port: int,
         rt.close()
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                               "help_option_names": []})
+@cli.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def bench(ctx: click.Context, args: tuple[str, ...]) -> None:

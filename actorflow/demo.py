@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         orders = checkout.create_batch(_orders(run, args.orders))
         t_created = time.perf_counter() - t0
+
         def approve() -> None:
             # A manager approves every order; an approval that arrives before the
             # workflow reaches its wait is buffered until it gets there.

@@ -27,8 +27,8 @@ from actorflow.core.timers import TimerService
 from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
 from actorflow.objects.storage import ALARM_KIND
 from actorflow.observe.metrics import CommitMonitor, Metrics, WorkflowMetrics
-from actorflow.workflows.definition import Workflow
 from actorflow.workflows.adoption import claimer_for
+from actorflow.workflows.definition import Workflow
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.handles import WorkflowBinding
 from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
@@ -132,8 +132,12 @@ class Runtime:
         try:
             self._owner_fd = self._lock_owner()
             try:
-                self.storage = Storage(self.data_dir, sync=sync, serializer=serializer,
-                                       **({"map_size": NODE_MAP_SIZE} if self.node_id else {}))
+                self.storage = Storage(
+                    self.data_dir,
+                    sync=sync,
+                    serializer=serializer,
+                    **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
+                )
             except BaseException:
                 self._unlock()
                 raise
@@ -272,8 +276,9 @@ class Runtime:
             else:
                 depth = self.storage.count(queue_db(name))
                 cap = self.limits.for_workflow(name).max_concurrent
-            workflows[name] = WorkflowMetrics(name, counts.get(name, {}), depth,
-                                              sup.by_wf.get(name, 0), cap, binding is not None)
+            workflows[name] = WorkflowMetrics(
+                name, counts.get(name, {}), depth, sup.by_wf.get(name, 0), cap, binding is not None
+            )
         total: dict[str, int] = {}
         for wm in workflows.values():
             for status, n in wm.counts.items():
@@ -413,7 +418,8 @@ class Runtime:
         if self.lease_lost:
             raise ActorflowError(
                 f"node {self.node_id} of {self.data_dir} lost its lease: other nodes took "
-                "over its instances; open a new runtime to rejoin")
+                "over its instances; open a new runtime to rejoin"
+            )
 
     # -- Durable Objects -----------------------------------------------------
 

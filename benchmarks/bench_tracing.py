@@ -74,7 +74,11 @@ class CountingExporter(SpanExporter):
 
 
 def steps_per_s(
-    data_dir: Path, instances: int, steps: int, traced: bool, workload: str = "async",
+    data_dir: Path,
+    instances: int,
+    steps: int,
+    traced: bool,
+    workload: str = "async",
     first_attempt_spans: bool = True,
 ) -> tuple[float, float, int]:
     """Runs ``instances`` x ``steps`` trivial durable steps.
@@ -107,7 +111,10 @@ def steps_per_s(
 
 
 def compare(
-    instances: int, steps: int, rounds: int, workload: str = "async",
+    instances: int,
+    steps: int,
+    rounds: int,
+    workload: str = "async",
     first_attempt_spans: bool = True,
 ) -> dict[str, Any]:
     """Alternates untraced and traced runs; returns the medians and the overhead."""
@@ -118,9 +125,15 @@ def compare(
     spans = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
-            for traced in ((False, True) if i % 2 == 0 else (True, False)):
-                rate, cpu, n = steps_per_s(Path(tmp) / f"r{i}-{traced}", instances, steps,
-                                           traced, workload, first_attempt_spans)
+            for traced in (False, True) if i % 2 == 0 else (True, False):
+                rate, cpu, n = steps_per_s(
+                    Path(tmp) / f"r{i}-{traced}",
+                    instances,
+                    steps,
+                    traced,
+                    workload,
+                    first_attempt_spans,
+                )
                 (on if traced else off).append(rate)
                 (cpu_on if traced else cpu_off).append(cpu)
                 spans = max(spans, n)
@@ -170,28 +183,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="async",
-                        help="async: async def run and steps; sync: def run and def steps")
-    parser.add_argument("--no-first-attempt-spans", dest="first_attempt_spans",
-                        action="store_false",
-                        help="trace with first_attempt_spans=False (no 'attempt 1' span "
-                             "for a step done at its first attempt)")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="async",
+        help="async: async def run and steps; sync: def run and def steps",
+    )
+    parser.add_argument(
+        "--no-first-attempt-spans",
+        dest="first_attempt_spans",
+        action="store_false",
+        help="trace with first_attempt_spans=False (no 'attempt 1' span "
+        "for a step done at its first attempt)",
+    )
     args = parser.parse_args(argv)
     r = compare(args.instances, args.steps, args.rounds, args.workload, args.first_attempt_spans)
-    print(f"{args.instances} instances x {args.steps} {args.workload} steps, median of "
-          f"{args.rounds} alternating rounds, fsync on"
-          + ("" if args.first_attempt_spans else ", first_attempt_spans=False"))
-    print(f"  tracing off: {r['untraced_steps_per_s']:10,.0f} steps/s  "
-          f"{[round(x) for x in r['untraced_runs']]}")
-    print(f"  tracing on:  {r['traced_steps_per_s']:10,.0f} steps/s  "
-          f"{[round(x) for x in r['traced_runs']]}")
+    print(
+        f"{args.instances} instances x {args.steps} {args.workload} steps, median of "
+        f"{args.rounds} alternating rounds, fsync on"
+        + ("" if args.first_attempt_spans else ", first_attempt_spans=False")
+    )
+    print(
+        f"  tracing off: {r['untraced_steps_per_s']:10,.0f} steps/s  "
+        f"{[round(x) for x in r['untraced_runs']]}"
+    )
+    print(
+        f"  tracing on:  {r['traced_steps_per_s']:10,.0f} steps/s  "
+        f"{[round(x) for x in r['traced_runs']]}"
+    )
     print(f"  overhead:    {r['overhead']:10.1%}  ({r['spans_per_run']:,} spans per traced run)")
-    print(f"  CPU per step: {r['untraced_cpu_us_per_step']:.1f} us off, "
-          f"{r['traced_cpu_us_per_step']:.1f} us on ({r['cpu_overhead']:+.1%})  "
-          f"{[round(x, 1) for x in r['untraced_cpu_runs']]} -> "
-          f"{[round(x, 1) for x in r['traced_cpu_runs']]}")
-    print(f"  per round (on vs the off run beside it), median: throughput "
-          f"{-r['paired_overhead']:+.1%}, CPU per step {r['paired_cpu_overhead']:+.1%}")
+    print(
+        f"  CPU per step: {r['untraced_cpu_us_per_step']:.1f} us off, "
+        f"{r['traced_cpu_us_per_step']:.1f} us on ({r['cpu_overhead']:+.1%})  "
+        f"{[round(x, 1) for x in r['untraced_cpu_runs']]} -> "
+        f"{[round(x, 1) for x in r['traced_cpu_runs']]}"
+    )
+    print(
+        f"  per round (on vs the off run beside it), median: throughput "
+        f"{-r['paired_overhead']:+.1%}, CPU per step {r['paired_cpu_overhead']:+.1%}"
+    )
     ok = r["overhead"] < MAX_OVERHEAD and r["cpu_overhead"] < MAX_OVERHEAD
     return 0 if ok else 1
 

@@ -37,8 +37,18 @@ def _positive(figures: dict[str, float], *names: str) -> None:
 
 
 def test_every_scenario_is_named_and_described() -> None:
-    expected = {"physical", "create", "steps", "latency", "concurrency", "sleepers", "queue",
-                "recovery", "objects", "scaling"}
+    expected = {
+        "physical",
+        "create",
+        "steps",
+        "latency",
+        "concurrency",
+        "sleepers",
+        "queue",
+        "recovery",
+        "objects",
+        "scaling",
+    }
     assert set(SCENARIOS) == expected
     assert "scaling" not in DEFAULT
     assert all(s.about and s.name == k for k, s in SCENARIOS.items())
@@ -47,8 +57,14 @@ def test_every_scenario_is_named_and_described() -> None:
 
 def test_physical_baselines(tmp_path: Path) -> None:
     figures = SCENARIOS["physical"].run(tmp_path, 0, NullProgress(), Options()).figures
-    _positive(figures, "fsync_commits_per_s", "fsync_commit_ms", "bare_call_ns",
-              "thread_handoff_us", "threaded_commits_per_s")
+    _positive(
+        figures,
+        "fsync_commits_per_s",
+        "fsync_commit_ms",
+        "bare_call_ns",
+        "thread_handoff_us",
+        "threaded_commits_per_s",
+    )
     assert figures["bare_call_ns"] < 10_000  # a call is nanoseconds, not microseconds
     for page in ("fsync_scattered_page_us", "fsync_contiguous_page_us"):
         assert 0 <= figures[page] < 1e6 and math.isfinite(figures[page]), (page, figures[page])
@@ -58,8 +74,12 @@ def test_physical_baselines(tmp_path: Path) -> None:
 
 def test_create(tmp_path: Path) -> None:
     figures = SCENARIOS["create"].run(tmp_path, 256, NullProgress(), FAST).figures
-    _positive(figures, "create_batch_per_s", "create_16_threads_per_s",
-              "create_16_threads_batches_per_commit")
+    _positive(
+        figures,
+        "create_batch_per_s",
+        "create_16_threads_per_s",
+        "create_16_threads_batches_per_commit",
+    )
     # 64 creations from 16 threads, each waiting for its own commit, in at least 4 commits;
     # the engine's own writes join them, so the bound is loose
     assert figures["create_16_threads_batches_per_commit"] <= 64
@@ -126,9 +146,11 @@ def test_a_failing_child_reports_its_error(tmp_path: Path) -> None:
 
 
 def test_scaling_reports_per_instance_cost(tmp_path: Path) -> None:
-    figures = SCENARIOS["scaling"].run(
-        tmp_path, 1_000, NullProgress(), Options(of="queue", drain=False)
-    ).figures
+    figures = (
+        SCENARIOS["scaling"]
+        .run(tmp_path, 1_000, NullProgress(), Options(of="queue", drain=False))
+        .figures
+    )
     for n in (100, 1_000):
         _positive(figures, f"queue_{n}_us_per_instance", f"queue_{n}_peak_rss_mib")
     assert "queue_10000_us_per_instance" not in figures
@@ -168,19 +190,28 @@ def test_targets_are_judged_only_at_scale() -> None:
 
 
 def test_table_rows_with_profile_and_hardware() -> None:
-    phys = {"fsync_commits_per_s": 4000.0, "fsync_commit_ms": 0.25, "bare_call_ns": 25.0,
-            "thread_handoff_us": 5.0}
+    phys = {
+        "fsync_commits_per_s": 4000.0,
+        "fsync_commit_ms": 0.25,
+        "bare_call_ns": 25.0,
+        "thread_handoff_us": 5.0,
+    }
     assert "8.0x fsync" in hardware("steps_per_s", 32_000, phys)
     assert "thread handoffs" in hardware("create_16_threads_per_s", 8_000, phys)
     with_ceiling = {**phys, "threaded_commits_per_s": 16_000.0}
     assert "50% of 16 threads' bare durable calls" in hardware(
-        "create_16_threads_per_s", 8_000, with_ceiling)
+        "create_16_threads_per_s", 8_000, with_ceiling
+    )
     pages = {**phys, "fsync_scattered_page_us": 80.0}
     assert hardware("create_16_threads_pages_per_commit", 30, pages).startswith(
-        "2.65 ms of disk per commit (0.25 ms + 30 scattered pages x 80 us)")
+        "2.65 ms of disk per commit (0.25 ms + 30 scattered pages x 80 us)"
+    )
     assert hardware("steps_per_s", 32_000, {}) == ""
-    header, body = rows({"physical": phys, "create": {"create_batch_per_s": 60_000.0}},
-                        {"create": 100}, "cloudflare-v2")
+    header, body = rows(
+        {"physical": phys, "create": {"create_batch_per_s": 60_000.0}},
+        {"create": 100},
+        "cloudflare-v2",
+    )
     assert header[-2:] == ["Cloudflare V2", "ratio"]
     create = next(r for r in body if r[1] == "create_batch_per_s")
     assert create[4] == "met" and create[-1] == "200.0x"
@@ -196,20 +227,51 @@ def test_bar_draws_on_a_stream() -> None:
 
 
 def test_main_json_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["steps", "objects", "--size", "5", "--size", "objects=7", "--repeat", "1",
-                 "--json", "-", "--data-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "steps",
+                "objects",
+                "--size",
+                "5",
+                "--size",
+                "objects=7",
+                "--repeat",
+                "1",
+                "--json",
+                "-",
+                "--data-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["medians"]) == {"physical", "steps", "objects"}
     assert (doc["sizes"]["steps"], doc["sizes"]["objects"]) == (5, 7)
     assert any(r["figure"] == "steps_per_s" for r in doc["table"])
 
 
-def test_main_reports_a_failed_scenario(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_main_reports_a_failed_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # scaling of a scenario that is not isolated fails; the other figures are still printed
-    assert main(["scaling", "steps", "--of", "steps", "--size", "5", "--repeat", "1",
-                 "--no-physical", "--json", "-"]) == 1
+    assert (
+        main(
+            [
+                "scaling",
+                "steps",
+                "--of",
+                "steps",
+                "--size",
+                "5",
+                "--repeat",
+                "1",
+                "--no-physical",
+                "--json",
+                "-",
+            ]
+        )
+        == 1
+    )
     doc = json.loads(capsys.readouterr().out)
     assert "scaling runs one of" in doc["failed"]["scaling"]
     assert "steps_per_s" in doc["medians"]["steps"]
@@ -218,8 +280,12 @@ def test_main_reports_a_failed_scenario(
 def test_main_table_and_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nope"]) == 2
     assert main(["steps", "--size", "nope=3"]) == 2
-    assert main(["steps", "--size", "5", "--repeat", "1", "--no-physical",
-                 "--profile", "cloudflare-v2"]) == 0
+    assert (
+        main(
+            ["steps", "--size", "5", "--repeat", "1", "--no-physical", "--profile", "cloudflare-v2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "steps_per_s" in out and "Cloudflare V2" in out and "physical" not in out
 
@@ -232,14 +298,21 @@ def test_plots(tmp_path: Path) -> None:
         sizes={"concurrency": 100},
         medians={
             "concurrency": {"n": 100.0, "instances_per_s": 40.0, "peak_rss_mib": 60.0},
-            "scaling": {"queue_100_us_per_instance": 30.0, "queue_100_peak_rss_mib": 40.0,
-                        "queue_1000_us_per_instance": 25.0, "queue_1000_peak_rss_mib": 45.0},
+            "scaling": {
+                "queue_100_us_per_instance": 30.0,
+                "queue_100_peak_rss_mib": 40.0,
+                "queue_1000_us_per_instance": 25.0,
+                "queue_1000_peak_rss_mib": 45.0,
+            },
         },
         samples={"latency": {"event_to_resume_ms": [0.5, 1.0, 2.0, 0.0]}},
     )
     made = plot_all(m, tmp_path / "charts")
-    assert [p.name for p in made] == ["bench-throughput-concurrency.png", "bench-memory.png",
-                                      "bench-latency.png"]
+    assert [p.name for p in made] == [
+        "bench-throughput-concurrency.png",
+        "bench-memory.png",
+        "bench-latency.png",
+    ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
 
 

@@ -139,8 +139,7 @@ class Cluster:
         with self.lock:
             self.gen += 1
             node_id = f"n{self.gen}"
-        node = NodeProcess(self.data, APP, node_id=node_id, env=self.env,
-                           lease_timeout=self.lease)
+        node = NodeProcess(self.data, APP, node_id=node_id, env=self.env, lease_timeout=self.lease)
         return node.start()
 
     def any(self) -> NodeProcess:
@@ -268,8 +267,10 @@ class Detour:
         self.cluster = cluster
         self.ledger = Ledger()
         self.params = {"sleep_ms": 0, "events": 1, "work_ms": work_ms}
-        self.pools = {op: [f"{op}-{k}" for k in range(freezes * PER_FREEZE[op])]
-                      for op in ("event", "pause", "resume", "terminate")}
+        self.pools = {
+            op: [f"{op}-{k}" for k in range(freezes * PER_FREEZE[op])]
+            for op in ("event", "pause", "resume", "terminate")
+        }
         self.created = 0
         self.through_frozen: list[Call] = []
         self.finish: set[str] = set()  # must be complete at the end (the others: ended)
@@ -282,7 +283,7 @@ class Detour:
         if not ids:
             return
         for i in range(0, len(ids), 500):
-            items = [{"id": iid, "params": self.params} for iid in ids[i:i + 500]]
+            items = [{"id": iid, "params": self.params} for iid in ids[i : i + 500]]
             with_retries(self.cluster, lambda node, items=items: node.create_batch(ROUTED, items))
         self._wait_for(lambda c: c.get("waiting", 0) == len(ids))
         for iid in self.pools["resume"]:
@@ -297,24 +298,25 @@ class Detour:
 
     def _take(self, op: str) -> list[str]:
         pool = self.pools[op]
-        got, self.pools[op] = pool[:PER_FREEZE[op]], pool[PER_FREEZE[op]:]
+        got, self.pools[op] = pool[: PER_FREEZE[op]], pool[PER_FREEZE[op] :]
         return got
 
     def through(self, victim: NodeProcess) -> list[Call]:
         """Sends one freeze's calls through ``victim`` (frozen); returns them as booked."""
         with self.lock:
             taken = {op: self._take(op) for op in self.pools}
-            new = [f"new-{self.created + k}" for k in range(PER_FREEZE["create"]
-                                                            + PER_FREEZE["batch"])]
+            new = [
+                f"new-{self.created + k}" for k in range(PER_FREEZE["create"] + PER_FREEZE["batch"])
+            ]
             self.created += len(new)
         calls = []
         for op, iids in taken.items():
             for iid in iids:
                 token = uuid.uuid4().hex if op == "event" else None
                 calls.append(self.ledger.send(victim, Call(op, ROUTED, iid, "", token=token)))
-        for iid in new[:PER_FREEZE["create"]]:
+        for iid in new[: PER_FREEZE["create"]]:
             calls.append(self.ledger.send(victim, Call("create", ROUTED, iid, ""), self.params))
-        calls += self.ledger.send_batch(victim, ROUTED, new[PER_FREEZE["create"]:], self.params)
+        calls += self.ledger.send_batch(victim, ROUTED, new[PER_FREEZE["create"] :], self.params)
         with self.lock:
             self.through_frozen += calls
         return calls
@@ -412,9 +414,18 @@ class Detour:
 
 
 def run_chaos(
-    tmp: Path, name: str, *, n: int, kill_for: float, kill_every: float = 2.0,
-    event_window: float = 10.0, lease: float = 2.0, concurrency: int = 200, work_ms: float = 5.0,
-    timeout: float = 300.0, kill_until_done: bool = False,
+    tmp: Path,
+    name: str,
+    *,
+    n: int,
+    kill_for: float,
+    kill_every: float = 2.0,
+    event_window: float = 10.0,
+    lease: float = 2.0,
+    concurrency: int = 200,
+    work_ms: float = 5.0,
+    timeout: float = 300.0,
+    kill_until_done: bool = False,
 ) -> Outcome:
     """Runs the workload on 3 nodes, disrupting one every ~``kill_every`` s for ``kill_for`` s.
 
@@ -425,9 +436,16 @@ def run_chaos(
     rng = random.Random(7)
     params = []
     for k in range(n):
-        params.append({"id": f"c{k}", "params": {
-            "sleep_ms": rng.randint(200, 3000) if k % 5 == 0 else 0,
-            "events": 2 if k % 4 == 1 else 0, "work_ms": work_ms}})
+        params.append(
+            {
+                "id": f"c{k}",
+                "params": {
+                    "sleep_ms": rng.randint(200, 3000) if k % 5 == 0 else 0,
+                    "events": 2 if k % 4 == 1 else 0,
+                    "work_ms": work_ms,
+                },
+            }
+        )
     sent: dict[str, set[str]] = collections.defaultdict(set)
     out = Outcome(n)
     cluster = Cluster(data, journal, 3, lease, concurrency)
@@ -439,7 +457,7 @@ def run_chaos(
         cluster.detour = detour
         t0 = time.monotonic()
         for i in range(0, n, 500):
-            chunk = params[i:i + 500]
+            chunk = params[i : i + 500]
             with_retries(cluster, lambda node, chunk=chunk: node.create_batch(WF, chunk))
         stop = threading.Event()
         counts: dict[str, int] = {}
@@ -519,8 +537,14 @@ def wait_adopted(data: Path, nodes: set[str], timeout: float) -> None:
         store.close()
 
 
-def check(data: Path, journal: Path, params: list[dict[str, Any]],
-          sent: dict[str, set[str]], out: Outcome, detour: Detour) -> None:
+def check(
+    data: Path,
+    journal: Path,
+    params: list[dict[str, Any]],
+    sent: dict[str, set[str]],
+    out: Outcome,
+    detour: Detour,
+) -> None:
     """Reads the data directory and the journal: completion, no committed re-runs, events.
 
     Then audits the calls sent through frozen nodes (see :mod:`apps.accounting`).
@@ -528,7 +552,8 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
     found = read_data(data, [WF, ROUTED])
     committed, failed, registry = found.committed, found.failed, found.registry
     statuses = collections.Counter(
-        inst.status for (wf, _), inst in found.instances.items() if wf == WF)
+        inst.status for (wf, _), inst in found.instances.items() if wf == WF
+    )
     assert statuses == {"complete": len(params)}, statuses
     for p in params:
         iid = p["id"]
@@ -540,8 +565,7 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
         assert len(set(got)) == len(got), f"{iid} consumed one event twice: {got}"
         assert set(got) <= sent[iid], f"{iid} consumed events never sent to it: {got}"
     lines = journal.read_text().splitlines()
-    bad, out.stale_runs, ended_at, _ = journal_violations(
-        lines, committed, failed, out.frozen_pids)
+    bad, out.stale_runs, ended_at, _ = journal_violations(lines, committed, failed, out.frozen_pids)
     assert not bad, bad[:20]
     for (iid, name), win in committed.items():
         assert win in ended_at, f"{iid} {name}: the committed run is not in the journal"
@@ -549,8 +573,9 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
     out.body_runs = sum(1 for line in lines if line.startswith("S ") and line.split()[1] in main)
     expected_runs = sum(len(STEP_NAMES) + 1 for _ in params)  # + the planned failure
     out.reruns = out.body_runs - expected_runs
-    out.steps = expected_runs + sum(p["params"]["events"] + bool(p["params"]["sleep_ms"])
-                                    for p in params)
+    out.steps = expected_runs + sum(
+        p["params"]["events"] + bool(p["params"]["sleep_ms"]) for p in params
+    )
     assert out.reruns >= 0
     for node, at in out.kills:
         if node in out.stalled:
@@ -561,14 +586,19 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
     for node in out.stalled:  # not adopted while frozen, as nobody could write
         assert registry[node].get("was") != "alive", (node, registry[node])
     disrupted = {node for node, _ in out.kills} - out.stalled
-    spurious = [n for n, rec in registry.items() if rec.get("was") == "alive" and n not in disrupted]
+    spurious = [
+        n for n, rec in registry.items() if rec.get("was") == "alive" and n not in disrupted
+    ]
     assert not spurious, f"nodes adopted while alive (a heartbeat came too late): {spurious}"
     # Every routed instance was made able to finish: it must have ended (complete,
     # or terminated), and complete unless a terminate may have ended it.
     audit = detour.ledger.audit(
-        found, journal, frozen_pids=out.frozen_pids,
+        found,
+        journal,
+        frozen_pids=out.frozen_pids,
         finish=[(ROUTED, iid) for iid in sorted(detour.finish)],
-        ended=[key for key in found.instances if key[0] == ROUTED])
+        ended=[key for key in found.instances if key[0] == ROUTED],
+    )
     audit.half_written += detour.moved
     out.audit = audit
     assert audit.clean(), f"calls through frozen nodes: {audit.report()}"
@@ -577,12 +607,21 @@ def check(data: Path, journal: Path, params: list[dict[str, Any]],
 def test_the_journal_check_can_fail() -> None:
     committed = {("c0", "s1"): "1.a", ("c0", "s3"): "1.d"}
     failed = {("c0", "s3", 1): "1.c"}
-    ok = ["S c0 s1 1 9.x", "S c0 s1 1 1.a", "E c0 s1 1 1.a", "E c0 s1 1 9.x",  # killed run
-          "S c0 s3 1 1.c", "E c0 s3 1 1.c", "S c0 s3 2 1.d", "E c0 s3 2 1.d"]
+    ok = [
+        "S c0 s1 1 9.x",
+        "S c0 s1 1 1.a",
+        "E c0 s1 1 1.a",
+        "E c0 s1 1 9.x",  # killed run
+        "S c0 s3 1 1.c",
+        "E c0 s3 1 1.c",
+        "S c0 s3 2 1.d",
+        "E c0 s3 2 1.d",
+    ]
     assert journal_violations(ok, committed, failed, set())[0] == []
     rerun = [*ok, "S c0 s1 1 2.b", "E c0 s1 1 2.b"]  # a committed step ran again
     assert journal_violations(rerun, committed, failed, set())[0] == [
-        "c0 s1 attempt 1 ran again after it committed"]
+        "c0 s1 attempt 1 ran again after it committed"
+    ]
     assert journal_violations(rerun, committed, failed, {"2"})[:2] == ([], 1)  # a frozen node
     attempt = [*ok, "S c0 s3 1 3.e"]  # a committed failed attempt ran again
     assert len(journal_violations(attempt, committed, failed, set())[0]) == 1
@@ -621,8 +660,14 @@ def test_throughput_without_failures(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_throughput_with_failures(tmp_path: Path) -> None:
     """The baseline's workload, with a node disrupted every ~2 s until all are complete."""
-    out = run_chaos(tmp_path, "failures every ~2 s", n=5000, kill_for=0.0, event_window=0.0,
-                    kill_until_done=True)
+    out = run_chaos(
+        tmp_path,
+        "failures every ~2 s",
+        n=5000,
+        kill_for=0.0,
+        event_window=0.0,
+        kill_until_done=True,
+    )
     assert out.kills
 
 
@@ -631,8 +676,7 @@ def test_throughput_with_failures(tmp_path: Path) -> None:
 @pytest.mark.timeout(1200)
 def test_chaos_full(tmp_path: Path) -> None:
     """5,000 instances, a node SIGKILLed every ~2 s for 60 s."""
-    out = run_chaos(tmp_path, "chaos 60 s", n=5000, kill_for=60.0, event_window=45.0,
-                    timeout=600.0)
+    out = run_chaos(tmp_path, "chaos 60 s", n=5000, kill_for=60.0, event_window=45.0, timeout=600.0)
     summary = out.summary()
     assert len(out.kills) >= 20
     assert out.lease_lost_exits + len(out.stalled) == out.freezes

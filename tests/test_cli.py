@@ -72,7 +72,9 @@ def test_list_status_history_steps(data: Path) -> None:
     rows = json.loads(run_cli(data, "--json", "list", "--status", "waiting").output)
     assert [r["id"] for r in rows["instances"]] == ["o2", "o1", "o0"]
     assert json.loads(run_cli(data, "--json", "list", "--status", "complete").output) == {
-        "instances": [], "cursor": None}
+        "instances": [],
+        "cursor": None,
+    }
     st = json.loads(run_cli(data, "--json", "status", "order", "o0").output)
     assert (st["status"], st["error"]) == ("waiting", None)
     assert "waiting" in run_cli(data, "status", "order", "o0").output
@@ -185,8 +187,12 @@ with af.Runtime(sys.argv[1]) as rt:
 
 @pytest.fixture
 def owned(data: Path) -> Iterator[Path]:
-    proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(data)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         yield data
@@ -199,9 +205,13 @@ def owned(data: Path) -> Iterator[Path]:
 
 
 def test_changes_are_refused_while_a_runtime_owns_the_directory(owned: Path) -> None:
-    for args in (["pause", "order", "o1"], ["terminate", "order", "o1"],
-                 ["restart", "order", "o1"], ["send-event", "order", "o1", "approved"],
-                 ["resume", "order", "o1"]):
+    for args in (
+        ["pause", "order", "o1"],
+        ["terminate", "order", "o1"],
+        ["restart", "order", "o1"],
+        ["send-event", "order", "o1", "approved"],
+        ["resume", "order", "o1"],
+    ):
         out = run_cli(owned, *args, code=1).output
         assert "running process" in out and "--url" in out
     # Reads work meanwhile, and nothing was changed.
@@ -226,8 +236,9 @@ class _Stub(BaseHTTPRequestHandler):
     calls: list[tuple[str, str, Any, str | None]]
 
     def _reply(self, code: int, result: Any, errors: list[Any] | None = None) -> None:
-        body = json.dumps({"success": code < 400, "errors": errors or [], "messages": [],
-                           "result": result}).encode()
+        body = json.dumps(
+            {"success": code < 400, "errors": errors or [], "messages": [], "result": result}
+        ).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -239,15 +250,32 @@ class _Stub(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(n)) if n else None
         self.calls.append((self.command, self.path, body, self.headers.get("Authorization")))
         if self.path.startswith("/api/workflows/order/instances/missing"):
-            self._reply(404, None, [{"code": 404, "name": "InstanceNotFound",
-                                     "message": "no instance 'missing'"}])
+            self._reply(
+                404,
+                None,
+                [{"code": 404, "name": "InstanceNotFound", "message": "no instance 'missing'"}],
+            )
         elif self.path == "/api/workflows":
             self._reply(200, [{"name": "order"}])
         elif self.path.startswith("/api/workflows/order/instances?"):
             self._reply(200, [{"id": "a", "status": "running", "created": "2026-01-01"}])
         elif self.path == "/api/workflows/order/instances/a":
-            self._reply(200, {"id": "a", "status": "paused", "steps": [
-                {"name": "s", "count": 1, "kind": "do", "status": "complete", "attempts": []}]})
+            self._reply(
+                200,
+                {
+                    "id": "a",
+                    "status": "paused",
+                    "steps": [
+                        {
+                            "name": "s",
+                            "count": 1,
+                            "kind": "do",
+                            "status": "complete",
+                            "attempts": [],
+                        }
+                    ],
+                },
+            )
         else:
             self._reply(200, None)
 
@@ -271,8 +299,9 @@ def service() -> Iterator[tuple[str, list[Any]]]:
 
 def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
     url, calls = service
-    r = CliRunner().invoke(cli, ["--url", url, "--token", "s3cret", "--json", "list",
-                                 "-w", "order", "-s", "running"])
+    r = CliRunner().invoke(
+        cli, ["--url", url, "--token", "s3cret", "--json", "list", "-w", "order", "-s", "running"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["instances"][0]["id"] == "a"
     assert calls[-1][:2] == ("GET", "/api/workflows/order/instances?status=running&limit=50")
@@ -282,10 +311,14 @@ def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
     r = CliRunner().invoke(cli, ["--url", url, "steps", "order", "a"])
     assert r.exit_code == 0 and "complete" in r.output
     CliRunner().invoke(cli, ["--url", url, "restart", "order", "a", "--from-step", "s"])
-    assert calls[-1][:3] == ("PATCH", "/api/workflows/order/instances/a/status",
-                             {"status": "restart", "from_step": "s"})
-    CliRunner().invoke(cli, ["--url", url, "terminate", "order", "a"],
-                       env={"ACTORFLOW_TOKEN": "from-env"})
+    assert calls[-1][:3] == (
+        "PATCH",
+        "/api/workflows/order/instances/a/status",
+        {"status": "restart", "from_step": "s"},
+    )
+    CliRunner().invoke(
+        cli, ["--url", url, "terminate", "order", "a"], env={"ACTORFLOW_TOKEN": "from-env"}
+    )
     assert calls[-1][2:] == ({"status": "terminate"}, "Bearer from-env")
     CliRunner().invoke(cli, ["--url", url, "send-event", "order", "a", "go", "--payload", "[1]"])
     assert calls[-1][:3] == ("POST", "/api/workflows/order/instances/a/events/go", [1])
@@ -298,43 +331,46 @@ def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
 # -- the token: from the environment or a file, never quietly from argv -----------------------------
 
 
-def test_a_token_on_the_command_line_warns_that_ps_shows_it(
-    service: tuple[str, list[Any]]
-) -> None:
+def test_a_token_on_the_command_line_warns_that_ps_shows_it(service: tuple[str, list[Any]]) -> None:
     url, calls = service
-    r = CliRunner().invoke(cli, ["--url", url, "--token", "s3cret", "--json", "list", "-w",
-                                 "order"], env={"ACTORFLOW_TOKEN": None})
+    r = CliRunner().invoke(
+        cli,
+        ["--url", url, "--token", "s3cret", "--json", "list", "-w", "order"],
+        env={"ACTORFLOW_TOKEN": None},
+    )
     assert r.exit_code == 0, r.output  # it still works: scripts that pass it keep running
     assert calls[-1][3] == "Bearer s3cret"
     assert "--token puts the token on the command line" in r.stderr
     assert "ps" in r.stderr and "ACTORFLOW_TOKEN" in r.stderr and "--token-file" in r.stderr
     assert "s3cret" not in r.stderr
     json.loads(r.stdout)
-    r = CliRunner().invoke(cli, ["--url", url, "--json", "list", "-w", "order"],
-                           env={"ACTORFLOW_TOKEN": "from-env"})
+    r = CliRunner().invoke(
+        cli, ["--url", url, "--json", "list", "-w", "order"], env={"ACTORFLOW_TOKEN": "from-env"}
+    )
     assert r.exit_code == 0 and r.stderr == "", r.output
     assert calls[-1][3] == "Bearer from-env"
 
 
-def test_the_token_can_come_from_a_file(
-    service: tuple[str, list[Any]], tmp_path: Path
-) -> None:
+def test_the_token_can_come_from_a_file(service: tuple[str, list[Any]], tmp_path: Path) -> None:
     url, calls = service
     path = tmp_path / "token"
     path.write_text("  from-file\n")
-    r = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "--json", "list",
-                                 "-w", "order"], env={"ACTORFLOW_TOKEN": "from-env"})
+    r = CliRunner().invoke(
+        cli,
+        ["--url", url, "--token-file", str(path), "--json", "list", "-w", "order"],
+        env={"ACTORFLOW_TOKEN": "from-env"},
+    )
     assert r.exit_code == 0 and r.stderr == "", r.output
     assert calls[-1][3] == "Bearer from-file"  # the file wins over the environment
     n = len(calls)
-    both = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "--token", "x",
-                                    "list"])
+    both = CliRunner().invoke(
+        cli, ["--url", url, "--token-file", str(path), "--token", "x", "list"]
+    )
     assert both.exit_code == 2 and "not both" in both.output
     path.write_text("\n")
     empty = CliRunner().invoke(cli, ["--url", url, "--token-file", str(path), "list"])
     assert empty.exit_code == 2 and "is empty" in empty.output
-    missing = CliRunner().invoke(cli, ["--url", url, "--token-file", str(tmp_path / "no"),
-                                       "list"])
+    missing = CliRunner().invoke(cli, ["--url", url, "--token-file", str(tmp_path / "no"), "list"])
     assert missing.exit_code == 2 and "cannot read" in missing.output
     assert len(calls) == n  # nothing was sent without the token meant
 
@@ -445,8 +481,7 @@ def test_binding_list_pages_filters_and_keeps_its_place(rt: af.Runtime, clock: F
     assert [i.id for i in wf.list(status="queued", limit=10)] == ["i4", "i2", "i1", "i0"]
 
 
-def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any,
-                                            clock: FakeClock) -> None:
+def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any, clock: FakeClock) -> None:
     http = pytest.importorskip("actorflow.http")
     wf = rt.register(Order, name="order", env=journal)
     for i in range(3):
@@ -455,6 +490,7 @@ def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any,
     for i in range(3):
         wf.get(f"o{i}").wait_for_status("waiting")
     with http.serving(rt, token="s3cret") as url:
+
         def cli_(*args: str, code: int = 0, token: str | None = "s3cret") -> str:
             r = CliRunner().invoke(cli, ["--url", url, *args], env={"ACTORFLOW_TOKEN": token})
             assert r.exit_code == code, r.output

@@ -102,8 +102,14 @@ def test_durations_are_capped_at_100_years() -> None:
     assert clock_module.MAX_EPOCH_MS == MAX_EPOCH_MS
     assert parse_duration_ms("100 years") == MAX_DURATION_MS
     assert parse_duration_ms(MAX_DURATION_MS) == MAX_DURATION_MS
-    for too_long in ("101 years", "5000 years", MAX_DURATION_MS + 1, 10**400,
-                     timedelta.max, "1" + "0" * 400 + " years"):
+    for too_long in (
+        "101 years",
+        "5000 years",
+        MAX_DURATION_MS + 1,
+        10**400,
+        timedelta.max,
+        "1" + "0" * 400 + " years",
+    ):
         with pytest.raises(ValueError, match=r"step 'nap': duration .* is too long"):
             parse_duration_ms(too_long, what="step 'nap'")
 
@@ -112,8 +118,14 @@ def test_instants_must_be_from_1970_to_9999() -> None:
     assert to_epoch_ms(0) == 0
     assert to_epoch_ms(MAX_EPOCH_MS) == MAX_EPOCH_MS
     assert to_datetime(MAX_EPOCH_MS / 1000).year == 9999
-    for bad in (-1, MAX_EPOCH_MS + 1, 10**30, float("inf"), float("nan"),
-                datetime(1969, 12, 31, tzinfo=UTC)):
+    for bad in (
+        -1,
+        MAX_EPOCH_MS + 1,
+        10**30,
+        float("inf"),
+        float("nan"),
+        datetime(1969, 12, 31, tzinfo=UTC),
+    ):
         with pytest.raises(ValueError, match="set_alarm: "):
             to_epoch_ms(bad, what="set_alarm")
 
@@ -204,8 +216,9 @@ def _readable_by_the_cli(data: Path, wf: str, iid: str) -> None:
     """``actorflow status|steps|history`` show ``wf/iid`` (on a closed directory)."""
     for command in ("status", "steps", "history"):
         for fmt in (["--json"], []):
-            r = CliRunner().invoke(cli, ["--data", str(data), *fmt, command, wf, iid],
-                                   catch_exceptions=False)
+            r = CliRunner().invoke(
+                cli, ["--data", str(data), *fmt, command, wf, iid], catch_exceptions=False
+            )
             assert r.exit_code == 0, r.output
             if fmt:
                 json.loads(r.stdout)
@@ -300,7 +313,9 @@ def test_a_step_function_of_the_wrong_shape_fails_at_once(rt: af.Runtime, fn: st
     [step] = failed.steps()
     assert step.status == "errored" and len(step.attempts) == 1
     assert [e.type for e in failed.history() if e.type.startswith("ATTEMPT")] == [
-        "ATTEMPT_START", "ATTEMPT_FAILURE"]
+        "ATTEMPT_START",
+        "ATTEMPT_FAILURE",
+    ]
 
 
 GOOD_BODIES: dict[str, Any] = {

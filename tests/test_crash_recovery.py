@@ -40,11 +40,11 @@ def committed_steps(data_dir: Path) -> set[tuple[str, str]]:
     try:
         out = set()
         pre = b"crashflow\x00"
-        ids = {pre + n: k[len(pre):].decode() for k, n in store.scan(IDS, prefix=pre)}
+        ids = {pre + n: k[len(pre) :].decode() for k, n in store.scan(IDS, prefix=pre)}
         for key, value in store.scan(STEPS, prefix=pre):
             rec = load(value)
             if rec["k"] == "do" and rec["s"] == DONE:
-                out.add((ids[key[:len(pre) + 8]], rec["n"]))
+                out.add((ids[key[: len(pre) + 8]], rec["n"]))
         return out
     finally:
         store.close()

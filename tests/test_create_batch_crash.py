@@ -27,11 +27,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_create_batch_killed_midway_leaves_whole_instances_in_item_order(
-        tmp_path: Path) -> None:
+def test_a_create_batch_killed_midway_leaves_whole_instances_in_item_order(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(N)],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(data), str(N)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         mdb = data / "data.mdb"

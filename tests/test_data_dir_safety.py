@@ -30,8 +30,10 @@ from actorflow.core.storage import Storage, WriteBatch
 from actorflow.runtime import OWNER_LOCK
 
 ROOT = str(Path(__file__).resolve().parents[1])
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p),
+}
 
 # Opens a runtime (argv: data dir, node id or ""), reads, closes it, and reports as JSON.
 _OPEN = """
@@ -70,8 +72,13 @@ with af.Runtime(sys.argv[1], node_id=sys.argv[2] or None) as rt:
 
 def _open(data: Path, node_id: str = "") -> dict[str, Any]:
     """Opens a runtime on ``data`` in a child process; its report (it must not die of a signal)."""
-    proc = subprocess.run([sys.executable, "-c", _OPEN, str(data), node_id], env=ENV,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _OPEN, str(data), node_id],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, f"the child died ({proc.returncode}): {proc.stderr[-2000:]}"
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return report
@@ -81,9 +88,13 @@ class Holder:
     """A runtime held open in a child process."""
 
     def __init__(self, data: Path, node_id: str = "") -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(data), node_id],
-                                     env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(data), node_id],
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self.out, self.inp = self.proc.stdout, self.proc.stdin
         line = self.out.readline().split()
@@ -127,8 +138,7 @@ def holders() -> Iterator[list[Holder]]:
 # -- one runtime per data directory -----------------------------------------------------
 
 
-def test_a_second_process_without_node_id_is_refused(tmp_path: Path,
-                                                      holders: list[Holder]) -> None:
+def test_a_second_process_without_node_id_is_refused(tmp_path: Path, holders: list[Holder]) -> None:
     data = tmp_path / "data"
     first = Holder(data)
     holders.append(first)
@@ -143,8 +153,9 @@ def test_a_second_process_without_node_id_is_refused(tmp_path: Path,
     assert _open(data) == {"opened": True}
 
 
-def test_the_next_runtime_opens_once_the_first_closes(tmp_path: Path,
-                                                       holders: list[Holder]) -> None:
+def test_the_next_runtime_opens_once_the_first_closes(
+    tmp_path: Path, holders: list[Holder]
+) -> None:
     data = tmp_path / "data"
     first = Holder(data)
     holders.append(first)
@@ -156,7 +167,8 @@ def test_the_next_runtime_opens_once_the_first_closes(tmp_path: Path,
 
 
 def test_nodes_share_a_directory_but_not_a_node_id_nor_with_a_lone_runtime(
-        tmp_path: Path, holders: list[Holder]) -> None:
+    tmp_path: Path, holders: list[Holder]
+) -> None:
     data = tmp_path / "data"
     a = Holder(data, "a")
     holders.append(a)
@@ -189,15 +201,18 @@ def test_a_second_runtime_in_the_same_process_is_refused(tmp_path: Path) -> None
         with pytest.raises(af.DataDirectoryLocked, match="already open in this process"):
             Storage(data)
         assert not rt.closed
-    with af.Runtime(data, node_id="n1"), \
-            pytest.raises(af.DataDirectoryLocked, match="node 'n1' is already open"):
+    with (
+        af.Runtime(data, node_id="n1"),
+        pytest.raises(af.DataDirectoryLocked, match="node 'n1' is already open"),
+    ):
         af.Runtime(data, node_id="n1")
     with af.Runtime(data):  # nothing was left held by the refused ones
         pass
 
 
 def test_a_runtime_waits_for_the_command_but_not_forever(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.setattr(actorflow.runtime, "OWNER_WAIT", 0.2)
@@ -238,8 +253,9 @@ with af.Runtime(sys.argv[1]) as rt:
 def with_data(tmp_path: Path) -> Path:
     """A closed data directory holding 400 waiting instances."""
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-c", _WAITER, str(data), "400"], env=ENV, check=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _WAITER, str(data), "400"], env=ENV, check=True, timeout=120
+    )
     assert (data / MARKER).exists()
     return data
 
@@ -301,8 +317,11 @@ def _scribbled(tmp_path: Path, *, lmdb_sees_it: bool) -> Path:
     path = data / "data.mdb"
     psize = 4096
     raw = path.read_bytes()
-    leaves = [n for n in range(2, len(raw) // psize)
-              if raw[n * psize + 10] & 0x03 == 0x02 and b"key-" in raw[n * psize:(n + 1) * psize]]
+    leaves = [
+        n
+        for n in range(2, len(raw) // psize)
+        if raw[n * psize + 10] & 0x03 == 0x02 and b"key-" in raw[n * psize : (n + 1) * psize]
+    ]
     assert len(leaves) > 50  # one commit: every such page is live
     page = leaves[len(leaves) // 2]
     junk = bytearray(random.Random(page).randbytes(psize))
@@ -345,8 +364,9 @@ print(json.dumps({"ok": ok, "damaged": damaged, "message": message}))
 
 
 def _child_json(code: str, *args: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=ENV, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], env=ENV, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, f"the child died ({proc.returncode}): {proc.stderr[-2000:]}"
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
@@ -381,8 +401,9 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -397,8 +418,7 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def test_opening_a_new_directory_on_a_full_disk_is_an_error_not_a_sigbus(
-        full_disk: Path) -> None:
+def test_opening_a_new_directory_on_a_full_disk_is_an_error_not_a_sigbus(full_disk: Path) -> None:
     report = _open(full_disk / "data")
     assert report.get("error") == "StorageFull", report
     assert "full" in report["message"] and str(full_disk / "data") in report["message"]
@@ -409,6 +429,5 @@ def test_opening_a_new_directory_on_a_full_disk_is_an_error_not_a_sigbus(
 def test_the_runtime_lock_names_its_holder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with af.Runtime(data):
-        assert json.loads((data / RUNTIME_LOCK).read_text()) == {"pid": os.getpid(),
-                                                                 "node": None}
+        assert json.loads((data / RUNTIME_LOCK).read_text()) == {"pid": os.getpid(), "node": None}
     assert (data / RUNTIME_LOCK).read_text() == ""

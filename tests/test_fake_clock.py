@@ -69,6 +69,7 @@ def test_set_jumps_forward_only_and_fires_what_became_due(tmp_path: Path) -> Non
         assert inst.status().output == "rested"
         assert clock.now() == start.timestamp() + 3 * 3600
 
+
 class Reminder(af.DurableObject):
     def arm(self, when_ms: int) -> None:
         self.ctx.storage.set_alarm(when_ms)
@@ -160,9 +161,16 @@ def test_wall_time_reads_are_banned_outside_the_clock() -> None:
     import tomllib
 
     banned = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"][
-        "flake8-tidy-imports"]["banned-api"]
-    for name in ("time.time", "time.time_ns", "datetime.datetime.now",
-                 "datetime.datetime.utcnow", "datetime.datetime.today", "datetime.date.today"):
+        "flake8-tidy-imports"
+    ]["banned-api"]
+    for name in (
+        "time.time",
+        "time.time_ns",
+        "datetime.datetime.now",
+        "datetime.datetime.utcnow",
+        "datetime.datetime.today",
+        "datetime.date.today",
+    ):
         assert name in banned, name
 
 
@@ -171,8 +179,15 @@ ROOT = Path(__file__).resolve().parent.parent
 #: event timeouts, alarms, rate windows) through the runtime's clock only.
 ENGINE = ["workflows", "objects", "core/timers.py", "runtime.py"]
 #: Calls that measure or wait for real time.
-REAL_TIME = {"time.monotonic", "time.perf_counter", "time.sleep", "asyncio.sleep", "loop.time",
-             "loop.call_later", "loop.call_at"}
+REAL_TIME = {
+    "time.monotonic",
+    "time.perf_counter",
+    "time.sleep",
+    "asyncio.sleep",
+    "loop.time",
+    "loop.call_later",
+    "loop.call_at",
+}
 #: Where the engine uses real time on purpose, and why. Anything else is a bug:
 #: a FakeClock would not move it.
 REAL_TIME_ALLOWED = {
@@ -222,8 +237,11 @@ def test_engine_code_waits_on_real_time_only_where_allowed() -> None:
     package = ROOT / "actorflow"
     offenders, seen = [], set()
     for entry in ENGINE:
-        paths = sorted((package / entry).rglob("*.py")) if not entry.endswith(".py") else [
-            package / entry]
+        paths = (
+            sorted((package / entry).rglob("*.py"))
+            if not entry.endswith(".py")
+            else [package / entry]
+        )
         for path in paths:
             rel = path.relative_to(package).as_posix()
             for func, line, call in _real_time_calls(path):
@@ -234,14 +252,17 @@ def test_engine_code_waits_on_real_time_only_where_allowed() -> None:
                     offenders.append(f"{rel}:{line} ({func}): {call}")
     assert not offenders, (
         "read time through the runtime's clock, or add the function to REAL_TIME_ALLOWED "
-        f"with the reason: {offenders}")
+        f"with the reason: {offenders}"
+    )
     assert seen, "the scan found nothing: is ENGINE out of date?"
 
 
 def test_the_real_time_rule_can_fail(tmp_path: Path) -> None:
     path = tmp_path / "m.py"
-    path.write_text("import asyncio, time\n\nclass A:\n    async def f(self):\n"
-                    "        await asyncio.sleep(1)\n        return time.monotonic()\n")
+    path.write_text(
+        "import asyncio, time\n\nclass A:\n    async def f(self):\n"
+        "        await asyncio.sleep(1)\n        return time.monotonic()\n"
+    )
     assert _real_time_calls(path) == [("A.f", 5, "asyncio.sleep"), ("A.f", 6, "time.monotonic")]
 
 

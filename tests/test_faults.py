@@ -28,7 +28,8 @@ class TwoSteps(af.Workflow):
 
 
 def test_a_refused_step_commit_restarts_the_instance_from_its_checkpoint(
-        rt: af.Runtime, journal: Journal) -> None:
+    rt: af.Runtime, journal: Journal
+) -> None:
     inst = rt.register(TwoSteps, env=journal).create(id="i")
     assert inst.wait_for_step("a") == 1
     faults = Faults(rt).fail_writes(times=1, instance=inst)  # b's result will not land
@@ -41,7 +42,8 @@ def test_a_refused_step_commit_restarts_the_instance_from_its_checkpoint(
 
 
 def test_a_full_disk_that_lasts_delays_the_instance_until_the_write_can_land(
-        make_runtime: Any, journal: Journal) -> None:
+    make_runtime: Any, journal: Journal
+) -> None:
     rt = make_runtime(max_crashes=2)
     inst = rt.register(TwoSteps, env=journal).create(id="i")
     assert inst.wait_for_step("a") == 1
@@ -185,8 +187,9 @@ def test_faults_are_per_runtime(tmp_path: Path) -> None:
         assert two.durable_objects(Counter).get_by_name("x").increment() == 1
 
 
-def test_a_refused_final_write_restarts_from_what_is_durable(rt: af.Runtime,
-                                                             journal: Journal) -> None:
+def test_a_refused_final_write_restarts_from_what_is_durable(
+    rt: af.Runtime, journal: Journal
+) -> None:
     import errno
 
     from actorflow.workflows.records import INST, load

@@ -47,8 +47,13 @@ class Pair:
         self.data, self.journal = tmp / "data", tmp / "journal.txt"
         self.stall = tmp / "stall-a"
         env = {JOURNAL_ENV: str(self.journal)}
-        self.a = NodeProcess(self.data, APP, node_id="a", lease_timeout=LEASE,
-                             env={**env, STALL_ENV: str(self.stall)})
+        self.a = NodeProcess(
+            self.data,
+            APP,
+            node_id="a",
+            lease_timeout=LEASE,
+            env={**env, STALL_ENV: str(self.stall)},
+        )
         self.b = NodeProcess(self.data, APP, node_id="b", lease_timeout=LEASE, env=env)
         self.ledger = Ledger()
         self.a_pid = ""
@@ -66,8 +71,9 @@ class Pair:
 
     # -- setting the scene ----------------------------------------------------------
 
-    def make(self, node: NodeProcess, iids: list[str], params: dict[str, Any],
-             status: str | None = None) -> None:
+    def make(
+        self, node: NodeProcess, iids: list[str], params: dict[str, Any], status: str | None = None
+    ) -> None:
         """Creates instances through ``node``; waits until each is in ``status``."""
         node.create_batch(WF, [{"id": i, "params": params} for i in iids])
         if status is not None:
@@ -103,21 +109,27 @@ class Pair:
         if not self.wait_adopted(LEASE * 4 + 5):
             pytest.fail("b never adopted node a, whose heartbeats stalled")
 
-    def through_a(self, op: str, iids: list[str], params: dict[str, Any] | None = None
-                  ) -> list[Call]:
+    def through_a(
+        self, op: str, iids: list[str], params: dict[str, Any] | None = None
+    ) -> list[Call]:
         """Sends ``op`` for each instance through ``a`` (frozen: it reads them when it thaws)."""
-        return [self.ledger.send(self.a, Call(op, WF, iid, "a", token=self.token(op)), params)
-                for iid in iids]
+        return [
+            self.ledger.send(self.a, Call(op, WF, iid, "a", token=self.token(op)), params)
+            for iid in iids
+        ]
 
     def batch_through_a(self, iids: list[str], params: dict[str, Any]) -> list[Call]:
         """Sends one ``create_batch`` of ``iids`` through ``a``."""
         return self.ledger.send_batch(self.a, WF, iids, params)
 
-    def through(self, node: NodeProcess, op: str, iids: list[str],
-                params: dict[str, Any] | None = None) -> list[Call]:
+    def through(
+        self, node: NodeProcess, op: str, iids: list[str], params: dict[str, Any] | None = None
+    ) -> list[Call]:
         """Sends ``op`` for each instance through ``node`` and waits for each answer."""
-        return [self.ledger.call(node, Call(op, WF, iid, "", token=self.token(op)), params)
-                for iid in iids]
+        return [
+            self.ledger.call(node, Call(op, WF, iid, "", token=self.token(op)), params)
+            for iid in iids
+        ]
 
     def through_b(self, op: str, iids: list[str]) -> list[Call]:
         return self.through(self.b, op, iids)
@@ -157,8 +169,9 @@ class Pair:
         except InstanceNotFound:
             return None
 
-    def wait_statuses(self, iids: list[str], wanted: tuple[str | None, ...],
-                      timeout: float = FINISH_S) -> dict[str, str | None]:
+    def wait_statuses(
+        self, iids: list[str], wanted: tuple[str | None, ...], timeout: float = FINISH_S
+    ) -> dict[str, str | None]:
         """Polls until every instance is in one of ``wanted``, or the time is up."""
         deadline = time.monotonic() + timeout
         while True:
@@ -171,9 +184,13 @@ class Pair:
         """Stops ``b`` cleanly, reads the data directory back and audits the ledger."""
         self.b.terminate(timeout=30)
         found = read_back(self.data, [WF])
-        out = self.ledger.audit(found, self.journal, frozen_pids={self.a_pid},
-                                finish=[(WF, i) for i in finish],
-                                ended=[(WF, i) for i in ended])
+        out = self.ledger.audit(
+            found,
+            self.journal,
+            frozen_pids={self.a_pid},
+            finish=[(WF, i) for i in finish],
+            ended=[(WF, i) for i in ended],
+        )
         print(f"\n{out.report()}")
         return out
 
@@ -234,8 +251,11 @@ def test_events_around_an_adopted_frozen_node_are_delivered_once(pair: Pair) -> 
     creates = pair.through_a("create", [f"new{i}" for i in range(3)], WAIT)
     pair.thaw()
     pair.through_b("event", settled(sent, REFUSED, UNKNOWN))  # not acknowledged: again
-    made = [c.iid for c in creates if c.fate == ACKED or (
-        c.fate == UNKNOWN and pair.status(c.iid) is not None)]
+    made = [
+        c.iid
+        for c in creates
+        if c.fate == ACKED or (c.fate == UNKNOWN and pair.status(c.iid) is not None)
+    ]
     pair.through_b("event", made)  # each waits for one event: through the live node
     pair.wait_statuses(waiting + made, ("complete",))
     audit = pair.audit(finish=waiting + made)
@@ -262,8 +282,11 @@ def test_pause_and_terminate_through_an_adopted_frozen_node_take_effect(pair: Pa
     # Then every instance is made to finish through the live node.
     pair.through_b("resume", pausing)
     pair.through_b("event", pausing)
-    live = [c.iid for c in terminates if c.fate == REFUSED or (
-        c.fate == UNKNOWN and pair.status(c.iid) != "terminated")]
+    live = [
+        c.iid
+        for c in terminates
+        if c.fate == REFUSED or (c.fate == UNKNOWN and pair.status(c.iid) != "terminated")
+    ]
     pair.through_b("event", live)
     pair.wait_statuses(pausing + live, ("complete",))
     pair.wait_statuses(settled(terminates, ACKED), ("terminated",), timeout=2)
@@ -295,8 +318,11 @@ def test_calls_through_a_node_adopted_while_its_heartbeat_stalls(pair: Pair) -> 
     pair.thaw(stalled=True)
     pair.through_b("event", settled(sent, REFUSED, UNKNOWN))
     pair.through_b("resume", settled(resumes, REFUSED, UNKNOWN))
-    made = [c.iid for c in creates if c.fate == ACKED or (
-        c.fate == UNKNOWN and pair.status(c.iid) is not None)]
+    made = [
+        c.iid
+        for c in creates
+        if c.fate == ACKED or (c.fate == UNKNOWN and pair.status(c.iid) is not None)
+    ]
     pair.through_b("event", ["r0", *made])
     everything = ["e0", "r0", *made]
     pair.wait_statuses(everything, ("complete",))
@@ -315,8 +341,10 @@ def test_the_audit_can_fail(tmp_path: Path) -> None:
             (WF, "paused"): Stored("paused", "b", ["WORKFLOW_PAUSED"], []),
             (WF, "twice"): Stored("complete", "b", [], ["t1"]),
         },
-        committed={("ran", "s1"): "1.a"}, failed={},
-        registry={"a": {"state": "adopted"}, "b": {"state": "alive"}})
+        committed={("ran", "s1"): "1.a"},
+        failed={},
+        registry={"a": {"state": "adopted"}, "b": {"state": "alive"}},
+    )
     journal = tmp_path / "journal.txt"
     journal.write_text("S ran s1 1 1.a\nE ran s1 1 1.a\nS ran s1 1 2.b\n")
     ledger = Ledger()
@@ -335,7 +363,8 @@ def test_the_audit_can_fail(tmp_path: Path) -> None:
         ledger.book(call)
     audit = ledger.audit(found, journal, frozen_pids=set(), finish=[(WF, "twice"), (WF, "paused")])
     assert audit.counts() == {"stranded": 2, "lost": 3, "doubled": 3, "half_written": 2}, (
-        audit.report())
+        audit.report()
+    )
     assert [x.split()[0] for x in audit.stranded] == ["chaos/paused", "chaos/stuck"]
     assert audit.doubled == [
         "chaos/unpaused consumed events not sent to it: ['t4']",

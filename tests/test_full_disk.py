@@ -53,8 +53,12 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 64 MiB tmpfs, unmounted afterwards (needs root, as in CI)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -79,7 +83,8 @@ def _fill(path: Path) -> None:
 
 
 def test_a_real_disk_full_for_seconds_then_freed(
-        tiny_disk: Path, journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_disk: Path, journal: Journal, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="actorflow")
     with af.Runtime(tiny_disk / "data", max_crashes=1) as rt:
         wf = rt.register(ManySteps, env=journal)

@@ -131,16 +131,23 @@ def test_list_filters_by_status_and_pages_with_a_cursor(
     assert resp.json()["result_info"]["cursor"] is None
 
     created = {r["id"]: r["created_on"] for r in ok(client.get("/api/workflows/blocked/instances"))}
-    newer = ok(client.get("/api/workflows/blocked/instances",
-                          params={"created_after": created["b-2"]}))
+    newer = ok(
+        client.get("/api/workflows/blocked/instances", params={"created_after": created["b-2"]})
+    )
     assert [r["id"] for r in newer] == ["b-4", "b-3"]
     ms = rt.workflow("blocked").get("b-3").history()[0].timestamp.timestamp() * 1000
     newer = ok(client.get(f"/api/workflows/blocked/instances?created_after={round(ms)}"))
     assert [r["id"] for r in newer] == ["b-4"]
-    fails(client.get("/api/workflows/blocked/instances?created_after=2024-01-01T00:00:00"),
-          400, "ValidationError")
-    fails(client.get("/api/workflows/blocked/instances?created_after=yesterday"),
-          400, "ValidationError")
+    fails(
+        client.get("/api/workflows/blocked/instances?created_after=2024-01-01T00:00:00"),
+        400,
+        "ValidationError",
+    )
+    fails(
+        client.get("/api/workflows/blocked/instances?created_after=yesterday"),
+        400,
+        "ValidationError",
+    )
 
     counts = ok(client.get("/api/workflows/blocked"))["counts"]
     assert counts["waiting"] == 4 and counts["terminated"] == 1
@@ -154,19 +161,28 @@ def test_list_filters_by_status_and_pages_with_a_cursor(
 
 def test_create_batch_skips_existing_ids(client: TestClient, rt: af.Runtime) -> None:
     ok(client.post(BASE, json={"id": "x-1", "params": {"n": 1}}), 201)
-    made = ok(client.post(BASE, json=[{"id": "x-1", "params": {"n": 1}},
-                                      {"id": "x-2", "params": {"n": 2}}]), 201)
+    made = ok(
+        client.post(
+            BASE, json=[{"id": "x-1", "params": {"n": 1}}, {"id": "x-2", "params": {"n": 2}}]
+        ),
+        201,
+    )
     assert [m["id"] for m in made] == ["x-2"]
-    made = ok(client.post(f"{BASE}/batch", json=[{"instance_id": "x-3", "params": {"n": 3}}]),
-              201)
+    made = ok(client.post(f"{BASE}/batch", json=[{"instance_id": "x-3", "params": {"n": 3}}]), 201)
     assert [m["id"] for m in made] == ["x-3"]
     assert rt.workflow("flaky").get("x-3").status().status != "unknown"
     fails(client.post(f"{BASE}/batch", json={"id": "x-4"}), 400, "ValidationError")
     fails(client.post(f"{BASE}/batch", json=[]), 400, "ValidationError")
-    fails(client.post(f"{BASE}/batch", json=[{"id": f"y{i}"} for i in range(101)]),
-          400, "LimitExceeded")
-    fails(client.post(f"{BASE}/batch", json=[{"id": "ok"}, {"id": "not ok"}]),
-          400, "InvalidInstanceId")
+    fails(
+        client.post(f"{BASE}/batch", json=[{"id": f"y{i}"} for i in range(101)]),
+        400,
+        "LimitExceeded",
+    )
+    fails(
+        client.post(f"{BASE}/batch", json=[{"id": "ok"}, {"id": "not ok"}]),
+        400,
+        "InvalidInstanceId",
+    )
     with pytest.raises(af.InstanceNotFound):
         rt.workflow("flaky").get("ok")  # nothing of a rejected batch was written
 
@@ -186,10 +202,20 @@ def test_errors_map_to_status_codes_and_class_names(client: TestClient, rt: af.R
     fails(client.get(f"{BASE}/nope/history"), 404, "InstanceNotFound")
     fails(client.get("/api/nothing-here"), 404, "NotFound")
     fails(client.delete(f"{BASE}/dup"), 405, "MethodNotAllowed")
-    fails(client.post(BASE, content=b"{not json", headers={"content-type": "application/json"}),
-          400, "ValidationError")
-    fails(client.post(BASE, content=b'{"id": "n", "params": NaN}',
-                      headers={"content-type": "application/json"}), 400, "ValidationError")
+    fails(
+        client.post(BASE, content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "ValidationError",
+    )
+    fails(
+        client.post(
+            BASE,
+            content=b'{"id": "n", "params": NaN}',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+        "ValidationError",
+    )
     with pytest.raises(af.InstanceNotFound):
         rt.workflow("flaky").get("n")
 
@@ -198,8 +224,7 @@ def test_rate_limit_is_429(make_runtime: Any) -> None:
     runtime = make_runtime(limits=af.Limits(max_queued=0))
     runtime.register(Blocked, name="blocked")
     with with_token(create_app(runtime)) as c:
-        fails(c.post("/api/workflows/blocked/instances", json={"id": "r1"}), 429,
-              "RateLimitError")
+        fails(c.post("/api/workflows/blocked/instances", json={"id": "r1"}), 429, "RateLimitError")
     with pytest.raises(af.InstanceNotFound):
         runtime.workflow("blocked").get("r1")
 
@@ -253,8 +278,11 @@ def test_send_event_validates_type_and_payload(make_runtime: Any) -> None:
         fails(c.post(f"{url}/{'t' * 101}", json={}), 400, "ValidationError")
         fails(c.post(f"{url}/go", json={"blob": "x" * 500}), 400, "LimitExceeded")
         fails(c.post(f"{url}/go", json={"blob": "x" * 70_000}), 413, "LimitExceeded")
-        fails(c.post("/api/workflows/blocked/instances/none/events/go", json={}), 404,
-              "InstanceNotFound")
+        fails(
+            c.post("/api/workflows/blocked/instances/none/events/go", json={}),
+            404,
+            "InstanceNotFound",
+        )
         ok(c.post(f"{url}/go", content=b"", headers={"content-type": "application/json"}))
     assert inst.wait(timeout=10).status == "complete"
 
@@ -266,14 +294,20 @@ def test_status_changes(client: TestClient, rt: af.Runtime) -> None:
     wait_for(lambda: inst.status().status == "waiting")
     assert ok(client.patch(url, json={"status": "pause"}))["status"] == "paused"
     assert inst.status().status == "paused"
-    assert ok(client.patch(url, json={"status": "resume"}))["status"] in ("queued", "running",
-                                                                          "waiting")
+    assert ok(client.patch(url, json={"status": "resume"}))["status"] in (
+        "queued",
+        "running",
+        "waiting",
+    )
     wait_for(lambda: inst.status().status == "waiting")
     ok(client.patch(url, json={"status": "terminate"}))
     assert inst.status().status == "terminated"
     fails(client.patch(url, json={"status": "terminate"}), 409, "InvalidInstanceState")
-    fails(client.patch(url, json={"status": "restart", "from_step": "nope"}), 409,
-          "InvalidInstanceState")
+    fails(
+        client.patch(url, json={"status": "restart", "from_step": "nope"}),
+        409,
+        "InvalidInstanceState",
+    )
     ok(client.patch(url, json={"status": "restart", "from_step": "second"}))
     wait_for(lambda: inst.status().status == "waiting")
     assert [e.type for e in inst.history()].count("WORKFLOW_RESTARTED") == 1
@@ -284,8 +318,11 @@ def test_status_changes(client: TestClient, rt: af.Runtime) -> None:
     fails(client.patch(url, json={}), 400, "ValidationError")
     fails(client.patch(url, json={"status": "pause", "from_step": "x"}), 400, "ValidationError")
     fails(client.patch(url, json={"status": "pause", "other": 1}), 400, "ValidationError")
-    fails(client.patch("/api/workflows/blocked/instances/none/status",
-                       json={"status": "pause"}), 404, "InstanceNotFound")
+    fails(
+        client.patch("/api/workflows/blocked/instances/none/status", json={"status": "pause"}),
+        404,
+        "InstanceNotFound",
+    )
 
 
 def test_openapi_describes_every_route(client: TestClient) -> None:
@@ -298,7 +335,8 @@ def test_openapi_describes_every_route(client: TestClient) -> None:
         (r.path, m)
         for r in app.routes
         if isinstance(r, Route) and r.path.startswith("/api/")
-        for m in (r.methods or ()) if m != "HEAD"
+        for m in (r.methods or ())
+        if m != "HEAD"
     }
     assert api_routes and api_routes == documented
     for ops in schema["paths"].values():
@@ -332,7 +370,9 @@ def test_metrics_uses_rt_metrics_when_present(
 
     monkeypatch.setattr(rt, "metrics", lambda: {"steps_per_s": 1.5, "at": None})
     assert ok(client.get("/api/metrics")) == {
-        "source": "runtime", "metrics": {"steps_per_s": 1.5, "at": None}}
+        "source": "runtime",
+        "metrics": {"steps_per_s": 1.5, "at": None},
+    }
     assert ok(client.get("/api/workflows/blocked"))["total"] == 1  # counted by listing
 
     monkeypatch.setattr(rt, "metrics", None)  # a runtime without metrics
@@ -393,7 +433,8 @@ def test_workflows_found_only_in_storage_are_readable_and_controllable(
         assert got["params"] == {"who": "u1"} and got["status"] == "waiting"
         assert [s["name"] for s in got["steps"]] == ["first", "second", "wait"]
         assert ok(c.get("/api/workflows/blocked/instances/u1/history"))[0]["type"] == (
-            "WORKFLOW_QUEUED")
+            "WORKFLOW_QUEUED"
+        )
         url = "/api/workflows/blocked/instances/u2/status"
         assert ok(c.patch(url, json={"status": "terminate"}))["status"] == "terminated"
         fails(c.get("/api/workflows/never-seen"), 404, "WorkflowNotFound")
@@ -419,8 +460,13 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
     seen: set[str] = set()
 
     @given(data=st.data())
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(data: Any) -> None:
         op = data.draw(st.sampled_from(operations))
         case = data.draw(op.as_strategy())
@@ -449,6 +495,5 @@ def test_the_core_does_not_need_the_serve_extra() -> None:
         "else:\n"
         "    raise SystemExit('imported without starlette')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -61,14 +61,27 @@ MUTATIONS: list[tuple[str, str, Any]] = [
     ("PATCH", f"{WF}/existing/status", {"status": "terminate"}),
     ("PATCH", f"{WF}/existing/status", {"status": "restart"}),
 ]
-READS = ["/api/workflows", "/api/workflows/blocked", WF, f"{WF}/existing",
-         f"{WF}/existing/history", "/api/metrics"]
+READS = [
+    "/api/workflows",
+    "/api/workflows/blocked",
+    WF,
+    f"{WF}/existing",
+    f"{WF}/existing/history",
+    "/api/metrics",
+]
 
 
 @pytest.mark.parametrize(
     "auth",
-    [None, "Bearer wrong-token", f"Basic {TOKEN}", TOKEN, "Bearer ", f"Bearer {TOKEN}x",
-     f"Bearer {TOKEN[:-1]}"],
+    [
+        None,
+        "Bearer wrong-token",
+        f"Basic {TOKEN}",
+        TOKEN,
+        "Bearer ",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+    ],
     ids=["missing", "wrong", "basic", "no-scheme", "empty", "longer", "shorter"],
 )
 def test_bad_token_gets_401_and_changes_nothing(
@@ -95,8 +108,10 @@ def test_the_right_token_is_accepted(rt: af.Runtime, blocked: af.WorkflowBinding
         assert c.post(WF, json={"id": "made"}, headers=good).status_code == 201
         assert c.get(f"{WF}/made", headers=good).status_code == 200
         lower = {"Authorization": f"bearer {TOKEN}"}
-        assert c.patch(f"{WF}/existing/status", json={"status": "pause"},
-                       headers=lower).status_code == 200
+        assert (
+            c.patch(f"{WF}/existing/status", json={"status": "pause"}, headers=lower).status_code
+            == 200
+        )
         # the dashboard's page itself loads without the token; it asks for it
         assert c.get("/").status_code == 200
     assert blocked.get("made").status().status != "unknown"
@@ -151,8 +166,9 @@ def test_create_app_by_default_needs_a_token_it_generates(
     assert isinstance(token, str) and len(token) >= 32
     assert [r.getMessage().count(token) for r in caplog.records] == [1]  # logged once
     assert create_app(rt).state.token != token  # one per app
-    with TestClient(app, base_url="http://ops.example.com",
-                    headers={"Authorization": f"Bearer {token}"}) as c:
+    with TestClient(
+        app, base_url="http://ops.example.com", headers={"Authorization": f"Bearer {token}"}
+    ) as c:
         assert c.post(WF, json={"id": "made"}).status_code == 201
         assert c.get(f"{WF}/made").status_code == 200
     assert blocked.get("made").status().status != "unknown"
@@ -185,16 +201,23 @@ def test_allowed_hosts_widen_or_narrow_the_host_check(
     rt: af.Runtime, blocked: af.WorkflowBinding
 ) -> None:
     with local(rt, allowed_hosts=["ops.example.com", "*.internal"]) as c:
-        for host, code in [("ops.example.com", 200), ("a.b.internal", 200),
-                           ("localhost", 400), ("evil.example", 400)]:
+        for host, code in [
+            ("ops.example.com", 200),
+            ("a.b.internal", 200),
+            ("localhost", 400),
+            ("evil.example", 400),
+        ]:
             assert c.get("/api/workflows", headers={"Host": host}).status_code == code, host
-    with TestClient(create_app(rt, token=None, allowed_hosts=["*"]),
-                    base_url="http://anything.example") as c:
+    with TestClient(
+        create_app(rt, token=None, allowed_hosts=["*"]), base_url="http://anything.example"
+    ) as c:
         assert c.get("/api/workflows").status_code == 200
     # with a token, a Host check is still applied when asked for
-    with TestClient(create_app(rt, token=TOKEN, allowed_hosts=["localhost"]),
-                    base_url="http://evil.example",
-                    headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with TestClient(
+        create_app(rt, token=TOKEN, allowed_hosts=["localhost"]),
+        base_url="http://evil.example",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
         assert c.get("/api/workflows").status_code == 400
 
 
@@ -207,8 +230,15 @@ def test_create_app_refuses_bad_arguments(rt: af.Runtime) -> None:
 
 @pytest.mark.parametrize(
     "ctype",
-    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-     "application/octet-stream", "application/python-pickle", "application/jsonx"],
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "application/octet-stream",
+        "application/python-pickle",
+        "application/jsonx",
+    ],
 )
 def test_only_json_bodies_are_accepted(
     rt: af.Runtime, blocked: af.WorkflowBinding, ctype: str | None
@@ -266,14 +296,21 @@ def test_input_limits_match_the_python_api(make_runtime: Any) -> None:
         assert big.status_code == 400 and big.json()["errors"][0]["name"] == "LimitExceeded"
         huge = c.post(WF, json={"id": "huge", "params": "x" * 100_000})
         assert huge.status_code == 413
-        nested = c.post(WF, content=b"[" * 100_000 + b"]" * 100_000,
-                        headers={"Content-Type": "application/json"})
+        nested = c.post(
+            WF,
+            content=b"[" * 100_000 + b"]" * 100_000,
+            headers={"Content-Type": "application/json"},
+        )
         assert nested.status_code == 413
-        deep = c.post(WF, content=b'{"params": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                      headers={"Content-Type": "application/json"})
+        deep = c.post(
+            WF,
+            content=b'{"params": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            headers={"Content-Type": "application/json"},
+        )
         assert deep.status_code == 400
-        lying = c.post(WF, content=b"{}", headers={"Content-Type": "application/json",
-                                                   "Content-Length": "-1"})
+        lying = c.post(
+            WF, content=b"{}", headers={"Content-Type": "application/json", "Content-Length": "-1"}
+        )
         assert lying.status_code in (400, 413)
     for iid in ("big", "huge"):
         with pytest.raises(af.InstanceNotFound):
@@ -331,8 +368,11 @@ def test_a_non_loopback_server_enforces_the_env_token(
     with serving(rt, host="0.0.0.0") as url:
         url = url.replace("0.0.0.0", "127.0.0.1")
         req = urllib.request.Request(
-            url + WF, data=b'{"id": "sneaky"}', method="POST",
-            headers={"Content-Type": "application/json"})
+            url + WF,
+            data=b'{"id": "sneaky"}',
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req)
         assert e.value.code == 401
@@ -356,8 +396,7 @@ def test_without_a_token_only_loopback_host_names_are_answered(
         e.value.close()
         for name in ("localhost", "127.0.0.1", "[::1]"):
             port = url.rsplit(":", 1)[1]
-            req = urllib.request.Request(url + "/api/workflows",
-                                         headers={"Host": f"{name}:{port}"})
+            req = urllib.request.Request(url + "/api/workflows", headers={"Host": f"{name}:{port}"})
             with urllib.request.urlopen(req) as r:
                 assert r.status == 200
 
@@ -376,7 +415,9 @@ def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_unexpected_errors_reveal_nothing(
-    rt: af.Runtime, blocked: af.WorkflowBinding, monkeypatch: pytest.MonkeyPatch,
+    rt: af.Runtime,
+    blocked: af.WorkflowBinding,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def boom(self: Any, *a: Any, **k: Any) -> Any:

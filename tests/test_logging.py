@@ -72,10 +72,11 @@ def test_normal_operation_logs_nothing_above_debug(
     assert not above, [r.getMessage() for r in above]
     engine = [r for r in caplog.records if r.name == "actorflow.engine"]
     assert engine, "the engine logs its instances' life at DEBUG"
-    assert all(r.workflow == "busy" and r.instance in ("b1", "b2")  # type: ignore[attr-defined]
-               for r in engine)
-    (failed,) = [r for r in engine if "attempt 1 failed" in r.getMessage()
-                 and r.instance == "b1"]  # type: ignore[attr-defined]
+    assert all(
+        r.workflow == "busy" and r.instance in ("b1", "b2")  # type: ignore[attr-defined]
+        for r in engine
+    )
+    (failed,) = [r for r in engine if "attempt 1 failed" in r.getMessage() and r.instance == "b1"]  # type: ignore[attr-defined]
     assert (failed.step, failed.attempt) == ("flaky", 1)  # type: ignore[attr-defined]
     ends = {r.outcome for r in engine if hasattr(r, "outcome")}  # type: ignore[attr-defined]
     assert {"suspended", "complete"} <= ends
@@ -105,8 +106,7 @@ def test_nothing_is_printed_unless_configured(tmp_path: Path) -> None:
         "    wf.modify('x').crash_at('s')\n"  # a crash: logged as a warning
         "    assert wf.create(id='x').wait(10).output == 1\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == ""
 
@@ -117,10 +117,14 @@ def test_configure_prints_structured_fields() -> None:
     logger = logging.getLogger("actorflow")
     try:
         logging.getLogger("actorflow.engine").warning(
-            "step failed", extra=logs.fields(workflow="w", instance="i", step="s", attempt=None))
+            "step failed", extra=logs.fields(workflow="w", instance="i", step="s", attempt=None)
+        )
         line = json.loads(stream.getvalue().splitlines()[-1])
         assert (line["level"], line["logger"], line["message"]) == (
-            "WARNING", "actorflow.engine", "step failed")
+            "WARNING",
+            "actorflow.engine",
+            "step failed",
+        )
         assert (line["workflow"], line["instance"], line["step"]) == ("w", "i", "s")
         assert "attempt" not in line
         handler.setFormatter(logs.StructuredFormatter())

@@ -213,7 +213,11 @@ def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path)
         assert old.lost and lost == [True]
         rec = load(store.get(NODES, b"old") or b"")
         assert (rec["state"], rec["was"], rec["adopted_by"], rec["adopted_n"]) == (
-            "adopted", "alive", "new", 1)
+            "adopted",
+            "alive",
+            "new",
+            1,
+        )
         new.check_others()  # adopted once only
         assert len(adopted) == 1
     finally:

@@ -394,7 +394,9 @@ def test_a_reply_waits_until_its_writes_are_durable(rt: af.Runtime) -> None:
     assert f.get(timeout=10) == 2
     assert g.get(timeout=10) == 2
     # Once the caller has the value, it is in storage.
-    assert rt.storage.serializer.loads(rt.storage.get("objects", _data_key(rt, stub, "n")) or b"") == 2
+    assert (
+        rt.storage.serializer.loads(rt.storage.get("objects", _data_key(rt, stub, "n")) or b"") == 2
+    )
 
 
 def _data_key(rt: af.Runtime, stub: Any, key: str) -> bytes:

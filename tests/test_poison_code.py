@@ -65,7 +65,8 @@ class AsyncPoison(af.Workflow):
 @pytest.mark.parametrize("cls", [SyncPoison, AsyncPoison])
 @pytest.mark.parametrize("signal", sorted(_SIGNALS))
 def test_a_step_body_that_raises_a_stop_signal_fails_its_step_and_the_engine_goes_on(
-        make_runtime: Any, journal: Journal, cls: type[af.Workflow], signal: str) -> None:
+    make_runtime: Any, journal: Journal, cls: type[af.Workflow], signal: str
+) -> None:
     rt = make_runtime()
     wf = rt.register(cls, env=journal)
     inst = wf.create(id="p", params=signal)
@@ -104,7 +105,8 @@ class AsyncCancelsItself(af.Workflow):
 
 @pytest.mark.parametrize("cls", [ExitsInRun, AsyncCancelsItself])
 def test_run_raising_a_stop_signal_outside_steps_errors_the_instance(
-        rt: af.Runtime, cls: type[af.Workflow]) -> None:
+    rt: af.Runtime, cls: type[af.Workflow]
+) -> None:
     inst = rt.register(cls).create(id="x")
     s = inst.wait(timeout=10)
     assert s.status == "errored", s
@@ -148,7 +150,8 @@ class SwallowsAndGoesOn(af.Workflow):
 
 @pytest.mark.parametrize("cls", [SwallowsSleep, SwallowsWaitAsync, SwallowsAndGoesOn])
 def test_catching_base_exception_around_a_step_never_reports_an_unwritten_end(
-        rt: af.Runtime, clock: FakeClock, journal: Journal, cls: type[af.Workflow]) -> None:
+    rt: af.Runtime, clock: FakeClock, journal: Journal, cls: type[af.Workflow]
+) -> None:
     inst = rt.register(cls, env=journal).create(id="s")
     inst.wait_for_status("waiting")
     assert rt.wait_until_idle()
@@ -175,7 +178,8 @@ class Unserializable(af.Workflow):
 
 
 def test_a_step_result_that_cannot_be_serialized_leaves_a_failed_step_record(
-        rt: af.Runtime) -> None:
+    rt: af.Runtime,
+) -> None:
     inst = rt.register(Unserializable).create(id="u")
     s = inst.wait(timeout=10)
     assert s.status == "errored" and s.error is not None
@@ -193,7 +197,8 @@ class KeepsStep(af.Workflow):
 
 
 def test_a_step_called_after_run_ended_raises_a_named_error(
-        rt: af.Runtime, journal: Journal) -> None:
+    rt: af.Runtime, journal: Journal
+) -> None:
     inst = rt.register(KeepsStep, env=journal).create(id="k")
     assert inst.wait(timeout=10).output == 1
     with pytest.raises(af.InvalidInstanceState, match=r"'k'.*after run ended"):

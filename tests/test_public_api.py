@@ -140,8 +140,14 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """Runs import-linter with the project's contract on the package under ``root``."""
     exe = Path(sys.executable).with_name("lint-imports")
     env = dict(os.environ, PYTHONPATH=str(root))
-    return subprocess.run([str(exe), str(ROOT / "pyproject.toml"), "--no-cache"],
-                          cwd=root, env=env, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [str(exe), str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_the_layers_contract_holds() -> None:
@@ -152,8 +158,7 @@ def test_the_layers_contract_holds() -> None:
 
 
 def test_the_layers_contract_can_fail(tmp_path: Path) -> None:
-    shutil.copytree(PACKAGE, tmp_path / "actorflow",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE, tmp_path / "actorflow", ignore=shutil.ignore_patterns("__pycache__"))
     clock = tmp_path / "actorflow" / "core" / "clock.py"
     clock.write_text(clock.read_text() + "\nfrom actorflow.workflows import step  # noqa\n")
     res = _lint_imports(tmp_path)

@@ -44,8 +44,11 @@ ENGINE_KEYSPACES = (INST, STEPS, EVENTS, HIST, NODES)
 
 class Order(af.Workflow):
     def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
-        charged = step.do("charge", lambda: {"paid": event.payload},
-                          retries={"limit": 1, "delay": 1, "backoff": "constant"})
+        charged = step.do(
+            "charge",
+            lambda: {"paid": event.payload},
+            retries={"limit": 1, "delay": 1, "backoff": "constant"},
+        )
         ev = step.wait_for_event("approval", "approved", timeout="1 hour")
         return {"charged": charged, "by": ev.payload}
 
@@ -101,8 +104,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Runs ``actorflow --data DATA ARGS`` in a process of its own."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "actorflow.cli", "--data", str(data), *args],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "actorflow.cli", "--data", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def _assert_refused(res: subprocess.CompletedProcess[str], marker: Path) -> None:
@@ -136,8 +144,12 @@ def _overwrite(data: Path, target: str, marker: Path) -> None:
 def test_a_crafted_instance_record_is_refused(data: Path, tmp_path: Path, iid: str) -> None:
     marker = tmp_path / "marker"
     _overwrite(data, f"inst:{iid}", marker)
-    for args in (["status", "order", iid], ["list"], ["history", "order", iid],
-                 ["steps", "order", iid]):
+    for args in (
+        ["status", "order", iid],
+        ["list"],
+        ["history", "order", iid],
+        ["steps", "order", iid],
+    ):
         _assert_refused(_cli(data, *args), marker)
     with af.Runtime(data) as rt:
         wf = rt.register(Order, name="order")
@@ -155,12 +167,15 @@ def test_a_crafted_instance_record_is_refused(data: Path, tmp_path: Path, iid: s
 
 
 @pytest.mark.parametrize("target", ["steps", "hist"])
-def test_a_crafted_step_or_history_record_is_refused(data: Path, tmp_path: Path,
-                                                     target: str) -> None:
+def test_a_crafted_step_or_history_record_is_refused(
+    data: Path, tmp_path: Path, target: str
+) -> None:
     marker = tmp_path / "marker"
     _overwrite(data, target, marker)
-    for args in (["history", "order", "wait"], *([["steps", "order", "wait"]]
-                                                 if target == "steps" else [])):
+    for args in (
+        ["history", "order", "wait"],
+        *([["steps", "order", "wait"]] if target == "steps" else []),
+    ):
         _assert_refused(_cli(data, *args), marker)
     res = _cli(data, "--json", "status", "order", "wait")  # reads the instance record only
     assert not marker.exists() and res.returncode == 0 and '"waiting"' in res.stdout, res.stderr
@@ -174,15 +189,17 @@ def test_a_crafted_step_or_history_record_is_refused(data: Path, tmp_path: Path,
     assert not marker.exists()
 
 
-def test_a_crafted_buffered_event_is_refused(data: Path, tmp_path: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_crafted_buffered_event_is_refused(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The run that would take it cannot load it: the event never becomes code."""
     marker = tmp_path / "marker"
     _overwrite(data, "events", marker)
 
     def refused() -> bool:
-        return any(r.exc_info and isinstance(r.exc_info[1], RecordFormatError)
-                   for r in caplog.records)
+        return any(
+            r.exc_info and isinstance(r.exc_info[1], RecordFormatError) for r in caplog.records
+        )
 
     with af.Runtime(data) as rt:
         inst = rt.register(Order, name="order").get("wait")
@@ -235,8 +252,13 @@ def test_every_way_a_pickle_calls_something_is_refused(tmp_path: Path) -> None:
             load(data)
     copyreg.add_extension("io", "open", 0x7FFFFFF0)
     try:
-        ext = (b"\x80\x05\x84\xf0\xff\xff\x7f" + b"X" + struct.pack("<I", len(m)) + m
-               + b"\x8c\x01w\x86R.")  # EXT4 code, path, "w", TUPLE2, REDUCE
+        ext = (
+            b"\x80\x05\x84\xf0\xff\xff\x7f"
+            + b"X"
+            + struct.pack("<I", len(m))
+            + m
+            + b"\x8c\x01w\x86R."
+        )  # EXT4 code, path, "w", TUPLE2, REDUCE
         pickle.loads(ext).close()  # live: it opens the file (and caches io.open for EXT4)
         assert marker.exists()
         marker.unlink()
@@ -249,8 +271,16 @@ def test_every_way_a_pickle_calls_something_is_refused(tmp_path: Path) -> None:
 
 
 def test_what_is_not_a_record_is_refused_by_name() -> None:
-    for data in (b"", b"\xc1", dump({"a": 1})[:-1], dump({"a": 1}) + b"\x00", b"\x92\x01\x02",
-                 b"\xc7\x01\x05x", pickle.dumps([1, 2], protocol=5), b"\x80\x05\x95garbage"):
+    for data in (
+        b"",
+        b"\xc1",
+        dump({"a": 1})[:-1],
+        dump({"a": 1}) + b"\x00",
+        b"\x92\x01\x02",
+        b"\xc7\x01\x05x",
+        pickle.dumps([1, 2], protocol=5),
+        b"\x80\x05\x95garbage",
+    ):
         with pytest.raises(RecordFormatError):
             load(data)
 
@@ -277,10 +307,25 @@ def test_every_engine_record_of_a_directory_round_trips(template: Path) -> None:
 
 
 def test_values_of_every_builtin_kind_round_trip() -> None:
-    rec = {"s": "complete", "n": None, "t": True, "f": False, "x": 1.5, "nan_free": -0.0,
-           "u64": 2**64 - 1, "i64": -(2**63), "big": 2**200, "neg_big": -(2**64) - 7,
-           "b": b"\x80\x05 user bytes", "empty": b"", "str": "naïve ✓", "list": [1, [2, b"3"]],
-           "tuple": (1, (None, {"k": "v"})), "nested": {"d": {"e": []}}, "none": {}}
+    rec = {
+        "s": "complete",
+        "n": None,
+        "t": True,
+        "f": False,
+        "x": 1.5,
+        "nan_free": -0.0,
+        "u64": 2**64 - 1,
+        "i64": -(2**63),
+        "big": 2**200,
+        "neg_big": -(2**64) - 7,
+        "b": b"\x80\x05 user bytes",
+        "empty": b"",
+        "str": "naïve ✓",
+        "list": [1, [2, b"3"]],
+        "tuple": (1, (None, {"k": "v"})),
+        "nested": {"d": {"e": []}},
+        "none": {},
+    }
     out = load(dump(rec))
     assert out == {**rec, "tuple": [1, [None, {"k": "v"}]]}  # tuples come back as lists
     assert type(out["big"]) is int and type(out["t"]) is bool and type(out["b"]) is bytes
@@ -317,14 +362,22 @@ def _to_old_format(data: Path) -> int:
 
 def _snapshot(rt: af.Runtime) -> dict[str, Any]:
     wf = rt.register(Order, name="order")
-    return {iid: (wf.get(iid).status(), wf.get(iid).history(), wf.get(iid).steps())
-            for iid in ("done", "wait")}
+    return {
+        iid: (wf.get(iid).status(), wf.get(iid).history(), wf.get(iid).steps())
+        for iid in ("done", "wait")
+    }
 
 
 def test_an_old_directory_reads_the_same_and_runs_on(data: Path, tmp_path: Path) -> None:
-    before = {args: _cli(data, "--json", *args).stdout
-              for args in (("list",), ("status", "order", "done"), ("history", "order", "wait"),
-                           ("steps", "order", "done"))}
+    before = {
+        args: _cli(data, "--json", *args).stdout
+        for args in (
+            ("list",),
+            ("status", "order", "done"),
+            ("history", "order", "wait"),
+            ("steps", "order", "done"),
+        )
+    }
     with af.Runtime(data, node_id="n1") as rt:
         expected = _snapshot(rt)
     assert _to_old_format(data) > 10
@@ -350,7 +403,6 @@ def test_an_old_node_that_left_is_adopted(data: Path) -> None:
             time.sleep(0.05)
         wait.send_event("approved", "bob")
         assert wait.wait(timeout=30).output == {"charged": {"paid": "cat"}, "by": "bob"}
-
 
 
 class Naps(af.Workflow):

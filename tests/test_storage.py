@@ -99,7 +99,19 @@ def test_get_and_get_many(store: Storage) -> None:
 
 SCAN_DATA = {
     k: k.upper() + b"!"
-    for k in [b"a", b"ab", b"abc", b"abd", b"ac", b"b", b"ba", b"b\xff", b"b\xff\xff", b"c", b"\xff"]
+    for k in [
+        b"a",
+        b"ab",
+        b"abc",
+        b"abd",
+        b"ac",
+        b"b",
+        b"ba",
+        b"b\xff",
+        b"b\xff\xff",
+        b"c",
+        b"\xff",
+    ]
 }
 
 SCAN_CASES: list[dict[str, Any]] = [
@@ -123,7 +135,9 @@ SCAN_CASES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("case", SCAN_CASES, ids=[repr(c) for c in SCAN_CASES])
-def test_scan_matches_sorted_dict_model(store: Storage, case: dict[str, Any], reverse: bool) -> None:
+def test_scan_matches_sorted_dict_model(
+    store: Storage, case: dict[str, Any], reverse: bool
+) -> None:
     put_all(store, SCAN_DATA)
     got = store.scan(KS, reverse=reverse, **case)
     assert got == model_scan(SCAN_DATA, reverse=reverse, **case)
@@ -139,8 +153,12 @@ def test_scan_prefixes_reads_several_keyspaces_from_one_snapshot(store: Storage)
     other.put("other", b"b1", b"y")
     store.write(other)
     got = store.scan_prefixes([(KS, b"a"), ("other", b"b"), (KS, b"zz-none"), ("other", b"")])
-    assert got == [model_scan(SCAN_DATA, prefix=b"a"), [(b"b1", b"y")], [],
-                   [(b"a1", b"x"), (b"b1", b"y")]]
+    assert got == [
+        model_scan(SCAN_DATA, prefix=b"a"),
+        [(b"b1", b"y")],
+        [],
+        [(b"a1", b"x"), (b"b1", b"y")],
+    ]
 
 
 def test_count_and_first(store: Storage) -> None:

@@ -30,8 +30,9 @@ class Flaky(af.Workflow):
                 raise RuntimeError("card declined")
             return "charged"
 
-        out = step.do("charge", charge, retries={"limit": 2, "delay": "1 second",
-                                                 "backoff": "constant"})
+        out = step.do(
+            "charge", charge, retries={"limit": 2, "delay": "1 second", "backoff": "constant"}
+        )
         step.sleep("cool down", "1 minute")
         try:
             step.do("doomed", self.fail, retries={"limit": 0, "delay": 1})
@@ -77,7 +78,10 @@ def test_run_step_and_attempt_spans(
     runs = _by_name(spans, "workflow.run flaky")
     assert len(runs) == 3  # first run, after the retry delay, after the sleep
     assert [r.attributes["actorflow.outcome"] for r in runs] == [
-        "suspended", "suspended", "complete"]
+        "suspended",
+        "suspended",
+        "complete",
+    ]
     run_ids = {r.context.span_id for r in runs}
     create = _by_name(spans, "workflow.create")[0]
     assert {r.parent.span_id for r in runs if r.parent} == {create.context.span_id}
@@ -92,12 +96,16 @@ def test_run_step_and_attempt_spans(
     assert step.status.status_code == StatusCode.OK
     (retry,) = [e for e in step.events if e.name == "retry"]
     assert retry.attributes["actorflow.retry.delay_ms"] == 1000
-    attempts = sorted((s for s in spans if s.name.startswith("attempt")
-                       and s.attributes["actorflow.step"] == "charge"),
-                      key=lambda s: s.attributes["actorflow.attempt"])
+    attempts = sorted(
+        (
+            s
+            for s in spans
+            if s.name.startswith("attempt") and s.attributes["actorflow.step"] == "charge"
+        ),
+        key=lambda s: s.attributes["actorflow.attempt"],
+    )
     assert [a.attributes["actorflow.attempt"] for a in attempts] == [1, 2]
-    assert all(a.parent is not None and a.parent.span_id == step.context.span_id
-               for a in attempts)
+    assert all(a.parent is not None and a.parent.span_id == step.context.span_id for a in attempts)
     assert attempts[0].status.status_code == StatusCode.ERROR
     (exc,) = attempts[0].events
     assert exc.name == "exception"
@@ -153,8 +161,10 @@ def test_context_propagates_from_the_create_caller(
 ) -> None:
     provider, exporter = traced
     tracer = provider.get_tracer("caller")
-    with (tracer.start_as_current_span("handle request") as caller,
-          af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt):
+    with (
+        tracer.start_as_current_span("handle request") as caller,
+        af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt,
+    ):
         assert rt.register(Quick, name="quick").create(id="q", params=7).wait(10).output == 7
     spans = exporter.get_finished_spans()
     trace_id = caller.get_span_context().trace_id
@@ -169,8 +179,10 @@ def test_trace_context_survives_a_restart(
 ) -> None:
     provider, exporter = traced
     tracer = provider.get_tracer("caller")
-    with (af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt,
-          tracer.start_as_current_span("enqueue") as caller):
+    with (
+        af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt,
+        tracer.start_as_current_span("enqueue") as caller,
+    ):
         rt.unregistered("quick").create(id="later", params=3)  # runs in the next process
     exporter.clear()
     with af.Runtime(tmp_path / "d", clock=clock, tracer_provider=provider) as rt:
@@ -231,11 +243,13 @@ def test_any_api_provider_gets_the_same_spans(
     assert len(runs) == 3
     (step,) = _by_name(spans, "step charge")
     assert step.parent is not None and step.parent.span_id in {r.context.span_id for r in runs}
-    attempts = [s for s in spans if s.name.startswith("attempt")
-                and s.attributes["actorflow.step"] == "charge"]
+    attempts = [
+        s
+        for s in spans
+        if s.name.startswith("attempt") and s.attributes["actorflow.step"] == "charge"
+    ]
     assert len(attempts) == 2
-    assert all(a.parent is not None and a.parent.span_id == step.context.span_id
-               for a in attempts)
+    assert all(a.parent is not None and a.parent.span_id == step.context.span_id for a in attempts)
     assert [e.name for e in step.events] == ["retry"]
     (doomed,) = _by_name(spans, "step doomed")
     assert doomed.status.status_code == StatusCode.ERROR
@@ -271,9 +285,18 @@ def test_a_long_run_emits_its_step_spans_as_it_goes(
 def _tree(spans: tuple[ReadableSpan, ...]) -> list[tuple[Any, ...]]:
     """Spans as (name, parent name, attributes, events, status) in emission order."""
     names = {s.context.span_id: s.name for s in spans}
-    return [(s.name, names.get(s.parent.span_id) if s.parent else None, dict(s.attributes or {}),
-             [e.name for e in s.events], s.status.status_code, s.start_time, s.end_time)
-            for s in spans]
+    return [
+        (
+            s.name,
+            names.get(s.parent.span_id) if s.parent else None,
+            dict(s.attributes or {}),
+            [e.name for e in s.events],
+            s.status.status_code,
+            s.start_time,
+            s.end_time,
+        )
+        for s in spans
+    ]
 
 
 def test_a_batch_processor_gets_the_same_spans_in_the_same_order(
@@ -290,7 +313,8 @@ def test_a_batch_processor_gets_the_same_spans_in_the_same_order(
     provider.force_flush()
     assert len(simple.get_finished_spans()) == 10  # create, 3 runs, 3 steps, 3 attempts
     assert [s.context.span_id for s in batched.get_finished_spans()] == [
-        s.context.span_id for s in simple.get_finished_spans()]
+        s.context.span_id for s in simple.get_finished_spans()
+    ]
     assert _tree(batched.get_finished_spans()) == _tree(simple.get_finished_spans())
     provider.shutdown()
 
@@ -310,7 +334,10 @@ def test_a_subclassed_batch_processor_gets_every_span_through_on_end(
         assert rt.register(Quick, name="quick").create(params=1).wait(timeout=10).output == 1
     provider.force_flush()
     assert sorted(s.name for s in exporter.get_finished_spans()) == [
-        "step only", "workflow.create", "workflow.run quick"]
+        "step only",
+        "workflow.create",
+        "workflow.run quick",
+    ]
     provider.shutdown()
 
 
@@ -325,13 +352,18 @@ def test_each_caller_gets_its_own_trace(
         for who in ("a", "b"):
             with tracer.start_as_current_span(f"request {who}") as span:
                 callers[who] = span.get_span_context().trace_id
-                insts = ([quick.create(id=who, params=1)] if who == "a" else
-                         quick.create_batch([{"id": f"b{i}", "params": 1} for i in range(3)]))
+                insts = (
+                    [quick.create(id=who, params=1)]
+                    if who == "a"
+                    else quick.create_batch([{"id": f"b{i}", "params": 1} for i in range(3)])
+                )
             for inst in insts:
                 assert inst.wait(timeout=10).output == 1
         assert quick.create(id="none", params=1).wait(timeout=10).output == 1
-    runs = {s.attributes["actorflow.instance"]: s.context.trace_id
-            for s in _by_name(exporter.get_finished_spans(), "workflow.run quick")}
+    runs = {
+        s.attributes["actorflow.instance"]: s.context.trace_id
+        for s in _by_name(exporter.get_finished_spans(), "workflow.run quick")
+    }
     assert runs["a"] == callers["a"]
     assert runs["b0"] == runs["b1"] == runs["b2"] == callers["b"]
     assert runs["none"] not in (callers["a"], callers["b"])
@@ -339,13 +371,14 @@ def test_each_caller_gets_its_own_trace(
 
 @pytest.mark.parametrize("api_only", [False, True])
 def test_first_attempt_spans_can_be_left_out(
-    tmp_path: Path, clock: FakeClock, traced: tuple[TracerProvider, InMemorySpanExporter],
+    tmp_path: Path,
+    clock: FakeClock,
+    traced: tuple[TracerProvider, InMemorySpanExporter],
     api_only: bool,
 ) -> None:
     provider, exporter = traced
     rt = af.Runtime(tmp_path / "d", clock=clock)
-    tracing.instrument(rt, _ApiOnly(provider) if api_only else provider,
-                       first_attempt_spans=False)
+    tracing.instrument(rt, _ApiOnly(provider) if api_only else provider, first_attempt_spans=False)
     with rt:
         assert rt.register(Quick, name="quick").create(params=1).wait(timeout=10).output == 1
         _run_flaky(rt, clock, "f")
@@ -353,6 +386,7 @@ def test_first_attempt_spans_can_be_left_out(
     (only,) = _by_name(spans, "step only")
     assert only.attributes["actorflow.attempts"] == 1
     # Attempts are kept where they say more than their step: a retry, a failure.
-    attempts = sorted((s.attributes["actorflow.step"], s.name) for s in spans
-                      if s.name.startswith("attempt"))
+    attempts = sorted(
+        (s.attributes["actorflow.step"], s.name) for s in spans if s.name.startswith("attempt")
+    )
     assert attempts == [("charge", "attempt 1"), ("charge", "attempt 2"), ("doomed", "attempt 1")]

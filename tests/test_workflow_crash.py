@@ -31,8 +31,9 @@ class AsyncSteps(af.Workflow):
     ("point", "b_runs"),
     [("before", 1), ("after_body", 2), ("after_commit", 1)],
 )
-def test_crash_restarts_from_the_checkpoint(rt: af.Runtime, journal: Journal, cls: type,
-                                            point: str, b_runs: int) -> None:
+def test_crash_restarts_from_the_checkpoint(
+    rt: af.Runtime, journal: Journal, cls: type, point: str, b_runs: int
+) -> None:
     wf = rt.register(cls, name="steps", env=journal)
     wf.modify("c1").crash_at("b", point)
     inst = wf.create(id="c1")
@@ -75,8 +76,9 @@ def test_repeated_crashes_end_in_errored(make_runtime: Any, journal: Journal) ->
     assert rt._supervisor.running == 0 and rt._supervisor.live == {}
 
 
-def test_crash_before_the_first_attempt_then_retries(rt: af.Runtime, clock: FakeClock,
-                                             journal: Journal) -> None:
+def test_crash_before_the_first_attempt_then_retries(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     class Flaky(af.Workflow):
         def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
             j: Journal = self.env
@@ -87,8 +89,9 @@ def test_crash_before_the_first_attempt_then_retries(rt: af.Runtime, clock: Fake
                     raise RuntimeError("flaky")
                 return ctx.attempt
 
-            return step.do("flaky", body, retries={"limit": 5, "delay": "1 second",
-                                                   "backoff": "constant"})
+            return step.do(
+                "flaky", body, retries={"limit": 5, "delay": "1 second", "backoff": "constant"}
+            )
 
     wf = rt.register(Flaky, name="flaky", env=journal)
     wf.modify("f").crash_at("flaky", "before", times=1)

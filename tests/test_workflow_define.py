@@ -113,11 +113,19 @@ class CtxFlow(af.Workflow):
         def body(ctx: af.StepContext) -> dict[str, Any]:
             if ctx.attempt < 3:
                 raise RuntimeError(f"flaky {ctx.attempt}")
-            return {"attempt": ctx.attempt, "name": ctx.step.name, "count": ctx.step.count,
-                    "config": ctx.config}
+            return {
+                "attempt": ctx.attempt,
+                "name": ctx.step.name,
+                "count": ctx.step.count,
+                "config": ctx.config,
+            }
 
-        first = step.do("flaky", body, retries={"limit": 4, "delay": 0, "backoff": "constant"},
-                        timeout="1 minute")
+        first = step.do(
+            "flaky",
+            body,
+            retries={"limit": 4, "delay": 0, "backoff": "constant"},
+            timeout="1 minute",
+        )
         second = step.do("flaky", body, config={"retries": {"limit": 2, "delay": 0}})
         return [first, second]
 
@@ -127,12 +135,17 @@ def test_callable_taking_ctx(rt: af.Runtime) -> None:
     s = wf.create(id="c").wait(timeout=10)
     assert s.status == "complete", s
     first, second = s.output
-    assert first == {"attempt": 3, "name": "flaky", "count": 1,
-                     "config": {"retries": {"limit": 4, "delay": 0, "backoff": "constant"},
-                                "timeout": 60_000}}
+    assert first == {
+        "attempt": 3,
+        "name": "flaky",
+        "count": 1,
+        "config": {"retries": {"limit": 4, "delay": 0, "backoff": "constant"}, "timeout": 60_000},
+    }
     assert second["count"] == 2 and second["attempt"] == 3
-    assert second["config"] == {"retries": {"limit": 2, "delay": 0, "backoff": "exponential"},
-                                "timeout": 600_000}
+    assert second["config"] == {
+        "retries": {"limit": 2, "delay": 0, "backoff": "exponential"},
+        "timeout": 600_000,
+    }
 
 
 class Sleeper(af.Workflow):
@@ -155,8 +168,9 @@ class Sleeper(af.Workflow):
         ("sleep", timedelta(minutes=3), 180_000),
     ],
 )
-def test_sleep_durations(rt: af.Runtime, clock: FakeClock, kind: str, value: Any,
-                         total_ms: int) -> None:
+def test_sleep_durations(
+    rt: af.Runtime, clock: FakeClock, kind: str, value: Any, total_ms: int
+) -> None:
     inst = rt.register(Sleeper, name="sleeper").create(params=(kind, value))
     assert rt.wait_until_idle()
     assert inst.status().status == "waiting"
@@ -229,8 +243,9 @@ class Mapper(af.Workflow):
 
 
 @pytest.mark.parametrize("limit", [2, None])
-def test_map_names_order_and_max_concurrency(rt: af.Runtime, journal: Journal,
-                                             limit: int | None) -> None:
+def test_map_names_order_and_max_concurrency(
+    rt: af.Runtime, journal: Journal, limit: int | None
+) -> None:
     inst = rt.register(Mapper, name="mapper", env=journal).create(params=limit)
     assert inst.wait(timeout=10).output == [9, 1, 16, 1, 25]
     names = sorted((s.name, s.count) for s in inst.steps())
@@ -277,6 +292,7 @@ class Gather(af.Workflow):
                 await asyncio.sleep(0.05)
                 j.add(("end", name))
                 return name
+
             return run
 
         return await asyncio.gather(*(step.do(n, body(n)) for n in ("x", "y", "z")))
@@ -312,12 +328,19 @@ class BadDuration(af.Workflow):
 
 @pytest.mark.parametrize(
     ("kind", "step_name"),
-    [("sleep", "bad nap"), ("negative", "bad nap"), ("delay", "bad step"),
-     ("timeout", "bad step"), ("backoff", "bad step"), ("unknown key", "bad step"),
-     ("wait timeout", "bad wait")],
+    [
+        ("sleep", "bad nap"),
+        ("negative", "bad nap"),
+        ("delay", "bad step"),
+        ("timeout", "bad step"),
+        ("backoff", "bad step"),
+        ("unknown key", "bad step"),
+        ("wait timeout", "bad wait"),
+    ],
 )
-def test_invalid_durations_and_configs_name_the_step(rt: af.Runtime, kind: str,
-                                                     step_name: str) -> None:
+def test_invalid_durations_and_configs_name_the_step(
+    rt: af.Runtime, kind: str, step_name: str
+) -> None:
     inst = rt.register(BadDuration, name="baddur").create(id="inst-1", params=kind)
     s = inst.wait(timeout=10)
     assert s.status == "errored", s
@@ -373,16 +396,18 @@ class GatherOneFails(af.Workflow):
             raise ValueError("fast")
 
         try:
-            await asyncio.gather(step.do("slow", slow),
-                                 step.do("fail", fail, retries={"limit": 0, "delay": 0}))
+            await asyncio.gather(
+                step.do("slow", slow), step.do("fail", fail, retries={"limit": 0, "delay": 0})
+            )
         except ValueError:
             return "caught"
         return "no error"
 
 
 @pytest.mark.parametrize("cls", [MapOneFails, GatherOneFails])
-def test_a_sibling_ending_after_run_returned_changes_nothing(rt: af.Runtime, journal: Journal,
-                                                            cls: type) -> None:
+def test_a_sibling_ending_after_run_returned_changes_nothing(
+    rt: af.Runtime, journal: Journal, cls: type
+) -> None:
     inst = rt.register(cls, name="straggler", env=journal).create()
     assert inst.wait(timeout=10) == af.InstanceStatus("complete", "caught", None)
     journal.gate("slow").set()

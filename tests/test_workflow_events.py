@@ -87,11 +87,15 @@ def test_timed_out_wait_does_not_take_later_events(rt: af.Runtime, clock: FakeCl
     types = history_types(inst, "WAIT_")
     assert types.count("WAIT_COMPLETE") == 2 and types.count("WAIT_TIMED_OUT") == 1
     assert [(s.name, s.status) for s in inst.steps()] == [
-        ("w1", "complete"), ("w2", "errored"), ("w3", "complete")]
+        ("w1", "complete"),
+        ("w2", "errored"),
+        ("w3", "complete"),
+    ]
 
 
-def test_wait_timeout_uncaught_errors_the_instance(rt: af.Runtime, clock: FakeClock,
-                                                  journal: Journal) -> None:
+def test_wait_timeout_uncaught_errors_the_instance(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(Wait, name="wait", env=journal).create(id="late")
     assert rt.wait_until_idle()
     clock.advance("23 hours")
@@ -176,8 +180,10 @@ class ParallelWaits(af.Workflow):
     async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
         import asyncio
 
-        evs = await asyncio.gather(step.wait_for_event("x", "same", timeout="1 hour"),
-                                   step.wait_for_event("y", "same", timeout="1 hour"))
+        evs = await asyncio.gather(
+            step.wait_for_event("x", "same", timeout="1 hour"),
+            step.wait_for_event("y", "same", timeout="1 hour"),
+        )
         return sorted(e.payload for e in evs)
 
 
@@ -191,8 +197,9 @@ def test_each_event_satisfies_one_waiter(rt: af.Runtime) -> None:
     assert inst.wait(timeout=10).output == [1, 2]
 
 
-def test_event_sent_to_a_queued_instance_is_kept(make_runtime: Any, clock: FakeClock,
-                                                 journal: Journal) -> None:
+def test_event_sent_to_a_queued_instance_is_kept(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt = make_runtime(limits=af.Limits(max_creation_rate=1, burst=1))
     wf = rt.register(Wait, name="wait", env=journal)
     first, second = wf.create(id="first"), wf.create(id="second")

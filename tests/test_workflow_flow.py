@@ -55,7 +55,8 @@ def test_concurrency_cap(make_runtime: Any, journal: Journal, cls: type) -> None
     assert rt._supervisor.running == 2
     assert len(journal.entries) == 2
     assert sorted(i.id for i in wf.list(status="queued")) == sorted(
-        i.id for i in insts if i.status().status == "queued")
+        i.id for i in insts if i.status().status == "queued"
+    )
     journal.gate("all").set()
     assert [i.wait(timeout=10).status for i in insts] == ["complete"] * 5
     assert rt._supervisor.running == 0
@@ -104,8 +105,7 @@ class Quick(af.Workflow):
         return step.do("go", lambda: j.add(event.instance_id) or event.instance_id)
 
 
-def test_creation_rate_spaces_starts(make_runtime: Any, clock: FakeClock,
-                                     journal: Journal) -> None:
+def test_creation_rate_spaces_starts(make_runtime: Any, clock: FakeClock, journal: Journal) -> None:
     rt = make_runtime(limits=af.Limits(max_creation_rate=2, burst=2))
     wf = rt.register(Quick, name="quick", env=journal)
     insts = [wf.create(id=f"r{n}") for n in range(5)]  # all accepted
@@ -160,8 +160,9 @@ class SleepsThenWorks(af.Workflow):
 
 
 @pytest.mark.parametrize("how", ["sleep", "event"])
-def test_waking_instance_goes_before_new_ones(make_runtime: Any, clock: FakeClock,
-                                              journal: Journal, how: str) -> None:
+def test_waking_instance_goes_before_new_ones(
+    make_runtime: Any, clock: FakeClock, journal: Journal, how: str
+) -> None:
     rt = make_runtime(limits=af.Limits(max_concurrent=1))
     wf = rt.register(SleepsThenWorks, name="prio", env=journal)
     sleeper = wf.create(id="sleeper", params=how)
@@ -219,8 +220,9 @@ def test_presets_and_per_workflow_overrides(make_runtime: Any, journal: Journal)
     with pytest.raises(ValueError, match="unknown fields"):
         af.Limits(per_workflow={"x": {"max_speed": 1}})
 
-    rt = make_runtime(limits=af.Limits(max_concurrent=10,
-                                       per_workflow={"narrow": {"max_concurrent": 1}}))
+    rt = make_runtime(
+        limits=af.Limits(max_concurrent=10, per_workflow={"narrow": {"max_concurrent": 1}})
+    )
     narrow = rt.register(Blocking, name="narrow", env=journal)
     wide = rt.register(AsyncBlocking, name="wide", env=journal)
     n = [narrow.create(id=f"n{i}") for i in range(3)]

@@ -18,8 +18,9 @@ class Full(af.Workflow):
                 raise RuntimeError("first try fails")
             return "charged"
 
-        charge = step.do("charge", flaky, retries={"limit": 2, "delay": "1 second",
-                                                   "backoff": "constant"})
+        charge = step.do(
+            "charge", flaky, retries={"limit": 2, "delay": "1 second", "backoff": "constant"}
+        )
         step.sleep("cool down", "1 minute")
         ok = step.wait_for_event("approval", "approved", timeout="1 hour")
         try:
@@ -40,12 +41,20 @@ def test_history_names_and_order(rt: af.Runtime, clock: FakeClock) -> None:
     assert inst.wait(timeout=10).output == ["charged", "ann"]
     hist = inst.history()
     assert [e.type for e in hist] == [
-        "WORKFLOW_QUEUED", "WORKFLOW_START",
-        "STEP_START", "ATTEMPT_START", "ATTEMPT_FAILURE", "ATTEMPT_START", "ATTEMPT_SUCCESS",
+        "WORKFLOW_QUEUED",
+        "WORKFLOW_START",
+        "STEP_START",
+        "ATTEMPT_START",
+        "ATTEMPT_FAILURE",
+        "ATTEMPT_START",
+        "ATTEMPT_SUCCESS",
         "STEP_SUCCESS",
-        "SLEEP_START", "SLEEP_COMPLETE",
-        "WAIT_START", "WAIT_COMPLETE",
-        "WAIT_START", "WAIT_TIMED_OUT",
+        "SLEEP_START",
+        "SLEEP_COMPLETE",
+        "WAIT_START",
+        "WAIT_COMPLETE",
+        "WAIT_START",
+        "WAIT_TIMED_OUT",
         "WORKFLOW_SUCCESS",
     ]
     stamps = [e.timestamp for e in hist]
@@ -60,8 +69,9 @@ def test_history_names_and_order(rt: af.Runtime, clock: FakeClock) -> None:
     assert by_type["ATTEMPT_SUCCESS"].attempt == 2
     assert by_type["STEP_SUCCESS"].data["result"] == "charged"
     assert by_type["SLEEP_START"].data["durationMs"] == 60_000
-    assert (by_type["SLEEP_COMPLETE"].timestamp - by_type["SLEEP_START"].timestamp
-            ).total_seconds() == 60
+    assert (
+        by_type["SLEEP_COMPLETE"].timestamp - by_type["SLEEP_START"].timestamp
+    ).total_seconds() == 60
     assert by_type["WAIT_COMPLETE"].data["payload"] == "ann"
     assert by_type["WAIT_TIMED_OUT"].step == "late-1"
 
@@ -102,8 +112,12 @@ def test_failure_history(rt: af.Runtime) -> None:
     inst = rt.register(Fails, name="fails").create()
     inst.wait(timeout=10)
     hist = inst.history()
-    assert [e.type for e in hist][-4:] == ["ATTEMPT_START", "ATTEMPT_FAILURE", "STEP_FAILURE",
-                                          "WORKFLOW_FAILURE"]
+    assert [e.type for e in hist][-4:] == [
+        "ATTEMPT_START",
+        "ATTEMPT_FAILURE",
+        "STEP_FAILURE",
+        "WORKFLOW_FAILURE",
+    ]
     assert hist[-1].data["error"]["name"] == "ZeroDivisionError"
     assert "retryDelayMs" not in hist[-3].data  # no retry follows
 
@@ -125,8 +139,15 @@ def test_lifecycle_events(rt: af.Runtime, clock: FakeClock) -> None:
     assert rt.wait_until_idle()
     inst.terminate()
     types = history_types(inst, "WORKFLOW_")
-    assert types == ["WORKFLOW_QUEUED", "WORKFLOW_START", "WORKFLOW_PAUSED", "WORKFLOW_RESUMED",
-                     "WORKFLOW_RESTARTED", "WORKFLOW_START", "WORKFLOW_TERMINATED"]
+    assert types == [
+        "WORKFLOW_QUEUED",
+        "WORKFLOW_START",
+        "WORKFLOW_PAUSED",
+        "WORKFLOW_RESUMED",
+        "WORKFLOW_RESTARTED",
+        "WORKFLOW_START",
+        "WORKFLOW_TERMINATED",
+    ]
     assert set(history_types(inst)) <= set(EVENT_TYPES)
 
 

@@ -83,8 +83,14 @@ def test_create_without_id_makes_a_uuid(rt: af.Runtime) -> None:
 def test_create_batch_skips_existing_ids(rt: af.Runtime) -> None:
     wf = rt.register(Echo, name="echo")
     wf.create(id="b", params="old").wait(timeout=10)
-    made = wf.create_batch([{"id": "a", "params": 1}, {"id": "b", "params": 2},
-                            {"params": 3}, {"id": "a", "params": 4}])
+    made = wf.create_batch(
+        [
+            {"id": "a", "params": 1},
+            {"id": "b", "params": 2},
+            {"params": 3},
+            {"id": "a", "params": 4},
+        ]
+    )
     assert [i.id for i in made][:1] == ["a"]
     assert len(made) == 2 and "b" not in [i.id for i in made]
     assert [i.wait(timeout=10).output for i in made] == [1, 3]
@@ -151,7 +157,8 @@ def test_status_strings_and_fields(rt: af.Runtime) -> None:
     blocked = rt.register(Blocks, name="blocks").create()
     assert ok.wait(timeout=10) == af.InstanceStatus("complete", {"a": [1, 2]}, None)
     assert bad.wait(timeout=10) == af.InstanceStatus(
-        "errored", None, {"name": "LookupError", "message": "no such order"})
+        "errored", None, {"name": "LookupError", "message": "no such order"}
+    )
     assert rt.wait_until_idle()
     assert blocked.status() == af.InstanceStatus("waiting", None, None)
     blocked.terminate()

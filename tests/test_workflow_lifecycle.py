@@ -25,6 +25,7 @@ class Gated(af.Workflow):
                     j.block(f"{event.instance_id}:a")
                 j.add(("end", name))
                 return name.upper()
+
             return run
 
         return [step.do(n, body(n)) for n in ("a", "b", "c")]
@@ -71,6 +72,7 @@ class TwoInFlight(af.Workflow):
                 j.add(("start", name))
                 j.block(name)
                 return name
+
             return run
 
         both = await asyncio.gather(step.do("x", body("x")), step.do("y", body("y")))
@@ -104,8 +106,9 @@ class SleepOrWait(af.Workflow):
         return step.wait_for_event("wait", "go", timeout="1 day").payload
 
 
-def test_pause_during_sleep_is_immediate(rt: af.Runtime, clock: FakeClock,
-                                         journal: Journal) -> None:
+def test_pause_during_sleep_is_immediate(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(SleepOrWait, name="sw", env=journal).create(params="sleep")
     assert rt.wait_until_idle()
     inst.pause()
@@ -117,8 +120,9 @@ def test_pause_during_sleep_is_immediate(rt: af.Runtime, clock: FakeClock,
     assert inst.wait(timeout=10).output == "slept"
 
 
-def test_resume_before_the_sleep_ends_keeps_the_deadline(rt: af.Runtime, clock: FakeClock,
-                                                        journal: Journal) -> None:
+def test_resume_before_the_sleep_ends_keeps_the_deadline(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(SleepOrWait, name="sw", env=journal).create(params="sleep")
     assert rt.wait_until_idle()
     clock.advance("10 minutes")
@@ -132,8 +136,9 @@ def test_resume_before_the_sleep_ends_keeps_the_deadline(rt: af.Runtime, clock: 
 
 
 @pytest.mark.parametrize("send_while_paused", [False, True])
-def test_pause_during_wait_for_event(rt: af.Runtime, journal: Journal,
-                                     send_while_paused: bool) -> None:
+def test_pause_during_wait_for_event(
+    rt: af.Runtime, journal: Journal, send_while_paused: bool
+) -> None:
     inst = rt.register(SleepOrWait, name="sw", env=journal).create(params="wait")
     assert rt.wait_until_idle()
     inst.pause()
@@ -164,8 +169,9 @@ def test_pause_and_resume_are_idempotent_and_checked(rt: af.Runtime, journal: Jo
         inst.pause()
 
 
-def test_paused_instance_survives_a_restart(make_runtime: Any, clock: FakeClock,
-                                            journal: Journal) -> None:
+def test_paused_instance_survives_a_restart(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     inst = rt1.register(SleepOrWait, name="sw", env=journal).create(id="pz", params="sleep")
     assert rt1.wait_until_idle()
@@ -183,8 +189,9 @@ def test_paused_instance_survives_a_restart(make_runtime: Any, clock: FakeClock,
 
 
 @pytest.mark.parametrize("params", ["ok", "fail", "terminated"])
-def test_terminate_on_a_finished_instance_raises(rt: af.Runtime, journal: Journal,
-                                                 params: str) -> None:
+def test_terminate_on_a_finished_instance_raises(
+    rt: af.Runtime, journal: Journal, params: str
+) -> None:
     class Quick(af.Workflow):
         def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
             if event.payload == "fail":
@@ -219,8 +226,7 @@ def test_terminate_a_running_instance(rt: af.Runtime, journal: Journal) -> None:
     assert inst.wait(timeout=1).status == "terminated"
 
 
-def test_terminate_a_waiting_instance(rt: af.Runtime, clock: FakeClock,
-                                      journal: Journal) -> None:
+def test_terminate_a_waiting_instance(rt: af.Runtime, clock: FakeClock, journal: Journal) -> None:
     inst = rt.register(SleepOrWait, name="sw", env=journal).create(params="sleep")
     assert rt.wait_until_idle()
     inst.terminate()
@@ -269,13 +275,23 @@ class Restartable(af.Workflow):
 def test_restart_from_any_status(rt: af.Runtime, journal: Journal, state: str) -> None:
     wf = rt.register(Restartable, name="restart", env=journal)
     iid = f"r-{state}"
-    journal.data[iid] = {"complete": "ok", "errored": "fail", "terminated": "sleep",
-                         "running": "block", "paused": "sleep"}[state]
+    journal.data[iid] = {
+        "complete": "ok",
+        "errored": "fail",
+        "terminated": "sleep",
+        "running": "block",
+        "paused": "sleep",
+    }[state]
     inst = wf.create(id=iid, params="P")
     if state == "running":
         # "first" committed (the run is started for good), "blocked" in flight.
-        wait_for(lambda: [st.status for st in inst.steps()] == ["complete"]
-                 and journal.count("first") == 1 and inst.status().status == "running")
+        wait_for(
+            lambda: (
+                [st.status for st in inst.steps()] == ["complete"]
+                and journal.count("first") == 1
+                and inst.status().status == "running"
+            )
+        )
     else:
         assert rt.wait_until_idle()
     if state == "terminated":
@@ -293,8 +309,10 @@ def test_restart_from_any_status(rt: af.Runtime, journal: Journal, state: str) -
     assert types.count("WORKFLOW_START") == 2
     assert "WORKFLOW_RESTARTED" in types
     assert types[-1] == "WORKFLOW_SUCCESS"
-    assert [(st.name, st.status) for st in inst.steps()] == [("first", "complete"),
-                                                             ("second", "complete")]
+    assert [(st.name, st.status) for st in inst.steps()] == [
+        ("first", "complete"),
+        ("second", "complete"),
+    ]
 
 
 class Checkpoints(af.Workflow):
@@ -305,6 +323,7 @@ class Checkpoints(af.Workflow):
             def run() -> str:
                 j.add(name)
                 return f"{name}#{j.count(name)}"
+
             return run
 
         return [step.do(n, body(n)) for n in ("a", "checkpoint", "c")]
@@ -364,8 +383,9 @@ class Hibernates(af.Workflow):
 
 
 @pytest.mark.parametrize("kind", ["sleep", "retry", "wait"])
-def test_waiting_instance_holds_no_actor_and_no_thread(rt: af.Runtime, clock: FakeClock,
-                                                       journal: Journal, kind: str) -> None:
+def test_waiting_instance_holds_no_actor_and_no_thread(
+    rt: af.Runtime, clock: FakeClock, journal: Journal, kind: str
+) -> None:
     inst = rt.register(Hibernates, name="hib", env=journal).create(id="h", params=kind)
     assert rt.wait_until_idle()
     assert inst.status().status == "waiting"
@@ -430,8 +450,9 @@ def hold_final_write(rt: af.Runtime) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize("call", ["pause", "resume"])
-def test_pause_or_resume_while_the_end_is_written(rt: af.Runtime, journal: Journal,
-                                                  call: str) -> None:
+def test_pause_or_resume_while_the_end_is_written(
+    rt: af.Runtime, journal: Journal, call: str
+) -> None:
     """A pause or resume that arrives once run() returned must not outlive the end."""
     import threading
 

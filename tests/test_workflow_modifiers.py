@@ -19,8 +19,9 @@ class Pipeline(af.Workflow):
             j.add(("fetch", ctx.attempt))
             return "real"
 
-        data = step.do("fetch", fetch, retries={"limit": 3, "delay": "1 minute",
-                                                "backoff": "constant"})
+        data = step.do(
+            "fetch", fetch, retries={"limit": 3, "delay": "1 minute", "backoff": "constant"}
+        )
         step.sleep("nap", "1 day")
         try:
             ev = step.wait_for_event("approval", "approved", timeout="1 hour").payload
@@ -32,7 +33,8 @@ class Pipeline(af.Workflow):
 def test_mock_step_result(rt: af.Runtime, journal: Journal) -> None:
     wf = rt.register(Pipeline, name="pipe", env=journal)
     wf.modify("m").mock_step_result("fetch", {"mocked": True}).disable_sleeps().mock_event(
-        "approved", "yes")
+        "approved", "yes"
+    )
     inst = wf.create(id="m")
     assert inst.wait(timeout=10).output == [{"mocked": True}, "yes"]
     assert journal.entries == []  # the body never ran
@@ -49,7 +51,10 @@ def test_mock_step_error_times(rt: af.Runtime, clock: FakeClock, journal: Journa
     assert journal.entries == [("fetch", 3)]  # attempts 1 and 2 failed by the mock
     (rec, *_) = inst.steps()
     assert [a.error["message"] if a.error else None for a in rec.attempts] == [
-        "mocked", "mocked", None]
+        "mocked",
+        "mocked",
+        None,
+    ]
     inst.send_event("approved", "ok")
     assert inst.wait(timeout=10).output == ["real", "ok"]
 
@@ -79,8 +84,10 @@ def test_disable_sleeps(rt: af.Runtime, journal: Journal) -> None:
     wf.modify("s").disable_sleeps()
     inst = wf.create(id="s")
     assert rt.wait_until_idle()
-    assert [(s.name, s.status) for s in inst.steps()][:2] == [("fetch", "complete"),
-                                                             ("nap", "complete")]
+    assert [(s.name, s.status) for s in inst.steps()][:2] == [
+        ("fetch", "complete"),
+        ("nap", "complete"),
+    ]
     assert inst.status().status == "waiting"  # now in the event wait
 
 
@@ -92,8 +99,9 @@ def test_force_event_timeout(rt: af.Runtime, journal: Journal) -> None:
     assert "WAIT_TIMED_OUT" in history_types(inst)
 
 
-def test_modifiers_do_not_leak_to_other_instances(rt: af.Runtime, clock: FakeClock,
-                                                  journal: Journal) -> None:
+def test_modifiers_do_not_leak_to_other_instances(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     wf = rt.register(Pipeline, name="pipe", env=journal)
     wf.modify("mocked").mock_step_result("fetch", "fake").disable_sleeps()
     plain = wf.create(id="plain")
@@ -105,8 +113,9 @@ def test_modifiers_do_not_leak_to_other_instances(rt: af.Runtime, clock: FakeClo
     assert plain.wait(timeout=10).output == ["real", 1]
 
 
-def test_wait_for_step_returns_results_as_they_land(rt: af.Runtime, clock: FakeClock,
-                                                    journal: Journal) -> None:
+def test_wait_for_step_returns_results_as_they_land(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     wf = rt.register(Pipeline, name="pipe", env=journal)
     inst = wf.create(id="w")
     assert inst.wait_for_step("fetch") == "real"
@@ -131,7 +140,8 @@ def test_wait_for_step_raises_the_steps_error(rt: af.Runtime, journal: Journal) 
 
 
 def test_wait_for_step_fails_fast_when_the_instance_ends_without_it(
-        rt: af.Runtime, journal: Journal) -> None:
+    rt: af.Runtime, journal: Journal
+) -> None:
     wf = rt.register(Pipeline, name="pipe", env=journal)
     wf.modify("m").disable_sleeps().mock_event("approved", 1)
     inst = wf.create(id="m")
@@ -165,7 +175,8 @@ class Gated(af.Workflow):
 
 
 def test_modifiers_made_while_the_instance_runs_apply_to_its_next_steps(
-        rt: af.Runtime, journal: Journal) -> None:
+    rt: af.Runtime, journal: Journal
+) -> None:
     wf = rt.register(Gated, env=journal)
     inst = wf.create(id="g")
     wait_for(lambda: inst.status().status == "running")

@@ -30,6 +30,7 @@ class Mixed(af.Workflow):
                 if kind == "block" and name == "s1":
                     j.block(iid, timeout=30)
                 return name
+
             return run
 
         out = [step.do("s1", body("s1"))]
@@ -42,8 +43,13 @@ class Mixed(af.Workflow):
 
 
 KINDS = ["plain", "block", "sleep", "event"]
-CRASHES = [None, ("s1", "before"), ("s1", "after_body"), ("s1", "after_commit"),
-           ("s2", "after_body")]
+CRASHES = [
+    None,
+    ("s1", "before"),
+    ("s1", "after_body"),
+    ("s1", "after_commit"),
+    ("s2", "after_body"),
+]
 
 ops = st.lists(
     st.one_of(
@@ -79,8 +85,9 @@ class Sampler:
         return self.peak
 
 
-@settings(max_examples=20, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(cap=st.integers(1, 3), program=ops)
 def test_cap_never_exceeded_nothing_lost_nothing_rerun(cap: int, program: list[Any]) -> None:
     journal = Journal()

@@ -22,6 +22,7 @@ class Work(af.Workflow):
                 if kind == "block" and name == "b":
                     j.block("b", timeout=30)
                 return name
+
             return run
 
         out = [step.do("a", body("a"))]
@@ -32,9 +33,9 @@ class Work(af.Workflow):
         return out
 
 
-
-def test_close_with_work_in_flight_then_reopen(make_runtime: Any, clock: FakeClock,
-                                               journal: Journal) -> None:
+def test_close_with_work_in_flight_then_reopen(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime(limits=af.Limits(max_concurrent=1))
     wf = rt1.register(Work, name="work", env=journal)
     sleeper = wf.create(id="sleeper", params="sleep")
@@ -65,8 +66,9 @@ def test_close_with_work_in_flight_then_reopen(make_runtime: Any, clock: FakeClo
     assert history_types(blocked).count("WORKFLOW_START") == 1
 
 
-def test_close_is_clean_with_many_instances_running(make_runtime: Any, clock: FakeClock,
-                                                    journal: Journal) -> None:
+def test_close_is_clean_with_many_instances_running(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     wf = rt1.register(Work, name="work", env=journal)
     insts = wf.create_batch([{"id": f"i{n}", "params": "plain"} for n in range(50)])
@@ -80,8 +82,9 @@ def test_close_is_clean_with_many_instances_running(make_runtime: Any, clock: Fa
     assert all(1 <= counts[(i.id, n)] <= 2 for i in insts for n in ("a", "b", "c"))
 
 
-def test_unregistered_workflow_waits_until_registered(make_runtime: Any, clock: FakeClock,
-                                                      journal: Journal) -> None:
+def test_unregistered_workflow_waits_until_registered(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     rt1.register(Work, name="work", env=journal).create(id="s", params="sleep")
     assert rt1.wait_until_idle()

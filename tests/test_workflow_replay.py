@@ -22,8 +22,9 @@ class ThreeSteps(af.Workflow):
         return [a, b, ev.payload, c]
 
 
-def test_completed_steps_never_run_again(rt: af.Runtime, clock: FakeClock,
-                                         journal: Journal) -> None:
+def test_completed_steps_never_run_again(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(ThreeSteps, name="three", env=journal).create(id="r")
     assert rt.wait_until_idle()
     assert inst.status().status == "waiting"
@@ -53,8 +54,9 @@ class FailsThenSleeps(af.Workflow):
         return caught
 
 
-def test_failed_step_reraises_its_stored_error_on_replay(rt: af.Runtime, clock: FakeClock,
-                                                         journal: Journal) -> None:
+def test_failed_step_reraises_its_stored_error_on_replay(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(FailsThenSleeps, name="fails", env=journal).create(id="f")
     assert rt.wait_until_idle()
     clock.advance("1 minute")
@@ -74,8 +76,9 @@ class LongSleep(af.Workflow):
         return step.do("after", lambda: j.add("after") or "done")
 
 
-def test_sleep_deadline_survives_a_restart(make_runtime: Any, clock: FakeClock,
-                                           journal: Journal) -> None:
+def test_sleep_deadline_survives_a_restart(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     inst = rt1.register(LongSleep, name="long", env=journal).create(id="s")
     assert rt1.wait_until_idle()
@@ -94,8 +97,9 @@ def test_sleep_deadline_survives_a_restart(make_runtime: Any, clock: FakeClock,
     assert (journal.count("before"), journal.count("after")) == (1, 1)
 
 
-def test_sleep_already_due_at_reopen_fires(make_runtime: Any, clock: FakeClock,
-                                           journal: Journal) -> None:
+def test_sleep_already_due_at_reopen_fires(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     rt1.register(LongSleep, name="long", env=journal).create(id="s")
     assert rt1.wait_until_idle()
@@ -118,8 +122,9 @@ class TwoWaits(af.Workflow):
         return [first.payload, second]
 
 
-def test_consumed_event_is_not_delivered_again_after_reopen(make_runtime: Any, clock: FakeClock,
-                                                           journal: Journal) -> None:
+def test_consumed_event_is_not_delivered_again_after_reopen(
+    make_runtime: Any, clock: FakeClock, journal: Journal
+) -> None:
     rt1 = make_runtime()
     inst = rt1.register(TwoWaits, name="twowaits").create(id="e")
     assert rt1.wait_until_idle()
@@ -134,8 +139,12 @@ def test_consumed_event_is_not_delivered_again_after_reopen(make_runtime: Any, c
     assert inst.status().status == "waiting"  # the second wait got nothing
     clock.advance("1 hour")
     assert inst.wait(timeout=10).output == ["only one", "timed out"]
-    assert history_types(inst, "WAIT_") == ["WAIT_START", "WAIT_COMPLETE", "WAIT_START",
-                                            "WAIT_TIMED_OUT"]
+    assert history_types(inst, "WAIT_") == [
+        "WAIT_START",
+        "WAIT_COMPLETE",
+        "WAIT_START",
+        "WAIT_TIMED_OUT",
+    ]
 
 
 class ConfigFromEnv(af.Workflow):
@@ -149,12 +158,14 @@ class ConfigFromEnv(af.Workflow):
             return "ok"
 
         limit = j.data["limit"]  # read on every replay: what the code says now
-        return step.do("cfg", body, retries={"limit": limit, "delay": "1 minute",
-                                             "backoff": "constant"})
+        return step.do(
+            "cfg", body, retries={"limit": limit, "delay": "1 minute", "backoff": "constant"}
+        )
 
 
-def test_config_resolved_on_first_attempt_is_reused(rt: af.Runtime, clock: FakeClock,
-                                                    journal: Journal) -> None:
+def test_config_resolved_on_first_attempt_is_reused(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     journal.data["limit"] = 5
     inst = rt.register(ConfigFromEnv, name="cfg", env=journal).create(id="c")
     assert rt.wait_until_idle()
@@ -180,5 +191,8 @@ def test_reopen_keeps_finished_status_and_history(make_runtime: Any, clock: Fake
     rt2 = make_runtime()
     inst = rt2.register(Restarted, name="fin").get("done")
     assert inst.status() == af.InstanceStatus("complete", "x", None)
-    assert history_types(inst, "WORKFLOW_") == ["WORKFLOW_QUEUED", "WORKFLOW_START",
-                                                "WORKFLOW_SUCCESS"]
+    assert history_types(inst, "WORKFLOW_") == [
+        "WORKFLOW_QUEUED",
+        "WORKFLOW_START",
+        "WORKFLOW_SUCCESS",
+    ]

@@ -23,16 +23,29 @@ class Defaults(af.Workflow):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        (None, {"retries": {"limit": 5, "delay": 10_000, "backoff": "exponential"},
-                "timeout": 600_000}),
-        ({"retries": {"limit": 3, "delay": 500}},
-         {"retries": {"limit": 3, "delay": 500, "backoff": "exponential"}, "timeout": 600_000}),
-        ({"retries": {"backoff": "linear"}, "timeout": "30 seconds"},
-         {"retries": {"limit": 5, "delay": 10_000, "backoff": "linear"}, "timeout": 30_000}),
-        ({"config": {"timeout": 1234}},
-         {"retries": {"limit": 5, "delay": 10_000, "backoff": "exponential"}, "timeout": 1234}),
-        ({"retries": af.RetryPolicy(2, "1 minute", "constant")},
-         {"retries": {"limit": 2, "delay": 60_000, "backoff": "constant"}, "timeout": 600_000}),
+        (
+            None,
+            {
+                "retries": {"limit": 5, "delay": 10_000, "backoff": "exponential"},
+                "timeout": 600_000,
+            },
+        ),
+        (
+            {"retries": {"limit": 3, "delay": 500}},
+            {"retries": {"limit": 3, "delay": 500, "backoff": "exponential"}, "timeout": 600_000},
+        ),
+        (
+            {"retries": {"backoff": "linear"}, "timeout": "30 seconds"},
+            {"retries": {"limit": 5, "delay": 10_000, "backoff": "linear"}, "timeout": 30_000},
+        ),
+        (
+            {"config": {"timeout": 1234}},
+            {"retries": {"limit": 5, "delay": 10_000, "backoff": "exponential"}, "timeout": 1234},
+        ),
+        (
+            {"retries": af.RetryPolicy(2, "1 minute", "constant")},
+            {"retries": {"limit": 2, "delay": 60_000, "backoff": "constant"}, "timeout": 600_000},
+        ),
     ],
 )
 def test_config_defaults_and_partial_merge(rt: af.Runtime, kwargs: Any, expected: Any) -> None:
@@ -57,11 +70,15 @@ class AlwaysFails(af.Workflow):
 
 @pytest.mark.parametrize(
     ("backoff", "waits"),
-    [("constant", [1000, 1000, 1000]), ("linear", [1000, 2000, 3000]),
-     ("exponential", [1000, 2000, 4000])],
+    [
+        ("constant", [1000, 1000, 1000]),
+        ("linear", [1000, 2000, 3000]),
+        ("exponential", [1000, 2000, 4000]),
+    ],
 )
-def test_retry_waits_follow_backoff(rt: af.Runtime, clock: FakeClock, journal: Journal,
-                                    backoff: str, waits: list[int]) -> None:
+def test_retry_waits_follow_backoff(
+    rt: af.Runtime, clock: FakeClock, journal: Journal, backoff: str, waits: list[int]
+) -> None:
     wf = rt.register(AlwaysFails, name="fails", env=journal)
     inst = wf.create(params={"limit": 3, "delay": "1 second", "backoff": backoff})
     for n, wait in enumerate(waits, start=1):
@@ -88,8 +105,9 @@ def test_attempts_are_numbered_from_one(rt: af.Runtime, journal: Journal) -> Non
     assert journal.entries == [1, 2, 3]
 
 
-def test_default_retries_exhaust_after_six_attempts(rt: af.Runtime, clock: FakeClock,
-                                                    journal: Journal) -> None:
+def test_default_retries_exhaust_after_six_attempts(
+    rt: af.Runtime, clock: FakeClock, journal: Journal
+) -> None:
     inst = rt.register(AlwaysFails, name="fails", env=journal).create(params=None)
     assert rt.wait_until_idle()
     for wait_s in (10, 20, 40, 80, 160):
@@ -221,8 +239,7 @@ def test_200kb_result_is_fine(rt: af.Runtime, journal: Journal) -> None:
 
 
 def test_oversized_result_fails_without_retry(rt: af.Runtime, journal: Journal) -> None:
-    inst = rt.register(BigResult, name="big", env=journal).create(id="huge",
-                                                                   params=(1 << 20) + 1)
+    inst = rt.register(BigResult, name="big", env=journal).create(id="huge", params=(1 << 20) + 1)
     s = inst.wait(timeout=10)
     assert s.status == "errored"
     assert s.error is not None and s.error["name"] == "LimitExceeded"
@@ -291,15 +308,19 @@ def test_mutating_ctx_config_changes_nothing(rt: af.Runtime, journal: Journal) -
     assert inst.wait(timeout=10).output == "exhausted"
     assert journal.entries == [2, 2, 2]
     (rec,) = inst.steps()
-    assert rec.config == {"retries": {"limit": 2, "delay": 0, "backoff": "exponential"},
-                          "timeout": 600_000}
+    assert rec.config == {
+        "retries": {"limit": 2, "delay": 0, "backoff": "exponential"},
+        "timeout": 600_000,
+    }
 
 
 class SameName(af.Workflow):
     def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
-        return [step.do("same", lambda ctx: ctx.step.count),
-                step.do("same", lambda ctx: ctx.step.count),
-                step.do("other", lambda ctx: ctx.step.count)]
+        return [
+            step.do("same", lambda ctx: ctx.step.count),
+            step.do("same", lambda ctx: ctx.step.count),
+            step.do("other", lambda ctx: ctx.step.count),
+        ]
 
 
 def test_same_step_name_twice_counts_one_and_two(rt: af.Runtime) -> None:

@@ -139,33 +139,66 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="actorflow bench",
         description="Run benchmark scenarios and print a table of medians.",
-        epilog="scenarios:\n" + "\n".join(
-            f"  {s.name:<12} {s.about} (default N={s.size:,})" for s in SCENARIOS.values()
-        ) + "\n  peers        DBOS side by side (see `actorflow bench peers --help`)",
+        epilog="scenarios:\n"
+        + "\n".join(f"  {s.name:<12} {s.about} (default N={s.size:,})" for s in SCENARIOS.values())
+        + "\n  peers        DBOS side by side (see `actorflow bench peers --help`)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="scenarios to run (default: all but scaling)")
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help="scenarios to run (default: all but scaling)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per scenario (default 3)")
-    p.add_argument("--size", action="append", default=[], metavar="[SCENARIO=]N",
-                   help="N for every scenario, or for one (repeatable): --size scaling=100000")
+    p.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="[SCENARIO=]N",
+        help="N for every scenario, or for one (repeatable): --size scaling=100000",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="write JSON to FILE (- = stdout)")
-    p.add_argument("--profile", choices=["cloudflare-v2"], default=None,
-                   help="show each figure beside Cloudflare V2's published limit")
-    p.add_argument("--plot", metavar="DIR", default=None,
-                   help="write PNG charts to DIR (needs the 'plot' extra)")
-    p.add_argument("--hold", type=float, default=Options.hold,
-                   help="concurrency: seconds each step awaits (default %(default)s)")
-    p.add_argument("--wake-rate", type=float, default=Options.wake_rate,
-                   help="sleepers: wakes per second (default %(default)s)")
-    p.add_argument("--sleep-margin", type=float, default=None,
-                   help="sleepers: seconds before the first deadline (default: estimated)")
-    p.add_argument("--of", default=Options.of,
-                   help="scaling: comma-separated isolated scenarios (default %(default)s)")
+    p.add_argument(
+        "--profile",
+        choices=["cloudflare-v2"],
+        default=None,
+        help="show each figure beside Cloudflare V2's published limit",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        default=None,
+        help="write PNG charts to DIR (needs the 'plot' extra)",
+    )
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=Options.hold,
+        help="concurrency: seconds each step awaits (default %(default)s)",
+    )
+    p.add_argument(
+        "--wake-rate",
+        type=float,
+        default=Options.wake_rate,
+        help="sleepers: wakes per second (default %(default)s)",
+    )
+    p.add_argument(
+        "--sleep-margin",
+        type=float,
+        default=None,
+        help="sleepers: seconds before the first deadline (default: estimated)",
+    )
+    p.add_argument(
+        "--of",
+        default=Options.of,
+        help="scaling: comma-separated isolated scenarios (default %(default)s)",
+    )
     p.add_argument("--no-drain", action="store_true", help="queue: do not drain the queue")
     p.add_argument("--data-dir", default=None, help="where data goes (default: a temp dir)")
-    p.add_argument("--no-physical", action="store_true",
-                   help="do not add the physical baselines to the run")
+    p.add_argument(
+        "--no-physical", action="store_true", help="do not add the physical baselines to the run"
+    )
     return p
 
 
@@ -205,8 +238,13 @@ def main(argv: list[str]) -> int:
         from actorflow.bench.plots import check_available
 
         check_available()
-    opts = Options(hold=args.hold, wake_rate=args.wake_rate, of=args.of,
-                   drain=not args.no_drain, sleep_margin=args.sleep_margin)
+    opts = Options(
+        hold=args.hold,
+        wake_rate=args.wake_rate,
+        of=args.of,
+        drain=not args.no_drain,
+        sleep_margin=args.sleep_margin,
+    )
     show = args.json is None and sys.stderr.isatty()
     bar = Bar() if show else None
 
@@ -222,8 +260,14 @@ def main(argv: list[str]) -> int:
         for name in names:
             size = None if name == "physical" else sizes.get(name, sizes.get(""))
             try:
-                m = measure([name], args.repeat, size=size, options=opts, root=args.data_dir,
-                            progress=progress)
+                m = measure(
+                    [name],
+                    args.repeat,
+                    size=size,
+                    options=opts,
+                    root=args.data_dir,
+                    progress=progress,
+                )
             except Exception as exc:  # report it, keep the other scenarios' figures
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 if bar is not None:
@@ -240,14 +284,22 @@ def main(argv: list[str]) -> int:
     header, body = rows(result.medians, result.sizes, args.profile)
     info = machine()
     if args.json != "-":
-        print(f"actorflow bench: medians of {args.repeat} run(s); {info['cpus']} CPUs, "
-              f"Python {info['python']}, fsync on, load {info['loadavg']:.1f}")
+        print(
+            f"actorflow bench: medians of {args.repeat} run(s); {info['cpus']} CPUs, "
+            f"Python {info['python']}, fsync on, load {info['loadavg']:.1f}"
+        )
         print(format_table(header, body))
     if args.json is not None:
-        doc = {"machine": info, "repeat": args.repeat, "sizes": result.sizes,
-               "options": vars(opts), "medians": result.medians, "runs": result.runs,
-               "failed": failed,
-               "table": [dict(zip(header, r, strict=True)) for r in body]}
+        doc = {
+            "machine": info,
+            "repeat": args.repeat,
+            "sizes": result.sizes,
+            "options": vars(opts),
+            "medians": result.medians,
+            "runs": result.runs,
+            "failed": failed,
+            "table": [dict(zip(header, r, strict=True)) for r in body],
+        }
         text = json.dumps(doc, indent=2)
         if args.json == "-":
             print(text)

@@ -1,7 +1,7 @@
 """Entry point of the child processes the benchmark starts.
 
-    python -m actorflow.bench.child SCENARIO SIZE ROOT OPTIONS_JSON
-    python -m actorflow.bench.child recovery-worker DATA_DIR JOURNAL N
+python -m actorflow.bench.child SCENARIO SIZE ROOT OPTIONS_JSON
+python -m actorflow.bench.child recovery-worker DATA_DIR JOURNAL N
 """
 
 from __future__ import annotations

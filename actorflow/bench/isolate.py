@@ -16,9 +16,7 @@ from actorflow.bench.scenarios import Options, Outcome
 __all__ = ["run_isolated"]
 
 
-def run_isolated(
-    name: str, size: int, root: Path, progress: Progress, opts: Options
-) -> Outcome:
+def run_isolated(name: str, size: int, root: Path, progress: Progress, opts: Options) -> Outcome:
     """Runs scenario ``name`` in a new interpreter and returns its outcome.
 
     The child prints its outcome as one ``RESULT`` JSON line and its progress
@@ -32,8 +30,15 @@ def run_isolated(
     Raises:
         RuntimeError: The child failed; the message ends with its stderr.
     """
-    cmd = [sys.executable, "-m", "actorflow.bench.child", name, str(size), str(root),
-           json.dumps(asdict(opts))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "actorflow.bench.child",
+        name,
+        str(size),
+        str(root),
+        json.dumps(asdict(opts)),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors: list[str] = []
 
@@ -67,7 +72,7 @@ def run_isolated(
     if proc.returncode != 0 or not result:
         tail = "".join(errors[-20:])
         raise RuntimeError(f"scenario {name!r} failed (exit {proc.returncode}):\n{tail}")
-    data = json.loads(result[-1][len("RESULT "):])
+    data = json.loads(result[-1][len("RESULT ") :])
     outcome = Outcome(data["figures"], data["samples"])
     if "peak_rss_mib" not in outcome.figures:
         outcome.figures["peak_rss_mib"] = usage.ru_maxrss / (

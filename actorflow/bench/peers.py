@@ -68,13 +68,24 @@ def peer_workload(
     python: str, script: str, workload: str, db: Path, n: int, workflows: int, steps: int
 ) -> dict[str, float]:
     """Runs one workload of the peer script in a fresh process; returns its figures."""
-    cmd = [python, script, workload, "--db", str(db), "--n", str(n),
-           "--workflows", str(workflows), "--steps", str(steps)]
+    cmd = [
+        python,
+        script,
+        workload,
+        "--db",
+        str(db),
+        "--n",
+        str(n),
+        "--workflows",
+        str(workflows),
+        "--steps",
+        str(steps),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"peer {workload} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    data = json.loads(lines[-1][len("RESULT "):])
+    data = json.loads(lines[-1][len("RESULT ") :])
     return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} | {
         "_version": data.get("version", "?")
     }
@@ -92,8 +103,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--actorflow-child"]:
         return _child(argv[1:])
     p = argparse.ArgumentParser(prog="actorflow bench peers", description=__doc__.splitlines()[0])
-    p.add_argument("--peer-python", default="benchmarks/peers/.venv/bin/python",
-                   help="the interpreter with dbos installed (default %(default)s)")
+    p.add_argument(
+        "--peer-python",
+        default="benchmarks/peers/.venv/bin/python",
+        help="the interpreter with dbos installed (default %(default)s)",
+    )
     p.add_argument("--peer-script", default="benchmarks/peers/dbos_peer.py")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--n", type=int, default=2000, help="starts and enqueues per run")
@@ -106,8 +120,11 @@ def main(argv: list[str]) -> int:
     if bad := [w for w in args.workloads if w not in _FIGURE]:
         p.error(f"unknown workload(s) {bad}")
     if not Path(args.peer_python).exists() or not Path(args.peer_script).exists():
-        print(f"actorflow bench peers: {args.peer_python} or {args.peer_script} is missing; "
-              "`make bench-peers` creates the peer's environment", file=sys.stderr)
+        print(
+            f"actorflow bench peers: {args.peer_python} or {args.peer_script} is missing; "
+            "`make bench-peers` creates the peer's environment",
+            file=sys.stderr,
+        )
         return 2
     root = Path(tempfile.mkdtemp(prefix="actorflow-peers-"))
     ours: dict[str, list[float]] = {}
@@ -117,19 +134,37 @@ def main(argv: list[str]) -> int:
         for workload in args.workloads:
             fig = _FIGURE[workload]
             for i in range(args.repeat):
-                print(f"  {workload} run {i + 1}/{args.repeat}: dbos, actorflow",
-                      file=sys.stderr, flush=True)
-                peer = peer_workload(args.peer_python, args.peer_script, workload,
-                                     root / f"dbos-{workload}-{i}" / "bench.sqlite",
-                                     args.n, args.workflows, args.steps)
+                print(
+                    f"  {workload} run {i + 1}/{args.repeat}: dbos, actorflow",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                peer = peer_workload(
+                    args.peer_python,
+                    args.peer_script,
+                    workload,
+                    root / f"dbos-{workload}-{i}" / "bench.sqlite",
+                    args.n,
+                    args.workflows,
+                    args.steps,
+                )
                 version = str(peer.pop("_version", version))
                 theirs.setdefault(fig, []).append(peer[fig])
-                cmd = [sys.executable, "-m", "actorflow.bench", "peers", "--actorflow-child",
-                       workload, str(root / f"af-{workload}-{i}"), str(args.n),
-                       str(args.workflows), str(args.steps)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "actorflow.bench",
+                    "peers",
+                    "--actorflow-child",
+                    workload,
+                    str(root / f"af-{workload}-{i}"),
+                    str(args.n),
+                    str(args.workflows),
+                    str(args.steps),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-                ours.setdefault(fig, []).append(json.loads(line[len("RESULT "):])[fig])
+                ours.setdefault(fig, []).append(json.loads(line[len("RESULT ") :])[fig])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     header = ["figure", "actorflow", f"dbos {version} (SQLite)", "ratio", "target"]
@@ -141,16 +176,24 @@ def main(argv: list[str]) -> int:
             ok = a / d >= TARGET_STEPS_RATIO
             target = f">= {TARGET_STEPS_RATIO:g}x: {'met' if ok else 'MISSED'}"
         body.append([fig, f"{a:,.0f}", f"{d:,.0f}", f"{a / d:,.1f}x", target])
-        doc[fig] = {"actorflow": a, "dbos": d, "ratio": a / d,
-                    "actorflow_runs": ours[fig], "dbos_runs": theirs[fig]}
+        doc[fig] = {
+            "actorflow": a,
+            "dbos": d,
+            "ratio": a / d,
+            "actorflow_runs": ours[fig],
+            "dbos_runs": theirs[fig],
+        }
     if args.json != "-":
-        print(f"actorflow vs DBOS {version}: medians of {args.repeat} runs, fsync on, "
-              f"one fresh process per run; steps: {args.workflows} x {args.steps}, "
-              f"starts and enqueues: {args.n:,}")
+        print(
+            f"actorflow vs DBOS {version}: medians of {args.repeat} runs, fsync on, "
+            f"one fresh process per run; steps: {args.workflows} x {args.steps}, "
+            f"starts and enqueues: {args.n:,}"
+        )
         print(format_table(header, body))
     if args.json is not None:
-        text = json.dumps({"dbos_version": version, "repeat": args.repeat, "figures": doc},
-                          indent=2)
+        text = json.dumps(
+            {"dbos_version": version, "repeat": args.repeat, "figures": doc}, indent=2
+        )
         if args.json == "-":
             print(text)
         else:

@@ -22,8 +22,14 @@ from pathlib import Path
 
 import lmdb
 
-__all__ = ["bare_call_ns", "fsync_commits", "fsync_page_us", "physical", "thread_handoff_us",
-           "threaded_commits_per_s"]
+__all__ = [
+    "bare_call_ns",
+    "fsync_commits",
+    "fsync_page_us",
+    "physical",
+    "thread_handoff_us",
+    "threaded_commits_per_s",
+]
 
 
 def fsync_commits(path: Path, n: int = 500) -> tuple[float, float]:
@@ -85,8 +91,10 @@ def fsync_page_us(path: Path, pages: int = 32, n: int = 40) -> tuple[float, floa
         os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
     t1 = statistics.median(one)
-    return (max(0.0, statistics.median(scattered) - t1) / (pages - 1) * 1e6,
-            max(0.0, statistics.median(contiguous) - t1) / (pages - 1) * 1e6)
+    return (
+        max(0.0, statistics.median(scattered) - t1) / (pages - 1) * 1e6,
+        max(0.0, statistics.median(contiguous) - t1) / (pages - 1) * 1e6,
+    )
 
 
 def _nop(x: int) -> int:
@@ -108,8 +116,7 @@ def bare_call_ns(n: int = 1_000_000) -> float:
     return max(0.0, with_call - empty) / n * 1e9
 
 
-def echo_thread() -> tuple[queue.SimpleQueue[int | None], queue.SimpleQueue[int],
-                             threading.Thread]:
+def echo_thread() -> tuple[queue.SimpleQueue[int | None], queue.SimpleQueue[int], threading.Thread]:
     """Starts a thread that sends back every item put on ``ping`` through ``pong``.
 
     Returns ``(ping, pong, thread)``; putting None on ``ping`` stops the thread.

@@ -50,8 +50,11 @@ def _scaled(m: Measurement) -> dict[str, dict[int, dict[str, float]]]:
 
 def throughput_vs_concurrency(m: Measurement, path: Path, hold: float) -> Path | None:
     """Completions per second against instances running at once."""
-    points = {n: f["instances_per_s"]
-              for n, f in _scaled(m).get("concurrency", {}).items() if f.get("instances_per_s")}
+    points = {
+        n: f["instances_per_s"]
+        for n, f in _scaled(m).get("concurrency", {}).items()
+        if f.get("instances_per_s")
+    }
     conc = m.medians.get("concurrency")
     if conc and conc.get("n"):
         points.setdefault(int(conc["n"]), conc["instances_per_s"])
@@ -95,8 +98,14 @@ def memory_vs_count(m: Measurement, path: Path) -> Path | None:
         line = ax.plot(xs, [pts[x] for x in xs], "o-", label=name)[0]
         if name in _LIMITS:
             n, mib = _LIMITS[name]
-            ax.plot([n], [mib], "x", markersize=10, color=line.get_color(),
-                    label=f"{name} target: {mib / 1024:g} GiB at {n:,}")
+            ax.plot(
+                [n],
+                [mib],
+                "x",
+                markersize=10,
+                color=line.get_color(),
+                label=f"{name} target: {mib / 1024:g} GiB at {n:,}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("instances")

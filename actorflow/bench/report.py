@@ -94,8 +94,14 @@ def judge(target: Target, value: float, size: int) -> str:
     return "met" if ok else "MISSED"
 
 
-_RATES = {"create_batch_per_s", "create_16_threads_per_s", "steps_per_s", "do_calls_per_s",
-          "enqueues_per_s", "drained_per_s"}
+_RATES = {
+    "create_batch_per_s",
+    "create_16_threads_per_s",
+    "steps_per_s",
+    "do_calls_per_s",
+    "enqueues_per_s",
+    "drained_per_s",
+}
 
 
 def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
@@ -115,13 +121,19 @@ def hardware(figure: str, value: float, phys: dict[str, float]) -> str:
         if figure == "create_16_threads_per_s" or figure == "do_calls_per_s":
             return out + f" = {us / handoff_us:.0f} thread handoffs"
         return out + f" = {us * 1000 / call_ns:,.0f} bare calls"
-    if figure in ("create_to_first_step_p50_ms", "event_to_resume_p50_ms",
-                  "timer_lateness_p50_ms", "do_single_call_ms"):
+    if figure in (
+        "create_to_first_step_p50_ms",
+        "event_to_resume_p50_ms",
+        "timer_lateness_p50_ms",
+        "do_single_call_ms",
+    ):
         return f"{value / commit_ms:.1f} fsync'd commits"
     if figure == "create_16_threads_pages_per_commit" and phys.get("fsync_scattered_page_us"):
         page_us = phys["fsync_scattered_page_us"]
-        return (f"{commit_ms + value * page_us / 1000:.2f} ms of disk per commit "
-                f"({commit_ms:.2f} ms + {value:.0f} scattered pages x {page_us:.0f} us)")
+        return (
+            f"{commit_ms + value * page_us / 1000:.2f} ms of disk per commit "
+            f"({commit_ms:.2f} ms + {value:.0f} scattered pages x {page_us:.0f} us)"
+        )
     if figure == "do_rpc_hop_us":
         return f"{value / handoff_us:.1f} thread handoffs"
     return ""

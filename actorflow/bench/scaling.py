@@ -70,6 +70,9 @@ def run_scaling(root: Path, size: int, progress: Progress, opts: Options) -> Out
 
 
 SCALING = Scenario(
-    "scaling", run_scaling, 100_000, False,
+    "scaling",
+    run_scaling,
+    100_000,
+    False,
     "--of scenarios (default queue) at 100, 1,000, ... up to N: time and memory per instance",
 )

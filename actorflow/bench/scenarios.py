@@ -273,9 +273,12 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
         single_rate = per * threads / (time.perf_counter() - t)
         written = _proc_field("/proc/self/io", "wchar")
         groups = max(1, st.batches - groups0)
-        figures = {"create_batch_per_s": batch_rate, "create_16_threads_per_s": single_rate,
-                   # write batches per group commit: creations, and the engine's own writes
-                   "create_16_threads_batches_per_commit": (st.commits - batches0) / groups}
+        figures = {
+            "create_batch_per_s": batch_rate,
+            "create_16_threads_per_s": single_rate,
+            # write batches per group commit: creations, and the engine's own writes
+            "create_16_threads_batches_per_commit": (st.commits - batches0) / groups,
+        }
         if written0 is not None and written is not None:
             figures["create_16_threads_pages_per_commit"] = (written - written0) / 4096 / groups
     return Outcome(figures)
@@ -537,8 +540,15 @@ def run_recovery(root: Path, size: int, progress: Progress, opts: Options) -> Ou
     journal = root / "recovery.journal"
     journal.unlink(missing_ok=True)
     child = subprocess.Popen(
-        [sys.executable, "-m", "actorflow.bench.child", "recovery-worker",
-         str(data), str(journal), str(size)],
+        [
+            sys.executable,
+            "-m",
+            "actorflow.bench.child",
+            "recovery-worker",
+            str(data),
+            str(journal),
+            str(size),
+        ],
         stdout=subprocess.DEVNULL,
     )
     progress.phase("child working", size)
@@ -585,30 +595,76 @@ def run_recovery(root: Path, size: int, progress: Progress, opts: Options) -> Ou
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
-        Scenario("physical", run_physical, 0, False,
-                 "the machine: fsync'd commits/s, a bare call, a thread handoff, "
-                 "16 threads' durable calls", unit="-"),
-        Scenario("create", run_create, 20_000, False,
-                 "create_batch of N, then N/4 create() calls from 16 threads"),
-        Scenario("steps", run_steps, 1_000, False,
-                 "N instances x 20 trivial async steps, created in one batch"),
-        Scenario("latency", run_latency, 200, False,
-                 "create to first step, event to resume, timer lateness: p50/p90/p99",
-                 unit="samples"),
-        Scenario("objects", run_objects, 20_000, False,
-                 "Durable Object increments pipelined over 1,000 objects; single calls",
-                 unit="calls"),
-        Scenario("concurrency", run_concurrency, 5_000, True,
-                 "N instances running at once, each step awaiting asyncio.sleep(--hold)",
-                 time_figure="all_running_s"),
-        Scenario("sleepers", run_sleepers, 10_000, True,
-                 "N sleeping instances, then woken at --wake-rate per second",
-                 time_figure="asleep_s"),
-        Scenario("queue", run_queue, 50_000, True,
-                 "N queued in one workflow (one running at a time), then drained",
-                 time_figure="enqueue_s"),
-        Scenario("recovery", run_recovery, 1_000, True,
-                 "SIGKILL a child process with N in flight; reopen and finish them",
-                 time_figure="all_complete_s"),
+        Scenario(
+            "physical",
+            run_physical,
+            0,
+            False,
+            "the machine: fsync'd commits/s, a bare call, a thread handoff, "
+            "16 threads' durable calls",
+            unit="-",
+        ),
+        Scenario(
+            "create",
+            run_create,
+            20_000,
+            False,
+            "create_batch of N, then N/4 create() calls from 16 threads",
+        ),
+        Scenario(
+            "steps",
+            run_steps,
+            1_000,
+            False,
+            "N instances x 20 trivial async steps, created in one batch",
+        ),
+        Scenario(
+            "latency",
+            run_latency,
+            200,
+            False,
+            "create to first step, event to resume, timer lateness: p50/p90/p99",
+            unit="samples",
+        ),
+        Scenario(
+            "objects",
+            run_objects,
+            20_000,
+            False,
+            "Durable Object increments pipelined over 1,000 objects; single calls",
+            unit="calls",
+        ),
+        Scenario(
+            "concurrency",
+            run_concurrency,
+            5_000,
+            True,
+            "N instances running at once, each step awaiting asyncio.sleep(--hold)",
+            time_figure="all_running_s",
+        ),
+        Scenario(
+            "sleepers",
+            run_sleepers,
+            10_000,
+            True,
+            "N sleeping instances, then woken at --wake-rate per second",
+            time_figure="asleep_s",
+        ),
+        Scenario(
+            "queue",
+            run_queue,
+            50_000,
+            True,
+            "N queued in one workflow (one running at a time), then drained",
+            time_figure="enqueue_s",
+        ),
+        Scenario(
+            "recovery",
+            run_recovery,
+            1_000,
+            True,
+            "SIGKILL a child process with N in flight; reopen and finish them",
+            time_figure="all_complete_s",
+        ),
     ]
 }

@@ -90,7 +90,9 @@ def lease_lost(node: str, where: str) -> LeaseLost:
     """The error of a call refused because node ``node`` lost its lease."""
     return LeaseLost(
         f"{where}: node {node!r} lost its lease (it was presumed dead and other nodes took "
-        "over its instances); nothing was written: retry through another node", node=node)
+        "over its instances); nothing was written: retry through another node",
+        node=node,
+    )
 
 
 def owned_key(node: str, ik: bytes) -> bytes:
@@ -115,8 +117,9 @@ class NodeLease:
         timeout: The lease timeout in seconds.
     """
 
-    def __init__(self, storage: Storage, node_id: str, timeout: float = DEFAULT_LEASE_TIMEOUT
-                 ) -> None:
+    def __init__(
+        self, storage: Storage, node_id: str, timeout: float = DEFAULT_LEASE_TIMEOUT
+    ) -> None:
         if not node_id or "\x00" in node_id or len(node_id) > 128:
             raise ValueError(f"invalid node id {node_id!r}")
         self.storage = storage
@@ -155,13 +158,24 @@ class NodeLease:
             raw = self.storage.get(NODES, self._key)
             old = load(raw) if raw is not None else {}
             slot = self._take_slot(old.get("slot"))
-            rec = {"node": self.node_id, "inc": old.get("inc", 0) + 1, "pid": os.getpid(),
-                   "hb": self.now_ms(), "state": "alive", "slot": slot,
-                   "timeout_ms": int(self.timeout * 1000), "started": self.now_ms()}
+            rec = {
+                "node": self.node_id,
+                "inc": old.get("inc", 0) + 1,
+                "pid": os.getpid(),
+                "hb": self.now_ms(),
+                "state": "alive",
+                "slot": slot,
+                "timeout_ms": int(self.timeout * 1000),
+                "started": self.now_ms(),
+            }
             data = dump(rec)
             token = f"{rec['inc']}:{rec['pid']}:{rec['started']}".encode()
-            batch = (WriteBatch().guard(NODES, self._key, raw).put(NODES, self._key, data)
-                     .put(NODES, self._live_key, token))
+            batch = (
+                WriteBatch()
+                .guard(NODES, self._key, raw)
+                .put(NODES, self._key, data)
+                .put(NODES, self._live_key, token)
+            )
             try:
                 self.storage.write(batch)
             except ConflictError:
@@ -181,8 +195,9 @@ class NodeLease:
                 if rec is not None and rec.get("state") == "alive":
                     continue  # held until the node leaves or is adopted
             try:
-                self.storage.write(WriteBatch().guard(NODES, key, holder).put(NODES, key,
-                                                                               self._key))
+                self.storage.write(
+                    WriteBatch().guard(NODES, key, holder).put(NODES, key, self._key)
+                )
             except ConflictError:
                 continue
             return slot
@@ -308,8 +323,10 @@ class NodeLease:
             if self.lost:
                 return
             self.lost = True
-        log.error("node %s: its lease was taken over (it was presumed dead); "
-                  "it stops running instances", self.node_id)
+        log.error(
+            "node %s: its lease was taken over (it was presumed dead); it stops running instances",
+            self.node_id,
+        )
         if self.on_lost is not None:
             self.on_lost()
 
@@ -325,8 +342,12 @@ class NodeLease:
             elif state == "dead":
                 by_id = rec.get("adopted_by", "")
                 by = nodes.get(by_id)
-                if (by_id == self.node_id or by is None or by.get("state") != "alive"
-                        or self._expired(by_id, by)):
+                if (
+                    by_id == self.node_id
+                    or by is None
+                    or by.get("state") != "alive"
+                    or self._expired(by_id, by)
+                ):
                     self.adopt(node, rec)  # its adopter died too, or this node's attempt failed
 
     # -- adoption ---------------------------------------------------------------------
@@ -340,17 +361,24 @@ class NodeLease:
         if raw is None or load(raw) != rec:
             return 0  # it came back, or another node is adopting it
         t0 = self.now_ms()
-        mark = dict(rec, state="dead", was=rec.get("state"), adopted_by=self.node_id,
-                    adopted_at=t0)
+        mark = dict(rec, state="dead", was=rec.get("state"), adopted_by=self.node_id, adopted_at=t0)
         # Its live token goes in the same write: from now on no claim of that
         # incarnation can land (see NodeLease.claim).
         try:
-            self.storage.write(WriteBatch().guard(NODES, key, raw).put(NODES, key, dump(mark))
-                               .delete(NODES, _LIVE_KEY + key))
+            self.storage.write(
+                WriteBatch()
+                .guard(NODES, key, raw)
+                .put(NODES, key, dump(mark))
+                .delete(NODES, _LIVE_KEY + key)
+            )
         except ConflictError:
             return 0  # it came back, or another node is adopting it
-        log.warning("node %s adopts the instances of node %s (last heartbeat %d ms ago)",
-                    self.node_id, node, t0 - rec.get("hb", 0))
+        log.warning(
+            "node %s adopts the instances of node %s (last heartbeat %d ms ago)",
+            self.node_id,
+            node,
+            t0 - rec.get("hb", 0),
+        )
         taken: list[tuple[bytes, str]] = []
         prefix = key + b"\x00"
         while True:
@@ -359,22 +387,20 @@ class NodeLease:
                 break
             if self.claimer is None:
                 raise RuntimeError(f"node {self.node_id}: no claimer to adopt instances with")
-            taken.extend(self.claimer(node, [k[len(prefix):] for k, _ in rows]))
+            taken.extend(self.claimer(node, [k[len(prefix) :] for k, _ in rows]))
             if self.lost:
                 break  # this node was adopted meanwhile: it can claim nothing more
         done = dict(mark, state="adopted", adopted_done=self.now_ms(), adopted_n=len(taken))
         try:
-            self.storage.write(WriteBatch().guard(NODES, key, dump(mark))
-                               .put(NODES, key, dump(done)))
+            self.storage.write(
+                WriteBatch().guard(NODES, key, dump(mark)).put(NODES, key, dump(done))
+            )
         except ConflictError:
             pass
-        self.adoptions.append({"node": node, "n": len(taken), "at": t0,
-                               "ms": self.now_ms() - t0})
+        self.adoptions.append({"node": node, "n": len(taken), "at": t0, "ms": self.now_ms() - t0})
         if taken and self.on_adopted is not None:
             self.on_adopted(taken)
         return len(taken)
-
-
 
 
 #: The environment variable that makes a runtime join its data directory as a node.
@@ -384,6 +410,8 @@ LEASE_TIMEOUT_ENV = "ACTORFLOW_LEASE_TIMEOUT"
 #: The memory map of a node: large and sparse, so that no process ever has to
 #: grow it while others have it mapped.
 NODE_MAP_SIZE = 1 << 38
+
+
 def node_sequence(slot: int) -> itertools.count[int]:
     """Event, history and queue ids for a node: increasing, and distinct across live nodes.
 

@@ -223,8 +223,9 @@ class _Inbox:
             # The actor is gone (nobody held it): answer as pykka does for a
             # message that reached a stopped actor.
             if envelope.reply_to is not None:
-                envelope.reply_to.set_exception(exc_info=(
-                    pykka.ActorDeadError, pykka.ActorDeadError("actor stopped"), None))
+                envelope.reply_to.set_exception(
+                    exc_info=(pykka.ActorDeadError, pykka.ActorDeadError("actor stopped"), None)
+                )
             return
         self._items.append(envelope)
         if owner is not None:

@@ -196,7 +196,8 @@ def to_epoch_ms(when: object, *, what: str = "time") -> int:
         ms = int(when)
     else:
         raise ValueError(
-            f"{what}: expected an aware datetime or epoch milliseconds, got {_shown(when)}")
+            f"{what}: expected an aware datetime or epoch milliseconds, got {_shown(when)}"
+        )
     if not 0 <= ms <= MAX_EPOCH_MS:
         raise ValueError(
             f"{what}: time {_shown(when)} is out of range; it must be from 1970-01-01 to "

@@ -78,10 +78,12 @@ def load(data: bytes) -> dict[str, Any]:
         except Exception as e:
             raise RecordFormatError(
                 f"not an engine record ({_what(e)}); the data directory is damaged or was "
-                "written by something other than actorflow") from None
+                "written by something other than actorflow"
+            ) from None
     if not isinstance(rec, dict):
         raise RecordFormatError(
-            f"not an engine record: it decodes to a {type(rec).__name__}, not a dict")
+            f"not an engine record: it decodes to a {type(rec).__name__}, not a dict"
+        )
     return rec
 
 
@@ -95,18 +97,63 @@ def _what(e: Exception) -> str:
 # EXT1/2/4 fetch an object from the process's extension registry (and its
 # cache, which no find_class override sees); PERSID, BINPERSID, NEXT_BUFFER
 # and READONLY_BUFFER reach outside the stream.
-_DATA_OPCODES = frozenset({
-    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
-    "NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT",
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE",
-    "BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
-    "EMPTY_LIST", "APPEND", "APPENDS", "LIST",
-    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
-    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS",
-    "EMPTY_SET", "ADDITEMS", "FROZENSET",
-    "GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
-})
+_DATA_OPCODES = frozenset(
+    {
+        "PROTO",
+        "FRAME",
+        "STOP",
+        "MARK",
+        "POP",
+        "POP_MARK",
+        "DUP",
+        "INT",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG",
+        "LONG1",
+        "LONG4",
+        "NONE",
+        "NEWTRUE",
+        "NEWFALSE",
+        "FLOAT",
+        "BINFLOAT",
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+        "UNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "BINBYTES",
+        "SHORT_BINBYTES",
+        "BINBYTES8",
+        "BYTEARRAY8",
+        "EMPTY_LIST",
+        "APPEND",
+        "APPENDS",
+        "LIST",
+        "EMPTY_TUPLE",
+        "TUPLE",
+        "TUPLE1",
+        "TUPLE2",
+        "TUPLE3",
+        "EMPTY_DICT",
+        "DICT",
+        "SETITEM",
+        "SETITEMS",
+        "EMPTY_SET",
+        "ADDITEMS",
+        "FROZENSET",
+        "GET",
+        "BINGET",
+        "LONG_BINGET",
+        "PUT",
+        "BINPUT",
+        "LONG_BINPUT",
+        "MEMOIZE",
+    }
+)
 
 
 class _BuiltinsOnly(pickle.Unpickler):
@@ -119,7 +166,8 @@ class _BuiltinsOnly(pickle.Unpickler):
 def _refused(what: str) -> RecordFormatError:
     return RecordFormatError(
         f"engine record refused: it is a pickle that {what}, which an engine record never "
-        "does; the data directory may have been tampered with")
+        "does; the data directory may have been tampered with"
+    )
 
 
 def _load_pickled(data: bytes) -> Any:
@@ -148,6 +196,5 @@ def _load_pickled(data: bytes) -> Any:
         raise RecordFormatError(
             f"not an engine record: a pickle that cannot be read ({_what(e)}); "
             "the data directory is damaged or was written by something other than "
-            "actorflow") from None
-
-
+            "actorflow"
+        ) from None

@@ -122,7 +122,10 @@ def claim_directory(path: str, node_id: str | None) -> DirectoryClaim:
                 f"node {node_id!r} is already open on data directory {path} "
                 f"({_where(holder)}): a node id runs in one runtime at a time. Close that "
                 "runtime first, or give this one another node_id",
-                path=path, pid=_pid(holder), node=node_id)
+                path=path,
+                pid=_pid(holder),
+                node=node_id,
+            )
         _write_holder(nfd, node_id)
         return DirectoryClaim(path, [nfd, fd], node_file)
     except BaseException:
@@ -149,7 +152,9 @@ def hold_shared(lock_file: str, timeout: float) -> int:
             raise DataDirectoryLocked(
                 f"data directory {path} stayed locked for {timeout:g} s by the `actorflow` "
                 f"command (it holds {os.path.basename(lock_file)} while it changes a closed "
-                "directory); open the runtime once the command is done", path=path)
+                "directory); open the runtime once the command is done",
+                path=path,
+            )
         time.sleep(delay)  # the command's change is short: a few polls
         delay = min(delay * 2, 0.05)
     return fd
@@ -234,7 +239,10 @@ def _refused(path: str, node_id: str | None) -> DataDirectoryLocked:
             f"data directory {path} is in use by a runtime without a node_id "
             f"({_where(lone)}): nodes share a data directory only with other nodes. Close "
             "that runtime first, or open it as a node too (node_id=...)",
-            path=path, pid=_pid(lone), node=node_id)
+            path=path,
+            pid=_pid(lone),
+            node=node_id,
+        )
     if lone is not None and lone.get("node") is None:
         who = f"a runtime without a node_id ({_where(lone)})"
         pid = _pid(lone)
@@ -256,7 +264,10 @@ def _refused(path: str, node_id: str | None) -> DataDirectoryLocked:
             who, pid = "another runtime", None
     return DataDirectoryLocked(
         f"data directory {path} is in use by {who}: a runtime without a node_id must have "
-        f"its data directory to itself. {_FIX_LONE}", path=path, pid=pid)
+        f"its data directory to itself. {_FIX_LONE}",
+        path=path,
+        pid=pid,
+    )
 
 
 # -- what the directory holds ------------------------------------------------------
@@ -313,7 +324,8 @@ def check_data_file(path: str) -> bool:
                 f"data directory {path} held data, but its data file {DATA_FILE} {state}: it "
                 "was deleted or truncated. Nothing was opened. Restore the directory from a "
                 f"backup; to start over with no data, remove the directory (or its {MARKER})",
-                path=path)
+                path=path,
+            )
         head = os.pread(fd, 64 + _META.size, 0)
         hdrsz = next((h for h in (16, 24) if _meta(head, h) is not None), 0)
         m0 = _meta(head, hdrsz) if hdrsz else None
@@ -328,7 +340,9 @@ def check_data_file(path: str) -> bool:
         raise StorageCorrupted(
             f"the data file {data} is damaged: its meta pages (the first two pages, where "
             f"each commit is recorded) are unreadable ({size} bytes). Nothing was opened. "
-            "Restore the directory from a backup", path=path)
+            "Restore the directory from a backup",
+            path=path,
+        )
     _, last_pg, txnid = max(m0, m1, key=lambda m: m[2])
     need = (last_pg + 1) * psize
     if size < need:
@@ -338,7 +352,9 @@ def check_data_file(path: str) -> bool:
                 f"the data file {data} is truncated: it has {size} bytes, but its last commit "
                 f"(transaction {txnid}) uses {need} (pages 0 to {last_pg} of {psize} bytes); "
                 f"{'; '.join(problems[:3])}. Nothing was opened: opening it would crash the "
-                "process at the first read. Restore the directory from a backup", path=path)
+                "process at the first read. Restore the directory from a backup",
+                path=path,
+            )
     return False
 
 
@@ -431,5 +447,7 @@ def disk_error(path: str, doing: str, exc: OSError) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(
             f"the disk holding data directory {path} is full ({doing}: {exc.strerror}); "
-            "nothing was written. Free some space and retry", path=path)
+            "nothing was written. Free some space and retry",
+            path=path,
+        )
     return StorageError(f"data directory {path}: {doing} failed: {exc}", path=path)

@@ -75,7 +75,8 @@ class Limits:
             if not isinstance(wf, str) or not isinstance(over, Mapping):
                 raise ValueError(
                     f"Limits.per_workflow must map workflow names to dicts of fields, "
-                    f"not {wf!r} to {over!r}")
+                    f"not {wf!r} to {over!r}"
+                )
             unknown = set(over) - names
             if unknown:
                 raise ValueError(f"Limits.per_workflow[{wf!r}]: unknown fields {sorted(unknown)}")
@@ -117,7 +118,11 @@ def _count(name: str, value: object, least: int) -> None:
 def _number(name: str, value: object, *, least: float, strict: bool) -> None:
     if value is None:
         return
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not math.isfinite(value) or (value <= least if strict else value < least)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or (value <= least if strict else value < least)
+    ):
         rule = f"> {least:g}" if strict else f">= {least:g}"
         raise ValueError(f"Limits.{name} must be a finite number {rule} or None, not {value!r}")

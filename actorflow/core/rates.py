@@ -42,7 +42,8 @@ class RateWindow:
         """Events per second over the last ``window`` seconds (or since creation)."""
         now = self._now()
         sec = int(now)
-        n = sum(c for t, c in zip(self._tags, self._counts, strict=True)
-                if sec - self.window < t <= sec)
+        n = sum(
+            c for t, c in zip(self._tags, self._counts, strict=True) if sec - self.window < t <= sec
+        )
         span = min(float(self.window), max(1.0, now - self._origin))
         return n / span

@@ -85,7 +85,8 @@ _STOP = object()
 Callback = Callable[[BaseException | None], None]
 #: observer(items, results, seconds, txn_id) of a group commit (writer thread).
 CommitObserver = Callable[
-    [list[tuple["WriteBatch", Callback | None]], list[BaseException | None], float, int], None]
+    [list[tuple["WriteBatch", Callback | None]], list[BaseException | None], float, int], None
+]
 
 
 class ConflictError(StorageError):
@@ -95,8 +96,12 @@ class ConflictError(StorageError):
 #: LMDB's errors that mean the data file is damaged. A transaction that met a
 #: damaged page is left invalid, so BadTxnError comes after one of the others.
 _DAMAGED: tuple[type[BaseException], ...] = (
-    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError,
-    lmdb.BadTxnError)
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.InvalidError,
+    lmdb.PanicError,
+    lmdb.BadTxnError,
+)
 #: The most readers at once; the lock file is preallocated for them.
 MAX_READERS = 2048
 
@@ -165,8 +170,9 @@ class _OpenDb:
 
     __slots__ = ("call", "error", "name", "opened")
 
-    def __init__(self, name: str, opened: threading.Event,
-                 call: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, name: str, opened: threading.Event, call: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.opened = opened
         self.call = call
@@ -252,7 +258,10 @@ class Storage:
                     f"data directory {self.path} is already open in this process (pid "
                     f"{os.getpid()}): close the Runtime or Storage that has it open first; "
                     "one process opens a data directory once (nodes sharing a directory run "
-                    "in separate processes)", path=self.path, pid=os.getpid()) from None
+                    "in separate processes)",
+                    path=self.path,
+                    pid=os.getpid(),
+                ) from None
             if new:
                 # A data file LMDB began (a full disk, say) holds nothing: without
                 # it, the next open starts afresh instead of finding it damaged.
@@ -278,16 +287,19 @@ class Storage:
             err: StorageError = StorageCorrupted(
                 f"the data file of {self.path} is damaged ({doing}: {exc}). Stop the "
                 "process, check it with Storage.verify() and restore the directory from a "
-                "backup", path=self.path)
+                "backup",
+                path=self.path,
+            )
             if not self._logged_damage():
                 log.error("%s", err)
             return err
         if isinstance(exc, lmdb.DiskError):
             return StorageFull(
                 f"the disk holding data directory {self.path} is full ({doing}: {exc}); "
-                "nothing was written. Free some space and retry", path=self.path)
-        return StorageError(f"data directory {self.path}: {doing} failed: {exc}",
-                            path=self.path)
+                "nothing was written. Free some space and retry",
+                path=self.path,
+            )
+        return StorageError(f"data directory {self.path}: {doing} failed: {exc}", path=self.path)
 
     def _logged_damage(self) -> bool:
         """True if damage was logged already (once per storage is enough); marks it logged."""
@@ -334,7 +346,9 @@ class Storage:
         except ImportError:
             raise StorageError(
                 f"cannot verify {self.path}: Storage.verify() needs py-lmdb 3.0 or later "
-                f"(installed: {lmdb.__version__})", path=self.path) from None
+                f"(installed: {lmdb.__version__})",
+                path=self.path,
+            ) from None
         try:
             txn = self._env.begin(write=True)
             try:
@@ -349,7 +363,10 @@ class Storage:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             err = StorageCorrupted(
                 f"the data file of {self.path} is damaged: {'; '.join(problems[:5])}{more}. "
-                "Restore the directory from a backup", path=self.path, problems=problems)
+                "Restore the directory from a backup",
+                path=self.path,
+                problems=problems,
+            )
             if not self._logged_damage():
                 log.error("%s", err)
             raise err
@@ -477,38 +494,38 @@ class Storage:
         db, slot = self._enter(keyspace)
         try:
             with self._env.begin(db=db, buffers=False) as txn:
-                    cur = txn.cursor()
-                    if not reverse:
-                        ok = cur.set_range(lo)
-                        if start_after is not None and start_after >= lo:
-                            ok = cur.set_range(start_after)
-                            if ok and cur.key() == start_after:
-                                ok = cur.next()
-                        while ok:
-                            k = cur.key()
-                            if (end is not None and k >= end) or not k.startswith(prefix):
-                                break
-                            out.append((k, b"" if keys_only else cur.value()))
-                            if limit is not None and len(out) >= limit:
-                                break
+                cur = txn.cursor()
+                if not reverse:
+                    ok = cur.set_range(lo)
+                    if start_after is not None and start_after >= lo:
+                        ok = cur.set_range(start_after)
+                        if ok and cur.key() == start_after:
                             ok = cur.next()
+                    while ok:
+                        k = cur.key()
+                        if (end is not None and k >= end) or not k.startswith(prefix):
+                            break
+                        out.append((k, b"" if keys_only else cur.value()))
+                        if limit is not None and len(out) >= limit:
+                            break
+                        ok = cur.next()
+                else:
+                    upper = end
+                    pend = _prefix_end(prefix) if prefix else None
+                    if pend is not None and (upper is None or pend < upper):
+                        upper = pend
+                    if upper is None:
+                        ok = cur.last()
                     else:
-                        upper = end
-                        pend = _prefix_end(prefix) if prefix else None
-                        if pend is not None and (upper is None or pend < upper):
-                            upper = pend
-                        if upper is None:
-                            ok = cur.last()
-                        else:
-                            ok = cur.prev() if cur.set_range(upper) else cur.last()
-                        while ok:
-                            k = cur.key()
-                            if k < lo or (start_after is not None and k <= start_after):
-                                break
-                            out.append((k, b"" if keys_only else cur.value()))
-                            if limit is not None and len(out) >= limit:
-                                break
-                            ok = cur.prev()
+                        ok = cur.prev() if cur.set_range(upper) else cur.last()
+                    while ok:
+                        k = cur.key()
+                        if k < lo or (start_after is not None and k <= start_after):
+                            break
+                        out.append((k, b"" if keys_only else cur.value()))
+                        if limit is not None and len(out) >= limit:
+                            break
+                        ok = cur.prev()
         except _DAMAGED as exc:
             raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
         finally:
@@ -706,9 +723,11 @@ class Storage:
                 self._grow()
             except Exception as exc:  # disk full, I/O error: the whole group failed
                 log.error("group commit of %d batches failed: %s", len(items), exc)
-                err = self._failure(exc, "a durable write") \
-                    if isinstance(exc, (*_DAMAGED, lmdb.DiskError)) \
+                err = (
+                    self._failure(exc, "a durable write")
+                    if isinstance(exc, (*_DAMAGED, lmdb.DiskError))
                     else StorageError(f"durable write to {self.path} failed: {exc}")
+                )
                 results = [err] * len(items)
                 break
         if self._latency:
@@ -752,8 +771,14 @@ class Storage:
                 return exc if isinstance(exc, StorageError) else StorageError(str(exc))
         guards = batch.guards
         ops = batch.ops
-        if len(guards) == 1 and guards[0][2] is None and ops and ops[0][0] == _PUT \
-                and ops[0][1] == guards[0][0] and ops[0][2] == guards[0][1]:
+        if (
+            len(guards) == 1
+            and guards[0][2] is None
+            and ops
+            and ops[0][0] == _PUT
+            and ops[0][1] == guards[0][0]
+            and ops[0][2] == guards[0][1]
+        ):
             # "Absent, then put": one insert that refuses an existing key does
             # both, and nothing else of the batch has been applied if it refuses.
             # Creations take this path: a lookup less, and py-lmdb releases the

@@ -230,8 +230,7 @@ class TimerService:
         # A first small read: usually the head is already a future deadline.
         chunk = 16
         while seen < _MAX_SCAN and skipped < _CHUNK:
-            rows = self._storage.scan(TIMERS, start_after=start_after, limit=chunk,
-                                      keys_only=True)
+            rows = self._storage.scan(TIMERS, start_after=start_after, limit=chunk, keys_only=True)
             chunk = _CHUNK
             if not rows:
                 break

@@ -184,8 +184,10 @@ class _Api:
         if only is not None:
             names = {only: names.get(only, False)}
         counts = self.counts(list(names))
-        return [{"name": n, "registered": names[n], "counts": c, "total": sum(c.values())}
-                for n, c in counts.items()]
+        return [
+            {"name": n, "registered": names[n], "counts": c, "total": sum(c.values())}
+            for n, c in counts.items()
+        ]
 
     async def list_workflows(self, request: Request) -> Response:
         """Every workflow (registered, or with instances in storage) with counts by status."""
@@ -219,8 +221,7 @@ class _Api:
             if after is None:
                 page = b.list(status=status, limit=limit + 1, cursor=cursor)
             else:
-                page = b.list(status=status, limit=limit + 1, cursor=cursor,
-                              created_after=after)
+                page = b.list(status=status, limit=limit + 1, cursor=cursor, created_after=after)
             more = len(page) > limit
             page = page[:limit]
             rows = [instance_summary(b, i) for i in page]
@@ -255,8 +256,11 @@ class _Api:
         if not body:
             raise ApiError(400, "ValidationError", "a batch needs at least one instance")
         if len(body) > MAX_BATCH:
-            raise ApiError(400, "LimitExceeded",
-                           f"a batch holds at most {MAX_BATCH} instances, not {len(body)}")
+            raise ApiError(
+                400,
+                "LimitExceeded",
+                f"a batch holds at most {MAX_BATCH} instances, not {len(body)}",
+            )
         items = [_create_item(x) for x in body]
 
         def work() -> list[dict[str, Any]]:
@@ -301,8 +305,9 @@ class _Api:
         b = await self.binding(request)
         body = await read_json(request, BODY_SLACK)
         if not isinstance(body, dict) or body.get("status") not in ACTIONS:
-            raise ApiError(400, "ValidationError",
-                           f'the body must be {{"status": one of {list(ACTIONS)}}}')
+            raise ApiError(
+                400, "ValidationError", f'the body must be {{"status": one of {list(ACTIONS)}}}'
+            )
         unknown = set(body) - {"status", "from_step"}
         if unknown:
             raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
@@ -391,7 +396,9 @@ def create_app(
             "create_app() was given no token, so this app's API needs the one it generated: "
             "%s (send 'Authorization: Bearer <token>'; the dashboard asks for it). Pass "
             "token=... to choose it, or token=None to serve without one to loopback host "
-            "names only.", token)
+            "names only.",
+            token,
+        )
     if token is not None and not isinstance(token, str):
         raise TypeError(f"the API token must be a str or None, not {type(token).__name__}")
     if token is not None and not token.strip():
@@ -426,8 +433,7 @@ def create_app(
         name, media = _ASSETS[path]
 
         async def serve_asset(request: Request) -> Response:
-            return Response(_asset(name), media_type=media,
-                            headers={"Cache-Control": "no-cache"})
+            return Response(_asset(name), media_type=media, headers={"Cache-Control": "no-cache"})
 
         return serve_asset
 
@@ -441,8 +447,9 @@ def create_app(
 
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts),
-                                     www_redirect=False))
+        middleware.append(
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+        )
     app = Starlette(
         routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error}
     )

@@ -157,11 +157,15 @@ async def read_json(request: Request, limit: int) -> Any:
     """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
-        raise ApiError(415, "UnsupportedMediaType",
-                       f"the body must be application/json, not {ctype or 'missing'!r}")
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"the body must be application/json, not {ctype or 'missing'!r}",
+        )
     declared = request.headers.get("content-length")
-    if declared is not None and (not re.fullmatch(r"[0-9]{1,18}", declared)
-                                 or int(declared) > limit):
+    if declared is not None and (
+        not re.fullmatch(r"[0-9]{1,18}", declared) or int(declared) > limit
+    ):
         raise ApiError(413, "LimitExceeded", f"the body is larger than {limit} bytes")
     data = bytearray()
     async for chunk in request.stream():
@@ -200,6 +204,9 @@ def time_param(raw: str | None, name: str) -> int | None:
     except ValueError:
         when = None
     if when is None or when.tzinfo is None:
-        raise ApiError(400, "ValidationError",
-                       f"{name} must be epoch milliseconds or an ISO 8601 time with an offset")
+        raise ApiError(
+            400,
+            "ValidationError",
+            f"{name} must be epoch milliseconds or an ISO 8601 time with an offset",
+        )
     return round(when.timestamp() * 1000)

@@ -49,8 +49,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         415: "UnsupportedMediaType: the body is not application/json",
         429: "RateLimitError: the workflow's queue is full",
     }
-    return {str(c): {"description": docs[c], **_json(_ref("ErrorEnvelope"))}
-            for c in (401, *codes)}
+    return {str(c): {"description": docs[c], **_json(_ref("ErrorEnvelope"))} for c in (401, *codes)}
 
 
 _WF = _path("wf", {"type": "string"}, "The workflow's registered name.")
@@ -62,8 +61,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/workflows", "GET"): {
         "summary": "List the workflows (registered, or found in storage) with counts by status",
         "operationId": "listWorkflows",
-        "responses": {**_ok({"type": "array", "items": _ref("Workflow")}, "The workflows"),
-                      **_errors()},
+        "responses": {
+            **_ok({"type": "array", "items": _ref("Workflow")}, "The workflows"),
+            **_errors(),
+        },
     },
     ("/api/workflows/{wf}", "GET"): {
         "summary": "Get a workflow with its instance counts by status",
@@ -77,20 +78,43 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [
             _WF,
             _query("status", _STATUS, "Only instances of this status."),
-            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
-                   "The most instances to return."),
+            _query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                "The most instances to return.",
+            ),
             _query("cursor", _ID, "result_info.cursor of the previous page."),
-            _query("created_after", {"type": "string", "pattern": "^[0-9]{1,15}$"},
-                   "Only instances created after this time, in epoch milliseconds (an ISO "
-                   "8601 time with a UTC offset is accepted too)."),
+            _query(
+                "created_after",
+                {"type": "string", "pattern": "^[0-9]{1,15}$"},
+                "Only instances created after this time, in epoch milliseconds (an ISO "
+                "8601 time with a UTC offset is accepted too).",
+            ),
         ],
         "responses": {
-            "200": {"description": "A page of instances; result_info.cursor is the next page",
-                    **_json({"allOf": [_ref("Envelope"), {"type": "object", "properties": {
-                        "result": {"type": "array", "items": _ref("InstanceSummary")},
-                        "result_info": {"type": "object", "properties": {
-                            "count": {"type": "integer"},
-                            "cursor": {"type": ["string", "null"]}}}}}]})},
+            "200": {
+                "description": "A page of instances; result_info.cursor is the next page",
+                **_json(
+                    {
+                        "allOf": [
+                            _ref("Envelope"),
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "result": {"type": "array", "items": _ref("InstanceSummary")},
+                                    "result_info": {
+                                        "type": "object",
+                                        "properties": {
+                                            "count": {"type": "integer"},
+                                            "cursor": {"type": ["string", "null"]},
+                                        },
+                                    },
+                                },
+                            },
+                        ]
+                    }
+                ),
+            },
             **_errors(400, 404),
         },
     },
@@ -98,24 +122,45 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Create an instance (or, with an array body, a batch)",
         "operationId": "createInstance",
         "parameters": [_WF],
-        "requestBody": {"required": True, **_json({"oneOf": [
-            _ref("CreateInstance"),
-            {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100},
-        ]})},
-        "responses": {**_ok({"oneOf": [_ref("Created"),
-                                       {"type": "array", "items": _ref("Created")}]},
-                            "Created (durably queued)", "201"),
-                      **_errors(*_MUTATING, 409, 429)},
+        "requestBody": {
+            "required": True,
+            **_json(
+                {
+                    "oneOf": [
+                        _ref("CreateInstance"),
+                        {
+                            "type": "array",
+                            "items": _ref("CreateInstance"),
+                            "minItems": 1,
+                            "maxItems": 100,
+                        },
+                    ]
+                }
+            ),
+        },
+        "responses": {
+            **_ok(
+                {"oneOf": [_ref("Created"), {"type": "array", "items": _ref("Created")}]},
+                "Created (durably queued)",
+                "201",
+            ),
+            **_errors(*_MUTATING, 409, 429),
+        },
     },
     ("/api/workflows/{wf}/instances/batch", "POST"): {
         "summary": "Create up to 100 instances; ids that already exist are skipped",
         "operationId": "createInstanceBatch",
         "parameters": [_WF],
-        "requestBody": {"required": True, **_json(
-            {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100})},
-        "responses": {**_ok({"type": "array", "items": _ref("Created")},
-                            "The instances created", "201"),
-                      **_errors(*_MUTATING, 429)},
+        "requestBody": {
+            "required": True,
+            **_json(
+                {"type": "array", "items": _ref("CreateInstance"), "minItems": 1, "maxItems": 100}
+            ),
+        },
+        "responses": {
+            **_ok({"type": "array", "items": _ref("Created")}, "The instances created", "201"),
+            **_errors(*_MUTATING, 429),
+        },
     },
     ("/api/workflows/{wf}/instances/{id}", "GET"): {
         "summary": "Get an instance's status, params, output, error and steps with attempts",
@@ -127,97 +172,226 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Get an instance's event log, oldest first",
         "operationId": "getInstanceHistory",
         "parameters": [_WF, _IID],
-        "responses": {**_ok({"type": "array", "items": _ref("HistoryEvent")}, "The events"),
-                      **_errors(400, 404)},
+        "responses": {
+            **_ok({"type": "array", "items": _ref("HistoryEvent")}, "The events"),
+            **_errors(400, 404),
+        },
     },
     ("/api/workflows/{wf}/instances/{id}/events/{type}", "POST"): {
         "summary": "Send an event to an instance; the JSON body is its payload",
         "operationId": "sendEvent",
         "parameters": [_WF, _IID, _path("type", _EVENT_TYPE, "The event type.")],
-        "requestBody": {"required": True, "description": "The payload; null for none",
-                        **_json(_ANY)},
-        "responses": {**_ok({"type": "object", "properties": {
-            "id": {"type": "string"}, "type": {"type": "string"}, "status": _STATUS}},
-            "The event is durably buffered"), **_errors(*_MUTATING, 409)},
+        "requestBody": {
+            "required": True,
+            "description": "The payload; null for none",
+            **_json(_ANY),
+        },
+        "responses": {
+            **_ok(
+                {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "type": {"type": "string"},
+                        "status": _STATUS,
+                    },
+                },
+                "The event is durably buffered",
+            ),
+            **_errors(*_MUTATING, 409),
+        },
     },
     ("/api/workflows/{wf}/instances/{id}/status", "PATCH"): {
         "summary": "Pause, resume, terminate or restart an instance",
         "operationId": "changeInstanceStatus",
         "parameters": [_WF, _IID],
-        "requestBody": {"required": True, **_json({"oneOf": [
-            {"type": "object", "required": ["status"], "additionalProperties": False,
-             "properties": {"status": {"type": "string",
-                                       "enum": ["pause", "resume", "terminate"]}}},
-            {"type": "object", "required": ["status"], "additionalProperties": False,
-             "properties": {
-                 "status": {"const": "restart"},
-                 "from_step": {"type": "string", "minLength": 1, "maxLength": 256,
-                               "pattern": "^[^\\x00-\\x1f]*$",
-                               "description": "Keep the steps before this one"}}},
-        ]})},
-        "responses": {**_ok({"type": "object", "properties": {
-            "id": {"type": "string"}, "status": _STATUS}}, "The status after the change"),
-            **_errors(*_MUTATING, 409)},
+        "requestBody": {
+            "required": True,
+            **_json(
+                {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "status": {
+                                    "type": "string",
+                                    "enum": ["pause", "resume", "terminate"],
+                                }
+                            },
+                        },
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "status": {"const": "restart"},
+                                "from_step": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": 256,
+                                    "pattern": "^[^\\x00-\\x1f]*$",
+                                    "description": "Keep the steps before this one",
+                                },
+                            },
+                        },
+                    ]
+                }
+            ),
+        },
+        "responses": {
+            **_ok(
+                {"type": "object", "properties": {"id": {"type": "string"}, "status": _STATUS}},
+                "The status after the change",
+            ),
+            **_errors(*_MUTATING, 409),
+        },
     },
     ("/api/metrics", "GET"): {
         "summary": "The runtime's metrics",
         "operationId": "getMetrics",
-        "responses": {**_ok({"type": "object", "properties": {
-            "source": {"type": "string", "enum": ["runtime", "counts"]},
-            "metrics": {"type": "object"}}}, "Metrics"), **_errors()},
+        "responses": {
+            **_ok(
+                {
+                    "type": "object",
+                    "properties": {
+                        "source": {"type": "string", "enum": ["runtime", "counts"]},
+                        "metrics": {"type": "object"},
+                    },
+                },
+                "Metrics",
+            ),
+            **_errors(),
+        },
     },
 }
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
-_ERROR = {"type": ["object", "null"], "properties": {
-    "name": {"type": "string"}, "message": {"type": "string"}}}
+_ERROR = {
+    "type": ["object", "null"],
+    "properties": {"name": {"type": "string"}, "message": {"type": "string"}},
+}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
 
 SCHEMAS: dict[str, Any] = {
-    "Envelope": {"type": "object", "required": ["success", "errors", "messages", "result"],
-                 "properties": {"success": {"type": "boolean"},
-                                "errors": {"type": "array", "items": _ref("Error")},
-                                "messages": {"type": "array", "items": {"type": "string"}},
-                                "result": _ANY}},
-    "ErrorEnvelope": {"allOf": [_ref("Envelope"), {"type": "object", "properties": {
-        "success": {"const": False}, "result": {"type": "null"}}}]},
-    "Error": {"type": "object", "required": ["code", "message", "name"], "properties": {
-        "code": {"type": "integer", "description": "10000 + the HTTP status"},
-        "message": {"type": "string"},
-        "name": {"type": "string", "description": "The error class, e.g. InstanceNotFound"}}},
-    "Workflow": {"type": "object", "properties": {
-        "name": {"type": "string"},
-        "registered": {"type": "boolean",
-                       "description": "False: known from storage only; its instances do not run "
-                       "in this process, but can be read and controlled"},
-        "counts": _COUNTS, "total": {"type": "integer"}}},
-    "CreateInstance": {"type": "object", "additionalProperties": False, "properties": {
-        "id": _ID, "instance_id": _ID, "params": _ANY}},
-    "Created": {"type": "object", "properties": {
-        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS}},
-    "InstanceSummary": {"type": "object", "properties": {
-        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS,
-        "created_on": _TIME, "started_on": _TIME, "error": _ERROR}},
-    "Attempt": {"type": "object", "properties": {
-        "attempt": {"type": "integer"}, "start": _TIME, "end": _TIME,
-        "success": {"type": ["boolean", "null"]}, "error": _ERROR,
-        "retry_delay_ms": {"type": ["integer", "null"]}}},
-    "Step": {"type": "object", "properties": {
-        "type": {"type": "string", "enum": ["step", "sleep", "waitForEvent"]},
-        "name": {"type": "string"}, "count": {"type": "integer"}, "status": {"type": "string"},
-        "start": _TIME, "end": _TIME, "deadline": _TIME, "finished": {"type": "boolean"},
-        "success": {"type": ["boolean", "null"]}, "config": _ANY,
-        "attempts": {"type": "array", "items": _ref("Attempt")}, "output": _ANY,
-        "error": _ERROR}},
-    "InstanceDetails": {"type": "object", "properties": {
-        "id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS,
-        "params": _ANY, "output": _ANY, "error": _ERROR, "queued": _TIME, "start": _TIME,
-        "end": _TIME, "success": {"type": ["boolean", "null"]},
-        "now": {**_TIME, "description": "The runtime clock's time of this reading"},
-        "steps": {"type": "array", "items": _ref("Step")}}},
-    "HistoryEvent": {"type": "object", "properties": {
-        "type": {"type": "string"}, "timestamp": _TIME, "step": {"type": ["string", "null"]},
-        "attempt": {"type": ["integer", "null"]}, "data": {"type": "object"}}},
+    "Envelope": {
+        "type": "object",
+        "required": ["success", "errors", "messages", "result"],
+        "properties": {
+            "success": {"type": "boolean"},
+            "errors": {"type": "array", "items": _ref("Error")},
+            "messages": {"type": "array", "items": {"type": "string"}},
+            "result": _ANY,
+        },
+    },
+    "ErrorEnvelope": {
+        "allOf": [
+            _ref("Envelope"),
+            {
+                "type": "object",
+                "properties": {"success": {"const": False}, "result": {"type": "null"}},
+            },
+        ]
+    },
+    "Error": {
+        "type": "object",
+        "required": ["code", "message", "name"],
+        "properties": {
+            "code": {"type": "integer", "description": "10000 + the HTTP status"},
+            "message": {"type": "string"},
+            "name": {"type": "string", "description": "The error class, e.g. InstanceNotFound"},
+        },
+    },
+    "Workflow": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "registered": {
+                "type": "boolean",
+                "description": "False: known from storage only; its instances do not run "
+                "in this process, but can be read and controlled",
+            },
+            "counts": _COUNTS,
+            "total": {"type": "integer"},
+        },
+    },
+    "CreateInstance": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"id": _ID, "instance_id": _ID, "params": _ANY},
+    },
+    "Created": {
+        "type": "object",
+        "properties": {"id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS},
+    },
+    "InstanceSummary": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "workflow": {"type": "string"},
+            "status": _STATUS,
+            "created_on": _TIME,
+            "started_on": _TIME,
+            "error": _ERROR,
+        },
+    },
+    "Attempt": {
+        "type": "object",
+        "properties": {
+            "attempt": {"type": "integer"},
+            "start": _TIME,
+            "end": _TIME,
+            "success": {"type": ["boolean", "null"]},
+            "error": _ERROR,
+            "retry_delay_ms": {"type": ["integer", "null"]},
+        },
+    },
+    "Step": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["step", "sleep", "waitForEvent"]},
+            "name": {"type": "string"},
+            "count": {"type": "integer"},
+            "status": {"type": "string"},
+            "start": _TIME,
+            "end": _TIME,
+            "deadline": _TIME,
+            "finished": {"type": "boolean"},
+            "success": {"type": ["boolean", "null"]},
+            "config": _ANY,
+            "attempts": {"type": "array", "items": _ref("Attempt")},
+            "output": _ANY,
+            "error": _ERROR,
+        },
+    },
+    "InstanceDetails": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "workflow": {"type": "string"},
+            "status": _STATUS,
+            "params": _ANY,
+            "output": _ANY,
+            "error": _ERROR,
+            "queued": _TIME,
+            "start": _TIME,
+            "end": _TIME,
+            "success": {"type": ["boolean", "null"]},
+            "now": {**_TIME, "description": "The runtime clock's time of this reading"},
+            "steps": {"type": "array", "items": _ref("Step")},
+        },
+    },
+    "HistoryEvent": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "timestamp": _TIME,
+            "step": {"type": ["string", "null"]},
+            "attempt": {"type": ["integer", "null"]},
+            "data": {"type": "object"},
+        },
+    },
 }
 
 

@@ -69,9 +69,7 @@ def make_server(
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
 
 
-def serve(
-    rt: Runtime, host: str = "127.0.0.1", port: int = 8787, token: str | None = None
-) -> None:
+def serve(rt: Runtime, host: str = "127.0.0.1", port: int = 8787, token: str | None = None) -> None:
     """Serves the HTTP API and the dashboard until interrupted (blocking).
 
     Args:

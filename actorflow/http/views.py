@@ -48,8 +48,7 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
         return [jsonable(v, _depth + 1) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            f.name: jsonable(getattr(value, f.name), _depth + 1)
-            for f in dataclasses.fields(value)
+            f.name: jsonable(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value)
         }
     return repr(value)
 
@@ -139,8 +138,11 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     finished = st.status in ("complete", "errored", "terminated")
     end = None
     if finished and rec:
-        ends = [e.timestamp for e in read_history(binding._storage, inst._rk(),
-                                                   rec, steps) if e.type in _ENDS]
+        ends = [
+            e.timestamp
+            for e in read_history(binding._storage, inst._rk(), rec, steps)
+            if e.type in _ENDS
+        ]
         end = ends[-1] if ends else None
     return {
         "id": inst.id,

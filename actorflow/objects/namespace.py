@@ -523,7 +523,8 @@ class DurableObjectNamespace(Generic[T]):
         if not isinstance(name, str):
             raise TypeError(
                 f"namespace {self.name!r}: id_from_name() takes a str name, "
-                f"not {type(name).__name__}")
+                f"not {type(name).__name__}"
+            )
         try:
             raw = f"{self.name}\x00{name}".encode()
         except UnicodeEncodeError as e:
@@ -546,12 +547,14 @@ class DurableObjectNamespace(Generic[T]):
         if not isinstance(value, str | DurableObjectId):
             raise TypeError(
                 f"namespace {self.name!r}: id_from_string() takes the str of an id, "
-                f"not {type(value).__name__}")
+                f"not {type(value).__name__}"
+            )
         v = str(value).lower()
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
             raise ValueError(
                 f"namespace {self.name!r}: invalid Durable Object id {value!r:.80}: "
-                "expected 64 hex characters")
+                "expected 64 hex characters"
+            )
         if v[56:] != self._tag:
             raise ValueError(
                 f"Durable Object id {value!r} does not belong to namespace {self.name!r}"
@@ -563,7 +566,8 @@ class DurableObjectNamespace(Generic[T]):
         if not isinstance(oid, DurableObjectId):
             raise TypeError(
                 f"namespace {self.name!r}: get() takes a DurableObjectId, not "
-                f"{type(oid).__name__}; use get_by_name() for names")
+                f"{type(oid).__name__}; use get_by_name() for names"
+            )
         if oid.hex[56:] != self._tag:
             raise ValueError(f"id {oid} does not belong to namespace {self.name!r}")
         return DurableObjectStub(self, oid)
@@ -638,12 +642,18 @@ class DurableObjectNamespace(Generic[T]):
         where = f"object {self.name}/{oid}: call {call.name!r}"
         fields = {"namespace": self.name, "method": call.name, "retryable": True}
         if action == "drop":
-            err = DeliveryError(f"{where}: the request was lost before it reached the object; "
-                                "the call did not run", applied=False, **fields)
+            err = DeliveryError(
+                f"{where}: the request was lost before it reached the object; the call did not run",
+                applied=False,
+                **fields,
+            )
             future.set_exception(exc_info=_exc_info(err))
         elif action == "drop_reply":
-            err = DeliveryError(f"{where}: the reply was lost; the call ran and its writes are "
-                                "durable", applied=True, **fields)
+            err = DeliveryError(
+                f"{where}: the reply was lost; the call ran and its writes are durable",
+                applied=True,
+                **fields,
+            )
             self._post(oid, Envelope(call, reply_to=_LostReply(future, err)))
         elif action == "duplicate":
             self._post(oid, Envelope(call, reply_to=future))

@@ -1,2 +1,1 @@
-"""Metrics, tracing and logs, fed by the engine's hooks.
-"""
+"""Metrics, tracing and logs, fed by the engine's hooks."""

@@ -63,9 +63,13 @@ class StructuredFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         found = {f: getattr(record, f) for f in FIELDS if hasattr(record, f)}
         if self.json_lines:
-            out: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname,
-                                   "logger": record.name, "message": record.getMessage(),
-                                   **found}
+            out: dict[str, Any] = {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+                **found,
+            }
             if record.exc_info:
                 out["exc"] = self.formatException(record.exc_info)
             return json.dumps(out, default=str)

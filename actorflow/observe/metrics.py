@@ -61,7 +61,10 @@ class CommitMonitor:
         self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __call__(
-        self, items: list[tuple[Any, Any]], results: list[BaseException | None], seconds: float,
+        self,
+        items: list[tuple[Any, Any]],
+        results: list[BaseException | None],
+        seconds: float,
         txn_id: int,
     ) -> None:
         """Storage hook: one group commit of ``items`` ended (writer thread)."""
@@ -116,7 +119,7 @@ class CommitMonitor:
         raw: collections.Counter[bytes] = collections.Counter()
 
         def visit(key: bytes) -> None:
-            raw[key[:key.index(b"\x00", key.index(b"\x00") + 1)]] += 1
+            raw[key[: key.index(b"\x00", key.index(b"\x00") + 1)]] += 1
 
         txn_id = scan(visit)
         counts: collections.Counter[tuple[str, str]] = collections.Counter()

@@ -144,9 +144,11 @@ class OTelObserver:
 
             ids = provider.id_generator
             # The default generator is getrandbits(64) but for 0, never a span id (see _build).
-            new_id: Callable[[], int] = (partial(random.getrandbits, 64)
-                                         if type(ids) is RandomIdGenerator
-                                         else ids.generate_span_id)
+            new_id: Callable[[], int] = (
+                partial(random.getrandbits, 64)
+                if type(ids) is RandomIdGenerator
+                else ids.generate_span_id
+            )
             self._fast = (provider.resource, new_id, scope, ReadableSpan, Event)
             self._processor = processor
             self._batch_type: type = BatchSpanProcessor
@@ -173,12 +175,16 @@ class OTelObserver:
         rec = ex.actor.record
         tp = rec.get(TRACEPARENT) if rec is not None else None
         name = f"workflow.run {ex.wfe.name}"
-        attrs = {"actorflow.workflow": ex.wfe.name, "actorflow.instance": ex.actor.iid,
-                 "actorflow.epoch": ex.actor.epoch}
+        attrs = {
+            "actorflow.workflow": ex.wfe.name,
+            "actorflow.instance": ex.actor.iid,
+            "actorflow.epoch": ex.actor.epoch,
+        }
         parent = self._parent(tp) if tp else None
         if self._fast is None:
-            span = self._tracer.start_span(name, context=parent, kind=self._kind,
-                                           start_time=ex.t_start * _NS, attributes=attrs)
+            span = self._tracer.start_span(
+                name, context=parent, kind=self._kind, start_time=ex.t_start * _NS, attributes=attrs
+            )
             sc = span.get_span_context()
             self._runs[id(ex)] = (span, sc if sc.trace_flags.sampled else None, attrs, [])
             return
@@ -190,8 +196,9 @@ class OTelObserver:
         if not decision.decision.is_sampled():
             self._runs[id(ex)] = (None, None, attrs, [])
             return
-        ctx = self._SpanContext(trace_id, self._fast[1]() or 1, False, self._sampled,
-                                decision.trace_state)
+        ctx = self._SpanContext(
+            trace_id, self._fast[1]() or 1, False, self._sampled, decision.trace_state
+        )
         self._runs[id(ex)] = ((name, parent_sc, ex.t_start), ctx, attrs, [])
 
     def _parent(self, tp: str) -> Any:
@@ -203,7 +210,10 @@ class OTelObserver:
             parent = self._propagator.extract({"traceparent": tp})
             sc = self._trace.get_current_span(parent).get_span_context()
             self._last_tp, self._last_parent, self._parent_sc = (
-                tp, parent, sc if sc.is_valid else None)
+                tp,
+                parent,
+                sc if sc.is_valid else None,
+            )
         return self._last_parent
 
     def run_ended(self, ex: Execution, outcome: str, value: Any) -> None:
@@ -216,9 +226,17 @@ class OTelObserver:
         if outcome == "errored" or outcome == "crashed":
             if isinstance(value, BaseException):
                 desc = f"{type(value).__name__}: {value}"
-                events.append(("exception", end, {
-                    "exception.type": type(value).__name__, "exception.message": str(value),
-                    "exception.stacktrace": "".join(traceback.format_exception(value))}))
+                events.append(
+                    (
+                        "exception",
+                        end,
+                        {
+                            "exception.type": type(value).__name__,
+                            "exception.message": str(value),
+                            "exception.stacktrace": "".join(traceback.format_exception(value)),
+                        },
+                    )
+                )
             else:
                 desc = str(value)
             status = self._Status(self._ERROR, desc)
@@ -227,10 +245,23 @@ class OTelObserver:
             name, parent_sc, start = first
             resource, _, scope, readable, event = self._fast  # type: ignore[misc]
             spans = self._build(ex, run)
-            spans.append(readable(
-                name, ctx, parent_sc, resource, {**attrs, "actorflow.outcome": outcome},
-                [event(n, a, t * _NS) for n, t, a in events], (), self._kind, None, status,
-                start * _NS, end * _NS, scope))
+            spans.append(
+                readable(
+                    name,
+                    ctx,
+                    parent_sc,
+                    resource,
+                    {**attrs, "actorflow.outcome": outcome},
+                    [event(n, a, t * _NS) for n, t, a in events],
+                    (),
+                    self._kind,
+                    None,
+                    status,
+                    start * _NS,
+                    end * _NS,
+                    scope,
+                )
+            )
             self._emit(spans)
             return
         self._flush(ex, run)
@@ -299,71 +330,164 @@ class OTelObserver:
                     a0, a1 = attempts[0][0], attempts[0][1]
                     ctx = new(sc, (tid, new_id() or 1, False, flags, state, True))
                     ns0, ns1 = t0 * _NS, t1 * _NS
-                    add(readable("step " + name, ctx, parent, resource, {
-                        "actorflow.workflow": wf, "actorflow.instance": iid,
-                        "actorflow.step": name, "actorflow.step.count": count,
-                        "actorflow.step.kind": k, "actorflow.step.status": status,
-                        "actorflow.attempts": 1}, (), (), kind, None, ok, ns0, ns1, scope))
+                    add(
+                        readable(
+                            "step " + name,
+                            ctx,
+                            parent,
+                            resource,
+                            {
+                                "actorflow.workflow": wf,
+                                "actorflow.instance": iid,
+                                "actorflow.step": name,
+                                "actorflow.step.count": count,
+                                "actorflow.step.kind": k,
+                                "actorflow.step.status": status,
+                                "actorflow.attempts": 1,
+                            },
+                            (),
+                            (),
+                            kind,
+                            None,
+                            ok,
+                            ns0,
+                            ns1,
+                            scope,
+                        )
+                    )
                     if not first:
                         continue
-                    add(readable("attempt 1", new(sc, (tid, new_id() or 1, False, flags, state,
-                                                       True)), ctx, resource, {
-                        "actorflow.workflow": wf, "actorflow.instance": iid,
-                        "actorflow.step": name, "actorflow.step.count": count,
-                        "actorflow.attempt": 1}, (), (), kind, None, ok,
-                        ns0 if a0 == t0 else a0 * _NS,
-                        ns1 if a1 == t1 or a1 is None else a1 * _NS, scope))
+                    add(
+                        readable(
+                            "attempt 1",
+                            new(sc, (tid, new_id() or 1, False, flags, state, True)),
+                            ctx,
+                            resource,
+                            {
+                                "actorflow.workflow": wf,
+                                "actorflow.instance": iid,
+                                "actorflow.step": name,
+                                "actorflow.step.count": count,
+                                "actorflow.attempt": 1,
+                            },
+                            (),
+                            (),
+                            kind,
+                            None,
+                            ok,
+                            ns0 if a0 == t0 else a0 * _NS,
+                            ns1 if a1 == t1 or a1 is None else a1 * _NS,
+                            scope,
+                        )
+                    )
                     continue
-            attrs = {"actorflow.workflow": wf, "actorflow.instance": iid,
-                     "actorflow.step": name, "actorflow.step.count": count,
-                     "actorflow.step.kind": k, "actorflow.step.status": status}
+            attrs = {
+                "actorflow.workflow": wf,
+                "actorflow.instance": iid,
+                "actorflow.step": name,
+                "actorflow.step.count": count,
+                "actorflow.step.kind": k,
+                "actorflow.step.status": status,
+            }
             events: Any = ()
             st = ok
             if k == "do":
                 attempts = rec.get("att", ())
                 attrs["actorflow.attempts"] = len(attempts)
                 if len(attempts) > 1:
-                    events = [("retry", a[1], {"actorflow.attempt": i,
-                                               "actorflow.retry.delay_ms": a[3]})
-                              for i, a in enumerate(attempts, 1) if a[3] is not None]
+                    events = [
+                        ("retry", a[1], {"actorflow.attempt": i, "actorflow.retry.delay_ms": a[3]})
+                        for i, a in enumerate(attempts, 1)
+                        if a[3] is not None
+                    ]
                 if status == "errored":
                     st, events = self._failed(rec.get("ed"), events, t1)
                 # A SpanContext without re-validating ids that come from the generator.
                 ctx = new(sc, (tid, new_id() or 1, False, flags, state, True))
                 ns0, ns1 = t0 * _NS, t1 * _NS
-                add(readable("step " + name, ctx, parent, resource, attrs,
-                             self._events(events) if events else (), (), kind, None, st,
-                             ns0, ns1, scope))
+                add(
+                    readable(
+                        "step " + name,
+                        ctx,
+                        parent,
+                        resource,
+                        attrs,
+                        self._events(events) if events else (),
+                        (),
+                        kind,
+                        None,
+                        st,
+                        ns0,
+                        ns1,
+                        scope,
+                    )
+                )
                 for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
                     if a1 is None:
                         a1 = t1
                     st, events = (ok, ()) if aerr is None else self._failed(aerr, (), a1)
-                    add(readable(
-                        _ATTEMPT[i] if i < len(_ATTEMPT) else f"attempt {i}",
-                        new(sc, (tid, new_id() or 1, False, flags, state, True)), ctx, resource,
-                        {"actorflow.workflow": wf, "actorflow.instance": iid,
-                         "actorflow.step": name, "actorflow.step.count": count,
-                         "actorflow.attempt": i},
-                        self._events(events) if events else (), (), kind, None, st,
-                        ns0 if a0 == t0 else a0 * _NS, ns1 if a1 == t1 else a1 * _NS, scope))
+                    add(
+                        readable(
+                            _ATTEMPT[i] if i < len(_ATTEMPT) else f"attempt {i}",
+                            new(sc, (tid, new_id() or 1, False, flags, state, True)),
+                            ctx,
+                            resource,
+                            {
+                                "actorflow.workflow": wf,
+                                "actorflow.instance": iid,
+                                "actorflow.step": name,
+                                "actorflow.step.count": count,
+                                "actorflow.attempt": i,
+                            },
+                            self._events(events) if events else (),
+                            (),
+                            kind,
+                            None,
+                            st,
+                            ns0 if a0 == t0 else a0 * _NS,
+                            ns1 if a1 == t1 else a1 * _NS,
+                            scope,
+                        )
+                    )
             else:
                 if k == "wait_for_event":
                     attrs["actorflow.event.type"] = rec.get("ty", "")
                 if status == "errored":
                     st, events = self._failed(rec.get("ed"), events, t1)
-                add(readable(("sleep " if k == "sleep" else "wait_for_event ") + name,
-                             new(sc, (tid, new_id() or 1, False, flags, state, True)), parent,
-                             resource, attrs, self._events(events) if events else (), (), kind,
-                             None, st, t0 * _NS, t1 * _NS, scope))
+                add(
+                    readable(
+                        ("sleep " if k == "sleep" else "wait_for_event ") + name,
+                        new(sc, (tid, new_id() or 1, False, flags, state, True)),
+                        parent,
+                        resource,
+                        attrs,
+                        self._events(events) if events else (),
+                        (),
+                        kind,
+                        None,
+                        st,
+                        t0 * _NS,
+                        t1 * _NS,
+                        scope,
+                    )
+                )
         return spans
 
     def _failed(self, error: Mapping[str, str] | None, events: Any, end_ms: int) -> tuple[Any, Any]:
         """The error status and events of a span that ended with ``error``."""
         if error is None:
             return self._ok, events
-        return (self._Status(self._ERROR, f"{error['name']}: {error['message']}"),
-                [*events, ("exception", end_ms, {"exception.type": error["name"],
-                                                 "exception.message": error["message"]})])
+        return (
+            self._Status(self._ERROR, f"{error['name']}: {error['message']}"),
+            [
+                *events,
+                (
+                    "exception",
+                    end_ms,
+                    {"exception.type": error["name"], "exception.message": error["message"]},
+                ),
+            ],
+        )
 
     def _events(self, events: Any) -> Any:
         event = self._fast[4]  # type: ignore[index]
@@ -395,26 +519,47 @@ class OTelObserver:
         status = rec["s"]
         kind = rec["k"]
         wf, iid, name = ex.wfe.name, ex.actor.iid, rec["n"]
-        attrs = {"actorflow.workflow": wf, "actorflow.instance": iid, "actorflow.step": name,
-                 "actorflow.step.count": rec["c"], "actorflow.step.kind": kind,
-                 "actorflow.step.status": status}
+        attrs = {
+            "actorflow.workflow": wf,
+            "actorflow.instance": iid,
+            "actorflow.step": name,
+            "actorflow.step.count": rec["c"],
+            "actorflow.step.kind": kind,
+            "actorflow.step.status": status,
+        }
         t0, t1 = rec.get("t0") or ex.t_start, rec.get("t1") or ex.now_ms()
         error = rec.get("ed") if status == "errored" else None
         if kind == "do":
             attempts = rec.get("att", ())
             attrs["actorflow.attempts"] = len(attempts)
-            events = [
-                ("retry", a[1], {"actorflow.attempt": i + 1, "actorflow.retry.delay_ms": a[3]})
-                for i, a in enumerate(attempts) if a[3] is not None
-            ] if len(attempts) > 1 else ()
+            events = (
+                [
+                    ("retry", a[1], {"actorflow.attempt": i + 1, "actorflow.retry.delay_ms": a[3]})
+                    for i, a in enumerate(attempts)
+                    if a[3] is not None
+                ]
+                if len(attempts) > 1
+                else ()
+            )
             step = self._span(parent, "step " + name, attrs, t0, t1, events, error)
             if len(attempts) == 1 and attempts[0][2] is None and not self._first_attempts:
                 return
             for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
-                self._span(step, f"attempt {i}", {
-                    "actorflow.workflow": wf, "actorflow.instance": iid, "actorflow.step": name,
-                    "actorflow.step.count": rec["c"], "actorflow.attempt": i,
-                }, a0, a1 if a1 is not None else t1, (), aerr)
+                self._span(
+                    step,
+                    f"attempt {i}",
+                    {
+                        "actorflow.workflow": wf,
+                        "actorflow.instance": iid,
+                        "actorflow.step": name,
+                        "actorflow.step.count": rec["c"],
+                        "actorflow.attempt": i,
+                    },
+                    a0,
+                    a1 if a1 is not None else t1,
+                    (),
+                    aerr,
+                )
         else:
             if kind == "wait_for_event":
                 attrs["actorflow.event.type"] = rec.get("ty", "")
@@ -436,8 +581,12 @@ class OTelObserver:
         if error is not None:
             status, events = self._failed(error, events, end_ms)
         live = self._tracer.start_span(
-            name, context=self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent)),
-            kind=self._kind, attributes=attributes, start_time=start_ms * _NS)
+            name,
+            context=self._trace.set_span_in_context(self._trace.NonRecordingSpan(parent)),
+            kind=self._kind,
+            attributes=attributes,
+            start_time=start_ms * _NS,
+        )
         for n, t, a in events:
             live.add_event(n, a, timestamp=t * _NS)
         live.set_status(status)
@@ -458,8 +607,13 @@ def _enqueue(processor: Any, spans: list[Any]) -> bool:
     try:
         bp = processor._batch_processor
         queue = bp._queue
-        if (type(queue) is not deque or queue.maxlen is None or bp._shutdown
-                or len(queue) + len(spans) > queue.maxlen or bp._pid != os.getpid()):
+        if (
+            type(queue) is not deque
+            or queue.maxlen is None
+            or bp._shutdown
+            or len(queue) + len(spans) > queue.maxlen
+            or bp._pid != os.getpid()
+        ):
             return False
         awaken = bp._worker_awaken
         limit = bp._max_export_batch_size

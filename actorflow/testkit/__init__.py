@@ -1,2 +1,1 @@
-"""Testing tools behind :mod:`actorflow.testing`: fault injection and node processes.
-"""
+"""Testing tools behind :mod:`actorflow.testing`: fault injection and node processes."""

@@ -196,7 +196,8 @@ class Faults:
                 if rule.left is not None and rule.left <= 0:
                     continue
                 if (rule.oid is not None and rule.oid != oid.hex) or (
-                        rule.method is not None and rule.method != method):
+                    rule.method is not None and rule.method != method
+                ):
                     continue
                 if rule.left is not None:
                     rule.left -= 1

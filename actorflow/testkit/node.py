@@ -104,8 +104,11 @@ class NodeProcess:
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
         self.env = dict(env or {})
         self.lease_timeout = lease_timeout
-        self.log_path = os.fspath(log_path) if log_path is not None else os.path.join(
-            self.data_dir, f"node-{self.node_id}.log")
+        self.log_path = (
+            os.fspath(log_path)
+            if log_path is not None
+            else os.path.join(self.data_dir, f"node-{self.node_id}.log")
+        )
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready: queue.Queue[Any] = queue.Queue()
@@ -144,8 +147,17 @@ class NodeProcess:
         with open(self.log_path, "ab") as log:
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "actorflow.testkit.node", "--data", self.data_dir,
-                     "--app", self.app, "--reply-fd", str(ctl_w)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "actorflow.testkit.node",
+                        "--data",
+                        self.data_dir,
+                        "--app",
+                        self.app,
+                        "--reply-fd",
+                        str(ctl_w),
+                    ],
                     stdin=subprocess.PIPE,
                     stdout=log,
                     stderr=log,
@@ -157,21 +169,25 @@ class NodeProcess:
                 os.close(ctl_w)
         self._ctl = os.fdopen(ctl_r, "rb")
         self._reader = threading.Thread(
-            target=self._read_replies, args=(self._ctl,),
-            name=f"actorflow-node-{self.node_id}", daemon=True)
+            target=self._read_replies,
+            args=(self._ctl,),
+            name=f"actorflow-node-{self.node_id}",
+            daemon=True,
+        )
         self._reader.start()
         try:
             first = self._ready.get(timeout=self.start_timeout)
         except queue.Empty:
             self.kill()
             raise NodeProcessError(
-                f"node {self.node_id} was not up within {self.start_timeout} s:\n"
-                f"{self.log_tail()}") from None
+                f"node {self.node_id} was not up within {self.start_timeout} s:\n{self.log_tail()}"
+            ) from None
         if first is _EOF or not first.get("ready"):
             self.kill()
             detail = "" if first is _EOF else first.get("error", "")
             raise NodeProcessError(
-                f"node {self.node_id} failed to start: {detail}\n{self.log_tail()}")
+                f"node {self.node_id} failed to start: {detail}\n{self.log_tail()}"
+            )
         return self
 
     def _read_replies(self, stream: IO[bytes]) -> None:
@@ -300,7 +316,8 @@ class NodeProcess:
             reply = fut.result(timeout)
         except concurrent.futures.TimeoutError:
             raise NodeProcessError(
-                f"node {self.node_id}: no reply to {op!r} within {timeout} s") from None
+                f"node {self.node_id}: no reply to {op!r} within {timeout} s"
+            ) from None
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -393,8 +410,9 @@ class NodeProcess:
 
     def call(self, namespace: str, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """Calls a Durable Object method in the node (arguments and result as JSON)."""
-        return self.request("call", namespace=namespace, name=name, method=method,
-                            args=list(args), kwargs=kwargs)
+        return self.request(
+            "call", namespace=namespace, name=name, method=method, args=list(args), kwargs=kwargs
+        )
 
     def stats(self) -> dict[str, Any]:
         """The node's counters: instances started, crashes, adoptions, lease state."""
@@ -402,8 +420,10 @@ class NodeProcess:
         return result
 
     def wait_for_status(
-        self, workflow: str, id: str, status: str | Iterable[str] = ("complete", "errored",
-                                                                     "terminated"),
+        self,
+        workflow: str,
+        id: str,
+        status: str | Iterable[str] = ("complete", "errored", "terminated"),
         timeout: float = 30.0,
     ) -> dict[str, Any]:
         """Polls until the instance has ``status`` (one, or any of several); returns it.
@@ -462,8 +482,9 @@ class _Server:
             result = fn(**(req.get("args") or {}))
             self.reply({"id": rid, "ok": True, "result": result})
         except Exception as exc:
-            self.reply({"id": rid, "ok": False,
-                        "error": {"type": type(exc).__name__, "message": str(exc)}})
+            self.reply(
+                {"id": rid, "ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
+            )
 
     def op_ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node_id": getattr(self.rt, "node_id", None)}
@@ -481,8 +502,7 @@ class _Server:
     def op_send_event(self, workflow: str, id: str, type: str, payload: Any = None) -> None:
         self.rt.workflow(workflow).get(id).send_event(type, payload)
 
-    def op_control(self, workflow: str, id: str, action: str,
-                   from_step: str | None = None) -> None:
+    def op_control(self, workflow: str, id: str, action: str, from_step: str | None = None) -> None:
         inst = self.rt.workflow(workflow).get(id)
         if action == "restart":
             inst.restart(from_step)
@@ -498,8 +518,9 @@ class _Server:
             counts[st] = counts.get(st, 0) + 1
         return counts
 
-    def op_call(self, namespace: str, name: str, method: str, args: list[Any],
-                kwargs: dict[str, Any]) -> Any:
+    def op_call(
+        self, namespace: str, name: str, method: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> Any:
         ns = self.rt._namespaces.get(namespace)
         if ns is None:
             raise KeyError(f"no Durable Object namespace {namespace!r} in this node")
@@ -557,8 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(0.05):
         if getattr(rt, "lease_lost", False):
             # Other nodes own its instances now: exit at once, writing nothing more.
-            print("actorflow node: the lease of this node was taken over; exiting",
-                  file=sys.stderr, flush=True)
+            print(
+                "actorflow node: the lease of this node was taken over; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_LEASE_LOST)
     code = 0
     try:

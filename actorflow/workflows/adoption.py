@@ -45,8 +45,7 @@ def claim_instances(lease: NodeLease, node: str, iks: list[bytes]) -> list[tuple
         rk = rks.get(ik, b"")
         raw, fence = recs.get(rk), fences.get(rk)
         rec = load(raw) if raw is not None else None
-        if (owners.get(ik) != node.encode() or rec is None or fence is None
-                or rec["s"] in FINISHED):
+        if owners.get(ik) != node.encode() or rec is None or fence is None or rec["s"] in FINISHED:
             cleanup.delete(OWNED, owned_key(node, ik))
             continue
         epoch = int.from_bytes(fence, "big") + 1
@@ -60,8 +59,11 @@ def claim_instances(lease: NodeLease, node: str, iks: list[bytes]) -> list[tuple
         ev = threading.Event()
         res: list[BaseException | None] = [None]
 
-        def cb(err: BaseException | None, ev: threading.Event = ev,
-               res: list[BaseException | None] = res) -> None:
+        def cb(
+            err: BaseException | None,
+            ev: threading.Event = ev,
+            res: list[BaseException | None] = res,
+        ) -> None:
             res[0] = err
             ev.set()
 

@@ -78,7 +78,9 @@ class Instance:
     def _not_found(self) -> InstanceNotFound:
         return InstanceNotFound(
             f"(instance.not_found) workflow {self._b.name!r}: no instance {self.id!r}",
-            workflow=self._b.name, instance=self.id)
+            workflow=self._b.name,
+            instance=self.id,
+        )
 
     def _rk(self) -> bytes:
         """The key of the instance's records (it never changes, so it is kept)."""
@@ -197,10 +199,14 @@ class Instance:
             if st.status in FINISHED:
                 raise InvalidInstanceState(
                     f"{self!r} ended {st.status} (error: {st.error}) while waiting for "
-                    f"status {status!r}", workflow=self._b.name, instance=self.id)
+                    f"status {status!r}",
+                    workflow=self._b.name,
+                    instance=self.id,
+                )
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self!r} is still {st.status}, not {status!r}, "
-                                   f"after {timeout} s")
+                raise TimeoutError(
+                    f"{self!r} is still {st.status}, not {status!r}, after {timeout} s"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
@@ -234,10 +240,15 @@ class Instance:
                 raise InvalidInstanceState(
                     f"{self!r} ended {st.status} (error: {st.error}) without a result for "
                     f"step {name!r} (occurrence {count})",
-                    workflow=self._b.name, instance=self.id, step=name)
+                    workflow=self._b.name,
+                    instance=self.id,
+                    step=name,
+                )
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self!r}: step {name!r} (occurrence {count}) has no result "
-                                   f"after {timeout} s; the instance is {st.status}")
+                raise TimeoutError(
+                    f"{self!r}: step {name!r} (occurrence {count}) has no result "
+                    f"after {timeout} s; the instance is {st.status}"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
@@ -252,8 +263,12 @@ class Instance:
             if isinstance(err, BaseException):
                 return err
         ed = rec.error or {"name": "Error", "message": "step failed"}
-        return ActorflowError(f"{self!r}, step {rec.name!r}: {ed['name']}: {ed['message']}",
-                              workflow=self._b.name, instance=self.id, step=rec.name)
+        return ActorflowError(
+            f"{self!r}, step {rec.name!r}: {ed['name']}: {ed['message']}",
+            workflow=self._b.name,
+            instance=self.id,
+            step=rec.name,
+        )
 
 
 class WorkflowModifier:
@@ -339,8 +354,9 @@ class WorkflowBinding:
             raise SerializationError(f"{where}: {e}", workflow=self.name) from None
         limit = self._wfe.limits.max_event_payload_bytes
         if len(data) > limit:
-            raise LimitExceeded(f"{where}: payload is {len(data)} bytes; the maximum is {limit}",
-                                workflow=self.name)
+            raise LimitExceeded(
+                f"{where}: payload is {len(data)} bytes; the maximum is {limit}", workflow=self.name
+            )
         return data
 
     def create(self, id: str | None = None, params: Any = None) -> Instance:
@@ -357,17 +373,26 @@ class WorkflowBinding:
         data = self._encode(params, where)
         seq = self._ctx.next_seq()
         obs = self._ctx.observer
-        batch = new_instance_batch(self._wfe, iid, self._numbers.take(), data,
-                                   self._ctx.now_ms(), seq,
-                                   obs.traceparent() if obs is not None else None)
+        batch = new_instance_batch(
+            self._wfe,
+            iid,
+            self._numbers.take(),
+            data,
+            self._ctx.now_ms(),
+            seq,
+            obs.traceparent() if obs is not None else None,
+        )
         self._wfe.router.reserve(1, where)
         try:
             self._storage.write(batch)
             self._wfe.router.enqueued(queue_key(PRIO_NEW, seq))
         except ConflictError:
             self._check_lease(where)
-            raise InstanceAlreadyExists(f"{where}: an instance with this id already exists",
-                                        workflow=self.name, instance=iid) from None
+            raise InstanceAlreadyExists(
+                f"{where}: an instance with this id already exists",
+                workflow=self.name,
+                instance=iid,
+            ) from None
         finally:
             self._wfe.router.unreserve(1)
         self._sup.kick_for(self._wfe)
@@ -397,7 +422,8 @@ class WorkflowBinding:
         seen = set()
         for item in items:
             iid = validate_instance_id(
-                item.get("id") if item.get("id") is not None else self._ids.next(), self.name)
+                item.get("id") if item.get("id") is not None else self._ids.next(), self.name
+            )
             if iid in seen:
                 continue
             seen.add(iid)
@@ -439,22 +465,24 @@ class WorkflowBinding:
         def settle() -> None:
             countdown, seqs = inflight.popleft()
             countdown.done.wait()
-            for seq, err in zip(seqs, results[countdown.base:countdown.base + len(seqs)],
-                                strict=True):
+            for seq, err in zip(
+                seqs, results[countdown.base : countdown.base + len(seqs)], strict=True
+            ):
                 if err is None:
                     router.enqueued(queue_key(PRIO_NEW, seq))
 
         take = self._numbers.take
         for base in range(0, len(checked), SLICE):
-            part = checked[base:base + SLICE]
+            part = checked[base : base + SLICE]
             countdown = Countdown(results, base, len(part))
             seqs = []
             for i, (iid, data) in enumerate(part):
                 seq = self._ctx.next_seq()
                 seqs.append(seq)
-                self._storage.submit(new_instance_batch(self._wfe, iid, take(), data, now, seq,
-                                                        tp),
-                                     functools.partial(countdown.set, base + i))
+                self._storage.submit(
+                    new_instance_batch(self._wfe, iid, take(), data, now, seq, tp),
+                    functools.partial(countdown.set, base + i),
+                )
             inflight.append((countdown, seqs))
             if len(inflight) > 1:
                 settle()
@@ -491,15 +519,20 @@ class WorkflowBinding:
         statuses = [status] if status else [s for s in STATUSES if s != "unknown"]
         keys: list[bytes] = []
         for s in statuses:
-            keys.extend(k for k, _ in self._storage.scan(IDX, prefix=idx_prefix(self.name, s),
-                                                         keys_only=True))
+            keys.extend(
+                k
+                for k, _ in self._storage.scan(IDX, prefix=idx_prefix(self.name, s), keys_only=True)
+            )
         # newest first across statuses: the index sorts by inverted creation time
         if status is not None:
             keys = self._overlay_live(status, keys)
         keys.sort(key=lambda k: k.split(b"\x00", 2)[2])
         if created_after is not None:
-            after = (created_after if isinstance(created_after, int)
-                     else round(created_after.timestamp() * 1000))
+            after = (
+                created_after
+                if isinstance(created_after, int)
+                else round(created_after.timestamp() * 1000)
+            )
             keys = [k for k in keys if _created_ms(k) > after]
         if cursor is not None:
             rk = self._wfe.rk(cursor)
@@ -519,7 +552,8 @@ class WorkflowBinding:
         it (started and not yet checkpointed, pausing, woken and waiting for a slot).
         """
         live: dict[str, InstanceActor | None] = {
-            a.iid: a for a in builtins.list(self._sup.live.values())
+            a.iid: a
+            for a in builtins.list(self._sup.live.values())
             if a.wfe is self._wfe and not a.actor_stopped.is_set()
         }
         if not live:

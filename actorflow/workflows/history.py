@@ -158,12 +158,22 @@ def build_history(
     lifecycle ends after them.
     """
     lifecycle: list[tuple[float, int, int, HistoryEvent]] = [
-        (instance["created"], 0, 0,
-         HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)))]
+        (
+            instance["created"],
+            0,
+            0,
+            HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)),
+        )
+    ]
     for seq, e in stored:
-        lifecycle.append((e["ts"], _RANK.get(e["type"], 2), seq + 1,
-                          HistoryEvent(e["type"], to_datetime(e["ts"] / 1000),
-                                       data=e.get("data", {}))))
+        lifecycle.append(
+            (
+                e["ts"],
+                _RANK.get(e["type"], 2),
+                seq + 1,
+                HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})),
+            )
+        )
     events: list[tuple[float, int, int, HistoryEvent]] = []
     order = 0
 
@@ -176,42 +186,70 @@ def build_history(
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
         if s.kind == "do":
-            add(t0, HistoryEvent("STEP_START", s.start or to_datetime(t0 / 1000), label,
-                                 data={"config": s.config}))
+            add(
+                t0,
+                HistoryEvent(
+                    "STEP_START",
+                    s.start or to_datetime(t0 / 1000),
+                    label,
+                    data={"config": s.config},
+                ),
+            )
             for a in s.attempts:
-                add(a.start.timestamp() * 1000,
-                    HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))
+                add(
+                    a.start.timestamp() * 1000,
+                    HistoryEvent("ATTEMPT_START", a.start, label, a.attempt),
+                )
                 if a.end is None:
                     continue
                 if a.error is None:
-                    add(a.end.timestamp() * 1000,
-                        HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt))
+                    add(
+                        a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt),
+                    )
                 else:
                     data: dict[str, Any] = {"error": a.error}
                     if a.retry_delay_ms is not None:
                         data["retryDelayMs"] = a.retry_delay_ms
-                    add(a.end.timestamp() * 1000,
-                        HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
+                    add(
+                        a.end.timestamp() * 1000,
+                        HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data),
+                    )
             if s.status == "complete" and s.end:
-                add(s.end.timestamp() * 1000,
-                    HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}))
+                add(
+                    s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}),
+                )
             elif s.status == "errored" and s.end:
-                add(s.end.timestamp() * 1000,
-                    HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}))
+                add(
+                    s.end.timestamp() * 1000,
+                    HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}),
+                )
         elif s.kind == "sleep":
             dur = (s.deadline.timestamp() * 1000 - t0) if s.deadline else 0
-            add(t0, HistoryEvent("SLEEP_START", s.start or to_datetime(t0 / 1000), label,
-                                 data={"durationMs": max(0, int(dur))}))
+            add(
+                t0,
+                HistoryEvent(
+                    "SLEEP_START",
+                    s.start or to_datetime(t0 / 1000),
+                    label,
+                    data={"durationMs": max(0, int(dur))},
+                ),
+            )
             if s.status == "complete" and s.end:
                 add(s.end.timestamp() * 1000, HistoryEvent("SLEEP_COMPLETE", s.end, label))
         else:
             add(t0, HistoryEvent("WAIT_START", s.start or to_datetime(t0 / 1000), label))
             if s.status == "complete" and s.end:
-                add(s.end.timestamp() * 1000,
-                    HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}))
+                add(
+                    s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}),
+                )
             elif s.status == "errored" and s.end:
-                add(s.end.timestamp() * 1000,
-                    HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}))
+                add(
+                    s.end.timestamp() * 1000,
+                    HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}),
+                )
     events.sort(key=lambda t: (t[0], t[2]))
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))

@@ -123,7 +123,7 @@ def rkey(wf: str, n: bytes) -> bytes:
 
 def rkey_of(ik: bytes, n: bytes) -> bytes:
     """Returns the key of the records of instance ``ik`` from its ``ids`` entry ``n``."""
-    return ik[:ik.index(b"\x00") + 1] + n
+    return ik[: ik.index(b"\x00") + 1] + n
 
 
 def record_number(n: int) -> bytes:
@@ -163,7 +163,7 @@ def step_target(ik: bytes, rk: bytes, key: bytes) -> bytes:
     ``ik`` says whose deadline it is; ``n`` lets the wake-up find the
     instance's records without reading ``ids``.
     """
-    return ik + key[rk.index(b"\x00"):]
+    return ik + key[rk.index(b"\x00") :]
 
 
 def target_rkey(target: bytes) -> bytes | None:

@@ -133,18 +133,26 @@ class Router:
             if waiting + n > lim.max_queued:
                 raise RateLimitError(
                     f"workflow {self.wfe.name!r}: {what}: the queue holds its maximum of "
-                    f"{lim.max_queued} instances; try again later", workflow=self.wfe.name)
+                    f"{lim.max_queued} instances; try again later",
+                    workflow=self.wfe.name,
+                )
             if lim.overflow == "reject":
                 sup = self.wfe.ctx.supervisor
-                if (sup.by_wf[self.wfe.name] + waiting + n > lim.max_concurrent
-                        or sup.running + waiting + n > self.wfe.ctx.limits.max_concurrent):
+                if (
+                    sup.by_wf[self.wfe.name] + waiting + n > lim.max_concurrent
+                    or sup.running + waiting + n > self.wfe.ctx.limits.max_concurrent
+                ):
                     raise RateLimitError(
                         f"workflow {self.wfe.name!r}: {what}: {lim.max_concurrent} instances "
-                        "are already running or about to", workflow=self.wfe.name)
+                        "are already running or about to",
+                        workflow=self.wfe.name,
+                    )
                 if self.bucket is not None and not self.bucket.take(n):
                     raise RateLimitError(
                         f"workflow {self.wfe.name!r}: {what}: more than "
-                        f"{lim.max_creation_rate} creations per second", workflow=self.wfe.name)
+                        f"{lim.max_creation_rate} creations per second",
+                        workflow=self.wfe.name,
+                    )
             self._reserved += n
 
     def _waiting_bound(self, n: int, max_queued: int, exact: bool) -> int:
@@ -218,8 +226,9 @@ class Router:
         """
         out: list[tuple[bytes, bytes]] = []
         while True:
-            rows = self._storage.scan(self.db, prefix=prefix, start_after=cursor,
-                                      limit=max(limit, 64))
+            rows = self._storage.scan(
+                self.db, prefix=prefix, start_after=cursor, limit=max(limit, 64)
+            )
             if not rows:
                 return out, cursor
             for key, value in rows:
@@ -267,8 +276,7 @@ class Router:
         with self._lock:
             if self._prefetch:
                 return True
-            for prefix, cursor in ((PRIO_WAKE, self._wake_cursor),
-                                   (PRIO_NEW, self._new_cursor)):
+            for prefix, cursor in ((PRIO_WAKE, self._wake_cursor), (PRIO_NEW, self._new_cursor)):
                 if self._take(prefix, cursor, 1)[0]:
                     return True
             return False

@@ -52,8 +52,10 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _check_retries(
-            "RetryPolicy", {"limit": self.limit, "delay": self.delay, "backoff": self.backoff},
-            prefix="")
+            "RetryPolicy",
+            {"limit": self.limit, "delay": self.delay, "backoff": self.backoff},
+            prefix="",
+        )
 
 
 @dataclass(frozen=True)
@@ -136,14 +138,16 @@ def _check_retries(where: str, retries: dict[str, Any], prefix: str = "retries."
         valid = isinstance(limit, int) and not isinstance(limit, bool)
         if not valid or not 0 <= limit <= MAX_RETRIES:
             raise ValueError(
-                f"{where}: {prefix}limit must be an int from 0 to {MAX_RETRIES}, not {limit!r}")
+                f"{where}: {prefix}limit must be an int from 0 to {MAX_RETRIES}, not {limit!r}"
+            )
         out["limit"] = limit
     if "delay" in retries:
         out["delay"] = parse_duration_ms(retries["delay"], what=f"{where}: {prefix}delay")
     if "backoff" in retries:
         if retries["backoff"] not in BACKOFFS:
-            raise ValueError(f"{where}: {prefix}backoff must be one of {BACKOFFS}, "
-                             f"not {retries['backoff']!r}")
+            raise ValueError(
+                f"{where}: {prefix}backoff must be one of {BACKOFFS}, not {retries['backoff']!r}"
+            )
         out["backoff"] = retries["backoff"]
     return out
 
@@ -263,8 +267,10 @@ def _item_problem(fn: Any) -> str | None:
     try:
         sig.bind(_PROBE)
     except TypeError as e:
-        return (f"the function {getattr(fn, '__qualname__', type(fn).__name__)}{sig} cannot "
-                f"be called with one item ({e})")
+        return (
+            f"the function {getattr(fn, '__qualname__', type(fn).__name__)}{sig} cannot "
+            f"be called with one item ({e})"
+        )
     return None
 
 
@@ -390,9 +396,13 @@ class WorkflowStep:
         coros = [
             self._runner.do(
                 f"{name}[{i}]",
-                _bind(fn, item) if problem is None
+                _bind(fn, item)
+                if problem is None
                 else _bad_body(self._runner.where, f"{name}[{i}]", problem, _ITEM_RULE),
-                retries, timeout, None)
+                retries,
+                timeout,
+                None,
+            )
             for i, item in enumerate(items)
         ]
         return self._result(self._runner.gather(coros, max_concurrency))
@@ -426,4 +436,3 @@ def _bind(fn: Callable[[Any], Any], item: Any) -> Callable[[], Any]:
         return fn(item)
 
     return call
-

@@ -122,7 +122,9 @@ class Supervisor:
                 if rk is None or raw is None:
                     raise InstanceNotFound(
                         f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
-                        workflow=wfe.name, instance=iid)
+                        workflow=wfe.name,
+                        instance=iid,
+                    )
                 actor = self._activate(wfe, iid, ik, rk, raw)
         return actor
 
@@ -142,7 +144,9 @@ class Supervisor:
         return actor
 
     def actors(
-        self, pairs: list[tuple[WorkflowEngine, str]], known: dict[bytes, bytes] | None = None,
+        self,
+        pairs: list[tuple[WorkflowEngine, str]],
+        known: dict[bytes, bytes] | None = None,
     ) -> list[InstanceActor | None]:
         """:meth:`actor` for many instances, with one read for every record (engine loop only).
 
@@ -165,8 +169,9 @@ class Supervisor:
         rks = {m[3]: known[m[3]] for m in missing if m[3] in known}
         unknown = [m[3] for m in missing if m[3] not in known]
         if unknown:
-            rks.update((ik, rkey_of(ik, n))
-                       for ik, n in self.ctx.storage.get_many(IDS, unknown).items())
+            rks.update(
+                (ik, rkey_of(ik, n)) for ik, n in self.ctx.storage.get_many(IDS, unknown).items()
+            )
         raws = self.ctx.storage.get_many(INST, list(rks.values()))
         with self._lock:
             for i, wfe, iid, ik in missing:
@@ -180,8 +185,13 @@ class Supervisor:
                         actor = self._activate(wfe, iid, ik, rk, raw)
                     except RecordFormatError as e:
                         # One damaged record must not hold up the others of the burst.
-                        log.error("workflow %r, instance %r: %s", wfe.name, iid, e,
-                                  extra={"workflow": wfe.name, "instance": iid})
+                        log.error(
+                            "workflow %r, instance %r: %s",
+                            wfe.name,
+                            iid,
+                            e,
+                            extra={"workflow": wfe.name, "instance": iid},
+                        )
                         continue
                 out[i] = actor
         return out
@@ -230,8 +240,10 @@ class Supervisor:
         release of a slot decrements the counters and then pumps on the loop,
         so a release the check missed pumps after the entry is readable.
         """
-        if (self.running >= self.ctx.limits.max_concurrent
-                or self.by_wf[wfe.name] >= wfe.limits.max_concurrent):
+        if (
+            self.running >= self.ctx.limits.max_concurrent
+            or self.by_wf[wfe.name] >= wfe.limits.max_concurrent
+        ):
             return
         self.kick()
 
@@ -312,8 +324,11 @@ class Supervisor:
                 try:
                     actor.begin(pre, settle=False)
                 except Exception:
-                    log.exception("%s: its run could not start", actor.where,
-                                  extra={"workflow": actor.wfe.name, "instance": actor.iid})
+                    log.exception(
+                        "%s: its run could not start",
+                        actor.where,
+                        extra={"workflow": actor.wfe.name, "instance": actor.iid},
+                    )
                     actor.exec = None
                     self.released(actor)
                     actor.maybe_evict()
@@ -465,9 +480,15 @@ class Supervisor:
             if actor is None:
                 self.ctx.timers.done(key)
                 continue
-            if (actor.exec is None and not actor.busy and not actor.woken and actor.owned
-                    and actor.record["s"] == "waiting" and actor.actor_inbox.empty()
-                    and not is_poke(key)):
+            if (
+                actor.exec is None
+                and not actor.busy
+                and not actor.woken
+                and actor.owned
+                and actor.record["s"] == "waiting"
+                and actor.actor_inbox.empty()
+                and not is_poke(key)
+            ):
                 # A hibernated instance: what handle_timer would do, without a
                 # message and a task. The run consumes the timer.
                 actor.woken = True
@@ -499,9 +520,13 @@ class Supervisor:
                 return
             delay = min(0.05 * 2 ** (actor.storage_faults - 1), _STORAGE_BACKOFF_MAX)
             if actor.storage_faults == 1 or delay >= _STORAGE_BACKOFF_MAX:
-                log.warning("%s: storage refused a write (%s); retrying from the last "
-                            "checkpoint in %.2f s", actor.where, exc, delay,
-                            extra={"workflow": actor.wfe.name, "instance": actor.iid})
+                log.warning(
+                    "%s: storage refused a write (%s); retrying from the last checkpoint in %.2f s",
+                    actor.where,
+                    exc,
+                    delay,
+                    extra={"workflow": actor.wfe.name, "instance": actor.iid},
+                )
             actor.woken = True
             self.restarting += 1
             self.ctx.loop.call_later(delay, self._restart, actor)
@@ -509,17 +534,24 @@ class Supervisor:
         actor.crashes = [t for t in actor.crashes if now - t < self.crash_window] + [now]
         n = len(actor.crashes)
         if n > self.max_crashes:
-            msg = (f"{actor.where} crashed {n} times within {self.crash_window:.0f} s; "
-                   f"giving up. Last crash: {type(exc).__name__}: {exc}")
+            msg = (
+                f"{actor.where} crashed {n} times within {self.crash_window:.0f} s; "
+                f"giving up. Last crash: {type(exc).__name__}: {exc}"
+            )
             log.error(msg, extra={"workflow": actor.wfe.name, "instance": actor.iid})
             actor.actor_ref.tell(("fail", msg))
             return
         if self.closing:
             return
         delay = min(0.05 * 2 ** (n - 1), 5.0)
-        log.warning("%s crashed (%s: %s); restarting in %.2f s", actor.where,
-                    type(exc).__name__, exc, delay,
-                    extra={"workflow": actor.wfe.name, "instance": actor.iid})
+        log.warning(
+            "%s crashed (%s: %s); restarting in %.2f s",
+            actor.where,
+            type(exc).__name__,
+            exc,
+            delay,
+            extra={"workflow": actor.wfe.name, "instance": actor.iid},
+        )
         actor.woken = True
         self.restarting += 1
         self.ctx.loop.call_later(delay, self._restart, actor)
@@ -573,8 +605,10 @@ class Supervisor:
                 return False
         if self.running < self.ctx.limits.max_concurrent:
             for wfe in self.engines.values():
-                if self.by_wf[wfe.name] < wfe.limits.max_concurrent and wfe.router.ready() and (
-                    wfe.router.bucket is None or wfe.router.bucket.wait_s() == 0.0
+                if (
+                    self.by_wf[wfe.name] < wfe.limits.max_concurrent
+                    and wfe.router.ready()
+                    and (wfe.router.bucket is None or wfe.router.bucket.wait_s() == 0.0)
                 ):
                     return False
         return True
@@ -596,8 +630,9 @@ class Supervisor:
             self.ctx.timers.kick()
         n = 0
         for status in ("running", "waitingForPause"):
-            for key, _ in self.ctx.storage.scan(IDX, prefix=idx_prefix(wfe.name, status),
-                                                keys_only=True):
+            for key, _ in self.ctx.storage.scan(
+                IDX, prefix=idx_prefix(wfe.name, status), keys_only=True
+            ):
                 iid = idx_iid(key)
                 if self.node is not None and not self.node.owns(wfe.ik(iid)):
                     continue  # another node's: its owner (or an adopter) resumes it
@@ -608,8 +643,13 @@ class Supervisor:
                 except RecordFormatError as e:
                     # A damaged record: that instance stays where it is (its calls
                     # raise the same error); the others of the workflow resume.
-                    log.error("workflow %r, instance %r: %s", wfe.name, iid, e,
-                              extra={"workflow": wfe.name, "instance": iid})
+                    log.error(
+                        "workflow %r, instance %r: %s",
+                        wfe.name,
+                        iid,
+                        e,
+                        extra={"workflow": wfe.name, "instance": iid},
+                    )
                     continue
                 if actor.running() or actor.woken:
                     continue

@@ -75,8 +75,7 @@ def main() -> None:
     p.add_argument("--poll", type=float, default=0.05, help="get_result polling interval")
     args = p.parse_args()
     launch(args.db, consume=args.workload != "enqueues")
-    out: dict[str, object] = {"peer": "dbos", "version": version("dbos"),
-                              "workload": args.workload}
+    out: dict[str, object] = {"peer": "dbos", "version": version("dbos"), "workload": args.workload}
     if args.workload == "steps":
         t = time.perf_counter()
         handles = [DBOS.start_workflow(multi_step_wf, args.steps) for _ in range(args.workflows)]

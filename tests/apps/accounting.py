@@ -88,10 +88,10 @@ def read_back(data: Path, workflows: Iterable[str]) -> DataDir:
         out = DataDir({}, {}, {}, {})
         for wf in workflows:
             pre = wf.encode() + b"\x00"
-            ids = {pre + n: k[len(pre):].decode() for k, n in store.scan(IDS, prefix=pre)}
+            ids = {pre + n: k[len(pre) :].decode() for k, n in store.scan(IDS, prefix=pre)}
             tokens: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
             for key, raw in store.scan(STEPS, prefix=pre):
-                iid = ids[key[:len(pre) + 8]]
+                iid = ids[key[: len(pre) + 8]]
                 rec = load(raw)
                 if rec["k"] == "do":
                     for i, att in enumerate(rec["att"], start=1):
@@ -108,18 +108,24 @@ def read_back(data: Path, workflows: Iterable[str]) -> DataDir:
                 owner = store.get(OWNER, pre + iid.encode())
                 history = [load(v)["type"] for _, v in store.scan(HIST, prefix=rk + b"\x00")]
                 out.instances[(wf, iid)] = Stored(
-                    load(raw)["s"], owner.decode() if owner is not None else None, history,
-                    [t for _, t in sorted(tokens.get(iid, []))])
-        out.registry = {k.decode(): load(v) for k, v in store.scan(NODES)
-                        if not k.startswith(b"\x00")}
+                    load(raw)["s"],
+                    owner.decode() if owner is not None else None,
+                    history,
+                    [t for _, t in sorted(tokens.get(iid, []))],
+                )
+        out.registry = {
+            k.decode(): load(v) for k, v in store.scan(NODES) if not k.startswith(b"\x00")
+        }
     finally:
         store.close()
     return out
 
 
 def journal_violations(
-    lines: list[str], committed: dict[tuple[str, str], str],
-    failed: dict[tuple[str, str, int], str], frozen_pids: set[str],
+    lines: list[str],
+    committed: dict[tuple[str, str], str],
+    failed: dict[tuple[str, str, int], str],
+    frozen_pids: set[str],
 ) -> tuple[list[str], int, dict[str, int], int]:
     """Finds step runs that started after their step (or attempt) committed.
 
@@ -146,7 +152,8 @@ def journal_violations(
         win = committed.get((iid, name))
         fail = failed.get((iid, name, attempt))
         late = (win is not None and nonce != win and pos > ended_at.get(win, len(lines))) or (
-            fail is not None and nonce != fail and pos > ended_at.get(fail, len(lines)))
+            fail is not None and nonce != fail and pos > ended_at.get(fail, len(lines))
+        )
         if late and nonce.split(".")[0] in frozen_pids:
             stale += 1
         elif late:
@@ -181,8 +188,10 @@ def fate_of(exc: BaseException | None) -> str:
     """The fate of a call that raised ``exc`` (None: it returned)."""
     if exc is None:
         return ACKED
-    if isinstance(exc, TimeoutError) or (isinstance(exc, NodeProcessError) and (
-            "died" in str(exc) or "is not running" in str(exc) or "no reply" in str(exc))):
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, NodeProcessError)
+        and ("died" in str(exc) or "is not running" in str(exc) or "no reply" in str(exc))
+    ):
         return UNKNOWN
     return REFUSED
 
@@ -196,10 +205,16 @@ def _submit(node: NodeProcess, call: Call, params: Any = None) -> Any:
     if call.op == "create":
         return node.submit("create", workflow=call.workflow, id=call.iid, params=params)
     if call.op == "event":
-        return node.submit("send_event", workflow=call.workflow, id=call.iid, type="go",
-                           payload={"token": call.token})
-    return node.submit("control", workflow=call.workflow, id=call.iid, action=call.op,
-                       from_step=None)
+        return node.submit(
+            "send_event",
+            workflow=call.workflow,
+            id=call.iid,
+            type="go",
+            payload={"token": call.token},
+        )
+    return node.submit(
+        "control", workflow=call.workflow, id=call.iid, action=call.op, from_step=None
+    )
 
 
 @dataclass
@@ -215,8 +230,12 @@ class Audit:
     fates: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def counts(self) -> dict[str, int]:
-        return {"stranded": len(self.stranded), "lost": len(self.lost),
-                "doubled": len(self.doubled), "half_written": len(self.half_written)}
+        return {
+            "stranded": len(self.stranded),
+            "lost": len(self.lost),
+            "doubled": len(self.doubled),
+            "half_written": len(self.half_written),
+        }
 
     def clean(self) -> bool:
         return not any(self.counts().values())
@@ -240,8 +259,13 @@ class Ledger:
             self.calls.append(call)
         return call
 
-    def send(self, node: NodeProcess, call: Call, params: Any = None,
-             done: Callable[[Call], None] | None = None) -> Call:
+    def send(
+        self,
+        node: NodeProcess,
+        call: Call,
+        params: Any = None,
+        done: Callable[[Call], None] | None = None,
+    ) -> Call:
         """Books ``call``, sends it through ``node`` without waiting; its fate is set on reply.
 
         ``done(call)`` runs (in the node's reply thread) once the fate is known.
@@ -263,8 +287,14 @@ class Ledger:
                 done(call)
         return call
 
-    def send_batch(self, node: NodeProcess, workflow: str, iids: list[str], params: Any,
-                   done: Callable[[list[Call]], None] | None = None) -> list[Call]:
+    def send_batch(
+        self,
+        node: NodeProcess,
+        workflow: str,
+        iids: list[str],
+        params: Any,
+        done: Callable[[list[Call]], None] | None = None,
+    ) -> list[Call]:
         """Books one ``create`` per instance, sent through ``node`` as one ``create_batch``.
 
         An instance the batch's answer lists is acknowledged; one it leaves out
@@ -295,8 +325,9 @@ class Ledger:
                 done(calls)
         return calls
 
-    def call(self, node: NodeProcess, call: Call, params: Any = None,
-             timeout: float = 60.0) -> Call:
+    def call(
+        self, node: NodeProcess, call: Call, params: Any = None, timeout: float = 60.0
+    ) -> Call:
         """Books ``call``, sends it through ``node`` and waits for its fate."""
         self.book(call)
         call.via = node.node_id
@@ -312,8 +343,13 @@ class Ledger:
             return [c for c in self.calls if c.fate == "pending"]
 
     def audit(
-        self, found: DataDir, journal: Path, *, frozen_pids: set[str],
-        finish: Iterable[tuple[str, str]] = (), ended: Iterable[tuple[str, str]] = (),
+        self,
+        found: DataDir,
+        journal: Path,
+        *,
+        frozen_pids: set[str],
+        finish: Iterable[tuple[str, str]] = (),
+        ended: Iterable[tuple[str, str]] = (),
     ) -> Audit:
         """Judges the booked calls against ``found`` and the journal.
 
@@ -375,7 +411,8 @@ class Ledger:
             inst = found.instances.get(key)
             status = inst.status if inst is not None else "missing"
             if (want == "complete" and status != "complete") or (
-                    want == "ended" and status not in ("complete", "terminated")):
+                want == "ended" and status not in ("complete", "terminated")
+            ):
                 owner = inst.owner if inst is not None else None
                 state = found.registry.get(owner or "", {}).get("state")
                 out.stranded.append(f"{key[0]}/{key[1]} is {status}, owned by {owner} ({state})")
@@ -383,7 +420,8 @@ class Ledger:
         out.doubled += [f"event {t} consumed {n} times" for t, n in consumed.items() if n > 1]
         lines = journal.read_text().splitlines() if journal.exists() else []
         bad, out.stale_runs, ended_at, out.body_runs = journal_violations(
-            lines, found.committed, found.failed, frozen_pids)
+            lines, found.committed, found.failed, frozen_pids
+        )
         out.doubled += bad
         for (iid, step), win in found.committed.items():
             if win not in ended_at:

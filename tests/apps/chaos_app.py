@@ -68,8 +68,11 @@ class ChaosFlow(af.Workflow):
         tokens = []
         for i, name in enumerate(STEPS):
             work_ms = p.get("first_ms", p["work_ms"]) if i == 0 else p["work_ms"]
-            await step.do(name, body(iid, name, work_ms),
-                          retries={"limit": 3, "delay": "50 milliseconds", "backoff": "constant"})
+            await step.do(
+                name,
+                body(iid, name, work_ms),
+                retries={"limit": 3, "delay": "50 milliseconds", "backoff": "constant"},
+            )
             if i == 2 and p["sleep_ms"]:
                 await step.sleep("nap", p["sleep_ms"])
             if i == 5:

@@ -37,8 +37,10 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 def browser() -> Iterator[Any]:
     """One headless Chromium for the session."""
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
-                    "chromium); the browser tests never download one")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
+            "chromium); the browser tests never download one"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

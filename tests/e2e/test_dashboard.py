@@ -33,13 +33,19 @@ class Checkout(af.Workflow):
                 raise RuntimeError(f"card declined (attempt {ctx.attempt})")
             return {"charge": f"ch_{order['id']}", "amount": order["amount"]}
 
-        charged = step.do("charge card", charge,
-                          retries={"limit": 4, "delay": "1 second", "backoff": "exponential"})
+        charged = step.do(
+            "charge card",
+            charge,
+            retries={"limit": 4, "delay": "1 second", "backoff": "exponential"},
+        )
         step.sleep("cool down", "5 seconds")
         approval = step.wait_for_event("approval", "approved", timeout="1 hour")
         labels = step.map("label", lambda sku: f"LBL-{sku}", order["items"])
-        return {"charge": charged["charge"], "approved_by": approval.payload["user"],
-                "labels": labels}
+        return {
+            "charge": charged["charge"],
+            "approved_by": approval.payload["user"],
+            "labels": labels,
+        }
 
 
 class Refund(af.Workflow):
@@ -105,7 +111,8 @@ def test_dashboard_shows_a_retried_step_and_controls_the_instance(
         page.wait_for_selector("#timeline .bar[data-kind='sleep']")
         assert page.locator("#timeline .bar.retry-wait").count() == 2
         outcomes = page.locator("#steps tr[data-step='charge card'] li").evaluate_all(
-            "els => els.map(e => e.dataset.outcome)")
+            "els => els.map(e => e.dataset.outcome)"
+        )
         assert outcomes == ["failed", "failed", "ok"]
         clock.advance("5 seconds")
         eventually(lambda: step_status(inst, "approval") == "waiting")
@@ -134,7 +141,8 @@ def test_dashboard_shows_a_retried_step_and_controls_the_instance(
         eventually(lambda: step_status(inst, "charge card") == "retrying")
         page.wait_for_selector("#status [data-status='waiting']")
         page.wait_for_function(
-            "document.querySelectorAll('#timeline .bar[data-attempt]').length === 1")
+            "document.querySelectorAll('#timeline .bar[data-attempt]').length === 1"
+        )
 
         # send-event on another instance completes it, and its output shows
         other = checkout.get("order-2")

@@ -1,2 +1,1 @@
-"""The engine: one instance actor per live instance, one execution per run.
-"""
+"""The engine: one instance actor per live instance, one execution per run."""

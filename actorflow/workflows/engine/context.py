@@ -201,8 +201,7 @@ class EngineContext:
                 # start new tasks: let them run, then look again.
                 for _ in range(3):
                     await asyncio.sleep(0)
-                tasks = [t for t in asyncio.all_tasks(self.loop)
-                         if t is not me and not t.done()]
+                tasks = [t for t in asyncio.all_tasks(self.loop) if t is not me and not t.done()]
                 if not tasks:
                     return
             left = deadline - self.loop.time()
@@ -235,7 +234,8 @@ class EngineContext:
         if self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(
-                    _SHUTDOWN_S + 1.0)
+                    _SHUTDOWN_S + 1.0
+                )
             except (concurrent.futures.TimeoutError, RuntimeError):
                 pass  # stop the loop anyway; what is left is lost, as in a crash
             self.loop.call_soon_threadsafe(self.loop.stop)

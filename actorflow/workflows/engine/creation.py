@@ -60,8 +60,10 @@ class RandomIds:
         out = []
         for i in range(0, len(h), 32):
             # version 4 in the 13th hex digit, variant 10xx in the 17th (RFC 4122)
-            out.append(f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-"
-                       f"{'89ab'[int(h[i + 16], 16) & 3]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}")
+            out.append(
+                f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+                f"{'89ab'[int(h[i + 16], 16) & 3]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+            )
         return out
 
 
@@ -134,7 +136,12 @@ class Countdown:
 
 
 def new_instance_batch(
-    wfe: WorkflowEngine, iid: str, n: int, params: bytes, now_ms: int, seq: int,
+    wfe: WorkflowEngine,
+    iid: str,
+    n: int,
+    params: bytes,
+    now_ms: int,
+    seq: int,
     traceparent: str | None = None,
 ) -> WriteBatch:
     """Returns the writes that create a queued instance (guarded: it must not exist).
@@ -151,8 +158,7 @@ def new_instance_batch(
     nb = record_number(n)
     rk = rkey(wfe.name, nb)
     qk = queue_key(PRIO_NEW, seq)
-    rec: dict[str, Any] = {"s": "queued", "created": now_ms, "params": params, "epoch": 1,
-                           "qk": qk}
+    rec: dict[str, Any] = {"s": "queued", "created": now_ms, "params": params, "epoch": 1, "qk": qk}
     if traceparent:
         rec["tp"] = traceparent
     batch = WriteBatch()

@@ -91,7 +91,6 @@ __all__ = ["Execution"]
 log = logging.getLogger("actorflow.engine")
 
 
-
 def _deadline(now_ms: int, ms: int, where: str) -> int:
     """``now_ms + ms``, refused past what a deadline can hold (the year 9999)."""
     dl = now_ms + ms
@@ -116,7 +115,8 @@ def _user_signal(where: str, what: str, exc: BaseException) -> NonRetryableError
     """
     err = NonRetryableError(
         f"{where}: {what} raised {type(exc).__name__}({exc}); a workflow cannot stop the "
-        "process or the engine: it fails instead")
+        "process or the engine: it fails instead"
+    )
     err.__cause__ = exc
     return err
 
@@ -185,7 +185,8 @@ class Execution:
         seq = 0
         if preloaded is None:
             steps, events = self.ctx.storage.scan_prefixes(
-                [(STEPS, steps_prefix(self.rk)), (EVENTS, events_prefix(self.rk))])
+                [(STEPS, steps_prefix(self.rk)), (EVENTS, events_prefix(self.rk))]
+            )
         else:
             steps, events = preloaded
         for k, v in steps:
@@ -304,7 +305,10 @@ class Execution:
         log.warning(
             "%s: run went on after the engine %s it (user code caught BaseException around "
             "a step): its result is ignored. Catch Exception, not BaseException, in run.",
-            self.where, how, extra={"workflow": self.wfe.name, "instance": self.actor.iid})
+            self.where,
+            how,
+            extra={"workflow": self.wfe.name, "instance": self.actor.iid},
+        )
 
     async def _finish(self, kind: str, value: Any) -> None:
         # Branches still going (siblings of a failed branch of a gather or
@@ -321,12 +325,17 @@ class Execution:
             except SerializationError as e:
                 kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
             else:
-                actor.end_ops(batch, "complete", self.t_start, output=data,
-                              hist="WORKFLOW_SUCCESS")
+                actor.end_ops(batch, "complete", self.t_start, output=data, hist="WORKFLOW_SUCCESS")
         if kind == "errored":
             err = error_dict(value)
-            actor.end_ops(batch, "errored", self.t_start, error=err,
-                          hist="WORKFLOW_FAILURE", hist_data={"error": err})
+            actor.end_ops(
+                batch,
+                "errored",
+                self.t_start,
+                error=err,
+                hist="WORKFLOW_FAILURE",
+                hist_data={"error": err},
+            )
         # Status reads must not show the end before it is durable: the record
         # that says "complete" becomes the actor's once the commit landed.
         final, actor.record = actor.record, before
@@ -484,8 +493,14 @@ class Execution:
 
     def _check_idle(self) -> None:
         self._poke_scheduled = False
-        if (not self.waiters or self.in_flight or self.pending or self.hibernating
-                or self.stopped or self.suspended):
+        if (
+            not self.waiters
+            or self.in_flight
+            or self.pending
+            or self.hibernating
+            or self.stopped
+            or self.suspended
+        ):
             return
         now = self.now_ms()
         for w in self.waiters:
@@ -520,7 +535,9 @@ class Execution:
                 waits = sorted({w.etype for w in self.waiters if w.etype})
                 self.actor.activation_ops(batch)
                 self.actor.status_ops(
-                    batch, "paused" if paused else "waiting", waits=waits,
+                    batch,
+                    "paused" if paused else "waiting",
+                    waits=waits,
                     hist="WORKFLOW_PAUSED" if paused else None,
                 )
                 try:
@@ -529,7 +546,8 @@ class Execution:
                     for w in list(self.waiters):
                         if not w.fut.done():
                             w.fut.set_exception(
-                                e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e)))
+                                e if isinstance(e, Stop | EngineFault) else EngineFault(repr(e))
+                            )
                     return
                 self.ctx.timers_done(keys)
                 woken = self.wakeups != seen or any(w.fut.done() for w in self.waiters)
@@ -598,7 +616,9 @@ class Execution:
             raise InvalidInstanceState(
                 f"{self.where}: a step was called after run ended; the step object "
                 "is valid only while run executes",
-                workflow=self.wfe.name, instance=self.actor.iid)
+                workflow=self.wfe.name,
+                instance=self.actor.iid,
+            )
 
     def now_ms(self) -> int:
         return self.ctx.now_ms()
@@ -687,9 +707,14 @@ class Execution:
             raise TypeError(f"{where}: step.do needs a callable")
         self.step_calls += 1
         if self.step_calls > self.limits.max_steps:
-            raise Fatal(LimitExceeded(
-                f"{where}: the limit of {self.limits.max_steps} steps has been reached",
-                workflow=self.wfe.name, instance=self.actor.iid, step=name))
+            raise Fatal(
+                LimitExceeded(
+                    f"{where}: the limit of {self.limits.max_steps} steps has been reached",
+                    workflow=self.wfe.name,
+                    instance=self.actor.iid,
+                    step=name,
+                )
+            )
         key, count = self._key("do", name)
         rec = self.steps.get(key)
         if rec is not None:
@@ -703,8 +728,16 @@ class Execution:
         await self._gate()
         now = self.now_ms()
         if rec is None:
-            rec = {"k": "do", "n": name, "c": count, "seq": self._next_seq(), "s": RUNNING,
-                   "cfg": cfg, "att": [], "t0": now}
+            rec = {
+                "k": "do",
+                "n": name,
+                "c": count,
+                "seq": self._next_seq(),
+                "s": RUNNING,
+                "cfg": cfg,
+                "att": [],
+                "t0": now,
+            }
         elif rec["s"] == RETRYING and rec.get("dl", 0) > now:
             await self._block(key, rec["dl"], None)
         use_ctx = wants_ctx(fn)
@@ -755,19 +788,31 @@ class Execution:
                 except SerializationError as e:
                     fatal = SerializationError(
                         f"{where}: value returned from the step is not serializable: {e}",
-                        workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                        workflow=self.wfe.name,
+                        instance=self.actor.iid,
+                        step=name,
+                    )
                 else:
                     if len(data) > self.limits.max_step_result_bytes:
                         fatal = LimitExceeded(
                             f"{where}: output is too large ({len(data)} bytes); the maximum is "
                             f"{self.limits.max_step_result_bytes} bytes",
-                            workflow=self.wfe.name, instance=self.actor.iid, step=name)
+                            workflow=self.wfe.name,
+                            instance=self.actor.iid,
+                            step=name,
+                        )
                 if fatal is not None:
                     # The step's record says why it failed; it lands with the
                     # instance's failure, in the run's final commit.
                     ed = error_dict(fatal)
-                    new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1,
-                               ed=ed, e=self._dump_error(fatal))
+                    new = dict(
+                        rec,
+                        s=FAILED,
+                        att=[*rec["att"], (a0, a1, ed, None)],
+                        t1=a1,
+                        ed=ed,
+                        e=self._dump_error(fatal),
+                    )
                     new.pop("dl", None)
                     await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
                     raise Fatal(fatal)
@@ -778,16 +823,35 @@ class Execution:
                 return value
             ed = error_dict(err)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: attempt %d failed: %s: %s", where, attempt, ed["name"],
-                          ed["message"], extra={"workflow": self.wfe.name, "step": name,
-                                                "instance": self.actor.iid, "attempt": attempt})
+                log.debug(
+                    "%s: attempt %d failed: %s: %s",
+                    where,
+                    attempt,
+                    ed["name"],
+                    ed["message"],
+                    extra={
+                        "workflow": self.wfe.name,
+                        "step": name,
+                        "instance": self.actor.iid,
+                        "attempt": attempt,
+                    },
+                )
             if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
-                new = dict(rec, s=FAILED, att=[*rec["att"], (a0, a1, ed, None)], t1=a1, ed=ed,
-                           e=self._dump_error(err))
+                new = dict(
+                    rec,
+                    s=FAILED,
+                    att=[*rec["att"], (a0, a1, ed, None)],
+                    t1=a1,
+                    ed=ed,
+                    e=self._dump_error(err),
+                )
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
-            delay = 0 if self.mods is not None and self.mods.no_retry_delays else retry_delay_ms(
-                cfg, attempt)
+            delay = (
+                0
+                if self.mods is not None and self.mods.no_retry_delays
+                else retry_delay_ms(cfg, attempt)
+            )
             dl = _deadline(a1, delay, where)
             new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
             tk = self._timer(dl, key) if delay > 0 else None
@@ -797,7 +861,12 @@ class Execution:
                 await self._block(key, dl, None)
 
     async def _invoke(
-        self, fn: Callable[..., Any], use_ctx: bool, attempt: int, name: str, count: int,
+        self,
+        fn: Callable[..., Any],
+        use_ctx: bool,
+        attempt: int,
+        name: str,
+        count: int,
         cfg: dict[str, Any],
     ) -> Any:
         args: tuple[Any, ...] = ()
@@ -819,7 +888,8 @@ class Execution:
         try:
             async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
                 value = await self.loop.run_in_executor(
-                    self.ctx.step_pool, functools.partial(fn, *args))
+                    self.ctx.step_pool, functools.partial(fn, *args)
+                )
                 if inspect.isawaitable(value):
                     value = await value
                 return value
@@ -831,7 +901,10 @@ class Execution:
     def _timed_out(self, name: str, attempt: int, cfg: dict[str, Any]) -> StepTimeoutError:
         return StepTimeoutError(
             f"{self._here(name)}: attempt {attempt} timed out after {cfg['timeout']} ms",
-            workflow=self.wfe.name, instance=self.actor.iid, step=name)
+            workflow=self.wfe.name,
+            instance=self.actor.iid,
+            step=name,
+        )
 
     # -- sleeps -----------------------------------------------------------------
 
@@ -860,8 +933,15 @@ class Execution:
             dl = until if until is not None else _deadline(now, ms, self._here(name))
             if self.mods is not None and self.mods.no_sleeps:
                 dl = now
-            rec = {"k": "sleep", "n": name, "c": count, "seq": self._next_seq(), "s": SLEEPING,
-                   "dl": dl, "t0": now}
+            rec = {
+                "k": "sleep",
+                "n": name,
+                "c": count,
+                "seq": self._next_seq(),
+                "s": SLEEPING,
+                "dl": dl,
+                "t0": now,
+            }
             if dl > now:
                 await self._commit_step(key, rec, arm=self._timer(dl, key), stage=True)
         if rec["dl"] > now:
@@ -893,12 +973,21 @@ class Execution:
             mocked = self.mods.event_mock(event_type)
             if mocked is not None and not self.inbox.get(event_type):
                 self.inbox.setdefault(event_type, collections.deque()).append(
-                    (b"", self.ser.dumps(mocked), self.now_ms()))
+                    (b"", self.ser.dumps(mocked), self.now_ms())
+                )
         forced = self.mods is not None and self.mods.forced_event_timeout(name)
         if rec is None:
             now = self.now_ms()
-            rec = {"k": "wait_for_event", "n": name, "c": count, "seq": self._next_seq(),
-                   "s": WAITING, "ty": event_type, "dl": _deadline(now, ms, where), "t0": now}
+            rec = {
+                "k": "wait_for_event",
+                "n": name,
+                "c": count,
+                "seq": self._next_seq(),
+                "s": WAITING,
+                "ty": event_type,
+                "dl": _deadline(now, ms, where),
+                "t0": now,
+            }
             if not self.inbox.get(event_type) and not forced:
                 await self._commit_step(key, rec, arm=self._timer(rec["dl"], key))
         while True:
@@ -915,9 +1004,13 @@ class Execution:
             if forced or self.now_ms() >= rec["dl"]:
                 err = EventTimeoutError(
                     f"{where}: no {event_type!r} event arrived within {ms} ms",
-                    workflow=self.wfe.name, instance=self.actor.iid, step=name)
-                new = dict(rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err),
-                           e=self._dump_error(err))
+                    workflow=self.wfe.name,
+                    instance=self.actor.iid,
+                    step=name,
+                )
+                new = dict(
+                    rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err), e=self._dump_error(err)
+                )
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             await self._block(key, rec["dl"], event_type)

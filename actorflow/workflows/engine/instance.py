@@ -64,9 +64,7 @@ log = logging.getLogger("actorflow.engine")
 class InstanceActor(PooledActor):
     """The live object of one workflow instance."""
 
-    def __init__(
-        self, wfe: WorkflowEngine, iid: str, rk: bytes, record: dict[str, Any]
-    ) -> None:
+    def __init__(self, wfe: WorkflowEngine, iid: str, rk: bytes, record: dict[str, Any]) -> None:
         super().__init__(wfe.ctx.loop_executor)
         self.wfe = wfe
         self.ctx = wfe.ctx
@@ -101,8 +99,9 @@ class InstanceActor(PooledActor):
     def on_receive(self, message: Any) -> Any:
         name, *args = message
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %s", self.where, name, extra={"workflow": self.wfe.name,
-                                                         "instance": self.iid})
+            log.debug(
+                "%s: %s", self.where, name, extra={"workflow": self.wfe.name, "instance": self.iid}
+            )
         return getattr(self, "handle_" + name)(*args)
 
     def _handle_receive(self, message: Any) -> Any:
@@ -179,8 +178,9 @@ class InstanceActor(PooledActor):
         A run about to start checks it, so that a node that was frozen and has
         not yet found its lease gone starts no run that could never commit.
         """
-        return (self.ctx.supervisor.node is not None
-                and self.ctx.storage.get(FENCE, self.rk) != epoch_bytes(self.epoch))
+        return self.ctx.supervisor.node is not None and self.ctx.storage.get(
+            FENCE, self.rk
+        ) != epoch_bytes(self.epoch)
 
     def fence_guard(self) -> tuple[str, bytes, bytes]:
         return (FENCE, self.rk, epoch_bytes(self.epoch))
@@ -216,7 +216,10 @@ class InstanceActor(PooledActor):
         self.record = new
 
     def add_history(
-        self, batch: WriteBatch, kind: str, data: dict[str, Any] | None = None,
+        self,
+        batch: WriteBatch,
+        kind: str,
+        data: dict[str, Any] | None = None,
         ts: int | None = None,
     ) -> None:
         ev = {"type": kind, "ts": self.ctx.now_ms() if ts is None else ts, "data": data or {}}
@@ -226,7 +229,8 @@ class InstanceActor(PooledActor):
         """True if the record already says this run is active (nothing to activate)."""
         rec = self.record
         return rec["s"] == "running" or (
-            rec["s"] == "waitingForPause" and rec.get("started") is not None)
+            rec["s"] == "waitingForPause" and rec.get("started") is not None
+        )
 
     def activation_ops(self, batch: WriteBatch) -> None:
         """On the first write of a run, records that the instance is running.
@@ -241,14 +245,23 @@ class InstanceActor(PooledActor):
         first = rec.get("started") is None
         t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
         self.status_ops(
-            batch, "waitingForPause" if pausing else "running",
-            hist="WORKFLOW_START" if first else None, hist_ts=t0,
-            started=rec.get("started") or t0, waits=[],
+            batch,
+            "waitingForPause" if pausing else "running",
+            hist="WORKFLOW_START" if first else None,
+            hist_ts=t0,
+            started=rec.get("started") or t0,
+            waits=[],
         )
 
     def end_ops(
-        self, batch: WriteBatch, status: str, t0: int, *, hist: str,
-        hist_data: dict[str, Any] | None = None, **fields: Any,
+        self,
+        batch: WriteBatch,
+        status: str,
+        t0: int,
+        *,
+        hist: str,
+        hist_data: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> None:
         """Adds a run's final status to ``batch``, after what :meth:`activation_ops` would add.
 
@@ -282,7 +295,9 @@ class InstanceActor(PooledActor):
                 raise lease_lost(node.node_id, self.where) from None
             raise InvalidInstanceState(
                 f"{self.where}: it moved to another node meanwhile; try again",
-                workflow=self.wfe.name, instance=self.iid) from None
+                workflow=self.wfe.name,
+                instance=self.iid,
+            ) from None
         self.committed()
         if new_epoch:
             self.epoch += 1
@@ -371,14 +386,19 @@ class InstanceActor(PooledActor):
         actor is quiet: a start sent as a message would be handled at once too.
         """
         ex = self.exec
-        return (not self.busy and self.quiet() and self.owned
-                and self.ctx.supervisor.node is None
-                and reason not in ("recover", "crash")
-                and (ex is None or ex.finished)
-                and self.record["s"] in ("queued", "running", "waiting"))
+        return (
+            not self.busy
+            and self.quiet()
+            and self.owned
+            and self.ctx.supervisor.node is None
+            and reason not in ("recover", "crash")
+            and (ex is None or ex.finished)
+            and self.record["s"] in ("queued", "running", "waiting")
+        )
 
     def begin(
-        self, preloaded: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None,
+        self,
+        preloaded: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None = None,
         settle: bool = True,
     ) -> Execution:
         """Starts a new run (engine loop only); see :class:`Execution` for ``preloaded``.
@@ -398,8 +418,12 @@ class InstanceActor(PooledActor):
     def execution_ended(self, ex: Execution, outcome: str, value: Any) -> None:
         """Called by the run's task when ``run`` returned, raised or was unwound."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: run ended: %s", self.where, outcome, extra={
-                "workflow": self.wfe.name, "instance": self.iid, "outcome": outcome})
+            log.debug(
+                "%s: run ended: %s",
+                self.where,
+                outcome,
+                extra={"workflow": self.wfe.name, "instance": self.iid, "outcome": outcome},
+            )
         if ex.slot:
             ex.slot = False
             self.ctx.supervisor.released(self)
@@ -420,8 +444,9 @@ class InstanceActor(PooledActor):
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
-        self.status_ops(batch, "errored", error=err, hist="WORKFLOW_FAILURE",
-                        hist_data={"error": err})
+        self.status_ops(
+            batch, "errored", error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
+        )
         try:
             await self.commit(batch, new_epoch=True)
         except StorageError as e:
@@ -450,8 +475,11 @@ class InstanceActor(PooledActor):
         await self.take_over()
         status = self.public_status()
         if status in FINISHED:
-            raise InvalidInstanceState(f"{self.where}: cannot pause an instance that is {status}",
-                                       workflow=self.wfe.name, instance=self.iid)
+            raise InvalidInstanceState(
+                f"{self.where}: cannot pause an instance that is {status}",
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         if status in ("paused", "waitingForPause"):
             return
         ex = self.live_run()
@@ -478,7 +506,10 @@ class InstanceActor(PooledActor):
             # errored, as on any other status, resume has no effect (its docs).
             raise InvalidInstanceState(
                 f"(instance.cannot_resume) {self.where}: cannot resume an instance that is "
-                f"{status}", workflow=self.wfe.name, instance=self.iid)
+                f"{status}",
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         ex = self.live_run()
         if status == "waitingForPause":
             if ex is not None:
@@ -490,8 +521,12 @@ class InstanceActor(PooledActor):
             await self.commit(batch)
         elif status == "paused":
             batch = WriteBatch()
-            self.status_ops(batch, "queued", hist="WORKFLOW_RESUMED",
-                            qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            self.status_ops(
+                batch,
+                "queued",
+                hist="WORKFLOW_RESUMED",
+                qk=queue_key(PRIO_WAKE, self.ctx.next_seq()),
+            )
             await self.commit(batch)
             self.wfe.router.note_wake()
             self.ctx.supervisor.kick()
@@ -503,13 +538,20 @@ class InstanceActor(PooledActor):
         if status in FINISHED:
             raise InvalidInstanceState(
                 f"(instance.cannot_terminate) {self.where}: cannot terminate an instance that is "
-                f"{status}", workflow=self.wfe.name, instance=self.iid)
+                f"{status}",
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         self.woken = False
         self.start_after = None
-        self.status_ops(batch, "terminated", hist="WORKFLOW_TERMINATED",
-                        hist_data={"trigger": {"source": "api"}})
+        self.status_ops(
+            batch,
+            "terminated",
+            hist="WORKFLOW_TERMINATED",
+            hist_data={"trigger": {"source": "api"}},
+        )
         await self.commit(batch, new_epoch=True)
         self.ctx.timers_done(keys)
         if self.exec is not None:
@@ -526,7 +568,11 @@ class InstanceActor(PooledActor):
             if target is None:
                 raise InvalidInstanceState(
                     f"(instance.cannot_restart) {self.where}: step {from_step!r} not found in "
-                    "execution history", workflow=self.wfe.name, instance=self.iid, step=from_step)
+                    "execution history",
+                    workflow=self.wfe.name,
+                    instance=self.iid,
+                    step=from_step,
+                )
             drop = {k: r for k, r in steps.items() if r["seq"] >= target["seq"]}
             for k in drop:
                 batch.delete(STEPS, k)
@@ -538,9 +584,14 @@ class InstanceActor(PooledActor):
         self.woken = False
         self.start_after = None
         self.status_ops(
-            batch, "queued", hist="WORKFLOW_RESTARTED",
+            batch,
+            "queued",
+            hist="WORKFLOW_RESTARTED",
             hist_data={"from_step": from_step} if from_step else None,
-            qk=queue_key(PRIO_NEW, self.ctx.next_seq()), started=None, output=None, error=None,
+            qk=queue_key(PRIO_NEW, self.ctx.next_seq()),
+            started=None,
+            output=None,
+            error=None,
             waits=[],
         )
         await self.commit(batch, new_epoch=True)
@@ -565,7 +616,9 @@ class InstanceActor(PooledActor):
         if status in FINISHED:
             raise InvalidInstanceState(
                 f"{self.where}: cannot send event {event_type!r} to an instance that is {status}",
-                workflow=self.wfe.name, instance=self.iid)
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         ekey = event_key(self.rk, event_type, self.ctx.next_seq())
         batch = WriteBatch()
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
@@ -592,8 +645,11 @@ class InstanceActor(PooledActor):
 
     def _wants(self, event_type: str) -> bool:
         """True if the instance hibernated waiting for this type and nothing woke it yet."""
-        return (not self.woken and self.record["s"] == "waiting"
-                and event_type in self.record.get("waits", ()))
+        return (
+            not self.woken
+            and self.record["s"] == "waiting"
+            and event_type in self.record.get("waits", ())
+        )
 
     async def handle_timer(self, key: bytes, deadline: int) -> None:
         if not self.owned:
@@ -638,9 +694,12 @@ class InstanceActor(PooledActor):
                     ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
         batch = WriteBatch()
         batch.delete(TIMERS, key)
-        wake = (ex is None and not self.woken and self.record["s"] == "waiting"
-                and bool({load(raw)["type"] for _, raw in stored}
-                         & set(self.record.get("waits", ()))))
+        wake = (
+            ex is None
+            and not self.woken
+            and self.record["s"] == "waiting"
+            and bool({load(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ())))
+        )
         if wake:
             # Woken durably, in the write that consumes the poke, as by an event
             # sent through this node: a node that adopts it later sees it queued.
@@ -667,7 +726,9 @@ class InstanceActor(PooledActor):
         if stored is None or stored["epoch"] != self.epoch:
             raise InvalidInstanceState(
                 f"{self.where}: it moved to another node meanwhile; try again",
-                workflow=self.wfe.name, instance=self.iid)
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         self.record = stored  # its owner may have moved it on since this actor was made
         new = self.epoch + 1
         rec = dict(stored, epoch=new)
@@ -685,7 +746,9 @@ class InstanceActor(PooledActor):
                 raise lease_lost(node.node_id, self.where) from None
             raise InvalidInstanceState(
                 f"{self.where}: it moved to another node meanwhile; try again",
-                workflow=self.wfe.name, instance=self.iid) from None
+                workflow=self.wfe.name,
+                instance=self.iid,
+            ) from None
         self.record, self.epoch = rec, new
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor

@@ -26,16 +26,22 @@ __all__ = [
 class Suspend(BaseException):
     """Unwinds ``run`` when the instance hibernates (waiting or paused)."""
 
-    def __init__(self, message: str = "the run hibernates (it is replayed when woken); "
-                 "code in run must let this exception pass") -> None:
+    def __init__(
+        self,
+        message: str = "the run hibernates (it is replayed when woken); "
+        "code in run must let this exception pass",
+    ) -> None:
         super().__init__(message)
 
 
 class Stop(BaseException):
     """Unwinds ``run`` after terminate or restart, or when the instance's fence moved."""
 
-    def __init__(self, message: str = "the run was stopped (terminated, restarted, taken "
-                 "over by another node, or the runtime closed)") -> None:
+    def __init__(
+        self,
+        message: str = "the run was stopped (terminated, restarted, taken "
+        "over by another node, or the runtime closed)",
+    ) -> None:
         super().__init__(message)
 
 
