@@ -46,7 +46,7 @@ OWNER_LOCK = "actorflow.lock"
 OWNER_WAIT = 30.0
 
 log = logging.getLogger("actorflow.runtime")
-#: The collector thresholds a runtime sets while open (see ``Runtime(gc_threshold=)``).
+#: The collector thresholds a runtime raises the process's to (see ``Runtime(gc_threshold=)``).
 GC_THRESHOLD = (1_000_000, 20, 100)
 T = TypeVar("T", bound=DurableObject)
 
@@ -84,20 +84,22 @@ class Runtime:
         lease_timeout: Seconds without a heartbeat after which this node's
             instances are adopted by another node (default: the
             ``ACTORFLOW_LEASE_TIMEOUT`` environment variable, else 5).
-        gc_threshold: While the runtime is open, the cyclic garbage
-            collector's thresholds (``gc.set_threshold``), restored on
-            close. The engine makes a few dozen short-lived objects per
-            instance; with the interpreter's default (700, 10, 10) tens of
-            thousands of instances in flight get promoted to the oldest
-            generation and every full collection walks them all, which
-            halves throughput. The first threshold counts objects made and
-            not yet freed, and a collection walks them all: it is set above
-            what a busy engine keeps alive (about 45 objects per run in
-            flight), so that no collection pauses a burst of wake-ups (at
-            500,000, collections of 100 to 200 ms during a burst of 10,000
-            wakes/s let it fall behind). The engine makes no reference
-            cycles, so a high threshold costs little memory. None leaves
-            the collector alone.
+        gc_threshold: Raise the cyclic garbage collector's thresholds to at
+            least this (``gc.set_threshold``) for the rest of the process.
+            The thresholds are the process's, not a runtime's: a runtime only
+            ever raises them, never lowers or restores them, so closing one
+            runtime never changes the collector under another. The engine
+            makes a few dozen short-lived objects per instance; with the
+            interpreter's default (700, 10, 10) tens of thousands of
+            instances in flight get promoted to the oldest generation and
+            every full collection walks them all, which halves throughput.
+            The first threshold counts objects made and not yet freed, and a
+            collection walks them all: it is set above what a busy engine
+            keeps alive (about 45 objects per run in flight), so that no
+            collection pauses a burst of wake-ups (at 500,000, collections of
+            100 to 200 ms during a burst of 10,000 wakes/s let it fall
+            behind). The engine makes no reference cycles, so a high
+            threshold costs little memory. None leaves the collector alone.
     """
 
     def __init__(
@@ -120,29 +122,23 @@ class Runtime:
         gc_threshold: tuple[int, int, int] | None = GC_THRESHOLD,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
-        self._gc_before: tuple[int, int, int] | None = None
-        if gc_threshold is not None and gc.get_threshold()[0] < gc_threshold[0]:
-            self._gc_before, self._gc_ours = gc.get_threshold(), gc_threshold
-            gc.set_threshold(*gc_threshold)
+        if gc_threshold is not None:
+            _raise_gc_thresholds(gc_threshold)
         self.limits = limits or Limits()
         self.clock: Clock = clock or SystemClock()
         self.idle_timeout = idle_timeout
         self.node_id = node_id or os.environ.get(NODE_ID_ENV) or None
         self._claim: DirectoryClaim | None = None
+        self._owner_fd = self._lock_owner()
         try:
-            self._owner_fd = self._lock_owner()
-            try:
-                self.storage = Storage(
-                    self.data_dir,
-                    sync=sync,
-                    serializer=serializer,
-                    **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
-                )
-            except BaseException:
-                self._unlock()
-                raise
+            self.storage = Storage(
+                self.data_dir,
+                sync=sync,
+                serializer=serializer,
+                **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
+            )
         except BaseException:
-            self._restore_gc()
+            self._unlock()
             raise
         self._commits = CommitMonitor(self.clock.now)
         self.storage.add_commit_observer(self._commits)
@@ -331,12 +327,6 @@ class Runtime:
             self._claim.release()
             self._claim = None
 
-    def _restore_gc(self) -> None:
-        """Puts back the collector thresholds this runtime changed."""
-        if self._gc_before is not None and gc.get_threshold() == self._gc_ours:
-            gc.set_threshold(*self._gc_before)  # unless somebody changed it since
-            self._gc_before = None
-
     # -- multi-node ----------------------------------------------------------------
 
     def _join(self, lease_timeout: float | None) -> None:
@@ -481,7 +471,6 @@ class Runtime:
         if self._lease is not None:
             self._lease.leave()
         self.storage.close()
-        self._restore_gc()
         self._unlock()
 
     def __enter__(self) -> Runtime:
@@ -489,3 +478,11 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_gc_thresholds(wanted: tuple[int, int, int]) -> None:
+    """Raises each of the collector's thresholds to at least ``wanted``'s; lowers none."""
+    current = gc.get_threshold()
+    raised = tuple(max(c, w) for c, w in zip(current, wanted, strict=True))
+    if raised != current:
+        gc.set_threshold(*raised)
