@@ -23,6 +23,7 @@ from actorflow.core.errors import ActorflowError, InstanceNotFound, RecordFormat
 from actorflow.core.timers import TIMERS
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.engine.instance import InstanceActor
+from actorflow.workflows.engine.messages import Fail, InstanceMessage, Start, Timer
 from actorflow.workflows.engine.signals import StorageFault
 from actorflow.workflows.records import (
     EVENTS,
@@ -208,7 +209,7 @@ class Supervisor:
             # collection.
             actor.exec = None
 
-    def call(self, wfe: WorkflowEngine, iid: str, message: tuple[Any, ...]) -> Any:
+    def call(self, wfe: WorkflowEngine, iid: str, message: InstanceMessage) -> Any:
         """Sends ``message`` to the instance's actor and returns its reply."""
         self.ctx.check()
         for _ in range(16):
@@ -336,7 +337,7 @@ class Supervisor:
                 launched.append(actor)
                 continue
             try:
-                actor.actor_ref.tell(("start", reason))
+                actor.actor_ref.tell(Start(reason))
             except pykka.ActorDeadError:
                 self.running -= 1
                 self.by_wf[actor.wfe.name] -= 1
@@ -365,7 +366,7 @@ class Supervisor:
             self._retry_handle.cancel()
             self._retry_handle = None
         for actor in list(self.live.values()):
-            actor.handle_stop_run()
+            actor.stop_run()
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -496,7 +497,7 @@ class Supervisor:
                 woke = True
                 continue
             try:
-                actor.actor_ref.tell(("timer", key, deadline))
+                actor.actor_ref.tell(Timer(key, deadline))
             except pykka.ActorDeadError:
                 self.ctx.timers.done(key)
         if woke:
@@ -539,7 +540,7 @@ class Supervisor:
                 f"giving up. Last crash: {type(exc).__name__}: {exc}"
             )
             log.error(msg, extra={"workflow": actor.wfe.name, "instance": actor.iid})
-            actor.actor_ref.tell(("fail", msg))
+            actor.actor_ref.tell(Fail(msg))
             return
         if self.closing:
             return

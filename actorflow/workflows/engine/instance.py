@@ -19,15 +19,29 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from actorflow.cluster.lease import OWNER, lease_lost
 from actorflow.core.actors import PooledActor
-from actorflow.core.errors import InvalidInstanceState, StorageError
+from actorflow.core.errors import ActorflowError, InvalidInstanceState, StorageError
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TIMERS
 from actorflow.workflows.definition import FINISHED
 from actorflow.workflows.engine.execution import Execution
+from actorflow.workflows.engine.messages import (
+    Event,
+    Fail,
+    InstanceMessage,
+    Pause,
+    Restart,
+    Resume,
+    Start,
+    StopRun,
+    Terminate,
+    Timer,
+)
 from actorflow.workflows.records import (
     EVENTS,
     FENCE,
@@ -56,7 +70,7 @@ from actorflow.workflows.records import (
 if TYPE_CHECKING:
     from actorflow.workflows.engine.context import WorkflowEngine
 
-__all__ = ["InstanceActor"]
+__all__ = ["HANDLERS", "InstanceActor"]
 
 log = logging.getLogger("actorflow.engine")
 
@@ -97,12 +111,23 @@ class InstanceActor(PooledActor):
     # -- message plumbing -------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        name, *args = message
+        """Hands ``message`` to the handler of its class (see :data:`HANDLERS`)."""
+        handler = HANDLERS.get(type(message))
+        if handler is None:
+            raise ActorflowError(
+                f"{self.where}: unknown message {message!r}; the instance actor handles "
+                + ", ".join(sorted(t.__name__ for t in HANDLERS)),
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s: %s", self.where, name, extra={"workflow": self.wfe.name, "instance": self.iid}
+                "%s: %r",
+                self.where,
+                message,
+                extra={"workflow": self.wfe.name, "instance": self.iid},
             )
-        return getattr(self, "handle_" + name)(*args)
+        return handler(self, message)
 
     def _handle_receive(self, message: Any) -> Any:
         self.busy += 1
@@ -327,8 +352,9 @@ class InstanceActor(PooledActor):
 
     # -- lifecycle messages ---------------------------------------------------------
 
-    async def handle_start(self, reason: str) -> None:
+    async def handle_start(self, msg: Start) -> None:
         """The supervisor gave this instance a slot."""
+        reason = msg.reason
         self.woken = False
         if self.owned and self.fenced():
             self.owned = False  # another node took it over since this actor was made
@@ -439,8 +465,9 @@ class InstanceActor(PooledActor):
             self.ctx.supervisor.finished(self)
         self.maybe_evict()
 
-    async def handle_fail(self, message: str) -> None:
+    async def handle_fail(self, msg: Fail) -> None:
         """The supervisor gave up restarting: the instance is errored."""
+        message = msg.message
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
@@ -467,11 +494,11 @@ class InstanceActor(PooledActor):
         def again() -> None:
             sup.restarting -= 1
             if not sup.closing:
-                sup.actor(self.wfe, self.iid).actor_ref.tell(("fail", message))
+                sup.actor(self.wfe, self.iid).actor_ref.tell(Fail(message))
 
         self.ctx.loop.call_later(delay, again)
 
-    async def handle_pause(self) -> None:
+    async def handle_pause(self, msg: Pause) -> None:
         await self.take_over()
         status = self.public_status()
         if status in FINISHED:
@@ -498,7 +525,7 @@ class InstanceActor(PooledActor):
         await self.commit(batch)
         self.ctx.timers_done(keys)
 
-    async def handle_resume(self) -> None:
+    async def handle_resume(self, msg: Resume) -> None:
         await self.take_over()
         status = self.public_status()  # a run whose end is being written is still running
         if status == "terminated":
@@ -531,7 +558,7 @@ class InstanceActor(PooledActor):
             self.wfe.router.note_wake()
             self.ctx.supervisor.kick()
 
-    async def handle_terminate(self) -> None:
+    async def handle_terminate(self, msg: Terminate) -> None:
         await self.take_over()
         await self._let_end()
         status = self.public_status()
@@ -558,7 +585,8 @@ class InstanceActor(PooledActor):
             self.exec.stop()
         self.ctx.supervisor.finished(self)
 
-    async def handle_restart(self, from_step: str | None) -> None:
+    async def handle_restart(self, msg: Restart) -> None:
+        from_step = msg.from_step
         await self.take_over()
         await self._let_end()
         steps = self._stored_steps()
@@ -611,7 +639,8 @@ class InstanceActor(PooledActor):
         if ex is not None and ex.ending and not ex.finished and ex.task is not None:
             await asyncio.wait([ex.task])
 
-    async def handle_event(self, event_type: str, data: bytes, ts: int) -> None:
+    async def handle_event(self, msg: Event) -> None:
+        event_type, data, ts = msg.type, msg.data, msg.ts
         status = self.public_status()
         if status in FINISHED:
             raise InvalidInstanceState(
@@ -651,7 +680,8 @@ class InstanceActor(PooledActor):
             and event_type in self.record.get("waits", ())
         )
 
-    async def handle_timer(self, key: bytes, deadline: int) -> None:
+    async def handle_timer(self, msg: Timer) -> None:
+        key = msg.key
         if not self.owned:
             self.ctx.timers.done(key)  # offered again, the supervisor holds it for its owner
             return
@@ -759,7 +789,26 @@ class InstanceActor(PooledActor):
             self.wfe.router.rescan()
             sup.kick()
 
-    def handle_stop_run(self) -> None:
+    def handle_stop_run(self, msg: StopRun) -> None:
+        self.stop_run()
+
+    def stop_run(self) -> None:
         """Shutdown: stop the run without writing anything."""
         if self.exec is not None:
             self.exec.stop()
+
+
+#: The handler of each message class (see ``InstanceActor.on_receive``).
+HANDLERS: Mapping[type[InstanceMessage], Callable[[InstanceActor, Any], Any]] = MappingProxyType(
+    {
+        Start: InstanceActor.handle_start,
+        Pause: InstanceActor.handle_pause,
+        Resume: InstanceActor.handle_resume,
+        Terminate: InstanceActor.handle_terminate,
+        Restart: InstanceActor.handle_restart,
+        Event: InstanceActor.handle_event,
+        Timer: InstanceActor.handle_timer,
+        Fail: InstanceActor.handle_fail,
+        StopRun: InstanceActor.handle_stop_run,
+    }
+)

@@ -1,0 +1,57 @@
+"""The engine's types: the instance actor's messages, statuses, records and timers."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+import actorflow as af
+from actorflow.workflows.engine import messages
+from actorflow.workflows.engine.instance import HANDLERS, InstanceActor
+from actorflow.workflows.engine.messages import InstanceMessage
+
+
+class Sleeper(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        step.sleep("nap", "1 hour")
+        return step.do("after", lambda: "done")
+
+
+def _message_classes() -> set[type[InstanceMessage]]:
+    return {
+        cls
+        for _, cls in inspect.getmembers(messages, inspect.isclass)
+        if issubclass(cls, InstanceMessage) and cls is not InstanceMessage
+    }
+
+
+def test_every_message_class_has_a_handler_of_the_actor() -> None:
+    assert _message_classes() == set(HANDLERS)
+    for cls, handler in HANDLERS.items():
+        # The handler is the actor's own method, taking the message itself.
+        assert getattr(InstanceActor, handler.__name__) is handler, cls
+        assert list(inspect.signature(handler).parameters) == ["self", "msg"], cls
+
+
+def test_messages_are_frozen_values() -> None:
+    msg = messages.Event("go", b"x", 1)
+    assert msg == messages.Event("go", b"x", 1)
+    with pytest.raises(AttributeError):
+        msg.type = "other"  # type: ignore[misc]
+    assert not hasattr(msg, "__dict__")
+
+
+@pytest.mark.parametrize("message", [("pause",), "pause", object()])
+def test_an_unknown_message_is_refused_by_name(rt: af.Runtime, message: Any) -> None:
+    inst = rt.register(Sleeper, name="sleeper").create(id="s1")
+    assert rt.wait_until_idle()
+    binding = rt.workflow("sleeper")
+    with pytest.raises(af.ActorflowError, match="'s1'.*unknown message") as info:
+        binding._sup.call(binding._wfe, inst.id, message)
+    assert "Pause" in str(info.value) and "Timer" in str(info.value)
+    # Nothing was lost: the instance still sleeps, and the actor still works.
+    assert inst.status().status == "waiting"
+    inst.pause()
+    assert inst.status().status == "paused"
