@@ -55,3 +55,37 @@ def test_an_unknown_message_is_refused_by_name(rt: af.Runtime, message: Any) -> 
     assert inst.status().status == "waiting"
     inst.pause()
     assert inst.status().status == "paused"
+
+
+CONTRACT_STATUSES = [
+    "queued",
+    "running",
+    "paused",
+    "errored",
+    "terminated",
+    "complete",
+    "waiting",
+    "waitingForPause",
+    "unknown",
+]
+
+
+def test_status_names_are_the_contract_strings() -> None:
+    from actorflow.workflows.definition import FINISHED, STATUSES, Status
+
+    names = {n: getattr(Status, n) for n in dir(Status) if n.isupper()}
+    assert sorted(names.values()) == sorted(CONTRACT_STATUSES)
+    assert list(STATUSES) == CONTRACT_STATUSES
+    # Plain strings: records, JSON and InstanceStatus carry no other type.
+    assert all(type(v) is str for v in names.values())
+    assert FINISHED == {"complete", "errored", "terminated"}
+
+
+def test_step_statuses_are_plain_strings_of_one_type() -> None:
+    from typing import get_args
+
+    from actorflow.workflows.records import StepStatus, StepStatusName
+
+    values = [getattr(StepStatus, n) for n in dir(StepStatus) if n.isupper()]
+    assert sorted(values) == sorted(get_args(StepStatusName))
+    assert all(type(v) is str for v in values)

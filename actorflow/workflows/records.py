@@ -51,7 +51,7 @@ import functools
 import hashlib
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final, Literal
 
 from actorflow.core.codec import dump, load
 from actorflow.core.errors import RecordFormatError
@@ -67,6 +67,8 @@ __all__ = [
     "NUMBERS",
     "STEPS",
     "RecordFormatError",
+    "StepStatus",
+    "StepStatusName",
     "dump",
     "epoch_bytes",
     "event_key",
@@ -94,13 +96,22 @@ STEPS = "steps"
 EVENTS = "events"
 HIST = "hist"
 
-# Step record statuses.
-DONE = "complete"
-FAILED = "errored"
-RUNNING = "running"
-RETRYING = "retrying"
-SLEEPING = "sleeping"
-WAITING = "waiting"
+#: The type of a step record's status (its ``s``): one of :class:`StepStatus`.
+StepStatusName = Literal["complete", "errored", "running", "retrying", "sleeping", "waiting"]
+
+
+class StepStatus:
+    """The statuses of a step record (plain ``str``, for the reasons of ``Status``)."""
+
+    __slots__ = ()
+
+    DONE: Final = "complete"  # its result (or event) is stored: replay returns it
+    FAILED: Final = "errored"  # failed for good: replay raises its error
+    RUNNING: Final = "running"  # an attempt may be going on
+    RETRYING: Final = "retrying"  # an attempt failed; the next one is due at ``dl``
+    SLEEPING: Final = "sleeping"  # a sleep until ``dl``
+    WAITING: Final = "waiting"  # a wait for an event of type ``ty``, until ``dl``
+
 
 KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
 WAKE_KIND = "W"  # timer kind for instance deadlines
@@ -216,7 +227,8 @@ def queue_key(priority: bytes, seq: int) -> bytes:
     return priority + _U64.pack(seq)
 
 
-BLOCKED = (SLEEPING, WAITING, RETRYING)
+#: Step statuses that hold a timer (``tk``) until they end.
+BLOCKED = frozenset({StepStatus.SLEEPING, StepStatus.WAITING, StepStatus.RETRYING})
 
 
 def step_timers(steps: Iterable[dict[str, Any]]) -> list[bytes]:

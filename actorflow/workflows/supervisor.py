@@ -21,6 +21,7 @@ import pykka
 
 from actorflow.core.errors import ActorflowError, InstanceNotFound, RecordFormatError, StorageError
 from actorflow.core.timers import TIMERS
+from actorflow.workflows.definition import ACTIVE, Status
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.engine.instance import InstanceActor
 from actorflow.workflows.engine.messages import Fail, InstanceMessage, Start, Timer
@@ -486,7 +487,7 @@ class Supervisor:
                 and not actor.busy
                 and not actor.woken
                 and actor.owned
-                and actor.record["s"] == "waiting"
+                and actor.record["s"] == Status.WAITING
                 and actor.actor_inbox.empty()
                 and not is_poke(key)
             ):
@@ -630,7 +631,7 @@ class Supervisor:
         if parked:
             self.ctx.timers.kick()
         n = 0
-        for status in ("running", "waitingForPause"):
+        for status in (Status.RUNNING, Status.WAITING_FOR_PAUSE):
             for key, _ in self.ctx.storage.scan(
                 IDX, prefix=idx_prefix(wfe.name, status), keys_only=True
             ):
@@ -708,7 +709,7 @@ class Supervisor:
             old = self.live.get(ik)
             if old is not None and not old.busy and not old.running() and not old.woken:
                 self.evict(old)  # made before the takeover: reload it
-            if status in ("running", "waitingForPause"):
+            if status in ACTIVE:
                 try:
                     actor = self.actor(wfe, iid)
                 except InstanceNotFound:
@@ -718,7 +719,7 @@ class Supervisor:
                 elif not actor.running() and not actor.woken:
                     actor.woken = True
                     self.wakes.append((actor, "recover"))
-            elif status == "queued":
+            elif status == Status.QUEUED:
                 rescan.add(wf)
         for wf in rescan:
             self.engines[wf].router.rescan()

@@ -42,6 +42,7 @@ from actorflow.core.errors import (
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TIMERS, timer_key
 from actorflow.workflows.definition import (
+    Status,
     WorkflowEvent,
     WorkflowStepEvent,
     validate_event_type,
@@ -56,15 +57,10 @@ from actorflow.workflows.engine.signals import (
     Suspend,
 )
 from actorflow.workflows.records import (
-    DONE,
     EVENTS,
-    FAILED,
-    RETRYING,
-    RUNNING,
-    SLEEPING,
     STEPS,
-    WAITING,
     WAKE_KIND,
+    StepStatus,
     dump,
     error_dict,
     events_prefix,
@@ -247,11 +243,11 @@ class Execution:
                 output = await self.loop.run_in_executor(
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
-            outcome = ("complete", output)
+            outcome = (Status.COMPLETE, output)
         except GeneratorExit as e:
             if not self.loop.is_running():
                 raise  # the coroutine is being closed (its loop is gone): do nothing more
-            outcome = ("errored", _user_signal(self.where, "run", e))
+            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         except Suspend as e:
             # Unwinding left frames -> waiters -> futures -> this exception ->
             # its traceback -> frames: a cycle per run that only the cyclic
@@ -267,28 +263,28 @@ class Execution:
             if self.stopped or _cancelling():
                 outcome = ("stop", None)
             else:  # raised by the workflow's own code: nobody cancelled this run
-                outcome = ("errored", _user_signal(self.where, "run", e))
+                outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         except Fatal as f:
-            outcome = ("errored", f.error)
+            outcome = (Status.ERRORED, f.error)
         except EngineFault as e:
             outcome = ("crashed", e)
         except Exception as e:
-            outcome = ("errored", e)
+            outcome = (Status.ERRORED, e)
         except BaseException as e:
             # SystemExit or KeyboardInterrupt raised by run's own code: a failure
             # of the workflow. Taken as a crash it would be replayed into the
             # same exit on every restart and reopen.
-            outcome = ("errored", _user_signal(self.where, "run", e))
+            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         if self.suspended and outcome[0] != "suspended":
             # run caught the engine's unwinding (a bare except, or except
             # BaseException, around a step) and went on: what it returned or
             # raised afterwards is void. The instance is hibernated already.
             self._warn_caught("suspended")
             outcome = ("suspended", None)
-        elif self.stopped and outcome[0] in ("complete", "errored"):
+        elif self.stopped and outcome[0] in (Status.COMPLETE, Status.ERRORED):
             self._warn_caught("stopped")
             outcome = ("stop", None)
-        if outcome[0] in ("complete", "errored") and not self.stopped:
+        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.stopped:
             try:
                 await self._finish(*outcome)
             except (Stop, asyncio.CancelledError):
@@ -319,18 +315,23 @@ class Execution:
         keys = self._disarm_all(batch)
         actor = self.actor
         before = actor.record
-        if kind == "complete":
+        if kind == Status.COMPLETE:
             try:
                 data = self.ser.dumps(value)
             except SerializationError as e:
-                kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
+                kind, value = (
+                    Status.ERRORED,
+                    SerializationError(f"{self.where}: output of run: {e}"),
+                )
             else:
-                actor.end_ops(batch, "complete", self.t_start, output=data, hist="WORKFLOW_SUCCESS")
-        if kind == "errored":
+                actor.end_ops(
+                    batch, Status.COMPLETE, self.t_start, output=data, hist="WORKFLOW_SUCCESS"
+                )
+        if kind == Status.ERRORED:
             err = error_dict(value)
             actor.end_ops(
                 batch,
-                "errored",
+                Status.ERRORED,
                 self.t_start,
                 error=err,
                 hist="WORKFLOW_FAILURE",
@@ -449,7 +450,7 @@ class Execution:
         self._timers_after(arm, disarm)
 
     def _step_durable(self, rec: dict[str, Any]) -> None:
-        if rec["s"] == DONE or rec["s"] == FAILED:
+        if rec["s"] == StepStatus.DONE or rec["s"] == StepStatus.FAILED:
             self.ctx.step_rate.add()
         if self.ctx.observer is not None:
             self.ctx.observer.step_committed(self, rec)
@@ -536,7 +537,7 @@ class Execution:
                 self.actor.activation_ops(batch)
                 self.actor.status_ops(
                     batch,
-                    "paused" if paused else "waiting",
+                    Status.PAUSED if paused else Status.WAITING,
                     waits=waits,
                     hist="WORKFLOW_PAUSED" if paused else None,
                 )
@@ -718,9 +719,9 @@ class Execution:
         key, count = self._key("do", name)
         rec = self.steps.get(key)
         if rec is not None:
-            if rec["s"] == DONE:
+            if rec["s"] == StepStatus.DONE:
                 return self.ser.loads(rec["r"])
-            if rec["s"] == FAILED:
+            if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
             cfg = rec["cfg"]
         else:
@@ -733,12 +734,12 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": RUNNING,
+                "s": StepStatus.RUNNING,
                 "cfg": cfg,
                 "att": [],
                 "t0": now,
             }
-        elif rec["s"] == RETRYING and rec.get("dl", 0) > now:
+        elif rec["s"] == StepStatus.RETRYING and rec.get("dl", 0) > now:
             await self._block(key, rec["dl"], None)
         use_ctx = wants_ctx(fn)
         while True:
@@ -807,7 +808,7 @@ class Execution:
                     ed = error_dict(fatal)
                     new = dict(
                         rec,
-                        s=FAILED,
+                        s=StepStatus.FAILED,
                         att=[*rec["att"], (a0, a1, ed, None)],
                         t1=a1,
                         ed=ed,
@@ -816,7 +817,9 @@ class Execution:
                     new.pop("dl", None)
                     await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
                     raise Fatal(fatal)
-                new = dict(rec, s=DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1)
+                new = dict(
+                    rec, s=StepStatus.DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1
+                )
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 self._crash_point(name, "after_commit")
@@ -839,7 +842,7 @@ class Execution:
             if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
                 new = dict(
                     rec,
-                    s=FAILED,
+                    s=StepStatus.FAILED,
                     att=[*rec["att"], (a0, a1, ed, None)],
                     t1=a1,
                     ed=ed,
@@ -853,7 +856,7 @@ class Execution:
                 else retry_delay_ms(cfg, attempt)
             )
             dl = _deadline(a1, delay, where)
-            new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
+            new = dict(rec, s=StepStatus.RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
             tk = self._timer(dl, key) if delay > 0 else None
             await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
             rec = new
@@ -924,7 +927,7 @@ class Execution:
     async def _sleep(self, name: str, until: int | None, ms: int) -> None:
         key, count = self._key("sleep", name)
         rec = self.steps.get(key)
-        if rec is not None and rec["s"] == DONE:
+        if rec is not None and rec["s"] == StepStatus.DONE:
             return
         if self.stopped or self.pause_requested:
             await self._gate()
@@ -938,7 +941,7 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": SLEEPING,
+                "s": StepStatus.SLEEPING,
                 "dl": dl,
                 "t0": now,
             }
@@ -947,7 +950,7 @@ class Execution:
         if rec["dl"] > now:
             await self._block(key, rec["dl"], None)
             now = self.now_ms()
-        new = dict(rec, s=DONE, t1=now)
+        new = dict(rec, s=StepStatus.DONE, t1=now)
         await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
 
     # -- events -----------------------------------------------------------------
@@ -963,10 +966,10 @@ class Execution:
         key, count = self._key("wait_for_event", name)
         rec = self.steps.get(key)
         if rec is not None:
-            if rec["s"] == DONE:
+            if rec["s"] == StepStatus.DONE:
                 data, ts = rec["ev"]
                 return WorkflowStepEvent(rec["ty"], self.ser.loads(data), to_datetime(ts / 1000))
-            if rec["s"] == FAILED:
+            if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
         await self._gate()
         if self.mods is not None:
@@ -983,7 +986,7 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": WAITING,
+                "s": StepStatus.WAITING,
                 "ty": event_type,
                 "dl": _deadline(now, ms, where),
                 "t0": now,
@@ -997,7 +1000,7 @@ class Execution:
                 batch = WriteBatch()
                 if ekey:
                     batch.delete(EVENTS, ekey)  # consumed in the same commit as the result
-                new = dict(rec, s=DONE, ev=(data, ts), t1=self.now_ms())
+                new = dict(rec, s=StepStatus.DONE, ev=(data, ts), t1=self.now_ms())
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"), batch=batch)
                 return WorkflowStepEvent(event_type, self.ser.loads(data), to_datetime(ts / 1000))
@@ -1009,7 +1012,11 @@ class Execution:
                     step=name,
                 )
                 new = dict(
-                    rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err), e=self._dump_error(err)
+                    rec,
+                    s=StepStatus.FAILED,
+                    t1=self.now_ms(),
+                    ed=error_dict(err),
+                    e=self._dump_error(err),
                 )
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err

@@ -28,7 +28,7 @@ from actorflow.core.actors import PooledActor
 from actorflow.core.errors import ActorflowError, InvalidInstanceState, StorageError
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TIMERS
-from actorflow.workflows.definition import FINISHED
+from actorflow.workflows.definition import ACTIVE, FINISHED, STARTABLE, UNFINISHED, Status
 from actorflow.workflows.engine.execution import Execution
 from actorflow.workflows.engine.messages import (
     Event,
@@ -189,11 +189,11 @@ class InstanceActor(PooledActor):
         ex = self.live_run()
         if ex is not None:
             if ex.pause_requested:
-                return "waitingForPause"
-            return "running"
-        if self.woken and self.record["s"] in ("waiting", "running", "queued"):
+                return Status.WAITING_FOR_PAUSE
+            return Status.RUNNING
+        if self.woken and self.record["s"] in STARTABLE:
             # Woken (a timer, a crash restart, recovery) and waiting for a slot.
-            return "queued"
+            return Status.QUEUED
         status: str = self.record["s"]
         return status
 
@@ -224,7 +224,7 @@ class InstanceActor(PooledActor):
         rec = self.record
         new = dict(rec, s=status, **fields)
         old_qk = rec.get("qk")
-        new_qk = fields.get("qk", old_qk if status == "queued" else None)
+        new_qk = fields.get("qk", old_qk if status == Status.QUEUED else None)
         if old_qk and old_qk != new_qk:
             batch.delete(queue_db(self.wfe.name), old_qk)
             self.dequeued.append(old_qk)
@@ -253,8 +253,8 @@ class InstanceActor(PooledActor):
     def _active(self) -> bool:
         """True if the record already says this run is active (nothing to activate)."""
         rec = self.record
-        return rec["s"] == "running" or (
-            rec["s"] == "waitingForPause" and rec.get("started") is not None
+        return rec["s"] == Status.RUNNING or (
+            rec["s"] == Status.WAITING_FOR_PAUSE and rec.get("started") is not None
         )
 
     def activation_ops(self, batch: WriteBatch) -> None:
@@ -266,12 +266,12 @@ class InstanceActor(PooledActor):
         rec = self.record
         if self._active():
             return
-        pausing = rec["s"] == "waitingForPause"
+        pausing = rec["s"] == Status.WAITING_FOR_PAUSE
         first = rec.get("started") is None
         t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
         self.status_ops(
             batch,
-            "waitingForPause" if pausing else "running",
+            Status.WAITING_FOR_PAUSE if pausing else Status.RUNNING,
             hist="WORKFLOW_START" if first else None,
             hist_ts=t0,
             started=rec.get("started") or t0,
@@ -375,13 +375,13 @@ class InstanceActor(PooledActor):
             # (a "complete" never written): restart from what is durable.
             self.reload_record()
         status = self.record["s"]
-        if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
+        if self.running() or status not in UNFINISHED:
             self.ctx.supervisor.released(self)
             return
-        if status == "waitingForPause":  # recovered mid-pause: the pause takes effect now
+        if status == Status.WAITING_FOR_PAUSE:  # recovered mid-pause: the pause takes effect now
             batch = WriteBatch()
             keys = self._disarm_steps(batch, self._stored_steps())
-            self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+            self.status_ops(batch, Status.PAUSED, hist="WORKFLOW_PAUSED")
             try:
                 await self.commit(batch, new_epoch=True)
             finally:
@@ -419,7 +419,7 @@ class InstanceActor(PooledActor):
             and self.ctx.supervisor.node is None
             and reason not in ("recover", "crash")
             and (ex is None or ex.finished)
-            and self.record["s"] in ("queued", "running", "waiting")
+            and self.record["s"] in STARTABLE
         )
 
     def begin(
@@ -461,7 +461,7 @@ class InstanceActor(PooledActor):
             return
         if outcome == "crashed":
             self.ctx.supervisor.crashed(self, value)
-        elif outcome in ("complete", "errored"):
+        elif outcome in (Status.COMPLETE, Status.ERRORED):
             self.ctx.supervisor.finished(self)
         self.maybe_evict()
 
@@ -472,7 +472,7 @@ class InstanceActor(PooledActor):
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
         self.status_ops(
-            batch, "errored", error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
+            batch, Status.ERRORED, error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
         )
         try:
             await self.commit(batch, new_epoch=True)
@@ -507,7 +507,7 @@ class InstanceActor(PooledActor):
                 workflow=self.wfe.name,
                 instance=self.iid,
             )
-        if status in ("paused", "waitingForPause"):
+        if status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
             return
         ex = self.live_run()
         if ex is not None:
@@ -515,20 +515,20 @@ class InstanceActor(PooledActor):
                 return  # run() returned: its end is being written; nothing to pause
             if not ex.request_pause():
                 batch = WriteBatch()
-                self.status_ops(batch, "waitingForPause")
+                self.status_ops(batch, Status.WAITING_FOR_PAUSE)
                 await self.commit(batch)
             return
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         self.woken = False
-        self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+        self.status_ops(batch, Status.PAUSED, hist="WORKFLOW_PAUSED")
         await self.commit(batch)
         self.ctx.timers_done(keys)
 
     async def handle_resume(self, msg: Resume) -> None:
         await self.take_over()
         status = self.public_status()  # a run whose end is being written is still running
-        if status == "terminated":
+        if status == Status.TERMINATED:
             # Cloudflare: a terminated instance "cannot be resumed". On complete or
             # errored, as on any other status, resume has no effect (its docs).
             raise InvalidInstanceState(
@@ -538,19 +538,19 @@ class InstanceActor(PooledActor):
                 instance=self.iid,
             )
         ex = self.live_run()
-        if status == "waitingForPause":
+        if status == Status.WAITING_FOR_PAUSE:
             if ex is not None:
                 ex.cancel_pause()
                 if ex.ending:
                     return  # run() returned: its end is being written
             batch = WriteBatch()
-            self.status_ops(batch, "running", hist="WORKFLOW_RESUMED")
+            self.status_ops(batch, Status.RUNNING, hist="WORKFLOW_RESUMED")
             await self.commit(batch)
-        elif status == "paused":
+        elif status == Status.PAUSED:
             batch = WriteBatch()
             self.status_ops(
                 batch,
-                "queued",
+                Status.QUEUED,
                 hist="WORKFLOW_RESUMED",
                 qk=queue_key(PRIO_WAKE, self.ctx.next_seq()),
             )
@@ -575,7 +575,7 @@ class InstanceActor(PooledActor):
         self.start_after = None
         self.status_ops(
             batch,
-            "terminated",
+            Status.TERMINATED,
             hist="WORKFLOW_TERMINATED",
             hist_data={"trigger": {"source": "api"}},
         )
@@ -613,7 +613,7 @@ class InstanceActor(PooledActor):
         self.start_after = None
         self.status_ops(
             batch,
-            "queued",
+            Status.QUEUED,
             hist="WORKFLOW_RESTARTED",
             hist_data={"from_step": from_step} if from_step else None,
             qk=queue_key(PRIO_NEW, self.ctx.next_seq()),
@@ -660,7 +660,7 @@ class InstanceActor(PooledActor):
         wake = self.live_run() is None and self._wants(event_type)
         if wake:
             # Woken, it waits for a slot like a resumed instance: "queued" (served first).
-            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            self.status_ops(batch, Status.QUEUED, qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         await self.commit(batch)
         ex = self.live_run()  # the run may have hibernated while the event was being written
         if ex is not None:
@@ -676,7 +676,7 @@ class InstanceActor(PooledActor):
         """True if the instance hibernated waiting for this type and nothing woke it yet."""
         return (
             not self.woken
-            and self.record["s"] == "waiting"
+            and self.record["s"] == Status.WAITING
             and event_type in self.record.get("waits", ())
         )
 
@@ -701,7 +701,7 @@ class InstanceActor(PooledActor):
             return
         if self.woken:
             return
-        if self.record["s"] == "waiting":
+        if self.record["s"] == Status.WAITING:
             self.ctx.supervisor.wake(self)
             return
         # Queued, paused, finished: nobody needs it now (a replay re-arms what it waits on).
@@ -727,13 +727,13 @@ class InstanceActor(PooledActor):
         wake = (
             ex is None
             and not self.woken
-            and self.record["s"] == "waiting"
+            and self.record["s"] == Status.WAITING
             and bool({load(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ())))
         )
         if wake:
             # Woken durably, in the write that consumes the poke, as by an event
             # sent through this node: a node that adopts it later sees it queued.
-            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            self.status_ops(batch, Status.QUEUED, qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         try:
             await self.commit(batch)
         finally:
@@ -783,9 +783,9 @@ class InstanceActor(PooledActor):
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor
         sup.release_foreign(self.ik)
-        if rec["s"] in ("running", "waitingForPause") and not self.woken:
+        if rec["s"] in ACTIVE and not self.woken:
             sup.wake(self, "recover")
-        elif rec["s"] == "queued":
+        elif rec["s"] == Status.QUEUED:
             self.wfe.router.rescan()
             sup.kick()
 
