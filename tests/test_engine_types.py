@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import parse_source
 
 import actorflow as af
 from actorflow.workflows.engine import messages
@@ -48,7 +51,7 @@ def test_an_unknown_message_is_refused_by_name(rt: af.Runtime, message: Any) -> 
     inst = rt.register(Sleeper, name="sleeper").create(id="s1")
     assert rt.wait_until_idle()
     binding = rt.workflow("sleeper")
-    with pytest.raises(af.ActorflowError, match="'s1'.*unknown message") as info:
+    with pytest.raises(af.ActorflowError, match=r"'s1'.*unknown message") as info:
         binding._sup.call(binding._wfe, inst.id, message)
     assert "Pause" in str(info.value) and "Timer" in str(info.value)
     # Nothing was lost: the instance still sleeps, and the actor still works.
@@ -78,7 +81,7 @@ def test_status_names_are_the_contract_strings() -> None:
     assert list(STATUSES) == CONTRACT_STATUSES
     # Plain strings: records, JSON and InstanceStatus carry no other type.
     assert all(type(v) is str for v in names.values())
-    assert FINISHED == {"complete", "errored", "terminated"}
+    assert {"complete", "errored", "terminated"} == FINISHED
 
 
 def test_step_statuses_are_plain_strings_of_one_type() -> None:
@@ -89,3 +92,32 @@ def test_step_statuses_are_plain_strings_of_one_type() -> None:
     values = [getattr(StepStatus, n) for n in dir(StepStatus) if n.isupper()]
     assert sorted(values) == sorted(get_args(StepStatusName))
     assert all(type(v) is str for v in values)
+
+
+ENGINE = Path(af.__file__).parent
+
+
+def _engine_sources() -> list[Path]:
+    return [*sorted((ENGINE / "workflows").rglob("*.py")), ENGINE / "runtime.py"]
+
+
+def test_only_the_timer_service_touches_the_timer_index() -> None:
+    # One way to arm and disarm a timer (TimerService.arm, arm_key, disarm),
+    # and one way to read a timer key (parse_timer_key).
+    offenders = []
+    for path in _engine_sources():
+        tree = parse_source(path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name | ast.alias) and "TIMERS" in (
+                getattr(node, "id", None),
+                getattr(node, "name", None),
+            ):
+                offenders.append(f"{path.relative_to(ENGINE)}:{getattr(node, 'lineno', '?')}")
+            elif (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.slice, ast.Slice)
+                and isinstance(node.slice.lower, ast.Constant)
+                and node.slice.lower.value in (8, 9)
+            ):
+                offenders.append(f"{path.relative_to(ENGINE)}:{node.lineno} (a timer key by hand)")
+    assert offenders == []

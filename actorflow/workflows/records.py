@@ -78,6 +78,7 @@ __all__ = [
     "is_poke",
     "load",
     "poke_key",
+    "poke_target",
     "queue_db",
     "record_number",
     "rkey",
@@ -111,6 +112,15 @@ class StepStatus:
     RETRYING: Final = "retrying"  # an attempt failed; the next one is due at ``dl``
     SLEEPING: Final = "sleeping"  # a sleep until ``dl``
     WAITING: Final = "waiting"  # a wait for an event of type ``ty``, until ``dl``
+
+
+# The earlier names of the step statuses, for the tools that read records.
+DONE: Final = StepStatus.DONE
+FAILED: Final = StepStatus.FAILED
+RUNNING: Final = StepStatus.RUNNING
+RETRYING: Final = StepStatus.RETRYING
+SLEEPING: Final = StepStatus.SLEEPING
+WAITING: Final = StepStatus.WAITING
 
 
 KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
@@ -244,13 +254,19 @@ def error_dict(exc: BaseException) -> dict[str, str]:
 _POKE = b"\x00\xff"
 
 
+def poke_target(ik: bytes) -> bytes:
+    """The target of a poke: a timer (of kind ``WAKE_KIND``, due now) that tells
+    the owner of ``ik`` to read its events again."""
+    return ik + _POKE
+
+
 def poke_key(now_ms: int, ik: bytes) -> bytes:
-    """A timer due now that tells the owner of ``ik`` to read its events again."""
-    return timer_key(now_ms, WAKE_KIND, ik + _POKE)
+    """The key of a poke of ``ik`` due at ``now_ms`` (see :func:`poke_target`)."""
+    return timer_key(now_ms, WAKE_KIND, poke_target(ik))
 
 
 def is_poke(key: bytes) -> bool:
-    """True if timer ``key`` is a poke (see :func:`poke_key`).
+    """True if timer ``key`` is a poke (see :func:`poke_target`).
 
     Its target is ``wf \\0 id \\0 \\xff``; a step's target has more after
     the id (see :func:`~actorflow.workflows.records.step_target`), which may end

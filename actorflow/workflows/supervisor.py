@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actorflow.core.errors import ActorflowError, InstanceNotFound, RecordFormatError, StorageError
-from actorflow.core.timers import TIMERS
+from actorflow.core.timers import parse_timer_key
 from actorflow.workflows.definition import ACTIVE, Status
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.engine.instance import InstanceActor
@@ -473,7 +473,7 @@ class Supervisor:
         # A step's timer names its instance's records: no ids lookup per wake-up.
         known = {}
         for wfe, iid, key, _ in items:
-            rk = target_rkey(key[9:])
+            rk = target_rkey(parse_timer_key(key)[2])
             if rk is not None:
                 known[wfe.ik(iid)] = rk
         actors = self.actors([(wfe, iid) for wfe, iid, _, _ in items], known)
@@ -678,7 +678,7 @@ class Supervisor:
             items = [(ik, k) for ik, keys in self._foreign.items() for k in keys]
         if not items:
             return
-        alive = self.ctx.storage.get_many(TIMERS, [k for _, k in items])
+        alive = self.ctx.timers.armed([k for _, k in items])
         with self._lock:
             for ik, key in items:
                 if key not in alive:

@@ -40,7 +40,7 @@ from actorflow.core.errors import (
     StorageError,
 )
 from actorflow.core.storage import ConflictError, WriteBatch
-from actorflow.core.timers import TIMERS, timer_key
+from actorflow.core.timers import TimerService, timer_key
 from actorflow.workflows.definition import (
     Status,
     WorkflowEvent,
@@ -434,11 +434,11 @@ class Execution:
             batch = batch or WriteBatch()
         if arm:
             rec["tk"] = arm
-            batch.put(TIMERS, arm, b"")
+            TimerService.arm_key(batch, arm)
         else:
             rec.pop("tk", None)
-        if disarm and disarm != arm:
-            batch.delete(TIMERS, disarm)
+        if disarm != arm:
+            TimerService.disarm(batch, disarm)
         batch.put(STEPS, key, dump(rec))
         if stage:
             self.steps[key] = rec
@@ -470,9 +470,9 @@ class Execution:
         keys = step_timers(self.steps.values())
         for tk in keys:
             if rearm:
-                batch.put(TIMERS, tk, b"")
+                TimerService.arm_key(batch, tk)
             else:
-                batch.delete(TIMERS, tk)
+                TimerService.disarm(batch, tk)
         return keys
 
     # -- blocking and hibernation --------------------------------------------

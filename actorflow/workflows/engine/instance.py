@@ -27,7 +27,7 @@ from actorflow.cluster.lease import OWNER, lease_lost
 from actorflow.core.actors import PooledActor
 from actorflow.core.errors import ActorflowError, InvalidInstanceState, StorageError
 from actorflow.core.storage import ConflictError, WriteBatch
-from actorflow.core.timers import TIMERS
+from actorflow.core.timers import TimerService
 from actorflow.workflows.definition import ACTIVE, FINISHED, STARTABLE, UNFINISHED, Status
 from actorflow.workflows.engine.execution import Execution
 from actorflow.workflows.engine.messages import (
@@ -51,6 +51,7 @@ from actorflow.workflows.records import (
     PRIO_NEW,
     PRIO_WAKE,
     STEPS,
+    WAKE_KIND,
     dump,
     epoch_bytes,
     event_key,
@@ -59,7 +60,7 @@ from actorflow.workflows.records import (
     idx_key,
     is_poke,
     load,
-    poke_key,
+    poke_target,
     queue_db,
     queue_key,
     step_key,
@@ -347,7 +348,7 @@ class InstanceActor(PooledActor):
     def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
         keys = step_timers(steps.values())
         for tk in keys:
-            batch.delete(TIMERS, tk)
+            TimerService.disarm(batch, tk)
         return keys
 
     # -- lifecycle messages ---------------------------------------------------------
@@ -654,7 +655,7 @@ class InstanceActor(PooledActor):
         if not self.owned:
             # Another node runs it: store the event and poke the owner, whose
             # timer thread reads the poke and hands the event to its run.
-            batch.put(TIMERS, poke_key(self.ctx.now_ms(), self.ik), b"")
+            TimerService.arm(batch, self.ctx.now_ms(), WAKE_KIND, poke_target(self.ik))
             await self.ctx.write(batch)
             return
         wake = self.live_run() is None and self._wants(event_type)
@@ -706,7 +707,7 @@ class InstanceActor(PooledActor):
             return
         # Queued, paused, finished: nobody needs it now (a replay re-arms what it waits on).
         batch = WriteBatch()
-        batch.delete(TIMERS, key)
+        TimerService.disarm(batch, key)
         try:
             await self.ctx.write(batch)
         finally:
@@ -723,7 +724,7 @@ class InstanceActor(PooledActor):
                     ev = load(raw)
                     ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
         batch = WriteBatch()
-        batch.delete(TIMERS, key)
+        TimerService.disarm(batch, key)
         wake = (
             ex is None
             and not self.woken
