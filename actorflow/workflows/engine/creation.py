@@ -20,6 +20,7 @@ from actorflow.workflows.records import (
     INST,
     NUMBERS,
     PRIO_NEW,
+    InstanceRecord,
     dump,
     epoch_bytes,
     idx_key,
@@ -159,7 +160,7 @@ def new_instance_batch(
     nb = record_number(n)
     rk = rkey(wfe.name, nb)
     qk = queue_key(PRIO_NEW, seq)
-    rec: dict[str, Any] = {
+    rec: InstanceRecord = {
         "s": Status.QUEUED,
         "created": now_ms,
         "params": params,

@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from actorflow.core.clock import MAX_EPOCH_MS, parse_duration_ms, to_datetime, to_epoch_ms
 from actorflow.core.errors import (
@@ -60,11 +60,13 @@ from actorflow.workflows.records import (
     EVENTS,
     STEPS,
     WAKE_KIND,
+    StepCheckpoint,
     StepStatus,
     dump,
     error_dict,
     events_prefix,
-    load,
+    load_event,
+    load_step,
     step_key,
     step_target,
     step_timers,
@@ -177,7 +179,7 @@ class Execution:
         self.limits = self.wfe.limits
         self.ser = self.ctx.storage.serializer
         self.mods = self.ctx.modifiers.get(self.ik)
-        self.steps: dict[bytes, dict[str, Any]] = {}
+        self.steps: dict[bytes, StepCheckpoint] = {}
         seq = 0
         if preloaded is None:
             steps, events = self.ctx.storage.scan_prefixes(
@@ -186,20 +188,20 @@ class Execution:
         else:
             steps, events = preloaded
         for k, v in steps:
-            rec = load(v)
+            rec = load_step(v)
             self.steps[k] = rec
             seq = max(seq, rec["seq"] + 1)
         self.seq = seq
         self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
         for k, v in events:
-            ev = load(v)
+            ev = load_event(v)
             self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
         self.counters: dict[tuple[str, str], int] = {}
         self.waiters: list[_Waiter] = []
         self.t_start = self.ctx.now_ms()
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
         # What to do once the commit that writes the staged records is durable.
-        self._staged_after: list[tuple[dict[str, Any], bytes | None, bytes | None]] = []
+        self._staged_after: list[tuple[StepCheckpoint, bytes | None, bytes | None]] = []
 
     @property
     def where(self) -> str:
@@ -412,7 +414,7 @@ class Execution:
     async def _commit_step(
         self,
         key: bytes,
-        rec: dict[str, Any],
+        rec: StepCheckpoint,
         *,
         arm: bytes | None = None,
         disarm: bytes | None = None,
@@ -449,11 +451,11 @@ class Execution:
         self._step_durable(rec)
         self._timers_after(arm, disarm)
 
-    def _step_durable(self, rec: dict[str, Any]) -> None:
+    def _step_durable(self, rec: StepCheckpoint) -> None:
         if rec["s"] == StepStatus.DONE or rec["s"] == StepStatus.FAILED:
             self.ctx.step_rate.add()
         if self.ctx.observer is not None:
-            self.ctx.observer.step_committed(self, rec)
+            self.ctx.observer.step_committed(self, cast("dict[str, Any]", rec))
 
     def _timers_after(self, arm: bytes | None, disarm: bytes | None) -> None:
         if disarm and disarm != arm:
@@ -653,10 +655,11 @@ class Execution:
         except Exception:
             return None
 
-    def _stored_error(self, rec: dict[str, Any]) -> BaseException:
-        if rec.get("e") is not None:
+    def _stored_error(self, rec: StepCheckpoint) -> BaseException:
+        data = rec.get("e")
+        if data is not None:
             try:
-                err = self.ser.loads(rec["e"])
+                err = self.ser.loads(data)
                 if isinstance(err, BaseException):
                     return err
             except Exception:
@@ -806,20 +809,24 @@ class Execution:
                     # The step's record says why it failed; it lands with the
                     # instance's failure, in the run's final commit.
                     ed = error_dict(fatal)
-                    new = dict(
-                        rec,
-                        s=StepStatus.FAILED,
-                        att=[*rec["att"], (a0, a1, ed, None)],
-                        t1=a1,
-                        ed=ed,
-                        e=self._dump_error(fatal),
-                    )
+                    new: StepCheckpoint = {
+                        **rec,
+                        "s": StepStatus.FAILED,
+                        "att": [*rec["att"], (a0, a1, ed, None)],
+                        "t1": a1,
+                        "ed": ed,
+                        "e": self._dump_error(fatal),
+                    }
                     new.pop("dl", None)
                     await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
                     raise Fatal(fatal)
-                new = dict(
-                    rec, s=StepStatus.DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1
-                )
+                new = {
+                    **rec,
+                    "s": StepStatus.DONE,
+                    "r": data,
+                    "att": [*rec["att"], (a0, a1, None, None)],
+                    "t1": a1,
+                }
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 self._crash_point(name, "after_commit")
@@ -840,14 +847,14 @@ class Execution:
                     },
                 )
             if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
-                new = dict(
-                    rec,
-                    s=StepStatus.FAILED,
-                    att=[*rec["att"], (a0, a1, ed, None)],
-                    t1=a1,
-                    ed=ed,
-                    e=self._dump_error(err),
-                )
+                new = {
+                    **rec,
+                    "s": StepStatus.FAILED,
+                    "att": [*rec["att"], (a0, a1, ed, None)],
+                    "t1": a1,
+                    "ed": ed,
+                    "e": self._dump_error(err),
+                }
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             delay = (
@@ -856,7 +863,12 @@ class Execution:
                 else retry_delay_ms(cfg, attempt)
             )
             dl = _deadline(a1, delay, where)
-            new = dict(rec, s=StepStatus.RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
+            new = {
+                **rec,
+                "s": StepStatus.RETRYING,
+                "att": [*rec["att"], (a0, a1, ed, delay)],
+                "dl": dl,
+            }
             tk = self._timer(dl, key) if delay > 0 else None
             await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
             rec = new
@@ -950,7 +962,7 @@ class Execution:
         if rec["dl"] > now:
             await self._block(key, rec["dl"], None)
             now = self.now_ms()
-        new = dict(rec, s=StepStatus.DONE, t1=now)
+        new: StepCheckpoint = {**rec, "s": StepStatus.DONE, "t1": now}
         await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
 
     # -- events -----------------------------------------------------------------
@@ -1000,7 +1012,12 @@ class Execution:
                 batch = WriteBatch()
                 if ekey:
                     batch.delete(EVENTS, ekey)  # consumed in the same commit as the result
-                new = dict(rec, s=StepStatus.DONE, ev=(data, ts), t1=self.now_ms())
+                new: StepCheckpoint = {
+                    **rec,
+                    "s": StepStatus.DONE,
+                    "ev": (data, ts),
+                    "t1": self.now_ms(),
+                }
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"), batch=batch)
                 return WorkflowStepEvent(event_type, self.ser.loads(data), to_datetime(ts / 1000))
@@ -1011,13 +1028,13 @@ class Execution:
                     instance=self.actor.iid,
                     step=name,
                 )
-                new = dict(
-                    rec,
-                    s=StepStatus.FAILED,
-                    t1=self.now_ms(),
-                    ed=error_dict(err),
-                    e=self._dump_error(err),
-                )
+                new = {
+                    **rec,
+                    "s": StepStatus.FAILED,
+                    "t1": self.now_ms(),
+                    "ed": error_dict(err),
+                    "e": self._dump_error(err),
+                }
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             await self._block(key, rec["dl"], event_type)

@@ -52,6 +52,7 @@ from actorflow.workflows.records import (
     PRIO_WAKE,
     STEPS,
     WAKE_KIND,
+    StepCheckpoint,
     dump,
     epoch_bytes,
     event_key,
@@ -60,6 +61,8 @@ from actorflow.workflows.records import (
     idx_key,
     is_poke,
     load,
+    load_event,
+    load_step,
     poke_target,
     queue_db,
     queue_key,
@@ -86,6 +89,8 @@ class InstanceActor(PooledActor):
         self.iid = iid
         self.ik = wfe.ik(iid)  # names the instance: live actors, timers, owners
         self.rk = rk  # keys its records (see actorflow.engine.records)
+        # An InstanceRecord; typed as a plain dict while the status readers
+        # outside the engine (handles, observe) still read it as one.
         self.record = record
         self.epoch: int = record["epoch"]
         self.exec: Execution | None = None
@@ -340,12 +345,14 @@ class InstanceActor(PooledActor):
                 self.wfe.router.enqueued(key)
             self.enqueued.clear()
 
-    def _stored_steps(self) -> dict[bytes, dict[str, Any]]:
+    def _stored_steps(self) -> dict[bytes, StepCheckpoint]:
         if self.exec is not None:
             return self.exec.steps
-        return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.rk))}
+        return {
+            k: load_step(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.rk))
+        }
 
-    def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
+    def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, StepCheckpoint]) -> list[bytes]:
         keys = step_timers(steps.values())
         for tk in keys:
             TimerService.disarm(batch, tk)
@@ -721,7 +728,7 @@ class InstanceActor(PooledActor):
             for ekey, raw in stored:
                 if ekey not in self.seen_events:
                     self.seen_events.add(ekey)
-                    ev = load(raw)
+                    ev = load_event(raw)
                     ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
         batch = WriteBatch()
         TimerService.disarm(batch, key)
@@ -729,7 +736,9 @@ class InstanceActor(PooledActor):
             ex is None
             and not self.woken
             and self.record["s"] == Status.WAITING
-            and bool({load(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ())))
+            and bool(
+                {load_event(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ()))
+            )
         )
         if wake:
             # Woken durably, in the write that consumes the poke, as by an event
