@@ -19,12 +19,12 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from actorflow.core.clock import Clock
 from actorflow.core.storage import Storage, WriteBatch
 
-__all__ = ["TIMERS", "TimerService", "timer_key"]
+__all__ = ["TIMERS", "TimerService", "parse_timer_key", "timer_key"]
 
 log = logging.getLogger("actorflow.timers")
 
@@ -105,6 +105,9 @@ class TimerService:
         """Starts the timer thread."""
         self._thread.start()
 
+    # Arming and disarming: the only writers of the index. Static, because a
+    # timer is armed in its owner's own batch, not by the service.
+
     @staticmethod
     def arm(batch: WriteBatch, deadline_ms: int, kind: str, target: bytes) -> bytes:
         """Adds a timer to ``batch``; returns its key (keep it to disarm it)."""
@@ -113,10 +116,23 @@ class TimerService:
         return key
 
     @staticmethod
+    def arm_key(batch: WriteBatch, key: bytes) -> None:
+        """Adds timer ``key`` (made by :func:`timer_key`) to ``batch``.
+
+        For an owner that keeps the key in its own record before arming it,
+        or arms again a timer it had armed before.
+        """
+        batch.put(TIMERS, key, b"")
+
+    @staticmethod
     def disarm(batch: WriteBatch, key: bytes | None) -> None:
         """Adds the removal of timer ``key`` to ``batch`` (None: nothing)."""
         if key:
             batch.delete(TIMERS, key)
+
+    def armed(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Returns those of ``keys`` still armed (not yet consumed), in one snapshot."""
+        return set(self._storage.get_many(TIMERS, keys))
 
     def done(self, key: bytes | None, consumed: bool = False) -> None:
         """Tells the service the handler of ``key`` finished (or gave it up).

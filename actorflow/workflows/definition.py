@@ -5,14 +5,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
 from actorflow.core.errors import InvalidInstanceId
 
 __all__ = [
+    "ACTIVE",
     "FINISHED",
+    "STARTABLE",
     "STATUSES",
+    "UNFINISHED",
     "InstanceStatus",
+    "Status",
+    "StatusName",
     "Workflow",
     "WorkflowEntrypoint",
     "WorkflowEvent",
@@ -23,8 +28,8 @@ __all__ = [
     "validate_workflow_name",
 ]
 
-#: Every status an instance can report, exactly as Cloudflare spells them.
-STATUSES = (
+#: The type of an instance's status: one of :data:`STATUSES`.
+StatusName = Literal[
     "queued",
     "running",
     "paused",
@@ -34,9 +39,44 @@ STATUSES = (
     "waiting",
     "waitingForPause",
     "unknown",
-)
+]
+
+
+class Status:
+    """Every status an instance can report, exactly as Cloudflare spells them.
+
+    Plain ``str`` constants rather than an ``enum.StrEnum``: records, JSON
+    and :class:`InstanceStatus` keep plain strings with no conversion at
+    their boundaries, and the engine compares statuses on every commit,
+    where comparing a ``str`` to a ``StrEnum`` member costs four times a
+    comparison of two ``str``.
+    """
+
+    __slots__ = ()
+
+    QUEUED: Final = "queued"
+    RUNNING: Final = "running"
+    PAUSED: Final = "paused"
+    ERRORED: Final = "errored"
+    TERMINATED: Final = "terminated"
+    COMPLETE: Final = "complete"
+    WAITING: Final = "waiting"
+    WAITING_FOR_PAUSE: Final = "waitingForPause"
+    UNKNOWN: Final = "unknown"
+
+
+#: Every status an instance can report, exactly as Cloudflare spells them.
+STATUSES: tuple[str, ...] = get_args(StatusName)
 #: Statuses an instance never leaves (except by ``restart``).
-FINISHED = frozenset({"complete", "errored", "terminated"})
+FINISHED: frozenset[str] = frozenset({Status.COMPLETE, Status.ERRORED, Status.TERMINATED})
+#: Statuses of an instance that has a run to do (or to go on with).
+UNFINISHED: frozenset[str] = frozenset(
+    {Status.QUEUED, Status.RUNNING, Status.WAITING, Status.WAITING_FOR_PAUSE}
+)
+#: Statuses of an instance whose run is going on (or was, when its node stopped).
+ACTIVE: frozenset[str] = frozenset({Status.RUNNING, Status.WAITING_FOR_PAUSE})
+#: Statuses an instance can start a run from at once (no pause pending).
+STARTABLE: frozenset[str] = frozenset({Status.QUEUED, Status.RUNNING, Status.WAITING})
 
 _ID_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9\-_]*$")
 MAX_INSTANCE_ID = 100

@@ -36,6 +36,14 @@ from actorflow.workflows.engine.creation import (
     new_instance_batch,
 )
 from actorflow.workflows.engine.instance import InstanceActor
+from actorflow.workflows.engine.messages import (
+    Event,
+    InstanceMessage,
+    Pause,
+    Restart,
+    Resume,
+    Terminate,
+)
 from actorflow.workflows.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
 from actorflow.workflows.records import (
@@ -72,7 +80,7 @@ class Instance:
     def __hash__(self) -> int:
         return hash((self._b.name, self.id))
 
-    def _call(self, *message: Any) -> Any:
+    def _call(self, message: InstanceMessage) -> Any:
         return self._b._sup.call(self._b._wfe, self.id, message)
 
     def _not_found(self) -> InstanceNotFound:
@@ -116,7 +124,7 @@ class Instance:
 
     def pause(self) -> None:
         """Pauses: at once in a sleep or wait, else after the steps in flight end."""
-        self._call("pause")
+        self._call(Pause())
 
     def resume(self) -> None:
         """Resumes a paused (or pausing) instance; no effect in other statuses but one.
@@ -125,22 +133,22 @@ class Instance:
             InvalidInstanceState: It is terminated (a terminated instance cannot
                 be resumed; ``restart`` runs it again).
         """
-        self._call("resume")
+        self._call(Resume())
 
     def terminate(self) -> None:
         """Ends the instance for good. Raises InvalidInstanceState if it already ended."""
-        self._call("terminate")
+        self._call(Terminate())
 
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""
-        self._call("restart", from_step)
+        self._call(Restart(from_step))
 
     def send_event(self, type: str, payload: Any = None) -> None:
         """Delivers an event; buffered until a ``wait_for_event`` of that type takes it."""
         where = f"workflow {self._b.name!r}, instance {self.id!r}: send_event"
         validate_event_type(type, where)
         data = self._b._encode(payload, where)
-        self._call("event", type, data, self._b._ctx.now_ms())
+        self._call(Event(type, data, self._b._ctx.now_ms()))
 
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Blocks until the instance is complete, errored or terminated; returns its status.

@@ -51,9 +51,9 @@ import functools
 import hashlib
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, cast
 
-from actorflow.core.codec import dump, load
+from actorflow.core.codec import load
 from actorflow.core.errors import RecordFormatError
 from actorflow.core.timers import parse_timer_key, timer_key
 
@@ -66,7 +66,14 @@ __all__ = [
     "INST",
     "NUMBERS",
     "STEPS",
+    "Attempt",
+    "EventRecord",
+    "HistoryRecord",
+    "InstanceRecord",
     "RecordFormatError",
+    "StepCheckpoint",
+    "StepStatus",
+    "StepStatusName",
     "dump",
     "epoch_bytes",
     "event_key",
@@ -75,7 +82,11 @@ __all__ = [
     "ikey",
     "is_poke",
     "load",
+    "load_event",
+    "load_instance",
+    "load_step",
     "poke_key",
+    "poke_target",
     "queue_db",
     "record_number",
     "rkey",
@@ -94,13 +105,120 @@ STEPS = "steps"
 EVENTS = "events"
 HIST = "hist"
 
-# Step record statuses.
-DONE = "complete"
-FAILED = "errored"
-RUNNING = "running"
-RETRYING = "retrying"
-SLEEPING = "sleeping"
-WAITING = "waiting"
+#: The type of a step record's status (its ``s``): one of :class:`StepStatus`.
+StepStatusName = Literal["complete", "errored", "running", "retrying", "sleeping", "waiting"]
+
+
+class StepStatus:
+    """The statuses of a step record (plain ``str``, for the reasons of ``Status``)."""
+
+    __slots__ = ()
+
+    DONE: Final = "complete"  # its result (or event) is stored: replay returns it
+    FAILED: Final = "errored"  # failed for good: replay raises its error
+    RUNNING: Final = "running"  # an attempt may be going on
+    RETRYING: Final = "retrying"  # an attempt failed; the next one is due at ``dl``
+    SLEEPING: Final = "sleeping"  # a sleep until ``dl``
+    WAITING: Final = "waiting"  # a wait for an event of type ``ty``, until ``dl``
+
+
+# The earlier names of the step statuses, for the tools that read records.
+DONE: Final = StepStatus.DONE
+FAILED: Final = StepStatus.FAILED
+RUNNING: Final = StepStatus.RUNNING
+RETRYING: Final = StepStatus.RETRYING
+SLEEPING: Final = StepStatus.SLEEPING
+WAITING: Final = StepStatus.WAITING
+
+
+# -- the records -----------------------------------------------------------------
+# Their keys are short because they are on disk, once per record: a million
+# step records carry them a million times. They are kept exactly as they are.
+
+
+class InstanceRecord(TypedDict, total=False):
+    """The instance record (``inst``), one per instance."""
+
+    s: str  # its status: one of definition.Status (never "unknown")
+    created: int  # when it was created (epoch ms); also in its idx key
+    params: bytes  # the params of run, from the runtime's serializer
+    epoch: int  # its fencing token, as in ``fence`` (moved by terminate, restart, recovery)
+    qk: bytes | None  # its queue entry while queued (``queue_key``), else None
+    tp: str  # the creator's W3C traceparent, if it was traced
+    started: int | None  # when its first run began (epoch ms); None: not yet
+    waits: list[str]  # the event types it hibernated waiting for
+    output: bytes | None  # run's return value (serialized) once complete
+    error: dict[str, str] | None  # ``{name, message}`` once errored
+
+
+#: One attempt of a ``step.do``: ``(start ms, end ms, {name, message} or None,
+#: retry delay ms or None)``; MessagePack reads the tuple back as a list.
+Attempt = tuple[int, int, dict[str, str] | None, int | None] | list[Any]
+
+
+class StepCheckpoint(TypedDict, total=False):
+    """A step record (``steps``): one occurrence of a step, what replay returns."""
+
+    k: str  # kind: "do", "sleep" or "wait_for_event"
+    n: str  # the step's name
+    c: int  # occurrence of the name in the run (1, 2, ...)
+    seq: int  # order of the step in the run (0, 1, ...)
+    s: str  # its status: one of StepStatus
+    t0: int  # when it started (epoch ms)
+    t1: int  # when it ended (epoch ms)
+    dl: int  # deadline (epoch ms) of a sleep, an event wait or the next retry
+    tk: bytes  # the timer key armed for ``dl``, while blocked on it
+    cfg: dict[str, Any]  # do: the resolved config (retries, timeout)
+    att: list[Attempt]  # do: the attempts so far
+    r: bytes  # do: the result, serialized
+    ed: dict[str, str]  # failed: ``{name, message}`` of the error
+    e: bytes | None  # failed: the error itself, serialized (None if it cannot be)
+    ty: str  # wait_for_event: the event type
+    ev: tuple[bytes, int] | list[Any]  # wait_for_event: the event's (payload, ts)
+
+
+class EventRecord(TypedDict):
+    """A buffered event (``events``), until a ``wait_for_event`` consumes it."""
+
+    type: str  # the event type
+    p: bytes  # the payload, serialized
+    ts: int  # when it was sent (epoch ms)
+
+
+class HistoryRecord(TypedDict):
+    """An instance-level history event (``hist``)."""
+
+    type: str  # WORKFLOW_START, WORKFLOW_PAUSED, INSTANCE_RECOVERED, ...
+    ts: int  # epoch ms
+    data: dict[str, Any]
+
+
+if TYPE_CHECKING:
+
+    def dump(
+        record: InstanceRecord | StepCheckpoint | EventRecord | HistoryRecord | dict[str, Any],
+    ) -> bytes:
+        """Encodes an engine record (see :func:`actorflow.core.codec.dump`)."""
+        ...
+
+else:
+    from actorflow.core.codec import dump
+
+
+def load_instance(raw: bytes) -> InstanceRecord:
+    """Decodes an instance record."""
+    return cast(InstanceRecord, load(raw))
+
+
+def load_step(raw: bytes) -> StepCheckpoint:
+    """Decodes a step record."""
+    return cast(StepCheckpoint, load(raw))
+
+
+def load_event(raw: bytes) -> EventRecord:
+    """Decodes a buffered event."""
+    return cast(EventRecord, load(raw))
+
 
 KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
 WAKE_KIND = "W"  # timer kind for instance deadlines
@@ -216,10 +334,11 @@ def queue_key(priority: bytes, seq: int) -> bytes:
     return priority + _U64.pack(seq)
 
 
-BLOCKED = (SLEEPING, WAITING, RETRYING)
+#: Step statuses that hold a timer (``tk``) until they end.
+BLOCKED = frozenset({StepStatus.SLEEPING, StepStatus.WAITING, StepStatus.RETRYING})
 
 
-def step_timers(steps: Iterable[dict[str, Any]]) -> list[bytes]:
+def step_timers(steps: Iterable[StepCheckpoint]) -> list[bytes]:
     """Returns the timer keys of the steps still blocked on a deadline."""
     return [r["tk"] for r in steps if r.get("tk") and r["s"] in BLOCKED]
 
@@ -232,13 +351,19 @@ def error_dict(exc: BaseException) -> dict[str, str]:
 _POKE = b"\x00\xff"
 
 
+def poke_target(ik: bytes) -> bytes:
+    """The target of a poke: a timer (of kind ``WAKE_KIND``, due now) that tells
+    the owner of ``ik`` to read its events again."""
+    return ik + _POKE
+
+
 def poke_key(now_ms: int, ik: bytes) -> bytes:
-    """A timer due now that tells the owner of ``ik`` to read its events again."""
-    return timer_key(now_ms, WAKE_KIND, ik + _POKE)
+    """The key of a poke of ``ik`` due at ``now_ms`` (see :func:`poke_target`)."""
+    return timer_key(now_ms, WAKE_KIND, poke_target(ik))
 
 
 def is_poke(key: bytes) -> bool:
-    """True if timer ``key`` is a poke (see :func:`poke_key`).
+    """True if timer ``key`` is a poke (see :func:`poke_target`).
 
     Its target is ``wf \\0 id \\0 \\xff``; a step's target has more after
     the id (see :func:`~actorflow.workflows.records.step_target`), which may end

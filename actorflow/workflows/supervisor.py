@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actorflow.core.errors import ActorflowError, InstanceNotFound, RecordFormatError, StorageError
-from actorflow.core.timers import TIMERS
+from actorflow.core.timers import parse_timer_key
+from actorflow.workflows.definition import ACTIVE, Status
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.engine.instance import InstanceActor
+from actorflow.workflows.engine.messages import Fail, InstanceMessage, Start, Timer
 from actorflow.workflows.engine.signals import StorageFault
 from actorflow.workflows.records import (
     EVENTS,
@@ -208,7 +210,7 @@ class Supervisor:
             # collection.
             actor.exec = None
 
-    def call(self, wfe: WorkflowEngine, iid: str, message: tuple[Any, ...]) -> Any:
+    def call(self, wfe: WorkflowEngine, iid: str, message: InstanceMessage) -> Any:
         """Sends ``message`` to the instance's actor and returns its reply."""
         self.ctx.check()
         for _ in range(16):
@@ -336,7 +338,7 @@ class Supervisor:
                 launched.append(actor)
                 continue
             try:
-                actor.actor_ref.tell(("start", reason))
+                actor.actor_ref.tell(Start(reason))
             except pykka.ActorDeadError:
                 self.running -= 1
                 self.by_wf[actor.wfe.name] -= 1
@@ -365,7 +367,7 @@ class Supervisor:
             self._retry_handle.cancel()
             self._retry_handle = None
         for actor in list(self.live.values()):
-            actor.handle_stop_run()
+            actor.stop_run()
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -471,7 +473,7 @@ class Supervisor:
         # A step's timer names its instance's records: no ids lookup per wake-up.
         known = {}
         for wfe, iid, key, _ in items:
-            rk = target_rkey(key[9:])
+            rk = target_rkey(parse_timer_key(key)[2])
             if rk is not None:
                 known[wfe.ik(iid)] = rk
         actors = self.actors([(wfe, iid) for wfe, iid, _, _ in items], known)
@@ -485,7 +487,7 @@ class Supervisor:
                 and not actor.busy
                 and not actor.woken
                 and actor.owned
-                and actor.record["s"] == "waiting"
+                and actor.record["s"] == Status.WAITING
                 and actor.actor_inbox.empty()
                 and not is_poke(key)
             ):
@@ -496,7 +498,7 @@ class Supervisor:
                 woke = True
                 continue
             try:
-                actor.actor_ref.tell(("timer", key, deadline))
+                actor.actor_ref.tell(Timer(key, deadline))
             except pykka.ActorDeadError:
                 self.ctx.timers.done(key)
         if woke:
@@ -539,7 +541,7 @@ class Supervisor:
                 f"giving up. Last crash: {type(exc).__name__}: {exc}"
             )
             log.error(msg, extra={"workflow": actor.wfe.name, "instance": actor.iid})
-            actor.actor_ref.tell(("fail", msg))
+            actor.actor_ref.tell(Fail(msg))
             return
         if self.closing:
             return
@@ -629,7 +631,7 @@ class Supervisor:
         if parked:
             self.ctx.timers.kick()
         n = 0
-        for status in ("running", "waitingForPause"):
+        for status in (Status.RUNNING, Status.WAITING_FOR_PAUSE):
             for key, _ in self.ctx.storage.scan(
                 IDX, prefix=idx_prefix(wfe.name, status), keys_only=True
             ):
@@ -676,7 +678,7 @@ class Supervisor:
             items = [(ik, k) for ik, keys in self._foreign.items() for k in keys]
         if not items:
             return
-        alive = self.ctx.storage.get_many(TIMERS, [k for _, k in items])
+        alive = self.ctx.timers.armed([k for _, k in items])
         with self._lock:
             for ik, key in items:
                 if key not in alive:
@@ -707,7 +709,7 @@ class Supervisor:
             old = self.live.get(ik)
             if old is not None and not old.busy and not old.running() and not old.woken:
                 self.evict(old)  # made before the takeover: reload it
-            if status in ("running", "waitingForPause"):
+            if status in ACTIVE:
                 try:
                     actor = self.actor(wfe, iid)
                 except InstanceNotFound:
@@ -717,7 +719,7 @@ class Supervisor:
                 elif not actor.running() and not actor.woken:
                     actor.woken = True
                     self.wakes.append((actor, "recover"))
-            elif status == "queued":
+            elif status == Status.QUEUED:
                 rescan.add(wf)
         for wf in rescan:
             self.engines[wf].router.rescan()

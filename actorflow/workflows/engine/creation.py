@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from actorflow.core.storage import ConflictError, Storage, WriteBatch
+from actorflow.workflows.definition import Status
 from actorflow.workflows.engine.context import WorkflowEngine
 from actorflow.workflows.records import (
     FENCE,
@@ -19,6 +20,7 @@ from actorflow.workflows.records import (
     INST,
     NUMBERS,
     PRIO_NEW,
+    InstanceRecord,
     dump,
     epoch_bytes,
     idx_key,
@@ -158,7 +160,13 @@ def new_instance_batch(
     nb = record_number(n)
     rk = rkey(wfe.name, nb)
     qk = queue_key(PRIO_NEW, seq)
-    rec: dict[str, Any] = {"s": "queued", "created": now_ms, "params": params, "epoch": 1, "qk": qk}
+    rec: InstanceRecord = {
+        "s": Status.QUEUED,
+        "created": now_ms,
+        "params": params,
+        "epoch": 1,
+        "qk": qk,
+    }
     if traceparent:
         rec["tp"] = traceparent
     batch = WriteBatch()
@@ -167,7 +175,7 @@ def new_instance_batch(
     batch.put(IDS, ik, nb)
     batch.put(INST, rk, dump(rec))
     batch.put(FENCE, rk, epoch_bytes(1))
-    batch.put(IDX, idx_key(wfe.name, "queued", now_ms, iid), b"")
+    batch.put(IDX, idx_key(wfe.name, Status.QUEUED, now_ms, iid), b"")
     batch.put(queue_db(wfe.name), qk, iid.encode())
     node = wfe.ctx.supervisor.node
     if node is not None:

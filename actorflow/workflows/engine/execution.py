@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from actorflow.core.clock import MAX_EPOCH_MS, parse_duration_ms, to_datetime, to_epoch_ms
 from actorflow.core.errors import (
@@ -40,8 +40,9 @@ from actorflow.core.errors import (
     StorageError,
 )
 from actorflow.core.storage import ConflictError, WriteBatch
-from actorflow.core.timers import TIMERS, timer_key
+from actorflow.core.timers import TimerService, timer_key
 from actorflow.workflows.definition import (
+    Status,
     WorkflowEvent,
     WorkflowStepEvent,
     validate_event_type,
@@ -56,19 +57,16 @@ from actorflow.workflows.engine.signals import (
     Suspend,
 )
 from actorflow.workflows.records import (
-    DONE,
     EVENTS,
-    FAILED,
-    RETRYING,
-    RUNNING,
-    SLEEPING,
     STEPS,
-    WAITING,
     WAKE_KIND,
+    StepCheckpoint,
+    StepStatus,
     dump,
     error_dict,
     events_prefix,
-    load,
+    load_event,
+    load_step,
     step_key,
     step_target,
     step_timers,
@@ -181,7 +179,7 @@ class Execution:
         self.limits = self.wfe.limits
         self.ser = self.ctx.storage.serializer
         self.mods = self.ctx.modifiers.get(self.ik)
-        self.steps: dict[bytes, dict[str, Any]] = {}
+        self.steps: dict[bytes, StepCheckpoint] = {}
         seq = 0
         if preloaded is None:
             steps, events = self.ctx.storage.scan_prefixes(
@@ -190,20 +188,20 @@ class Execution:
         else:
             steps, events = preloaded
         for k, v in steps:
-            rec = load(v)
+            rec = load_step(v)
             self.steps[k] = rec
             seq = max(seq, rec["seq"] + 1)
         self.seq = seq
         self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
         for k, v in events:
-            ev = load(v)
+            ev = load_event(v)
             self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
         self.counters: dict[tuple[str, str], int] = {}
         self.waiters: list[_Waiter] = []
         self.t_start = self.ctx.now_ms()
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
         # What to do once the commit that writes the staged records is durable.
-        self._staged_after: list[tuple[dict[str, Any], bytes | None, bytes | None]] = []
+        self._staged_after: list[tuple[StepCheckpoint, bytes | None, bytes | None]] = []
 
     @property
     def where(self) -> str:
@@ -247,11 +245,11 @@ class Execution:
                 output = await self.loop.run_in_executor(
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
-            outcome = ("complete", output)
+            outcome = (Status.COMPLETE, output)
         except GeneratorExit as e:
             if not self.loop.is_running():
                 raise  # the coroutine is being closed (its loop is gone): do nothing more
-            outcome = ("errored", _user_signal(self.where, "run", e))
+            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         except Suspend as e:
             # Unwinding left frames -> waiters -> futures -> this exception ->
             # its traceback -> frames: a cycle per run that only the cyclic
@@ -267,28 +265,28 @@ class Execution:
             if self.stopped or _cancelling():
                 outcome = ("stop", None)
             else:  # raised by the workflow's own code: nobody cancelled this run
-                outcome = ("errored", _user_signal(self.where, "run", e))
+                outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         except Fatal as f:
-            outcome = ("errored", f.error)
+            outcome = (Status.ERRORED, f.error)
         except EngineFault as e:
             outcome = ("crashed", e)
         except Exception as e:
-            outcome = ("errored", e)
+            outcome = (Status.ERRORED, e)
         except BaseException as e:
             # SystemExit or KeyboardInterrupt raised by run's own code: a failure
             # of the workflow. Taken as a crash it would be replayed into the
             # same exit on every restart and reopen.
-            outcome = ("errored", _user_signal(self.where, "run", e))
+            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
         if self.suspended and outcome[0] != "suspended":
             # run caught the engine's unwinding (a bare except, or except
             # BaseException, around a step) and went on: what it returned or
             # raised afterwards is void. The instance is hibernated already.
             self._warn_caught("suspended")
             outcome = ("suspended", None)
-        elif self.stopped and outcome[0] in ("complete", "errored"):
+        elif self.stopped and outcome[0] in (Status.COMPLETE, Status.ERRORED):
             self._warn_caught("stopped")
             outcome = ("stop", None)
-        if outcome[0] in ("complete", "errored") and not self.stopped:
+        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.stopped:
             try:
                 await self._finish(*outcome)
             except (Stop, asyncio.CancelledError):
@@ -319,18 +317,23 @@ class Execution:
         keys = self._disarm_all(batch)
         actor = self.actor
         before = actor.record
-        if kind == "complete":
+        if kind == Status.COMPLETE:
             try:
                 data = self.ser.dumps(value)
             except SerializationError as e:
-                kind, value = "errored", SerializationError(f"{self.where}: output of run: {e}")
+                kind, value = (
+                    Status.ERRORED,
+                    SerializationError(f"{self.where}: output of run: {e}"),
+                )
             else:
-                actor.end_ops(batch, "complete", self.t_start, output=data, hist="WORKFLOW_SUCCESS")
-        if kind == "errored":
+                actor.end_ops(
+                    batch, Status.COMPLETE, self.t_start, output=data, hist="WORKFLOW_SUCCESS"
+                )
+        if kind == Status.ERRORED:
             err = error_dict(value)
             actor.end_ops(
                 batch,
-                "errored",
+                Status.ERRORED,
                 self.t_start,
                 error=err,
                 hist="WORKFLOW_FAILURE",
@@ -411,7 +414,7 @@ class Execution:
     async def _commit_step(
         self,
         key: bytes,
-        rec: dict[str, Any],
+        rec: StepCheckpoint,
         *,
         arm: bytes | None = None,
         disarm: bytes | None = None,
@@ -433,11 +436,11 @@ class Execution:
             batch = batch or WriteBatch()
         if arm:
             rec["tk"] = arm
-            batch.put(TIMERS, arm, b"")
+            TimerService.arm_key(batch, arm)
         else:
             rec.pop("tk", None)
-        if disarm and disarm != arm:
-            batch.delete(TIMERS, disarm)
+        if disarm != arm:
+            TimerService.disarm(batch, disarm)
         batch.put(STEPS, key, dump(rec))
         if stage:
             self.steps[key] = rec
@@ -448,11 +451,11 @@ class Execution:
         self._step_durable(rec)
         self._timers_after(arm, disarm)
 
-    def _step_durable(self, rec: dict[str, Any]) -> None:
-        if rec["s"] == DONE or rec["s"] == FAILED:
+    def _step_durable(self, rec: StepCheckpoint) -> None:
+        if rec["s"] == StepStatus.DONE or rec["s"] == StepStatus.FAILED:
             self.ctx.step_rate.add()
         if self.ctx.observer is not None:
-            self.ctx.observer.step_committed(self, rec)
+            self.ctx.observer.step_committed(self, cast("dict[str, Any]", rec))
 
     def _timers_after(self, arm: bytes | None, disarm: bytes | None) -> None:
         if disarm and disarm != arm:
@@ -469,9 +472,9 @@ class Execution:
         keys = step_timers(self.steps.values())
         for tk in keys:
             if rearm:
-                batch.put(TIMERS, tk, b"")
+                TimerService.arm_key(batch, tk)
             else:
-                batch.delete(TIMERS, tk)
+                TimerService.disarm(batch, tk)
         return keys
 
     # -- blocking and hibernation --------------------------------------------
@@ -536,7 +539,7 @@ class Execution:
                 self.actor.activation_ops(batch)
                 self.actor.status_ops(
                     batch,
-                    "paused" if paused else "waiting",
+                    Status.PAUSED if paused else Status.WAITING,
                     waits=waits,
                     hist="WORKFLOW_PAUSED" if paused else None,
                 )
@@ -652,10 +655,11 @@ class Execution:
         except Exception:
             return None
 
-    def _stored_error(self, rec: dict[str, Any]) -> BaseException:
-        if rec.get("e") is not None:
+    def _stored_error(self, rec: StepCheckpoint) -> BaseException:
+        data = rec.get("e")
+        if data is not None:
             try:
-                err = self.ser.loads(rec["e"])
+                err = self.ser.loads(data)
                 if isinstance(err, BaseException):
                     return err
             except Exception:
@@ -718,9 +722,9 @@ class Execution:
         key, count = self._key("do", name)
         rec = self.steps.get(key)
         if rec is not None:
-            if rec["s"] == DONE:
+            if rec["s"] == StepStatus.DONE:
                 return self.ser.loads(rec["r"])
-            if rec["s"] == FAILED:
+            if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
             cfg = rec["cfg"]
         else:
@@ -733,12 +737,12 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": RUNNING,
+                "s": StepStatus.RUNNING,
                 "cfg": cfg,
                 "att": [],
                 "t0": now,
             }
-        elif rec["s"] == RETRYING and rec.get("dl", 0) > now:
+        elif rec["s"] == StepStatus.RETRYING and rec.get("dl", 0) > now:
             await self._block(key, rec["dl"], None)
         use_ctx = wants_ctx(fn)
         while True:
@@ -805,18 +809,24 @@ class Execution:
                     # The step's record says why it failed; it lands with the
                     # instance's failure, in the run's final commit.
                     ed = error_dict(fatal)
-                    new = dict(
-                        rec,
-                        s=FAILED,
-                        att=[*rec["att"], (a0, a1, ed, None)],
-                        t1=a1,
-                        ed=ed,
-                        e=self._dump_error(fatal),
-                    )
+                    new: StepCheckpoint = {
+                        **rec,
+                        "s": StepStatus.FAILED,
+                        "att": [*rec["att"], (a0, a1, ed, None)],
+                        "t1": a1,
+                        "ed": ed,
+                        "e": self._dump_error(fatal),
+                    }
                     new.pop("dl", None)
                     await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
                     raise Fatal(fatal)
-                new = dict(rec, s=DONE, r=data, att=[*rec["att"], (a0, a1, None, None)], t1=a1)
+                new = {
+                    **rec,
+                    "s": StepStatus.DONE,
+                    "r": data,
+                    "att": [*rec["att"], (a0, a1, None, None)],
+                    "t1": a1,
+                }
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 self._crash_point(name, "after_commit")
@@ -837,14 +847,14 @@ class Execution:
                     },
                 )
             if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
-                new = dict(
-                    rec,
-                    s=FAILED,
-                    att=[*rec["att"], (a0, a1, ed, None)],
-                    t1=a1,
-                    ed=ed,
-                    e=self._dump_error(err),
-                )
+                new = {
+                    **rec,
+                    "s": StepStatus.FAILED,
+                    "att": [*rec["att"], (a0, a1, ed, None)],
+                    "t1": a1,
+                    "ed": ed,
+                    "e": self._dump_error(err),
+                }
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             delay = (
@@ -853,7 +863,12 @@ class Execution:
                 else retry_delay_ms(cfg, attempt)
             )
             dl = _deadline(a1, delay, where)
-            new = dict(rec, s=RETRYING, att=[*rec["att"], (a0, a1, ed, delay)], dl=dl)
+            new = {
+                **rec,
+                "s": StepStatus.RETRYING,
+                "att": [*rec["att"], (a0, a1, ed, delay)],
+                "dl": dl,
+            }
             tk = self._timer(dl, key) if delay > 0 else None
             await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
             rec = new
@@ -924,7 +939,7 @@ class Execution:
     async def _sleep(self, name: str, until: int | None, ms: int) -> None:
         key, count = self._key("sleep", name)
         rec = self.steps.get(key)
-        if rec is not None and rec["s"] == DONE:
+        if rec is not None and rec["s"] == StepStatus.DONE:
             return
         if self.stopped or self.pause_requested:
             await self._gate()
@@ -938,7 +953,7 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": SLEEPING,
+                "s": StepStatus.SLEEPING,
                 "dl": dl,
                 "t0": now,
             }
@@ -947,7 +962,7 @@ class Execution:
         if rec["dl"] > now:
             await self._block(key, rec["dl"], None)
             now = self.now_ms()
-        new = dict(rec, s=DONE, t1=now)
+        new: StepCheckpoint = {**rec, "s": StepStatus.DONE, "t1": now}
         await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
 
     # -- events -----------------------------------------------------------------
@@ -963,10 +978,10 @@ class Execution:
         key, count = self._key("wait_for_event", name)
         rec = self.steps.get(key)
         if rec is not None:
-            if rec["s"] == DONE:
+            if rec["s"] == StepStatus.DONE:
                 data, ts = rec["ev"]
                 return WorkflowStepEvent(rec["ty"], self.ser.loads(data), to_datetime(ts / 1000))
-            if rec["s"] == FAILED:
+            if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
         await self._gate()
         if self.mods is not None:
@@ -983,7 +998,7 @@ class Execution:
                 "n": name,
                 "c": count,
                 "seq": self._next_seq(),
-                "s": WAITING,
+                "s": StepStatus.WAITING,
                 "ty": event_type,
                 "dl": _deadline(now, ms, where),
                 "t0": now,
@@ -997,7 +1012,12 @@ class Execution:
                 batch = WriteBatch()
                 if ekey:
                     batch.delete(EVENTS, ekey)  # consumed in the same commit as the result
-                new = dict(rec, s=DONE, ev=(data, ts), t1=self.now_ms())
+                new: StepCheckpoint = {
+                    **rec,
+                    "s": StepStatus.DONE,
+                    "ev": (data, ts),
+                    "t1": self.now_ms(),
+                }
                 new.pop("dl", None)
                 await self._commit_step(key, new, disarm=rec.get("tk"), batch=batch)
                 return WorkflowStepEvent(event_type, self.ser.loads(data), to_datetime(ts / 1000))
@@ -1008,9 +1028,13 @@ class Execution:
                     instance=self.actor.iid,
                     step=name,
                 )
-                new = dict(
-                    rec, s=FAILED, t1=self.now_ms(), ed=error_dict(err), e=self._dump_error(err)
-                )
+                new = {
+                    **rec,
+                    "s": StepStatus.FAILED,
+                    "t1": self.now_ms(),
+                    "ed": error_dict(err),
+                    "e": self._dump_error(err),
+                }
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             await self._block(key, rec["dl"], event_type)

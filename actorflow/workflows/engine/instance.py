@@ -19,15 +19,29 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from actorflow.cluster.lease import OWNER, lease_lost
 from actorflow.core.actors import PooledActor
-from actorflow.core.errors import InvalidInstanceState, StorageError
+from actorflow.core.errors import ActorflowError, InvalidInstanceState, StorageError
 from actorflow.core.storage import ConflictError, WriteBatch
-from actorflow.core.timers import TIMERS
-from actorflow.workflows.definition import FINISHED
+from actorflow.core.timers import TimerService
+from actorflow.workflows.definition import ACTIVE, FINISHED, STARTABLE, UNFINISHED, Status
 from actorflow.workflows.engine.execution import Execution
+from actorflow.workflows.engine.messages import (
+    Event,
+    Fail,
+    InstanceMessage,
+    Pause,
+    Restart,
+    Resume,
+    Start,
+    StopRun,
+    Terminate,
+    Timer,
+)
 from actorflow.workflows.records import (
     EVENTS,
     FENCE,
@@ -37,6 +51,8 @@ from actorflow.workflows.records import (
     PRIO_NEW,
     PRIO_WAKE,
     STEPS,
+    WAKE_KIND,
+    StepCheckpoint,
     dump,
     epoch_bytes,
     event_key,
@@ -45,7 +61,9 @@ from actorflow.workflows.records import (
     idx_key,
     is_poke,
     load,
-    poke_key,
+    load_event,
+    load_step,
+    poke_target,
     queue_db,
     queue_key,
     step_key,
@@ -56,7 +74,7 @@ from actorflow.workflows.records import (
 if TYPE_CHECKING:
     from actorflow.workflows.engine.context import WorkflowEngine
 
-__all__ = ["InstanceActor"]
+__all__ = ["HANDLERS", "InstanceActor"]
 
 log = logging.getLogger("actorflow.engine")
 
@@ -71,6 +89,8 @@ class InstanceActor(PooledActor):
         self.iid = iid
         self.ik = wfe.ik(iid)  # names the instance: live actors, timers, owners
         self.rk = rk  # keys its records (see actorflow.engine.records)
+        # An InstanceRecord; typed as a plain dict while the status readers
+        # outside the engine (handles, observe) still read it as one.
         self.record = record
         self.epoch: int = record["epoch"]
         self.exec: Execution | None = None
@@ -97,12 +117,23 @@ class InstanceActor(PooledActor):
     # -- message plumbing -------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        name, *args = message
+        """Hands ``message`` to the handler of its class (see :data:`HANDLERS`)."""
+        handler = HANDLERS.get(type(message))
+        if handler is None:
+            raise ActorflowError(
+                f"{self.where}: unknown message {message!r}; the instance actor handles "
+                + ", ".join(sorted(t.__name__ for t in HANDLERS)),
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s: %s", self.where, name, extra={"workflow": self.wfe.name, "instance": self.iid}
+                "%s: %r",
+                self.where,
+                message,
+                extra={"workflow": self.wfe.name, "instance": self.iid},
             )
-        return getattr(self, "handle_" + name)(*args)
+        return handler(self, message)
 
     def _handle_receive(self, message: Any) -> Any:
         self.busy += 1
@@ -164,11 +195,11 @@ class InstanceActor(PooledActor):
         ex = self.live_run()
         if ex is not None:
             if ex.pause_requested:
-                return "waitingForPause"
-            return "running"
-        if self.woken and self.record["s"] in ("waiting", "running", "queued"):
+                return Status.WAITING_FOR_PAUSE
+            return Status.RUNNING
+        if self.woken and self.record["s"] in STARTABLE:
             # Woken (a timer, a crash restart, recovery) and waiting for a slot.
-            return "queued"
+            return Status.QUEUED
         status: str = self.record["s"]
         return status
 
@@ -199,7 +230,7 @@ class InstanceActor(PooledActor):
         rec = self.record
         new = dict(rec, s=status, **fields)
         old_qk = rec.get("qk")
-        new_qk = fields.get("qk", old_qk if status == "queued" else None)
+        new_qk = fields.get("qk", old_qk if status == Status.QUEUED else None)
         if old_qk and old_qk != new_qk:
             batch.delete(queue_db(self.wfe.name), old_qk)
             self.dequeued.append(old_qk)
@@ -228,8 +259,8 @@ class InstanceActor(PooledActor):
     def _active(self) -> bool:
         """True if the record already says this run is active (nothing to activate)."""
         rec = self.record
-        return rec["s"] == "running" or (
-            rec["s"] == "waitingForPause" and rec.get("started") is not None
+        return rec["s"] == Status.RUNNING or (
+            rec["s"] == Status.WAITING_FOR_PAUSE and rec.get("started") is not None
         )
 
     def activation_ops(self, batch: WriteBatch) -> None:
@@ -241,12 +272,12 @@ class InstanceActor(PooledActor):
         rec = self.record
         if self._active():
             return
-        pausing = rec["s"] == "waitingForPause"
+        pausing = rec["s"] == Status.WAITING_FOR_PAUSE
         first = rec.get("started") is None
         t0 = self.exec.t_start if self.exec is not None else self.ctx.now_ms()
         self.status_ops(
             batch,
-            "waitingForPause" if pausing else "running",
+            Status.WAITING_FOR_PAUSE if pausing else Status.RUNNING,
             hist="WORKFLOW_START" if first else None,
             hist_ts=t0,
             started=rec.get("started") or t0,
@@ -314,21 +345,24 @@ class InstanceActor(PooledActor):
                 self.wfe.router.enqueued(key)
             self.enqueued.clear()
 
-    def _stored_steps(self) -> dict[bytes, dict[str, Any]]:
+    def _stored_steps(self) -> dict[bytes, StepCheckpoint]:
         if self.exec is not None:
             return self.exec.steps
-        return {k: load(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.rk))}
+        return {
+            k: load_step(v) for k, v in self.ctx.storage.scan(STEPS, prefix=steps_prefix(self.rk))
+        }
 
-    def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, dict[str, Any]]) -> list[bytes]:
+    def _disarm_steps(self, batch: WriteBatch, steps: dict[bytes, StepCheckpoint]) -> list[bytes]:
         keys = step_timers(steps.values())
         for tk in keys:
-            batch.delete(TIMERS, tk)
+            TimerService.disarm(batch, tk)
         return keys
 
     # -- lifecycle messages ---------------------------------------------------------
 
-    async def handle_start(self, reason: str) -> None:
+    async def handle_start(self, msg: Start) -> None:
         """The supervisor gave this instance a slot."""
+        reason = msg.reason
         self.woken = False
         if self.owned and self.fenced():
             self.owned = False  # another node took it over since this actor was made
@@ -349,13 +383,13 @@ class InstanceActor(PooledActor):
             # (a "complete" never written): restart from what is durable.
             self.reload_record()
         status = self.record["s"]
-        if self.running() or status not in ("queued", "running", "waiting", "waitingForPause"):
+        if self.running() or status not in UNFINISHED:
             self.ctx.supervisor.released(self)
             return
-        if status == "waitingForPause":  # recovered mid-pause: the pause takes effect now
+        if status == Status.WAITING_FOR_PAUSE:  # recovered mid-pause: the pause takes effect now
             batch = WriteBatch()
             keys = self._disarm_steps(batch, self._stored_steps())
-            self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+            self.status_ops(batch, Status.PAUSED, hist="WORKFLOW_PAUSED")
             try:
                 await self.commit(batch, new_epoch=True)
             finally:
@@ -393,7 +427,7 @@ class InstanceActor(PooledActor):
             and self.ctx.supervisor.node is None
             and reason not in ("recover", "crash")
             and (ex is None or ex.finished)
-            and self.record["s"] in ("queued", "running", "waiting")
+            and self.record["s"] in STARTABLE
         )
 
     def begin(
@@ -435,17 +469,18 @@ class InstanceActor(PooledActor):
             return
         if outcome == "crashed":
             self.ctx.supervisor.crashed(self, value)
-        elif outcome in ("complete", "errored"):
+        elif outcome in (Status.COMPLETE, Status.ERRORED):
             self.ctx.supervisor.finished(self)
         self.maybe_evict()
 
-    async def handle_fail(self, message: str) -> None:
+    async def handle_fail(self, msg: Fail) -> None:
         """The supervisor gave up restarting: the instance is errored."""
+        message = msg.message
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
         self.status_ops(
-            batch, "errored", error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
+            batch, Status.ERRORED, error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
         )
         try:
             await self.commit(batch, new_epoch=True)
@@ -467,11 +502,11 @@ class InstanceActor(PooledActor):
         def again() -> None:
             sup.restarting -= 1
             if not sup.closing:
-                sup.actor(self.wfe, self.iid).actor_ref.tell(("fail", message))
+                sup.actor(self.wfe, self.iid).actor_ref.tell(Fail(message))
 
         self.ctx.loop.call_later(delay, again)
 
-    async def handle_pause(self) -> None:
+    async def handle_pause(self, msg: Pause) -> None:
         await self.take_over()
         status = self.public_status()
         if status in FINISHED:
@@ -480,7 +515,7 @@ class InstanceActor(PooledActor):
                 workflow=self.wfe.name,
                 instance=self.iid,
             )
-        if status in ("paused", "waitingForPause"):
+        if status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
             return
         ex = self.live_run()
         if ex is not None:
@@ -488,20 +523,20 @@ class InstanceActor(PooledActor):
                 return  # run() returned: its end is being written; nothing to pause
             if not ex.request_pause():
                 batch = WriteBatch()
-                self.status_ops(batch, "waitingForPause")
+                self.status_ops(batch, Status.WAITING_FOR_PAUSE)
                 await self.commit(batch)
             return
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         self.woken = False
-        self.status_ops(batch, "paused", hist="WORKFLOW_PAUSED")
+        self.status_ops(batch, Status.PAUSED, hist="WORKFLOW_PAUSED")
         await self.commit(batch)
         self.ctx.timers_done(keys)
 
-    async def handle_resume(self) -> None:
+    async def handle_resume(self, msg: Resume) -> None:
         await self.take_over()
         status = self.public_status()  # a run whose end is being written is still running
-        if status == "terminated":
+        if status == Status.TERMINATED:
             # Cloudflare: a terminated instance "cannot be resumed". On complete or
             # errored, as on any other status, resume has no effect (its docs).
             raise InvalidInstanceState(
@@ -511,19 +546,19 @@ class InstanceActor(PooledActor):
                 instance=self.iid,
             )
         ex = self.live_run()
-        if status == "waitingForPause":
+        if status == Status.WAITING_FOR_PAUSE:
             if ex is not None:
                 ex.cancel_pause()
                 if ex.ending:
                     return  # run() returned: its end is being written
             batch = WriteBatch()
-            self.status_ops(batch, "running", hist="WORKFLOW_RESUMED")
+            self.status_ops(batch, Status.RUNNING, hist="WORKFLOW_RESUMED")
             await self.commit(batch)
-        elif status == "paused":
+        elif status == Status.PAUSED:
             batch = WriteBatch()
             self.status_ops(
                 batch,
-                "queued",
+                Status.QUEUED,
                 hist="WORKFLOW_RESUMED",
                 qk=queue_key(PRIO_WAKE, self.ctx.next_seq()),
             )
@@ -531,7 +566,7 @@ class InstanceActor(PooledActor):
             self.wfe.router.note_wake()
             self.ctx.supervisor.kick()
 
-    async def handle_terminate(self) -> None:
+    async def handle_terminate(self, msg: Terminate) -> None:
         await self.take_over()
         await self._let_end()
         status = self.public_status()
@@ -548,7 +583,7 @@ class InstanceActor(PooledActor):
         self.start_after = None
         self.status_ops(
             batch,
-            "terminated",
+            Status.TERMINATED,
             hist="WORKFLOW_TERMINATED",
             hist_data={"trigger": {"source": "api"}},
         )
@@ -558,7 +593,8 @@ class InstanceActor(PooledActor):
             self.exec.stop()
         self.ctx.supervisor.finished(self)
 
-    async def handle_restart(self, from_step: str | None) -> None:
+    async def handle_restart(self, msg: Restart) -> None:
+        from_step = msg.from_step
         await self.take_over()
         await self._let_end()
         steps = self._stored_steps()
@@ -585,7 +621,7 @@ class InstanceActor(PooledActor):
         self.start_after = None
         self.status_ops(
             batch,
-            "queued",
+            Status.QUEUED,
             hist="WORKFLOW_RESTARTED",
             hist_data={"from_step": from_step} if from_step else None,
             qk=queue_key(PRIO_NEW, self.ctx.next_seq()),
@@ -611,7 +647,8 @@ class InstanceActor(PooledActor):
         if ex is not None and ex.ending and not ex.finished and ex.task is not None:
             await asyncio.wait([ex.task])
 
-    async def handle_event(self, event_type: str, data: bytes, ts: int) -> None:
+    async def handle_event(self, msg: Event) -> None:
+        event_type, data, ts = msg.type, msg.data, msg.ts
         status = self.public_status()
         if status in FINISHED:
             raise InvalidInstanceState(
@@ -625,13 +662,13 @@ class InstanceActor(PooledActor):
         if not self.owned:
             # Another node runs it: store the event and poke the owner, whose
             # timer thread reads the poke and hands the event to its run.
-            batch.put(TIMERS, poke_key(self.ctx.now_ms(), self.ik), b"")
+            TimerService.arm(batch, self.ctx.now_ms(), WAKE_KIND, poke_target(self.ik))
             await self.ctx.write(batch)
             return
         wake = self.live_run() is None and self._wants(event_type)
         if wake:
             # Woken, it waits for a slot like a resumed instance: "queued" (served first).
-            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            self.status_ops(batch, Status.QUEUED, qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         await self.commit(batch)
         ex = self.live_run()  # the run may have hibernated while the event was being written
         if ex is not None:
@@ -647,11 +684,12 @@ class InstanceActor(PooledActor):
         """True if the instance hibernated waiting for this type and nothing woke it yet."""
         return (
             not self.woken
-            and self.record["s"] == "waiting"
+            and self.record["s"] == Status.WAITING
             and event_type in self.record.get("waits", ())
         )
 
-    async def handle_timer(self, key: bytes, deadline: int) -> None:
+    async def handle_timer(self, msg: Timer) -> None:
+        key = msg.key
         if not self.owned:
             self.ctx.timers.done(key)  # offered again, the supervisor holds it for its owner
             return
@@ -671,12 +709,12 @@ class InstanceActor(PooledActor):
             return
         if self.woken:
             return
-        if self.record["s"] == "waiting":
+        if self.record["s"] == Status.WAITING:
             self.ctx.supervisor.wake(self)
             return
         # Queued, paused, finished: nobody needs it now (a replay re-arms what it waits on).
         batch = WriteBatch()
-        batch.delete(TIMERS, key)
+        TimerService.disarm(batch, key)
         try:
             await self.ctx.write(batch)
         finally:
@@ -690,20 +728,22 @@ class InstanceActor(PooledActor):
             for ekey, raw in stored:
                 if ekey not in self.seen_events:
                     self.seen_events.add(ekey)
-                    ev = load(raw)
+                    ev = load_event(raw)
                     ex.on_event(ev["type"], ekey, ev["p"], ev["ts"])
         batch = WriteBatch()
-        batch.delete(TIMERS, key)
+        TimerService.disarm(batch, key)
         wake = (
             ex is None
             and not self.woken
-            and self.record["s"] == "waiting"
-            and bool({load(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ())))
+            and self.record["s"] == Status.WAITING
+            and bool(
+                {load_event(raw)["type"] for _, raw in stored} & set(self.record.get("waits", ()))
+            )
         )
         if wake:
             # Woken durably, in the write that consumes the poke, as by an event
             # sent through this node: a node that adopts it later sees it queued.
-            self.status_ops(batch, "queued", qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
+            self.status_ops(batch, Status.QUEUED, qk=queue_key(PRIO_WAKE, self.ctx.next_seq()))
         try:
             await self.commit(batch)
         finally:
@@ -753,13 +793,32 @@ class InstanceActor(PooledActor):
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor
         sup.release_foreign(self.ik)
-        if rec["s"] in ("running", "waitingForPause") and not self.woken:
+        if rec["s"] in ACTIVE and not self.woken:
             sup.wake(self, "recover")
-        elif rec["s"] == "queued":
+        elif rec["s"] == Status.QUEUED:
             self.wfe.router.rescan()
             sup.kick()
 
-    def handle_stop_run(self) -> None:
+    def handle_stop_run(self, msg: StopRun) -> None:
+        self.stop_run()
+
+    def stop_run(self) -> None:
         """Shutdown: stop the run without writing anything."""
         if self.exec is not None:
             self.exec.stop()
+
+
+#: The handler of each message class (see ``InstanceActor.on_receive``).
+HANDLERS: Mapping[type[InstanceMessage], Callable[[InstanceActor, Any], Any]] = MappingProxyType(
+    {
+        Start: InstanceActor.handle_start,
+        Pause: InstanceActor.handle_pause,
+        Resume: InstanceActor.handle_resume,
+        Terminate: InstanceActor.handle_terminate,
+        Restart: InstanceActor.handle_restart,
+        Event: InstanceActor.handle_event,
+        Timer: InstanceActor.handle_timer,
+        Fail: InstanceActor.handle_fail,
+        StopRun: InstanceActor.handle_stop_run,
+    }
+)
