@@ -29,6 +29,7 @@ EXPECTED = {
     "HistoryEvent",
     "Instance",
     "InstanceAlreadyExists",
+    "InstanceDescription",
     "InstanceNotFound",
     "InstanceStatus",
     "InvalidInstanceId",
