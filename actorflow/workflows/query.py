@@ -247,8 +247,20 @@ class Query:
             rec.get("error") if status == "errored" else None,
         )
 
-    def describe(self, workflow: str, iid: str, rk: bytes | None = None) -> InstanceDescription:
+    def describe(
+        self,
+        workflow: str,
+        iid: str,
+        rk: bytes | None = None,
+        *,
+        steps: list[StepRecord] | None = None,
+    ) -> InstanceDescription:
         """Everything about the instance: see :class:`InstanceDescription`.
+
+        Args:
+            rk: The instance's record key if the caller has it (saves a read).
+            steps: Its step records if the caller has just read them (a view
+                that shows them too, and counts the same ones).
 
         Raises:
             InstanceNotFound: There is no such instance.
@@ -256,7 +268,8 @@ class Query:
         rk = rk or self.record_key(workflow, iid)
         status, rec = self._current(workflow, iid, rk)
         loads = self.storage.serializer.loads
-        steps = read_steps(self.storage, rk)
+        if steps is None:
+            steps = read_steps(self.storage, rk)
         ended = None
         if status in FINISHED:
             ends = [
