@@ -404,7 +404,10 @@ SCHEMAS: dict[str, Any] = {
             "steps": {"type": "integer", "description": "How many steps it has"},
             "steps_complete": {"type": "integer"},
             "steps_failed": {"type": "integer"},
-            "epoch": {"type": "integer", "description": "1, plus one per restart and takeover"},
+            "epoch": {
+                "type": "integer",
+                "description": "1, plus one per fence (restart, terminate, recovery)",
+            },
             "owner": {
                 "type": ["string", "null"],
                 "description": "Multi-node: the node that runs it",

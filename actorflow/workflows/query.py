@@ -84,7 +84,9 @@ class InstanceDescription:
         steps: How many steps it has (every ``step.do``, sleep and wait).
         steps_complete: How many of them have a result.
         steps_failed: How many of them failed for good.
-        epoch: Its fencing epoch: 1, plus one per restart and per takeover.
+        epoch: Its fencing epoch: 1 at creation, one more each time the engine
+            fences off earlier runs (a restart, a termination, a recovery after
+            a crash, a takeover by another node).
         owner: Multi-node: the id of the node that runs it (None on one node).
     """
 
@@ -152,8 +154,9 @@ class Query:
     def open(cls, path: str | os.PathLike[str]) -> Iterator[Query]:
         """Opens data directory ``path`` to read it, without a runtime; closes it after.
 
-        LMDB readers never block a writer, so this is safe while a runtime has
-        the directory open.
+        LMDB readers never block a writer, so this is safe while a runtime in
+        another process has the directory open (one process opens a directory
+        once: in the runtime's own process, use its handles).
 
         Raises:
             FileNotFoundError: ``path`` holds no actorflow data directory.
