@@ -157,15 +157,17 @@ class _Local:
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
         with self._query(wf, iid) as q:
-            d = q.describe(wf, iid)
+            # The instance record only: a damaged step record does not hide the status.
+            rk = q.record_key(wf, iid)
+            st, row = q.status(wf, iid, rk), q.summary(wf, iid, rk)
             return {
                 "workflow": wf,
                 "id": iid,
-                "status": d.status,
-                "output": d.output,
-                "error": d.error,
-                "created": iso(d.created),
-                "started": iso(d.started) or "",
+                "status": st.status,
+                "output": st.output,
+                "error": st.error,
+                "created": iso(row.created),
+                "started": iso(row.started) or "",
             }
 
     def describe(self, wf: str, iid: str) -> dict[str, Any]:
