@@ -42,6 +42,7 @@ from actorflow.workflows.definition import (
 )
 from actorflow.workflows.handles import Instance, WorkflowBinding
 from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord
+from actorflow.workflows.query import InstanceDescription
 from actorflow.workflows.step import RetryPolicy, StepContext, WorkflowStep
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "HistoryEvent",
     "Instance",
     "InstanceAlreadyExists",
+    "InstanceDescription",
     "InstanceNotFound",
     "InstanceStatus",
     "InvalidInstanceId",

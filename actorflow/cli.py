@@ -3,7 +3,8 @@
     actorflow [--data DIR | --url URL [--token-file PATH]] [--json] COMMAND ...
 
     list [--workflow W] [--status S] [--limit N] [--cursor C]
-    status WORKFLOW ID          history WORKFLOW ID          steps WORKFLOW ID
+    status WORKFLOW ID          describe WORKFLOW ID         history WORKFLOW ID
+    steps WORKFLOW ID
     send-event WORKFLOW ID TYPE [--payload JSON]
     pause | resume | terminate WORKFLOW ID
     restart WORKFLOW ID [--from-step NAME]
@@ -37,7 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from typing import Any
@@ -45,13 +46,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from actorflow.core.errors import ActorflowError
-from actorflow.core.storage import Storage
-from actorflow.core.timers import TIMERS
+from actorflow.core.errors import ActorflowError, InstanceNotFound
 from actorflow.runtime import OWNER_LOCK, Runtime
 from actorflow.workflows.definition import STATUSES
-from actorflow.workflows.history import read_history, read_steps
-from actorflow.workflows.records import IDS, IDX, INST, ikey, load, queue_db, rkey
+from actorflow.workflows.query import Query, document, iso
 
 __all__ = ["cli", "format_table", "main"]
 
@@ -82,12 +80,6 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return repr(value)
-
-
-def _iso_ms(ms: int | None) -> str:
-    from actorflow.core.clock import to_datetime
-
-    return "" if ms is None else to_datetime(ms / 1000).isoformat(timespec="milliseconds")
 
 
 # -- the data directory -----------------------------------------------------------
@@ -127,121 +119,89 @@ class _Local:
         self.data = data
 
     @contextmanager
-    def _store(self) -> Iterator[Storage]:
-        if not os.path.exists(os.path.join(self.data, "data.mdb")):
-            raise click.ClickException(f"no actorflow data directory at {self.data}")
-        store = Storage(self.data)
-        try:
-            yield store
-        finally:
-            store.close()
-
-    def _rk(self, store: Storage, wf: str, iid: str) -> bytes:
-        n = store.get(IDS, ikey(wf, iid))
-        if n is None:
-            raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
-        return rkey(wf, n)
-
-    def _record(self, store: Storage, wf: str, iid: str) -> dict[str, Any]:
-        raw = store.get(INST, self._rk(store, wf, iid))
-        if raw is None:
-            raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}")
-        return load(raw)
+    def _query(self, wf: str | None = None, iid: str | None = None) -> Iterator[Query]:
+        """The directory's read-only queries; an unknown instance is a command error."""
+        with ExitStack() as stack:
+            try:
+                q = stack.enter_context(Query.open(self.data))
+            except FileNotFoundError:
+                raise click.ClickException(f"no actorflow data directory at {self.data}") from None
+            try:
+                yield q
+            except InstanceNotFound as e:
+                if wf is None:
+                    raise click.ClickException(f"{type(e).__name__}: {e}") from None
+                raise click.ClickException(f"workflow {wf!r} has no instance {iid!r}") from None
 
     def instances(
         self, workflow: str | None, status: str | None, limit: int, cursor: str | None
     ) -> dict[str, Any]:
-        with self._store() as store:
-            prefix = f"{workflow}\x00".encode() if workflow else b""
-            rows = []
-            for key, _ in store.scan(IDX, prefix=prefix, keys_only=True):
-                wf_b, st_b, rest = key.split(b"\x00", 2)
-                if status and st_b.decode() != status:
-                    continue
-                rows.append((rest, wf_b.decode(), st_b.decode()))
-            rows.sort()  # newest first: the index holds the inverted creation time
-            if cursor:
-                try:
-                    mark = _split_mark(base64.urlsafe_b64decode(cursor.encode()))
-                except ValueError:
-                    raise click.BadParameter(
-                        "not a cursor printed by list", param_hint="--cursor"
-                    ) from None
-                rows = [r for r in rows if (r[0], r[1]) > mark]
-            page = rows[:limit]
-            out = []
-            for rest, name, st in page:
-                iid = rest[9:].decode()
-                rec = self._record(store, name, iid)
-                out.append(
-                    {
-                        "workflow": name,
-                        "id": iid,
-                        "status": st,
-                        "created": _iso_ms(rec["created"]),
-                        "error": rec.get("error"),
-                    }
-                )
-            nxt = None
-            if len(rows) > limit and page:
-                rest, name, _ = page[-1]
-                nxt = base64.urlsafe_b64encode(rest + b"\x00" + name.encode()).decode()
-            return {"instances": out, "cursor": nxt}
+        with self._query() as q:
+            try:
+                page = q.page(workflow, status, limit=limit, token=cursor)
+            except ValueError:
+                raise click.BadParameter(
+                    "not a cursor printed by list", param_hint="--cursor"
+                ) from None
+            rows = [
+                {
+                    "workflow": r.workflow,
+                    "id": r.id,
+                    "status": r.status,
+                    "created": iso(r.created),
+                    "error": r.error,
+                }
+                for r in page.rows
+            ]
+            return {"instances": rows, "cursor": page.next}
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
-        with self._store() as store:
-            rec = self._record(store, wf, iid)
-            status = rec["s"] if rec["s"] in STATUSES else "unknown"
-            out = None
-            if status == "complete" and rec.get("output") is not None:
-                out = store.serializer.loads(rec["output"])
+        with self._query(wf, iid) as q:
+            # The instance record only: a damaged step record does not hide the status.
+            rk = q.record_key(wf, iid)
+            st, row = q.status(wf, iid, rk), q.summary(wf, iid, rk)
             return {
                 "workflow": wf,
                 "id": iid,
-                "status": status,
-                "output": out,
-                "error": rec.get("error") if status == "errored" else None,
-                "created": _iso_ms(rec["created"]),
-                "started": _iso_ms(rec.get("started")),
+                "status": st.status,
+                "output": st.output,
+                "error": st.error,
+                "created": iso(row.created),
+                "started": iso(row.started) or "",
             }
 
+    def describe(self, wf: str, iid: str) -> dict[str, Any]:
+        with self._query(wf, iid) as q:
+            return document(q.describe(wf, iid))
+
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
-        with self._store() as store:
-            rec = self._record(store, wf, iid)
-            return [_plain(e) for e in read_history(store, self._rk(store, wf, iid), rec)]
+        with self._query(wf, iid) as q:
+            return [_plain(e) for e in q.history(wf, iid)]
 
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
-        with self._store() as store:
-            self._record(store, wf, iid)
-            return [_plain(s) for s in read_steps(store, self._rk(store, wf, iid))]
+        with self._query(wf, iid) as q:
+            return [_plain(s) for s in q.steps(wf, iid)]
 
     def metrics(self) -> dict[str, Any]:
         """What the directory itself tells: counts, queue depths, timers (rates live in
         the process that runs the workflows: ask it with ``--url``)."""
-        with self._store() as store:
-            counts: dict[str, dict[str, int]] = {}
-            for key, _ in store.scan(IDX, keys_only=True):
-                wf_b, st_b, _rest = key.split(b"\x00", 2)
-                per = counts.setdefault(wf_b.decode(), {})
-                per[st_b.decode()] = per.get(st_b.decode(), 0) + 1
-            workflows = {
-                wf: {"name": wf, "counts": c, "queue_depth": store.count(queue_db(wf))}
-                for wf, c in sorted(counts.items())
-            }
+        with self._query() as q:
+            workflows: dict[str, dict[str, Any]] = {}
+            for wf in q.workflows():
+                counts = {s: n for s, n in q.counts(wf).items() if n}
+                workflows[wf] = {"name": wf, "counts": counts, "queue_depth": q.queue_depth(wf)}
             total: dict[str, int] = {}
-            for c in counts.values():
-                for st, n in c.items():
+            for w in workflows.values():
+                for st, n in w["counts"].items():
                     total[st] = total.get(st, 0) + n
             return {
                 "workflows": workflows,
                 "counts": total,
                 "queue_depth": sum(w["queue_depth"] for w in workflows.values()),
-                "timer_backlog": store.count(TIMERS),
+                "timer_backlog": q.timer_backlog(),
             }
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
-        from actorflow.core.errors import ActorflowError
-
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
             try:
                 inst = rt.unregistered(wf).get(iid)
@@ -253,11 +213,6 @@ class _Local:
                     getattr(inst, action)()
             except ActorflowError as e:
                 raise click.ClickException(f"{type(e).__name__}: {e}") from None
-
-
-def _split_mark(mark: bytes) -> tuple[bytes, str]:
-    rest, wf = mark.rsplit(b"\x00", 1)
-    return rest, wf.decode()
 
 
 # -- a running service ---------------------------------------------------------------
@@ -340,7 +295,12 @@ class _Remote:
         result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}")
         result = dict(result or {})
         result.pop("steps", None)
+        result.pop("description", None)
         return result
+
+    def describe(self, wf: str, iid: str) -> dict[str, Any]:
+        result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}") or {}
+        return dict(result.get("description") or {})
 
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}/history") or [])
@@ -479,6 +439,21 @@ def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
         if v is not None
     ]
     obj.emit(st, format_table(rows, ["field", "value"]))
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.pass_obj
+def describe(obj: _Ctx, workflow: str, instance_id: str) -> None:
+    """Describe an instance: status, times, params, output, error, waits and steps."""
+    d = obj.target.describe(workflow, instance_id)
+    rows = [
+        [k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
+        for k, v in d.items()
+        if v not in (None, [])
+    ]
+    obj.emit(d, format_table(rows, ["field", "value"]))
 
 
 @cli.command()

@@ -29,6 +29,7 @@ EXPECTED = {
     "HistoryEvent",
     "Instance",
     "InstanceAlreadyExists",
+    "InstanceDescription",
     "InstanceNotFound",
     "InstanceStatus",
     "InvalidInstanceId",
@@ -154,7 +155,7 @@ def test_the_layers_contract_holds() -> None:
     """core <- objects | cluster <- workflows <- observe <- runtime <- faces (docs/design.md)."""
     res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 kept, 0 broken" in res.stdout
+    assert "2 kept, 0 broken" in res.stdout
 
 
 def test_the_layers_contract_can_fail(tmp_path: Path) -> None:
@@ -164,3 +165,14 @@ def test_the_layers_contract_can_fail(tmp_path: Path) -> None:
     res = _lint_imports(tmp_path)
     assert res.returncode == 1
     assert "actorflow.core is not allowed to import actorflow.workflows" in res.stdout
+
+
+def test_the_faces_contract_can_fail(tmp_path: Path) -> None:
+    """A face that parses records itself, not through workflows/query.py, breaks the build."""
+    shutil.copytree(PACKAGE, tmp_path / "actorflow", ignore=shutil.ignore_patterns("__pycache__"))
+    views = tmp_path / "actorflow" / "http" / "views.py"
+    views.write_text(views.read_text() + "\nfrom actorflow.workflows.records import load  # noqa\n")
+    res = _lint_imports(tmp_path)
+    assert res.returncode == 1
+    assert "actorflow.http is not allowed to import actorflow.workflows.records" in res.stdout
+    assert "1 kept, 1 broken" in res.stdout

@@ -380,6 +380,38 @@ SCHEMAS: dict[str, Any] = {
             "success": {"type": ["boolean", "null"]},
             "now": {**_TIME, "description": "The runtime clock's time of this reading"},
             "steps": {"type": "array", "items": _ref("Step")},
+            "description": _ref("InstanceDescription"),
+        },
+    },
+    "InstanceDescription": {
+        "type": "object",
+        "description": "Instance.describe(): what `actorflow describe --json` prints",
+        "properties": {
+            "workflow": {"type": "string"},
+            "id": {"type": "string"},
+            "status": _STATUS,
+            "created": _TIME,
+            "started": _TIME,
+            "ended": _TIME,
+            "output": _ANY,
+            "error": _ERROR,
+            "params": _ANY,
+            "waiting_for": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "The event types a waiting instance waits for",
+            },
+            "steps": {"type": "integer", "description": "How many steps it has"},
+            "steps_complete": {"type": "integer"},
+            "steps_failed": {"type": "integer"},
+            "epoch": {
+                "type": "integer",
+                "description": "1, plus one per fence (restart, terminate, recovery)",
+            },
+            "owner": {
+                "type": ["string", "null"],
+                "description": "Multi-node: the node that runs it",
+            },
         },
     },
     "HistoryEvent": {

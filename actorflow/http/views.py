@@ -1,100 +1,56 @@
 """JSON views of workflows, instances, steps and history for the HTTP API.
 
-Values stored by the runtime (params, outputs, step results, event payloads)
-are arbitrary Python values. They are rendered as JSON where they can be, and
-as their ``repr`` where they cannot, so that a read never fails on an odd value.
+Every read goes through :mod:`actorflow.workflows.query` (the one read-only
+query module the handles and the ``actorflow`` command use too). Values
+stored by the runtime (params, outputs, step results, event payloads) are
+arbitrary Python values: they are rendered as JSON where they can be, and as
+their ``repr`` where they cannot, so that a read never fails on an odd value.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actorflow.core.clock import to_datetime
-from actorflow.workflows.definition import STATUSES
+from actorflow.workflows.definition import FINISHED
 from actorflow.workflows.handles import Instance, WorkflowBinding
-from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord, read_history
-from actorflow.workflows.records import INST, load
+from actorflow.workflows.query import document, iso, jsonable
+
+if TYPE_CHECKING:  # the public types of what the handles return
+    from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord
 
 __all__ = [
     "history_view",
     "instance_summary",
     "instance_view",
+    "iso",
     "jsonable",
     "step_view",
     "workflow_counts",
 ]
 
-_MAX_DEPTH = 64
-_ENDS = ("WORKFLOW_SUCCESS", "WORKFLOW_FAILURE", "WORKFLOW_TERMINATED")
 _KINDS = {"do": "step", "sleep": "sleep", "wait_for_event": "waitForEvent"}
-
-
-def jsonable(value: Any, _depth: int = 0) -> Any:
-    """Returns ``value`` as plain JSON data: datetimes as ISO strings, others as repr."""
-    if _depth > _MAX_DEPTH:
-        return repr(value)
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, datetime):
-        return iso(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [jsonable(v, _depth + 1) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: jsonable(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value)
-        }
-    return repr(value)
-
-
-def iso(when: datetime | None) -> str | None:
-    """Returns an ISO 8601 string with milliseconds, or None."""
-    return None if when is None else when.isoformat(timespec="milliseconds")
-
-
-def _ms_iso(ms: int | float | None) -> str | None:
-    if ms is None:
-        return None
-    return iso(to_datetime(ms / 1000.0))
-
-
-def _record(binding: WorkflowBinding, inst: Instance) -> dict[str, Any] | None:
-    rk = binding._wfe.rk(inst.id)
-    raw = binding._storage.get(INST, rk) if rk is not None else None
-    return None if raw is None else load(raw)
 
 
 def workflow_counts(binding: WorkflowBinding) -> dict[str, int]:
     """Counts a workflow's instances by status (live statuses included).
 
-    One listing, each instance counted once at the status it has when read:
-    a list per status could meet an instance that moved between two of them.
+    From the status index, one prefix per status: O(statuses), not a read
+    per instance.
     """
-    out = dict.fromkeys((s for s in STATUSES if s != "unknown"), 0)
-    for inst in binding.list(limit=None):
-        status = inst.status().status
-        if status in out:
-            out[status] += 1
-    return out
+    return binding._query.counts(binding.name)
 
 
 def instance_summary(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     """One row of an instance list: id, status, times and error."""
-    st = inst.status()
-    rec = _record(binding, inst) or {}
+    s = binding._query.summary(binding.name, inst.id, inst._rk())
     return {
-        "id": inst.id,
-        "workflow": binding.name,
-        "status": st.status,
-        "created_on": _ms_iso(rec.get("created")),
-        "started_on": _ms_iso(rec.get("started")),
-        "error": jsonable(st.error),
+        "id": s.id,
+        "workflow": s.workflow,
+        "status": s.status,
+        "created_on": iso(s.created),
+        "started_on": iso(s.started),
+        "error": jsonable(s.error),
     }
 
 
@@ -130,33 +86,28 @@ def step_view(s: StepRecord) -> dict[str, Any]:
 
 
 def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
-    """An instance's status, params, output, error, times and steps."""
-    st = inst.status()
-    rec = _record(binding, inst) or {}
+    """An instance's status, params, output, error, times and steps.
+
+    ``description`` is :meth:`Instance.describe <actorflow.Instance.describe>`
+    as JSON: the document ``actorflow describe --json`` prints.
+    """
     steps = inst.steps()
-    params = rec.get("params")
-    finished = st.status in ("complete", "errored", "terminated")
-    end = None
-    if finished and rec:
-        ends = [
-            e.timestamp
-            for e in read_history(binding._storage, inst._rk(), rec, steps)
-            if e.type in _ENDS
-        ]
-        end = ends[-1] if ends else None
+    d = binding._query.describe(binding.name, inst.id, inst._rk(), steps=steps)
+    finished = d.status in FINISHED
     return {
         "id": inst.id,
         "workflow": binding.name,
-        "status": st.status,
-        "params": jsonable(binding._storage.serializer.loads(params)) if params else None,
-        "output": jsonable(st.output),
-        "error": jsonable(st.error),
-        "queued": _ms_iso(rec.get("created")),
-        "start": _ms_iso(rec.get("started")),
-        "end": iso(end),
-        "success": (st.status == "complete") if finished else None,
-        "now": _ms_iso(binding._ctx.now_ms()),
+        "status": d.status,
+        "params": jsonable(d.params),
+        "output": jsonable(d.output),
+        "error": jsonable(d.error),
+        "queued": iso(d.created),
+        "start": iso(d.started),
+        "end": iso(d.ended),
+        "success": (d.status == "complete") if finished else None,
+        "now": iso(to_datetime(binding._ctx.now_ms() / 1000.0)),
         "steps": [step_view(s) for s in steps],
+        "description": document(d),
     }
 
 

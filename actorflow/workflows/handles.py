@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import collections
 import functools
 import time
@@ -35,7 +34,6 @@ from actorflow.workflows.engine.creation import (
     RecordNumbers,
     new_instance_batch,
 )
-from actorflow.workflows.engine.instance import InstanceActor
 from actorflow.workflows.engine.messages import (
     Event,
     InstanceMessage,
@@ -46,14 +44,11 @@ from actorflow.workflows.engine.messages import (
 )
 from actorflow.workflows.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.workflows.query import InstanceDescription, Query
 from actorflow.workflows.records import (
-    IDX,
     INST,
     PRIO_NEW,
     STEPS,
-    idx_iid,
-    idx_key,
-    idx_prefix,
     load,
     queue_key,
     step_key,
@@ -108,19 +103,21 @@ class Instance:
 
     def status(self) -> InstanceStatus:
         """Returns the status, the output (when complete) and the error (when errored)."""
-        actor = self._b._sup.live.get(self._b._wfe.ik(self.id))
-        if actor is not None and not actor.actor_stopped.is_set():
-            status, rec = actor.public_status(), actor.record
-        else:
-            rec = self._record()
-            status = rec["s"]
-        if status not in STATUSES:
-            status = "unknown"
-        output = None
-        if status == "complete" and rec.get("output") is not None:
-            output = self._b._storage.serializer.loads(rec["output"])
-        error = rec.get("error") if status == "errored" else None
-        return InstanceStatus(status, output, error)
+        b = self._b
+        return b._query.status(b.name, self.id, self._rkey or self._rk())
+
+    def describe(self) -> InstanceDescription:
+        """Returns everything about the instance at a glance (Temporal's ``describe()``).
+
+        Its status, output and error are those :meth:`status` gives; with them
+        come its times (created, started, ended), params, the event types it
+        waits for, its step counts, its epoch and (multi-node) its owner.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        b = self._b
+        return b._query.describe(b.name, self.id, self._rk())
 
     def pause(self) -> None:
         """Pauses: at once in a sleep or wait, else after the steps in flight end."""
@@ -335,11 +332,6 @@ class WorkflowModifier:
         return self
 
 
-def _created_ms(idx: bytes) -> int:
-    """The creation time (epoch ms) held by a status-index key."""
-    return 2**63 - int.from_bytes(idx.split(b"\x00", 2)[2][:8], "big")
-
-
 class WorkflowBinding:
     """A registered workflow: creates, finds and lists its instances."""
 
@@ -351,6 +343,7 @@ class WorkflowBinding:
         self.name = wfe.name
         self._ids = RandomIds()
         self._numbers = RecordNumbers(self._storage)
+        self._query = Query(self._storage, supervisor.live)
 
     def __repr__(self) -> str:
         return f"<WorkflowBinding {self.name}>"
@@ -522,59 +515,10 @@ class WorkflowBinding:
             created_after: Only instances created strictly after this
                 (an aware datetime, or epoch milliseconds).
         """
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}; use one of {STATUSES}")
-        statuses = [status] if status else [s for s in STATUSES if s != "unknown"]
-        keys: list[bytes] = []
-        for s in statuses:
-            keys.extend(
-                k
-                for k, _ in self._storage.scan(IDX, prefix=idx_prefix(self.name, s), keys_only=True)
-            )
-        # newest first across statuses: the index sorts by inverted creation time
-        if status is not None:
-            keys = self._overlay_live(status, keys)
-        keys.sort(key=lambda k: k.split(b"\x00", 2)[2])
-        if created_after is not None:
-            after = (
-                created_after
-                if isinstance(created_after, int)
-                else round(created_after.timestamp() * 1000)
-            )
-            keys = [k for k in keys if _created_ms(k) > after]
-        if cursor is not None:
-            rk = self._wfe.rk(cursor)
-            raw = self._storage.get(INST, rk) if rk is not None else None
-            if raw is not None:  # the page starts after the cursor's place in the order
-                mark = idx_key(self.name, "", load(raw)["created"], cursor).split(b"\x00", 2)[2]
-                keys = [k for k in keys if k.split(b"\x00", 2)[2] > mark]
-        ids = [idx_iid(k) for k in keys]
-        if limit is not None:
-            ids = ids[:limit]
+        ids = self._query.ids(
+            self.name, status, limit=limit, cursor=cursor, created_after=created_after
+        )
         return [Instance(self, i) for i in ids]
-
-    def _overlay_live(self, status: str, keys: builtins.list[bytes]) -> builtins.list[bytes]:
-        """Corrects index keys of one status with the live status of active instances.
-
-        The index holds the last written status; a live instance may be ahead of
-        it (started and not yet checkpointed, pausing, woken and waiting for a slot).
-        """
-        live: dict[str, InstanceActor | None] = {
-            a.iid: a
-            for a in builtins.list(self._sup.live.values())
-            if a.wfe is self._wfe and not a.actor_stopped.is_set()
-        }
-        if not live:
-            return keys
-        out = []
-        for k in keys:
-            found = live.pop(idx_iid(k), None)
-            if found is None or found.public_status() == status:
-                out.append(k)
-        for iid, actor in live.items():
-            if actor is not None and actor.public_status() == status:
-                out.append(idx_key(self.name, status, actor.record["created"], iid))
-        return out
 
     def modify(self, id: str) -> WorkflowModifier:
         """Returns the test modifiers of instance ``id`` (it may not exist yet).

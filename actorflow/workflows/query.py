@@ -1,0 +1,547 @@
+"""Read-only queries of workflow instances: status, description, listings and counts.
+
+One module answers every read a user or a tool makes of the instances: the
+handles (:meth:`Instance.status <actorflow.Instance.status>`,
+:meth:`Instance.describe <actorflow.Instance.describe>`,
+:meth:`WorkflowBinding.list <actorflow.WorkflowBinding.list>`), the
+``actorflow`` command over a data directory and the HTTP API. It only reads:
+nothing here writes a record. It knows the record layout through
+:mod:`actorflow.workflows.records`, so the faces above it know none.
+
+A :class:`Query` reads a runtime's storage. Given the supervisor's live
+actors, it also shows the states an instance has only in memory (started and
+not yet checkpointed, pausing, woken and waiting for a slot), as
+``Instance.status()`` always has. Over a data directory opened with
+:meth:`Query.open` there are no live actors: it shows what is durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from actorflow.cluster.lease import OWNER
+from actorflow.core.clock import to_datetime
+from actorflow.core.errors import InstanceNotFound
+from actorflow.core.storage import Storage
+from actorflow.core.timers import TIMERS
+from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus
+from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.workflows.records import (
+    IDS,
+    IDX,
+    INST,
+    idx_iid,
+    idx_key,
+    idx_prefix,
+    ikey,
+    load,
+    queue_db,
+    rkey,
+)
+
+if TYPE_CHECKING:
+    from actorflow.workflows.engine.instance import InstanceActor
+
+__all__ = [
+    "LISTED_STATUSES",
+    "InstanceDescription",
+    "InstanceSummary",
+    "Page",
+    "Query",
+    "document",
+    "jsonable",
+]
+
+#: The statuses an instance can be listed and counted in.
+LISTED_STATUSES = tuple(s for s in STATUSES if s != "unknown")
+_ENDS = ("WORKFLOW_SUCCESS", "WORKFLOW_FAILURE", "WORKFLOW_TERMINATED")
+_MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class InstanceDescription:
+    """Everything about one instance at a glance (Temporal's ``handle.describe()``).
+
+    Attributes:
+        workflow: The workflow's name.
+        id: The instance id.
+        status: As :meth:`Instance.status <actorflow.Instance.status>` gives it.
+        created: When it was created (queued).
+        started: When its first run started; None while it never ran.
+        ended: When it completed, errored or was terminated; None before.
+        output: The run's return value, once complete.
+        error: ``{name, message}`` of the error, once errored.
+        params: The params it was created with.
+        waiting_for: The event types it waits for, while ``waiting`` for events.
+        steps: How many steps it has (every ``step.do``, sleep and wait).
+        steps_complete: How many of them have a result.
+        steps_failed: How many of them failed for good.
+        epoch: Its fencing epoch: 1 at creation, one more each time the engine
+            fences off earlier runs (a restart, a termination, a recovery after
+            a crash, a takeover by another node).
+        owner: Multi-node: the id of the node that runs it (None on one node).
+    """
+
+    workflow: str
+    id: str
+    status: str
+    created: datetime
+    started: datetime | None
+    ended: datetime | None
+    output: Any
+    error: dict[str, str] | None
+    params: Any
+    waiting_for: tuple[str, ...]
+    steps: int
+    steps_complete: int
+    steps_failed: int
+    epoch: int
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    """One row of an instance listing."""
+
+    workflow: str
+    id: str
+    status: str
+    created: datetime
+    started: datetime | None
+    error: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of a listing, and the token of the next one (None on the last)."""
+
+    rows: list[InstanceSummary]
+    next: str | None
+
+
+def _created_ms(rest: bytes) -> int:
+    """The creation time (epoch ms) in the tail of a status-index key."""
+    return 2**63 - int.from_bytes(rest[:8], "big")
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else to_datetime(ms / 1000.0)
+
+
+class Query:
+    """The read-only queries over one storage (see the module's docstring).
+
+    Args:
+        storage: The storage of a runtime, or of a data directory opened to read.
+        live: The supervisor's live actors by instance key, to show in-memory
+            states; None reads only what is durable.
+    """
+
+    def __init__(self, storage: Storage, live: Mapping[bytes, InstanceActor] | None = None) -> None:
+        self.storage = storage
+        self._live = live
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: str | os.PathLike[str]) -> Iterator[Query]:
+        """Opens data directory ``path`` to read it, without a runtime; closes it after.
+
+        LMDB readers never block a writer, so this is safe while a runtime in
+        another process has the directory open (one process opens a directory
+        once: in the runtime's own process, use its handles).
+
+        Raises:
+            FileNotFoundError: ``path`` holds no actorflow data directory.
+        """
+        if not os.path.exists(os.path.join(path, "data.mdb")):
+            raise FileNotFoundError(f"no actorflow data directory at {os.fspath(path)}")
+        storage = Storage(path)
+        try:
+            yield cls(storage)
+        finally:
+            storage.close()
+
+    # -- one instance -------------------------------------------------------------
+
+    def _not_found(self, workflow: str, iid: str) -> InstanceNotFound:
+        return InstanceNotFound(
+            f"(instance.not_found) workflow {workflow!r}: no instance {iid!r}",
+            workflow=workflow,
+            instance=iid,
+        )
+
+    def record_key(self, workflow: str, iid: str) -> bytes:
+        """The key of the instance's records.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        n = self.storage.get(IDS, ikey(workflow, iid))
+        if n is None:
+            raise self._not_found(workflow, iid)
+        return rkey(workflow, n)
+
+    def _stored(self, workflow: str, iid: str, rk: bytes) -> dict[str, Any]:
+        raw = self.storage.get(INST, rk)
+        if raw is None:
+            raise self._not_found(workflow, iid)
+        return load(raw)
+
+    def _current(self, workflow: str, iid: str, rk: bytes) -> tuple[str, dict[str, Any]]:
+        """The status users see and the record it goes with: the live actor's, else stored."""
+        live = self._live
+        actor = live.get(ikey(workflow, iid)) if live is not None else None
+        if actor is not None and not actor.actor_stopped.is_set():
+            status, rec = actor.public_status(), actor.record
+        else:
+            rec = self._stored(workflow, iid, rk)
+            status = rec["s"]
+        return (status if status in STATUSES else "unknown"), rec
+
+    def status(self, workflow: str, iid: str, rk: bytes | None = None) -> InstanceStatus:
+        """The status, the output (when complete) and the error (when errored).
+
+        Args:
+            rk: The instance's record key if the caller has it (saves a read).
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        # The hot path of wait(): _current() inlined.
+        live = self._live
+        actor = live.get(ikey(workflow, iid)) if live is not None else None
+        if actor is not None and not actor.actor_stopped.is_set():
+            status, rec = actor.public_status(), actor.record
+        else:
+            raw = self.storage.get(INST, rk or self.record_key(workflow, iid))
+            if raw is None:
+                raise self._not_found(workflow, iid)
+            rec = load(raw)
+            status = rec["s"]
+        if status not in STATUSES:
+            status = "unknown"
+        output = None
+        if status == "complete" and rec.get("output") is not None:
+            output = self.storage.serializer.loads(rec["output"])
+        error = rec.get("error") if status == "errored" else None
+        return InstanceStatus(status, output, error)
+
+    def summary(self, workflow: str, iid: str, rk: bytes | None = None) -> InstanceSummary:
+        """The row of the instance in a listing: status, times and error.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        status, rec = self._current(workflow, iid, rk or self.record_key(workflow, iid))
+        return InstanceSummary(
+            workflow,
+            iid,
+            status,
+            to_datetime(rec["created"] / 1000.0),
+            _dt(rec.get("started")),
+            rec.get("error") if status == "errored" else None,
+        )
+
+    def describe(
+        self,
+        workflow: str,
+        iid: str,
+        rk: bytes | None = None,
+        *,
+        steps: list[StepRecord] | None = None,
+    ) -> InstanceDescription:
+        """Everything about the instance: see :class:`InstanceDescription`.
+
+        Args:
+            rk: The instance's record key if the caller has it (saves a read).
+            steps: Its step records if the caller has just read them (a view
+                that shows them too, and counts the same ones).
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        rk = rk or self.record_key(workflow, iid)
+        status, rec = self._current(workflow, iid, rk)
+        loads = self.storage.serializer.loads
+        if steps is None:
+            steps = read_steps(self.storage, rk)
+        ended = None
+        if status in FINISHED:
+            ends = [
+                e.timestamp
+                for e in read_history(self.storage, rk, self._stored(workflow, iid, rk), steps)
+                if e.type in _ENDS
+            ]
+            ended = ends[-1] if ends else None
+        owner = self.storage.get(OWNER, ikey(workflow, iid))
+        return InstanceDescription(
+            workflow=workflow,
+            id=iid,
+            status=status,
+            created=to_datetime(rec["created"] / 1000.0),
+            started=_dt(rec.get("started")),
+            ended=ended,
+            output=(
+                loads(rec["output"])
+                if status == "complete" and rec.get("output") is not None
+                else None
+            ),
+            error=rec.get("error") if status == "errored" else None,
+            params=loads(rec["params"]) if rec.get("params") else None,
+            waiting_for=tuple(rec.get("waits") or ()) if status == "waiting" else (),
+            steps=len(steps),
+            steps_complete=sum(1 for s in steps if s.status == "complete"),
+            steps_failed=sum(1 for s in steps if s.status == "errored"),
+            epoch=int(rec.get("epoch", 1)),
+            owner=owner.decode() if owner is not None else None,
+        )
+
+    def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:
+        """The instance's event log, oldest first.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        rk = rk or self.record_key(workflow, iid)
+        return read_history(self.storage, rk, self._stored(workflow, iid, rk))
+
+    def steps(self, workflow: str, iid: str, rk: bytes | None = None) -> list[StepRecord]:
+        """The instance's step records, in start order.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        rk = rk or self.record_key(workflow, iid)
+        self._stored(workflow, iid, rk)
+        return read_steps(self.storage, rk)
+
+    # -- listings -----------------------------------------------------------------
+
+    def _index(self, workflow: str | None, status: str | None) -> list[tuple[bytes, str, str]]:
+        """``(order, workflow, status)`` of the indexed instances, newest first.
+
+        ``order`` is the tail of the index key (inverted creation time, id):
+        with the workflow's name it orders instances across workflows.
+        """
+        prefix = idx_prefix(workflow, status) if workflow is not None else b""
+        rows = []
+        for key, _ in self.storage.scan(IDX, prefix=prefix, keys_only=True):
+            wf_b, st_b, rest = key.split(b"\x00", 2)
+            st = st_b.decode()
+            if status is not None and st != status:
+                continue
+            rows.append((rest, wf_b.decode(), st))
+        if status is not None and workflow is not None:
+            rows = self._overlay_live(workflow, status, rows)
+        rows.sort(key=lambda r: (r[0], r[1]))
+        return rows
+
+    def _overlay_live(
+        self, workflow: str, status: str, rows: list[tuple[bytes, str, str]]
+    ) -> list[tuple[bytes, str, str]]:
+        """Corrects the index rows of one status with the live status of active instances.
+
+        The index holds the last written status; a live instance may be ahead of
+        it (started and not yet checkpointed, pausing, woken and waiting for a slot).
+        """
+        if not self._live:
+            return rows
+        live: dict[str, InstanceActor | None] = {
+            a.iid: a
+            for a in list(self._live.values())
+            if a.wfe.name == workflow and not a.actor_stopped.is_set()
+        }
+        if not live:
+            return rows
+        out = []
+        for row in rows:
+            found = live.pop(idx_iid(row[0]), None)
+            if found is None or found.public_status() == status:
+                out.append(row)
+        for iid, actor in live.items():
+            if actor is not None and actor.public_status() == status:
+                key = idx_key(workflow, status, actor.record["created"], iid)
+                out.append((key.split(b"\x00", 2)[2], workflow, status))
+        return out
+
+    def ids(
+        self,
+        workflow: str,
+        status: str | None = None,
+        *,
+        limit: int | None = 100,
+        cursor: str | None = None,
+        created_after: datetime | int | None = None,
+    ) -> list[str]:
+        """The ids of a workflow's instances, newest first (``WorkflowBinding.list``).
+
+        Args:
+            status: Only instances in this status (live statuses included).
+            limit: The most ids to return (None: all).
+            cursor: The id of the last instance of the previous page; the
+                page starts after it, also if its status changed meanwhile.
+                An id that names no instance is ignored.
+            created_after: Only instances created strictly after this
+                (an aware datetime, or epoch milliseconds).
+
+        Raises:
+            ValueError: ``status`` is not a status name.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; use one of {STATUSES}")
+        rows = self._index(workflow, status)
+        if created_after is not None:
+            after = (
+                created_after
+                if isinstance(created_after, int)
+                else round(created_after.timestamp() * 1000)
+            )
+            rows = [r for r in rows if _created_ms(r[0]) > after]
+        if cursor is not None:
+            n = self.storage.get(IDS, ikey(workflow, cursor))
+            raw = self.storage.get(INST, rkey(workflow, n)) if n is not None else None
+            if raw is not None:  # the page starts after the cursor's place in the order
+                mark = idx_key(workflow, "", load(raw)["created"], cursor).split(b"\x00", 2)[2]
+                rows = [r for r in rows if r[0] > mark]
+        ids = [idx_iid(r[0]) for r in rows]
+        return ids if limit is None else ids[:limit]
+
+    def page(
+        self,
+        workflow: str | None = None,
+        status: str | None = None,
+        *,
+        limit: int = 50,
+        token: str | None = None,
+    ) -> Page:
+        """A page of instances of one workflow or of all, newest first.
+
+        Args:
+            workflow: Only this workflow's instances (None: every workflow's).
+            status: Only instances in this status.
+            limit: The most rows.
+            token: The ``next`` of the previous page.
+
+        Raises:
+            ValueError: ``token`` is not one a page gave.
+        """
+        rows = self._index(workflow, status)
+        if token:
+            tail, _, name = base64.urlsafe_b64decode(token.encode()).rpartition(b"\x00")
+            if not tail:
+                raise ValueError(f"not a page token: {token!r}")
+            mark = (tail, name.decode())
+            rows = [r for r in rows if (r[0], r[1]) > mark]
+        chosen = rows[:limit]
+        out = []
+        for rest, wf, st in chosen:
+            iid = idx_iid(rest)
+            rec = self._stored(wf, iid, self.record_key(wf, iid))
+            out.append(
+                InstanceSummary(
+                    wf,
+                    iid,
+                    st,
+                    to_datetime(rec["created"] / 1000.0),
+                    _dt(rec.get("started")),
+                    rec.get("error"),
+                )
+            )
+        nxt = None
+        if len(rows) > limit and chosen:
+            rest, wf, _ = chosen[-1]
+            nxt = base64.urlsafe_b64encode(rest + b"\x00" + wf.encode()).decode()
+        return Page(out, nxt)
+
+    # -- counts ---------------------------------------------------------------------
+
+    def workflows(self) -> list[str]:
+        """The names of the workflows with instances, sorted (one read per workflow)."""
+        names: list[str] = []
+        after: bytes | None = None
+        while True:
+            found = self.storage.first(IDX, after=after)
+            if found is None:
+                return names
+            wf = found[0].split(b"\x00", 1)[0]
+            names.append(wf.decode())
+            after = wf + b"\x01"  # past every key of this workflow: they go on with \x00
+
+    def counts(self, workflow: str) -> dict[str, int]:
+        """How many of a workflow's instances are in each status (zeros included).
+
+        Counted in the status index, one prefix per status: O(statuses)
+        reads, no record is loaded. With live actors, an instance whose live
+        status is ahead of its last write counts in its live status.
+        """
+        out = {s: self.storage.count(IDX, idx_prefix(workflow, s)) for s in LISTED_STATUSES}
+        if not self._live:
+            return out
+        for actor in list(self._live.values()):
+            if actor.wfe.name != workflow or actor.actor_stopped.is_set():
+                continue
+            shown = actor.public_status()
+            raw = self.storage.get(INST, actor.rk)
+            indexed = load(raw)["s"] if raw is not None else None
+            if shown != indexed and shown in out:
+                if indexed in out and out[indexed] > 0:
+                    out[indexed] -= 1
+                out[shown] += 1
+        return out
+
+    def queue_depth(self, workflow: str) -> int:
+        """How many of a workflow's instances wait in its queue for a slot."""
+        return self.storage.count(queue_db(workflow))
+
+    def timer_backlog(self) -> int:
+        """How many timers are pending (sleeps, event timeouts, retries, alarms)."""
+        return self.storage.count(TIMERS)
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+
+def iso(when: datetime | None) -> str | None:
+    """Returns an ISO 8601 string with milliseconds, or None."""
+    return None if when is None else when.isoformat(timespec="milliseconds")
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """Returns ``value`` as plain JSON data: datetimes as ISO strings, others as repr.
+
+    Stored values (params, outputs, step results, payloads) are arbitrary
+    Python values: a read shows them as JSON where it can, and as their
+    ``repr`` where it cannot, so that it never fails on an odd value.
+    """
+    if _depth > _MAX_DEPTH:
+        return repr(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v, _depth + 1) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: jsonable(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value)
+        }
+    return repr(value)
+
+
+def document(description: InstanceDescription) -> dict[str, Any]:
+    """The JSON document of a description: what ``actorflow describe`` prints and the
+    HTTP API returns under ``description``."""
+    out: dict[str, Any] = jsonable(description)
+    return out
