@@ -62,7 +62,19 @@ class AsyncPoison(af.Workflow):
         return await asyncio.gather(sibling, step.do("poison", body, retries={"limit": 3}))
 
 
-@pytest.mark.parametrize("cls", [SyncPoison, AsyncPoison])
+class AsyncRunSyncPoison(af.Workflow):
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        j: Journal = self.env
+
+        def body() -> Any:  # a sync body, in a step thread, under an async run
+            j.add("poison")
+            return _SIGNALS[event.payload]()
+
+        sibling = step.do("sibling", lambda: j.add("sibling") or 2)
+        return await asyncio.gather(sibling, step.do("poison", body, retries={"limit": 3}))
+
+
+@pytest.mark.parametrize("cls", [SyncPoison, AsyncPoison, AsyncRunSyncPoison])
 @pytest.mark.parametrize("signal", sorted(_SIGNALS))
 def test_a_step_body_that_raises_a_stop_signal_fails_its_step_and_the_engine_goes_on(
     make_runtime: Any, journal: Journal, cls: type[af.Workflow], signal: str

@@ -97,6 +97,30 @@ def _deadline(now_ms: int, ms: int, where: str) -> int:
     return dl
 
 
+class _BodySignal(Exception):
+    """Carries a BaseException that a sync step body raised in its thread.
+
+    Thrown into the run's coroutines as it is, a GeneratorExit would close
+    them instead of reaching the step's handler, and asyncio re-raises
+    SystemExit and KeyboardInterrupt out of the loop: wrapped, it is an
+    ordinary failure of the attempt.
+    """
+
+    def __init__(self, signal: BaseException) -> None:
+        super().__init__(repr(signal))
+        self.signal = signal
+
+
+def _call_body(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Calls a sync step body (in a step thread), wrapping what is not an Exception."""
+    try:
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as e:
+        raise _BodySignal(e) from e
+
+
 def _cancelling() -> bool:
     """True if the current task is being cancelled (by the engine, not by user code)."""
     task = asyncio.current_task()
@@ -754,126 +778,157 @@ class Execution:
                 raise Stop()
             self._crash_point(name, "before")
             a0 = self.now_ms()
-            err: BaseException | None = None
-            value: Any = None
-            mock = self.mods.step_mock(name) if self.mods is not None else None
-            self.in_flight += 1
-            try:
-                if mock is not None:
-                    kind, payload = mock
-                    if kind == "error":
-                        raise payload
-                    value = payload
-                else:
-                    value = await self._invoke(fn, use_ctx, attempt, name, count, cfg)
-            except (Suspend, Stop, Fatal, EngineFault):
-                raise
-            except asyncio.CancelledError as e:
-                if self.stopped or _cancelling():
-                    raise
-                err = _user_signal(where, "the step body", e)  # raised by the body itself
-            except Exception as e:
-                err = e
-            except BaseException as e:
-                # SystemExit, KeyboardInterrupt, GeneratorExit raised by the body:
-                # out of a step they would end the engine loop, and the step would
-                # rerun into the same exit on every reopen. The step fails instead.
-                err = _user_signal(where, "the step body", e)
-            finally:
-                self.in_flight -= 1
-                if self.waiters:
-                    self._poke()
+            value, err = await self._attempt(fn, use_ctx, attempt, name, count, cfg, where)
             a1 = self.now_ms()
             if err is None:
-                self._crash_point(name, "after_body")
-                fatal: ActorflowError | None = None
-                try:
-                    data = self.ser.dumps(value)
-                except SerializationError as e:
-                    fatal = SerializationError(
-                        f"{where}: value returned from the step is not serializable: {e}",
-                        workflow=self.wfe.name,
-                        instance=self.actor.iid,
-                        step=name,
-                    )
-                else:
-                    if len(data) > self.limits.max_step_result_bytes:
-                        fatal = LimitExceeded(
-                            f"{where}: output is too large ({len(data)} bytes); the maximum is "
-                            f"{self.limits.max_step_result_bytes} bytes",
-                            workflow=self.wfe.name,
-                            instance=self.actor.iid,
-                            step=name,
-                        )
-                if fatal is not None:
-                    # The step's record says why it failed; it lands with the
-                    # instance's failure, in the run's final commit.
-                    ed = error_dict(fatal)
-                    new: StepCheckpoint = {
-                        **rec,
-                        "s": StepStatus.FAILED,
-                        "att": [*rec["att"], (a0, a1, ed, None)],
-                        "t1": a1,
-                        "ed": ed,
-                        "e": self._dump_error(fatal),
-                    }
-                    new.pop("dl", None)
-                    await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
-                    raise Fatal(fatal)
-                new = {
-                    **rec,
-                    "s": StepStatus.DONE,
-                    "r": data,
-                    "att": [*rec["att"], (a0, a1, None, None)],
-                    "t1": a1,
-                }
-                new.pop("dl", None)
-                await self._commit_step(key, new, disarm=rec.get("tk"))
-                self._crash_point(name, "after_commit")
-                return value
-            ed = error_dict(err)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "%s: attempt %d failed: %s: %s",
-                    where,
-                    attempt,
-                    ed["name"],
-                    ed["message"],
-                    extra={
-                        "workflow": self.wfe.name,
-                        "step": name,
-                        "instance": self.actor.iid,
-                        "attempt": attempt,
-                    },
-                )
-            if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
-                new = {
-                    **rec,
-                    "s": StepStatus.FAILED,
-                    "att": [*rec["att"], (a0, a1, ed, None)],
-                    "t1": a1,
-                    "ed": ed,
-                    "e": self._dump_error(err),
-                }
-                await self._commit_step(key, new, disarm=rec.get("tk"))
-                raise err
-            delay = (
-                0
-                if self.mods is not None and self.mods.no_retry_delays
-                else retry_delay_ms(cfg, attempt)
+                return await self._succeeded(key, rec, value, a0, a1, name, where)
+            rec = await self._failed(key, rec, err, attempt, a0, a1, name, where)
+
+    async def _attempt(
+        self,
+        fn: Callable[..., Any],
+        use_ctx: bool,
+        attempt: int,
+        name: str,
+        count: int,
+        cfg: dict[str, Any],
+        where: str,
+    ) -> tuple[Any, BaseException | None]:
+        """Runs one attempt of a step body; returns its value, or the error it failed with."""
+        mock = self.mods.step_mock(name) if self.mods is not None else None
+        self.in_flight += 1
+        try:
+            if mock is not None:
+                kind, payload = mock
+                if kind == "error":
+                    raise payload
+                return payload, None
+            return await self._invoke(fn, use_ctx, attempt, name, count, cfg), None
+        except (Suspend, Stop, Fatal, EngineFault):
+            raise
+        except asyncio.CancelledError as e:
+            if self.stopped or _cancelling():
+                raise
+            return None, _user_signal(where, "the step body", e)  # raised by the body itself
+        except _BodySignal as e:
+            return None, _user_signal(where, "the step body", e.signal)
+        except Exception as e:
+            return None, e
+        except BaseException as e:
+            # SystemExit, KeyboardInterrupt, GeneratorExit raised by the body:
+            # out of a step they would end the engine loop, and the step would
+            # rerun into the same exit on every reopen. The step fails instead.
+            return None, _user_signal(where, "the step body", e)
+        finally:
+            self.in_flight -= 1
+            if self.waiters:
+                self._poke()
+
+    async def _succeeded(
+        self, key: bytes, rec: StepCheckpoint, value: Any, a0: int, a1: int, name: str, where: str
+    ) -> Any:
+        """Checkpoints a step's result; a result that cannot be stored fails the instance."""
+        self._crash_point(name, "after_body")
+        fatal: ActorflowError | None = None
+        try:
+            data = self.ser.dumps(value)
+        except SerializationError as e:
+            fatal = SerializationError(
+                f"{where}: value returned from the step is not serializable: {e}",
+                workflow=self.wfe.name,
+                instance=self.actor.iid,
+                step=name,
             )
-            dl = _deadline(a1, delay, where)
-            new = {
+        else:
+            if len(data) > self.limits.max_step_result_bytes:
+                fatal = LimitExceeded(
+                    f"{where}: output is too large ({len(data)} bytes); the maximum is "
+                    f"{self.limits.max_step_result_bytes} bytes",
+                    workflow=self.wfe.name,
+                    instance=self.actor.iid,
+                    step=name,
+                )
+        if fatal is not None:
+            # The step's record says why it failed; it lands with the
+            # instance's failure, in the run's final commit.
+            ed = error_dict(fatal)
+            new: StepCheckpoint = {
                 **rec,
-                "s": StepStatus.RETRYING,
-                "att": [*rec["att"], (a0, a1, ed, delay)],
-                "dl": dl,
+                "s": StepStatus.FAILED,
+                "att": [*rec["att"], (a0, a1, ed, None)],
+                "t1": a1,
+                "ed": ed,
+                "e": self._dump_error(fatal),
             }
-            tk = self._timer(dl, key) if delay > 0 else None
-            await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
-            rec = new
-            if delay > 0:
-                await self._block(key, dl, None)
+            new.pop("dl", None)
+            await self._commit_step(key, new, disarm=rec.get("tk"), stage=True)
+            raise Fatal(fatal)
+        new = {
+            **rec,
+            "s": StepStatus.DONE,
+            "r": data,
+            "att": [*rec["att"], (a0, a1, None, None)],
+            "t1": a1,
+        }
+        new.pop("dl", None)
+        await self._commit_step(key, new, disarm=rec.get("tk"))
+        self._crash_point(name, "after_commit")
+        return value
+
+    async def _failed(
+        self,
+        key: bytes,
+        rec: StepCheckpoint,
+        err: BaseException,
+        attempt: int,
+        a0: int,
+        a1: int,
+        name: str,
+        where: str,
+    ) -> StepCheckpoint:
+        """Records a failed attempt: raises it once the step has failed for good, else
+        waits out the retry delay and returns the step's record for the next attempt."""
+        ed = error_dict(err)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: attempt %d failed: %s: %s",
+                where,
+                attempt,
+                ed["name"],
+                ed["message"],
+                extra={
+                    "workflow": self.wfe.name,
+                    "step": name,
+                    "instance": self.actor.iid,
+                    "attempt": attempt,
+                },
+            )
+        cfg = rec["cfg"]
+        if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
+            failed: StepCheckpoint = {
+                **rec,
+                "s": StepStatus.FAILED,
+                "att": [*rec["att"], (a0, a1, ed, None)],
+                "t1": a1,
+                "ed": ed,
+                "e": self._dump_error(err),
+            }
+            await self._commit_step(key, failed, disarm=rec.get("tk"))
+            raise err
+        no_delays = self.mods is not None and self.mods.no_retry_delays
+        delay = 0 if no_delays else retry_delay_ms(cfg, attempt)
+        dl = _deadline(a1, delay, where)
+        new: StepCheckpoint = {
+            **rec,
+            "s": StepStatus.RETRYING,
+            "att": [*rec["att"], (a0, a1, ed, delay)],
+            "dl": dl,
+        }
+        tk = self._timer(dl, key) if delay > 0 else None
+        await self._commit_step(key, new, arm=tk, disarm=rec.get("tk"))
+        if delay > 0:
+            await self._block(key, dl, None)
+        return new
 
     async def _invoke(
         self,
@@ -903,7 +958,7 @@ class Execution:
         try:
             async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
                 value = await self.loop.run_in_executor(
-                    self.ctx.step_pool, functools.partial(fn, *args)
+                    self.ctx.step_pool, functools.partial(_call_body, fn, args)
                 )
                 if inspect.isawaitable(value):
                     value = await value
