@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from actorflow.core.clock import Clock
 from actorflow.core.storage import Storage, WriteBatch
 
-__all__ = ["TIMERS", "TimerService", "parse_timer_key", "timer_key"]
+__all__ = ["TIMERS", "TimerService", "count_armed", "parse_timer_key", "timer_key"]
 
 log = logging.getLogger("actorflow.timers")
 
@@ -49,6 +49,11 @@ Handler = Callable[[bytes, bytes, int], bool]
 def timer_key(deadline_ms: int, kind: str, target: bytes) -> bytes:
     """Returns the index key of a timer."""
     return _DEADLINE.pack(max(0, deadline_ms)) + kind.encode() + target
+
+
+def count_armed(storage: Storage) -> int:
+    """How many timers are armed in ``storage`` (for readers without a timer service)."""
+    return storage.count(TIMERS)
 
 
 def parse_timer_key(key: bytes) -> tuple[int, str, bytes]:
@@ -166,7 +171,7 @@ class TimerService:
 
     def pending(self) -> int:
         """Returns how many timers are armed (the timer backlog)."""
-        return self._storage.count(TIMERS)
+        return count_armed(self._storage)
 
     def next_deadline_ms(self, after_ms: int | None = None) -> int | None:
         """Returns the earliest armed deadline that is not in flight, or None.

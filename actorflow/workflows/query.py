@@ -31,7 +31,7 @@ from actorflow.cluster.lease import OWNER
 from actorflow.core.clock import to_datetime
 from actorflow.core.errors import InstanceNotFound
 from actorflow.core.storage import Storage
-from actorflow.core.timers import TIMERS
+from actorflow.core.timers import count_armed
 from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
 from actorflow.workflows.records import (
@@ -503,7 +503,7 @@ class Query:
 
     def timer_backlog(self) -> int:
         """How many timers are pending (sleeps, event timeouts, retries, alarms)."""
-        return self.storage.count(TIMERS)
+        return count_armed(self.storage)
 
 
 # -- JSON ---------------------------------------------------------------------------------
