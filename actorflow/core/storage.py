@@ -705,6 +705,29 @@ class Storage:
 
     def _commit(self, items: list[tuple[WriteBatch, Callback | None]]) -> None:
         t0 = time.perf_counter()  # measuring commit latency is not reading the clock
+        results, txn_id = self._transact(items)
+        if self._latency:
+            time.sleep(self._latency)  # an injected slow disk (set_latency)
+        for (batch, _cb), err in zip(items, results, strict=True):
+            chain = batch.chain
+            if err is not None and chain is not None and not chain.failed:
+                chain.error = err
+                chain.failed = True
+        elapsed = time.perf_counter() - t0
+        self.commit_seconds += elapsed
+        self.batches += 1
+        self.commits += len(items)
+        self._report(items, results, elapsed, txn_id)
+
+    def _transact(
+        self, items: list[tuple[WriteBatch, Callback | None]]
+    ) -> tuple[list[BaseException | None], int]:
+        """Applies ``items`` in one write transaction and commits it.
+
+        Returns each batch's error (None if it landed) and the transaction's
+        id. A full map is grown and the whole group retried; any other failure
+        of the transaction fails every batch of the group.
+        """
         txn_id = 0
         while True:
             results: list[BaseException | None] = [None] * len(items)
@@ -718,7 +741,7 @@ class Storage:
                         results[i] = err = self._apply(txn, batch, broken)
                         if err is not None and batch.chain is not None:
                             broken.add(id(batch.chain))
-                break
+                return results, txn_id
             except lmdb.MapFullError:
                 self._grow()
             except Exception as exc:  # disk full, I/O error: the whole group failed
@@ -728,19 +751,17 @@ class Storage:
                     if isinstance(exc, (*_DAMAGED, lmdb.DiskError))
                     else StorageError(f"durable write to {self.path} failed: {exc}")
                 )
-                results = [err] * len(items)
-                break
-        if self._latency:
-            time.sleep(self._latency)  # an injected slow disk (set_latency)
-        for (batch, _cb), err in zip(items, results, strict=True):
-            chain = batch.chain
-            if err is not None and chain is not None and not chain.failed:
-                chain.error = err
-                chain.failed = True
-        elapsed = time.perf_counter() - t0
-        self.commit_seconds += elapsed
-        self.batches += 1
-        self.commits += len(items)
+                return [err] * len(items), txn_id
+
+    def _report(
+        self,
+        items: list[tuple[WriteBatch, Callback | None]],
+        results: list[BaseException | None],
+        elapsed: float,
+        txn_id: int,
+    ) -> None:
+        """Tells the commit observers, then each batch's callback, then the
+        after-batch hooks; one that raises is logged and the others still run."""
         for obs in self._observers:
             try:
                 obs(items, results, elapsed, txn_id)
