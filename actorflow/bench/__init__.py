@@ -221,19 +221,11 @@ def main(argv: list[str]) -> int:
 
         return peers_main(argv[1:])
     args = _parser().parse_args(argv)
-    names = args.scenarios or list(DEFAULT)
-    unknown = [n for n in names if _ALIASES.get(n, n) not in SCENARIOS]
-    if unknown:
-        print(f"actorflow bench: unknown scenario(s) {unknown}; see --help", file=sys.stderr)
-        return 2
-    names = [_ALIASES.get(n, n) for n in names]
     try:
-        sizes = _sizes(args.size)
+        names, sizes = _plan(args)
     except ValueError as exc:
         print(f"actorflow bench: {exc}", file=sys.stderr)
         return 2
-    if not args.no_physical and "physical" not in names:
-        names.insert(0, "physical")
     if args.plot:
         from actorflow.bench.plots import check_available
 
@@ -245,6 +237,36 @@ def main(argv: list[str]) -> int:
         drain=not args.no_drain,
         sleep_margin=args.sleep_margin,
     )
+    result, failed = _run_all(names, sizes, args, opts)
+    _report(result, failed, args, opts)
+    if args.plot:
+        from actorflow.bench.plots import plot_all
+
+        for path in plot_all(result, Path(args.plot), opts.hold):
+            print(f"wrote {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+    """The scenarios to run, in order, and their sizes; ValueError names a bad argument."""
+    names = args.scenarios or list(DEFAULT)
+    unknown = [n for n in names if _ALIASES.get(n, n) not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; see --help")
+    names = [_ALIASES.get(n, n) for n in names]
+    sizes = _sizes(args.size)
+    if not args.no_physical and "physical" not in names:
+        names.insert(0, "physical")
+    return names, sizes
+
+
+def _run_all(
+    names: list[str], sizes: dict[str, int], args: argparse.Namespace, opts: Options
+) -> tuple[Measurement, dict[str, str]]:
+    """Measures each scenario in turn; one that fails is reported and the others still run.
+
+    Returns the figures and, by scenario, what failed.
+    """
     show = args.json is None and sys.stderr.isatty()
     bar = Bar() if show else None
 
@@ -281,6 +303,13 @@ def main(argv: list[str]) -> int:
     finally:
         if bar is not None:
             bar.close()
+    return result, failed
+
+
+def _report(
+    result: Measurement, failed: dict[str, str], args: argparse.Namespace, opts: Options
+) -> None:
+    """Prints the table (unless the JSON goes to stdout) and writes the JSON if asked."""
     header, body = rows(result.medians, result.sizes, args.profile)
     info = machine()
     if args.json != "-":
@@ -305,9 +334,3 @@ def main(argv: list[str]) -> int:
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
-    if args.plot:
-        from actorflow.bench.plots import plot_all
-
-        for path in plot_all(result, Path(args.plot), opts.hold):
-            print(f"wrote {path}", file=sys.stderr)
-    return 1 if failed else 0
