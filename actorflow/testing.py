@@ -140,7 +140,7 @@ class FakeClock:
         best = None
         for rt in self._live():
             for name in rt.workflows:
-                router = rt.workflow(name)._wfe.router
+                router = rt.workflow(name).parts.engine.router
                 bucket = router.bucket
                 if bucket is None or not router.throttled:
                     continue

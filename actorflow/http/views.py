@@ -38,12 +38,13 @@ def workflow_counts(binding: WorkflowBinding) -> dict[str, int]:
     From the status index, one prefix per status: O(statuses), not a read
     per instance.
     """
-    return binding._query.counts(binding.name)
+    return binding.parts.query.counts(binding.name)
 
 
 def instance_summary(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     """One row of an instance list: id, status, times and error."""
-    s = binding._query.summary(binding.name, inst.id, inst._rk())
+    parts = binding.parts
+    s = parts.query.summary(binding.name, inst.id, parts.record_key(inst.id))
     return {
         "id": s.id,
         "workflow": s.workflow,
@@ -92,7 +93,8 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     as JSON: the document ``actorflow describe --json`` prints.
     """
     steps = inst.steps()
-    d = binding._query.describe(binding.name, inst.id, inst._rk(), steps=steps)
+    parts = binding.parts
+    d = parts.query.describe(binding.name, inst.id, parts.record_key(inst.id), steps=steps)
     finished = d.status in FINISHED
     return {
         "id": inst.id,
@@ -105,7 +107,7 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
         "start": iso(d.started),
         "end": iso(d.ended),
         "success": (d.status == "complete") if finished else None,
-        "now": iso(to_datetime(binding._ctx.now_ms() / 1000.0)),
+        "now": iso(to_datetime(parts.ctx.now_ms() / 1000.0)),
         "steps": [step_view(s) for s in steps],
         "description": document(d),
     }

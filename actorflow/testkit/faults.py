@@ -103,7 +103,7 @@ class Faults:
         err = error or OSError(errno.ENOSPC, "No space left on device")
         keys = None
         if instance is not None:
-            keys = [instance._rk()]
+            keys = [instance.parts.record_key(instance.id)]
         with self._lock:
             self._write_error, self._write_left, self._write_keys = err, times, keys
         self._rt.storage.set_fault(self._write_fault)

@@ -63,11 +63,17 @@ class Instance:
 
     def __init__(self, binding: WorkflowBinding, instance_id: str) -> None:
         self._b = binding
+        self._p = binding.parts
         self.id = instance_id
         self._rkey: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Instance {self._b.name}/{self.id}>"
+
+    @property
+    def parts(self) -> BindingParts:
+        """Its workflow's engine-side parts (:class:`BindingParts`): not user API."""
+        return self._p
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Instance) and (other._b.name, other.id) == (self._b.name, self.id)
@@ -76,35 +82,21 @@ class Instance:
         return hash((self._b.name, self.id))
 
     def _call(self, message: InstanceMessage) -> Any:
-        return self._b._sup.call(self._b._wfe, self.id, message)
-
-    def _not_found(self) -> InstanceNotFound:
-        return InstanceNotFound(
-            f"(instance.not_found) workflow {self._b.name!r}: no instance {self.id!r}",
-            workflow=self._b.name,
-            instance=self.id,
-        )
+        return self._p.call(self.id, message)
 
     def _rk(self) -> bytes:
         """The key of the instance's records (it never changes, so it is kept)."""
         rk = self._rkey
         if rk is None:
-            rk = self._b._wfe.rk(self.id)
-            if rk is None:
-                raise self._not_found()
-            self._rkey = rk
+            rk = self._rkey = self._p.record_key(self.id)
         return rk
 
     def _record(self) -> dict[str, Any]:
-        raw = self._b._storage.get(INST, self._rk())
-        if raw is None:
-            raise self._not_found()
-        return load(raw)
+        return self._p.record(self.id, self._rk())
 
     def status(self) -> InstanceStatus:
         """Returns the status, the output (when complete) and the error (when errored)."""
-        b = self._b
-        return b._query.status(b.name, self.id, self._rkey or self._rk())
+        return self._p.query.status(self._b.name, self.id, self._rkey or self._rk())
 
     def describe(self) -> InstanceDescription:
         """Returns everything about the instance at a glance (Temporal's ``describe()``).
@@ -116,8 +108,7 @@ class Instance:
         Raises:
             InstanceNotFound: There is no such instance.
         """
-        b = self._b
-        return b._query.describe(b.name, self.id, self._rk())
+        return self._p.query.describe(self._b.name, self.id, self._rk())
 
     def pause(self) -> None:
         """Pauses: at once in a sleep or wait, else after the steps in flight end."""
@@ -144,8 +135,8 @@ class Instance:
         """Delivers an event; buffered until a ``wait_for_event`` of that type takes it."""
         where = f"workflow {self._b.name!r}, instance {self.id!r}: send_event"
         validate_event_type(type, where)
-        data = self._b._encode(payload, where)
-        self._call(Event(type, data, self._b._ctx.now_ms()))
+        data = self._p.encode(payload, where)
+        self._call(Event(type, data, self._p.ctx.now_ms()))
 
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Blocks until the instance is complete, errored or terminated; returns its status.
@@ -153,9 +144,9 @@ class Instance:
         Raises:
             TimeoutError: It had not finished after ``timeout`` seconds.
         """
-        ik = self._b._wfe.ik(self.id)
+        ik = self._p.engine.ik(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout  # real time
-        ev = self._b._sup.watch(ik)
+        ev = self._p.supervisor.watch(ik)
         try:
             while True:
                 st = self.status()
@@ -165,18 +156,18 @@ class Instance:
                 if left is not None and left <= 0:
                     raise TimeoutError(f"{self!r} is still {st.status} after {timeout} s")
                 if ev.wait(0.5 if left is None else min(left, 0.5)):
-                    ev = self._b._sup.watch(ik)  # the supervisor drops a watcher it has set
+                    ev = self._p.supervisor.watch(ik)  # the supervisor drops a watcher it has set
         finally:
-            self._b._sup.unwatch(ik, ev)
+            self._p.supervisor.unwatch(ik, ev)
 
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
-        return read_history(self._b._storage, self._rk(), self._record())
+        return read_history(self._p.storage, self._rk(), self._record())
 
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""
         self._record()  # raises InstanceNotFound
-        return read_steps(self._b._storage, self._rk())
+        return read_steps(self._p.storage, self._rk())
 
     def wait_for_status(self, status: str, timeout: float = 10.0) -> InstanceStatus:
         """Blocks until the instance is in ``status`` (Cloudflare's ``waitForStatus``).
@@ -234,7 +225,7 @@ class Instance:
         delay = 0.001
         while True:
             st = self.status()  # read first: a step is written before the end
-            for rec in read_steps(self._b._storage, self._rk()):
+            for rec in read_steps(self._p.storage, self._rk()):
                 if rec.name != name or rec.count != count:
                     continue
                 if rec.status == "complete":
@@ -258,11 +249,11 @@ class Instance:
             delay = min(delay * 2, 0.02)
 
     def _step_error(self, rec: StepRecord) -> BaseException:
-        raw = self._b._storage.get(STEPS, step_key(self._rk(), rec.kind, rec.name, rec.count))
+        raw = self._p.storage.get(STEPS, step_key(self._rk(), rec.kind, rec.name, rec.count))
         stored = load(raw).get("e") if raw is not None else None
         if stored is not None:
             try:
-                err = self._b._storage.serializer.loads(stored)
+                err = self._p.storage.serializer.loads(stored)
             except Exception:
                 err = None
             if isinstance(err, BaseException):
@@ -332,10 +323,84 @@ class WorkflowModifier:
         return self
 
 
+class BindingParts:
+    """The engine-side parts of a :class:`WorkflowBinding`, for actorflow's own modules.
+
+    Its instances, the faces (``actorflow.http``) and the test tools reach the
+    engine, the supervisor, storage and the query module through this, never
+    through the binding's private attributes. It is not user API: its names
+    may change without notice.
+
+    Attributes:
+        name: The workflow's name.
+        engine: The workflow's engine (definition, limits, router, key encoders).
+        supervisor: The supervisor of the runtime's instance actors.
+        ctx: The engine context shared by every workflow of the runtime.
+        storage: The runtime's storage.
+        query: The read-only query module over ``storage``.
+    """
+
+    __slots__ = ("ctx", "engine", "name", "query", "storage", "supervisor")
+
+    def __init__(self, wfe: WorkflowEngine, supervisor: Supervisor) -> None:
+        self.name = wfe.name
+        self.engine = wfe
+        self.supervisor = supervisor
+        self.ctx = wfe.ctx
+        self.storage = wfe.ctx.storage
+        self.query = Query(self.storage, supervisor.live)
+
+    def call(self, instance_id: str, message: InstanceMessage) -> Any:
+        """Sends ``message`` to the instance's actor and returns its answer."""
+        return self.supervisor.call(self.engine, instance_id, message)
+
+    def not_found(self, instance_id: str) -> InstanceNotFound:
+        """The error for an instance id the workflow does not have."""
+        return InstanceNotFound(
+            f"(instance.not_found) workflow {self.name!r}: no instance {instance_id!r}",
+            workflow=self.name,
+            instance=instance_id,
+        )
+
+    def record_key(self, instance_id: str) -> bytes:
+        """The key of the instance's records; raises InstanceNotFound if there is none."""
+        rk = self.engine.rk(instance_id)
+        if rk is None:
+            raise self.not_found(instance_id)
+        return rk
+
+    def record(self, instance_id: str, rk: bytes) -> dict[str, Any]:
+        """The instance record at ``rk``; raises InstanceNotFound if there is none."""
+        raw = self.storage.get(INST, rk)
+        if raw is None:
+            raise self.not_found(instance_id)
+        return load(raw)
+
+    def encode(self, value: Any, where: str) -> bytes:
+        """Serializes a payload (params, an event's) within the workflow's size limit.
+
+        Raises:
+            SerializationError: The value cannot be serialized.
+            LimitExceeded: It is larger than ``max_event_payload_bytes``.
+        """
+        try:
+            data = self.storage.serializer.dumps(value)
+        except SerializationError as e:
+            raise SerializationError(f"{where}: {e}", workflow=self.name) from None
+        limit = self.engine.limits.max_event_payload_bytes
+        if len(data) > limit:
+            raise LimitExceeded(
+                f"{where}: payload is {len(data)} bytes; the maximum is {limit}", workflow=self.name
+            )
+        return data
+
+
 class WorkflowBinding:
     """A registered workflow: creates, finds and lists its instances."""
 
     def __init__(self, wfe: WorkflowEngine, supervisor: Supervisor) -> None:
+        #: The engine-side parts (:class:`BindingParts`): not user API.
+        self.parts = BindingParts(wfe, supervisor)
         self._wfe = wfe
         self._sup = supervisor
         self._ctx = wfe.ctx
@@ -343,22 +408,13 @@ class WorkflowBinding:
         self.name = wfe.name
         self._ids = RandomIds()
         self._numbers = RecordNumbers(self._storage)
-        self._query = Query(self._storage, supervisor.live)
+        self._query = self.parts.query
 
     def __repr__(self) -> str:
         return f"<WorkflowBinding {self.name}>"
 
     def _encode(self, value: Any, where: str) -> bytes:
-        try:
-            data = self._storage.serializer.dumps(value)
-        except SerializationError as e:
-            raise SerializationError(f"{where}: {e}", workflow=self.name) from None
-        limit = self._wfe.limits.max_event_payload_bytes
-        if len(data) > limit:
-            raise LimitExceeded(
-                f"{where}: payload is {len(data)} bytes; the maximum is {limit}", workflow=self.name
-            )
-        return data
+        return self.parts.encode(value, where)
 
     def create(self, id: str | None = None, params: Any = None) -> Instance:
         """Creates an instance (queued at once, durably) and returns it.
@@ -493,9 +549,10 @@ class WorkflowBinding:
 
     def get(self, id: str) -> Instance:
         """Returns the instance ``id``; raises InstanceNotFound if there is none."""
-        inst = Instance(self, validate_instance_id(id, self.name))
-        inst._record()
-        return inst
+        iid = validate_instance_id(id, self.name)
+        parts = self.parts
+        parts.record(iid, parts.record_key(iid))  # raises InstanceNotFound
+        return Instance(self, iid)
 
     def list(
         self,
