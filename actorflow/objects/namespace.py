@@ -69,7 +69,7 @@ from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError, StorageError
 from actorflow.core.storage import Chain, Storage
 from actorflow.core.timers import TimerService
-from actorflow.objects.storage import ALARM_RECORD, ObjectStorage
+from actorflow.objects.storage import ALARM_RECORD, ObjectState, ObjectStorage
 
 __all__ = [
     "AlarmInfo",
@@ -210,7 +210,7 @@ class _Flight:
         self.replies: list[tuple[pykka.Future[Any] | None, Any, ExcInfo | None]] = []
 
     def __call__(self, error: BaseException | None) -> None:
-        self.actor._landed(self, error)
+        self.actor.landed(self, error)
 
 
 def _deliver(reply: pykka.Future[Any] | None, value: Any, exc_info: ExcInfo | None) -> None:
@@ -229,14 +229,60 @@ def _exc_info(exc: BaseException) -> ExcInfo:
     return (type(exc), exc, exc.__traceback__)
 
 
+class _Host:
+    """What the actors and stubs of one namespace are given by it.
+
+    The namespace's parts (storage, timers, clock, executor) and the few of its
+    verbs they call back, under public names, so that neither reaches into the
+    namespace's private attributes.
+    """
+
+    __slots__ = (
+        "call_on_evict",
+        "clock",
+        "executor",
+        "fail_unhandled",
+        "ns",
+        "reset",
+        "send",
+        "storage",
+        "timers",
+    )
+
+    def __init__(
+        self,
+        ns: DurableObjectNamespace[Any],
+        *,
+        storage: Storage,
+        timers: TimerService,
+        executor: Executor,
+        clock: Clock,
+        send: Callable[[DurableObjectId, str, tuple[Any, ...], dict[str, Any]], LatchFuture[Any]],
+        reset: Callable[[_ObjectActor, BaseException | None], None],
+        fail_unhandled: Callable[[builtins.list[Envelope[Any]]], None],
+        call_on_evict: Callable[[_ObjectActor], None],
+    ) -> None:
+        self.ns = ns
+        self.storage = storage
+        self.timers = timers
+        self.executor = executor
+        self.clock = clock
+        self.send = send
+        self.reset = reset
+        self.fail_unhandled = fail_unhandled
+        self.call_on_evict = call_on_evict
+
+
 class _ObjectActor(PooledActor):
     """The actor hosting one live object."""
 
-    def __init__(self, host: DurableObjectNamespace[Any], oid: DurableObjectId) -> None:
-        super().__init__(host._executor)
+    def __init__(self, host: _Host, oid: DurableObjectId) -> None:
+        super().__init__(host.executor)
         self.host = host
+        self.ns = host.ns
         self.oid = oid
-        self.storage = ObjectStorage(host, oid.hex)
+        self.state = ObjectState(host.storage, host.ns.name, oid.hex)
+        self.storage = ObjectStorage(self.state)
         self.obj: DurableObject | None = None
         self.last_used = time.monotonic()
         self._chain = Chain()
@@ -253,11 +299,11 @@ class _ObjectActor(PooledActor):
     def _ensure_obj(self) -> DurableObject:
         obj = self.obj
         if obj is None:
-            ctx = DurableObjectState(self.oid, self.storage, self.host.name)
+            ctx = DurableObjectState(self.oid, self.storage, self.ns.name)
             try:
-                obj = self.host.cls(ctx, self.host.env)
+                obj = self.ns.cls(ctx, self.ns.env)
             except BaseException:
-                self.storage._discard()
+                self.state.discard()
                 raise
             # The constructor's writes commit with the first message's.
             self.obj = obj
@@ -274,7 +320,7 @@ class _ObjectActor(PooledActor):
         elif kind is _Stop:
             self._run_stop(envelope.reply_to)
         else:
-            err = ActorflowError(f"object {self.host.name}/{self.oid}: unknown message {msg!r}")
+            err = ActorflowError(f"object {self.ns.name}/{self.oid}: unknown message {msg!r}")
             _deliver(envelope.reply_to, None, _exc_info(err))
         return None
 
@@ -286,7 +332,7 @@ class _ObjectActor(PooledActor):
             name = msg.name
             fn = getattr(obj, name, None) if not name.startswith("_") else None
             if fn is None or not callable(fn):
-                raise AttributeError(f"{self.host.cls.__name__} has no public method {name!r}")
+                raise AttributeError(f"{self.ns.cls.__name__} has no public method {name!r}")
             value = fn(*msg.args, **msg.kwargs)
             if inspect.iscoroutine(value):
                 value = asyncio.run(value)
@@ -296,7 +342,7 @@ class _ObjectActor(PooledActor):
             if not isinstance(exc, Exception):
                 # SystemExit and the like: answer, then let the object go.
                 self._finish(reply, None, exc_info)
-                self.host._reset(self, None)
+                self.host.reset(self, None)
                 return
         self._finish(reply, value, exc_info)
 
@@ -308,12 +354,12 @@ class _ObjectActor(PooledActor):
         alarm_key: bytes | None = None,
     ) -> None:
         """Commits the message's writes and releases its reply once they are durable."""
-        st = self.storage
+        st = self.state
         try:
-            batch, armed = st._take_batch(self._chain)
+            batch, armed = st.take_batch(self._chain)
         except Exception as exc:  # cannot happen short of a bug; never lose the reply
-            log.exception("object %s/%s: building its write batch failed", self.host.name, self.oid)
-            st._discard()
+            log.exception("object %s/%s: building its write batch failed", self.ns.name, self.oid)
+            st.discard()
             batch, armed, exc_info = None, False, _exc_info(exc)
         if batch is None:
             with self._gate:
@@ -327,28 +373,28 @@ class _ObjectActor(PooledActor):
                 exc_info = _exc_info(err)
             _deliver(reply, value, exc_info)
             if alarm_key is not None:
-                self.host._timers.done(alarm_key)
+                self.host.timers.done(alarm_key)
             return
-        flight = _Flight(self, st._seq, armed)
+        flight = _Flight(self, st.seq, armed)
         flight.alarm_key = alarm_key
         flight.replies.append((reply, value, exc_info))
         with self._gate:
             self._flights.append(flight)
         try:
-            self.host._storage.submit(batch, flight)
+            self.host.storage.submit(batch, flight)
         except Exception as exc:  # storage closed, or used after fork(): never queued
             if not self._chain.failed:
                 self._chain.error = exc
                 self._chain.failed = True
-            self._landed(flight, exc)
-        st._trim()
+            self.landed(flight, exc)
+        st.trim()
 
     def _storage_error(self, err: BaseException | None) -> StorageError:
         if isinstance(err, StorageError):
             return err
-        return StorageError(f"object {self.host.name}/{self.oid}: write failed: {err}")
+        return StorageError(f"object {self.ns.name}/{self.oid}: write failed: {err}")
 
-    def _landed(self, flight: _Flight, error: BaseException | None) -> None:
+    def landed(self, flight: _Flight, error: BaseException | None) -> None:
         """Runs on the writer thread once ``flight``'s batch is durable or failed."""
         with self._gate:
             if self._flights and self._flights[0] is flight:
@@ -361,16 +407,16 @@ class _ObjectActor(PooledActor):
             replies = flight.replies
             flight.replies = []
         if error is None:
-            self.storage.landed = flight.seq
+            self.state.landed = flight.seq
             for reply, value, exc_info in replies:
                 _deliver(reply, value, exc_info)
         else:
             err = self._storage_error(error)
-            log.error("object %s/%s: write failed, resetting it: %s", self.host.name, self.oid, err)
+            log.error("object %s/%s: write failed, resetting it: %s", self.ns.name, self.oid, err)
             for reply, _value, _exc in replies:
                 _deliver(reply, None, _exc_info(err))
-            self.host._reset(self, err)
-        timers = self.host._timers
+            self.host.reset(self, err)
+        timers = self.host.timers
         if flight.alarm_key is not None:
             timers.done(flight.alarm_key)
         if flight.armed:
@@ -382,16 +428,16 @@ class _ObjectActor(PooledActor):
 
     def _run_stop(self, reply: pykka.Future[Any] | None) -> None:
         left = self.close() or []
-        self.host._fail_unhandled(left)
-        self.host._call_on_evict(self)
-        self.storage._discard()
+        self.host.fail_unhandled(left)
+        self.host.call_on_evict(self)
+        self.state.discard()
         self._finish(reply, None, None)
 
     def _run_alarm(self, msg: _Alarm) -> None:
-        host, st = self.host, self.storage
-        rec = st._alarm_record()
+        host, st = self.host, self.state
+        rec = st.alarm_record()
         if rec is None or rec[ALARM_RECORD.size :] != msg.key:
-            host._timers.done(msg.key)  # stale: replaced or deleted since
+            host.timers.done(msg.key)  # stale: replaced or deleted since
             return
         deadline, retries = ALARM_RECORD.unpack_from(rec)
         error: BaseException | None = None
@@ -407,26 +453,26 @@ class _ObjectActor(PooledActor):
             error = exc
         finally:
             st.running_alarm = False
-        if st._alarm is False:
+        if st.alarm is False:
             # The handler did not set or delete the alarm: settle this one.
             if error is not None and retries < ALARM_MAX_RETRIES:
                 delay = 2000 << retries
-                when = int(host._clock.now() * 1000) + delay + random.randint(0, delay // 4)
-                st._alarm_retry = (deadline, retries + 1, when)
+                when = int(host.clock.now() * 1000) + delay + random.randint(0, delay // 4)
+                st.alarm_retry = (deadline, retries + 1, when)
                 log.warning(
                     "alarm of %s/%s failed (retry %d in %d ms): %r",
-                    host.name,
+                    self.ns.name,
                     self.oid,
                     retries + 1,
-                    when - int(host._clock.now() * 1000),
+                    when - int(host.clock.now() * 1000),
                     error,
                 )
             else:
-                st._alarm = None
+                st.alarm = None
                 if error is not None:
                     log.error(
                         "alarm of %s/%s abandoned after %d retries: %r",
-                        host.name,
+                        self.ns.name,
                         self.oid,
                         retries,
                         error,
@@ -435,18 +481,19 @@ class _ObjectActor(PooledActor):
 
 
 class _RemoteMethod:
-    __slots__ = ("_name", "_stub")
+    __slots__ = ("_host", "_name", "_oid")
 
-    def __init__(self, stub: DurableObjectStub[Any], name: str) -> None:
-        self._stub = stub
+    def __init__(self, host: _Host, oid: DurableObjectId, name: str) -> None:
+        self._host = host
+        self._oid = oid
         self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._stub._ns._send(self._stub.id, self._name, args, kwargs).get()
+        return self._host.send(self._oid, self._name, args, kwargs).get()
 
     def future(self, *args: Any, **kwargs: Any) -> pykka.Future[Any]:
         """Sends the call and returns a pykka future of its result at once."""
-        return self._stub._ns._send(self._stub.id, self._name, args, kwargs)
+        return self._host.send(self._oid, self._name, args, kwargs)
 
 
 class DurableObjectStub(Generic[T]):
@@ -457,15 +504,16 @@ class DurableObjectStub(Generic[T]):
     Creating a stub sends nothing; the object starts on its first call.
     """
 
-    def __init__(self, ns: DurableObjectNamespace[T], oid: DurableObjectId) -> None:
+    def __init__(self, ns: DurableObjectNamespace[T], oid: DurableObjectId, host: _Host) -> None:
         self._ns = ns
+        self._host = host
         self.id = oid
         self.name = oid.name
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        method = _RemoteMethod(self, name)
+        method = _RemoteMethod(self._host, self.id, name)
         self.__dict__[name] = method  # found without __getattr__ next time
         return method
 
@@ -509,6 +557,17 @@ class DurableObjectNamespace(Generic[T]):
         self._closing = False
         self.activations = 0
         self._delivery_fault: Callable[[DurableObjectId, str], str | None] | None = None
+        self._host = _Host(
+            self,
+            storage=storage,
+            timers=timers,
+            executor=executor,
+            clock=clock,
+            send=self._send,
+            reset=self._reset,
+            fail_unhandled=self._fail_unhandled,
+            call_on_evict=self._call_on_evict,
+        )
 
     # -- ids and stubs -------------------------------------------------------
 
@@ -570,7 +629,7 @@ class DurableObjectNamespace(Generic[T]):
             )
         if oid.hex[56:] != self._tag:
             raise ValueError(f"id {oid} does not belong to namespace {self.name!r}")
-        return DurableObjectStub(self, oid)
+        return DurableObjectStub(self, oid, self._host)
 
     def get_by_name(self, name: str) -> DurableObjectStub[T]:
         """Same as ``get(id_from_name(name))``.
@@ -591,7 +650,7 @@ class DurableObjectNamespace(Generic[T]):
             raise ActorflowError(f"namespace {self.name!r} is shut down")
         actor = self._live.get(oid.hex)
         if actor is None or actor.closed:
-            actor = _ObjectActor(self, oid)
+            actor = _ObjectActor(self._host, oid)
             self._live[oid.hex] = actor
             self.activations += 1
         return actor
@@ -717,7 +776,7 @@ class DurableObjectNamespace(Generic[T]):
                 del self._live[actor.oid.hex]
         # Closed while idle: nothing else runs this object's code any more.
         self._call_on_evict(actor)
-        actor.storage._discard()
+        actor.state.discard()
         return True
 
     def evict_idle(self, now: float | None = None, idle: float | None = None) -> int:

@@ -12,17 +12,14 @@ import builtins
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 from actorflow.core.clock import to_epoch_ms
 from actorflow.core.errors import LimitExceeded
-from actorflow.core.storage import MAX_KEY_BYTES, Chain, WriteBatch
+from actorflow.core.storage import MAX_KEY_BYTES, Chain, Storage, WriteBatch
 from actorflow.core.timers import TimerService
 
-if TYPE_CHECKING:
-    from actorflow.objects.namespace import DurableObjectNamespace
-
-__all__ = ["ALARMS", "ALARM_KIND", "ALARM_RECORD", "OBJECTS", "ObjectStorage"]
+__all__ = ["ALARMS", "ALARM_KIND", "ALARM_RECORD", "OBJECTS", "ObjectState", "ObjectStorage"]
 
 OBJECTS = "objects"  # keyspace of object data: ns \0 id \0 key
 ALARMS = "alarms"  # keyspace of alarm records: ns \0 id -> deadline, retries, timer key
@@ -33,6 +30,164 @@ _MISS: Any = object()  # "not known here": look further down
 _VIEW_MIN = 1024  # view entries kept before landed ones are dropped
 
 
+class ObjectState:
+    """The engine side of one object's storage: what its actor commits and tracks.
+
+    :class:`ObjectStorage` (``ctx.storage``) is the object's API over this
+    state; the object's actor (:mod:`actorflow.objects.namespace`) takes the
+    pending writes as a batch, discards them, trims the view and settles
+    alarms through it. Not user API.
+
+    Attributes:
+        pending: The current call's writes (key -> value, None deletes).
+        cleared: The current call ran ``delete_all``.
+        alarm: The current call's alarm change: False untouched, None deleted,
+            an int (epoch ms) set.
+        alarm_retry: A failed alarm handler's retry: deadline, retries, when.
+        running_alarm: An alarm handler is running.
+        view: Key -> (value, seq of the flight carrying it; 0 for a read).
+        seq: The last flight submitted.
+        landed: The last flight durable (written by the writer thread).
+    """
+
+    # One per live object: slots keep it small.
+    __slots__ = (
+        "alarm",
+        "alarm_key",
+        "alarm_rec",
+        "alarm_retry",
+        "cleared",
+        "cleared_seq",
+        "landed",
+        "max_key",
+        "pending",
+        "prefix",
+        "running_alarm",
+        "seq",
+        "ser",
+        "store",
+        "view",
+        "view_cleared",
+        "view_limit",
+    )
+
+    def __init__(self, store: Storage, namespace: str, oid: str) -> None:
+        self.store = store
+        self.ser = store.serializer
+        self.prefix = f"{namespace}\x00{oid}\x00".encode()
+        self.alarm_key = f"{namespace}\x00{oid}".encode()
+        self.max_key = MAX_KEY_BYTES - len(self.prefix)
+        self.pending: dict[str, bytes | None] = {}
+        self.cleared = False
+        self.alarm: int | bool | None = False
+        self.alarm_retry: tuple[int, int, int] | None = None
+        self.running_alarm = False
+        self.view: dict[str, tuple[bytes | None, int]] = {}
+        self.view_cleared = False  # a delete_all in flight: keys not in the view are absent
+        self.cleared_seq = 0
+        self.view_limit = _VIEW_MIN
+        self.alarm_rec: bytes | None = _MISS
+        self.seq = 0
+        self.landed = 0
+
+    def read(self, key: str) -> bytes | None:
+        """``key``'s value as the object sees it: its pending writes, the view, storage."""
+        raw: bytes | None = self.pending.get(key, _MISS)
+        if raw is not _MISS:
+            return raw
+        if self.cleared:
+            return None
+        entry = self.view.get(key)
+        if entry is not None:
+            return entry[0]
+        if self.view_cleared:
+            return None
+        raw = self.store.get(OBJECTS, self.prefix + key.encode())
+        if len(self.view) < self.view_limit:
+            self.view[key] = (raw, 0)
+        return raw
+
+    def alarm_record(self) -> bytes | None:
+        """The object's alarm record (cached), or None."""
+        if self.alarm_rec is _MISS:
+            self.alarm_rec = self.store.get(ALARMS, self.alarm_key)
+        return self.alarm_rec
+
+    def take_batch(self, chain: Chain | None = None) -> tuple[WriteBatch | None, bool]:
+        """Turns the pending writes into a batch and moves them to the view.
+
+        Returns the batch (None when there is nothing to write) and whether
+        it arms a timer.
+        """
+        if (
+            not self.pending
+            and not self.cleared
+            and self.alarm is False
+            and self.alarm_retry is None
+        ):
+            return None, False
+        seq = self.seq + 1
+        batch = WriteBatch(chain)
+        prefix = self.prefix
+        if self.cleared:
+            batch.delete_prefix(OBJECTS, prefix)
+        for k, v in self.pending.items():
+            if v is None:
+                batch.delete(OBJECTS, prefix + k.encode())
+            else:
+                batch.put(OBJECTS, prefix + k.encode(), v)
+        armed = False
+        new_rec: bytes | None = _MISS
+        if self.alarm is not False or self.alarm_retry is not None:
+            old = self.alarm_record()
+            if old is not None:
+                TimerService.disarm(batch, old[ALARM_RECORD.size :])
+            if self.alarm is False and self.alarm_retry is not None:
+                deadline, retries, when = self.alarm_retry
+                tkey = TimerService.arm(batch, when, ALARM_KIND, self.alarm_key)
+                new_rec = ALARM_RECORD.pack(deadline, retries) + tkey
+            elif isinstance(self.alarm, int):
+                tkey = TimerService.arm(batch, self.alarm, ALARM_KIND, self.alarm_key)
+                new_rec = ALARM_RECORD.pack(self.alarm, 0) + tkey
+            else:
+                new_rec = None
+            if new_rec is None:
+                batch.delete(ALARMS, self.alarm_key)
+            else:
+                batch.put(ALARMS, self.alarm_key, new_rec)
+                armed = True
+        # The batch is built: nothing below can fail, so the view stays exact.
+        view = self.view
+        if self.cleared:
+            view.clear()
+            self.view_cleared = True
+            self.cleared_seq = seq
+        for k, v in self.pending.items():
+            view[k] = (v, seq)
+        if new_rec is not _MISS:
+            self.alarm_rec = new_rec
+        self.seq = seq
+        self.discard()
+        return batch, armed
+
+    def discard(self) -> None:
+        """Drops the current call's writes."""
+        self.pending = {}
+        self.cleared = False
+        self.alarm = False
+        self.alarm_retry = None
+
+    def trim(self) -> None:
+        """Drops view entries already durable once the view has grown."""
+        if len(self.view) <= self.view_limit:
+            return
+        landed = self.landed
+        if self.view_cleared and self.cleared_seq <= landed:
+            self.view_cleared = False
+        self.view = {k: e for k, e in self.view.items() if e[1] > landed}
+        self.view_limit = max(_VIEW_MIN, 2 * len(self.view))
+
+
 class ObjectStorage:
     """``ctx.storage``: an object's private, transactional key-value store.
 
@@ -41,45 +196,12 @@ class ObjectStorage:
     the object's earlier writes, durable or not yet.
     """
 
-    def __init__(self, host: DurableObjectNamespace[Any], oid: str) -> None:
-        self._host = host
-        self._store = host._storage
-        self._ser = host._storage.serializer
-        self._prefix = f"{host.name}\x00{oid}\x00".encode()
-        self._alarm_key = f"{host.name}\x00{oid}".encode()
-        self._max_key = MAX_KEY_BYTES - len(self._prefix)
-        # The current call's writes.
-        self._pending: dict[str, bytes | None] = {}
-        self._cleared = False
-        self._alarm: int | bool | None = False  # False: untouched; None: deleted; int: set
-        self._alarm_retry: tuple[int, int, int] | None = None  # deadline, retries, when
-        self.running_alarm = False
-        # The view: key -> (value, seq of the flight carrying it; 0 for a read).
-        self._view: dict[str, tuple[bytes | None, int]] = {}
-        self._view_cleared = False  # a delete_all in flight: keys not in the view are absent
-        self._cleared_seq = 0
-        self._view_limit = _VIEW_MIN
-        self._alarm_rec: bytes | None = _MISS
-        self._seq = 0  # the last flight submitted
-        self.landed = 0  # the last flight durable (written by the writer thread)
+    __slots__ = ("_s",)
+
+    def __init__(self, state: ObjectState) -> None:
+        self._s = state
 
     # -- reads -------------------------------------------------------------
-
-    def _read(self, key: str) -> bytes | None:
-        raw: bytes | None = self._pending.get(key, _MISS)
-        if raw is not _MISS:
-            return raw
-        if self._cleared:
-            return None
-        entry = self._view.get(key)
-        if entry is not None:
-            return entry[0]
-        if self._view_cleared:
-            return None
-        raw = self._store.get(OBJECTS, self._prefix + key.encode())
-        if len(self._view) < self._view_limit:
-            self._view[key] = (raw, 0)
-        return raw
 
     @overload
     def get(self, key: str, default: Any = None) -> Any: ...
@@ -93,12 +215,12 @@ class ObjectStorage:
         if isinstance(key, builtins.list):
             out = {}
             for k in sorted(key, key=lambda s: _check_key(s).encode()):
-                raw = self._read(k)
+                raw = self._s.read(k)
                 if raw is not None:
-                    out[k] = self._ser.loads(raw)
+                    out[k] = self._s.ser.loads(raw)
             return out
-        raw = self._read(_check_key(key))
-        return default if raw is None else self._ser.loads(raw)
+        raw = self._s.read(_check_key(key))
+        return default if raw is None else self._s.ser.loads(raw)
 
     def list(
         self,
@@ -134,13 +256,13 @@ class ObjectStorage:
             )
 
         rows: dict[str, bytes | None] = {}
-        if not self._cleared:
-            if not self._view_cleared:
-                enc = self._prefix
+        if not self._s.cleared:
+            if not self._s.view_cleared:
+                enc = self._s.prefix
                 # Fetch enough that deletions not yet durable cannot starve the limit.
-                extra = sum(1 for v, _s in self._view.values() if v is None)
-                extra += sum(1 for v in self._pending.values() if v is None)
-                committed = self._store.scan(
+                extra = sum(1 for v, _s in self._s.view.values() if v is None)
+                extra += sum(1 for v in self._s.pending.values() if v is None)
+                committed = self._s.store.scan(
                     OBJECTS,
                     prefix=enc + prefix.encode(),
                     start=enc + sb if sb is not None else None,
@@ -151,10 +273,10 @@ class ObjectStorage:
                 )
                 n = len(enc)
                 rows = {k[n:].decode(): v for k, v in committed}
-            for k, (v, _s) in self._view.items():
+            for k, (v, _s) in self._s.view.items():
                 if in_range(k):
                     rows[k] = v
-        for k, pv in self._pending.items():
+        for k, pv in self._s.pending.items():
             if in_range(k):
                 rows[k] = pv
         keys = sorted(
@@ -166,17 +288,17 @@ class ObjectStorage:
         for k in keys:
             raw = rows[k]
             assert raw is not None
-            out[k] = self._ser.loads(raw)
+            out[k] = self._s.ser.loads(raw)
         return out
 
     # -- writes ------------------------------------------------------------
 
     def _writable(self, key: str) -> str:
         _check_key(key)
-        if len(key) * 4 > self._max_key and len(key.encode()) > self._max_key:
+        if len(key) * 4 > self._s.max_key and len(key.encode()) > self._s.max_key:
             raise LimitExceeded(
                 f"storage key {key[:40]!r}... of {len(key.encode())} bytes is too long for "
-                f"this object (at most {self._max_key} bytes)"
+                f"this object (at most {self._s.max_key} bytes)"
             )
         return key
 
@@ -188,10 +310,10 @@ class ObjectStorage:
             LimitExceeded: The key is too long.
         """
         if isinstance(key, dict):
-            encoded = {self._writable(k): self._ser.dumps(v) for k, v in key.items()}
-            self._pending.update(encoded)
+            encoded = {self._writable(k): self._s.ser.dumps(v) for k, v in key.items()}
+            self._s.pending.update(encoded)
             return
-        self._pending[self._writable(key)] = self._ser.dumps(value)
+        self._s.pending[self._writable(key)] = self._s.ser.dumps(value)
 
     @overload
     def delete(self, key: str) -> bool: ...
@@ -201,126 +323,47 @@ class ObjectStorage:
         """Deletes a key (returns whether it existed) or a list (returns the count)."""
         if isinstance(key, builtins.list):
             return sum(1 for k in key if self.delete(k))
-        existed = self._read(self._writable(key)) is not None
-        self._pending[key] = _TOMBSTONE
+        existed = self._s.read(self._writable(key)) is not None
+        self._s.pending[key] = _TOMBSTONE
         return existed
 
     def delete_all(self) -> None:
         """Deletes every key of the object. The alarm is kept."""
-        self._pending.clear()
-        self._cleared = True
+        self._s.pending.clear()
+        self._s.cleared = True
 
     @contextmanager
     def transaction(self) -> Iterator[ObjectStorage]:
         """Groups writes that are rolled back if the block raises."""
-        saved = (dict(self._pending), self._cleared, self._alarm)
+        st = self._s
+        saved = (dict(st.pending), st.cleared, st.alarm)
         try:
             yield self
         except BaseException:
-            self._pending, self._cleared, self._alarm = saved
+            st.pending, st.cleared, st.alarm = saved
             raise
 
     # -- alarms ------------------------------------------------------------
 
-    def _alarm_record(self) -> bytes | None:
-        if self._alarm_rec is _MISS:
-            self._alarm_rec = self._store.get(ALARMS, self._alarm_key)
-        return self._alarm_rec
-
     def set_alarm(self, when: Any) -> None:
         """Sets the object's one alarm (aware datetime or epoch ms), replacing any other."""
-        self._alarm = to_epoch_ms(when, what="set_alarm")
+        self._s.alarm = to_epoch_ms(when, what="set_alarm")
 
     def get_alarm(self) -> int | None:
         """Returns the alarm time in epoch ms, or None.
 
         While an alarm handler runs, this is None unless it set a new one.
         """
-        if self._alarm is not False:
-            return self._alarm if isinstance(self._alarm, int) else None
-        if self.running_alarm:
+        if self._s.alarm is not False:
+            return self._s.alarm if isinstance(self._s.alarm, int) else None
+        if self._s.running_alarm:
             return None
-        rec = self._alarm_record()
+        rec = self._s.alarm_record()
         return None if rec is None else int(ALARM_RECORD.unpack_from(rec)[0])
 
     def delete_alarm(self) -> None:
         """Cancels the alarm, if any."""
-        self._alarm = None
-
-    # -- commit (used by the actor) ----------------------------------------
-
-    def _take_batch(self, chain: Chain | None = None) -> tuple[WriteBatch | None, bool]:
-        """Turns the pending writes into a batch and moves them to the view.
-
-        Returns the batch (None when there is nothing to write) and whether
-        it arms a timer.
-        """
-        if (
-            not self._pending
-            and not self._cleared
-            and self._alarm is False
-            and self._alarm_retry is None
-        ):
-            return None, False
-        seq = self._seq + 1
-        batch = WriteBatch(chain)
-        prefix = self._prefix
-        if self._cleared:
-            batch.delete_prefix(OBJECTS, prefix)
-        for k, v in self._pending.items():
-            if v is None:
-                batch.delete(OBJECTS, prefix + k.encode())
-            else:
-                batch.put(OBJECTS, prefix + k.encode(), v)
-        armed = False
-        new_rec: bytes | None = _MISS
-        if self._alarm is not False or self._alarm_retry is not None:
-            old = self._alarm_record()
-            if old is not None:
-                TimerService.disarm(batch, old[ALARM_RECORD.size :])
-            if self._alarm is False and self._alarm_retry is not None:
-                deadline, retries, when = self._alarm_retry
-                tkey = TimerService.arm(batch, when, ALARM_KIND, self._alarm_key)
-                new_rec = ALARM_RECORD.pack(deadline, retries) + tkey
-            elif isinstance(self._alarm, int):
-                tkey = TimerService.arm(batch, self._alarm, ALARM_KIND, self._alarm_key)
-                new_rec = ALARM_RECORD.pack(self._alarm, 0) + tkey
-            else:
-                new_rec = None
-            if new_rec is None:
-                batch.delete(ALARMS, self._alarm_key)
-            else:
-                batch.put(ALARMS, self._alarm_key, new_rec)
-                armed = True
-        # The batch is built: nothing below can fail, so the view stays exact.
-        view = self._view
-        if self._cleared:
-            view.clear()
-            self._view_cleared = True
-            self._cleared_seq = seq
-        for k, v in self._pending.items():
-            view[k] = (v, seq)
-        if new_rec is not _MISS:
-            self._alarm_rec = new_rec
-        self._seq = seq
-        self._discard()
-        return batch, armed
-
-    def _discard(self) -> None:
-        self._pending = {}
-        self._cleared = False
-        self._alarm = False
-        self._alarm_retry = None
-
-    def _trim(self) -> None:
-        """Drops view entries already durable once the view has grown."""
-        if len(self._view) <= self._view_limit:
-            return
-        landed = self.landed
-        if self._view_cleared and self._cleared_seq <= landed:
-            self._view_cleared = False
-        self._view = {k: e for k, e in self._view.items() if e[1] > landed}
-        self._view_limit = max(_VIEW_MIN, 2 * len(self._view))
+        self._s.alarm = None
 
 
 def _check_key(key: str) -> str:

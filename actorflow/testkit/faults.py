@@ -175,7 +175,9 @@ class Faults:
         times: int | None,
     ) -> Faults:
         if isinstance(target, DurableObjectStub):
-            ns, oid = target._ns, target.id.hex
+            # A stub names its namespace only privately: a public attribute would
+            # shadow the object's RPC method of that name.
+            ns, oid = target._ns, target.id.hex  # noqa: SLF001 - see above
         elif isinstance(target, DurableObjectNamespace):
             ns, oid = target, None
         else:
