@@ -45,9 +45,13 @@ from typing import Any, Protocol, TypeVar
 
 import pykka
 from pykka import messages
+
+# pykka exports no name for its envelope type (4.x): the one import of it from
+# pykka's private module is here, and the rest of actorflow takes it from us.
 from pykka._envelope import Envelope
 
 __all__ = [
+    "Envelope",
     "Executor",
     "LatchFuture",
     "LoopExecutor",
@@ -60,7 +64,8 @@ log = logging.getLogger("actorflow.actors")
 
 _SLICE = 32  # messages handled per scheduling, so one busy actor cannot starve the rest
 T = TypeVar("T")
-_UNSET: Any = pykka.Future()._get_hook_result  # pykka's immutable "no hook result" marker
+# pykka's immutable "no hook result" marker, which it names only privately.
+_UNSET: Any = pykka.Future()._get_hook_result  # noqa: SLF001 - pykka has no public name for it
 
 
 class LatchFuture(pykka.Future[T]):
@@ -200,10 +205,11 @@ class LoopExecutor:
 class _Inbox:
     """An unbounded FIFO inbox that schedules its actor when a message arrives."""
 
-    __slots__ = ("_items", "_owner")
+    __slots__ = ("_owner", "items")
 
     def __init__(self) -> None:
-        self._items: collections.deque[Envelope[Any]] = collections.deque()
+        #: The envelopes waiting; its actor appends and drains them under its lock.
+        self.items: collections.deque[Envelope[Any]] = collections.deque()
         self._owner: weakref.ref[PooledActor] | None = None
 
     @property
@@ -227,15 +233,15 @@ class _Inbox:
                     exc_info=(pykka.ActorDeadError, pykka.ActorDeadError("actor stopped"), None)
                 )
             return
-        self._items.append(envelope)
+        self.items.append(envelope)
         if owner is not None:
-            owner._wake()
+            owner.wake()
 
     def get(self) -> Envelope[Any]:
-        return self._items.popleft()
+        return self.items.popleft()
 
     def empty(self) -> bool:
-        return not self._items
+        return not self.items
 
 
 class StopFlag(threading.Event):
@@ -345,9 +351,10 @@ class PooledActor(pykka.Actor):
         return self.actor_ref
 
     def _start_actor_loop(self) -> None:
-        self._wake(force=True)
+        self.wake(force=True)
 
-    def _wake(self, force: bool = False) -> None:
+    def wake(self, force: bool = False) -> None:
+        """Schedules a slice of the inbox on the executor, unless one is already scheduled."""
         with self._sched_lock:
             if self._scheduled:
                 return
@@ -365,7 +372,7 @@ class PooledActor(pykka.Actor):
         with self._sched_lock:
             if self._closed:
                 return False
-            inbox._items.append(envelope)
+            inbox.items.append(envelope)
             if self._scheduled:
                 return True
             self._scheduled = True
@@ -390,12 +397,12 @@ class PooledActor(pykka.Actor):
         assert isinstance(inbox, _Inbox)
         with self._sched_lock:
             if only_if_idle and (
-                self._scheduled or inbox._items or (check is not None and not check())
+                self._scheduled or inbox.items or (check is not None and not check())
             ):
                 return None
             self._closed = True
-            left = list(inbox._items)
-            inbox._items.clear()
+            left = list(inbox.items)
+            inbox.items.clear()
         self.actor_stopped.set()
         return left
 

@@ -178,12 +178,13 @@ class _OpenDb:
         self.call = call
         self.error: StorageError | None = None
 
-    def run(self, storage: Storage) -> None:
+    def run(self, open_db: Callable[[str], Any]) -> None:
+        """Runs on the writer thread: ``call``, or ``open_db(name)``."""
         if self.call is not None:
             self.call()  # sets ``opened`` itself
             return
         try:
-            storage._open_db(self.name)
+            open_db(self.name)
         except StorageError as exc:  # a full disk: the waiter raises it
             self.error = exc
         finally:
@@ -221,7 +222,9 @@ class Storage:
         self._forked = False
         self._damage_logged = False
         self._env = self._open(map_size, sync)
-        os.register_at_fork(after_in_child=functools.partial(_mark_forked, weakref.ref(self)))
+        os.register_at_fork(
+            after_in_child=functools.partial(_call_alive, weakref.WeakMethod(self._mark_forked))
+        )
         self._dbs: dict[str, Any] = {}
         self._db_lock = threading.Lock()
         self._gate = _ReadGate()
@@ -393,6 +396,10 @@ class Storage:
         if db is None:  # close() released us: the writer had stopped
             raise StorageError(f"storage at {self.path} is closed")
         return db
+
+    def _mark_forked(self) -> None:
+        # In a child process after fork(): the environment is the parent's.
+        self._forked = True
 
     def _open_db(self, name: str) -> Any:
         with self._db_lock:
@@ -678,7 +685,7 @@ class Storage:
             if item is _STOP:
                 return
             if isinstance(item, _OpenDb):
-                item.run(self)
+                item.run(self._open_db)
                 continue
             items = [item]
             stop = False
@@ -694,7 +701,7 @@ class Storage:
                         stop = True
                         break
                     if isinstance(nxt, _OpenDb):
-                        nxt.run(self)  # no transaction is open yet
+                        nxt.run(self._open_db)  # no transaction is open yet
                         continue
                     items.append(nxt)
             except queue.Empty:
@@ -880,7 +887,8 @@ def _prefix_end(prefix: bytes) -> bytes | None:
     return None
 
 
-def _mark_forked(ref: weakref.ref[Storage]) -> None:
-    store = ref()
-    if store is not None:
-        store._forked = True
+def _call_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Calls the method ``ref`` names if its object still exists."""
+    method = ref()
+    if method is not None:
+        method()

@@ -62,9 +62,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import pykka
-from pykka._envelope import Envelope
 
-from actorflow.core.actors import Executor, LatchFuture, PooledActor
+from actorflow.core.actors import Envelope, Executor, LatchFuture, PooledActor
 from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError, StorageError
 from actorflow.core.storage import Chain, Storage

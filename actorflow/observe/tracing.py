@@ -88,13 +88,13 @@ def instrument(
         ImportError: OpenTelemetry is not installed (``pip install actorflow[otel]``).
     """
     observer = OTelObserver(provider, first_attempt_spans=first_attempt_spans)
-    rt._engine.observer = observer
+    rt._engine.observer = observer  # noqa: SLF001 - until the wiring change lands (the runtime names no engine context publicly)
     return observer
 
 
 def uninstrument(rt: _Instrumentable) -> None:
     """Stops tracing runtime ``rt``; runs in progress end their spans normally."""
-    rt._engine.observer = None
+    rt._engine.observer = None  # noqa: SLF001 - until the wiring change lands (the runtime names no engine context publicly)
 
 
 class OTelObserver:
@@ -604,19 +604,22 @@ def _enqueue(processor: Any, spans: list[Any]) -> bool:
     process was forked, or its queue is too full: its own ``on_end`` then
     does what it does in those cases (drops, counts, warns, re-forks).
     """
+    # A friend of the SDK's BatchSpanProcessor: it has no public way to queue
+    # many spans at once. Each private name is read under AttributeError, and
+    # the types are checked, so another SDK version falls back to on_end.
     try:
-        bp = processor._batch_processor
-        queue = bp._queue
+        bp = processor._batch_processor  # noqa: SLF001 - the SDK's internals (see above)
+        queue = bp._queue  # noqa: SLF001 - the SDK's internals (see above)
         if (
             type(queue) is not deque
             or queue.maxlen is None
-            or bp._shutdown
+            or bp._shutdown  # noqa: SLF001 - the SDK's internals (see above)
             or len(queue) + len(spans) > queue.maxlen
-            or bp._pid != os.getpid()
+            or bp._pid != os.getpid()  # noqa: SLF001 - the SDK's internals (see above)
         ):
             return False
-        awaken = bp._worker_awaken
-        limit = bp._max_export_batch_size
+        awaken = bp._worker_awaken  # noqa: SLF001 - the SDK's internals (see above)
+        limit = bp._max_export_batch_size  # noqa: SLF001 - the SDK's internals (see above)
     except AttributeError:
         return False
     queue.extendleft(spans)
