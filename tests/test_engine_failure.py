@@ -18,17 +18,18 @@ class Nap(af.Workflow):
 def _kill_loop(rt: af.Runtime) -> None:
     # SystemExit no longer ends the loop (user code may raise it, see
     # test_poison_code.py): break the loop's own machinery instead.
-    loop = rt._engine.loop
+    loop = rt._engine.loop  # noqa: SLF001 - breaks the engine loop's own machinery on purpose
 
     def broken() -> None:
         raise RuntimeError("injected engine failure")
 
     def die() -> None:
-        loop._run_once = broken  # type: ignore[attr-defined]
+        loop._run_once = broken  # type: ignore[attr-defined]  # noqa: SLF001 - as above
 
     loop.call_soon_threadsafe(die)
-    rt._engine._thread.join(5)
-    assert not rt._engine.alive()
+    engine = rt._engine  # noqa: SLF001 - the engine whose loop was broken
+    engine._thread.join(5)  # noqa: SLF001 - waits for the loop's thread to end
+    assert not engine.alive()
 
 
 def test_a_dead_engine_loop_fails_every_call_loudly(

@@ -52,7 +52,7 @@ def test_an_unknown_message_is_refused_by_name(rt: af.Runtime, message: Any) -> 
     assert rt.wait_until_idle()
     binding = rt.workflow("sleeper")
     with pytest.raises(af.ActorflowError, match=r"'s1'.*unknown message") as info:
-        binding._sup.call(binding._wfe, inst.id, message)
+        binding.parts.call(inst.id, message)
     assert "Pause" in str(info.value) and "Timer" in str(info.value)
     # Nothing was lost: the instance still sleeps, and the actor still works.
     assert inst.status().status == "waiting"

@@ -227,7 +227,7 @@ def test_status_never_shows_a_refused_final_write(rt: af.Runtime, journal: Journ
     journal.gate("b").set()
     rt.storage.set_fault(fault)
     inst = rt.register(TwoSteps, env=journal).create(id="f")
-    rk = inst._rk()
+    rk = inst.parts.record_key(inst.id)
     seen = 0
     while True:
         st = inst.status().status

@@ -296,7 +296,7 @@ def test_stubs_send_nothing_until_the_first_call(rt: af.Runtime) -> None:
     stubs[0].increment()
     assert ns.activations == 1
     with pytest.raises(AttributeError):
-        _ = stubs[1]._private
+        _ = stubs[1]._private  # noqa: SLF001 - the point: a private name is no RPC method
 
 
 # -- calls ------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_a_reply_waits_until_its_writes_are_durable(rt: af.Runtime) -> None:
 
 
 def _data_key(rt: af.Runtime, stub: Any, key: str) -> bytes:
-    return f"{stub._ns.name}\x00{stub.id}\x00{key}".encode()
+    return f"{counters(rt).name}\x00{stub.id}\x00{key}".encode()
 
 
 def test_returned_values_survive_a_restart(tmp_path: Any) -> None:

@@ -244,7 +244,7 @@ def test_resume_of_a_finished_instance_raises(rt: af.Runtime) -> None:
 def test_the_engine_loop_survives_a_stop_signal_from_a_task(tmp_path: Path) -> None:
     # The last line of defence: SystemExit escaping any task of the loop.
     with af.Runtime(tmp_path / "d") as rt:
-        loop = rt._engine.loop
+        loop = rt._engine.loop  # noqa: SLF001 - runs a task on the engine loop itself
 
         async def escapes() -> None:
             raise SystemExit(9)

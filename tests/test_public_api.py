@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from conftest import parse_source
@@ -176,3 +177,12 @@ def test_the_faces_contract_can_fail(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "actorflow.http is not allowed to import actorflow.workflows.records" in res.stdout
     assert "1 kept, 1 broken" in res.stdout
+
+
+def test_the_lint_config_keeps_its_house_rules() -> None:
+    """Private access (SLF), complexity (C90) and implicit packages (INP) stay checked."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lint = config["tool"]["ruff"]["lint"]
+    assert {"SLF", "C90", "INP"} <= set(lint["select"])
+    assert not {"SLF001", "C901", "INP001"} & set(lint.get("ignore", []))
+    assert lint["mccabe"]["max-complexity"] <= 15

@@ -126,7 +126,7 @@ def test_counts_are_the_statuses_of_the_instances(
 ) -> None:
     made = _make(rt, clock, journal)
     wf = rt.workflow("probe")
-    q = wf._query
+    q = wf.parts.query
     want = dict.fromkeys((s for s in STATUSES if s != "unknown"), 0)
     for inst in wf.list(limit=None):
         want[inst.status().status] += 1
@@ -154,7 +154,7 @@ def test_list_pages_with_a_cursor(rt: af.Runtime, clock: FakeClock) -> None:
         cursor = page[-1]
     assert pages == [["i6", "i5", "i4"], ["i3", "i2", "i1"], ["i0"]]
     # The token pages of the query module (the CLI's) walk the same order.
-    q = wf._query
+    q = wf.parts.query
     tokens: list[list[str]] = []
     token = None
     while True:

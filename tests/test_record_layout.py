@@ -123,7 +123,7 @@ def test_a_step_timer_names_the_instance_and_its_records(rt: af.Runtime) -> None
     assert len(keys) == 2
     targets = [parse_timer_key(k)[2] for k in keys]
     mine = [t for t in targets if split_ikey(t) == ("sleeps", "b")]
-    assert len(mine) == 1 and target_rkey(mine[0]) == inst._rk()
+    assert len(mine) == 1 and target_rkey(mine[0]) == inst.parts.record_key(inst.id)
     assert not any(is_poke(k) for k in keys)
     poke = poke_key(0, ikey("sleeps", "b"))
     assert is_poke(poke) and target_rkey(parse_timer_key(poke)[2]) is None

@@ -47,7 +47,7 @@ def test_crash_restarts_from_the_checkpoint(
     assert types.count("WORKFLOW_START") == 1
     assert types[-1] == "WORKFLOW_SUCCESS"
     assert [s.name for s in inst.steps()] == ["a", "b", "c"]
-    assert rt._supervisor.running == 0
+    assert rt.metrics().running == 0
 
 
 def test_crash_at_is_per_instance(rt: af.Runtime, journal: Journal) -> None:
@@ -73,7 +73,7 @@ def test_repeated_crashes_end_in_errored(make_runtime: Any, journal: Journal) ->
     assert journal.count("b") == 3  # the first run and two restarts
     assert history_types(inst)[-1] == "WORKFLOW_FAILURE"
     assert rt.wait_until_idle()
-    assert rt._supervisor.running == 0 and rt._supervisor.live == {}
+    assert rt.metrics().running == 0 and rt.metrics().live_instances == 0
 
 
 def test_crash_before_the_first_attempt_then_retries(

@@ -418,7 +418,7 @@ def test_a_sibling_ending_after_run_returned_changes_nothing(
     assert rt.wait_until_idle()
     assert inst.status() == af.InstanceStatus("complete", "caught", None)
     assert [(s.status, s.error is not None) for s in inst.steps()] == [("errored", True)]
-    assert rt._supervisor.running == 0
+    assert rt.metrics().running == 0
 
 
 class LongHaul(af.Workflow):

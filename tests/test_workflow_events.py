@@ -45,7 +45,7 @@ def test_event_wakes_a_hibernated_instance(rt: af.Runtime, journal: Journal) -> 
     inst = rt.register(Wait, name="wait", env=journal).create(id="h")
     assert rt.wait_until_idle()
     assert inst.status().status == "waiting"
-    assert rt._supervisor.live == {}  # hibernated: no live actor
+    assert rt.metrics().live_instances == 0  # hibernated: no live actor
     inst.send_event("approved", {"by": "ann"})
     assert inst.wait(timeout=10).output == {"by": "ann"}
     assert journal.count("run") == 2

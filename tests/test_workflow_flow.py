@@ -52,14 +52,14 @@ def test_concurrency_cap(make_runtime: Any, journal: Journal, cls: type) -> None
     wait_for(lambda: len(journal.entries) == 2)
     assert rt.wait_until_idle(0.2) is False  # two steps in flight
     assert sorted(statuses(insts)) == ["queued"] * 3 + ["running"] * 2
-    assert rt._supervisor.running == 2
+    assert rt.metrics().running == 2
     assert len(journal.entries) == 2
     assert sorted(i.id for i in wf.list(status="queued")) == sorted(
         i.id for i in insts if i.status().status == "queued"
     )
     journal.gate("all").set()
     assert [i.wait(timeout=10).status for i in insts] == ["complete"] * 5
-    assert rt._supervisor.running == 0
+    assert rt.metrics().running == 0
     started = [iid for _, iid in journal.entries]
     assert sorted(started[:2]) == ["i0", "i1"]
     assert started[2:] == ["i2", "i3", "i4"]  # FIFO

@@ -389,8 +389,8 @@ def test_waiting_instance_holds_no_actor_and_no_thread(
     inst = rt.register(Hibernates, name="hib", env=journal).create(id="h", params=kind)
     assert rt.wait_until_idle()
     assert inst.status().status == "waiting"
-    assert rt._supervisor.live == {}
-    assert rt._supervisor.running == 0
+    assert rt.metrics().live_instances == 0
+    assert rt.metrics().running == 0
     # The run thread left ``run`` (unwound), so it holds no thread.
     assert journal.entries == ["enter", "exit"]
     if kind == "wait":
