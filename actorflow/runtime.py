@@ -147,16 +147,30 @@ class Runtime:
         self._pool = ThreadExecutor(pool_size, name="actorflow-do")
         self._namespaces: dict[str, DurableObjectNamespace[Any]] = {}
         self._closed = threading.Event()
-        self._engine = EngineContext(
-            self.storage, self.clock, self.timers, self.limits, run_threads, step_threads
-        )
-        self._supervisor = Supervisor(self._engine, max_crashes, crash_window)
-        self._engine.supervisor = self._supervisor
-        self.timers.register(WAKE_KIND, self._supervisor.on_timer, self._supervisor.saturated)
-        self._bindings: dict[str, WorkflowBinding] = {}
         self._lease: NodeLease | None = None
+        seq = None
         if self.node_id:
-            self._join(lease_timeout)
+            self._lease, slot = self._join(lease_timeout)
+            seq = node_sequence(slot)  # ids distinct from other live nodes'
+        self._engine = EngineContext(
+            self.storage,
+            self.clock,
+            self.timers,
+            self.limits,
+            run_threads,
+            step_threads,
+            seq=seq,
+        )
+        self._supervisor = Supervisor(self._engine, max_crashes, crash_window, self._lease)
+        self._engine.supervisor = self._supervisor
+        delivery = self._supervisor.delivery
+        self.timers.register(WAKE_KIND, delivery.on_timer, delivery.saturated)
+        if self._lease is not None:
+            self._lease.claimer = claimer_for(self._lease)
+            self._lease.on_adopted = self._supervisor.adopted
+            self._lease.on_tick = delivery.prune_foreign
+            self._lease.on_lost = self._lease_lost
+        self._bindings: dict[str, WorkflowBinding] = {}
         if tracer_provider is not None:
             from actorflow.observe.tracing import instrument
 
@@ -329,21 +343,17 @@ class Runtime:
 
     # -- multi-node ----------------------------------------------------------------
 
-    def _join(self, lease_timeout: float | None) -> None:
-        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.cluster.lease`)."""
+    def _join(self, lease_timeout: float | None) -> tuple[NodeLease, int]:
+        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.cluster.lease`).
+
+        Returns:
+            The lease (not yet beating) and this node's sequence slot.
+        """
         assert self.node_id is not None
         if lease_timeout is None:
             lease_timeout = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT)
         lease = NodeLease(self.storage, self.node_id, lease_timeout)
-        slot = lease.join()
-        self._engine._seq = node_sequence(slot)  # ids distinct from other live nodes'
-        sup = self._supervisor
-        sup.node = lease
-        lease.claimer = claimer_for(lease)
-        lease.on_adopted = sup.adopted
-        lease.on_tick = sup.prune_foreign
-        lease.on_lost = self._lease_lost
-        self._lease = lease
+        return lease, lease.join()
 
     def _own_queue(self, wfe: WorkflowEngine) -> None:
         lease = self._lease

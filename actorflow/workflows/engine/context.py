@@ -9,6 +9,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.actors import LoopExecutor
@@ -91,6 +92,9 @@ class EngineContext:
             execute at once; more running instances wait for a thread).
         step_threads: Threads for sync step callables of ``async def run``
             workflows and for sync steps that time out.
+        seq: The ids for events, history and queue entries (a node's own
+            residue, see :func:`~actorflow.cluster.lease.node_sequence`); None:
+            counted from the real time in microseconds.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class EngineContext:
         limits: Limits,
         run_threads: int = 256,
         step_threads: int = 64,
+        seq: Iterator[int] | None = None,
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -117,7 +122,9 @@ class EngineContext:
         self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.
-        self._seq = itertools.count(time.time_ns() // 1000)  # noqa: TID251 - ids, not time
+        self._seq = (
+            seq if seq is not None else itertools.count(time.time_ns() // 1000)  # noqa: TID251
+        )
         self.supervisor: Supervisor
         self._thread = threading.Thread(target=self._run_loop, name="actorflow-engine", daemon=True)
         self._ready = threading.Event()

@@ -245,7 +245,7 @@ class Execution:
         if settle:
             # Runs once the task has gone as far as it can without waiting (its
             # first commit, a step's I/O, hibernation): the supervisor's start window.
-            self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
+            self.loop.call_soon(self.ctx.supervisor.slots.settled, self.actor)
 
     async def _drive(self) -> None:
         wfe, actor = self.wfe, self.actor
