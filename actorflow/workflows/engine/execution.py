@@ -287,13 +287,29 @@ class Execution:
             self.loop.call_soon(self.ctx.supervisor.slots.settled, self.actor)
 
     async def _drive(self) -> None:
-        wfe, actor = self.wfe, self.actor
-        rec = actor.record
-        assert rec is not None
-        outcome: tuple[str, Any] = ("stop", None)
+        actor = self.actor
+        assert actor.record is not None
         obs = self.ctx.observer
         if obs is not None:
             obs.run_started(self)
+        outcome = self._overridden(await self._run())
+        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.state & STOPPED:
+            try:
+                await self._finish(*outcome)
+            except (Stop, asyncio.CancelledError):
+                outcome = ("stop", None)
+            except BaseException as e:
+                outcome = ("crashed", e)
+        self.state |= FINISHED
+        self._cancel_waiters(Stop)
+        if obs is not None:
+            obs.run_ended(self, outcome[0], outcome[1])
+        actor.execution_ended(self, outcome[0], outcome[1])
+
+    async def _run(self) -> tuple[str, Any]:
+        """Runs the workflow's ``run``; returns how it ended: ``(outcome, value)``."""
+        wfe, actor = self.wfe, self.actor
+        rec = actor.record
         try:
             obj = wfe.cls(wfe.env)
             event = WorkflowEvent(
@@ -308,59 +324,51 @@ class Execution:
                 output = await self.loop.run_in_executor(
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
-            outcome = (Status.COMPLETE, output)
+            return (Status.COMPLETE, output)
         except GeneratorExit as e:
             if not self.loop.is_running():
                 raise  # the coroutine is being closed (its loop is gone): do nothing more
-            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
         except Suspend as e:
             # Unwinding left frames -> waiters -> futures -> this exception ->
             # its traceback -> frames: a cycle per run that only the cyclic
             # collector could free, and a full collection over a large heap is
             # what a burst of hibernations would then cost.
             e.__traceback__ = None
-            outcome = ("suspended", None)
+            return ("suspended", None)
         except Stop as e:
             e.__traceback__ = None
-            outcome = ("stop", None)
+            return ("stop", None)
         except asyncio.CancelledError as e:
             e.__traceback__ = None
             if self.state & STOPPED or _cancelling():
-                outcome = ("stop", None)
-            else:  # raised by the workflow's own code: nobody cancelled this run
-                outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
+                return ("stop", None)
+            # Raised by the workflow's own code: nobody cancelled this run.
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
         except Fatal as f:
-            outcome = (Status.ERRORED, f.error)
+            return (Status.ERRORED, f.error)
         except EngineFault as e:
-            outcome = ("crashed", e)
+            return ("crashed", e)
         except Exception as e:
-            outcome = (Status.ERRORED, e)
+            return (Status.ERRORED, e)
         except BaseException as e:
             # SystemExit or KeyboardInterrupt raised by run's own code: a failure
             # of the workflow. Taken as a crash it would be replayed into the
             # same exit on every restart and reopen.
-            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
+
+    def _overridden(self, outcome: tuple[str, Any]) -> tuple[str, Any]:
+        """What ``run`` returned or raised after the engine unwound it is void."""
         if self.state & SUSPENDED and outcome[0] != "suspended":
             # run caught the engine's unwinding (a bare except, or except
             # BaseException, around a step) and went on: what it returned or
             # raised afterwards is void. The instance is hibernated already.
             self._warn_caught("suspended")
-            outcome = ("suspended", None)
-        elif self.state & STOPPED and outcome[0] in (Status.COMPLETE, Status.ERRORED):
+            return ("suspended", None)
+        if self.state & STOPPED and outcome[0] in (Status.COMPLETE, Status.ERRORED):
             self._warn_caught("stopped")
-            outcome = ("stop", None)
-        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.state & STOPPED:
-            try:
-                await self._finish(*outcome)
-            except (Stop, asyncio.CancelledError):
-                outcome = ("stop", None)
-            except BaseException as e:
-                outcome = ("crashed", e)
-        self.state |= FINISHED
-        self._cancel_waiters(Stop)
-        if obs is not None:
-            obs.run_ended(self, outcome[0], outcome[1])
-        actor.execution_ended(self, outcome[0], outcome[1])
+            return ("stop", None)
+        return outcome
 
     def _warn_caught(self, how: str) -> None:
         log.warning(
