@@ -32,7 +32,6 @@ from actorflow.workflows.definition import Workflow
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.handles import WorkflowBinding
 from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
-from actorflow.workflows.router import Router
 from actorflow.workflows.supervisor import Supervisor
 
 __all__ = ["OWNER_LOCK", "Runtime"]
@@ -147,16 +146,38 @@ class Runtime:
         self._pool = ThreadExecutor(pool_size, name="actorflow-do")
         self._namespaces: dict[str, DurableObjectNamespace[Any]] = {}
         self._closed = threading.Event()
-        self._engine = EngineContext(
-            self.storage, self.clock, self.timers, self.limits, run_threads, step_threads
-        )
-        self._supervisor = Supervisor(self._engine, max_crashes, crash_window)
-        self._engine.supervisor = self._supervisor
-        self.timers.register(WAKE_KIND, self._supervisor.on_timer, self._supervisor.saturated)
-        self._bindings: dict[str, WorkflowBinding] = {}
-        self._lease: NodeLease | None = None
+        # Built in dependency order, each whole when made: the lease (it
+        # gives the id sequence and fences the supervisor's claims), the
+        # engine context and, last in its constructor, its supervisor; then
+        # the callbacks of the timer service and the lease, which call into
+        # the supervisor only once their threads start, at the end.
+        lease: NodeLease | None = None
+        seq = None
         if self.node_id:
-            self._join(lease_timeout)
+            lease, slot = self._join(lease_timeout)
+            seq = node_sequence(slot)  # ids distinct from other live nodes'
+        self._lease = lease
+        self._engine = EngineContext(
+            self.storage,
+            self.clock,
+            self.timers,
+            self.limits,
+            run_threads,
+            step_threads,
+            seq=seq,
+            supervisor=lambda ctx: Supervisor(ctx, max_crashes, crash_window, lease),
+        )
+        self._supervisor = self._engine.supervisor
+        delivery = self._supervisor.delivery
+        self.timers.register(WAKE_KIND, delivery.on_timer, delivery.saturated)
+        if lease is not None:
+            lease.claimer = claimer_for(lease)
+            lease.on_adopted = self._supervisor.adopted
+            lease.on_tick = delivery.prune_foreign
+            lease.on_lost = self._lease_lost
+        self._bindings: dict[str, WorkflowBinding] = {}
+        # The engine of each binding, by name (the binding keeps its own private).
+        self._engines: dict[str, WorkflowEngine] = {}
         if tracer_provider is not None:
             from actorflow.observe.tracing import instrument
 
@@ -184,14 +205,13 @@ class Runtime:
         self._check_open()
         name = name or cls.__name__
         if name in self._bindings:
-            if self._bindings[name]._wfe.cls is not cls:
+            if self._engines[name].cls is not cls:
                 raise ValueError(f"workflow {name!r} is already registered to another class")
             return self._bindings[name]
         wfe = WorkflowEngine(self._engine, cls, name, env)
-        wfe.router = Router(wfe)
-        self._own_queue(wfe)
         binding = WorkflowBinding(wfe, self._supervisor)
         self._bindings[name] = binding
+        self._engines[name] = wfe
 
         def attach() -> None:
             self._supervisor.engines[name] = wfe
@@ -225,11 +245,10 @@ class Runtime:
                 raise RuntimeError(f"workflow {name!r} is not registered in this runtime")
 
         wfe = WorkflowEngine(self._engine, Unregistered, name, None)
-        wfe.router = Router(wfe)
-        self._own_queue(wfe)
         binding = WorkflowBinding(wfe, self._supervisor)
         if listed:
             self._bindings[name] = binding
+            self._engines[name] = wfe
         return binding
 
     def workflow(self, name: str) -> WorkflowBinding:
@@ -265,15 +284,15 @@ class Runtime:
         names = sorted(set(counts) | set(self._bindings))
         workflows = {}
         for name in names:
-            binding = self._bindings.get(name)
-            if binding is not None:
-                depth = binding._wfe.router.depth()
-                cap = binding._wfe.limits.max_concurrent
+            wfe = self._engines.get(name)
+            if wfe is not None:
+                depth = wfe.router.depth()
+                cap = wfe.limits.max_concurrent
             else:
                 depth = self.storage.count(queue_db(name))
                 cap = self.limits.for_workflow(name).max_concurrent
             workflows[name] = WorkflowMetrics(
-                name, counts.get(name, {}), depth, sup.by_wf.get(name, 0), cap, binding is not None
+                name, counts.get(name, {}), depth, sup.by_wf.get(name, 0), cap, wfe is not None
             )
         total: dict[str, int] = {}
         for wm in workflows.values():
@@ -329,26 +348,17 @@ class Runtime:
 
     # -- multi-node ----------------------------------------------------------------
 
-    def _join(self, lease_timeout: float | None) -> None:
-        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.cluster.lease`)."""
+    def _join(self, lease_timeout: float | None) -> tuple[NodeLease, int]:
+        """Joins the data directory as node :attr:`node_id` (see :mod:`actorflow.cluster.lease`).
+
+        Returns:
+            The lease (not yet beating) and this node's sequence slot.
+        """
         assert self.node_id is not None
         if lease_timeout is None:
             lease_timeout = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT)
         lease = NodeLease(self.storage, self.node_id, lease_timeout)
-        slot = lease.join()
-        self._engine._seq = node_sequence(slot)  # ids distinct from other live nodes'
-        sup = self._supervisor
-        sup.node = lease
-        lease.claimer = claimer_for(lease)
-        lease.on_adopted = sup.adopted
-        lease.on_tick = sup.prune_foreign
-        lease.on_lost = self._lease_lost
-        self._lease = lease
-
-    def _own_queue(self, wfe: WorkflowEngine) -> None:
-        lease = self._lease
-        if lease is not None:
-            wfe.router.accept = lambda iid: lease.owns(wfe.ik(iid.decode()))
+        return lease, lease.join()
 
     def _lease_lost(self) -> None:
         # Other nodes took over: stop every run here (their writes would fail anyway).

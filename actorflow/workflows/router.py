@@ -25,6 +25,7 @@ from actorflow.workflows.records import PRIO_NEW, PRIO_WAKE, queue_db
 log = logging.getLogger("actorflow.router")
 
 if TYPE_CHECKING:
+    from actorflow.cluster.lease import NodeLease
     from actorflow.workflows.engine.context import WorkflowEngine
 
 __all__ = ["Router", "TokenBucket"]
@@ -73,10 +74,25 @@ class TokenBucket:
 
 
 class Router:
-    """The durable queue of one workflow and its admission rules."""
+    """The durable queue of one workflow and its admission rules.
 
-    def __init__(self, wfe: WorkflowEngine) -> None:
+    Args:
+        wfe: The workflow.
+        room: ``room(wfe, n)``: True if ``n`` more instances of the workflow
+            could run at once (the supervisor's slots); read for
+            ``overflow="reject"``.
+        node: This node's lease (multi-node): only entries of instances it
+            owns are taken. None for a lone runtime.
+    """
+
+    def __init__(
+        self,
+        wfe: WorkflowEngine,
+        room: Callable[[WorkflowEngine, int], bool],
+        node: NodeLease | None = None,
+    ) -> None:
         self.wfe = wfe
+        self._room = room
         self.db = queue_db(wfe.name)
         self._storage = wfe.ctx.storage
         lim = wfe.limits
@@ -106,7 +122,9 @@ class Router:
         self._wakes = bool(self._storage.scan(self.db, prefix=PRIO_WAKE, limit=1, keys_only=True))
         self.throttled = False
         # Multi-node: only entries of instances this node owns are taken.
-        self.accept: Callable[[bytes], bool] | None = None
+        self.accept: Callable[[bytes], bool] | None = (
+            None if node is None else lambda iid: node.owns(wfe.ik(iid.decode()))
+        )
 
     def depth(self) -> int:
         """Instances waiting in the queue: committed entries not yet started."""
@@ -137,11 +155,7 @@ class Router:
                     workflow=self.wfe.name,
                 )
             if lim.overflow == "reject":
-                sup = self.wfe.ctx.supervisor
-                if (
-                    sup.by_wf[self.wfe.name] + waiting + n > lim.max_concurrent
-                    or sup.running + waiting + n > self.wfe.ctx.limits.max_concurrent
-                ):
+                if not self._room(self.wfe, waiting + n):
                     raise RateLimitError(
                         f"workflow {self.wfe.name!r}: {what}: {lim.max_concurrent} instances "
                         "are already running or about to",

@@ -9,6 +9,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.actors import LoopExecutor
@@ -22,10 +23,10 @@ from actorflow.workflows.definition import Workflow, validate_workflow_name
 from actorflow.workflows.engine.modifiers import Modifiers
 from actorflow.workflows.engine.signals import LoopNotifier
 from actorflow.workflows.records import IDS, ikey, rkey
+from actorflow.workflows.router import Router
 
 if TYPE_CHECKING:
     from actorflow.observe.tracing import RunObserver
-    from actorflow.workflows.router import Router
     from actorflow.workflows.supervisor import Supervisor
 
 __all__ = ["EngineContext", "Watchdog", "WorkflowEngine"]
@@ -91,6 +92,11 @@ class EngineContext:
             execute at once; more running instances wait for a thread).
         step_threads: Threads for sync step callables of ``async def run``
             workflows and for sync steps that time out.
+        seq: The ids for events, history and queue entries (a node's own
+            residue, see :func:`~actorflow.cluster.lease.node_sequence`); None:
+            counted from the real time in microseconds.
+        supervisor: Makes the supervisor of this context, given the context
+            (called last in the constructor: the supervisor needs the rest).
     """
 
     def __init__(
@@ -101,6 +107,9 @@ class EngineContext:
         limits: Limits,
         run_threads: int = 256,
         step_threads: int = 64,
+        seq: Iterator[int] | None = None,
+        *,
+        supervisor: Callable[[EngineContext], Supervisor],
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -117,14 +126,16 @@ class EngineContext:
         self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.
-        self._seq = itertools.count(time.time_ns() // 1000)  # noqa: TID251 - ids, not time
-        self.supervisor: Supervisor
+        self._seq = (
+            seq if seq is not None else itertools.count(time.time_ns() // 1000)  # noqa: TID251
+        )
         self._thread = threading.Thread(target=self._run_loop, name="actorflow-engine", daemon=True)
         self._ready = threading.Event()
         self.loop_error: BaseException | None = None
         # Observability: steps ended per second, and the run observer (tracing).
         self.step_rate = RateWindow(clock.now)
         self.observer: RunObserver | None = None
+        self.supervisor = supervisor(self)
 
     def start(self) -> None:
         self._thread.start()
@@ -189,9 +200,7 @@ class EngineContext:
         await fut
 
     async def _shutdown(self) -> None:
-        sup = getattr(self, "supervisor", None)
-        if sup is not None:
-            sup.shutdown()
+        self.supervisor.shutdown()
         me = asyncio.current_task()
         deadline = self.loop.time() + _SHUTDOWN_S
         while True:
@@ -265,7 +274,8 @@ class WorkflowEngine:
         self.env = env
         self.is_async = inspect.iscoroutinefunction(cls.run)
         self.limits = ctx.limits.for_workflow(name)
-        self.router: Router
+        sup = ctx.supervisor
+        self.router = Router(self, sup.slots.room_for, sup.node)
 
     def ik(self, iid: str) -> bytes:
         """Returns the key that names an instance (see :mod:`actorflow.workflows.records`)."""

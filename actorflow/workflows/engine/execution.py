@@ -155,6 +155,22 @@ class _Waiter:
         self.fut = fut
 
 
+# The lifecycle of a run, as bits of ``Execution.state``. One int, so that the
+# per-step checks are one AND. A run moves RUNNING -> HIBERNATING -> SUSPENDED
+# (or back to RUNNING if woken while writing its status) and RUNNING -> ENDING
+# -> FINISHED; any run ends FINISHED. They are bits, not one value, because
+# some overlap: STOPPED comes at any time and the stopped run still unwinds to
+# FINISHED (a step call then raises Stop, not "called after run ended"), and a
+# run whose branches were hibernating when ``run`` raised is ENDING while its
+# HIBERNATING write lands, then SUSPENDED.
+RUNNING = 0
+HIBERNATING = 1
+SUSPENDED = 2
+ENDING = 4
+FINISHED = 8
+STOPPED = 16
+
+
 class Execution:
     """Executes ``run`` for one activation of an instance."""
 
@@ -164,11 +180,7 @@ class Execution:
     in_flight = 0
     pending = 0
     pause_requested = False
-    hibernating = False
-    stopped = False
-    suspended = False
-    ending = False  # run returned: only the final write may land
-    finished = False
+    state = RUNNING  # a set of the lifecycle bits (see RUNNING)
     task: asyncio.Task[Any] | None = None
     slot = True  # holds a concurrency slot until it ends
     _poke_scheduled = False
@@ -227,6 +239,33 @@ class Execution:
         # What to do once the commit that writes the staged records is durable.
         self._staged_after: list[tuple[StepCheckpoint, bytes | None, bytes | None]] = []
 
+    # The old names of the lifecycle bits, for readers off the hot path.
+
+    @property
+    def hibernating(self) -> bool:
+        """Writing the "waiting"/"paused" status that unwinds the run, if nothing wakes it."""
+        return bool(self.state & HIBERNATING)
+
+    @property
+    def suspended(self) -> bool:
+        """Hibernated: the status is written, the run only unwinds."""
+        return bool(self.state & SUSPENDED)
+
+    @property
+    def ending(self) -> bool:
+        """``run`` returned or raised: only the final write may land."""
+        return bool(self.state & ENDING)
+
+    @property
+    def finished(self) -> bool:
+        """The run's task is over."""
+        return bool(self.state & FINISHED)
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped (terminate, restart, fenced, shutdown): nothing more is written."""
+        return bool(self.state & STOPPED)
+
     @property
     def where(self) -> str:
         """Names the instance in messages (made when needed: most runs need none)."""
@@ -245,16 +284,32 @@ class Execution:
         if settle:
             # Runs once the task has gone as far as it can without waiting (its
             # first commit, a step's I/O, hibernation): the supervisor's start window.
-            self.loop.call_soon(self.ctx.supervisor.settled, self.actor)
+            self.loop.call_soon(self.ctx.supervisor.slots.settled, self.actor)
 
     async def _drive(self) -> None:
-        wfe, actor = self.wfe, self.actor
-        rec = actor.record
-        assert rec is not None
-        outcome: tuple[str, Any] = ("stop", None)
+        actor = self.actor
+        assert actor.record is not None
         obs = self.ctx.observer
         if obs is not None:
             obs.run_started(self)
+        outcome = self._overridden(await self._run())
+        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.state & STOPPED:
+            try:
+                await self._finish(*outcome)
+            except (Stop, asyncio.CancelledError):
+                outcome = ("stop", None)
+            except BaseException as e:
+                outcome = ("crashed", e)
+        self.state |= FINISHED
+        self._cancel_waiters(Stop)
+        if obs is not None:
+            obs.run_ended(self, outcome[0], outcome[1])
+        actor.execution_ended(self, outcome[0], outcome[1])
+
+    async def _run(self) -> tuple[str, Any]:
+        """Runs the workflow's ``run``; returns how it ended: ``(outcome, value)``."""
+        wfe, actor = self.wfe, self.actor
+        rec = actor.record
         try:
             obj = wfe.cls(wfe.env)
             event = WorkflowEvent(
@@ -269,59 +324,51 @@ class Execution:
                 output = await self.loop.run_in_executor(
                     self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
                 )
-            outcome = (Status.COMPLETE, output)
+            return (Status.COMPLETE, output)
         except GeneratorExit as e:
             if not self.loop.is_running():
                 raise  # the coroutine is being closed (its loop is gone): do nothing more
-            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
         except Suspend as e:
             # Unwinding left frames -> waiters -> futures -> this exception ->
             # its traceback -> frames: a cycle per run that only the cyclic
             # collector could free, and a full collection over a large heap is
             # what a burst of hibernations would then cost.
             e.__traceback__ = None
-            outcome = ("suspended", None)
+            return ("suspended", None)
         except Stop as e:
             e.__traceback__ = None
-            outcome = ("stop", None)
+            return ("stop", None)
         except asyncio.CancelledError as e:
             e.__traceback__ = None
-            if self.stopped or _cancelling():
-                outcome = ("stop", None)
-            else:  # raised by the workflow's own code: nobody cancelled this run
-                outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
+            if self.state & STOPPED or _cancelling():
+                return ("stop", None)
+            # Raised by the workflow's own code: nobody cancelled this run.
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
         except Fatal as f:
-            outcome = (Status.ERRORED, f.error)
+            return (Status.ERRORED, f.error)
         except EngineFault as e:
-            outcome = ("crashed", e)
+            return ("crashed", e)
         except Exception as e:
-            outcome = (Status.ERRORED, e)
+            return (Status.ERRORED, e)
         except BaseException as e:
             # SystemExit or KeyboardInterrupt raised by run's own code: a failure
             # of the workflow. Taken as a crash it would be replayed into the
             # same exit on every restart and reopen.
-            outcome = (Status.ERRORED, _user_signal(self.where, "run", e))
-        if self.suspended and outcome[0] != "suspended":
+            return (Status.ERRORED, _user_signal(self.where, "run", e))
+
+    def _overridden(self, outcome: tuple[str, Any]) -> tuple[str, Any]:
+        """What ``run`` returned or raised after the engine unwound it is void."""
+        if self.state & SUSPENDED and outcome[0] != "suspended":
             # run caught the engine's unwinding (a bare except, or except
             # BaseException, around a step) and went on: what it returned or
             # raised afterwards is void. The instance is hibernated already.
             self._warn_caught("suspended")
-            outcome = ("suspended", None)
-        elif self.stopped and outcome[0] in (Status.COMPLETE, Status.ERRORED):
+            return ("suspended", None)
+        if self.state & STOPPED and outcome[0] in (Status.COMPLETE, Status.ERRORED):
             self._warn_caught("stopped")
-            outcome = ("stop", None)
-        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.stopped:
-            try:
-                await self._finish(*outcome)
-            except (Stop, asyncio.CancelledError):
-                outcome = ("stop", None)
-            except BaseException as e:
-                outcome = ("crashed", e)
-        self.finished = True
-        self._cancel_waiters(Stop)
-        if obs is not None:
-            obs.run_ended(self, outcome[0], outcome[1])
-        actor.execution_ended(self, outcome[0], outcome[1])
+            return ("stop", None)
+        return outcome
 
     def _warn_caught(self, how: str) -> None:
         log.warning(
@@ -336,7 +383,7 @@ class Execution:
         # Branches still going (siblings of a failed branch of a gather or
         # step.map) must not write after this: their activation would turn the
         # finished instance back into "running".
-        self.ending = True
+        self.state |= ENDING
         batch = WriteBatch()
         keys = self._disarm_all(batch)
         actor = self.actor
@@ -372,7 +419,7 @@ class Execution:
 
     def stop(self) -> None:
         """Stops the run at once (terminate, restart); its later writes are fenced off."""
-        self.stopped = True
+        self.state |= STOPPED
         for f in list(self._sync_futs):
             f.cancel()
         if self.task is not None and not self.task.done():
@@ -399,12 +446,13 @@ class Execution:
             # written waits for that write: the hibernation then either carries
             # on (and this commit sets "running" again) or suspends the run (and
             # this commit must not land after it).
-            while self.hibernating and not hibernation and self._hib_done is not None:
+            while self.state & HIBERNATING and not hibernation and self._hib_done is not None:
                 await asyncio.shield(self._hib_done)
-            if self.stopped or (self.ending and not final):
+            state = self.state
+            if state & STOPPED or (state & ENDING and not final):
                 self.actor.reload_record()  # what the refused batch put in the record
                 raise Stop()
-            if self.suspended:
+            if state & SUSPENDED:
                 self.actor.reload_record()
                 raise Suspend()
             if activate:
@@ -424,7 +472,7 @@ class Execution:
                     self._step_durable(rec)
                     self._timers_after(arm, disarm)
         except ConflictError:
-            self.stopped = True
+            self.state |= STOPPED
             self.actor.reload_record()
             raise Stop() from None
         except StorageError as e:
@@ -514,7 +562,7 @@ class Execution:
             self.waiters.remove(w)
 
     def _poke(self) -> None:
-        if not self._poke_scheduled and not self.finished:
+        if not self._poke_scheduled and not self.state & FINISHED:
             self._poke_scheduled = True
             self.loop.call_soon(self._check_idle)
 
@@ -524,9 +572,7 @@ class Execution:
             not self.waiters
             or self.in_flight
             or self.pending
-            or self.hibernating
-            or self.stopped
-            or self.suspended
+            or self.state & (HIBERNATING | STOPPED | SUSPENDED)
         ):
             return
         now = self.now_ms()
@@ -539,7 +585,7 @@ class Execution:
             if ready:
                 self._wake(w)
                 return
-        self.hibernating = True
+        self.state |= HIBERNATING
         self._hib_done = self.loop.create_future()
         # The loop keeps only weak references to tasks: hold this one.
         self._hib_task = self.loop.create_task(self._hibernate(self.wakeups))
@@ -583,10 +629,10 @@ class Execution:
                 if self.pause_requested != paused:
                     continue  # paused or resumed meanwhile: write the status that holds now
                 break
-            self.suspended = True
+            self.state |= SUSPENDED
             self._cancel_waiters(Suspend)
         finally:
-            self.hibernating = False
+            self.state &= ~HIBERNATING
             if self._hib_done is not None and not self._hib_done.done():
                 self._hib_done.set_result(None)
 
@@ -635,11 +681,14 @@ class Execution:
         engine's unwinding; the next step call raises it again, before any
         body runs (a body run then could never be checkpointed).
         """
-        if self.stopped:
+        state = self.state
+        if not state & (STOPPED | SUSPENDED | FINISHED):
+            return
+        if state & STOPPED:
             raise Stop()
-        if self.suspended:
+        if state & SUSPENDED:
             raise Suspend()
-        if self.finished:
+        if state & FINISHED:
             raise InvalidInstanceState(
                 f"{self.where}: a step was called after run ended; the step object "
                 "is valid only while run executes",
@@ -774,7 +823,7 @@ class Execution:
             if self.actor.fenced():
                 # Another node took the instance over (this one was frozen):
                 # a body started now could only repeat one it committed.
-                self.stopped = True
+                self.state |= STOPPED
                 raise Stop()
             self._crash_point(name, "before")
             a0 = self.now_ms()
@@ -807,7 +856,7 @@ class Execution:
         except (Suspend, Stop, Fatal, EngineFault):
             raise
         except asyncio.CancelledError as e:
-            if self.stopped or _cancelling():
+            if self.state & STOPPED or _cancelling():
                 raise
             return None, _user_signal(where, "the step body", e)  # raised by the body itself
         except _BodySignal as e:
@@ -996,7 +1045,7 @@ class Execution:
         rec = self.steps.get(key)
         if rec is not None and rec["s"] == StepStatus.DONE:
             return
-        if self.stopped or self.pause_requested:
+        if self.state & STOPPED or self.pause_requested:
             await self._gate()
         now = self.now_ms()
         if rec is None:

@@ -174,7 +174,7 @@ class InstanceActor(PooledActor):
     def maybe_evict(self) -> None:
         """Leaves memory once idle: no run, no pending wake, no message."""
         if not self.busy and not self.running() and not self.woken:
-            self.ctx.supervisor.evict(self)
+            self.ctx.supervisor.table.evict(self)
 
     # -- status and writes --------------------------------------------------------
 
@@ -367,7 +367,7 @@ class InstanceActor(PooledActor):
         if self.owned and self.fenced():
             self.owned = False  # another node took it over since this actor was made
         if not self.owned:  # another node owns it (a stale queue entry or wake-up)
-            self.ctx.supervisor.released(self)
+            self.ctx.supervisor.slots.released(self)
             return
         old = self.exec
         if old is not None and not old.finished and old.suspended:
@@ -376,7 +376,7 @@ class InstanceActor(PooledActor):
             # as a wake-up once it has ended (see execution_ended).
             self.start_after = reason
             self.woken = True  # stays in memory until then
-            self.ctx.supervisor.released(self)
+            self.ctx.supervisor.slots.released(self)
             return
         if reason == "crash" and not self.running():
             # The write that failed may have left the record ahead of storage
@@ -384,7 +384,7 @@ class InstanceActor(PooledActor):
             self.reload_record()
         status = self.record["s"]
         if self.running() or status not in UNFINISHED:
-            self.ctx.supervisor.released(self)
+            self.ctx.supervisor.slots.released(self)
             return
         if status == Status.WAITING_FOR_PAUSE:  # recovered mid-pause: the pause takes effect now
             batch = WriteBatch()
@@ -393,7 +393,7 @@ class InstanceActor(PooledActor):
             try:
                 await self.commit(batch, new_epoch=True)
             finally:
-                self.ctx.supervisor.released(self)
+                self.ctx.supervisor.slots.released(self)
             self.ctx.timers_done(keys)
             return
         if reason in ("recover", "crash"):
@@ -402,12 +402,12 @@ class InstanceActor(PooledActor):
             try:
                 await self.commit(batch, new_epoch=True)
             except BaseException as e:
-                self.ctx.supervisor.released(self)
+                self.ctx.supervisor.slots.released(self)
                 if isinstance(e, StorageError) and not isinstance(e, ConflictError):
                     # Storage refused the write (a full disk): tried again with
-                    # backoff while the fault lasts (see Supervisor.crashed).
+                    # backoff while the fault lasts (see Restarts.crashed).
                     self.record["epoch"] = self.epoch
-                    self.ctx.supervisor.crashed(self, e)
+                    self.ctx.supervisor.restarts.crashed(self, e)
                     return
                 raise
         self.begin()
@@ -438,7 +438,7 @@ class InstanceActor(PooledActor):
         """Starts a new run (engine loop only); see :class:`Execution` for ``preloaded``.
 
         With ``settle`` false, the caller tells the supervisor when the run
-        has reached its first wait (see ``Supervisor.settled``).
+        has reached its first wait (see ``Slots.settled``).
         """
         self.woken = False
         ex = self.exec = Execution(self, preloaded)
@@ -460,17 +460,17 @@ class InstanceActor(PooledActor):
             )
         if ex.slot:
             ex.slot = False
-            self.ctx.supervisor.released(self)
+            self.ctx.supervisor.slots.released(self)
         if ex is not self.exec:
             return
         if self.start_after is not None:
             reason, self.start_after = self.start_after, None
-            self.ctx.supervisor.wake(self, reason)
+            self.ctx.supervisor.slots.wake(self, reason)
             return
         if outcome == "crashed":
-            self.ctx.supervisor.crashed(self, value)
+            self.ctx.supervisor.restarts.crashed(self, value)
         elif outcome in (Status.COMPLETE, Status.ERRORED):
-            self.ctx.supervisor.finished(self)
+            self.ctx.supervisor.watchers.finished(self.ik)
         self.maybe_evict()
 
     async def handle_fail(self, msg: Fail) -> None:
@@ -493,16 +493,16 @@ class InstanceActor(PooledActor):
             self._fail_later(message)
             return
         self.ctx.timers_done(keys)
-        self.ctx.supervisor.finished(self)
+        self.ctx.supervisor.watchers.finished(self.ik)
 
     def _fail_later(self, message: str, delay: float = 1.0) -> None:
         sup = self.ctx.supervisor
-        sup.restarting += 1  # pending work: the runtime is not idle meanwhile
+        sup.restarts.pending += 1  # pending work: the runtime is not idle meanwhile
 
         def again() -> None:
-            sup.restarting -= 1
-            if not sup.closing:
-                sup.actor(self.wfe, self.iid).actor_ref.tell(Fail(message))
+            sup.restarts.pending -= 1
+            if not sup.slots.closing:
+                sup.table.actor(self.wfe, self.iid).actor_ref.tell(Fail(message))
 
         self.ctx.loop.call_later(delay, again)
 
@@ -564,7 +564,7 @@ class InstanceActor(PooledActor):
             )
             await self.commit(batch)
             self.wfe.router.note_wake()
-            self.ctx.supervisor.kick()
+            self.ctx.supervisor.slots.kick()
 
     async def handle_terminate(self, msg: Terminate) -> None:
         await self.take_over()
@@ -591,7 +591,7 @@ class InstanceActor(PooledActor):
         self.ctx.timers_done(keys)
         if self.exec is not None:
             self.exec.stop()
-        self.ctx.supervisor.finished(self)
+        self.ctx.supervisor.watchers.finished(self.ik)
 
     async def handle_restart(self, msg: Restart) -> None:
         from_step = msg.from_step
@@ -635,7 +635,7 @@ class InstanceActor(PooledActor):
         if self.exec is not None:
             self.exec.stop()
             self.exec = None  # the new run starts from the queue
-        self.ctx.supervisor.kick()
+        self.ctx.supervisor.slots.kick()
 
     async def _let_end(self) -> None:
         """Waits for a run whose end is being written (run returned) to finish.
@@ -676,9 +676,9 @@ class InstanceActor(PooledActor):
             ex.on_event(event_type, ekey, data, ts)
         elif wake:
             self.wfe.router.note_wake()
-            self.ctx.supervisor.kick()
+            self.ctx.supervisor.slots.kick()
         elif self._wants(event_type):
-            self.ctx.supervisor.wake(self)
+            self.ctx.supervisor.slots.wake(self)
 
     def _wants(self, event_type: str) -> bool:
         """True if the instance hibernated waiting for this type and nothing woke it yet."""
@@ -710,7 +710,7 @@ class InstanceActor(PooledActor):
         if self.woken:
             return
         if self.record["s"] == Status.WAITING:
-            self.ctx.supervisor.wake(self)
+            self.ctx.supervisor.slots.wake(self)
             return
         # Queued, paused, finished: nobody needs it now (a replay re-arms what it waits on).
         batch = WriteBatch()
@@ -750,7 +750,7 @@ class InstanceActor(PooledActor):
             self.ctx.timers.done(key)
         if wake:
             self.wfe.router.note_wake()
-            self.ctx.supervisor.kick()
+            self.ctx.supervisor.slots.kick()
 
     async def take_over(self) -> None:
         """Makes this node the owner (a control call through a node that does not own it).
@@ -792,12 +792,12 @@ class InstanceActor(PooledActor):
         self.record, self.epoch = rec, new
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor
-        sup.release_foreign(self.ik)
+        sup.delivery.release_foreign(self.ik)
         if rec["s"] in ACTIVE and not self.woken:
-            sup.wake(self, "recover")
+            sup.slots.wake(self, "recover")
         elif rec["s"] == Status.QUEUED:
             self.wfe.router.rescan()
-            sup.kick()
+            sup.slots.kick()
 
     def handle_stop_run(self, msg: StopRun) -> None:
         self.stop_run()
