@@ -25,7 +25,7 @@ from actorflow.core.limits import Limits
 from actorflow.core.storage import Serializer, Storage
 from actorflow.core.timers import TimerService
 from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
-from actorflow.objects.storage import ALARM_KIND
+from actorflow.objects.storage import ALARM_KIND, split_alarm_target
 from actorflow.observe.metrics import CommitMonitor, Metrics, WorkflowMetrics
 from actorflow.workflows.adoption import claimer_for
 from actorflow.workflows.definition import Workflow
@@ -451,8 +451,8 @@ class Runtime:
         return ns
 
     def _fire_alarm(self, target: bytes, key: bytes, deadline: int) -> bool:
-        ns = self._namespaces.get(target.split(b"\x00", 1)[0].decode())
-        return ns is not None and ns._fire_alarm(target, key, deadline)
+        ns = self._namespaces.get(split_alarm_target(target)[0])
+        return ns is not None and ns.fire_alarm(target, key, deadline)
 
     def _reap(self) -> None:
         period = max(0.05, min(1.0, self.idle_timeout / 4))

@@ -68,7 +68,7 @@ from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError, StorageError
 from actorflow.core.storage import Chain, Storage
 from actorflow.core.timers import TimerService
-from actorflow.objects.storage import ALARM_RECORD, ObjectState, ObjectStorage
+from actorflow.objects.storage import ALARM_RECORD, ObjectState, ObjectStorage, split_alarm_target
 
 __all__ = [
     "AlarmInfo",
@@ -724,8 +724,13 @@ class DurableObjectNamespace(Generic[T]):
     ) -> Any:
         return self._send(oid, name, args, kwargs).get()
 
-    def _fire_alarm(self, target: bytes, key: bytes, deadline: int) -> bool:
-        oid = DurableObjectId(target.split(b"\x00", 1)[1].decode())
+    def fire_alarm(self, target: bytes, key: bytes, deadline: int) -> bool:
+        """Timer handler: the alarm of the object named in ``target`` is due.
+
+        The runtime routes the alarm timers of its namespaces here; it is not
+        meant to be called otherwise. False means "not now" (shutting down).
+        """
+        oid = DurableObjectId(split_alarm_target(target)[1])
         try:
             self._post(oid, Envelope(_Alarm(key, deadline)))
         except ActorflowError:

@@ -19,11 +19,33 @@ from actorflow.core.errors import LimitExceeded
 from actorflow.core.storage import MAX_KEY_BYTES, Chain, Storage, WriteBatch
 from actorflow.core.timers import TimerService
 
-__all__ = ["ALARMS", "ALARM_KIND", "ALARM_RECORD", "OBJECTS", "ObjectState", "ObjectStorage"]
+__all__ = [
+    "ALARMS",
+    "ALARM_KIND",
+    "ALARM_RECORD",
+    "OBJECTS",
+    "ObjectState",
+    "ObjectStorage",
+    "alarm_target",
+    "split_alarm_target",
+]
 
 OBJECTS = "objects"  # keyspace of object data: ns \0 id \0 key
 ALARMS = "alarms"  # keyspace of alarm records: ns \0 id -> deadline, retries, timer key
 ALARM_KIND = "A"
+
+
+def alarm_target(namespace: str, oid: str) -> bytes:
+    """The target of an object's alarm timer: ``namespace \\0 object id``."""
+    return f"{namespace}\x00{oid}".encode()
+
+
+def split_alarm_target(target: bytes) -> tuple[str, str]:
+    """``(namespace, object id)`` of an alarm timer's target."""
+    namespace, oid = target.split(b"\x00", 1)
+    return namespace.decode(), oid.decode()
+
+
 ALARM_RECORD = struct.Struct(">QI")  # deadline ms, retries; the timer key follows
 _TOMBSTONE = None
 _MISS: Any = object()  # "not known here": look further down
@@ -75,7 +97,7 @@ class ObjectState:
         self.store = store
         self.ser = store.serializer
         self.prefix = f"{namespace}\x00{oid}\x00".encode()
-        self.alarm_key = f"{namespace}\x00{oid}".encode()
+        self.alarm_key = alarm_target(namespace, oid)
         self.max_key = MAX_KEY_BYTES - len(self.prefix)
         self.pending: dict[str, bytes | None] = {}
         self.cleared = False

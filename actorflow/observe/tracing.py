@@ -88,13 +88,13 @@ def instrument(
         ImportError: OpenTelemetry is not installed (``pip install actorflow[otel]``).
     """
     observer = OTelObserver(provider, first_attempt_spans=first_attempt_spans)
-    rt._engine.observer = observer  # noqa: SLF001 - until the wiring change lands (the runtime names no engine context publicly)
+    rt._engine.observer = observer  # noqa: SLF001 - the runtime owns its engine context and names it to no user; tracing is installed into it
     return observer
 
 
 def uninstrument(rt: _Instrumentable) -> None:
     """Stops tracing runtime ``rt``; runs in progress end their spans normally."""
-    rt._engine.observer = None  # noqa: SLF001 - until the wiring change lands (the runtime names no engine context publicly)
+    rt._engine.observer = None  # noqa: SLF001 - the runtime owns its engine context and names it to no user; tracing is installed into it
 
 
 class OTelObserver:

@@ -521,14 +521,14 @@ class _Server:
     def op_call(
         self, namespace: str, name: str, method: str, args: list[Any], kwargs: dict[str, Any]
     ) -> Any:
-        ns = self.rt._namespaces.get(namespace)  # noqa: SLF001 - until the wiring change lands (no public accessor on the runtime)
+        ns = self.rt._namespaces.get(namespace)  # noqa: SLF001 - a test tool reading the runtime it hosts; no user API reaches these
         if ns is None:
             raise KeyError(f"no Durable Object namespace {namespace!r} in this node")
         return getattr(ns.get_by_name(name), method)(*args, **kwargs)
 
     def op_stats(self) -> dict[str, Any]:
         rt = self.rt
-        sup = rt._supervisor  # noqa: SLF001 - until the wiring change lands (no public accessor on the runtime)
+        sup = rt._supervisor  # noqa: SLF001 - a test tool reading the runtime it hosts; no user API reaches these
         lease = getattr(rt, "lease", None)
         return {
             "node_id": getattr(rt, "node_id", None),
