@@ -122,8 +122,13 @@ def test_cap_never_exceeded_nothing_lost_nothing_rerun(cap: int, program: list[A
                             inst.resume()
                     except af.InvalidInstanceState:
                         pass  # already finished
-                running = [i.status().status for i, _, _ in made].count("running")
-                assert running <= cap
+                # One snapshot: read on the engine loop, no status moves meanwhile
+                # (one after another from here, a run that ends and the one that
+                # takes its slot could both be read as running).
+                statuses = rt._engine.call(  # noqa: SLF001 - a snapshot of the loop's own state
+                    lambda: [i.status().status for i, _, _ in made], timeout=10
+                )
+                assert statuses.count("running") <= cap
                 assert rt.metrics().running <= cap
 
             # Let everything finish: open every gate, resume, deliver every event, pass

@@ -598,6 +598,27 @@ class Storage:
                 ok = cur.next()
         return n
 
+    def count_prefixes(
+        self, keyspace: str, prefixes: list[bytes], probe: Iterable[bytes] = ()
+    ) -> tuple[list[int], set[bytes]]:
+        """Counts the keys under each of ``prefixes`` and tells which ``probe`` keys exist.
+
+        All in one snapshot, so that a key moving from one prefix to another
+        meanwhile is counted exactly once.
+        """
+        counts: list[int] = []
+        with self._read(keyspace) as txn:
+            cur = txn.cursor()
+            for prefix in prefixes:
+                n = 0
+                ok = cur.set_range(prefix)
+                while ok and cur.key().startswith(prefix):
+                    n += 1
+                    ok = cur.next()
+                counts.append(n)
+            present = {key for key in probe if txn.get(key) is not None}
+        return counts, present
+
     # -- writes --------------------------------------------------------------
 
     def submit(self, batch: WriteBatch, callback: Callback | None = None) -> None:

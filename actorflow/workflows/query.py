@@ -482,18 +482,31 @@ class Query:
         reads, no record is loaded. With live actors, an instance whose live
         status is ahead of its last write counts in its live status.
         """
-        out = {s: self.storage.count(IDX, idx_prefix(workflow, s)) for s in LISTED_STATUSES}
-        if not self._live:
-            return out
-        for actor in list(self._live.values()):
-            if actor.wfe.name != workflow or actor.actor_stopped.is_set():
-                continue
+        live = (
+            []
+            if not self._live
+            else [
+                a
+                for a in list(self._live.values())
+                if a.wfe.name == workflow and not a.actor_stopped.is_set()
+            ]
+        )
+        # Where each live instance is indexed, read in the same snapshot as the
+        # counts: an instance that moves meanwhile is counted once.
+        probes = {
+            idx_key(workflow, s, a.record["created"], a.iid): (a, s)
+            for a in live
+            for s in LISTED_STATUSES
+        }
+        counts, present = self.storage.count_prefixes(
+            IDX, [idx_prefix(workflow, s) for s in LISTED_STATUSES], probes
+        )
+        out = dict(zip(LISTED_STATUSES, counts, strict=True))
+        for key in present:
+            actor, indexed = probes[key]
             shown = actor.public_status()
-            raw = self.storage.get(INST, actor.rk)
-            indexed = load(raw)["s"] if raw is not None else None
-            if shown != indexed and shown in out:
-                if indexed in out and out[indexed] > 0:
-                    out[indexed] -= 1
+            if shown != indexed and shown in out and out[indexed] > 0:
+                out[indexed] -= 1
                 out[shown] += 1
         return out
 
