@@ -47,12 +47,23 @@ class WriteBatch:
     Operations are applied in the order they were added.
     """
 
-    __slots__ = ("chain", "guards", "ops")
+    __slots__ = ("chain", "guards", "notes", "ops")
 
     def __init__(self, chain: Chain | None = None) -> None:
         self.ops: list[tuple[int, str, bytes, bytes | None]] = []
         self.guards: list[tuple[str, bytes, bytes | None]] = []
         self.chain = chain
+        # What the batch means, told by its writer, for commit observers
+        # (metrics): storage ignores them, and observers need parse no key.
+        self.notes: list[object] | None = None
+
+    def note(self, what: object) -> WriteBatch:
+        """Attaches ``what`` for the commit observers; storage does not read it."""
+        if self.notes is None:
+            self.notes = [what]
+        else:
+            self.notes.append(what)
+        return self
 
     def put(self, keyspace: str, key: bytes, value: bytes) -> WriteBatch:
         """Sets ``key`` to ``value`` in ``keyspace``.
@@ -84,9 +95,12 @@ class WriteBatch:
         return self
 
     def extend(self, other: WriteBatch) -> WriteBatch:
-        """Appends the operations and guards of ``other``."""
+        """Appends the operations, guards and notes of ``other``."""
         self.ops.extend(other.ops)
         self.guards.extend(other.guards)
+        if other.notes:
+            for what in other.notes:
+                self.note(what)
         return self
 
     def __len__(self) -> int:

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from actorflow.core.batch import _DELETE, _PUT
 from actorflow.core.rates import RateWindow
-from actorflow.workflows.records import IDS, IDX
+from actorflow.workflows.records import StatusMove, split_idx_key
 
 __all__ = ["CommitMonitor", "Metrics", "RateWindow", "WorkflowMetrics"]
 
@@ -78,15 +77,19 @@ class CommitMonitor:
             if err is not None:
                 continue
             ok += 1
-            for ks, _key, expected in batch.guards:
-                if expected is None and ks == IDS:  # a creation inserts its id
+            if batch.notes is None:
+                continue
+            for what in batch.notes:
+                if type(what) is not StatusMove:
+                    continue
+                if what.old is None:
                     created += 1
-            if counting:
-                for op in batch.ops:
-                    if op[1] == IDX and op[0] <= _DELETE:
-                        wf, status, _ = op[2].split(b"\x00", 2)
-                        k = (wf.decode(), status.decode())
-                        delta[k] = delta.get(k, 0) + (1 if op[0] == _PUT else -1)
+                elif counting:
+                    k = (what.workflow, what.old)
+                    delta[k] = delta.get(k, 0) - 1
+                if counting:
+                    k = (what.workflow, what.new)
+                    delta[k] = delta.get(k, 0) + 1
         if ok:
             self.batches.add(ok)
         if created:
@@ -116,16 +119,13 @@ class CommitMonitor:
                 return
             self._recorded = []
             self._counting = True
-        raw: collections.Counter[bytes] = collections.Counter()
+
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
         def visit(key: bytes) -> None:
-            raw[key[: key.index(b"\x00", key.index(b"\x00") + 1)]] += 1
+            counts[split_idx_key(key)] += 1
 
         txn_id = scan(visit)
-        counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        for prefix, n in raw.items():
-            wf, status = prefix.split(b"\x00")
-            counts[(wf.decode(), status.decode())] += n
         with self._lock:
             for tid, delta in self._recorded or ():
                 if tid > txn_id:

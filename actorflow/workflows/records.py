@@ -51,7 +51,7 @@ import functools
 import hashlib
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, cast
 
 from actorflow.core.codec import load
 from actorflow.core.errors import RecordFormatError
@@ -71,6 +71,7 @@ __all__ = [
     "HistoryRecord",
     "InstanceRecord",
     "RecordFormatError",
+    "StatusMove",
     "StepCheckpoint",
     "StepStatus",
     "StepStatusName",
@@ -91,6 +92,7 @@ __all__ = [
     "record_number",
     "rkey",
     "rkey_of",
+    "split_idx_key",
     "step_key",
     "step_target",
     "target_rkey",
@@ -307,6 +309,24 @@ def events_prefix(rk: bytes, event_type: str | None = None) -> bytes:
 def hist_key(rk: bytes, seq: int) -> bytes:
     """Returns the key of an instance-level history event."""
     return rk + b"\x00" + _U64.pack(seq)
+
+
+class StatusMove(NamedTuple):
+    """An instance's move in the status index, noted on the batch that makes it.
+
+    ``old`` is None for a creation. Commit observers (the runtime's counts by
+    status) add these up instead of parsing the index keys of a batch.
+    """
+
+    workflow: str
+    old: str | None
+    new: str
+
+
+def split_idx_key(key: bytes) -> tuple[str, str]:
+    """``(workflow, status)`` of a status-index key."""
+    wf, status, _ = key.split(b"\x00", 2)
+    return wf.decode(), status.decode()
 
 
 def idx_key(wf: str, status: str, created_ms: int, iid: str) -> bytes:

@@ -21,6 +21,7 @@ from actorflow.workflows.records import (
     NUMBERS,
     PRIO_NEW,
     InstanceRecord,
+    StatusMove,
     dump,
     epoch_bytes,
     idx_key,
@@ -176,6 +177,7 @@ def new_instance_batch(
     batch.put(INST, rk, dump(rec))
     batch.put(FENCE, rk, epoch_bytes(1))
     batch.put(IDX, idx_key(wfe.name, Status.QUEUED, now_ms, iid), b"")
+    batch.note(StatusMove(wfe.name, None, Status.QUEUED))
     batch.put(queue_db(wfe.name), qk, iid.encode())
     node = wfe.ctx.supervisor.node
     if node is not None:

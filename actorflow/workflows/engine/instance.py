@@ -52,6 +52,7 @@ from actorflow.workflows.records import (
     PRIO_WAKE,
     STEPS,
     WAKE_KIND,
+    StatusMove,
     StepCheckpoint,
     dump,
     epoch_bytes,
@@ -242,6 +243,7 @@ class InstanceActor(PooledActor):
         if status != rec["s"]:
             batch.delete(IDX, idx_key(self.wfe.name, rec["s"], rec["created"], self.iid))
             batch.put(IDX, idx_key(self.wfe.name, status, rec["created"], self.iid), b"")
+            batch.note(StatusMove(self.wfe.name, rec["s"], status))
         if hist:
             self.add_history(batch, hist, hist_data, hist_ts)
         self.record = new
