@@ -170,11 +170,6 @@ class Runtime:
         self._supervisor = self._engine.supervisor
         delivery = self._supervisor.delivery
         self.timers.register(WAKE_KIND, delivery.on_timer, delivery.saturated)
-        if lease is not None:
-            lease.claimer = claimer_for(lease)
-            lease.on_adopted = self._supervisor.adopted
-            lease.on_tick = delivery.prune_foreign
-            lease.on_lost = self._lease_lost
         self._bindings: dict[str, WorkflowBinding] = {}
         # The engine of each binding, by name (the binding keeps its own private).
         self._engines: dict[str, WorkflowEngine] = {}
@@ -189,8 +184,13 @@ class Runtime:
         self._reaper = threading.Thread(target=self._reap, name="actorflow-reaper", daemon=True)
         self._reaper.start()
         self.timers.start()
-        if self._lease is not None:
-            self._lease.start()
+        if lease is not None:
+            lease.start(
+                claimer=claimer_for(lease),
+                on_adopted=self._supervisor.adopted,
+                on_tick=delivery.prune_foreign,
+                on_lost=self._lease_lost,
+            )
 
     # -- Workflows -------------------------------------------------------------
 

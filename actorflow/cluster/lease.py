@@ -268,7 +268,30 @@ class NodeLease:
 
     # -- the heartbeat thread --------------------------------------------------------
 
-    def start(self) -> None:
+    def start(
+        self,
+        *,
+        claimer: Claimer | None = None,
+        on_adopted: Adopted | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        """Starts the heartbeat thread, with the layer above's callbacks.
+
+        Args:
+            claimer: Takes over a chunk of an expired node's instances.
+            on_adopted: Told what was taken over, after each adoption.
+            on_tick: Called after every heartbeat pass.
+            on_lost: Called once, when this node finds its lease taken over.
+        """
+        if claimer is not None:
+            self.claimer = claimer
+        if on_adopted is not None:
+            self.on_adopted = on_adopted
+        if on_tick is not None:
+            self.on_tick = on_tick
+        if on_lost is not None:
+            self.on_lost = on_lost
         self._thread.start()
 
     def stop(self) -> None:

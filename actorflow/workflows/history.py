@@ -15,7 +15,7 @@ from typing import Any
 
 from actorflow.core.clock import to_datetime
 from actorflow.core.storage import Storage
-from actorflow.workflows.records import HIST, STEPS, load, steps_prefix
+from actorflow.workflows.records import HIST, STEPS, hist_prefix, load, steps_prefix
 
 __all__ = [
     "REDACTED",
@@ -269,5 +269,5 @@ def read_history(
     storage: Storage, rk: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
 ) -> list[HistoryEvent]:
     """Reads the event log of the instance keyed ``rk`` whose record is ``instance``."""
-    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=rk + b"\x00"))]
+    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=hist_prefix(rk)))]
     return build_history(instance, stored, read_steps(storage, rk) if steps is None else steps)

@@ -40,11 +40,15 @@ from actorflow.workflows.records import (
     INST,
     idx_iid,
     idx_key,
+    idx_order,
+    idx_parts,
     idx_prefix,
+    idx_workflow_after,
     ikey,
     load,
     queue_db,
     rkey,
+    split_idx_key,
 )
 
 if TYPE_CHECKING:
@@ -334,11 +338,10 @@ class Query:
         prefix = idx_prefix(workflow, status) if workflow is not None else b""
         rows = []
         for key, _ in self.storage.scan(IDX, prefix=prefix, keys_only=True):
-            wf_b, st_b, rest = key.split(b"\x00", 2)
-            st = st_b.decode()
+            wf, st, rest = idx_parts(key)
             if status is not None and st != status:
                 continue
-            rows.append((rest, wf_b.decode(), st))
+            rows.append((rest, wf, st))
         if status is not None and workflow is not None:
             rows = self._overlay_live(workflow, status, rows)
         rows.sort(key=lambda r: (r[0], r[1]))
@@ -368,8 +371,7 @@ class Query:
                 out.append(row)
         for iid, actor in live.items():
             if actor is not None and actor.public_status() == status:
-                key = idx_key(workflow, status, actor.record["created"], iid)
-                out.append((key.split(b"\x00", 2)[2], workflow, status))
+                out.append((idx_order(actor.record["created"], iid), workflow, status))
         return out
 
     def ids(
@@ -409,7 +411,7 @@ class Query:
             n = self.storage.get(IDS, ikey(workflow, cursor))
             raw = self.storage.get(INST, rkey(workflow, n)) if n is not None else None
             if raw is not None:  # the page starts after the cursor's place in the order
-                mark = idx_key(workflow, "", load(raw)["created"], cursor).split(b"\x00", 2)[2]
+                mark = idx_order(load(raw)["created"], cursor)
                 rows = [r for r in rows if r[0] > mark]
         ids = [idx_iid(r[0]) for r in rows]
         return ids if limit is None else ids[:limit]
@@ -471,9 +473,9 @@ class Query:
             found = self.storage.first(IDX, after=after)
             if found is None:
                 return names
-            wf = found[0].split(b"\x00", 1)[0]
-            names.append(wf.decode())
-            after = wf + b"\x01"  # past every key of this workflow: they go on with \x00
+            wf = split_idx_key(found[0])[0]
+            names.append(wf)
+            after = idx_workflow_after(wf)
 
     def counts(self, workflow: str) -> dict[str, int]:
         """How many of a workflow's instances are in each status (zeros included).

@@ -79,7 +79,11 @@ __all__ = [
     "epoch_bytes",
     "event_key",
     "hist_key",
+    "hist_prefix",
     "idx_key",
+    "idx_order",
+    "idx_parts",
+    "idx_workflow_after",
     "ikey",
     "is_poke",
     "load",
@@ -306,6 +310,11 @@ def events_prefix(rk: bytes, event_type: str | None = None) -> bytes:
     return rk + b"\x00" + event_type.encode() + b"\x00"
 
 
+def hist_prefix(rk: bytes) -> bytes:
+    """Returns the prefix of an instance's history events."""
+    return rk + b"\x00"
+
+
 def hist_key(rk: bytes, seq: int) -> bytes:
     """Returns the key of an instance-level history event."""
     return rk + b"\x00" + _U64.pack(seq)
@@ -329,9 +338,29 @@ def split_idx_key(key: bytes) -> tuple[str, str]:
     return wf.decode(), status.decode()
 
 
+def idx_parts(key: bytes) -> tuple[str, str, bytes]:
+    """``(workflow, status, order)`` of a status-index key.
+
+    ``order`` (the inverted creation time, then the id) sorts the instances
+    of any status newest first.
+    """
+    wf, status, order = key.split(b"\x00", 2)
+    return wf.decode(), status.decode(), order
+
+
+def idx_order(created_ms: int, iid: str) -> bytes:
+    """The ``order`` part of an instance's status-index keys (see :func:`idx_parts`)."""
+    return _U64.pack(2**63 - created_ms) + b"\x00" + iid.encode()
+
+
+def idx_workflow_after(wf: str) -> bytes:
+    """A key past every status-index key of workflow ``wf``."""
+    return wf.encode() + b"\x01"
+
+
 def idx_key(wf: str, status: str, created_ms: int, iid: str) -> bytes:
     """Returns the status-index key of an instance (newest first within a status)."""
-    return f"{wf}\x00{status}\x00".encode() + _U64.pack(2**63 - created_ms) + b"\x00" + iid.encode()
+    return f"{wf}\x00{status}\x00".encode() + idx_order(created_ms, iid)
 
 
 def idx_prefix(wf: str, status: str | None = None) -> bytes:
