@@ -34,7 +34,7 @@ from actorflow.core.errors import InstanceNotFound, RecordFormatError
 from actorflow.workflows.definition import ACTIVE, Status
 from actorflow.workflows.records import IDX, idx_iid, idx_prefix, split_ikey
 from actorflow.workflows.supervisor.delivery import TimerDelivery
-from actorflow.workflows.supervisor.live import LiveTable
+from actorflow.workflows.supervisor.live import LiveTable, log_damaged
 from actorflow.workflows.supervisor.restarts import Restarts
 from actorflow.workflows.supervisor.slots import Slots
 from actorflow.workflows.supervisor.watchers import Watchers
@@ -180,13 +180,7 @@ class Supervisor:
                 except RecordFormatError as e:
                     # A damaged record: that instance stays where it is (its calls
                     # raise the same error); the others of the workflow resume.
-                    log.error(
-                        "workflow %r, instance %r: %s",
-                        wfe.name,
-                        iid,
-                        e,
-                        extra={"workflow": wfe.name, "instance": iid},
-                    )
+                    log_damaged(wfe.name, iid, e)
                     continue
                 if actor.running() or actor.woken:
                     continue

@@ -125,13 +125,7 @@ class LiveTable:
                         actor = self._activate(wfe, iid, ik, rk, raw)
                     except RecordFormatError as e:
                         # One damaged record must not hold up the others of the burst.
-                        log.error(
-                            "workflow %r, instance %r: %s",
-                            wfe.name,
-                            iid,
-                            e,
-                            extra={"workflow": wfe.name, "instance": iid},
-                        )
+                        log_damaged(wfe.name, iid, e)
                         continue
                 out[i] = actor
         return out
@@ -159,3 +153,14 @@ class LiveTable:
             except pykka.ActorDeadError:
                 continue  # evicted before it took the message: it never ran
         raise ActorflowError(f"workflow {wfe.name!r}, instance {iid!r}: actor kept stopping")
+
+
+def log_damaged(workflow: str, iid: str, err: RecordFormatError) -> None:
+    """Logs an instance left where it is because its record is damaged."""
+    log.error(
+        "workflow %r, instance %r: %s",
+        workflow,
+        iid,
+        err,
+        extra={"workflow": workflow, "instance": iid},
+    )
