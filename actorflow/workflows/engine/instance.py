@@ -73,6 +73,7 @@ from actorflow.workflows.records import (
 )
 
 if TYPE_CHECKING:
+    from actorflow.cluster.lease import NodeLease
     from actorflow.workflows.engine.context import WorkflowEngine
 
 __all__ = ["HANDLERS", "InstanceActor"]
@@ -324,13 +325,7 @@ class InstanceActor(PooledActor):
                 raise
             # The epoch moved under this actor: another node took the instance over.
             self.owned = False
-            if not node.confirm_live():
-                raise lease_lost(node.node_id, self.where) from None
-            raise InvalidInstanceState(
-                f"{self.where}: it moved to another node meanwhile; try again",
-                workflow=self.wfe.name,
-                instance=self.iid,
-            ) from None
+            raise self._moved(node) from None
         self.committed()
         if new_epoch:
             self.epoch += 1
@@ -754,6 +749,16 @@ class InstanceActor(PooledActor):
             self.wfe.router.note_wake()
             self.ctx.supervisor.slots.kick()
 
+    def _moved(self, node: NodeLease) -> ActorflowError:
+        """The error of a write refused because the instance's epoch moved (multi-node)."""
+        if not node.confirm_live():
+            return lease_lost(node.node_id, self.where)
+        return InvalidInstanceState(
+            f"{self.where}: it moved to another node meanwhile; try again",
+            workflow=self.wfe.name,
+            instance=self.iid,
+        )
+
     async def take_over(self) -> None:
         """Makes this node the owner (a control call through a node that does not own it).
 
@@ -784,13 +789,7 @@ class InstanceActor(PooledActor):
         try:
             await self.ctx.write(batch)
         except ConflictError:
-            if not node.confirm_live():
-                raise lease_lost(node.node_id, self.where) from None
-            raise InvalidInstanceState(
-                f"{self.where}: it moved to another node meanwhile; try again",
-                workflow=self.wfe.name,
-                instance=self.iid,
-            ) from None
+            raise self._moved(node) from None
         self.record, self.epoch = rec, new
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor
