@@ -426,19 +426,23 @@ def list_cmd(
     obj.emit(page, table)
 
 
+def _emit_fields(obj: _Ctx, doc: dict[str, Any], skip: tuple[Any, ...]) -> None:
+    """Prints a document as a field/value table (its JSON with ``--json``)."""
+    rows = [
+        [k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
+        for k, v in doc.items()
+        if not any(v == empty for empty in skip)
+    ]
+    obj.emit(doc, format_table(rows, ["field", "value"]))
+
+
 @cli.command()
 @click.argument("workflow")
 @click.argument("instance_id")
 @click.pass_obj
 def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
     """Show an instance's status, output and error."""
-    st = obj.target.status(workflow, instance_id)
-    rows = [
-        [k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
-        for k, v in st.items()
-        if v is not None
-    ]
-    obj.emit(st, format_table(rows, ["field", "value"]))
+    _emit_fields(obj, obj.target.status(workflow, instance_id), skip=(None,))
 
 
 @cli.command()
@@ -447,13 +451,7 @@ def status(obj: _Ctx, workflow: str, instance_id: str) -> None:
 @click.pass_obj
 def describe(obj: _Ctx, workflow: str, instance_id: str) -> None:
     """Describe an instance: status, times, params, output, error, waits and steps."""
-    d = obj.target.describe(workflow, instance_id)
-    rows = [
-        [k, json.dumps(_plain(v)) if not isinstance(v, str) else v]
-        for k, v in d.items()
-        if v not in (None, [])
-    ]
-    obj.emit(d, format_table(rows, ["field", "value"]))
+    _emit_fields(obj, obj.target.describe(workflow, instance_id), skip=(None, []))
 
 
 @cli.command()

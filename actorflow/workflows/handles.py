@@ -61,11 +61,13 @@ __all__ = ["Instance", "WorkflowBinding", "WorkflowModifier"]
 class Instance:
     """A handle on one workflow instance. Cheap to make; holds no resources."""
 
-    def __init__(self, binding: WorkflowBinding, instance_id: str) -> None:
+    def __init__(
+        self, binding: WorkflowBinding, instance_id: str, record_key: bytes | None = None
+    ) -> None:
         self._b = binding
         self._p = binding.parts
         self.id = instance_id
-        self._rkey: bytes | None = None
+        self._rkey = record_key
 
     def __repr__(self) -> str:
         return f"<Instance {self._b.name}/{self.id}>"
@@ -551,8 +553,9 @@ class WorkflowBinding:
         """Returns the instance ``id``; raises InstanceNotFound if there is none."""
         iid = validate_instance_id(id, self.name)
         parts = self.parts
-        parts.record(iid, parts.record_key(iid))  # raises InstanceNotFound
-        return Instance(self, iid)
+        rk = parts.record_key(iid)
+        parts.record(iid, rk)  # raises InstanceNotFound
+        return Instance(self, iid, rk)  # keeps the key: its later calls look up no id
 
     def list(
         self,
