@@ -1,4 +1,4 @@
-"""The runtime: one data directory, its storage, actors, timers and registry."""
+"""The runtime: one data directory (or database), its storage, actors, timers and registry."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from actorflow.core.clock import Clock, SystemClock
 from actorflow.core.datadir import DirectoryClaim, claim_directory, hold_shared
 from actorflow.core.errors import ActorflowError
 from actorflow.core.limits import Limits
-from actorflow.core.storage import Serializer, Storage
+from actorflow.core.storage import Serializer, Storage, is_database_url, open_storage
 from actorflow.core.timers import TimerService
 from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
 from actorflow.objects.storage import ALARM_KIND, split_alarm_target
@@ -58,7 +58,10 @@ class Runtime:
     timers and registry; nothing is shared between runtimes.
 
     Args:
-        data_dir: The data directory (one LMDB environment).
+        data_dir: Where the state lives: a data directory (one embedded LMDB
+            environment, the default), or a ``postgresql://`` URL (every record
+            in that PostgreSQL database; several nodes on any number of hosts
+            may share it, see docs/postgresql.md).
         limits: Flow-control limits (default :class:`Limits`).
         clock: The clock (default the system clock; tests pass a FakeClock).
         sync: fsync every commit (default True).
@@ -121,6 +124,7 @@ class Runtime:
         gc_threshold: tuple[int, int, int] | None = GC_THRESHOLD,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
+        self._on_database = is_database_url(self.data_dir)
         if gc_threshold is not None:
             _raise_gc_thresholds(gc_threshold)
         self.limits = limits or Limits()
@@ -128,17 +132,22 @@ class Runtime:
         self.idle_timeout = idle_timeout
         self.node_id = node_id or os.environ.get(NODE_ID_ENV) or None
         self._claim: DirectoryClaim | None = None
-        self._owner_fd = self._lock_owner()
-        try:
-            self.storage = Storage(
-                self.data_dir,
-                sync=sync,
-                serializer=serializer,
-                **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
-            )
-        except BaseException:
-            self._unlock()
-            raise
+        self._owner_fd = -1
+        self.storage: Storage
+        if self._on_database:
+            self.storage = self._open_database(serializer)
+        else:
+            self._owner_fd = self._lock_owner()
+            try:
+                self.storage = open_storage(
+                    self.data_dir,
+                    sync=sync,
+                    serializer=serializer,
+                    **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
+                )
+            except BaseException:
+                self._unlock()
+                raise
         self._commits = CommitMonitor(self.clock.now)
         self.storage.add_commit_observer(self._commits)
         self.timers = TimerService(self.storage, self.clock)
@@ -336,6 +345,18 @@ class Runtime:
             self._claim.release()
             self._claim = None
             raise
+
+    def _open_database(self, serializer: Serializer | None) -> Storage:
+        """Opens the PostgreSQL storage and claims it, as :meth:`_lock_owner` claims a directory."""
+        from actorflow.core.pg_backend import PostgresStorage  # psycopg: the postgres extra
+
+        storage = PostgresStorage(self.data_dir, serializer=serializer)
+        try:
+            storage.claim(self.node_id)
+        except BaseException:
+            storage.close()
+            raise
+        return storage
 
     def _unlock(self) -> None:
         """Releases what :meth:`_lock_owner` took."""

@@ -1,4 +1,9 @@
-"""Shared fixtures: a fake clock, a runtime on a fresh data directory, a journal.
+"""Shared fixtures: a fake clock, a runtime on a fresh location, a journal.
+
+The location is a fresh data directory, or with ``--backend=postgres`` a fresh
+schema of a PostgreSQL database (a server the run starts itself, or the one
+``ACTORFLOW_TEST_POSTGRES_URL`` names): the same suites run on both backends.
+Tests that look at a data directory's own files are marked ``lmdb_only``.
 
 Workflows under test get their journal through ``env`` (``rt.register(cls,
 env=journal)``), so step bodies can record that they ran without any
@@ -123,23 +128,56 @@ def journal() -> Iterator[Journal]:
     j.open_all()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        choices=["lmdb", "postgres"],
+        default="lmdb",
+        help="the storage backend of the location fixture (default lmdb)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--backend") != "postgres":
+        return
+    skip = pytest.mark.skip(reason="looks at a data directory's own files (LMDB backend only)")
+    for item in items:
+        if item.get_closest_marker("lmdb_only"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
-def rt(tmp_path: Path, clock: FakeClock, journal: Journal) -> Iterator[af.Runtime]:
-    """A runtime on ``tmp_path / "data"`` driven by the ``clock`` fixture; closed after the test."""
-    runtime = af.Runtime(tmp_path / "data", clock=clock)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend under test: ``lmdb`` or ``postgres``."""
+    return str(request.config.getoption("--backend"))
+
+
+@pytest.fixture
+def location(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> Iterator[str]:
+    """Where a test's runtime keeps its state: a fresh directory, or a fresh database schema."""
+    if backend == "lmdb":
+        yield str(tmp_path / "data")
+        return
+    yield request.getfixturevalue("pg_schema_url")
+
+
+@pytest.fixture
+def rt(location: str, clock: FakeClock, journal: Journal) -> Iterator[af.Runtime]:
+    """A runtime on the ``location`` fixture driven by the ``clock`` fixture; closed after the test."""
+    runtime = af.Runtime(location, clock=clock)
     yield runtime
     journal.open_all()
     runtime.close()
 
 
 @pytest.fixture
-def make_runtime(tmp_path: Path, clock: FakeClock, journal: Journal) -> Iterator[Any]:
-    """Builds runtimes (on ``tmp_path / "data"`` by default); all are closed after the test."""
+def make_runtime(location: str, clock: FakeClock, journal: Journal) -> Iterator[Any]:
+    """Builds runtimes (on the ``location`` fixture by default); all are closed after the test."""
     made: list[af.Runtime] = []
 
     def make(**kwargs: Any) -> af.Runtime:
         kwargs.setdefault("clock", clock)
-        runtime = af.Runtime(kwargs.pop("data_dir", tmp_path / "data"), **kwargs)
+        runtime = af.Runtime(kwargs.pop("data_dir", location), **kwargs)
         made.append(runtime)
         return runtime
 

@@ -58,7 +58,7 @@ from apps.chaos_app import STEPS as STEP_NAMES
 
 from actorflow.cluster.lease import NODES
 from actorflow.core.errors import ActorflowError, InstanceNotFound, InvalidInstanceState
-from actorflow.core.storage import Storage
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.testing import NodeProcess, NodeProcessError
 from actorflow.testkit.node import EXIT_LEASE_LOST
 from actorflow.workflows.records import load
@@ -524,7 +524,7 @@ def run_chaos(
 
 def wait_adopted(data: Path, nodes: set[str], timeout: float) -> None:
     """Waits until every disrupted node was adopted (the last ones may still be pending)."""
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         deadline = time.monotonic() + timeout
         while True:

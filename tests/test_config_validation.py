@@ -23,7 +23,8 @@ import actorflow as af
 from actorflow.cli import cli
 from actorflow.core import clock as clock_module
 from actorflow.core.clock import parse_duration_ms, to_datetime, to_epoch_ms
-from actorflow.core.storage import Storage, WriteBatch
+from actorflow.core.lmdb_backend import LmdbStorage
+from actorflow.core.storage import WriteBatch
 from actorflow.http import create_app
 from actorflow.testing import FakeClock
 from actorflow.workflows.records import STEPS, dump, load
@@ -237,7 +238,7 @@ def test_a_deadline_written_out_of_range_earlier_is_still_readable(
     data = tmp_path / "data"
     with af.Runtime(data, clock=clock) as rt:
         rt.register(Nap, name="nap").create(id="n1").wait_for_status("waiting")
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         [(key, raw)] = store.scan(STEPS)
         rec = load(raw)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import actorflow as af
-from actorflow.core.storage import Storage
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.workflows.records import DONE, IDS, STEPS, load
 
 APP = Path(__file__).parent / "apps" / "crash_app.py"
@@ -36,7 +36,7 @@ def journal_counts(path: Path) -> collections.Counter[tuple[str, str]]:
 
 
 def committed_steps(data_dir: Path) -> set[tuple[str, str]]:
-    store = Storage(data_dir)
+    store = LmdbStorage(data_dir)
     try:
         out = set()
         pre = b"crashflow\x00"

@@ -26,7 +26,8 @@ import pytest
 import actorflow as af
 import actorflow.runtime
 from actorflow.core.datadir import MARKER, RUNTIME_LOCK
-from actorflow.core.storage import Storage, WriteBatch
+from actorflow.core.lmdb_backend import LmdbStorage
+from actorflow.core.storage import WriteBatch
 from actorflow.runtime import OWNER_LOCK
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -199,7 +200,7 @@ def test_a_second_runtime_in_the_same_process_is_refused(tmp_path: Path) -> None
                 af.Runtime(data, node_id=node_id)
             assert err.value.path == str(data)  # type: ignore[attr-defined]
         with pytest.raises(af.DataDirectoryLocked, match="already open in this process"):
-            Storage(data)
+            LmdbStorage(data)
         assert not rt.closed
     with (
         af.Runtime(data, node_id="n1"),
@@ -308,7 +309,7 @@ def _scribbled(tmp_path: Path, *, lmdb_sees_it: bool) -> Path:
     on every lookup. Otherwise the page is left as the random bytes fell.
     """
     data = tmp_path / "scribbled"
-    store = Storage(data)
+    store = LmdbStorage(data)
     batch = WriteBatch()
     for i in range(_KEYS):
         batch.put("k", b"key-%05d" % i, b"v" * 200)
@@ -336,7 +337,8 @@ def _scribbled(tmp_path: Path, *, lmdb_sees_it: bool) -> Path:
 _VERIFY = """
 import json, sys, actorflow as af
 from actorflow.core.storage import Storage
-store = Storage(sys.argv[1])
+from actorflow.core.lmdb_backend import LmdbStorage
+store = LmdbStorage(sys.argv[1])
 try:
     store.verify()
     print(json.dumps({"ok": True}))
@@ -349,7 +351,8 @@ finally:
 _READ_ALL = """
 import json, sys, actorflow as af
 from actorflow.core.storage import Storage
-store = Storage(sys.argv[1])
+from actorflow.core.lmdb_backend import LmdbStorage
+store = LmdbStorage(sys.argv[1])
 ok = damaged = 0
 message = ""
 for i in range(int(sys.argv[2])):

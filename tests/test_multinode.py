@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from actorflow.cluster.lease import NODES, OWNER
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.core.storage import Storage
 from actorflow.testing import NodeProcess
 from actorflow.testkit.node import EXIT_LEASE_LOST
@@ -36,7 +37,7 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
 
 
 def read(data: Path, keyspace: str, key: bytes) -> bytes | None:
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         return store.get(keyspace, key)
     finally:
@@ -172,11 +173,12 @@ def _seed_instance(
 def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path) -> None:
     """In one process, on storage: an expired node's unfinished instances change hands."""
     from actorflow.cluster.lease import OWNED, NodeLease, owned_key
+    from actorflow.core.lmdb_backend import LmdbStorage
     from actorflow.core.storage import ConflictError, WriteBatch
     from actorflow.workflows.adoption import claimer_for
     from actorflow.workflows.records import FENCE, INST, epoch_bytes
 
-    store = Storage(tmp_path / "data")
+    store = LmdbStorage(tmp_path / "data")
     try:
         old = NodeLease(store, "old", timeout=0.05)
         assert old.join() == 0
@@ -228,7 +230,7 @@ def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: 
     from actorflow.cluster.lease import NodeLease
     from actorflow.workflows.adoption import claimer_for
 
-    store = Storage(tmp_path / "data")
+    store = LmdbStorage(tmp_path / "data")
     try:
         a = NodeLease(store, "a", timeout=60)
         a.join()

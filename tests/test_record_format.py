@@ -25,6 +25,7 @@ import pytest
 import actorflow as af
 from actorflow.cluster.lease import NODES, OWNER
 from actorflow.core.errors import RecordFormatError
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.core.storage import Storage, WriteBatch
 from actorflow.workflows.records import (
     EVENTS,
@@ -124,7 +125,7 @@ def _assert_refused(res: subprocess.CompletedProcess[str], marker: Path) -> None
 
 def _overwrite(data: Path, target: str, marker: Path) -> None:
     """Replaces one engine record of ``data`` with a crafted pickle."""
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         if target == "nodes":
             key, ks = b"n1", NODES
@@ -289,7 +290,7 @@ def test_what_is_not_a_record_is_refused_by_name() -> None:
 
 
 def test_every_engine_record_of_a_directory_round_trips(template: Path) -> None:
-    store = Storage(template)
+    store = LmdbStorage(template)
     try:
         seen = 0
         for ks in ENGINE_KEYSPACES:
@@ -340,7 +341,7 @@ def test_values_of_every_builtin_kind_round_trip() -> None:
 def _to_old_format(data: Path) -> int:
     """Rewrites every engine record of ``data`` as the earlier versions wrote it:
     a protocol-5 pickle, with tuples where they had tuples."""
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         batch, n = WriteBatch(), 0
         for ks in ENGINE_KEYSPACES:
@@ -423,7 +424,7 @@ def test_one_damaged_record_does_not_hold_up_the_others(tmp_path: Path) -> None:
         # "running" when the process went: recovery must read it at register time.
         bad_running = wf.create(id="r", params="r")
         bad_running.wait_for_status("waiting")
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         for iid in ("n1", "r"):
             n = store.get(IDS, ikey("naps", iid))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import actorflow as af
-from actorflow.core.storage import Storage
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.workflows.engine.creation import RecordNumbers
 from actorflow.workflows.records import EVENTS, FENCE, HIST, IDS, INST, STEPS, ikey, load, rkey
 
@@ -57,7 +57,7 @@ def test_every_record_of_an_instance_is_under_its_record_key(rt: af.Runtime) -> 
 
 
 def test_record_numbers_are_unique_across_numberers_and_reopens(tmp_path: Path) -> None:
-    store = Storage(tmp_path / "data")
+    store = LmdbStorage(tmp_path / "data")
     try:
         a, b = RecordNumbers(store), RecordNumbers(store)  # as two processes would
         a.BLOCK = b.BLOCK = 8  # type: ignore[misc]
@@ -68,7 +68,7 @@ def test_record_numbers_are_unique_across_numberers_and_reopens(tmp_path: Path) 
         last = max(seen)
     finally:
         store.close()
-    store = Storage(tmp_path / "data")
+    store = LmdbStorage(tmp_path / "data")
     try:
         assert RecordNumbers(store).take() > last  # a reopened data dir goes on after them
     finally:
@@ -76,7 +76,7 @@ def test_record_numbers_are_unique_across_numberers_and_reopens(tmp_path: Path) 
 
 
 def test_numbers_taken_by_threads_increase_within_each_thread(tmp_path: Path) -> None:
-    store = Storage(tmp_path / "data")
+    store = LmdbStorage(tmp_path / "data")
     try:
         nums = RecordNumbers(store)
 

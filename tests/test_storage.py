@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actorflow.core.errors import LimitExceeded, SerializationError, StorageError
+from actorflow.core.lmdb_backend import LmdbStorage
 from actorflow.core.storage import (
     Chain,
     ConflictError,
@@ -41,7 +42,7 @@ def sync(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture
 def store(tmp_path: Any, sync: bool) -> Iterator[Storage]:
-    s = Storage(tmp_path / "db", sync=sync)
+    s = LmdbStorage(tmp_path / "db", sync=sync)
     yield s
     s.close()
 
@@ -226,7 +227,7 @@ VALUES: list[Any] = [0, -7, 3.5, "", "héllo", [1, [2, "x"]], {"a": {"b": None}}
 def test_serializer_round_trip_through_storage(
     tmp_path: Any, sync: bool, serializer: Serializer
 ) -> None:
-    s = Storage(tmp_path / "db", sync=sync, serializer=serializer)
+    s = LmdbStorage(tmp_path / "db", sync=sync, serializer=serializer)
     try:
         assert s.serializer is serializer
         batch = WriteBatch()
@@ -464,7 +465,7 @@ def test_after_batch_hook_runs_after_each_group(store: Storage) -> None:
 
 
 def test_map_grows_instead_of_failing(tmp_path: Any, sync: bool) -> None:
-    s = Storage(tmp_path / "db", sync=sync, map_size=64 * 1024)
+    s = LmdbStorage(tmp_path / "db", sync=sync, map_size=64 * 1024)
     stop = threading.Event()
     read_errors: list[BaseException] = []
 
@@ -500,8 +501,9 @@ def test_map_grows_instead_of_failing(tmp_path: Any, sync: bool) -> None:
 
 DEADLOCK_SCRIPT = """
 import sys, threading, time
-from actorflow.core.storage import Storage, WriteBatch
-store = Storage(sys.argv[1], sync=SYNC)
+from actorflow.core.storage import WriteBatch
+from actorflow.core.lmdb_backend import LmdbStorage
+store = LmdbStorage(sys.argv[1], sync=SYNC)
 gate = threading.Event()
 store.set_fault(lambda batch: gate.wait(5))
 store.submit(WriteBatch().put("data", b"held", b"1"))
@@ -620,7 +622,7 @@ def test_a_failed_batch_fails_the_rest_of_its_chain(store: Storage) -> None:
 
 
 def test_reopen_keeps_data_and_close_is_idempotent(tmp_path: Any, sync: bool) -> None:
-    s = Storage(tmp_path / "db", sync=sync)
+    s = LmdbStorage(tmp_path / "db", sync=sync)
     s.write(WriteBatch().put(KS, b"k", b"v"))
     s.close()
     s.close()
@@ -628,7 +630,7 @@ def test_reopen_keeps_data_and_close_is_idempotent(tmp_path: Any, sync: bool) ->
         s.get(KS, b"k")
     with pytest.raises(StorageError, match="closed"):
         s.submit(WriteBatch().put(KS, b"k2", b"v"))
-    s2 = Storage(tmp_path / "db", sync=sync)
+    s2 = LmdbStorage(tmp_path / "db", sync=sync)
     try:
         assert s2.get(KS, b"k") == b"v"
     finally:
@@ -636,11 +638,11 @@ def test_reopen_keeps_data_and_close_is_idempotent(tmp_path: Any, sync: bool) ->
 
 
 def test_close_flushes_queued_batches(tmp_path: Any, sync: bool) -> None:
-    s = Storage(tmp_path / "db", sync=sync)
+    s = LmdbStorage(tmp_path / "db", sync=sync)
     for i in range(500):
         s.submit(WriteBatch().put(KS, b"%04d" % i, b"v"))
     s.close()
-    s2 = Storage(tmp_path / "db", sync=sync)
+    s2 = LmdbStorage(tmp_path / "db", sync=sync)
     try:
         assert s2.count(KS) == 500
     finally:

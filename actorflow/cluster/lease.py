@@ -43,7 +43,7 @@ from typing import Any
 
 from actorflow.core.clock import SystemClock
 from actorflow.core.codec import dump, load
-from actorflow.core.errors import LeaseLost
+from actorflow.core.errors import LeaseLost, StorageError
 from actorflow.core.storage import ConflictError, Storage, WriteBatch
 
 __all__ = [
@@ -130,6 +130,9 @@ class NodeLease:
         self._live_key = _LIVE_KEY + self._key
         self._token: bytes | None = None
         self._last: bytes | None = None
+        # Records whose write timed out: they may still land (storage keeps a
+        # queued batch until it commits, over a database outage too).
+        self._unconfirmed: dict[bytes, dict[str, Any]] = {}
         self.record: dict[str, Any] = {}
         self.lost = False
         self._lose_lock = threading.Lock()
@@ -315,8 +318,29 @@ class NodeLease:
         batch = WriteBatch().guard(NODES, self._key, self._last).put(NODES, self._key, data)
         if leaving:
             batch.delete(NODES, self._live_key)
-        self.storage.write(batch, timeout=max(self.timeout, 10.0))
+        try:
+            self.storage.write(batch, timeout=max(self.timeout, 10.0))
+        except StorageError as exc:
+            if getattr(exc, "pending", False):
+                self._unconfirmed[data] = rec
+            raise
         self._last, self.record = data, rec
+        self._unconfirmed.clear()
+
+    def _landed_late(self) -> bool:
+        """True if the record a guard missed is one of ours whose write had timed out.
+
+        Then it is the last record written, and the lease was never taken over.
+        """
+        if not self._unconfirmed:
+            return False
+        raw = self.storage.get(NODES, self._key)
+        rec = self._unconfirmed.get(raw) if raw is not None else None
+        if rec is None:
+            return False
+        self._last, self.record = raw, rec
+        self._unconfirmed.clear()
+        return True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period):
@@ -339,7 +363,8 @@ class NodeLease:
             self._write_own(dict(self.record, hb=self.now_ms()))
             self._beats += 1
         except ConflictError:
-            self._lose()
+            if not self._landed_late():
+                self._lose()
 
     def _lose(self) -> None:
         with self._lose_lock:

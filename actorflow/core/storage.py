@@ -1,6 +1,10 @@
-"""Durable storage: one LMDB environment per data directory, with group commit.
+"""Durable storage: the contract every backend keeps, and its group commit.
 
-The storage contract, method by method:
+A :class:`Storage` is a set of named keyspaces of byte keys and byte values,
+ordered bytewise. Two backends implement it: the embedded LMDB data directory
+(:mod:`actorflow.core.lmdb_backend`, the default) and a PostgreSQL database
+(:mod:`actorflow.core.pg_backend`); :func:`open_storage` picks one from a
+location. The contract, method by method:
 
 * :meth:`Storage.get`, :meth:`Storage.get_many`, :meth:`Storage.scan`,
   :meth:`Storage.scan_prefixes` (several keyspaces, one snapshot) and
@@ -8,9 +12,9 @@ The storage contract, method by method:
   that is not yet durable, and they never block writers.
 * :meth:`Storage.submit` queues a :class:`WriteBatch`. The batch is applied
   atomically (all of its operations or none), in submission order relative to
-  every other batch, and its callback runs only once the batch is durable
-  (fsync'd when ``sync=True``) or has definitely failed. Many batches share
-  one LMDB write transaction and one fsync: this is the group commit.
+  every other batch, and its callback runs only once the batch is durable or
+  has definitely failed. Many batches share one transaction and one commit:
+  this is the group commit, run by one writer thread per storage.
 * A batch may carry *guards*: ``(keyspace, key, expected)`` triples checked
   inside the write transaction. If one does not hold, none of the batch is
   applied and the callback gets :class:`ConflictError`. The engine uses this
@@ -25,55 +29,33 @@ The storage contract, method by method:
   serialization happens in the caller's thread, so an unserializable value
   raises :class:`~actorflow.core.errors.SerializationError` before anything is
   queued, and nothing is written.
-* When the memory map is full it is doubled and the batch retried; callers
-  never see ``MapFullError``.
 
-A :class:`Storage` must not be used in a process forked from the one that
-opened it (LMDB forbids it); doing so raises :class:`StorageError`.
-
-Damage and a full disk get named errors (see :mod:`actorflow.core.datadir` for the
-checks made before LMDB maps the files):
-
-* Opening refuses a data directory whose data file is truncated, whose meta
-  pages are damaged, or which held data and lost its data file
-  (:class:`~actorflow.core.errors.StorageCorrupted`), and one on a full disk
-  (:class:`~actorflow.core.errors.StorageFull`), instead of the process dying of
-  SIGBUS or opening empty.
-* A read or a write that meets a page LMDB finds damaged raises (or fails its
-  batch with) :class:`~actorflow.core.errors.StorageCorrupted`; a write that finds
-  the disk full fails with :class:`~actorflow.core.errors.StorageFull`.
-* :meth:`Storage.verify` checks the whole file.
+The layers above never build a backend's own structures (LMDB databases, SQL):
+they speak in keyspaces, keys, batches and scans, and one test suite runs
+against both backends.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import lmdb
-
-from actorflow.core import datadir
-from actorflow.core.errors import (
-    DataDirectoryLocked,
-    LimitExceeded,
-    StorageCorrupted,
-    StorageError,
-    StorageFull,
-)
+from actorflow.core.errors import LimitExceeded, StorageError
 from actorflow.core.serializers import JsonSerializer, PickleSerializer, Serializer
 
 # The serializers live in their own module; they are exported here too,
 # beside the Storage that takes them.
 __all__ = [
+    "DELETE",
+    "DELETE_PREFIX",
     "MAX_KEY_BYTES",
+    "PUT",
     "Chain",
     "ConflictError",
     "JsonSerializer",
@@ -81,17 +63,19 @@ __all__ = [
     "Serializer",
     "Storage",
     "WriteBatch",
+    "is_database_url",
     "join_key",
+    "open_storage",
+    "prefix_end",
 ]
 
 log = logging.getLogger("actorflow.storage")
 
-_STOP = object()
+STOP = object()
 Callback = Callable[[BaseException | None], None]
+Item = tuple["WriteBatch", Callback | None]
 #: observer(items, results, seconds, txn_id) of a group commit (writer thread).
-CommitObserver = Callable[
-    [list[tuple["WriteBatch", Callback | None]], list[BaseException | None], float, int], None
-]
+CommitObserver = Callable[[list[Item], list[BaseException | None], float, int], None]
 
 
 # -- write batches: the unit of an atomic, durable write ------------------------------
@@ -101,9 +85,11 @@ CommitObserver = Callable[
 # caller's thread, so that a bad key fails its caller and not the group commit
 # it would have joined.
 
-MAX_KEY_BYTES = 511  # LMDB's compiled-in key size limit
-# Operation codes of WriteBatch.ops.
-_PUT, _DELETE, _DELETE_PREFIX = 0, 1, 2
+#: LMDB's compiled-in key size limit, kept by every backend so that data moves
+#: between them unchanged.
+MAX_KEY_BYTES = 511
+#: Operation codes of WriteBatch.ops.
+PUT, DELETE, DELETE_PREFIX = 0, 1, 2
 
 
 def _check_key(key: bytes) -> None:
@@ -158,24 +144,24 @@ class WriteBatch:
         """Sets ``key`` to ``value`` in ``keyspace``.
 
         Raises:
-            LimitExceeded: The key is longer than LMDB allows.
+            LimitExceeded: The key is longer than :data:`MAX_KEY_BYTES`.
             ValueError: The key is empty.
         """
         if not key or len(key) > MAX_KEY_BYTES:  # the common case skips a call
             _check_key(key)
-        self.ops.append((_PUT, keyspace, key, value))
+        self.ops.append((PUT, keyspace, key, value))
         return self
 
     def delete(self, keyspace: str, key: bytes) -> WriteBatch:
         """Removes ``key`` (a no-op if it is absent)."""
         if not key or len(key) > MAX_KEY_BYTES:
             _check_key(key)
-        self.ops.append((_DELETE, keyspace, key, None))
+        self.ops.append((DELETE, keyspace, key, None))
         return self
 
     def delete_prefix(self, keyspace: str, prefix: bytes) -> WriteBatch:
         """Removes every key that starts with ``prefix``."""
-        self.ops.append((_DELETE_PREFIX, keyspace, prefix, None))
+        self.ops.append((DELETE_PREFIX, keyspace, prefix, None))
         return self
 
     def guard(self, keyspace: str, key: bytes, expected: bytes | None) -> WriteBatch:
@@ -200,141 +186,71 @@ class ConflictError(StorageError):
     """A guard of a write batch did not hold; nothing of the batch was written."""
 
 
-#: LMDB's errors that mean the data file is damaged. A transaction that met a
-#: damaged page is left invalid, so BadTxnError comes after one of the others.
-_DAMAGED: tuple[type[BaseException], ...] = (
-    lmdb.CorruptedError,
-    lmdb.PageNotFoundError,
-    lmdb.InvalidError,
-    lmdb.PanicError,
-    lmdb.BadTxnError,
-)
-#: The most readers at once; the lock file is preallocated for them.
-MAX_READERS = 2048
-
-
 def join_key(*parts: str) -> bytes:
     """Builds a key from parts separated by NUL, so that prefixes never collide."""
     return "\x00".join(parts).encode()
 
 
-class _ReadGate:
-    """Keeps readers out while the map is resized, without a lock per read.
+def prefix_end(prefix: bytes) -> bytes | None:
+    """Returns the smallest key greater than every key with ``prefix``."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return None
 
-    Each reading thread owns a one-element list, its *slot*, set while it
-    reads. A reader raises its slot, then checks the ``closed`` flag; the
-    resizer sets the flag, then waits until every slot is down. Under the
-    GIL these plain loads and stores are sequentially consistent, so either
-    the reader sees the flag (and backs off) or the resizer sees the slot
-    (and waits). Resizing is rare; reads are the hot path.
+
+class Control:
+    """Work for the writer thread between two group commits (no transaction open).
+
+    A backend queues one to do what must not race a commit; ``done`` is set
+    once it ran, or once the storage closed without running it.
     """
 
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._slots: list[list[bool]] = []
-        self._cond = threading.Condition()
-        self.closed = False
+    __slots__ = ("call", "done", "error")
 
-    def enter(self) -> list[bool]:
-        """Waits until reads are allowed; returns the slot to lower when done."""
-        try:
-            slot: list[bool] = self._local.slot
-        except AttributeError:
-            slot = self._local.slot = [False]
-            with self._cond:
-                self._slots.append(slot)
-        while True:
-            slot[0] = True
-            if not self.closed:
-                return slot
-            slot[0] = False
-            with self._cond:
-                while self.closed:
-                    self._cond.wait()
-
-    def close(self) -> None:
-        """Stops new reads and waits for those in progress to end."""
-        with self._cond:
-            self.closed = True
-            slots = list(self._slots)
-        delay = 0.0001
-        while any(s[0] for s in slots):
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
-
-    def open(self) -> None:
-        """Lets reads in again."""
-        with self._cond:
-            self.closed = False
-            self._cond.notify_all()
-
-
-class _OpenDb:
-    """A request to the writer thread to open a named database, or to run ``call``.
-
-    Either runs between two group commits, with no write transaction open.
-    """
-
-    __slots__ = ("call", "error", "name", "opened")
-
-    def __init__(
-        self, name: str, opened: threading.Event, call: Callable[[], None] | None = None
-    ) -> None:
-        self.name = name
-        self.opened = opened
+    def __init__(self, call: Callable[[], None]) -> None:
         self.call = call
-        self.error: StorageError | None = None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
-    def run(self, open_db: Callable[[str], Any]) -> None:
-        """Runs on the writer thread: ``call``, or ``open_db(name)``."""
-        if self.call is not None:
-            self.call()  # sets ``opened`` itself
-            return
+    def run(self) -> None:
+        """Runs ``call`` on the writer thread, keeping what it raised for the waiter."""
         try:
-            open_db(self.name)
-        except StorageError as exc:  # a full disk: the waiter raises it
+            self.call()
+        except BaseException as exc:
             self.error = exc
         finally:
-            self.opened.set()
+            self.done.set()
 
 
-class Storage:
-    """One LMDB environment with named keyspaces and a group-commit writer thread.
+class Storage(ABC):
+    """Named keyspaces with group-committed, guarded write batches (see the module doc).
+
+    This class owns the writer thread, its queue and its hooks; a backend
+    implements the reads, :meth:`_transact` (one group in one transaction)
+    and :meth:`_close_backend`.
 
     Args:
-        path: The data directory (created if missing).
-        sync: fsync every commit. Turning it off trades durability for speed.
-        map_size: The initial size of the memory map; it doubles when full.
+        location: Where the data lives (a directory or a database URL), for messages.
         max_batch: The most write batches folded into one transaction.
         serializer: The default value serializer for layers above.
     """
 
+    #: The backend's name, for messages and metrics: ``"lmdb"`` or ``"postgresql"``.
+    backend = ""
+
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        location: str,
         *,
-        sync: bool = True,
-        map_size: int = 1 << 30,
         max_batch: int = 4096,
         serializer: Serializer | None = None,
     ) -> None:
-        self.path = os.fspath(path)
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as exc:
-            raise datadir.disk_error(self.path, "creating the directory", exc) from exc
+        self.path = location
         self.serializer: Serializer = serializer or PickleSerializer()
-        self._pid = os.getpid()
-        # Set in a forked child: cheaper than a getpid() system call per read.
-        self._forked = False
-        self._damage_logged = False
-        self._env = self._open(map_size, sync)
-        os.register_at_fork(
-            after_in_child=functools.partial(_call_alive, weakref.WeakMethod(self._mark_forked))
-        )
-        self._dbs: dict[str, Any] = {}
-        self._db_lock = threading.Lock()
-        self._gate = _ReadGate()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._after_batch: list[Callable[[], None]] = []
@@ -346,237 +262,22 @@ class Storage:
         self.batches = 0
         self.commit_seconds = 0.0
         self._writer = threading.Thread(target=self._run, name="actorflow-writer", daemon=True)
+
+    def _start_writer(self) -> None:
+        """Starts the writer thread; a backend calls it once it is open."""
         self._writer.start()
 
-    def _open(self, map_size: int, sync: bool) -> Any:
-        """Opens the LMDB environment, after the checks LMDB does not make itself."""
-        new = datadir.check_data_file(self.path)
-        datadir.preallocate_lock_file(self.path, MAX_READERS)
-        try:
-            env = lmdb.open(
-                self.path,
-                map_size=map_size,
-                max_dbs=256,
-                max_readers=MAX_READERS,
-                sync=sync,
-                metasync=sync,
-                readahead=False,
-            )
-        except lmdb.Error as exc:
-            if "already open in this process" in str(exc):
-                raise DataDirectoryLocked(
-                    f"data directory {self.path} is already open in this process (pid "
-                    f"{os.getpid()}): close the Runtime or Storage that has it open first; "
-                    "one process opens a data directory once (nodes sharing a directory run "
-                    "in separate processes)",
-                    path=self.path,
-                    pid=os.getpid(),
-                ) from None
-            if new:
-                # A data file LMDB began (a full disk, say) holds nothing: without
-                # it, the next open starts afresh instead of finding it damaged.
-                try:
-                    os.unlink(os.path.join(self.path, datadir.DATA_FILE))
-                except OSError:
-                    pass
-            raise self._failure(exc, "opening the data file") from exc
-        if not os.path.exists(os.path.join(self.path, datadir.MARKER)):
-            try:
-                env.sync(True)  # the data file's meta pages are durable before the marker
-                datadir.mark(self.path)
-            except BaseException as exc:
-                env.close()
-                if isinstance(exc, lmdb.Error):
-                    raise self._failure(exc, "opening the data file") from exc
-                raise
-        return env
+    # -- reads: each backend's own ------------------------------------------
 
-    def _failure(self, exc: BaseException, doing: str) -> StorageError:
-        """The named error for an LMDB error met while ``doing`` something."""
-        if isinstance(exc, _DAMAGED):
-            err: StorageError = StorageCorrupted(
-                f"the data file of {self.path} is damaged ({doing}: {exc}). Stop the "
-                "process, check it with Storage.verify() and restore the directory from a "
-                "backup",
-                path=self.path,
-            )
-            if not self._logged_damage():
-                log.error("%s", err)
-            return err
-        if isinstance(exc, lmdb.DiskError):
-            return StorageFull(
-                f"the disk holding data directory {self.path} is full ({doing}: {exc}); "
-                "nothing was written. Free some space and retry",
-                path=self.path,
-            )
-        return StorageError(f"data directory {self.path}: {doing} failed: {exc}", path=self.path)
-
-    def _logged_damage(self) -> bool:
-        """True if damage was logged already (once per storage is enough); marks it logged."""
-        seen, self._damage_logged = self._damage_logged, True
-        return seen
-
-    def verify(self) -> None:
-        """Checks every page of the data file; raises what is damaged.
-
-        Uses py-lmdb's structural verifier (``lmdb.verify``, py-lmdb 3.0 or
-        later), which reads the file without mapping it: damage is an error,
-        never a crash. It runs on the writer thread inside a write transaction
-        that writes nothing, so that no commit, of this process or another,
-        changes the file meanwhile: writes wait for it (about a second per
-        300 MB of data file).
-
-        Raises:
-            StorageCorrupted: Naming the directory and the first problems found.
-            StorageError: py-lmdb is older than 3.0.
-        """
-        self._check_pid()
-        result: list[BaseException | None] = [None]
-        done = threading.Event()
-
-        def check() -> None:
-            try:
-                self._verify_now()
-            except BaseException as exc:
-                result[0] = exc
-            finally:
-                done.set()
-
-        if self._writer.is_alive():
-            self._queue.put(_OpenDb("", done, check))
-            done.wait()
-        else:
-            check()
-        if result[0] is not None:
-            raise result[0]
-
-    def _verify_now(self) -> None:
-        try:
-            from lmdb import verify as lmdb_verify
-        except ImportError:
-            raise StorageError(
-                f"cannot verify {self.path}: Storage.verify() needs py-lmdb 3.0 or later "
-                f"(installed: {lmdb.__version__})",
-                path=self.path,
-            ) from None
-        try:
-            txn = self._env.begin(write=True)
-            try:
-                problems = lmdb_verify.verify(self.path)
-            except lmdb_verify.VerifyError as exc:
-                problems = [str(exc)]
-            finally:
-                txn.abort()
-        except lmdb.Error as exc:
-            raise self._failure(exc, "verifying it") from exc
-        if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            err = StorageCorrupted(
-                f"the data file of {self.path} is damaged: {'; '.join(problems[:5])}{more}. "
-                "Restore the directory from a backup",
-                path=self.path,
-                problems=problems,
-            )
-            if not self._logged_damage():
-                log.error("%s", err)
-            raise err
-
-    # -- keyspaces ---------------------------------------------------------
-
-    def _db(self, name: str) -> Any:
-        db = self._dbs.get(name)
-        if db is not None:
-            return db
-        if threading.current_thread() is self._writer or not self._writer.is_alive():
-            return self._open_db(name)
-        # Opening a named database takes LMDB's write lock, and py-lmdb waits
-        # for it holding the GIL: from any thread but the writer, that
-        # deadlocks against a group commit in progress. The writer opens it
-        # between two transactions instead.
-        opened = threading.Event()
-        request = _OpenDb(name, opened)
-        self._queue.put(request)
-        opened.wait()
-        if request.error is not None:
-            raise request.error
-        db = self._dbs.get(name)
-        if db is None:  # close() released us: the writer had stopped
-            raise StorageError(f"storage at {self.path} is closed")
-        return db
-
-    def _mark_forked(self) -> None:
-        # In a child process after fork(): the environment is the parent's.
-        self._forked = True
-
-    def _open_db(self, name: str) -> Any:
-        with self._db_lock:
-            db = self._dbs.get(name)
-            if db is None:
-                try:
-                    db = self._env.open_db(name.encode())
-                except lmdb.Error as exc:  # creating it is a commit: the disk may be full
-                    raise self._failure(exc, f"opening keyspace {name!r}") from exc
-                self._dbs[name] = db
-        return db
-
-    # -- reads ---------------------------------------------------------------
-
-    def _check_pid(self) -> None:
-        if not (self._forked or self._closed):
-            return
-        if self._forked:
-            raise StorageError(
-                f"storage at {self.path} was opened in process {self._pid} and cannot be "
-                "used after fork(); open a new Runtime in the child"
-            )
-        if self._closed:
-            raise StorageError(f"storage at {self.path} is closed")
-
-    def _enter(self, keyspace: str) -> tuple[Any, list[bool]]:
-        """Checks the storage is usable here; returns the keyspace's db and a read slot.
-
-        The caller must set ``slot[0] = False`` when its read transaction ends.
-        """
-        self._check_pid()
-        db = self._dbs.get(keyspace)
-        if db is None:
-            db = self._db(keyspace)
-        return db, self._gate.enter()
-
-    @contextmanager
-    def _read(self, keyspace: str) -> Iterator[Any]:
-        db, slot = self._enter(keyspace)
-        try:
-            with self._env.begin(db=db, buffers=False) as txn:
-                yield txn
-        except _DAMAGED as exc:
-            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
-        finally:
-            slot[0] = False
-
+    @abstractmethod
     def get(self, keyspace: str, key: bytes) -> bytes | None:
         """Returns the committed value of ``key``, or None."""
-        # The hottest read: _read() inlined, without its generator.
-        db, slot = self._enter(keyspace)
-        try:
-            with self._env.begin(db=db, buffers=False) as txn:
-                value: bytes | None = txn.get(key)
-                return value
-        except _DAMAGED as exc:
-            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
-        finally:
-            slot[0] = False
 
+    @abstractmethod
     def get_many(self, keyspace: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
         """Returns the committed values of ``keys`` that exist, in one snapshot."""
-        out: dict[bytes, bytes] = {}
-        with self._read(keyspace) as txn:
-            for key in keys:
-                value = txn.get(key)
-                if value is not None:
-                    out[key] = value
-        return out
 
+    @abstractmethod
     def scan(
         self,
         keyspace: str,
@@ -600,111 +301,29 @@ class Storage:
             limit: The most pairs to return.
             keys_only: Return empty values (cheaper).
         """
-        lo = max(prefix, start) if start is not None else prefix
-        out: list[tuple[bytes, bytes]] = []
-        if limit is not None and limit <= 0:
-            return out
-        # _read() inlined: its generator costs more than the scan of a short prefix.
-        db, slot = self._enter(keyspace)
-        try:
-            with self._env.begin(db=db, buffers=False) as txn:
-                cur = txn.cursor()
-                if not reverse:
-                    ok = cur.set_range(lo)
-                    if start_after is not None and start_after >= lo:
-                        ok = cur.set_range(start_after)
-                        if ok and cur.key() == start_after:
-                            ok = cur.next()
-                    while ok:
-                        k = cur.key()
-                        if (end is not None and k >= end) or not k.startswith(prefix):
-                            break
-                        out.append((k, b"" if keys_only else cur.value()))
-                        if limit is not None and len(out) >= limit:
-                            break
-                        ok = cur.next()
-                else:
-                    upper = end
-                    pend = _prefix_end(prefix) if prefix else None
-                    if pend is not None and (upper is None or pend < upper):
-                        upper = pend
-                    if upper is None:
-                        ok = cur.last()
-                    else:
-                        ok = cur.prev() if cur.set_range(upper) else cur.last()
-                    while ok:
-                        k = cur.key()
-                        if k < lo or (start_after is not None and k <= start_after):
-                            break
-                        out.append((k, b"" if keys_only else cur.value()))
-                        if limit is not None and len(out) >= limit:
-                            break
-                        ok = cur.prev()
-        except _DAMAGED as exc:
-            raise self._failure(exc, f"reading keyspace {keyspace!r}") from exc
-        finally:
-            slot[0] = False
-        return out
 
+    @abstractmethod
     def scan_prefixes(self, wanted: list[tuple[str, bytes]]) -> list[list[tuple[bytes, bytes]]]:
         """Returns the pairs under each ``(keyspace, prefix)`` of ``wanted``, from one snapshot."""
-        self._check_pid()
-        dbs = [self._dbs.get(ks) or self._db(ks) for ks, _ in wanted]
-        slot = self._gate.enter()
-        try:
-            with self._env.begin(buffers=False) as txn:
-                out: list[list[tuple[bytes, bytes]]] = []
-                for db, (_, prefix) in zip(dbs, wanted, strict=True):
-                    rows: list[tuple[bytes, bytes]] = []
-                    cur = txn.cursor(db=db)
-                    if cur.set_range(prefix):
-                        for k, v in cur.iternext():
-                            if not k.startswith(prefix):
-                                break
-                            rows.append((k, v))
-                    out.append(rows)
-                return out
-        except _DAMAGED as exc:
-            names = sorted({ks for ks, _ in wanted})
-            raise self._failure(exc, f"reading keyspaces {names}") from exc
-        finally:
-            slot[0] = False
 
+    @abstractmethod
     def visit_keys(self, keyspace: str, visit: Callable[[bytes], None]) -> int:
-        """Calls ``visit(key)`` for every key, in one snapshot; returns its transaction id.
+        """Calls ``visit(key)`` for every key, in one snapshot; returns its commit id.
 
-        Commits with a larger id are not in the snapshot.
+        Group commits of this storage reported with a larger id are not in the
+        snapshot.
         """
-        with self._read(keyspace) as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
-                visit(key)
-            txn_id: int = txn.id()
-            return txn_id
 
     def first(self, keyspace: str, *, after: bytes | None = None) -> tuple[bytes, bytes] | None:
         """Returns the first pair (strictly after ``after`` if given), or None."""
-        with self._read(keyspace) as txn:
-            cur = txn.cursor()
-            ok = cur.set_range(after) if after is not None else cur.first()
-            if ok and after is not None and cur.key() == after:
-                ok = cur.next()
-            return (cur.key(), cur.value()) if ok else None
+        rows = self.scan(keyspace, start_after=after, limit=1)
+        return rows[0] if rows else None
 
+    @abstractmethod
     def count(self, keyspace: str, prefix: bytes = b"") -> int:
         """Returns how many keys start with ``prefix``."""
-        if not prefix:
-            with self._read(keyspace) as txn:
-                entries: int = txn.stat(self._db(keyspace))["entries"]
-                return entries
-        n = 0
-        with self._read(keyspace) as txn:
-            cur = txn.cursor()
-            ok = cur.set_range(prefix)
-            while ok and cur.key().startswith(prefix):
-                n += 1
-                ok = cur.next()
-        return n
 
+    @abstractmethod
     def count_prefixes(
         self, keyspace: str, prefixes: list[bytes], probe: Iterable[bytes] = ()
     ) -> tuple[list[int], set[bytes]]:
@@ -713,20 +332,32 @@ class Storage:
         All in one snapshot, so that a key moving from one prefix to another
         meanwhile is counted exactly once.
         """
-        counts: list[int] = []
-        with self._read(keyspace) as txn:
-            cur = txn.cursor()
-            for prefix in prefixes:
-                n = 0
-                ok = cur.set_range(prefix)
-                while ok and cur.key().startswith(prefix):
-                    n += 1
-                    ok = cur.next()
-                counts.append(n)
-            present = {key for key in probe if txn.get(key) is not None}
-        return counts, present
 
-    # -- writes --------------------------------------------------------------
+    @abstractmethod
+    def verify(self) -> None:
+        """Checks the stored data for damage; raises what is damaged.
+
+        Raises:
+            StorageCorrupted: Naming the location and the first problems found.
+        """
+
+    def reader_check(self) -> int:
+        """Frees what processes that died with the storage open still hold.
+
+        Returns how many were freed (0 where the backend needs no such care).
+        """
+        return 0
+
+    # -- writes ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        """Raises :class:`StorageError` if the storage cannot be used here."""
+        if self._closed:
+            raise StorageError(f"storage at {self.path} is closed")
+
+    def _prepare(self, batch: WriteBatch) -> None:
+        """Readies the backend for ``batch`` in the caller's thread, before it is queued."""
+        return  # nothing to ready by default
 
     def submit(self, batch: WriteBatch, callback: Callback | None = None) -> None:
         """Queues ``batch`` for the next group commit.
@@ -735,16 +366,8 @@ class Storage:
         (``error`` is None) or has failed (nothing of it was applied). It must
         be quick and must not block.
         """
-        self._check_pid()
-        # Every keyspace must be open before the writer applies the batch;
-        # they nearly always are, so test the dict inline instead of calling.
-        dbs = self._dbs
-        for op in batch.ops:
-            if op[1] not in dbs:
-                self._db(op[1])
-        for guard in batch.guards:
-            if guard[0] not in dbs:
-                self._db(guard[0])
+        self._check_open()
+        self._prepare(batch)
         self._queue.put((batch, callback))
 
     def write(self, batch: WriteBatch, timeout: float | None = None) -> None:
@@ -762,19 +385,26 @@ class Storage:
 
         self.submit(batch, cb)
         if not done.acquire(timeout=-1 if timeout is None else timeout):
-            raise StorageError(f"write to {self.path} not confirmed within {timeout} s")
+            # The batch stays queued and may still land: say so.
+            raise StorageError(
+                f"write to {self.path} not confirmed within {timeout} s", pending=True
+            )
         if result[0] is not None:
             raise result[0]
 
-    def reader_check(self) -> int:
-        """Frees the reader slots of processes that died with the environment open.
+    def _on_writer(self, call: Callable[[], None]) -> None:
+        """Runs ``call`` on the writer thread between two group commits and waits for it.
 
-        Several processes may share a data directory; one that was killed
-        leaves its slots taken (and its snapshots pinned) until this runs.
-        Returns how many slots were freed.
+        Raises what ``call`` raised. Runs it here if the writer is not running.
         """
-        self._check_pid()
-        return int(self._env.reader_check())
+        if threading.current_thread() is self._writer or not self._writer.is_alive():
+            call()
+            return
+        control = Control(call)
+        self._queue.put(control)
+        control.done.wait()
+        if control.error is not None:
+            raise control.error
 
     def idle(self) -> bool:
         """True when no submitted batch is waiting for the writer."""
@@ -806,30 +436,32 @@ class Storage:
         """
         self._latency = max(0.0, float(seconds))
 
+    # -- the writer thread ----------------------------------------------------
+
     def _run(self) -> None:
         q = self._queue
         while True:
             item = q.get()
-            if item is _STOP:
+            if item is STOP:
                 return
-            if isinstance(item, _OpenDb):
-                item.run(self._open_db)
+            if isinstance(item, Control):
+                item.run()
                 continue
             items = [item]
             stop = False
             # Let threads whose writes just landed (woken by the callbacks of
             # the previous group) submit their next batch before this group
-            # closes: yielding the GIL once keeps them in one fsync instead of
+            # closes: yielding the GIL once keeps them in one commit instead of
             # splitting every round of writers over two.
             time.sleep(0)
             try:
                 while len(items) < self._max_batch:
                     nxt = q.get_nowait()
-                    if nxt is _STOP:
+                    if nxt is STOP:
                         stop = True
                         break
-                    if isinstance(nxt, _OpenDb):
-                        nxt.run(self._open_db)  # no transaction is open yet
+                    if isinstance(nxt, Control):
+                        nxt.run()  # no transaction is open yet
                         continue
                     items.append(nxt)
             except queue.Empty:
@@ -838,7 +470,7 @@ class Storage:
             if stop:
                 return
 
-    def _commit(self, items: list[tuple[WriteBatch, Callback | None]]) -> None:
+    def _commit(self, items: list[Item]) -> None:
         t0 = time.perf_counter()  # measuring commit latency is not reading the clock
         results, txn_id = self._transact(items)
         if self._latency:
@@ -854,43 +486,36 @@ class Storage:
         self.commits += len(items)
         self._report(items, results, elapsed, txn_id)
 
-    def _transact(
-        self, items: list[tuple[WriteBatch, Callback | None]]
-    ) -> tuple[list[BaseException | None], int]:
-        """Applies ``items`` in one write transaction and commits it.
+    @abstractmethod
+    def _transact(self, items: list[Item]) -> tuple[list[BaseException | None], int]:
+        """Applies ``items`` in one transaction and commits it (writer thread).
 
-        Returns each batch's error (None if it landed) and the transaction's
-        id. A full map is grown and the whole group retried; any other failure
-        of the transaction fails every batch of the group.
+        Returns each batch's error (None if it landed) and a commit id that
+        grows with every group commit. A batch refused by its chain, the fault
+        hook (see :meth:`_refused`) or a guard fails alone; a failure of the
+        transaction itself fails every batch of the group.
         """
-        txn_id = 0
-        while True:
-            results: list[BaseException | None] = [None] * len(items)
-            # Chains broken in this attempt; applied to the chains only once the
-            # attempt is final, so that a retry after MapFullError starts clean.
-            broken: set[int] = set()
+
+    def _refused(self, batch: WriteBatch, broken: set[int]) -> BaseException | None:
+        """The error that fails ``batch`` before its guards are read, or None.
+
+        ``broken`` holds the ids of chains failed earlier in this transaction.
+        """
+        chain = batch.chain
+        if chain is not None and (chain.failed or id(chain) in broken):
+            return StorageError(
+                f"write to {self.path} rejected: an earlier write it depends on failed"
+            )
+        if self._fault is not None:
             try:
-                with self._env.begin(write=True) as txn:
-                    txn_id = txn.id()
-                    for i, (batch, _cb) in enumerate(items):
-                        results[i] = err = self._apply(txn, batch, broken)
-                        if err is not None and batch.chain is not None:
-                            broken.add(id(batch.chain))
-                return results, txn_id
-            except lmdb.MapFullError:
-                self._grow()
-            except Exception as exc:  # disk full, I/O error: the whole group failed
-                log.error("group commit of %d batches failed: %s", len(items), exc)
-                err = (
-                    self._failure(exc, "a durable write")
-                    if isinstance(exc, (*_DAMAGED, lmdb.DiskError))
-                    else StorageError(f"durable write to {self.path} failed: {exc}")
-                )
-                return [err] * len(items), txn_id
+                self._fault(batch)
+            except Exception as exc:
+                return exc if isinstance(exc, StorageError) else StorageError(str(exc))
+        return None
 
     def _report(
         self,
-        items: list[tuple[WriteBatch, Callback | None]],
+        items: list[Item],
         results: list[BaseException | None],
         elapsed: float,
         txn_id: int,
@@ -914,76 +539,13 @@ class Storage:
             except Exception:
                 log.exception("after-batch hook failed")
 
-    def _apply(self, txn: Any, batch: WriteBatch, broken: set[int]) -> BaseException | None:
-        chain = batch.chain
-        if chain is not None and (chain.failed or id(chain) in broken):
-            return StorageError(
-                f"write to {self.path} rejected: an earlier write it depends on failed"
-            )
-        if self._fault is not None:
-            try:
-                self._fault(batch)
-            except Exception as exc:
-                return exc if isinstance(exc, StorageError) else StorageError(str(exc))
-        guards = batch.guards
-        ops = batch.ops
-        if (
-            len(guards) == 1
-            and guards[0][2] is None
-            and ops
-            and ops[0][0] == _PUT
-            and ops[0][1] == guards[0][0]
-            and ops[0][2] == guards[0][1]
-        ):
-            # "Absent, then put": one insert that refuses an existing key does
-            # both, and nothing else of the batch has been applied if it refuses.
-            # Creations take this path: a lookup less, and py-lmdb releases the
-            # GIL around each call, which costs a thread switch when busy.
-            if not txn.put(ops[0][2], ops[0][3], db=self._dbs[ops[0][1]], overwrite=False):
-                return ConflictError(f"write rejected: guard on {ops[0][2]!r} did not hold")
-            ops = ops[1:]
-        else:
-            for ks, key, expected in guards:
-                if txn.get(key, db=self._dbs[ks]) != expected:
-                    return ConflictError(f"write rejected: guard on {key!r} did not hold")
-        for kind, ks, key, value in ops:
-            db = self._dbs[ks]
-            if kind == _PUT:
-                txn.put(key, value, db=db)
-            elif kind == _DELETE:
-                txn.delete(key, db=db)
-            else:
-                cur = txn.cursor(db=db)
-                ok = cur.set_range(key)
-                while ok and cur.key().startswith(key):
-                    ok = cur.delete()
-        return None
+    # -- closing ----------------------------------------------------------------
 
-    def _grow(self) -> None:
-        # LMDB remaps the file: no read transaction may be open meanwhile.
-        self._gate.close()
-        try:
-            new_size = self._env.info()["map_size"] * 2
-            self._env.set_mapsize(new_size)
-            log.debug("grew the LMDB map of %s to %d MiB", self.path, new_size >> 20)
-        finally:
-            self._gate.open()
-
-    @property
-    def map_size(self) -> int:
-        """The current size of the memory map in bytes."""
-        size: int = self._env.info()["map_size"]
-        return size
-
-    def close(self) -> None:
-        """Flushes queued batches, stops the writer and closes the environment."""
-        if self._closed:
-            return
-        if self._forked:
-            self._closed = True  # the parent owns the environment; never touch it here
-            return
-        self._queue.put(_STOP)
-        self._writer.join()
+    def _stop_writer(self) -> None:
+        """Flushes queued batches and stops the writer; fails what came too late."""
+        self._queue.put(STOP)
+        if self._writer.is_alive():
+            self._writer.join()
         self._closed = True
         # A batch submitted while the writer was stopping never ran: fail it
         # rather than leave its waiter hanging.
@@ -992,31 +554,44 @@ class Storage:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _OpenDb):
-                if item.call is not None:
-                    item.call()  # the environment is still open
-                item.opened.set()  # its waiter finds no database and raises
-            elif item is not _STOP and item[1] is not None:
+            if isinstance(item, Control):
+                item.run()  # the backend is still open
+            elif item is not STOP and item[1] is not None:
                 try:
                     item[1](StorageError(f"storage at {self.path} was closed before the write"))
                 except Exception:
                     log.exception("write callback failed")
-        self._env.close()
+
+    def close(self) -> None:
+        """Flushes queued batches, stops the writer and closes the backend."""
+        if self._closed:
+            return
+        self._stop_writer()
+        self._close_backend()
+
+    @abstractmethod
+    def _close_backend(self) -> None:
+        """Releases the backend's files or connections (the writer has stopped)."""
 
 
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """Returns the smallest key greater than every key with ``prefix``."""
-    p = bytearray(prefix)
-    while p:
-        if p[-1] < 0xFF:
-            p[-1] += 1
-            return bytes(p)
-        p.pop()
-    return None
+def is_database_url(location: str | os.PathLike[str]) -> bool:
+    """True if ``location`` names a PostgreSQL database rather than a directory."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def _call_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
-    """Calls the method ``ref`` names if its object still exists."""
-    method = ref()
-    if method is not None:
-        method()
+def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
+    """Opens the storage at ``location``: a PostgreSQL URL, else an LMDB data directory.
+
+    ``options`` go to the backend's constructor (``sync``, ``map_size`` and
+    ``max_batch`` for LMDB; ``max_batch`` and ``pool_size`` for PostgreSQL;
+    ``serializer`` for both).
+    """
+    if is_database_url(location):
+        from actorflow.core.pg_backend import PostgresStorage
+
+        options.pop("sync", None)  # PostgreSQL keeps synchronous_commit on
+        options.pop("map_size", None)
+        return PostgresStorage(str(location), **options)
+    from actorflow.core.lmdb_backend import LmdbStorage
+
+    return LmdbStorage(location, **options)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow.cluster.lease import OWNER
 from actorflow.core.clock import to_datetime
 from actorflow.core.errors import InstanceNotFound
-from actorflow.core.storage import Storage
+from actorflow.core.storage import Storage, is_database_url, open_storage
 from actorflow.core.timers import count_armed
 from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
@@ -165,9 +165,9 @@ class Query:
         Raises:
             FileNotFoundError: ``path`` holds no actorflow data directory.
         """
-        if not os.path.exists(os.path.join(path, "data.mdb")):
+        if not is_database_url(path) and not os.path.exists(os.path.join(path, "data.mdb")):
             raise FileNotFoundError(f"no actorflow data directory at {os.fspath(path)}")
-        storage = Storage(path)
+        storage = open_storage(path)
         try:
             yield cls(storage)
         finally:

@@ -38,7 +38,8 @@ from typing import Any
 
 from actorflow.cluster.lease import NODES, OWNER
 from actorflow.core.errors import ActorflowError
-from actorflow.core.storage import PickleSerializer, Storage
+from actorflow.core.lmdb_backend import LmdbStorage
+from actorflow.core.storage import PickleSerializer
 from actorflow.testkit.node import NodeProcess, NodeProcessError
 from actorflow.workflows.records import DONE, HIST, IDS, INST, STEPS, load
 
@@ -83,7 +84,7 @@ class DataDir:
 def read_back(data: Path, workflows: Iterable[str]) -> DataDir:
     """Reads the instances of ``workflows`` (instance ids unique across them) and the registry."""
     ser = PickleSerializer()
-    store = Storage(data)
+    store = LmdbStorage(data)
     try:
         out = DataDir({}, {}, {}, {})
         for wf in workflows:
