@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake clock, a runtime on a fresh data directory, a journal.
+"""Shared fixtures: a fake clock, a runtime on a fresh data directory, a journal, PostgreSQL.
 
 Workflows under test get their journal through ``env`` (``rt.register(cls,
 env=journal)``), so step bodies can record that they ran without any
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import os
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ import pytest
 
 import actorflow as af
 from actorflow.testing import FakeClock
+from actorflow.testkit.postgres import PostgresServer, available, temporary_database
 
 
 class Journal:
@@ -147,3 +149,28 @@ def make_runtime(tmp_path: Path, clock: FakeClock, journal: Journal) -> Iterator
     journal.open_all()
     for runtime in made:
         runtime.close()
+
+
+def postgres_or_skip() -> None:
+    """Skips the test unless a PostgreSQL server can run here (fails if one is required)."""
+    reason = available()
+    if reason is None:
+        return
+    if os.environ.get("ACTORFLOW_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"ACTORFLOW_REQUIRE_POSTGRES=1, but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (skipped if none can run here)."""
+    postgres_or_skip()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh database on ``pg_server``, dropped after the test."""
+    with temporary_database(pg_server) as url:
+        yield url
