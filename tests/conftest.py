@@ -1,9 +1,9 @@
-"""Shared fixtures: a fake clock, a runtime on a fresh location, a journal.
+"""Shared fixtures: a fake clock, a runtime on a fresh location, a journal, PostgreSQL.
 
 The location is a fresh data directory, or with ``--backend=postgres`` a fresh
-schema of a PostgreSQL database (a server the run starts itself, or the one
-``ACTORFLOW_TEST_POSTGRES_URL`` names): the same suites run on both backends.
-Tests that look at a data directory's own files are marked ``lmdb_only``.
+database on a PostgreSQL server the run starts itself: the same
+suites run on both backends. Tests that look at a data directory's own files
+are marked ``lmdb_only``.
 
 Workflows under test get their journal through ``env`` (``rt.register(cls,
 env=journal)``), so step bodies can record that they ran without any
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import os
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ import pytest
 
 import actorflow as af
 from actorflow.testing import FakeClock
+from actorflow.testkit.postgres import PostgresServer, available, temporary_database
 
 
 class Journal:
@@ -158,7 +160,7 @@ def location(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> It
     if backend == "lmdb":
         yield str(tmp_path / "data")
         return
-    yield request.getfixturevalue("pg_schema_url")
+    yield request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -185,3 +187,28 @@ def make_runtime(location: str, clock: FakeClock, journal: Journal) -> Iterator[
     journal.open_all()
     for runtime in made:
         runtime.close()
+
+
+def postgres_or_skip() -> None:
+    """Skips the test unless a PostgreSQL server can run here (fails if one is required)."""
+    reason = available()
+    if reason is None:
+        return
+    if os.environ.get("ACTORFLOW_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"ACTORFLOW_REQUIRE_POSTGRES=1, but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (skipped if none can run here)."""
+    postgres_or_skip()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh database on ``pg_server``, dropped after the test."""
+    with temporary_database(pg_server) as url:
+        yield url
