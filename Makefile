@@ -47,6 +47,12 @@ e2e: $(E2E_STAMP)
 chaos: $(STAMP)
 	$(BIN)/pytest tests/test_chaos.py -m chaos -s -p no:randomly $(PYTEST_FLAGS)
 
+# The suites again with every runtime on PostgreSQL: a real server the run starts itself
+# (actorflow/testkit/postgres.py); tests of a data directory's own files are skipped.
+.PHONY: test-postgres
+test-postgres: $(STAMP)
+	ACTORFLOW_REQUIRE_POSTGRES=1 $(BIN)/pytest -m "not slow" --backend=postgres $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1

@@ -34,7 +34,7 @@ from actorflow.workflows.handles import WorkflowBinding
 from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
 from actorflow.workflows.supervisor import Supervisor
 
-__all__ = ["OWNER_LOCK", "Runtime"]
+__all__ = ["OWNER_LOCK", "Runtime", "is_database_url"]
 
 #: A file in the data directory that every open runtime holds a shared
 #: ``flock`` on: tools take it exclusively to know that no process has the
