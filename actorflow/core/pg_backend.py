@@ -531,6 +531,8 @@ class PostgresStorage(Storage):
     def _attempt(
         self, conn: psycopg.Connection[Any], items: list[Item], seq: int
     ) -> list[BaseException | None]:
+        # The fault hook may sleep (a slow disk): never while holding the lock.
+        faults = [self._faulted(batch) for batch, _cb in items]
         guard_ks: list[str] = []
         guard_keys: list[bytes] = []
         for batch, _cb in items:
@@ -545,7 +547,7 @@ class PostgresStorage(Storage):
             current = {(ks, bytes(k)): bytes(v) for ks, k, v in cur.fetchall()}
         writes: dict[tuple[str, bytes], bytes | None] = {}
         dropped: list[tuple[str, bytes]] = []
-        results = self._evaluate(items, current, writes, dropped)
+        results = self._evaluate(items, faults, current, writes, dropped)
         self._sent = results
         dels = [key for key, value in writes.items() if value is None]
         puts = [(key, value) for key, value in writes.items() if value is not None]
@@ -572,6 +574,7 @@ class PostgresStorage(Storage):
     def _evaluate(
         self,
         items: list[Item],
+        faults: list[BaseException | None],
         current: dict[tuple[str, bytes], bytes],
         writes: dict[tuple[str, bytes], bytes | None],
         dropped: list[tuple[str, bytes]],
@@ -584,7 +587,7 @@ class PostgresStorage(Storage):
         results: list[BaseException | None] = [None] * len(items)
         broken: set[int] = set()
         for i, (batch, _cb) in enumerate(items):
-            err = self._refused(batch, broken)
+            err = self._chain_refused(batch, broken) or faults[i]
             if err is None:
                 for ks, key, expected in batch.guards:
                     k = (ks, key)
