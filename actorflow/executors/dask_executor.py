@@ -54,7 +54,8 @@ def dask_resources(resources: dict[str, float] | None) -> dict[str, float] | Non
 
     ``num_cpus`` and ``num_gpus`` become ``CPU`` and ``GPU``; other names pass
     as they are. Dask runs such a task only on a worker started with that
-    resource (``dask worker --resources "GPU=1"``).
+    resource (``dask worker --resources "GPU=1"``): when no worker of the
+    cluster offers it, the attempt fails with ExecutorError instead of waiting.
     """
     if not resources:
         return None
@@ -66,21 +67,86 @@ def _allowed_failures(dask_scheduler: Any = None) -> int:
     return int(getattr(dask_scheduler, "allowed_failures", 0))
 
 
+def _offered(client: Any, need: dict[str, float]) -> bool:
+    """True if some worker of the cluster declares every resource in ``need``."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(
+        all((w.get("resources") or {}).get(k, 0) >= v for k, v in need.items())
+        for w in workers.values()
+    )
+
+
 class _DaskCall(StepCall):
-    def __init__(self, fut: Any, loop: asyncio.AbstractEventLoop, pool: Any) -> None:
-        self._fut = fut
+    def __init__(
+        self,
+        client: Any,
+        blob: bytes,
+        resources: dict[str, float] | None,
+        loop: asyncio.AbstractEventLoop,
+        pool: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self._client = client
         self._pool = pool
+        self._fut: Any = None
+        self._cancelled = False
         self._done: asyncio.Future[tuple[bool, Any]] = loop.create_future()
         self.ran_on = {"executor": "dask"}
+        need = dask_resources(resources)
+        if need:
+            # Off the engine loop: asking the scheduler what its workers offer
+            # is a round trip.
+            pool.submit(self._start, blob, need)
+        else:
+            self._launch(blob, None)
+
+    def _start(self, blob: bytes, need: dict[str, float]) -> None:
+        try:
+            offered = _offered(self._client, need)
+        except Exception as e:
+            self._post((False, e))
+            return
+        if not offered:
+            # Dask would hold the task until such a worker joins: fail the
+            # attempt instead (the step's policy retries it).
+            self._post(
+                (
+                    False,
+                    ExecutorError(
+                        f"no Dask worker offers the resources {need} (start workers with "
+                        f'--resources, e.g. dask worker --resources "GPU=1")',
+                        executor="dask",
+                    ),
+                )
+            )
+            return
+        try:
+            self._launch(blob, need)
+        except Exception as e:
+            self._post((False, e))
+
+    def _launch(self, blob: bytes, need: dict[str, float] | None) -> None:
+        fut = self._client.submit(_dask_body, blob, pure=False, retries=0, resources=need)
+        self._fut = fut
+        if self._cancelled:
+            self._pool.submit(fut.cancel)
         fut.add_done_callback(self._settle)
 
     def _settle(self, fut: Any) -> None:
-        # In a thread of Dask's, not the engine loop: fetching the result may
-        # take a round trip to the worker.
+        # In Dask's one callback thread: the result is fetched (a round trip
+        # to the worker) in the executor's own threads.
+        try:
+            self._pool.submit(self._fetch, fut)
+        except RuntimeError:
+            self._fetch(fut)  # the executor closed meanwhile
+
+    def _fetch(self, fut: Any) -> None:
         try:
             outcome: tuple[bool, Any] = (True, fut.result())
         except BaseException as e:
             outcome = (False, e)
+        self._post(outcome)
+
+    def _post(self, outcome: tuple[bool, Any]) -> None:
         loop = self._done.get_loop()
         try:
             loop.call_soon_threadsafe(self._resolve, outcome)
@@ -93,9 +159,11 @@ class _DaskCall(StepCall):
 
     async def wait(self) -> Any:
         # shield: a cancelled wait (a timeout, a stopped run) leaves the
-        # future to _settle; the engine then cancels the task itself.
+        # future to _post; the engine then cancels the task itself.
         ok, data = await asyncio.shield(self._done)
         if not ok:
+            if isinstance(data, ExecutorError):
+                raise data
             raise ExecutorError(
                 f"the Dask task running the attempt failed: {type(data).__name__}: {data}",
                 executor="dask",
@@ -106,8 +174,12 @@ class _DaskCall(StepCall):
         # Off the engine loop: Client.cancel waits for the scheduler. A task
         # already running keeps its worker thread to its end (Dask cannot
         # interrupt a thread); its result is released.
+        self._cancelled = True
+        fut = self._fut
+        if fut is None:
+            return
         try:
-            self._pool.submit(self._fut.cancel)
+            self._pool.submit(fut.cancel)
         except RuntimeError:
             pass  # the executor closed meanwhile
 
@@ -162,7 +234,7 @@ class DaskExecutor(StepExecutor):
                     f"the Dask client is not running (status {self._client.status!r})",
                     executor="dask",
                 )
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, "actorflow-dask")
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, "actorflow-dask")
         try:
             n = self._client.run_on_scheduler(_allowed_failures)
         except Exception:
@@ -195,14 +267,11 @@ class DaskExecutor(StepExecutor):
             raise ExecutorError("the Dask executor is not open", executor="dask")
         blob = ship(fn, args)
         try:
-            fut = client.submit(
-                _dask_body, blob, pure=False, retries=0, resources=dask_resources(resources)
-            )
+            return _DaskCall(client, blob, resources, asyncio.get_running_loop(), pool)
         except Exception as e:
             raise ExecutorError(
                 f"Dask refused the task: {type(e).__name__}: {e}", executor="dask"
             ) from None
-        return _DaskCall(fut, asyncio.get_running_loop(), pool)
 
     def __repr__(self) -> str:
         given = self._given if isinstance(self._given, str) else type(self._given).__name__
