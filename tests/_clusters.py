@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 RAY = str(Path(sys.executable).with_name("ray"))
+#: The test clusters listen on loopback only, without Ray's token authentication
+#: (the driver, the test process, must then say so too: see ``ray_env``).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -80,7 +83,7 @@ class RayNodes:
 
     def _start(self, args: list[str], name: str) -> RayNode:
         log = Path(self.temp) / f"{name}.log"
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, **RAY_ENV)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", *args],
@@ -103,6 +106,7 @@ class RayNodes:
                 f"--num-cpus={num_cpus}",
                 "--include-dashboard=false",
                 f"--temp-dir={self.temp}",
+                "--node-ip-address=127.0.0.1",
             ],
             "head",
         )
@@ -116,7 +120,11 @@ class RayNodes:
 
     def worker(self, num_cpus: int = 1, resources: str | None = None) -> RayNode:
         """Starts a node that joins the head."""
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
+        args = [
+            f"--address={self.address}",
+            f"--num-cpus={num_cpus}",
+            "--node-ip-address=127.0.0.1",
+        ]
         if resources:
             args.append(f"--resources={resources}")
         return self._start(args, f"node{len(self.nodes)}")

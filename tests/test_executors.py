@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _clusters import RayNodes, dask_cluster
+from _clusters import RAY_ENV, RayNodes, dask_cluster
 from apps import executor_app as app
 from apps.executor_app import runs
 
@@ -48,12 +48,15 @@ def ray_head() -> Iterator[RayNodes]:
     """A Ray head of 2 CPUs in its own processes (``ray start --head``)."""
     pytest.importorskip("ray")
     nodes = RayNodes()
-    try:
-        nodes.head(num_cpus=2)
-        yield nodes
-    finally:
-        left = nodes.stop()
-        assert not left, f"Ray processes left behind: {left}"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in RAY_ENV.items():
+            mp.setenv(k, v)  # this process is the cluster's driver
+        try:
+            nodes.head(num_cpus=2)
+            yield nodes
+        finally:
+            left = nodes.stop()
+            assert not left, f"Ray processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +95,7 @@ def work(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def runtime(
-    tmp_path: Path, executor: af.executors.StepExecutor, work: str
-) -> Iterator[af.Runtime]:
+def runtime(tmp_path: Path, executor: af.executors.StepExecutor, work: str) -> Iterator[af.Runtime]:
     rt = af.Runtime(tmp_path / "data", executor=executor)
     for cls in app.WORKFLOWS:
         rt.register(cls)
@@ -142,7 +143,7 @@ def test_an_async_run_and_an_async_body(
     inst = runtime.workflow("AsyncPipeline").create(id="a", params={"dir": work, "n": 3})
     st = inst.wait(timeout=60)
     assert st.status == "complete", st
-    pid, xs, later = st.output
+    _pid, xs, later = st.output
     assert [v for v, _ in xs] == [0, 1, 4]
     # async def bodies run on the engine loop in-process, under asyncio.run in a worker.
     assert (later != os.getpid()) is executor.remote
@@ -203,9 +204,7 @@ def test_a_body_that_cannot_be_pickled_fails_its_step_naming_it(runtime: af.Runt
 def test_resources_reach_the_executor(
     runtime: af.Runtime, executor: af.executors.StepExecutor
 ) -> None:
-    inst = runtime.workflow("Resourceful").create(
-        id="r", params={"resources": {"num_cpus": 2}}
-    )
+    inst = runtime.workflow("Resourceful").create(id="r", params={"resources": {"num_cpus": 2}})
     st = inst.wait(timeout=60)
     assert st.status == "complete", st
     if executor.name == "ray":

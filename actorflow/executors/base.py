@@ -27,7 +27,7 @@ from typing import Any
 
 import cloudpickle
 
-from actorflow.core.errors import ActorflowError, SerializationError
+from actorflow.core.errors import ActorflowError, ExecutorError, SerializationError
 
 __all__ = [
     "RanOn",
@@ -35,6 +35,7 @@ __all__ = [
     "StepExecutor",
     "check_resources",
     "local_place",
+    "probe",
     "run_shipped",
     "ship",
     "unpack",
@@ -142,6 +143,27 @@ def unpack(call: StepCall, data: bytes) -> Any:
 def local_place(executor: str) -> RanOn:
     """Where this process is: its host and pid."""
     return {"executor": executor, "host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+_PROBE_S = 5.0  # how long to try a TCP connection to a cluster's address before giving up
+
+
+def probe(address: str, what: str, executor: str) -> None:
+    """Fails fast, and clearly, when nothing listens at a ``[scheme://]host:port`` address.
+
+    Raises:
+        ExecutorError: The connection is refused or times out.
+    """
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form the cluster's client resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=_PROBE_S).close()
+    except OSError as e:
+        raise ExecutorError(
+            f"cannot reach the {what} at {address}: {e}", executor=executor, address=address
+        ) from None
 
 
 class StepCall(ABC):

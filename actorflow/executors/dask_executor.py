@@ -17,7 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 from actorflow.core.errors import ExecutorError
-from actorflow.executors.base import RanOn, StepCall, StepExecutor, run_shipped, ship, unpack
+from actorflow.executors.base import (
+    RanOn,
+    StepCall,
+    StepExecutor,
+    probe,
+    run_shipped,
+    ship,
+    unpack,
+)
 
 __all__ = ["DaskExecutor", "dask_resources"]
 
@@ -217,6 +225,7 @@ class DaskExecutor(StepExecutor):
     def _connect(self) -> None:
         distributed = _import_distributed()
         if isinstance(self._given, str):
+            probe(self._given, "Dask scheduler", "dask")
             try:
                 self._client = distributed.Client(self._given, timeout=_CONNECT_S)
             except Exception as e:

@@ -15,13 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 from actorflow.core.errors import ExecutorError
-from actorflow.executors.base import RanOn, StepCall, StepExecutor, run_shipped, ship, unpack
+from actorflow.executors.base import (
+    RanOn,
+    StepCall,
+    StepExecutor,
+    probe,
+    run_shipped,
+    ship,
+    unpack,
+)
 
 __all__ = ["RayExecutor", "ray_options"]
 
 #: Defaults of a local Ray started by ``RayExecutor()`` (``address=None``).
 LOCAL_DEFAULTS: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-_PROBE_S = 5.0  # how long to try a TCP connection to a cluster's address before giving up
 
 
 def _import_ray() -> Any:
@@ -69,20 +76,6 @@ def ray_options(resources: dict[str, float] | None) -> dict[str, Any]:
     return opts
 
 
-def _probe(address: str) -> None:
-    """Fails fast, and clearly, when nothing listens at a ``host:port`` address."""
-    target = address.split("://", 1)[-1]
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=_PROBE_S).close()
-    except OSError as e:
-        raise ExecutorError(
-            f"cannot reach the Ray cluster at {address}: {e}", executor="ray", address=address
-        ) from None
-
-
 class _RayCall(StepCall):
     def __init__(self, ray: Any, ref: Any) -> None:
         self._ray = ray
@@ -114,9 +107,10 @@ class RayExecutor(StepExecutor):
 
     Args:
         address: A cluster to join (``"host:6379"``, ``"ray://host:10001"``,
-            ``"auto"``). None: use the Ray this process already initialized,
-            else start a local one (no dashboard, workers' logs not copied to
-            this process) and shut it down on the last :meth:`close`.
+            ``"auto"``). None: start a local Ray (no dashboard, workers' logs
+            not copied to this process), shut down on the last :meth:`close`.
+            Either way, a process already connected to Ray (``ray.init`` was
+            called) keeps that connection, and this executor leaves it open.
         **init_kwargs: More arguments of ``ray.init`` (``num_cpus=2``,
             ``runtime_env={...}``, ...).
     """
@@ -134,11 +128,13 @@ class RayExecutor(StepExecutor):
 
     def _connect(self) -> None:
         ray = _import_ray()
-        if self.address is None and ray.is_initialized():
+        if self.address is not None:
+            probe(self.address, "Ray cluster", "ray")
+        if ray.is_initialized():
+            # This process is a Ray driver already (ray.init was called, or
+            # another RayExecutor is open): its cluster is the one used.
             self._owned = False
         else:
-            if self.address is not None:
-                _probe(self.address)
             kwargs = dict(self.init_kwargs)
             if self.address is None:
                 kwargs = {**LOCAL_DEFAULTS, **kwargs}

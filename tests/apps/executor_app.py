@@ -75,9 +75,7 @@ class Pipeline(af.Workflow):
             return os.getpid()
 
         pid = step.do("first", first, retries=FAST)
-        xs = step.map(
-            "sq", lambda x: square(d, x), range(event.payload.get("n", 4)), retries=FAST
-        )
+        xs = step.map("sq", lambda x: square(d, x), range(event.payload.get("n", 4)), retries=FAST)
         return pid, xs
 
 
@@ -190,11 +188,13 @@ class Resourceful(af.Workflow):
             try:
                 import ray
 
+                # Only in a Ray worker (this process may be a Ray driver, or
+                # no Ray at all: get_runtime_context would then start one).
                 if ray.is_initialized():
                     return ray.get_runtime_context().get_assigned_resources()
-            except ImportError:
-                pass
-            return None
+                return None
+            except Exception:
+                return None
 
         return step.do(
             "r",
