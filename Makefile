@@ -47,6 +47,16 @@ e2e: $(E2E_STAMP)
 chaos: $(STAMP)
 	$(BIN)/pytest tests/test_chaos.py -m chaos -s -p no:randomly $(PYTEST_FLAGS)
 
+# Step bodies on Ray and Dask: the executor suite on real clusters (docs/executors.md).
+EXECUTORS_STAMP := $(VENV)/.installed-executors
+$(EXECUTORS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,ray,dask]'
+	touch $@
+
+.PHONY: executors
+executors: $(EXECUTORS_STAMP)
+	$(BIN)/pytest -m executors -p no:randomly tests/test_executors.py tests/test_executor_multinode.py $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
