@@ -410,3 +410,33 @@ def test_the_runtime_killed_mid_run_resubmits_only_uncommitted_steps(
     assert runs(work, "first") == 1
     assert runs(work, "item0") == 1 and runs(work, "item1") == 1
     assert runs(work, "item2") == 2 and runs(work, "item3") == 2
+
+
+@pytest.mark.parametrize("executor", ALL, indirect=True)
+def test_the_trace_says_where_each_attempt_ran(
+    tmp_path: Path, executor: af.executors.StepExecutor, work: str
+) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        with af.Runtime(tmp_path / "d", executor=executor, tracer_provider=provider) as rt:
+            assert rt.register(app.Flaky).create(params={"dir": work}).wait(60).output == 2
+            assert rt.register(app.Pipeline).create(params={"dir": work, "n": 1}).wait(60)
+        spans = exporter.get_finished_spans()
+    finally:
+        provider.shutdown()
+    attempts = [s for s in spans if s.name.startswith("attempt ")]
+    assert len(attempts) >= 4  # flaky: 2, first: 1, sq[0]: 1
+    for s in attempts:
+        attrs = dict(s.attributes or {})
+        if executor.remote:
+            assert attrs["actorflow.executor"] == executor.name, attrs
+            assert attrs["actorflow.executor.pid"] != str(os.getpid())
+        else:
+            assert "actorflow.executor" not in attrs  # in-process: nothing more is recorded
