@@ -53,6 +53,16 @@ chaos: $(STAMP)
 test-postgres: $(STAMP)
 	ACTORFLOW_REQUIRE_POSTGRES=1 $(BIN)/pytest -m "not slow" --backend=postgres $(PYTEST_FLAGS)
 
+# Step bodies on Ray and Dask: the executor suite on real clusters (docs/executors.md).
+EXECUTORS_STAMP := $(VENV)/.installed-executors
+$(EXECUTORS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,ray,dask]'
+	touch $@
+
+.PHONY: executors
+executors: $(EXECUTORS_STAMP)
+	$(BIN)/pytest -m executors -p no:randomly tests/test_executors.py tests/test_executor_multinode.py $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
