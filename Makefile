@@ -63,6 +63,13 @@ $(EXECUTORS_STAMP): $(STAMP) pyproject.toml
 executors: $(EXECUTORS_STAMP)
 	$(BIN)/pytest -m executors -p no:randomly tests/test_executors.py tests/test_executor_multinode.py $(PYTEST_FLAGS)
 
+# Losing the database under the nodes (tests/test_pg_failover.py): the primary SIGKILLed and
+# its synchronous standby promoted, the server down for 10 s (and a node killed meanwhile),
+# and the chaos workload on PostgreSQL (docs/failover.md).
+.PHONY: pg-chaos
+pg-chaos: $(STAMP)
+	$(BIN)/pytest tests/test_pg_failover.py -m "postgres and chaos" -s -p no:randomly $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
