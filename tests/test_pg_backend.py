@@ -124,6 +124,59 @@ def test_a_lone_runtime_has_the_database_to_itself(pg_url: str) -> None:
             af.Runtime(pg_url)
 
 
+def _end_every_session(url: str) -> None:
+    """What a server restart or a failover does to the runtimes' sessions."""
+    run_sql(
+        url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND application_name NOT LIKE 'psql%'",
+    )
+
+
+def test_a_claim_lost_with_the_server_is_taken_again(pg_url: str) -> None:
+    first = open_storage(pg_url)
+    assert isinstance(first, PostgresStorage)
+    try:
+        first.claim("n1")
+        _end_every_session(pg_url)
+        # The write meets the lost session, reconnects, and takes the claim again.
+        first.write(WriteBatch().put(KS, b"after", b"1"))
+        second = open_storage(pg_url)
+        assert isinstance(second, PostgresStorage)
+        try:
+            with pytest.raises(DataDirectoryLocked, match="n1"):
+                second.claim("n1")
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_claim_taken_by_another_runtime_meanwhile_stops_this_ones_writes(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="actorflow.storage")
+    first, second = open_storage(pg_url), open_storage(pg_url)
+    assert isinstance(first, PostgresStorage) and isinstance(second, PostgresStorage)
+    try:
+        first.claim("n1")
+        first.write(WriteBatch().put(KS, b"before", b"1"))
+        _end_every_session(pg_url)
+        second.claim("n1")  # its locks went with the session: another runtime takes them
+        with pytest.raises(DataDirectoryLocked, match="node 'n1', lost its claim"):
+            first.write(WriteBatch().put(KS, b"lost", b"1"))
+        with pytest.raises(DataDirectoryLocked):
+            first.write(WriteBatch().put(KS, b"lost", b"2"))
+        assert "lost its claim" in caplog.text
+        assert first.get(KS, b"lost") is None and first.get(KS, b"before") == b"1"
+        second.write(WriteBatch().put(KS, b"second", b"1"))  # the holder writes on
+        assert second.get(KS, b"second") == b"1"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_killed_connections_lose_no_acknowledged_write(
     store: PostgresStorage, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -183,6 +183,10 @@ class PostgresStorage(Storage):
             self._conn.close()
             raise
         self._claim_conn: psycopg.Connection[Any] | None = None
+        # What claim() was called with (a 1-tuple: None is a lone runtime's claim).
+        self._claimed_as: tuple[str | None] | None = None
+        # Set when the claim, lost with the server, was taken by another runtime.
+        self._claim_lost: DataDirectoryLocked | None = None
         # Set by close(): a writer waiting for an unreachable database gives up.
         self._stop_requested = False
         # The results of the group being committed, for when its answer is lost.
@@ -264,6 +268,11 @@ class PostgresStorage(Storage):
                 raise StorageError(f"storage at {self.path} was closed before the write")
             try:
                 self._conn = self._new_connection()
+                try:
+                    self._retake_claim()
+                except psycopg.Error:
+                    self._conn.close()
+                    raise
                 log.warning(
                     "the PostgreSQL database %s is back after %.1f s; retrying the writes",
                     self.path,
@@ -532,7 +541,7 @@ class PostgresStorage(Storage):
         self, conn: psycopg.Connection[Any], items: list[Item], seq: int
     ) -> list[BaseException | None]:
         # The fault hook may sleep (a slow disk): never while holding the lock.
-        faults = [self._faulted(batch) for batch, _cb in items]
+        faults = [self._claim_lost or self._faulted(batch) for batch, _cb in items]
         guard_ks: list[str] = []
         guard_keys: list[bytes] = []
         for batch, _cb in items:
@@ -635,10 +644,22 @@ class PostgresStorage(Storage):
 
         Session advisory locks on a connection of their own, the database's
         counterpart of a data directory's lock files: a lone runtime holds the
-        database alone, nodes share it, each node id once.
+        database alone, nodes share it, each node id once. A session lost with
+        the server (a restart, a failover) loses its locks: the writer takes
+        them again when it reconnects (see :meth:`_retake_claim`).
 
         Raises:
             DataDirectoryLocked: Another runtime holds it.
+        """
+        self._claim_conn = self._take_claim(node_id)
+        self._claimed_as = (node_id,)
+
+    def _take_claim(self, node_id: str | None) -> psycopg.Connection[Any]:
+        """A new connection holding the claim's session advisory locks.
+
+        Raises:
+            DataDirectoryLocked: Another runtime holds them.
+            psycopg.Error: The database cannot be reached.
         """
         conn = psycopg.connect(self.url, autocommit=True, **_CONNECT)
         try:
@@ -664,7 +685,44 @@ class PostgresStorage(Storage):
         except BaseException:
             conn.close()
             raise
-        self._claim_conn = conn
+        return conn
+
+    def _retake_claim(self) -> None:
+        """Takes the claim again if its session was lost (writer thread, after a reconnect).
+
+        If another runtime took it meanwhile, two runtimes would write as one:
+        this one stops writing instead (every later write fails with
+        :class:`DataDirectoryLocked`), as a node fenced by its lease does.
+
+        Raises:
+            psycopg.Error: The database cannot be reached (the reconnect goes on).
+        """
+        if self._claimed_as is None or self._claim_lost is not None:
+            return
+        if self._claim_conn is not None:
+            try:
+                self._claim_conn.execute("SELECT 1")
+                return  # the session, and so its locks, survived
+            except psycopg.Error:
+                try:
+                    self._claim_conn.close()
+                except Exception:
+                    pass
+                self._claim_conn = None
+        (node_id,) = self._claimed_as
+        try:
+            self._claim_conn = self._take_claim(node_id)
+        except DataDirectoryLocked:
+            who = "a lone runtime" if node_id is None else f"node {node_id!r}"
+            self._claim_lost = DataDirectoryLocked(
+                f"this runtime, {who}, lost its claim on the PostgreSQL database "
+                f"{self.path} while the database was unreachable, and another runtime "
+                "took it meanwhile. Writes are refused: close this runtime",
+                path=self.path,
+            )
+            log.error("%s", self._claim_lost.args[0])
+            return
+        log.warning("the claim on the PostgreSQL database %s was taken again", self.path)
 
     # -- closing ---------------------------------------------------------------------------
 
