@@ -73,7 +73,7 @@ def parse_store(spec: str, data_dir: str | None = None) -> Store:
     """Parses one ``--store`` value (see the module's docstring).
 
     Raises:
-        StoreError: A URL of another database, a path that is a file, or an empty value.
+        StoreError: A URL of another kind of database, a path that is a file, or an empty value.
     """
     if spec == "lmdb":
         return Store("lmdb", spec, directory=data_dir)
