@@ -48,6 +48,29 @@ e2e: $(E2E_STAMP)
 chaos: $(STAMP)
 	$(BIN)/pytest tests/test_chaos.py -m chaos -s -p no:randomly $(PYTEST_FLAGS)
 
+# The suites again with every runtime on PostgreSQL: a real server the run starts itself
+# (actorflow/testkit/postgres.py); tests of a data directory's own files are skipped.
+.PHONY: test-postgres
+test-postgres: $(STAMP)
+	ACTORFLOW_REQUIRE_POSTGRES=1 $(BIN)/pytest -m "not slow" --backend=postgres $(PYTEST_FLAGS)
+
+# Step bodies on Ray and Dask: the executor suite on real clusters (docs/executors.md).
+EXECUTORS_STAMP := $(VENV)/.installed-executors
+$(EXECUTORS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,ray,dask]'
+	touch $@
+
+.PHONY: executors
+executors: $(EXECUTORS_STAMP)
+	$(BIN)/pytest -m executors -p no:randomly tests/test_executors.py tests/test_executor_multinode.py $(PYTEST_FLAGS)
+
+# Losing the database under the nodes (tests/test_pg_failover.py): the primary SIGKILLed and
+# its synchronous standby promoted, the server down for 10 s (and a node killed meanwhile),
+# and the chaos workload on PostgreSQL (docs/failover.md).
+.PHONY: pg-chaos
+pg-chaos: $(STAMP)
+	$(BIN)/pytest tests/test_pg_failover.py -m "postgres and chaos" -s -p no:randomly $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1

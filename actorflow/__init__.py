@@ -2,6 +2,7 @@
 
 import logging as _logging
 
+from actorflow import executors as executors
 from actorflow.core.errors import (
     ActorflowError,
     DataDirectoryLocked,

@@ -46,8 +46,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from actorflow.core.errors import ActorflowError, InstanceNotFound
-from actorflow.runtime import OWNER_LOCK, Runtime
+from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceNotFound
+from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
 from actorflow.workflows.query import Query, document, iso
 
@@ -94,7 +94,20 @@ class _ToolRuntime(Runtime):
 
 @contextmanager
 def _exclusive(data: str) -> Iterator[None]:
-    """Holds the data directory's owner lock exclusively, or fails if a runtime has it."""
+    """Holds the data directory's owner lock exclusively, or fails if a runtime has it.
+
+    A database has no owner file: the runtime opened inside claims it alone,
+    and is refused while any other runtime has it open.
+    """
+    if is_database_url(data):
+        try:
+            yield
+        except DataDirectoryLocked:
+            raise click.ClickException(
+                f"a running process has {data.split('@')[-1]} open; change it through that "
+                "process's HTTP API instead: actorflow --url http://HOST:PORT ..."
+            ) from None
+        return
     if not os.path.isdir(data):
         raise click.ClickException(f"no data directory at {data}")
     fd = os.open(os.path.join(data, OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
@@ -380,7 +393,7 @@ def _token(ctx: click.Context, token: str | None, token_file: str | None) -> str
     default="./actorflow-data",
     show_default=True,
     envvar="ACTORFLOW_DATA",
-    help="The data directory.",
+    help="The data directory, or a postgresql:// URL.",
 )
 @click.option(
     "--url",

@@ -24,6 +24,7 @@ from actorflow.core.errors import ActorflowError
 from actorflow.core.limits import Limits
 from actorflow.core.storage import Serializer, Storage, is_database_url, open_storage
 from actorflow.core.timers import TimerService
+from actorflow.executors.base import StepExecutor
 from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
 from actorflow.objects.storage import ALARM_KIND, split_alarm_target
 from actorflow.observe.metrics import CommitMonitor, Metrics, WorkflowMetrics
@@ -34,7 +35,7 @@ from actorflow.workflows.handles import WorkflowBinding
 from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
 from actorflow.workflows.supervisor import Supervisor
 
-__all__ = ["OWNER_LOCK", "Runtime"]
+__all__ = ["OWNER_LOCK", "Runtime", "is_database_url"]
 
 #: A file in the data directory that every open runtime holds a shared
 #: ``flock`` on: tools take it exclusively to know that no process has the
@@ -102,6 +103,11 @@ class Runtime:
             100 to 200 ms during a burst of 10,000 wakes/s let it fall
             behind). The engine makes no reference cycles, so a high
             threshold costs little memory. None leaves the collector alone.
+        executor: Where step bodies run (:mod:`actorflow.executors`): None or
+            an ``InProcessExecutor``, in this process; a ``RayExecutor`` or
+            ``DaskExecutor``, on that cluster. The runtime opens it (an
+            unreachable cluster raises :class:`~actorflow.core.errors.ExecutorError`
+            here) and closes it with itself.
     """
 
     def __init__(
@@ -122,9 +128,18 @@ class Runtime:
         node_id: str | None = None,
         lease_timeout: float | None = None,
         gc_threshold: tuple[int, int, int] | None = GC_THRESHOLD,
+        executor: StepExecutor | None = None,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
         self._on_database = is_database_url(self.data_dir)
+        if executor is not None and not isinstance(executor, StepExecutor):
+            raise TypeError(
+                f"executor must be an actorflow.executors.StepExecutor, not {executor!r}"
+            )
+        self.executor = executor
+        if executor is not None:
+            # First: an unreachable cluster is refused before the directory is claimed.
+            executor.open()
         if gc_threshold is not None:
             _raise_gc_thresholds(gc_threshold)
         self.limits = limits or Limits()
@@ -134,20 +149,24 @@ class Runtime:
         self._claim: DirectoryClaim | None = None
         self._owner_fd = -1
         self.storage: Storage
-        if self._on_database:
-            self.storage = self._open_database(serializer)
-        else:
-            self._owner_fd = self._lock_owner()
-            try:
-                self.storage = open_storage(
-                    self.data_dir,
-                    sync=sync,
-                    serializer=serializer,
-                    **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
-                )
-            except BaseException:
-                self._unlock()
-                raise
+        try:
+            if self._on_database:
+                self.storage = self._open_database(serializer)
+            else:
+                self._owner_fd = self._lock_owner()
+                try:
+                    self.storage = open_storage(
+                        self.data_dir,
+                        sync=sync,
+                        serializer=serializer,
+                        **({"map_size": NODE_MAP_SIZE} if self.node_id else {}),
+                    )
+                except BaseException:
+                    self._unlock()
+                    raise
+        except BaseException:
+            self._close_executor()
+            raise
         self._commits = CommitMonitor(self.clock.now)
         self.storage.add_commit_observer(self._commits)
         self.timers = TimerService(self.storage, self.clock)
@@ -175,6 +194,7 @@ class Runtime:
             step_threads,
             seq=seq,
             supervisor=lambda ctx: Supervisor(ctx, max_crashes, crash_window, lease),
+            executor=executor if executor is not None and executor.remote else None,
         )
         self._supervisor = self._engine.supervisor
         delivery = self._supervisor.delivery
@@ -499,10 +519,18 @@ class Runtime:
             ns.shutdown()
         self._pool.shutdown()
         self._reaper.join()
+        self._close_executor()
         if self._lease is not None:
             self._lease.leave()
         self.storage.close()
         self._unlock()
+
+    def _close_executor(self) -> None:
+        if self.executor is not None:
+            try:
+                self.executor.close()
+            except Exception:
+                log.exception("closing the executor %r failed", self.executor)
 
     def __enter__(self) -> Runtime:
         return self

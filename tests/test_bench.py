@@ -48,9 +48,11 @@ def test_every_scenario_is_named_and_described() -> None:
         "recovery",
         "objects",
         "scaling",
+        "executors",
     }
     assert set(SCENARIOS) == expected
     assert "scaling" not in DEFAULT
+    assert "executors" not in DEFAULT  # it starts Ray and Dask clusters
     assert all(s.about and s.name == k for k, s in SCENARIOS.items())
     assert {t.scenario for t in TARGETS} <= expected
 
@@ -398,3 +400,13 @@ def test_peers_refuses_a_bad_store(tmp_path: Path, capsys: pytest.CaptureFixture
     argv = ["--peer-python", sys.executable, "--peer-script", str(script), "--store", "lmdb"]
     assert peers_main(argv) == 2
     assert "give sqlite, postgres or a postgresql:// URL" in capsys.readouterr().err
+
+
+def test_executors_in_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actorflow.bench import executors
+
+    monkeypatch.setattr(executors, "available", lambda: ["inprocess"])
+    monkeypatch.setattr(executors, "BODY_S", 0.01)
+    figures = SCENARIOS["executors"].run(tmp_path, 2, NullProgress(), FAST).figures
+    assert figures["inprocess_map_s"] > 0 and figures["inprocess_step_ms"] > 0
+    assert "ray_speedup" not in figures

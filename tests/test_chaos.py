@@ -58,7 +58,7 @@ from apps.chaos_app import STEPS as STEP_NAMES
 
 from actorflow.cluster.lease import NODES
 from actorflow.core.errors import ActorflowError, InstanceNotFound, InvalidInstanceState
-from actorflow.core.lmdb_backend import LmdbStorage
+from actorflow.core.storage import open_storage
 from actorflow.testing import NodeProcess, NodeProcessError
 from actorflow.testkit.node import EXIT_LEASE_LOST
 from actorflow.workflows.records import load
@@ -119,9 +119,17 @@ class Cluster:
     thawed) in the background, so that they keep their pace.
     """
 
-    def __init__(self, data: Path, journal: Path, size: int, lease: float, concurrency: int):
+    def __init__(
+        self,
+        data: Path | str,
+        journal: Path,
+        size: int,
+        lease: float,
+        concurrency: int,
+        logs: Path | None = None,
+    ):
         self.detour: Detour | None = None  # calls sent through frozen nodes
-        self.data, self.lease = data, lease
+        self.data, self.lease, self.logs = data, lease, logs
         self.env = {JOURNAL_ENV: str(journal), "ACTORFLOW_CHAOS_CONCURRENCY": str(concurrency)}
         self.nodes: list[NodeProcess] = []
         self.busy: set[str] = set()  # frozen, or being replaced
@@ -139,7 +147,10 @@ class Cluster:
         with self.lock:
             self.gen += 1
             node_id = f"n{self.gen}"
-        node = NodeProcess(self.data, APP, node_id=node_id, env=self.env, lease_timeout=self.lease)
+        log = None if self.logs is None else self.logs / f"node-{node_id}.log"
+        node = NodeProcess(
+            self.data, APP, node_id=node_id, env=self.env, lease_timeout=self.lease, log_path=log
+        )
         return node.start()
 
     def any(self) -> NodeProcess:
@@ -426,13 +437,17 @@ def run_chaos(
     work_ms: float = 5.0,
     timeout: float = 300.0,
     kill_until_done: bool = False,
+    location: str | None = None,
 ) -> Outcome:
     """Runs the workload on 3 nodes, disrupting one every ~``kill_every`` s for ``kill_for`` s.
 
     With ``kill_until_done``, disruptions go on until every instance is complete.
-    Prints the summary as ``name`` (also when a check fails).
+    The nodes share ``location`` (a ``postgresql://`` URL; default: the data
+    directory ``tmp/data``); their logs are in ``tmp``. Prints the summary as
+    ``name`` (also when a check fails).
     """
-    data, journal = tmp / "data", tmp / "journal.txt"
+    data: Path | str = location if location is not None else tmp / "data"
+    journal = tmp / "journal.txt"
     rng = random.Random(7)
     params = []
     for k in range(n):
@@ -448,7 +463,7 @@ def run_chaos(
         )
     sent: dict[str, set[str]] = collections.defaultdict(set)
     out = Outcome(n)
-    cluster = Cluster(data, journal, 3, lease, concurrency)
+    cluster = Cluster(data, journal, 3, lease, concurrency, logs=tmp)
     # Enough routed instances for every freeze (one disruption in four).
     freezes = 10 if kill_until_done else int(kill_for / (kill_every * 0.75)) // 4 + 2
     detour = Detour(cluster, freezes if kill_for or kill_until_done else 0, work_ms)
@@ -522,9 +537,9 @@ def run_chaos(
     return out
 
 
-def wait_adopted(data: Path, nodes: set[str], timeout: float) -> None:
+def wait_adopted(data: Path | str, nodes: set[str], timeout: float) -> None:
     """Waits until every disrupted node was adopted (the last ones may still be pending)."""
-    store = LmdbStorage(data)
+    store = open_storage(data)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -538,7 +553,7 @@ def wait_adopted(data: Path, nodes: set[str], timeout: float) -> None:
 
 
 def check(
-    data: Path,
+    data: Path | str,
     journal: Path,
     params: list[dict[str, Any]],
     sent: dict[str, set[str]],

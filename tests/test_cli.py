@@ -37,16 +37,16 @@ class Order(af.Workflow):
         return ev.payload
 
 
-def run_cli(data: Path, *args: str, code: int = 0) -> Result:
+def run_cli(data: str | Path, *args: str, code: int = 0) -> Result:
     result = CliRunner().invoke(cli, ["--data", str(data), *args], catch_exceptions=False)
     assert result.exit_code == code, result.output
     return result
 
 
 @pytest.fixture
-def data(tmp_path: Path, journal: Any) -> Path:
-    """A closed data directory with three instances waiting for their approval."""
-    path = tmp_path / "data"
+def data(location: str, journal: Any) -> str:
+    """A closed location with three instances waiting for their approval."""
+    path = location
     with af.Runtime(path) as rt:
         wf = rt.register(Order, name="order", env=journal)
         for i, p in enumerate(["flaky", "ok", "ok"]):
@@ -57,7 +57,7 @@ def data(tmp_path: Path, journal: Any) -> Path:
     return path
 
 
-def reopen(path: Path, journal: Any) -> tuple[af.Runtime, af.WorkflowBinding]:
+def reopen(path: str | Path, journal: Any) -> tuple[af.Runtime, af.WorkflowBinding]:
     rt = af.Runtime(path)
     return rt, rt.register(Order, name="order", env=journal)
 
@@ -65,7 +65,7 @@ def reopen(path: Path, journal: Any) -> tuple[af.Runtime, af.WorkflowBinding]:
 # -- reads -------------------------------------------------------------------------------
 
 
-def test_list_status_history_steps(data: Path) -> None:
+def test_list_status_history_steps(data: str) -> None:
     out = run_cli(data, "list").output
     assert out.splitlines()[0].split() == ["workflow", "id", "status", "created"]
     assert [line.split()[1] for line in out.splitlines()[2:]] == ["o2", "o1", "o0"]
@@ -94,7 +94,7 @@ def test_list_status_history_steps(data: Path) -> None:
     assert "no instance 'nope'" in err
 
 
-def test_list_pages_with_a_cursor(data: Path) -> None:
+def test_list_pages_with_a_cursor(data: str) -> None:
     seen: list[str] = []
     cursor = None
     for _ in range(5):
@@ -109,7 +109,7 @@ def test_list_pages_with_a_cursor(data: Path) -> None:
     run_cli(data, "list", "--cursor", "!!", code=2)
 
 
-def test_metrics_command(data: Path) -> None:
+def test_metrics_command(data: str) -> None:
     m = json.loads(run_cli(data, "--json", "metrics").output)
     assert m["workflows"]["order"]["counts"] == {"waiting": 3}
     assert m["timer_backlog"] == 3  # the approvals' timeouts
@@ -119,7 +119,7 @@ def test_metrics_command(data: Path) -> None:
 # -- changes on a closed directory: the next runtime continues them ---------------------------
 
 
-def test_send_event_is_taken_by_the_next_runtime(data: Path, journal: Any) -> None:
+def test_send_event_is_taken_by_the_next_runtime(data: str, journal: Any) -> None:
     run_cli(data, "send-event", "order", "o1", "approved", "--payload", '{"by": "ann"}')
     assert json.loads(run_cli(data, "--json", "status", "order", "o1").output)["status"] == "queued"
     rt, wf = reopen(data, journal)
@@ -130,7 +130,7 @@ def test_send_event_is_taken_by_the_next_runtime(data: Path, journal: Any) -> No
     run_cli(data, "send-event", "order", "o1", "approved", "--payload", "{not json", code=2)
 
 
-def test_pause_then_resume_offline(data: Path, journal: Any) -> None:
+def test_pause_then_resume_offline(data: str, journal: Any) -> None:
     run_cli(data, "pause", "order", "o2")
     run_cli(data, "send-event", "order", "o2", "approved", "--payload", '"late"')
     rt, wf = reopen(data, journal)
@@ -143,7 +143,7 @@ def test_pause_then_resume_offline(data: Path, journal: Any) -> None:
         assert wf.get("o2").wait(timeout=10).output == "late"
 
 
-def test_terminate_offline_is_final(data: Path, journal: Any) -> None:
+def test_terminate_offline_is_final(data: str, journal: Any) -> None:
     run_cli(data, "terminate", "order", "o0")
     rt, wf = reopen(data, journal)
     with rt:
@@ -155,7 +155,7 @@ def test_terminate_offline_is_final(data: Path, journal: Any) -> None:
     assert "InvalidInstanceState" in out
 
 
-def test_restart_from_step_offline(data: Path, journal: Any) -> None:
+def test_restart_from_step_offline(data: str, journal: Any) -> None:
     rt, wf = reopen(data, journal)
     with rt:
         wf.get("o1").send_event("approved", 1)
@@ -186,7 +186,7 @@ with af.Runtime(sys.argv[1]) as rt:
 
 
 @pytest.fixture
-def owned(data: Path) -> Iterator[Path]:
+def owned(data: str) -> Iterator[Path]:
     proc = subprocess.Popen(
         [sys.executable, "-c", _OWNER, str(data)],
         stdin=subprocess.PIPE,
@@ -222,7 +222,7 @@ def test_changes_are_refused_while_a_runtime_owns_the_directory(owned: Path) -> 
     assert metrics["workflows"]["order"]["counts"] == {"waiting": 3}
 
 
-def test_the_lock_is_released_when_the_runtime_closes(data: Path, journal: Any) -> None:
+def test_the_lock_is_released_when_the_runtime_closes(data: str, journal: Any) -> None:
     rt, _ = reopen(data, journal)
     run_cli(data, "pause", "order", "o1", code=1)  # held by this process's runtime
     rt.close()

@@ -6,7 +6,9 @@ data directories land in the temporary directory and nothing an example
 leaves behind (threads, open environments) reaches the next one.
 
 A block preceded, on the line right before its fence, by the HTML comment
-``<!-- no-test -->`` is not run (signature listings and fragments).
+``<!-- no-test -->`` is not run (signature listings and fragments). One
+preceded by ``<!-- requires: MODULE -->`` runs only where MODULE is installed
+(examples of optional extras such as ``ray``); elsewhere it is skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 SOURCES = [ROOT / "README.md", *DOCS]
 SKIP_MARK = "<!-- no-test -->"
+REQUIRES = re.compile(r"^<!-- requires: (?P<module>[\w.]+) -->$")
 TIMEOUT_S = 60
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
@@ -31,12 +34,15 @@ LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 class Block:
     """One fenced code block of a Markdown file."""
 
-    def __init__(self, path: Path, line: int, info: str, code: str, skipped: bool) -> None:
+    def __init__(
+        self, path: Path, line: int, info: str, code: str, skipped: bool, requires: str = ""
+    ) -> None:
         self.path = path
         self.line = line
         self.info = info
         self.code = code
         self.skipped = skipped
+        self.requires = requires
 
     @property
     def id(self) -> str:
@@ -63,8 +69,18 @@ def blocks(path: Path) -> list[Block]:
             i += 1
         i += 1  # the closing fence
         skipped = start > 0 and lines[start - 1].strip() == SKIP_MARK
+        req = REQUIRES.match(lines[start - 1].strip()) if start > 0 else None
         info = m.group("info").strip().split()
-        out.append(Block(path, start + 1, info[0] if info else "", "\n".join(body) + "\n", skipped))
+        out.append(
+            Block(
+                path,
+                start + 1,
+                info[0] if info else "",
+                "\n".join(body) + "\n",
+                skipped,
+                req.group("module") if req else "",
+            )
+        )
     return out
 
 
@@ -139,6 +155,8 @@ def test_relative_links_resolve() -> None:
 
 @pytest.mark.parametrize("block", [b for b in PYTHON if not b.skipped], ids=lambda b: b.id)
 def test_example_runs(block: Block, tmp_path: Path) -> None:
+    if block.requires:
+        pytest.importorskip(block.requires)
     script = tmp_path / "example.py"
     script.write_text(block.code)
     env = dict(os.environ)

@@ -1,4 +1,7 @@
-"""Several node processes on one data directory: ownership, events, adoption, fencing."""
+"""Several node processes on one location: ownership, events, adoption, fencing.
+
+The location is a data directory, or a PostgreSQL database with ``--backend=postgres``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from actorflow.cluster.lease import NODES, OWNER
-from actorflow.core.lmdb_backend import LmdbStorage
-from actorflow.core.storage import Storage
+from actorflow.core.storage import Storage, open_storage
 from actorflow.testing import NodeProcess
 from actorflow.testkit.node import EXIT_LEASE_LOST
 from actorflow.workflows.records import IDS, STEPS, load, rkey, step_key
@@ -21,11 +23,11 @@ LEASE = 1.0
 
 
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
+def nodes(location: str) -> Iterator[dict[str, NodeProcess]]:
     made: dict[str, NodeProcess] = {}
 
     def make(node_id: str, **env: str) -> NodeProcess:
-        node = NodeProcess(tmp_path / "data", APP, node_id=node_id, lease_timeout=LEASE, env=env)
+        node = NodeProcess(location, APP, node_id=node_id, lease_timeout=LEASE, env=env)
         made[node_id] = node
         return node.start()
 
@@ -36,15 +38,15 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
             node.kill()
 
 
-def read(data: Path, keyspace: str, key: bytes) -> bytes | None:
-    store = LmdbStorage(data)
+def read(data: str, keyspace: str, key: bytes) -> bytes | None:
+    store = open_storage(data)
     try:
         return store.get(keyspace, key)
     finally:
         store.close()
 
 
-def test_each_node_runs_what_it_created(nodes, tmp_path: Path) -> None:
+def test_each_node_runs_what_it_created(nodes, location: str) -> None:
     a, b = nodes("a"), nodes("b")
     a.create("greeter", id="ga", params={"name": "a"})
     b.create("greeter", id="gb", params={"name": "b"})
@@ -53,8 +55,8 @@ def test_each_node_runs_what_it_created(nodes, tmp_path: Path) -> None:
         node.send_event("greeter", iid, "ok", 1)
     assert a.wait_for_status("greeter", "ga", "complete")["output"]["pid"] == a.pid
     assert b.wait_for_status("greeter", "gb", "complete")["output"]["pid"] == b.pid
-    assert read(tmp_path / "data", OWNER, b"greeter\x00ga") == b"a"
-    assert read(tmp_path / "data", OWNER, b"greeter\x00gb") == b"b"
+    assert read(location, OWNER, b"greeter\x00ga") == b"a"
+    assert read(location, OWNER, b"greeter\x00gb") == b"b"
 
 
 def test_an_event_through_another_node_reaches_the_owner(nodes) -> None:
@@ -71,7 +73,7 @@ def test_an_event_through_another_node_reaches_the_owner(nodes) -> None:
     assert b.stats()["started"] == 0  # b never ran any of them
 
 
-def test_a_killed_nodes_instances_are_adopted_after_its_lease(nodes, tmp_path: Path) -> None:
+def test_a_killed_nodes_instances_are_adopted_after_its_lease(nodes, location: str) -> None:
     a, b = nodes("a"), nodes("b")
     a.create_batch("greeter", [{"id": f"g{i}", "params": {"name": str(i)}} for i in range(30)])
     for i in range(30):
@@ -89,12 +91,12 @@ def test_a_killed_nodes_instances_are_adopted_after_its_lease(nodes, tmp_path: P
     assert took < LEASE + 5
     adoptions = b.stats()["adoptions"]
     assert [x["node"] for x in adoptions] == ["a"]
-    rec = load(read(tmp_path / "data", NODES, b"a") or b"")
+    rec = load(read(location, NODES, b"a") or b"")
     assert rec["state"] == "adopted" and rec["adopted_by"] == "b"
 
 
-def test_a_clean_exit_hands_instances_over_at_once(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def test_a_clean_exit_hands_instances_over_at_once(location: str) -> None:
+    data = location
     with NodeProcess(data, APP, node_id="b", lease_timeout=60) as b:
         with NodeProcess(data, APP, node_id="a", lease_timeout=60) as a:
             a.create("greeter", id="g1", params={"name": "x"})
@@ -117,9 +119,9 @@ def test_a_control_call_through_another_node_takes_the_instance_over(nodes) -> N
     assert st["output"] == {"hello": "hello x", "ok": "through a", "pid": b.pid}
 
 
-def test_a_frozen_node_cannot_commit_after_adoption(nodes, tmp_path: Path) -> None:
+def test_a_frozen_node_cannot_commit_after_adoption(nodes, location: str, tmp_path: Path) -> None:
     """SIGSTOP a node mid-step; another adopts; SIGCONT: nothing of it lands, it exits."""
-    data, journal = tmp_path / "data", tmp_path / "journal.txt"
+    data, journal = location, tmp_path / "journal.txt"
     a = nodes("a", SLOW_MS="1500")
     b = nodes("b", SLOW_MS="4000")
     a.create("slow", id="s1", params={"journal": str(journal)})
@@ -170,15 +172,14 @@ def _seed_instance(
     return rk
 
 
-def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path) -> None:
+def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(location: str) -> None:
     """In one process, on storage: an expired node's unfinished instances change hands."""
     from actorflow.cluster.lease import OWNED, NodeLease, owned_key
-    from actorflow.core.lmdb_backend import LmdbStorage
     from actorflow.core.storage import ConflictError, WriteBatch
     from actorflow.workflows.adoption import claimer_for
     from actorflow.workflows.records import FENCE, INST, epoch_bytes
 
-    store = LmdbStorage(tmp_path / "data")
+    store = open_storage(location)
     try:
         old = NodeLease(store, "old", timeout=0.05)
         assert old.join() == 0
@@ -226,11 +227,11 @@ def test_adoption_moves_owner_and_epoch_and_fences_the_old_owner(tmp_path: Path)
         store.close()
 
 
-def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: Path) -> None:
+def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(location: str) -> None:
     from actorflow.cluster.lease import NodeLease
     from actorflow.workflows.adoption import claimer_for
 
-    store = LmdbStorage(tmp_path / "data")
+    store = open_storage(location)
     try:
         a = NodeLease(store, "a", timeout=60)
         a.join()
@@ -251,9 +252,11 @@ def test_a_live_node_is_not_adopted_and_a_rejoin_is_a_new_incarnation(tmp_path: 
         store.close()
 
 
-def test_a_terminate_through_another_node_fences_the_running_owner(nodes, tmp_path: Path) -> None:
+def test_a_terminate_through_another_node_fences_the_running_owner(
+    nodes, location: str, tmp_path: Path
+) -> None:
     """b terminates an instance a is running: a's commit of the step in flight is refused."""
-    data, journal = tmp_path / "data", tmp_path / "journal.txt"
+    data, journal = location, tmp_path / "journal.txt"
     a, b = nodes("a", SLOW_MS="1500"), nodes("b")
     a.create("slow", id="s1", params={"journal": str(journal)})
     deadline = time.monotonic() + 10

@@ -87,6 +87,26 @@ def test_exports_are_pinned() -> None:
         assert hasattr(af, name), name
 
 
+def test_executors_are_pinned() -> None:
+    assert set(af.executors.__all__) == {
+        "DaskExecutor",
+        "ExecutorError",
+        "InProcessExecutor",
+        "RanOn",
+        "RayExecutor",
+        "StepCall",
+        "StepExecutor",
+    }
+    for name in af.executors.__all__:
+        assert getattr(af.executors, name) is not None
+    # Ray and Dask are imported only when their executor opens.
+    code = "import sys, actorflow; print('ray' in sys.modules, 'distributed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    err = af.executors.ExecutorError("x", executor="ray")
+    assert pickle.loads(pickle.dumps(err)).executor == "ray"
+
+
 def test_node_failure_tools_are_in_testing() -> None:
     import actorflow.testing as t
 

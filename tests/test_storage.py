@@ -30,6 +30,7 @@ from actorflow.core.storage import (
     Serializer,
     Storage,
     WriteBatch,
+    open_storage,
 )
 
 KS = "data"
@@ -40,9 +41,17 @@ def sync(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
+@pytest.fixture(params=["lmdb", "lmdb-nosync", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """One storage location of each backend, and its options: the contract runs on all."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url"), {}
+    return str(tmp_path / "db"), {"sync": request.param == "lmdb"}
+
+
 @pytest.fixture
-def store(tmp_path: Any, sync: bool) -> Iterator[Storage]:
-    s = LmdbStorage(tmp_path / "db", sync=sync)
+def store(where: tuple[str, dict[str, Any]]) -> Iterator[Storage]:
+    s = open_storage(where[0], **where[1])
     yield s
     s.close()
 
@@ -621,8 +630,8 @@ def test_a_failed_batch_fails_the_rest_of_its_chain(store: Storage) -> None:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
-def test_reopen_keeps_data_and_close_is_idempotent(tmp_path: Any, sync: bool) -> None:
-    s = LmdbStorage(tmp_path / "db", sync=sync)
+def test_reopen_keeps_data_and_close_is_idempotent(where: tuple[str, dict[str, Any]]) -> None:
+    s = open_storage(where[0], **where[1])
     s.write(WriteBatch().put(KS, b"k", b"v"))
     s.close()
     s.close()
@@ -630,19 +639,19 @@ def test_reopen_keeps_data_and_close_is_idempotent(tmp_path: Any, sync: bool) ->
         s.get(KS, b"k")
     with pytest.raises(StorageError, match="closed"):
         s.submit(WriteBatch().put(KS, b"k2", b"v"))
-    s2 = LmdbStorage(tmp_path / "db", sync=sync)
+    s2 = open_storage(where[0], **where[1])
     try:
         assert s2.get(KS, b"k") == b"v"
     finally:
         s2.close()
 
 
-def test_close_flushes_queued_batches(tmp_path: Any, sync: bool) -> None:
-    s = LmdbStorage(tmp_path / "db", sync=sync)
+def test_close_flushes_queued_batches(where: tuple[str, dict[str, Any]]) -> None:
+    s = open_storage(where[0], **where[1])
     for i in range(500):
         s.submit(WriteBatch().put(KS, b"%04d" % i, b"v"))
     s.close()
-    s2 = LmdbStorage(tmp_path / "db", sync=sync)
+    s2 = open_storage(where[0], **where[1])
     try:
         assert s2.count(KS) == 500
     finally:

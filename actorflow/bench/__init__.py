@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from actorflow.bench.executors import EXECUTORS
 from actorflow.bench.isolate import run_isolated
 from actorflow.bench.progress import Bar, NullProgress, Progress
 from actorflow.bench.report import CLOUDFLARE_V2, format_table, machine, rows
@@ -61,9 +62,10 @@ __all__ = [
 ]
 
 #: Every scenario, by name.
-SCENARIOS: dict[str, Scenario] = {**_BASE, SCALING.name: SCALING}
-#: What ``actorflow bench`` runs without names: everything but ``scaling``.
-DEFAULT = [name for name in SCENARIOS if name != "scaling"]
+SCENARIOS: dict[str, Scenario] = {**_BASE, SCALING.name: SCALING, EXECUTORS.name: EXECUTORS}
+#: What ``actorflow bench`` runs without names: everything but ``scaling`` and
+#: ``executors`` (it starts Ray and Dask clusters).
+DEFAULT = [name for name in SCENARIOS if name not in ("scaling", "executors")]
 _ALIASES = {"disk": "physical"}
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "ActorflowError",
     "DataDirectoryLocked",
     "EventTimeoutError",
+    "ExecutorError",
     "InstanceAlreadyExists",
     "InstanceNotFound",
     "InvalidInstanceId",
@@ -99,6 +100,16 @@ class NonRetryableError(ActorflowError):
 
 class SerializationError(ActorflowError, TypeError):
     """A value could not be serialized (or deserialized) for durable storage."""
+
+
+class ExecutorError(ActorflowError):
+    """The executor that runs step bodies (Ray, Dask) could not run one.
+
+    At start (``Runtime(executor=...)``): the cluster is unreachable, or its
+    package is not installed. During a run: the worker or node running an
+    attempt was lost, or the cluster went away; that attempt fails with this
+    error and is retried by the step's policy.
+    """
 
 
 class LimitExceeded(ActorflowError):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -85,6 +86,8 @@ _NODE_LOCK_SPACE = 0x6167
 #: Seconds a session may sit inside a transaction without a word; then the
 #: server ends it and frees the write lock (a frozen or dead node).
 IDLE_IN_TRANSACTION = 5
+#: Attempts at a group that meets serialization failures or deadlocks.
+_MAX_RETRIES = 50
 #: Seconds between two log lines while the database cannot be reached.
 _LOG_EVERY = 5.0
 _CONNECT: dict[str, Any] = {
@@ -159,6 +162,7 @@ class PostgresStorage(Storage):
         super().__init__(safe_url(url), max_batch=max_batch, serializer=serializer)
         self.url = url
         self.read_patience = read_patience
+        self._pid = os.getpid()
         self._token = uuid.uuid4()
         self._seq = 0
         # Held by the writer around a commit and its number, and by a reader
@@ -279,6 +283,15 @@ class PostgresStorage(Storage):
                     )
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise StorageError(
+                f"storage at {self.path} was opened in process {self._pid} and cannot be "
+                "used after fork() (its connections are the parent's); open a new Runtime "
+                "in the child"
+            )
+        super()._check_open()
 
     # -- reads ------------------------------------------------------------------------
 
@@ -482,6 +495,13 @@ class PostgresStorage(Storage):
                 results = self._attempt(conn, items, seq)
             except _RETRY as exc:
                 self._rollback(conn)
+                if attempt >= _MAX_RETRIES:
+                    err = StorageError(
+                        f"durable write to {self.path} failed: {attempt} attempts met "
+                        f"{type(exc).__name__}; nothing of it was applied",
+                        path=self.path,
+                    )
+                    return [err] * len(items), self._seq
                 log.info("group commit retried after %s (attempt %d)", type(exc).__name__, attempt)
                 time.sleep(min(0.001 * attempt, 0.05))
                 continue
@@ -511,6 +531,8 @@ class PostgresStorage(Storage):
     def _attempt(
         self, conn: psycopg.Connection[Any], items: list[Item], seq: int
     ) -> list[BaseException | None]:
+        # The fault hook may sleep (a slow disk): never while holding the lock.
+        faults = [self._faulted(batch) for batch, _cb in items]
         guard_ks: list[str] = []
         guard_keys: list[bytes] = []
         for batch, _cb in items:
@@ -525,7 +547,7 @@ class PostgresStorage(Storage):
             current = {(ks, bytes(k)): bytes(v) for ks, k, v in cur.fetchall()}
         writes: dict[tuple[str, bytes], bytes | None] = {}
         dropped: list[tuple[str, bytes]] = []
-        results = self._evaluate(items, current, writes, dropped)
+        results = self._evaluate(items, faults, current, writes, dropped)
         self._sent = results
         dels = [key for key, value in writes.items() if value is None]
         puts = [(key, value) for key, value in writes.items() if value is not None]
@@ -552,6 +574,7 @@ class PostgresStorage(Storage):
     def _evaluate(
         self,
         items: list[Item],
+        faults: list[BaseException | None],
         current: dict[tuple[str, bytes], bytes],
         writes: dict[tuple[str, bytes], bytes | None],
         dropped: list[tuple[str, bytes]],
@@ -564,7 +587,7 @@ class PostgresStorage(Storage):
         results: list[BaseException | None] = [None] * len(items)
         broken: set[int] = set()
         for i, (batch, _cb) in enumerate(items):
-            err = self._refused(batch, broken)
+            err = self._chain_refused(batch, broken) or faults[i]
             if err is None:
                 for ks, key, expected in batch.guards:
                     k = (ks, key)
@@ -648,6 +671,9 @@ class PostgresStorage(Storage):
     def close(self) -> None:
         """Flushes queued batches, stops the writer and closes the connections."""
         if self._closed:
+            return
+        if os.getpid() != self._pid:
+            self._closed = True  # the parent's connections: never touch them here
             return
         # With the database up the writer commits what is queued as usual; one
         # waiting for an unreachable database gives up, failing those writes.

@@ -501,11 +501,19 @@ class Storage(ABC):
 
         ``broken`` holds the ids of chains failed earlier in this transaction.
         """
+        return self._chain_refused(batch, broken) or self._faulted(batch)
+
+    def _chain_refused(self, batch: WriteBatch, broken: set[int]) -> BaseException | None:
+        """The error of a batch whose chain failed earlier, or None."""
         chain = batch.chain
         if chain is not None and (chain.failed or id(chain) in broken):
             return StorageError(
                 f"write to {self.path} rejected: an earlier write it depends on failed"
             )
+        return None
+
+    def _faulted(self, batch: WriteBatch) -> BaseException | None:
+        """What the fault hook (:meth:`set_fault`) fails ``batch`` with, or None."""
         if self._fault is not None:
             try:
                 self._fault(batch)

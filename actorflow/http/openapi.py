@@ -345,6 +345,12 @@ SCHEMAS: dict[str, Any] = {
             "success": {"type": ["boolean", "null"]},
             "error": _ERROR,
             "retry_delay_ms": {"type": ["integer", "null"]},
+            "ran_on": {
+                "type": "object",
+                "description": "where it ran: executor (inprocess, ray, dask), node, worker, "
+                "host, pid",
+                "additionalProperties": {"type": "string"},
+            },
         },
     },
     "Step": {

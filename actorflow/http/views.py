@@ -63,6 +63,7 @@ def _attempt_view(a: Attempt) -> dict[str, Any]:
         "success": None if a.end is None else a.error is None,
         "error": jsonable(a.error),
         "retry_delay_ms": a.retry_delay_ms,
+        "ran_on": a.ran_on,
     }
 
 

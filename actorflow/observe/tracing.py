@@ -344,6 +344,7 @@ class OTelObserver:
                                 "actorflow.step.kind": k,
                                 "actorflow.step.status": status,
                                 "actorflow.attempts": 1,
+                                **(_ran_on(attempts[0]) if len(attempts[0]) > 4 else {}),
                             },
                             (),
                             (),
@@ -369,6 +370,7 @@ class OTelObserver:
                                 "actorflow.step": name,
                                 "actorflow.step.count": count,
                                 "actorflow.attempt": 1,
+                                **(_ran_on(attempts[0]) if len(attempts[0]) > 4 else {}),
                             },
                             (),
                             (),
@@ -422,7 +424,8 @@ class OTelObserver:
                         scope,
                     )
                 )
-                for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
+                for i, att in enumerate(attempts, 1):
+                    a0, a1, aerr = att[0], att[1], att[2]
                     if a1 is None:
                         a1 = t1
                     st, events = (ok, ()) if aerr is None else self._failed(aerr, (), a1)
@@ -438,6 +441,7 @@ class OTelObserver:
                                 "actorflow.step": name,
                                 "actorflow.step.count": count,
                                 "actorflow.attempt": i,
+                                **(_ran_on(att) if len(att) > 4 else {}),
                             },
                             self._events(events) if events else (),
                             (),
@@ -544,7 +548,8 @@ class OTelObserver:
             step = self._span(parent, "step " + name, attrs, t0, t1, events, error)
             if len(attempts) == 1 and attempts[0][2] is None and not self._first_attempts:
                 return
-            for i, (a0, a1, aerr, _delay) in enumerate(attempts, 1):
+            for i, att in enumerate(attempts, 1):
+                a0, a1, aerr = att[0], att[1], att[2]
                 self._span(
                     step,
                     f"attempt {i}",
@@ -554,6 +559,7 @@ class OTelObserver:
                         "actorflow.step": name,
                         "actorflow.step.count": rec["c"],
                         "actorflow.attempt": i,
+                        **(_ran_on(att) if len(att) > 4 else {}),
                     },
                     a0,
                     a1 if a1 is not None else t1,
@@ -626,3 +632,11 @@ def _enqueue(processor: Any, spans: list[Any]) -> bool:
     if len(queue) >= limit and not awaken.is_set():
         awaken.set()
     return True
+
+
+def _ran_on(attempt: Any) -> dict[str, str]:
+    """The span attributes of where a remote executor ran an attempt (its 5th field)."""
+    return {
+        f"actorflow.executor.{k}" if k != "executor" else "actorflow.executor": str(v)
+        for k, v in attempt[4].items()
+    }

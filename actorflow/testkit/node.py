@@ -30,6 +30,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -40,6 +41,7 @@ from typing import IO, Any
 from actorflow.cluster.lease import LEASE_TIMEOUT_ENV, NODE_ID_ENV
 from actorflow.core import errors as _errors
 from actorflow.core.errors import ActorflowError
+from actorflow.core.storage import is_database_url
 
 __all__ = ["LEASE_TIMEOUT_ENV", "NODE_ID_ENV", "NodeProcess", "NodeProcessError", "main"]
 
@@ -69,7 +71,9 @@ class NodeProcess:
     """A runtime in a child process, with SIGKILL, SIGTERM and a control channel.
 
     Args:
-        data_dir: The data directory the child's runtime opens.
+        data_dir: The data directory the child's runtime opens, or a
+            ``postgresql://`` URL (then ``log_path`` should be given: the
+            default log is in the system's temporary directory).
         app: ``"package.module:factory"``; the child calls ``factory(data_dir)``,
             which returns the :class:`~actorflow.Runtime` with its workflows
             registered. It must be importable in the child (the parent's
@@ -104,10 +108,13 @@ class NodeProcess:
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
         self.env = dict(env or {})
         self.lease_timeout = lease_timeout
+        self._on_database = is_database_url(self.data_dir)
+        # A database URL is no directory to keep the log in.
+        log_dir = tempfile.gettempdir() if self._on_database else self.data_dir
         self.log_path = (
             os.fspath(log_path)
             if log_path is not None
-            else os.path.join(self.data_dir, f"node-{self.node_id}.log")
+            else os.path.join(log_dir, f"node-{self.node_id}.log")
         )
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -130,7 +137,8 @@ class NodeProcess:
         """
         if self.alive:
             raise NodeProcessError(f"node {self.node_id} is already running")
-        os.makedirs(self.data_dir, exist_ok=True)
+        if not self._on_database:
+            os.makedirs(self.data_dir, exist_ok=True)
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         env = dict(os.environ)
         paths = [os.getcwd(), *[p for p in sys.path if p]]

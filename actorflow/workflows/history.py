@@ -52,6 +52,11 @@ EVENT_TYPES = (
 )
 
 
+#: The executor name of an attempt run in the runtime's own process (its record
+#: says nothing of where it ran).
+INPROCESS = "inprocess"
+
+
 @dataclass(frozen=True)
 class HistoryEvent:
     """One entry of ``inst.history()``."""
@@ -65,13 +70,21 @@ class HistoryEvent:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt of a step: when it ran and how it ended."""
+    """One attempt of a step: when and where it ran, and how it ended.
+
+    ``ran_on`` says where: ``{"executor": "inprocess"}`` in the runtime's own
+    process; for a remote executor its name and, as far as it knows them, the
+    ``node``, ``worker``, ``host`` and ``pid`` (``{"executor": "ray", "node":
+    ..., "worker": ..., ...}``). An attempt whose worker was lost may know only
+    the executor.
+    """
 
     attempt: int
     start: datetime
     end: datetime | None
     error: dict[str, str] | None = None
     retry_delay_ms: int | None = None
+    ran_on: dict[str, str] = field(default_factory=lambda: {"executor": INPROCESS})
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,14 @@ def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
     out = []
     for r in sorted(records, key=lambda r: r["seq"]):
         attempts = [
-            Attempt(i + 1, to_datetime(a[0] / 1000.0), _dt(a[1]), a[2], a[3])
+            Attempt(
+                i + 1,
+                to_datetime(a[0] / 1000.0),
+                _dt(a[1]),
+                a[2],
+                a[3],
+                dict(a[4]) if len(a) > 4 else {"executor": INPROCESS},
+            )
             for i, a in enumerate(r.get("att", ()))
         ]
         output = None
@@ -196,25 +216,8 @@ def build_history(
                 ),
             )
             for a in s.attempts:
-                add(
-                    a.start.timestamp() * 1000,
-                    HistoryEvent("ATTEMPT_START", a.start, label, a.attempt),
-                )
-                if a.end is None:
-                    continue
-                if a.error is None:
-                    add(
-                        a.end.timestamp() * 1000,
-                        HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt),
-                    )
-                else:
-                    data: dict[str, Any] = {"error": a.error}
-                    if a.retry_delay_ms is not None:
-                        data["retryDelayMs"] = a.retry_delay_ms
-                    add(
-                        a.end.timestamp() * 1000,
-                        HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data),
-                    )
+                for ms, ev in _attempt_events(a, label):
+                    add(ms, ev)
             if s.status == "complete" and s.end:
                 add(
                     s.end.timestamp() * 1000,
@@ -254,6 +257,29 @@ def build_history(
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [e for *_, e in merged]
+
+
+def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:
+    """The events of one attempt of step ``label``, with their times in ms."""
+    out = [(a.start.timestamp() * 1000, HistoryEvent("ATTEMPT_START", a.start, label, a.attempt))]
+    if a.end is None:
+        return out
+    # Where it ran, for an attempt that ran elsewhere than this process.
+    remote = a.ran_on if a.ran_on.get("executor") != INPROCESS else None
+    if a.error is None:
+        data: dict[str, Any] = {"ranOn": remote} if remote else {}
+        ev = HistoryEvent("ATTEMPT_SUCCESS", a.end, label, a.attempt, data)
+        out.append((a.end.timestamp() * 1000, ev))
+        return out
+    data = {"error": a.error}
+    if a.retry_delay_ms is not None:
+        data["retryDelayMs"] = a.retry_delay_ms
+    if remote:
+        data["ranOn"] = remote
+    out.append(
+        (a.end.timestamp() * 1000, HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
+    )
+    return out
 
 
 def read_steps(storage: Storage, rk: bytes) -> list[StepRecord]:

@@ -158,8 +158,15 @@ class InstanceRecord(TypedDict, total=False):
 
 
 #: One attempt of a ``step.do``: ``(start ms, end ms, {name, message} or None,
-#: retry delay ms or None)``; MessagePack reads the tuple back as a list.
-Attempt = tuple[int, int, dict[str, str] | None, int | None] | list[Any]
+#: retry delay ms or None)``, plus, for an attempt a remote executor ran, where
+#: it ran (``{executor, node, worker, host, pid}``, see
+#: :data:`actorflow.executors.base.RanOn`; absent: in the runtime's process).
+#: MessagePack reads the tuple back as a list.
+Attempt = (
+    tuple[int, int, dict[str, str] | None, int | None]
+    | tuple[int, int, dict[str, str] | None, int | None, dict[str, str]]
+    | list[Any]
+)
 
 
 class StepCheckpoint(TypedDict, total=False):

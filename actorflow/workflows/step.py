@@ -283,7 +283,13 @@ class StepRunner(Protocol):
         ...
 
     def do(
-        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        retries: Any,
+        timeout: Any,
+        config: Any,
+        resources: Any = None,
     ) -> Coroutine[Any, Any, Any]: ...
 
     def sleep(self, name: str, duration: Any) -> Coroutine[Any, Any, None]: ...
@@ -324,25 +330,38 @@ class WorkflowStep:
         retries: dict[str, Any] | RetryPolicy | None = None,
         timeout: Any = None,
         config: dict[str, Any] | None = None,
+        resources: dict[str, float] | None = None,
     ) -> Any:
         """Runs ``fn`` as a durable step and returns its result.
 
         Without ``fn`` it is a decorator: the decorated function runs the step
         when called. ``fn`` may take one parameter named ``ctx`` (a
         :class:`StepContext`). A completed step never runs again; its stored
-        result is returned on replay.
+        result is returned on replay. ``resources`` (``{"num_cpus": 2,
+        "num_gpus": 1}``, custom names) is what each attempt asks of the
+        runtime's executor (see :mod:`actorflow.executors`); the in-process
+        executor ignores it.
         """
         if fn is None:
 
             def decorator(func: Callable[..., Any]) -> Callable[[], Any]:
                 @functools.wraps(func)
                 def run_step() -> Any:
-                    return self.do(name, func, retries=retries, timeout=timeout, config=config)
+                    return self.do(
+                        name,
+                        func,
+                        retries=retries,
+                        timeout=timeout,
+                        config=config,
+                        resources=resources,
+                    )
 
                 return run_step
 
             return decorator
-        return self._result(self._runner.do(name, self._body(name, fn), retries, timeout, config))
+        return self._result(
+            self._runner.do(name, self._body(name, fn), retries, timeout, config, resources)
+        )
 
     def _body(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn``, or, if it cannot be called as a step body, one that fails the step at once."""
@@ -387,10 +406,11 @@ class WorkflowStep:
         retries: dict[str, Any] | RetryPolicy | None = None,
         timeout: Any = None,
         max_concurrency: int | None = None,
+        resources: dict[str, float] | None = None,
     ) -> Any:
         """Runs ``fn(item)`` for every item concurrently, each as step ``f"{name}[{i}]"``.
 
-        Returns the results in item order.
+        Returns the results in item order. ``resources`` is asked for each item's step.
         """
         problem = _item_problem(fn)
         coros = [
@@ -402,6 +422,7 @@ class WorkflowStep:
                 retries,
                 timeout,
                 None,
+                resources,
             )
             for i, item in enumerate(items)
         ]
@@ -413,9 +434,13 @@ class WorkflowStep:
         retries: dict[str, Any] | RetryPolicy | None = None,
         timeout: Any = None,
         max_concurrency: int | None = None,
+        resources: dict[str, float] | None = None,
     ) -> Any:
         """Runs distinct ``(name, fn)`` steps concurrently; returns their results in order."""
-        coros = [self._runner.do(n, self._body(n, f), retries, timeout, None) for n, f in steps]
+        coros = [
+            self._runner.do(n, self._body(n, f), retries, timeout, None, resources)
+            for n, f in steps
+        ]
         return self._result(self._runner.gather(coros, max_concurrency))
 
 

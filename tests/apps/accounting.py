@@ -38,8 +38,7 @@ from typing import Any
 
 from actorflow.cluster.lease import NODES, OWNER
 from actorflow.core.errors import ActorflowError
-from actorflow.core.lmdb_backend import LmdbStorage
-from actorflow.core.storage import PickleSerializer
+from actorflow.core.storage import PickleSerializer, open_storage
 from actorflow.testkit.node import NodeProcess, NodeProcessError
 from actorflow.workflows.records import DONE, HIST, IDS, INST, STEPS, load
 
@@ -81,10 +80,13 @@ class DataDir:
     registry: dict[str, dict[str, Any]]  # node id -> its registry record
 
 
-def read_back(data: Path, workflows: Iterable[str]) -> DataDir:
-    """Reads the instances of ``workflows`` (instance ids unique across them) and the registry."""
+def read_back(data: Path | str, workflows: Iterable[str]) -> DataDir:
+    """Reads the instances of ``workflows`` (instance ids unique across them) and the registry.
+
+    ``data`` is a data directory or a ``postgresql://`` URL.
+    """
     ser = PickleSerializer()
-    store = LmdbStorage(data)
+    store = open_storage(data)
     try:
         out = DataDir({}, {}, {}, {})
         for wf in workflows:

@@ -16,6 +16,7 @@ still answers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -99,7 +100,12 @@ def stall_heartbeats(rt: af.Runtime, flag: str) -> None:
 
 
 def factory(data_dir: str) -> af.Runtime:
-    """Builds a node's runtime (the node id and lease come from NodeProcess)."""
+    """Builds a node's runtime (the node id and lease come from NodeProcess).
+
+    The node's warnings (the database unreachable and back, adoptions) go to
+    its log: actorflow's own logger prints nothing unless the app says where.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     limit = int(os.environ.get("ACTORFLOW_CHAOS_CONCURRENCY", "200"))
     rt = af.Runtime(data_dir, limits=af.Limits(max_concurrent=limit))
     for name in WORKFLOWS:

@@ -26,6 +26,7 @@ from actorflow.workflows.records import IDS, ikey, rkey
 from actorflow.workflows.router import Router
 
 if TYPE_CHECKING:
+    from actorflow.executors.base import StepExecutor
     from actorflow.observe.tracing import RunObserver
     from actorflow.workflows.supervisor import Supervisor
 
@@ -97,6 +98,9 @@ class EngineContext:
             counted from the real time in microseconds.
         supervisor: Makes the supervisor of this context, given the context
             (called last in the constructor: the supervisor needs the rest).
+        executor: Where sync and async step bodies run, if not in this
+            process (an open remote :class:`~actorflow.executors.StepExecutor`);
+            None: on the step threads and the engine loop.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class EngineContext:
         seq: Iterator[int] | None = None,
         *,
         supervisor: Callable[[EngineContext], Supervisor],
+        executor: StepExecutor | None = None,
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -135,6 +140,7 @@ class EngineContext:
         # Observability: steps ended per second, and the run observer (tracing).
         self.step_rate = RateWindow(clock.now)
         self.observer: RunObserver | None = None
+        self.executor = executor
         self.supervisor = supervisor(self)
 
     def start(self) -> None:

@@ -41,6 +41,7 @@ from actorflow.core.errors import (
 )
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TimerService, timer_key
+from actorflow.executors.base import RanOn, StepExecutor, check_resources
 from actorflow.workflows.definition import (
     Status,
     WorkflowEvent,
@@ -141,6 +142,13 @@ def _user_signal(where: str, what: str, exc: BaseException) -> NonRetryableError
     )
     err.__cause__ = exc
     return err
+
+
+def _att(a0: int, a1: int, ed: Any, delay: int | None, ran_on: RanOn | None) -> tuple[Any, ...]:
+    """An attempt's entry in its step record; where it ran only if not in-process."""
+    if ran_on is None:
+        return (a0, a1, ed, delay)
+    return (a0, a1, ed, delay, ran_on)
 
 
 class _Waiter:
@@ -775,7 +783,13 @@ class Execution:
     # -- step.do ---------------------------------------------------------------
 
     async def do(
-        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any, config: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        retries: Any,
+        timeout: Any,
+        config: Any,
+        resources: Any = None,
     ) -> Any:
         where = self._here(name)
         self._check_live()
@@ -802,6 +816,8 @@ class Execution:
             cfg = rec["cfg"]
         else:
             cfg = resolve_config(where, config, retries, timeout)
+        if resources is not None:
+            resources = check_resources(resources, where)
         await self._gate()
         now = self.now_ms()
         if rec is None:
@@ -827,11 +843,13 @@ class Execution:
                 raise Stop()
             self._crash_point(name, "before")
             a0 = self.now_ms()
-            value, err = await self._attempt(fn, use_ctx, attempt, name, count, cfg, where)
+            value, err, ran_on = await self._attempt(
+                fn, use_ctx, attempt, name, count, cfg, where, resources
+            )
             a1 = self.now_ms()
             if err is None:
-                return await self._succeeded(key, rec, value, a0, a1, name, where)
-            rec = await self._failed(key, rec, err, attempt, a0, a1, name, where)
+                return await self._succeeded(key, rec, value, a0, a1, name, where, ran_on)
+            rec = await self._failed(key, rec, err, attempt, a0, a1, name, where, ran_on)
 
     async def _attempt(
         self,
@@ -842,39 +860,58 @@ class Execution:
         count: int,
         cfg: dict[str, Any],
         where: str,
-    ) -> tuple[Any, BaseException | None]:
-        """Runs one attempt of a step body; returns its value, or the error it failed with."""
+        resources: dict[str, float] | None,
+    ) -> tuple[Any, BaseException | None, RanOn | None]:
+        """Runs one attempt of a step body.
+
+        Returns:
+            Its value, or the error it failed with, and where it ran when an
+            executor ran it (None: in the runtime's process).
+        """
         mock = self.mods.step_mock(name) if self.mods is not None else None
+        # Where a remote executor ran the attempt (filled by _remote).
+        box: list[RanOn] | None = [] if self.ctx.executor is not None else None
+        value: Any = None
+        err: BaseException | None = None
         self.in_flight += 1
         try:
             if mock is not None:
                 kind, payload = mock
                 if kind == "error":
                     raise payload
-                return payload, None
-            return await self._invoke(fn, use_ctx, attempt, name, count, cfg), None
+                return payload, None, None
+            value = await self._invoke(fn, use_ctx, attempt, name, count, cfg, resources, box)
         except (Suspend, Stop, Fatal, EngineFault):
             raise
         except asyncio.CancelledError as e:
             if self.state & STOPPED or _cancelling():
                 raise
-            return None, _user_signal(where, "the step body", e)  # raised by the body itself
+            err = _user_signal(where, "the step body", e)  # raised by the body itself
         except _BodySignal as e:
-            return None, _user_signal(where, "the step body", e.signal)
+            err = _user_signal(where, "the step body", e.signal)
         except Exception as e:
-            return None, e
+            err = e
         except BaseException as e:
             # SystemExit, KeyboardInterrupt, GeneratorExit raised by the body:
             # out of a step they would end the engine loop, and the step would
             # rerun into the same exit on every reopen. The step fails instead.
-            return None, _user_signal(where, "the step body", e)
+            err = _user_signal(where, "the step body", e)
         finally:
             self.in_flight -= 1
             if self.waiters:
                 self._poke()
+        return value, err, (box[0] if box else None)
 
     async def _succeeded(
-        self, key: bytes, rec: StepCheckpoint, value: Any, a0: int, a1: int, name: str, where: str
+        self,
+        key: bytes,
+        rec: StepCheckpoint,
+        value: Any,
+        a0: int,
+        a1: int,
+        name: str,
+        where: str,
+        ran_on: RanOn | None = None,
     ) -> Any:
         """Checkpoints a step's result; a result that cannot be stored fails the instance."""
         self._crash_point(name, "after_body")
@@ -904,7 +941,7 @@ class Execution:
             new: StepCheckpoint = {
                 **rec,
                 "s": StepStatus.FAILED,
-                "att": [*rec["att"], (a0, a1, ed, None)],
+                "att": [*rec["att"], _att(a0, a1, ed, None, ran_on)],
                 "t1": a1,
                 "ed": ed,
                 "e": self._dump_error(fatal),
@@ -916,7 +953,7 @@ class Execution:
             **rec,
             "s": StepStatus.DONE,
             "r": data,
-            "att": [*rec["att"], (a0, a1, None, None)],
+            "att": [*rec["att"], _att(a0, a1, None, None, ran_on)],
             "t1": a1,
         }
         new.pop("dl", None)
@@ -934,6 +971,7 @@ class Execution:
         a1: int,
         name: str,
         where: str,
+        ran_on: RanOn | None = None,
     ) -> StepCheckpoint:
         """Records a failed attempt: raises it once the step has failed for good, else
         waits out the retry delay and returns the step's record for the next attempt."""
@@ -953,11 +991,15 @@ class Execution:
                 },
             )
         cfg = rec["cfg"]
-        if isinstance(err, NonRetryableError) or attempt > cfg["retries"]["limit"]:
+        if (
+            isinstance(err, NonRetryableError)
+            or attempt > cfg["retries"]["limit"]
+            or getattr(err, "retryable", True) is False
+        ):
             failed: StepCheckpoint = {
                 **rec,
                 "s": StepStatus.FAILED,
-                "att": [*rec["att"], (a0, a1, ed, None)],
+                "att": [*rec["att"], _att(a0, a1, ed, None, ran_on)],
                 "t1": a1,
                 "ed": ed,
                 "e": self._dump_error(err),
@@ -970,7 +1012,7 @@ class Execution:
         new: StepCheckpoint = {
             **rec,
             "s": StepStatus.RETRYING,
-            "att": [*rec["att"], (a0, a1, ed, delay)],
+            "att": [*rec["att"], _att(a0, a1, ed, delay, ran_on)],
             "dl": dl,
         }
         tk = self._timer(dl, key) if delay > 0 else None
@@ -987,12 +1029,17 @@ class Execution:
         name: str,
         count: int,
         cfg: dict[str, Any],
+        resources: dict[str, float] | None = None,
+        box: list[RanOn] | None = None,
     ) -> Any:
         args: tuple[Any, ...] = ()
         if use_ctx:
             args = (StepContext(attempt, StepInfo(name, count), copy.deepcopy(cfg)),)
         if self.mods is not None and self.mods.forced_timeout(name):
             raise StepTimeoutError(f"{self._here(name)}: attempt {attempt} timed out (forced)")
+        executor = self.ctx.executor
+        if executor is not None:
+            return await self._remote(executor, fn, args, attempt, name, cfg, resources, box)
         if inspect.iscoroutinefunction(fn):
             watch = self.ctx.watchdog.arm(cfg["timeout"] / 1000.0)
             try:
@@ -1016,6 +1063,44 @@ class Execution:
             if cm.expired():
                 raise self._timed_out(name, attempt, cfg) from None
             raise
+
+    async def _remote(
+        self,
+        executor: StepExecutor,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        attempt: int,
+        name: str,
+        cfg: dict[str, Any],
+        resources: dict[str, float] | None,
+        box: list[RanOn] | None,
+    ) -> Any:
+        """Runs one attempt on a remote executor; cancels it on a timeout or a stop."""
+        try:
+            call = executor.submit(fn, args, resources)
+        except SerializationError as e:
+            # It would fail alike on every attempt: the step fails at once.
+            raise SerializationError(
+                f"{self._here(name)}: {e}",
+                workflow=self.wfe.name,
+                instance=self.actor.iid,
+                step=name,
+                retryable=False,
+            ) from None
+        try:
+            async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
+                return await call.wait()
+        except TimeoutError:
+            if cm.expired():
+                call.cancel()
+                raise self._timed_out(name, attempt, cfg) from None
+            raise
+        except asyncio.CancelledError:
+            call.cancel()  # the run stopped (terminate, restart, shutdown)
+            raise
+        finally:
+            if box is not None:
+                box.append(call.ran_on)
 
     def _timed_out(self, name: str, attempt: int, cfg: dict[str, Any]) -> StepTimeoutError:
         return StepTimeoutError(
