@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: install demo test lint typecheck unit stress bench bench-report bench-compare bench-peers clean
+.PHONY: install demo test lint typecheck unit stress bench bench-report bench-compare bench-peers \
+	bench-postgres bench-peers-postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,7 +90,12 @@ bench-compare: $(STAMP)
 bench-report: $(STAMP)
 	$(BIN)/python -m actorflow.bench --profile cloudflare-v2
 
+# The scenarios that run on PostgreSQL, on a throwaway local server (Debian's postgresql), beside LMDB.
+bench-postgres: $(STAMP)
+	$(BIN)/python -m actorflow.bench steps create latency --store lmdb --store postgres
+
 # DBOS (PyPI dbos, SQLite system database) in its own environment, side by side with actorflow.
+# dbos brings psycopg (binary) itself: bench-peers-postgres needs nothing more in that environment.
 PEERS := benchmarks/peers/.venv
 $(PEERS)/.installed:
 	$(PYTHON) -m venv $(PEERS)
@@ -98,6 +104,10 @@ $(PEERS)/.installed:
 
 bench-peers: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python -m actorflow.bench peers --peer-python $(PEERS)/bin/python
+
+# DBOS and actorflow on one throwaway local PostgreSQL server, actorflow on LMDB beside them.
+bench-peers-postgres: $(STAMP) $(PEERS)/.installed
+	$(BIN)/python -m actorflow.bench peers --peer-python $(PEERS)/bin/python --store postgres
 
 clean:
 	rm -rf $(VENV) $(PEERS) actorflow-data .benchmarks

@@ -325,6 +325,83 @@ def test_peers_actorflow_side_and_missing_peer(tmp_path: Path) -> None:
     assert peers_main(["--peer-python", str(tmp_path / "none")]) == 2
 
 
+@pytest.mark.postgres
+def test_store_runs_steps_on_a_postgres_url(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["steps", "--size", "4", "--repeat", "2", "--json", "-", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--store", "lmdb", "--store", pg_url]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["medians"]) == {"physical", "physical@postgres", "steps", "steps@postgres"}
+    assert len(doc["runs"]["steps@postgres"]) == 2
+    _positive(doc["medians"]["steps@postgres"], "steps_per_s")
+    assert doc["medians"]["physical@postgres"]["pg_synchronous_commit_on"] == 1.0
+    assert [s["backend"] for s in doc["stores"]] == ["lmdb", "postgres"]
+    # each run had its own database, dropped afterwards: none is left on the server
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'af\\_bench\\_%'"
+        ).fetchone()
+    assert left == (0,)
+
+
+@pytest.mark.postgres
+def test_store_runs_steps_on_a_postgres_url_alone(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--size", "3", "--repeat", "1", "--no-physical", "--store", pg_url]) == 0
+    out = capsys.readouterr().out
+    # without names, what runs on PostgreSQL; the header names the backend
+    assert "postgres on the server" in out
+    assert "steps@postgres" in out and "latency@postgres" in out and "queue" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--store", "mysql://h/db"], "give lmdb, a directory, postgres"),
+        (["--store", ""], "give lmdb, a directory, postgres"),
+        (["--store", "lmdb", "--store", "lmdb"], "at most one LMDB store"),
+        (["queue", "--store", "postgresql://u@127.0.0.1:1/db"], "queue run(s) on LMDB only"),
+        # nothing listens on port 1: said before any scenario runs
+        (["steps", "--store", "postgresql://u@127.0.0.1:1/db"], "cannot create a database"),
+    ],
+)
+def test_bad_store_values_are_refused_clearly(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("actorflow bench: --store") and message in err, err
+
+
+def test_a_store_that_is_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["steps", "--store", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_store_directory_holds_the_data(tmp_path: Path) -> None:
+    assert (
+        main(["steps", "--size", "3", "--repeat", "1", "--no-physical", "--store", str(tmp_path)])
+        == 0
+    )
+    assert (tmp_path / "steps").is_dir()
+
+
+def test_peers_refuses_a_bad_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = tmp_path / "peer.py"
+    script.write_text("")
+    argv = ["--peer-python", sys.executable, "--peer-script", str(script), "--store", "lmdb"]
+    assert peers_main(argv) == 2
+    assert "give sqlite, postgres or a postgresql:// URL" in capsys.readouterr().err
+
+
 def test_executors_in_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from actorflow.bench import executors
 

@@ -1,14 +1,18 @@
 """``actorflow bench``: throughput, latency, memory and scaling scenarios.
 
     actorflow bench [SCENARIO ...] [--repeat N] [--size N] [--json FILE|-]
-                    [--profile cloudflare-v2] [--plot DIR]
-    actorflow bench peers [--peer-python PATH]
+                    [--store lmdb|DIR|postgres|postgresql://...] [--profile cloudflare-v2]
+                    [--plot DIR]
+    actorflow bench peers [--peer-python PATH] [--store sqlite|postgres|postgresql://...]
 
 Every scenario runs on a fresh data directory with ``fsync`` on; each figure
 is the median of ``--repeat`` runs. The ``physical`` scenario (the disk's
 ``fsync``'d commit rate, a bare call, a thread handoff) is measured in the same
 run so that every figure can be read against what the machine allowed.
 Scenarios whose memory is part of the result run in a fresh child process.
+``--store`` (repeatable) runs ``create``, ``steps``, ``latency`` and
+``objects`` on a PostgreSQL server too, each run on a fresh database; the
+figures of a PostgreSQL store are shown as ``SCENARIO@postgres``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,15 @@ from actorflow.bench.report import CLOUDFLARE_V2, format_table, machine, rows
 from actorflow.bench.scaling import SCALING
 from actorflow.bench.scenarios import SCENARIOS as _BASE
 from actorflow.bench.scenarios import Options, Outcome, Scenario
+from actorflow.bench.stores import (
+    POSTGRES_SCENARIOS,
+    Store,
+    StoreError,
+    describe,
+    fresh_database,
+    open_store,
+    parse_store,
+)
 from actorflow.bench.workloads import TrivialSteps
 
 __all__ = [
@@ -39,6 +53,8 @@ __all__ = [
     "SCENARIOS",
     "Measurement",
     "Options",
+    "Store",
+    "StoreError",
     "TrivialSteps",
     "main",
     "measure",
@@ -71,6 +87,7 @@ def measure(
     options: Options | None = None,
     root: str | Path | None = None,
     progress: Callable[[str], Progress] | None = None,
+    store: Store | None = None,
 ) -> Measurement:
     """Runs each scenario ``repeat`` times and takes the median of every figure.
 
@@ -81,9 +98,14 @@ def measure(
         options: Knobs besides the size.
         root: Where the data directories go (default: a temporary directory, removed).
         progress: Given a label such as ``"steps 1/3"``, returns where that run reports.
+        store: A PostgreSQL store (its server running, see
+            :func:`actorflow.bench.stores.open_store`): each run gets a fresh
+            database on it, dropped after the run. None or LMDB: a data
+            directory under ``root``.
 
     Raises:
         KeyError: An unknown scenario name.
+        StoreError: A scenario that runs on LMDB only, with a PostgreSQL store.
     """
     opts = options or Options()
     base = Path(root) if root else Path(tempfile.mkdtemp(prefix="actorflow-bench-"))
@@ -94,11 +116,21 @@ def measure(
             sc = SCENARIOS[_ALIASES.get(name, name)]
             n = sc.size if size is None else size
             out.sizes[name] = n
+            on_postgres = store is not None and store.backend == "postgresql"
+            if on_postgres and sc.name not in POSTGRES_SCENARIOS:
+                raise StoreError(
+                    f"scenario {sc.name} runs on LMDB only; on PostgreSQL: "
+                    + ", ".join(POSTGRES_SCENARIOS)
+                )
             runs: list[Outcome] = []
             reps = 1 if sc is SCALING else repeat  # each of its points is already a run
             for i in range(reps):
                 where = progress(f"{name} {i + 1}/{reps} ") if progress else NullProgress()
-                if sc.isolated:
+                if on_postgres:
+                    assert store is not None and store.url is not None
+                    with fresh_database(store.url) as url:
+                        runs.append(sc.run(base, n, where, replace(opts, database=url)))
+                elif sc.isolated:
                     runs.append(run_isolated(sc.name, n, base, where, opts))
                 else:
                     runs.append(sc.run(base, n, where, opts))
@@ -199,6 +231,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drain", action="store_true", help="queue: do not drain the queue")
     p.add_argument("--data-dir", default=None, help="where data goes (default: a temp dir)")
     p.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="STORE",
+        help="where the scenarios keep their state (repeatable; default lmdb): lmdb, a "
+        "directory, postgres (a throwaway local PostgreSQL server for this run) or a "
+        "postgresql://USER@HOST:PORT/DB URL (each run gets a fresh database on that server; "
+        "the role needs CREATEDB). On PostgreSQL: " + ", ".join(POSTGRES_SCENARIOS),
+    )
+    p.add_argument(
         "--no-physical", action="store_true", help="do not add the physical baselines to the run"
     )
     return p
@@ -225,6 +267,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         names, sizes = _plan(args)
+        stores = _stores(args, names)
+        if not args.scenarios and any(st.backend == "postgresql" for st in stores):
+            names = [n for n in names if n in POSTGRES_SCENARIOS]  # what runs on both
     except ValueError as exc:
         print(f"actorflow bench: {exc}", file=sys.stderr)
         return 2
@@ -239,8 +284,14 @@ def main(argv: list[str]) -> int:
         drain=not args.no_drain,
         sleep_margin=args.sleep_margin,
     )
-    result, failed = _run_all(names, sizes, args, opts)
-    _report(result, failed, args, opts)
+    with ExitStack() as stack:
+        try:
+            stores = [stack.enter_context(open_store(s)) for s in stores]
+        except StoreError as exc:
+            print(f"actorflow bench: {exc}", file=sys.stderr)
+            return 2
+        result, failed = _run_all(names, sizes, args, opts, stores)
+    _report(result, failed, args, opts, stores)
     if args.plot:
         from actorflow.bench.plots import plot_all
 
@@ -262,13 +313,45 @@ def _plan(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
     return names, sizes
 
 
-def _run_all(
-    names: list[str], sizes: dict[str, int], args: argparse.Namespace, opts: Options
-) -> tuple[Measurement, dict[str, str]]:
-    """Measures each scenario in turn; one that fails is reported and the others still run.
+def _stores(args: argparse.Namespace, names: list[str]) -> list[Store]:
+    """The parsed ``--store`` values, at most one per backend; ValueError names a bad one."""
+    stores = [parse_store(spec, args.data_dir) for spec in args.store or ["lmdb"]]
+    backends = [s.backend for s in stores]
+    if len(set(backends)) < len(backends):
+        raise StoreError("--store: give at most one LMDB store and one PostgreSQL store")
+    if args.scenarios and any(s.backend == "postgresql" for s in stores):
+        lmdb_only = [n for n in names if n not in POSTGRES_SCENARIOS]
+        if lmdb_only:
+            raise StoreError(
+                f"--store {args.store[-1]}: {', '.join(lmdb_only)} run(s) on LMDB only; "
+                f"on PostgreSQL: {', '.join(POSTGRES_SCENARIOS)}"
+            )
+    return stores
 
-    Returns the figures and, by scenario, what failed.
+
+def _relabel(progress: Callable[[str], Progress], name: str, key: str) -> Callable[[str], Progress]:
+    """``progress``, its labels naming the store: ``steps 1/3`` becomes ``steps@postgres 1/3``."""
+    return lambda label: progress(key + label[len(name) :])
+
+
+def _key(name: str, store: Store) -> str:
+    """A scenario's name in the results: ``steps`` on LMDB, ``steps@postgres`` on PostgreSQL."""
+    return name if store.backend == "lmdb" else f"{name}@{store.label}"
+
+
+def _run_all(
+    names: list[str],
+    sizes: dict[str, int],
+    args: argparse.Namespace,
+    opts: Options,
+    stores: list[Store] | None = None,
+) -> tuple[Measurement, dict[str, str]]:
+    """Measures each scenario in turn on each store; one that fails is reported, the others run.
+
+    ``physical`` measures the machine on LMDB, and a PostgreSQL store's serial
+    commits as ``physical@postgres``. Returns the figures and, by scenario, what failed.
     """
+    stores = stores or [parse_store("lmdb", args.data_dir)]
     show = args.json is None and sys.stderr.isatty()
     bar = Bar() if show else None
 
@@ -283,25 +366,31 @@ def _run_all(
     try:
         for name in names:
             size = None if name == "physical" else sizes.get(name, sizes.get(""))
-            try:
-                m = measure(
-                    [name],
-                    args.repeat,
-                    size=size,
-                    options=opts,
-                    root=args.data_dir,
-                    progress=progress,
-                )
-            except Exception as exc:  # report it, keep the other scenarios' figures
-                failed[name] = f"{type(exc).__name__}: {exc}"
-                if bar is not None:
-                    bar.close()
-                print(f"actorflow bench: {name} failed: {failed[name]}", file=sys.stderr)
-                continue
-            result.sizes.update(m.sizes)
-            result.medians.update(m.medians)
-            result.runs.update(m.runs)
-            result.samples.update(m.samples)
+            on = list(stores)
+            if name == "physical" and all(s.backend != "lmdb" for s in on):
+                on.insert(0, parse_store("lmdb", args.data_dir))  # the machine, always
+            for store in on:
+                key = _key(name, store)
+                try:
+                    m = measure(
+                        [name],
+                        args.repeat,
+                        size=size,
+                        options=opts,
+                        root=store.directory if store.backend == "lmdb" else args.data_dir,
+                        progress=_relabel(progress, name, key),
+                        store=store,
+                    )
+                except Exception as exc:  # report it, keep the other scenarios' figures
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+                    if bar is not None:
+                        bar.close()
+                    print(f"actorflow bench: {key} failed: {failed[key]}", file=sys.stderr)
+                    continue
+                result.sizes.update({_key(k, store): v for k, v in m.sizes.items()})
+                result.medians.update({_key(k, store): v for k, v in m.medians.items()})
+                result.runs.update({_key(k, store): v for k, v in m.runs.items()})
+                result.samples.update({_key(k, store): v for k, v in m.samples.items()})
     finally:
         if bar is not None:
             bar.close()
@@ -309,15 +398,21 @@ def _run_all(
 
 
 def _report(
-    result: Measurement, failed: dict[str, str], args: argparse.Namespace, opts: Options
+    result: Measurement,
+    failed: dict[str, str],
+    args: argparse.Namespace,
+    opts: Options,
+    stores: list[Store] | None = None,
 ) -> None:
     """Prints the table (unless the JSON goes to stdout) and writes the JSON if asked."""
     header, body = rows(result.medians, result.sizes, args.profile)
     info = machine()
+    stores = stores or [parse_store("lmdb", args.data_dir)]
+    where = "; ".join(describe(s) for s in stores)
     if args.json != "-":
         print(
             f"actorflow bench: medians of {args.repeat} run(s); {info['cpus']} CPUs, "
-            f"Python {info['python']}, fsync on, load {info['loadavg']:.1f}"
+            f"Python {info['python']}, fsync on, load {info['loadavg']:.1f}; {where}"
         )
         print(format_table(header, body))
     if args.json is not None:
@@ -326,6 +421,7 @@ def _report(
             "repeat": args.repeat,
             "sizes": result.sizes,
             "options": vars(opts),
+            "stores": [{"backend": s.label, "spec": s.spec, "where": describe(s)} for s in stores],
             "medians": result.medians,
             "runs": result.runs,
             "failed": failed,

@@ -27,6 +27,7 @@ from typing import Any
 import actorflow as af
 from actorflow.bench.physical import physical
 from actorflow.bench.progress import Progress
+from actorflow.bench.stores import serial_commits
 from actorflow.bench.workloads import (
     Counter,
     EventResume,
@@ -64,6 +65,9 @@ class Options:
         drain: ``queue``: also drain the queue to completion.
         sleep_margin: ``sleepers``: seconds from the first creation to the first
             deadline; ``None`` estimates the time to put them all asleep.
+        database: The URL of an empty PostgreSQL database for this run (made
+            per run by :func:`actorflow.bench.measure`); empty: an LMDB data
+            directory under the run's root.
     """
 
     hold: float = 2.0
@@ -71,6 +75,7 @@ class Options:
     of: str = "queue"
     drain: bool = True
     sleep_margin: float | None = None
+    database: str = ""
 
 
 @dataclass
@@ -181,6 +186,11 @@ def _fresh(root: Path, name: str) -> Path:
     return d
 
 
+def _location(root: Path, name: str, opts: Options) -> str | Path:
+    """Where a run keeps its state: the run's empty database if it has one, else a new directory."""
+    return opts.database or _fresh(root, name)
+
+
 def _count(rt: af.Runtime, wf: str, status: str) -> int:
     """Instances of ``wf`` in ``status``, from the counts the runtime maintains.
 
@@ -235,6 +245,9 @@ def _poll(until: Callable[[], int], n: int, progress: Progress, timeout: float) 
 
 def run_physical(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """The machine's baselines: fsync'd commits, a bare call, a thread handoff, threaded calls."""
+    if opts.database:
+        progress.phase("serial commits", 0)
+        return Outcome(serial_commits(opts.database))
     progress.phase("fsync, call, handoff", 0)
     return Outcome(physical(root))
 
@@ -242,7 +255,7 @@ def run_physical(root: Path, size: int, progress: Progress, opts: Options) -> Ou
 def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``create_batch`` of ``size``, then ``size // 4`` ``create()`` calls from 16 threads."""
     limits = af.Limits(max_concurrent=1, max_queued=max(2_000_000, size))  # ingestion only
-    with af.Runtime(_fresh(root, "create"), limits=limits) as rt:
+    with af.Runtime(_location(root, "create", opts), limits=limits) as rt:
         wf = rt.register(TrivialSteps, name="steps")
         progress.phase("create_batch", size)
         dt = _create_all(wf, ({"params": 0} for _ in range(size)), size, progress)
@@ -279,7 +292,7 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
             # write batches per group commit: creations, and the engine's own writes
             "create_16_threads_batches_per_commit": (st.commits - batches0) / groups,
         }
-        if written0 is not None and written is not None:
+        if written0 is not None and written is not None and not opts.database:
             figures["create_16_threads_pages_per_commit"] = (written - written0) / 4096 / groups
     return Outcome(figures)
 
@@ -287,7 +300,7 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
 def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``size`` instances of 20 trivial async steps, created in one batch, until all complete."""
     per = 20
-    with af.Runtime(_fresh(root, "steps")) as rt:
+    with af.Runtime(_location(root, "steps", opts)) as rt:
         wf = rt.register(TrivialSteps, name="steps")
         progress.phase(f"{size:,} x {per} steps", size)
         t = time.perf_counter()
@@ -301,7 +314,7 @@ def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outco
 
 def run_latency(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``size`` samples each: create to first step, event to resume, timer lateness."""
-    with af.Runtime(_fresh(root, "latency")) as rt:
+    with af.Runtime(_location(root, "latency", opts)) as rt:
         first = rt.register(StampFirst, name="first")
         progress.phase("create -> first step", size)
         create_ms = []
@@ -351,7 +364,7 @@ def run_latency(root: Path, size: int, progress: Progress, opts: Options) -> Out
 def run_objects(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``size`` durable increments pipelined over 1,000 objects; then one call at a time."""
     n_objects = min(1000, size)
-    with af.Runtime(_fresh(root, "objects")) as rt:
+    with af.Runtime(_location(root, "objects", opts)) as rt:
         ns = rt.durable_objects(Counter, name="counter")
         stubs = [ns.get_by_name(f"c{i}") for i in range(n_objects)]
         for f in [s.increment.future(0) for s in stubs]:

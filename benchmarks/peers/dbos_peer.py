@@ -1,13 +1,15 @@
-"""DBOS Transact (PyPI ``dbos``, SQLite system database) on actorflow's peer workloads.
+"""DBOS Transact (PyPI ``dbos``) on actorflow's peer workloads.
 
-Runs one workload in this process against a fresh SQLite file and prints one
-``RESULT {json}`` line. ``actorflow bench peers`` runs it in DBOS's own
+Runs one workload in this process against a fresh SQLite file (``--db``), or a
+PostgreSQL system database (``--url``, an empty database the caller made), and
+prints one ``RESULT {json}`` line. ``actorflow bench peers`` runs it in DBOS's own
 environment (``make bench-peers`` creates ``benchmarks/peers/.venv``), one
 fresh process per run, beside the same workloads on actorflow.
 
     python dbos_peer.py steps --workflows 500 --steps 20 --db /tmp/x/bench.sqlite
     python dbos_peer.py starts --n 2000 --db /tmp/x/bench.sqlite
     python dbos_peer.py enqueues --n 2000 --db /tmp/x/bench.sqlite
+    python dbos_peer.py steps --url postgresql://user@127.0.0.1:5432/empty_db
 
 Workloads:
     steps     ``--workflows`` workflows of ``--steps`` trivial steps, started with
@@ -46,16 +48,19 @@ def multi_step_wf(n_steps: int) -> int:
     return n_steps
 
 
-def launch(db: str, consume: bool) -> None:
-    for suffix in ("", "-journal", "-wal", "-shm"):
-        try:
-            os.remove(db + suffix)
-        except FileNotFoundError:
-            pass
-    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+def launch(db: str | None, url: str | None, consume: bool) -> None:
+    if url is None:
+        assert db is not None
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            try:
+                os.remove(db + suffix)
+            except FileNotFoundError:
+                pass
+        os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+        url = f"sqlite:///{db}"
     config: DBOSConfig = {
         "name": "actorflow-peer",
-        "system_database_url": f"sqlite:///{db}",
+        "system_database_url": url,
         "log_level": "WARNING",
         "application_version": "peer-v1",
     }
@@ -68,14 +73,21 @@ def launch(db: str, consume: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workload", choices=["steps", "starts", "enqueues"])
-    p.add_argument("--db", required=True, help="SQLite file (recreated)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="SQLite file (recreated)")
+    where.add_argument("--url", help="PostgreSQL system database (an empty one)")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--workflows", type=int, default=500)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--poll", type=float, default=0.05, help="get_result polling interval")
     args = p.parse_args()
-    launch(args.db, consume=args.workload != "enqueues")
-    out: dict[str, object] = {"peer": "dbos", "version": version("dbos"), "workload": args.workload}
+    launch(args.db, args.url, consume=args.workload != "enqueues")
+    out: dict[str, object] = {
+        "peer": "dbos",
+        "version": version("dbos"),
+        "workload": args.workload,
+        "system_database": "sqlite" if args.url is None else "postgresql",
+    }
     if args.workload == "steps":
         t = time.perf_counter()
         handles = [DBOS.start_workflow(multi_step_wf, args.steps) for _ in range(args.workflows)]
