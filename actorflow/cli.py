@@ -9,6 +9,7 @@
     pause | resume | terminate WORKFLOW ID
     restart WORKFLOW ID [--from-step NAME]
     metrics
+    schedules [--workflow W]    the cron schedules, with their next tick
     serve [--app pkg.mod:factory] [--host H] [--port P] [--token-file PATH]
     bench ...                   (arguments go to ``actorflow.bench``)
 
@@ -214,6 +215,10 @@ class _Local:
                 "timer_backlog": q.timer_backlog(),
             }
 
+    def schedules(self, workflow: str | None) -> list[dict[str, Any]]:
+        with self._query() as q:
+            return [_schedule_row(s) for s in q.schedules(workflow)]
+
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
             try:
@@ -324,6 +329,9 @@ class _Remote:
 
     def metrics(self) -> dict[str, Any]:
         return dict(self._call("GET", "/api/metrics") or {})
+
+    def schedules(self, workflow: str | None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/schedules", query={"workflow": workflow}) or [])
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
         base = f"/api/workflows/{_q(wf)}/instances/{_q(iid)}"
@@ -538,6 +546,36 @@ def metrics(obj: _Ctx) -> None:
             ]
         )
     obj.emit(m, format_table(rows, ["figure", "value"]))
+
+
+def _schedule_row(s: Any) -> dict[str, Any]:
+    """A schedule (:class:`~actorflow.workflows.schedules.ScheduleSummary`) as JSON."""
+    return {
+        "workflow": s.workflow,
+        "cron": s.cron,
+        "next": iso(s.next),
+        "last": iso(s.last),
+        "last_instance": s.last_instance,
+    }
+
+
+@cli.command()
+@click.option("--workflow", "-w", default=None, help="Only this workflow.")
+@click.pass_obj
+def schedules(obj: _Ctx, workflow: str | None) -> None:
+    """List the cron schedules (UTC) with their next and last ticks."""
+    found = obj.target.schedules(workflow)
+    rows = [
+        [
+            s["workflow"],
+            s["cron"],
+            s.get("next") or "",
+            s.get("last") or "",
+            s.get("last_instance") or "",
+        ]
+        for s in found
+    ]
+    obj.emit(found, format_table(rows, ["workflow", "cron", "next", "last", "last instance"]))
 
 
 @cli.command("send-event")

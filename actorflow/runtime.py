@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from actorflow.cluster.lease import (
@@ -32,7 +33,13 @@ from actorflow.workflows.adoption import claimer_for
 from actorflow.workflows.definition import Workflow
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.handles import WorkflowBinding
-from actorflow.workflows.records import IDX, WAKE_KIND, queue_db
+from actorflow.workflows.records import IDX, SCHEDULE_KIND, WAKE_KIND, queue_db
+from actorflow.workflows.schedules import (
+    Scheduler,
+    ScheduleSummary,
+    list_schedules,
+    parse_schedules,
+)
 from actorflow.workflows.supervisor import Supervisor
 
 __all__ = ["OWNER_LOCK", "Runtime", "is_database_url"]
@@ -199,6 +206,8 @@ class Runtime:
         self._supervisor = self._engine.supervisor
         delivery = self._supervisor.delivery
         self.timers.register(WAKE_KIND, delivery.on_timer, delivery.saturated)
+        self._scheduler = Scheduler(self.storage, self.timers)
+        self.timers.register(SCHEDULE_KIND, self._scheduler.on_timer)
         self._bindings: dict[str, WorkflowBinding] = {}
         # The engine of each binding, by name (the binding keeps its own private).
         self._engines: dict[str, WorkflowEngine] = {}
@@ -224,18 +233,40 @@ class Runtime:
     # -- Workflows -------------------------------------------------------------
 
     def register(
-        self, cls: type[Workflow], name: str | None = None, *, env: Any = None
+        self,
+        cls: type[Workflow],
+        name: str | None = None,
+        *,
+        env: Any = None,
+        schedules: Iterable[str] | None = None,
     ) -> WorkflowBinding:
         """Registers a workflow class under ``name`` and returns its binding.
 
         Registering is also what resumes that workflow's unfinished instances
         found in the data directory.
+
+        Args:
+            cls: The workflow class.
+            name: Its name (default the class name).
+            env: Given to each instance of ``cls`` (``self.env``).
+            schedules: Cron expressions (5 fields, UTC): each due tick creates
+                one instance (see docs/schedules.md). Given (also ``[]``), it
+                replaces the workflow's stored schedules: those not listed are
+                removed. Not given, the stored ones are left alone and this
+                runtime fires none of them.
+
+        Raises:
+            InvalidSchedule: A schedule is not a valid cron expression
+                (nothing is registered).
         """
         self._check_open()
         name = name or cls.__name__
+        parsed = parse_schedules(name, schedules)
         if name in self._bindings:
             if self._engines[name].cls is not cls:
                 raise ValueError(f"workflow {name!r} is already registered to another class")
+            if schedules is not None and parsed != self._scheduler.of(name):
+                raise ValueError(f"workflow {name!r} is already registered with other schedules")
             return self._bindings[name]
         wfe = WorkflowEngine(self._engine, cls, name, env)
         binding = WorkflowBinding(wfe, self._supervisor)
@@ -247,6 +278,8 @@ class Runtime:
             self._supervisor.recover(wfe)
 
         self._engine.call(attach)
+        if parsed or schedules is not None:
+            self._scheduler.add(binding, parsed)
         self.timers.kick()
         return binding
 
@@ -291,6 +324,15 @@ class Runtime:
     def workflows(self) -> list[str]:
         """The names of the registered workflows."""
         return list(self._bindings)
+
+    def schedules(self, workflow: str | None = None) -> list[ScheduleSummary]:
+        """The stored cron schedules (of ``workflow``, if given), each with its next tick.
+
+        Read from storage: every runtime on the data directory (or database)
+        sees the schedules any of them registered.
+        """
+        self._check_open()
+        return list_schedules(self.storage, workflow)
 
     @property
     def closed(self) -> bool:

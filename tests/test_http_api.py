@@ -456,7 +456,7 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
     app = create_app(runtime, token=None, allowed_hosts=["*"])  # the API, not its guards
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert len(operations) == 10
+    assert len(operations) == 11
     seen: set[str] = set()
 
     @given(data=st.data())

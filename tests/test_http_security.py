@@ -68,6 +68,7 @@ READS = [
     f"{WF}/existing",
     f"{WF}/existing/history",
     "/api/metrics",
+    "/api/schedules",
 ]
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "InstanceNotFound",
     "InvalidInstanceId",
     "InvalidInstanceState",
+    "InvalidSchedule",
     "LeaseLost",
     "LimitExceeded",
     "NonRetryableError",
@@ -80,6 +81,13 @@ class InstanceAlreadyExists(ActorflowError):
 
 class InvalidInstanceState(ActorflowError):
     """The operation is not allowed in the instance's current status."""
+
+
+class InvalidSchedule(ActorflowError, ValueError):
+    """A cron schedule given to ``register`` is not a valid 5-field cron expression.
+
+    Fields: ``workflow`` and ``schedule`` (the expression as given).
+    """
 
 
 class RateLimitError(ActorflowError):

@@ -49,6 +49,7 @@ from actorflow.http.views import (
 from actorflow.runtime import Runtime
 from actorflow.workflows.definition import STATUSES, validate_instance_id
 from actorflow.workflows.handles import Instance, WorkflowBinding
+from actorflow.workflows.query import iso
 
 __all__ = ["LOOPBACK_HOSTS", "ApiError", "create_app"]
 
@@ -325,6 +326,24 @@ class _Api:
 
         return envelope(await run_in_threadpool(work))
 
+    async def list_schedules(self, request: Request) -> Response:
+        """The cron schedules (of ``?workflow=``, if given), with their next tick."""
+        workflow = request.query_params.get("workflow") or None
+
+        def work() -> list[dict[str, Any]]:
+            return [
+                {
+                    "workflow": s.workflow,
+                    "cron": s.cron,
+                    "next": iso(s.next),
+                    "last": iso(s.last),
+                    "last_instance": s.last_instance,
+                }
+                for s in self.rt.schedules(workflow)
+            ]
+
+        return envelope(await run_in_threadpool(work))
+
     async def get_metrics(self, request: Request) -> Response:
         """The runtime's metrics (``rt.metrics()``), or counts by status without it."""
 
@@ -423,6 +442,7 @@ def create_app(
         Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),
         Route(base + "/{id}/status", ep(api.change_status), methods=["PATCH"]),
         Route("/api/metrics", ep(api.get_metrics), methods=["GET"]),
+        Route("/api/schedules", ep(api.list_schedules), methods=["GET"]),
     ]
     schema = openapi_schema([(r.path, sorted(r.methods or ())) for r in routes])
 

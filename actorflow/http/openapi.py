@@ -265,6 +265,15 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_errors(),
         },
     },
+    ("/api/schedules", "GET"): {
+        "summary": "List the cron schedules (UTC) with their next and last ticks",
+        "operationId": "listSchedules",
+        "parameters": [_query("workflow", {"type": "string"}, "Only this workflow's schedules.")],
+        "responses": {
+            **_ok({"type": "array", "items": _ref("Schedule")}, "The schedules"),
+            **_errors(),
+        },
+    },
 }
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -417,6 +426,23 @@ SCHEMAS: dict[str, Any] = {
             "owner": {
                 "type": ["string", "null"],
                 "description": "Multi-node: the node that runs it",
+            },
+        },
+    },
+    "Schedule": {
+        "type": "object",
+        "properties": {
+            "workflow": {"type": "string"},
+            "cron": {"type": "string", "description": "5-field cron expression, UTC"},
+            "next": {
+                **_TIME,
+                "description": "The next tick; one in the past has not been fired yet (its "
+                "catch-up instance is made when a runtime registers the workflow)",
+            },
+            "last": {**_TIME, "description": "The last tick handled"},
+            "last_instance": {
+                "type": ["string", "null"],
+                "description": "The id of the instance made for the last tick",
             },
         },
     },

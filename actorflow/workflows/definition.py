@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
@@ -87,12 +89,40 @@ MAX_STEP_NAME = 256
 
 @dataclass(frozen=True)
 class WorkflowEvent:
-    """What ``run`` receives: the instance's params and where it came from."""
+    """What ``run`` receives: the instance's params and where it came from.
+
+    ``schedule`` is ``{"cron": expression, "scheduled_time": aware datetime}``
+    for an instance a cron schedule created (see docs/schedules.md), else
+    None. ``event[key]`` reads the event as Cloudflare's dict (see
+    :data:`EVENT_KEYS`).
+    """
 
     payload: Any
     timestamp: datetime
     instance_id: str
     workflow_name: str
+    schedule: dict[str, Any] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        """Cloudflare's dict form of the event: ``event["schedule"]``, ..."""
+        read = EVENT_KEYS.get(key)
+        if read is None:
+            raise KeyError(key)
+        return read(self)
+
+
+def _cloudflare_schedule(event: WorkflowEvent) -> dict[str, Any] | None:
+    """``event["schedule"]``: Cloudflare's ``{"cron", "scheduledTime"}`` (epoch ms), or None."""
+    if event.schedule is None:
+        return None
+    when: datetime = event.schedule["scheduled_time"]
+    return {"cron": event.schedule["cron"], "scheduledTime": round(when.timestamp() * 1000)}
+
+
+#: The keys of ``event[...]``, in Cloudflare's spelling, and how each is read.
+EVENT_KEYS: Mapping[str, Callable[[WorkflowEvent], Any]] = types.MappingProxyType(
+    {"schedule": _cloudflare_schedule}
+)
 
 
 @dataclass(frozen=True)

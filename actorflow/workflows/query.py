@@ -50,6 +50,7 @@ from actorflow.workflows.records import (
     rkey,
     split_idx_key,
 )
+from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
 if TYPE_CHECKING:
     from actorflow.workflows.engine.instance import InstanceActor
@@ -519,6 +520,12 @@ class Query:
     def timer_backlog(self) -> int:
         """How many timers are pending (sleeps, event timeouts, retries, alarms)."""
         return count_armed(self.storage)
+
+    # -- schedules ------------------------------------------------------------------
+
+    def schedules(self, workflow: str | None = None) -> list[ScheduleSummary]:
+        """The stored cron schedules (of ``workflow``, if given), with their next tick."""
+        return list_schedules(self.storage, workflow)
 
 
 # -- JSON ---------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ owner      ik                                   multi-node: the owner's node id
 owned      node \\0 ik                          multi-node: empty, the instances of a node
 nodes      node                                 multi-node: the node registry (see
                                                 :mod:`actorflow.cluster.lease`)
+sched      wf \\0 digest                        a cron schedule's record: its expression,
+                                                the last tick handled, the next one and
+                                                its timer (see :class:`ScheduleRecord`)
 =========  ===================================  ========================================
 
 Why two keys: ids are often random (uuid4), and a B-tree updated at random
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, ca
 
 from actorflow.core.codec import load
 from actorflow.core.errors import RecordFormatError
+from actorflow.core.storage import Storage, WriteBatch
 from actorflow.core.timers import parse_timer_key, timer_key
 
 __all__ = [
@@ -71,6 +75,7 @@ __all__ = [
     "HistoryRecord",
     "InstanceRecord",
     "RecordFormatError",
+    "ScheduleRecord",
     "StatusMove",
     "StepCheckpoint",
     "StepStatus",
@@ -151,6 +156,7 @@ class InstanceRecord(TypedDict, total=False):
     epoch: int  # its fencing token, as in ``fence`` (moved by terminate, restart, recovery)
     qk: bytes | None  # its queue entry while queued (``queue_key``), else None
     tp: str  # the creator's W3C traceparent, if it was traced
+    sch: dict[str, Any]  # made by a schedule: ``{"c": cron expression, "t": tick (epoch ms)}``
     started: int | None  # when its first run began (epoch ms); None: not yet
     waits: list[str]  # the event types it hibernated waiting for
     output: bytes | None  # run's return value (serialized) once complete
@@ -209,7 +215,12 @@ class HistoryRecord(TypedDict):
 if TYPE_CHECKING:
 
     def dump(
-        record: InstanceRecord | StepCheckpoint | EventRecord | HistoryRecord | dict[str, Any],
+        record: InstanceRecord
+        | StepCheckpoint
+        | EventRecord
+        | HistoryRecord
+        | ScheduleRecord
+        | dict[str, Any],
     ) -> bytes:
         """Encodes an engine record (see :func:`actorflow.core.codec.dump`)."""
         ...
@@ -426,3 +437,75 @@ def is_poke(key: bytes) -> bool:
     in the same two bytes (a count of 255).
     """
     return key.endswith(_POKE) and parse_timer_key(key)[2].split(b"\x00", 2)[2:] == [b"\xff"]
+
+
+# -- cron schedules ------------------------------------------------------------------
+# One record per (workflow, schedule), keyed by a digest of the schedule's
+# expression: the last tick it handled, the next one and the timer armed for
+# it. The record and the timer change in the batch that creates the tick's
+# instance, so a tick is handled exactly once whoever fires it.
+
+SCHED = "sched"
+SCHEDULE_KIND = "C"  # timer kind of schedule ticks; the target is the record's key
+
+
+class ScheduleRecord(TypedDict):
+    """A cron schedule of a workflow (``sched``)."""
+
+    c: str  # the cron expression (normalized: single spaces)
+    last: int | None  # the last tick handled (epoch ms); None: none yet
+    iid: str | None  # the id of the instance that tick created (None: none yet)
+    next: int  # the next tick (epoch ms), when its timer is due
+    tk: bytes  # the timer key armed for ``next``
+
+
+def schedule_key(wf: str, digest: str) -> bytes:
+    """The key of a schedule's record (also its timers' target)."""
+    return f"{wf}\x00{digest}".encode()
+
+
+def split_schedule_key(key: bytes) -> tuple[str, str]:
+    """``(workflow, digest)`` of a schedule's record key (or timer target)."""
+    wf, digest = key.split(b"\x00", 1)
+    return wf.decode(), digest.decode()
+
+
+def schedule_timer_key(deadline_ms: int, wf: str, digest: str) -> bytes:
+    """The key of the timer of a schedule's tick due at ``deadline_ms``."""
+    return timer_key(deadline_ms, SCHEDULE_KIND, schedule_key(wf, digest))
+
+
+def read_schedule(
+    storage: Storage, wf: str, digest: str
+) -> tuple[bytes | None, ScheduleRecord | None]:
+    """A schedule's stored bytes (to guard a write on) and its record (None: none)."""
+    raw = storage.get(SCHED, schedule_key(wf, digest))
+    return raw, (cast(ScheduleRecord, load(raw)) if raw is not None else None)
+
+
+def read_schedules(
+    storage: Storage, wf: str | None = None
+) -> list[tuple[str, str, ScheduleRecord]]:
+    """Every stored schedule (of workflow ``wf``, if given): ``(workflow, digest, record)``."""
+    prefix = f"{wf}\x00".encode() if wf is not None else b""
+    out = []
+    for key, raw in storage.scan(SCHED, prefix=prefix):
+        name, digest = split_schedule_key(key)
+        out.append((name, digest, cast(ScheduleRecord, load(raw))))
+    return out
+
+
+def put_schedule(
+    batch: WriteBatch, wf: str, digest: str, rec: ScheduleRecord, expected: bytes | None
+) -> None:
+    """Adds the write of a schedule's record to ``batch``, guarded on its stored bytes."""
+    key = schedule_key(wf, digest)
+    batch.guard(SCHED, key, expected)
+    batch.put(SCHED, key, dump(rec))
+
+
+def drop_schedule(batch: WriteBatch, wf: str, digest: str, expected: bytes) -> None:
+    """Adds the removal of a schedule's record to ``batch``, guarded on its stored bytes."""
+    key = schedule_key(wf, digest)
+    batch.guard(SCHED, key, expected)
+    batch.delete(SCHED, key)

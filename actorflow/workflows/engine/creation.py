@@ -146,6 +146,7 @@ def new_instance_batch(
     now_ms: int,
     seq: int,
     traceparent: str | None = None,
+    schedule: tuple[str, int] | None = None,
 ) -> WriteBatch:
     """Returns the writes that create a queued instance (guarded: it must not exist).
 
@@ -156,6 +157,8 @@ def new_instance_batch(
     keyspaces (the memory map that holds two million of them shrinks alike).
     ``traceparent`` (W3C) is the creator's trace context, kept for tracing.
     ``n`` is the instance's record number (:class:`RecordNumbers`).
+    ``schedule`` is ``(cron expression, tick in epoch ms)`` for an instance
+    a cron schedule creates (:mod:`actorflow.workflows.schedules`).
     """
     ik = wfe.ik(iid)
     nb = record_number(n)
@@ -170,6 +173,8 @@ def new_instance_batch(
     }
     if traceparent:
         rec["tp"] = traceparent
+    if schedule is not None:
+        rec["sch"] = {"c": schedule[0], "t": schedule[1]}
     batch = WriteBatch()
     # The guard matches the first put: it is one insert (Storage._apply).
     batch.guard(IDS, ik, None)

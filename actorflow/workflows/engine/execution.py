@@ -325,6 +325,7 @@ class Execution:
                 timestamp=to_datetime(rec["created"] / 1000),
                 instance_id=actor.iid,
                 workflow_name=wfe.name,
+                schedule=_schedule_of(rec),
             )
             if wfe.is_async:
                 output = await obj.run(event, WorkflowStep(self, sync=False))
@@ -1227,3 +1228,11 @@ class Execution:
                 await self._commit_step(key, new, disarm=rec.get("tk"))
                 raise err
             await self._block(key, rec["dl"], event_type)
+
+
+def _schedule_of(rec: Any) -> dict[str, Any] | None:
+    """``event.schedule`` of an instance a cron schedule created (else None)."""
+    sch = rec.get("sch")
+    if sch is None:
+        return None
+    return {"cron": sch["c"], "scheduled_time": to_datetime(sch["t"] / 1000)}
