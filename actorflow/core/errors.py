@@ -21,6 +21,7 @@ __all__ = [
     "InvalidSchedule",
     "LeaseLost",
     "LimitExceeded",
+    "NonRetryableDelayError",
     "NonRetryableError",
     "RateLimitError",
     "RecordFormatError",
@@ -104,6 +105,16 @@ class StepTimeoutError(ActorflowError):
 
 class NonRetryableError(ActorflowError):
     """Raised inside a step to fail it at once, without further attempts."""
+
+
+class NonRetryableDelayError(NonRetryableError):
+    """A step's retry delay function raised, timed out or gave no valid duration.
+
+    The step then fails at once, without further attempts, as Cloudflare's
+    ``NonRetryableDelayError``. The exception the function raised, if any, is
+    the ``__cause__``; the error of the attempt that failed is kept in the
+    step's record.
+    """
 
 
 class SerializationError(ActorflowError, TypeError):

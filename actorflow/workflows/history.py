@@ -16,9 +16,11 @@ from typing import Any
 from actorflow.core.clock import to_datetime
 from actorflow.core.storage import Storage
 from actorflow.workflows.records import HIST, STEPS, hist_prefix, load, steps_prefix
+from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
 __all__ = [
     "REDACTED",
+    "SENSITIVE_OUTPUT",
     "Attempt",
     "HistoryEvent",
     "StepRecord",
@@ -144,7 +146,13 @@ def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
         output = None
         if r["s"] == "complete":
             if r["k"] == "do" and r.get("r") is not None:
-                output = REDACTED if (r.get("cfg") or {}).get("redact") else loads(r["r"])
+                cfg = r.get("cfg") or {}
+                if cfg.get("sensitive") == "output":
+                    output = SENSITIVE_OUTPUT
+                elif cfg.get("redact"):
+                    output = REDACTED
+                else:
+                    output = loads(r["r"])
             elif r["k"] == "wait_for_event" and r.get("ev") is not None:
                 output = loads(r["ev"][0])
         out.append(

@@ -12,6 +12,12 @@ from typing import Any, Protocol
 
 from actorflow.core.clock import MAX_DURATION_MS, MAX_EPOCH_MS, parse_duration_ms, to_epoch_ms
 from actorflow.core.errors import NonRetryableError
+from actorflow.workflows.step_options import (
+    check_sensitive,
+    delay_kwargs,
+    is_delay_function,
+    with_sensitive,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -39,15 +45,19 @@ class RetryPolicy:
     """A retries setting, accepted wherever a retries dict is.
 
     Checked when it is made, with the rules (and messages) of a retries dict.
+    ``delay`` may be a function (a dynamic delay, see ``docs/steps-options.md``):
+    it gets the keyword arguments among ``ctx`` and ``error`` that it names and
+    returns a duration, which goes through ``backoff`` as a fixed delay does.
 
     Raises:
         ValueError: ``limit`` is not an int from 0 to 10,000, ``delay`` is not
-            a valid duration, or ``backoff`` is not one of ``constant``,
-            ``linear``, ``exponential``.
+            a valid duration nor a function callable with keyword arguments
+            among ``ctx`` and ``error``, or ``backoff`` is not one of
+            ``constant``, ``linear``, ``exponential``.
     """
 
     limit: int = 5
-    delay: int | float | str | timedelta = "10 seconds"
+    delay: int | float | str | timedelta | Callable[..., Any] = "10 seconds"
     backoff: str = "exponential"
 
     def __post_init__(self) -> None:
@@ -84,10 +94,14 @@ def resolve_config(
     """Merges a step's settings field by field over :data:`DEFAULT_CONFIG`.
 
     Returns a config with ``retries.delay`` and ``timeout`` in milliseconds.
+    A delay function is left out of it (the config is stored with the step,
+    a function cannot be): see :func:`~actorflow.workflows.step_options.delay_function`.
+    ``config["sensitive"]`` (``"output"``) is kept in it.
 
     Raises:
         ValueError: An unknown key, a negative limit, a bad duration or backoff,
-            or a zero timeout; the message names ``where`` (the step).
+            a zero timeout, or a ``sensitive`` other than None and ``"output"``;
+            the message names ``where`` (the step).
     """
     d = DEFAULT_CONFIG["retries"]
     cfg: dict[str, Any] = {
@@ -97,7 +111,7 @@ def resolve_config(
     if config is not None:
         if not isinstance(config, dict):
             raise ValueError(f"{where}: config must be a dict")
-        unknown = set(config) - {"retries", "timeout", "redact"}
+        unknown = set(config) - {"retries", "timeout", "redact", "sensitive"}
         if unknown:
             raise ValueError(f"{where}: unknown config keys {sorted(unknown)}")
         if "redact" in config:
@@ -106,6 +120,9 @@ def resolve_config(
             if config["redact"]:
                 # Kept with the step's record: what shows its output shows a redaction.
                 cfg["redact"] = True
+        if config.get("sensitive") is not None:
+            # Kept with the step's record: every view of it shows SENSITIVE_OUTPUT.
+            cfg["sensitive"] = check_sensitive(where, config["sensitive"])
         retries = config.get("retries", retries) if retries is None else retries
         timeout = config.get("timeout", timeout) if timeout is None else timeout
     if retries is not None:
@@ -114,6 +131,9 @@ def resolve_config(
         if not isinstance(retries, dict):
             raise ValueError(f"{where}: retries must be a dict or RetryPolicy")
         cfg["retries"].update(_check_retries(where, retries))
+        if is_delay_function(cfg["retries"]["delay"]):
+            # Not stored (a function cannot be): the run's step.do call gives it on replay.
+            del cfg["retries"]["delay"]
     if timeout is not None:
         ms = parse_duration_ms(timeout, what=f"{where}: timeout")
         if ms <= 0:
@@ -142,7 +162,12 @@ def _check_retries(where: str, retries: dict[str, Any], prefix: str = "retries."
             )
         out["limit"] = limit
     if "delay" in retries:
-        out["delay"] = parse_duration_ms(retries["delay"], what=f"{where}: {prefix}delay")
+        delay = retries["delay"]
+        if is_delay_function(delay):
+            delay_kwargs(delay, f"{where}: {prefix}delay")  # refuses a function it cannot call
+            out["delay"] = delay
+        else:
+            out["delay"] = parse_duration_ms(delay, what=f"{where}: {prefix}delay")
     if "backoff" in retries:
         if retries["backoff"] not in BACKOFFS:
             raise ValueError(
@@ -152,15 +177,17 @@ def _check_retries(where: str, retries: dict[str, Any], prefix: str = "retries."
     return out
 
 
-def retry_delay_ms(config: dict[str, Any], attempt: int) -> int:
+def retry_delay_ms(config: dict[str, Any], attempt: int, base: int | None = None) -> int:
     """Returns the wait after failed attempt ``attempt`` (1-based).
 
+    ``base`` is the delay a delay function gave for this attempt (None: the
+    config's fixed ``retries.delay``); the backoff applies to either alike.
     At most :data:`~actorflow.core.clock.MAX_DURATION_MS` (100 years): an
     exponential backoff over thousands of retries would otherwise reach
     deadlines the engine cannot store.
     """
     r = config["retries"]
-    delay: int = r["delay"]
+    delay: int = r["delay"] if base is None else base
     if r["backoff"] == "constant":
         wait = delay
     elif r["backoff"] == "linear":
@@ -331,6 +358,7 @@ class WorkflowStep:
         timeout: Any = None,
         config: dict[str, Any] | None = None,
         resources: dict[str, float] | None = None,
+        sensitive: str | None = None,
     ) -> Any:
         """Runs ``fn`` as a durable step and returns its result.
 
@@ -340,8 +368,13 @@ class WorkflowStep:
         result is returned on replay. ``resources`` (``{"num_cpus": 2,
         "num_gpus": 1}``, custom names) is what each attempt asks of the
         runtime's executor (see :mod:`actorflow.executors`); the in-process
-        executor ignores it.
+        executor ignores it. ``sensitive="output"`` (also
+        ``config={"sensitive": "output"}``) shows ``"[REDACTED]"`` instead of
+        the step's output in every view of the instance; replay still gets the
+        real value.
         """
+        if sensitive is not None:
+            config = with_sensitive(config, sensitive)
         if fn is None:
 
             def decorator(func: Callable[..., Any]) -> Callable[[], Any]:
@@ -407,12 +440,15 @@ class WorkflowStep:
         timeout: Any = None,
         max_concurrency: int | None = None,
         resources: dict[str, float] | None = None,
+        sensitive: str | None = None,
     ) -> Any:
         """Runs ``fn(item)`` for every item concurrently, each as step ``f"{name}[{i}]"``.
 
-        Returns the results in item order. ``resources`` is asked for each item's step.
+        Returns the results in item order. ``resources`` is asked for each
+        item's step; ``sensitive="output"`` redacts each item's output.
         """
         problem = _item_problem(fn)
+        config = with_sensitive(None, sensitive)
         coros = [
             self._runner.do(
                 f"{name}[{i}]",
@@ -421,7 +457,7 @@ class WorkflowStep:
                 else _bad_body(self._runner.where, f"{name}[{i}]", problem, _ITEM_RULE),
                 retries,
                 timeout,
-                None,
+                config,
                 resources,
             )
             for i, item in enumerate(items)
@@ -435,10 +471,15 @@ class WorkflowStep:
         timeout: Any = None,
         max_concurrency: int | None = None,
         resources: dict[str, float] | None = None,
+        sensitive: str | None = None,
     ) -> Any:
-        """Runs distinct ``(name, fn)`` steps concurrently; returns their results in order."""
+        """Runs distinct ``(name, fn)`` steps concurrently; returns their results in order.
+
+        ``sensitive="output"`` redacts the output of each of them.
+        """
+        config = with_sensitive(None, sensitive)
         coros = [
-            self._runner.do(n, self._body(n, f), retries, timeout, None, resources)
+            self._runner.do(n, self._body(n, f), retries, timeout, config, resources)
             for n, f in steps
         ]
         return self._result(self._runner.gather(coros, max_concurrency))

@@ -34,6 +34,7 @@ from actorflow.core.errors import (
     EventTimeoutError,
     InvalidInstanceState,
     LimitExceeded,
+    NonRetryableDelayError,
     NonRetryableError,
     SerializationError,
     StepTimeoutError,
@@ -80,6 +81,12 @@ from actorflow.workflows.step import (
     resolve_config,
     retry_delay_ms,
     wants_ctx,
+)
+from actorflow.workflows.step_options import (
+    DELAY_FUNCTION_TIMEOUT_S,
+    delay_function,
+    delay_kwargs,
+    evaluate_delay,
 )
 
 if TYPE_CHECKING:
@@ -850,7 +857,9 @@ class Execution:
             a1 = self.now_ms()
             if err is None:
                 return await self._succeeded(key, rec, value, a0, a1, name, where, ran_on)
-            rec = await self._failed(key, rec, err, attempt, a0, a1, name, where, ran_on)
+            rec = await self._failed(
+                key, rec, err, attempt, a0, a1, name, where, ran_on, (retries, config)
+            )
 
     async def _attempt(
         self,
@@ -973,9 +982,14 @@ class Execution:
         name: str,
         where: str,
         ran_on: RanOn | None = None,
+        options: tuple[Any, Any] = (None, None),
     ) -> StepCheckpoint:
         """Records a failed attempt: raises it once the step has failed for good, else
-        waits out the retry delay and returns the step's record for the next attempt."""
+        waits out the retry delay and returns the step's record for the next attempt.
+
+        ``options`` is the ``(retries, config)`` of the step call, where a delay
+        function comes from (a stored config has none).
+        """
         ed = error_dict(err)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -992,23 +1006,30 @@ class Execution:
                 },
             )
         cfg = rec["cfg"]
-        if (
+        final: BaseException | None = err
+        if not (
             isinstance(err, NonRetryableError)
             or attempt > cfg["retries"]["limit"]
             or getattr(err, "retryable", True) is False
         ):
+            final = None
+            if self.mods is not None and self.mods.no_retry_delays:
+                delay = 0
+            elif "delay" in cfg["retries"]:
+                delay = retry_delay_ms(cfg, attempt)
+            else:
+                delay, final = await self._dynamic_delay(rec, err, attempt, where, options)
+        if final is not None:
             failed: StepCheckpoint = {
                 **rec,
                 "s": StepStatus.FAILED,
                 "att": [*rec["att"], _att(a0, a1, ed, None, ran_on)],
                 "t1": a1,
-                "ed": ed,
-                "e": self._dump_error(err),
+                "ed": ed if final is err else error_dict(final),
+                "e": self._dump_error(final),
             }
             await self._commit_step(key, failed, disarm=rec.get("tk"))
-            raise err
-        no_delays = self.mods is not None and self.mods.no_retry_delays
-        delay = 0 if no_delays else retry_delay_ms(cfg, attempt)
+            raise final
         dl = _deadline(a1, delay, where)
         new: StepCheckpoint = {
             **rec,
@@ -1021,6 +1042,70 @@ class Execution:
         if delay > 0:
             await self._block(key, dl, None)
         return new
+
+    async def _dynamic_delay(
+        self,
+        rec: StepCheckpoint,
+        err: BaseException,
+        attempt: int,
+        where: str,
+        options: tuple[Any, Any],
+    ) -> tuple[int, NonRetryableDelayError | None]:
+        """Calls the step's delay function after failed attempt ``attempt``.
+
+        Returns:
+            The wait (its result through the backoff), or the error that fails
+            the step at once: the function raised, took too long, gave no
+            valid duration, or is missing (the step started with one).
+        """
+        cfg = rec["cfg"]
+        name, count = rec["n"], rec["c"]
+        fn = delay_function(*options)
+        try:
+            if fn is None:
+                raise ValueError(
+                    "the step started with a delay function and this call of step.do gives "
+                    "none (the workflow's code changed)"
+                )
+            wanted = delay_kwargs(fn, where)
+            kwargs: dict[str, Any] = {}
+            if "ctx" in wanted:
+                kwargs["ctx"] = StepContext(attempt, StepInfo(name, count), copy.deepcopy(cfg))
+            if "error" in wanted:
+                kwargs["error"] = err
+            # In flight like a step body: the run must not hibernate under it.
+            self.in_flight += 1
+            try:
+                base = await evaluate_delay(fn, kwargs, self.ctx.step_pool, where)
+            finally:
+                self.in_flight -= 1
+                if self.waiters:
+                    self._poke()
+        except (Suspend, Stop, Fatal, EngineFault):
+            raise
+        except asyncio.CancelledError:
+            if self.state & STOPPED or _cancelling():
+                raise
+            return 0, self._delay_error(where, name, attempt, "was cancelled", None)
+        except TimeoutError as e:
+            how = f"took longer than {DELAY_FUNCTION_TIMEOUT_S:g} s"
+            return 0, self._delay_error(where, name, attempt, how, e)
+        except Exception as e:
+            return 0, self._delay_error(where, name, attempt, f"failed: {type(e).__name__}: {e}", e)
+        return retry_delay_ms(cfg, attempt, base), None
+
+    def _delay_error(
+        self, where: str, name: str, attempt: int, how: str, cause: BaseException | None
+    ) -> NonRetryableDelayError:
+        err = NonRetryableDelayError(
+            f"{where}: the retry delay function after attempt {attempt} {how}; the step "
+            "fails without further retries",
+            workflow=self.wfe.name,
+            instance=self.actor.iid,
+            step=name,
+        )
+        err.__cause__ = cause
+        return err
 
     async def _invoke(
         self,
