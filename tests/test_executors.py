@@ -12,6 +12,7 @@ run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from _clusters import RAY_ENV, RayNodes, dask_cluster
 from apps import executor_app as app
-from apps.executor_app import runs
+from apps.executor_app import pids, runs
 
 import actorflow as af
 from actorflow.executors.dask_executor import dask_resources
@@ -322,6 +323,79 @@ def test_a_cluster_lost_mid_run_fails_attempts_that_the_policy_retries(
     assert {a.error["name"] for a in first.attempts if a.error} == {"ExecutorError"}
 
 
+@pytest.mark.executors
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_ray_cluster_lost_mid_run_ends_the_runtime_which_resumes_on_restart(
+    tmp_path: Path, work: str
+) -> None:
+    """Ray ends a driver whose cluster (its GCS) is gone: the checkpoints carry the run on.
+
+    Unlike a Dask client, a Ray driver cannot outlive its cluster: after
+    ``gcs_rpc_server_reconnect_timeout_s`` (60 s by default, 5 s here) Ray
+    terminates the process. Nothing committed is lost: a runtime on a new
+    cluster resumes the instance and re-submits only what had not committed.
+    """
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    first, second = RayNodes(), RayNodes()
+    log: Any = None
+    try:
+        first.head(num_cpus=2)
+        child, log = _child(
+            tmp_path,
+            data,
+            "ray",
+            first.address,
+            work,
+            RAY_gcs_rpc_server_reconnect_timeout_s="5",
+            **RAY_ENV,
+        )
+        try:
+            _wait_mid_map(child, work, tmp_path / "child.log")
+            first.nodes[0].kill()  # the whole cluster: GCS, raylet, the workers running 2 and 3
+            child.wait(60)  # Ray itself ends the runtime's process
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+        Path(work, "release").write_text("go")
+        second.head(num_cpus=2)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "apps.executor_app",
+                str(data),
+                "ray",
+                second.address,
+                work,
+                "resume",
+            ],
+            cwd=ROOT,
+            env=dict(
+                os.environ,
+                PYTHONPATH=os.pathsep.join((str(ROOT.parent), str(ROOT))),
+                **RAY_ENV,
+            ),
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr.decode()[-3000:]
+    finally:
+        if log is not None:
+            log.close()
+        left = first.stop() + second.stop()
+        assert not left, f"Ray processes left behind: {left}"
+    st = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert st["status"] == "complete" and st["output"] == [0, 1, 2, 3], st
+    assert runs(work, "first") == 1
+    assert runs(work, "item0") == 1 and runs(work, "item1") == 1
+    assert runs(work, "item2") == 2 and runs(work, "item3") == 2
+    assert all(w["executor"] == "ray" for w in st["steps"]["items[2]"])
+
+
 # -- real failures: a worker killed mid-body, the runtime killed mid-run ------------------------------
 
 
@@ -365,36 +439,56 @@ def test_a_worker_killed_mid_body_fails_that_attempt_only(
     assert second.error is None and second.ran_on["pid"] != str(pid)
 
 
-@pytest.mark.executors
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_the_runtime_killed_mid_run_resubmits_only_uncommitted_steps(
-    tmp_path: Path, ray_executor: af.executors.RayExecutor, ray_head: RayNodes
-) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    data = tmp_path / "data"
-    env = dict(os.environ)
+def _child(
+    tmp_path: Path, data: Path, kind: str, address: str, work: str, *more: str, **env_: str
+) -> tuple[subprocess.Popen[bytes], Any]:
+    """``python -m apps.executor_app`` (a runtime) in a process of its own, and its log file."""
+    env = dict(os.environ, **env_)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT.parent), str(ROOT), env.get("PYTHONPATH")) if p
     )
-    log = open(tmp_path / "child.log", "wb")  # noqa: SIM115 (closed below)
+    log = open(tmp_path / "child.log", "ab")  # noqa: SIM115 (the caller closes it)
     child = subprocess.Popen(
-        [sys.executable, "-m", "apps.executor_app", str(data), ray_head.address, str(work)],
+        [sys.executable, "-m", "apps.executor_app", str(data), kind, address, work, *more],
         cwd=ROOT,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    return child, log
+
+
+def _wait_mid_map(child: subprocess.Popen[bytes], work: str, log: Path) -> None:
+    """Until ``first`` and items 0 and 1 are durable, and items 2 and 3 run on workers."""
+    deadline = time.monotonic() + 120
+    while not Path(work, "committed").exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the child never committed: {log.read_text()}")
+        time.sleep(0.05)
+    # Items 2 and 3 are running on the cluster's workers, waiting for "release".
+    _wait_file(Path(work, "item2"), 30)
+    _wait_file(Path(work, "item3"), 30)
+    assert pids(work, "item2")[0] != child.pid and pids(work, "item3")[0] != child.pid
+
+
+def _address(executor: af.executors.StepExecutor) -> str:
+    """The address a process of its own joins this executor's cluster at."""
+    if isinstance(executor, af.executors.RayExecutor):
+        assert executor.address
+        return executor.address
+    assert isinstance(executor, af.executors.DaskExecutor)
+    return str(executor.client.scheduler.address)
+
+
+@pytest.mark.parametrize("executor", ONLY_REMOTE, indirect=True)
+def test_the_runtime_killed_mid_run_resubmits_only_uncommitted_steps(
+    tmp_path: Path, executor: af.executors.StepExecutor, work: str
+) -> None:
+    data = tmp_path / "data"
+    # A runtime in a process of its own, on the same cluster as this one.
+    child, log = _child(tmp_path, data, executor.name, _address(executor), work)
     try:
-        deadline = time.monotonic() + 120
-        while not (work / "committed").exists():
-            if child.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the child never committed: {(tmp_path / 'child.log').read_text()}")
-            time.sleep(0.05)
-        # Items 2 and 3 are running on Ray workers, waiting for "release".
-        _wait_file(work / "item2", 30)
-        _wait_file(work / "item3", 30)
+        _wait_mid_map(child, work, tmp_path / "child.log")
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
@@ -402,14 +496,19 @@ def test_the_runtime_killed_mid_run_resubmits_only_uncommitted_steps(
             child.kill()
             child.wait(10)
         log.close()
-    (work / "release").write_text("go")
-    with af.Runtime(data, executor=ray_executor) as rt:
+    Path(work, "release").write_text("go")
+    with af.Runtime(data, executor=executor) as rt:
         inst = rt.register(app.Interrupted).get("crash")
         st = inst.wait(timeout=120)
+        steps = {s.name: s for s in inst.steps()}
     assert st.status == "complete" and st.output == [0, 1, 2, 3], st
+    # What had committed before the kill never ran again; what had not ran once more.
     assert runs(work, "first") == 1
     assert runs(work, "item0") == 1 and runs(work, "item1") == 1
     assert runs(work, "item2") == 2 and runs(work, "item3") == 2
+    for i in (2, 3):
+        where = steps[f"items[{i}]"].attempts[-1].ran_on
+        assert where["executor"] == executor.name and where["pid"] != str(os.getpid())
 
 
 @pytest.mark.parametrize("executor", ALL, indirect=True)

@@ -6,13 +6,17 @@ they did in files under the directory given in the instance's params
 pickled by value (``cloudpickle.register_pickle_by_value``), so workers need
 not import it.
 
-Run as a script it is a runtime that works until it is killed:
-    python executor_app.py DATA_DIR RAY_ADDRESS WORK_DIR
+Run as a script it is a runtime that works until it is killed, its bodies on
+the Ray cluster or the Dask scheduler at ADDRESS:
+    python executor_app.py DATA_DIR ray|dask ADDRESS WORK_DIR
+or, with ``resume`` after those, a runtime that waits for that instance to end
+and prints its status as JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -259,13 +263,27 @@ WORKFLOWS: list[type[af.Workflow]] = [
 ]
 
 
-def main(data_dir: str, address: str, work: str) -> None:
-    """Runs one Interrupted instance on the Ray cluster at ``address`` until killed.
+def main(data_dir: str, kind: str, address: str, work: str, resume: str = "") -> None:
+    """Runs one Interrupted instance on the ``kind`` cluster at ``address`` until killed.
 
     Writes ``work/committed`` once ``first`` and items 0 and 1 are durable.
+    With ``resume``: waits for the instance (resumed by the runtime) to end,
+    prints its status and steps as JSON, and returns.
     """
-    rt = af.Runtime(data_dir, executor=af.executors.RayExecutor(address=address))
+    executor: af.executors.StepExecutor
+    if kind == "ray":
+        executor = af.executors.RayExecutor(address=address)
+    else:
+        executor = af.executors.DaskExecutor(address)
+    rt = af.Runtime(data_dir, executor=executor)
     wf = rt.register(Interrupted)
+    if resume:
+        inst = wf.get("crash")
+        st = inst.wait(timeout=120)
+        steps = {s.name: [a.ran_on for a in s.attempts] for s in inst.steps()}
+        print(json.dumps({"status": st.status, "output": st.output, "steps": steps}))
+        rt.close()
+        return
     inst = wf.create(id="crash", params={"dir": work})
     while True:
         done = {s.name for s in inst.steps() if s.status == "complete"}
@@ -275,4 +293,4 @@ def main(data_dir: str, address: str, work: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:6])
