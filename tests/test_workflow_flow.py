@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -245,3 +246,37 @@ def test_global_cap_across_workflows(make_runtime: Any, journal: Journal) -> Non
     assert sorted(statuses(insts)) == ["queued", "queued", "running", "running"]
     journal.gate("all").set()
     assert [i.wait(timeout=10).status for i in insts] == ["complete"] * 4
+
+
+def test_reject_overflow_counts_an_instance_while_it_is_being_started(
+    make_runtime: Any, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between taking an instance off the queue and counting it as running, the
+    # supervisor reads its record (a round trip on PostgreSQL). A create in
+    # that window must still see it.
+    from actorflow.workflows.supervisor.live import LiveTable
+
+    popped, go = threading.Event(), threading.Event()
+    real = LiveTable.actor
+
+    def slow_actor(self: LiveTable, wfe: Any, iid: str) -> Any:
+        if iid == "first":
+            popped.set()
+            go.wait(10)
+        return real(self, wfe, iid)
+
+    monkeypatch.setattr(LiveTable, "actor", slow_actor)
+    rt = make_runtime(limits=af.Limits(max_concurrent=1, overflow="reject"))
+    wf = rt.register(Blocking, name="blocking", env=journal)
+    first = wf.create(id="first")
+    assert popped.wait(10)
+    try:
+        with pytest.raises(af.RateLimitError):
+            wf.create(id="second")
+    finally:
+        go.set()
+    wait_for(lambda: len(journal.entries) == 1)
+    journal.gate("all").set()
+    first.wait(timeout=10)
+    assert rt.wait_until_idle()
+    wf.create(id="third").wait(timeout=10)

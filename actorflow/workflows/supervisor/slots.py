@@ -124,10 +124,8 @@ class Slots:
             if nxt is None:
                 break
             actor = nxt[0]
-            self.running += 1
             self.activating += 1
             actor.activating = True
-            self.by_wf[actor.wfe.name] += 1
             self.started += 1
             actor.woken = True  # keeps it in memory until it starts
             batch.append(nxt)
@@ -187,8 +185,7 @@ class Slots:
             try:
                 actor.actor_ref.tell(Start(reason))
             except pykka.ActorDeadError:
-                self.running -= 1
-                self.by_wf[actor.wfe.name] -= 1
+                self._count_in(actor.wfe.name, -1)
                 self.settled(actor)
         if launched:
             # After the first step of every task just made: their runs have
@@ -214,6 +211,13 @@ class Slots:
         self.pump()
 
     def _next(self) -> tuple[InstanceActor, str] | None:
+        """Picks the next instance to start and counts it as running.
+
+        An instance taken from the queue is counted before the pop: the queue
+        stops counting it as waiting from the pop on, and ``room_for`` (read
+        by creating threads in reject mode) must never see it neither waiting
+        nor running, even while its record is being read.
+        """
         deferred = []
         found = None
         while self.wakes:
@@ -225,29 +229,38 @@ class Slots:
             break
         self.wakes.extendleft(reversed(deferred))
         if found is not None:
+            self._count_in(found[0].wfe.name, 1)
             return found
         engines = list(self.engines.values())
         for i in range(len(engines)):
             wfe = engines[(self._rr + i) % len(engines)]
             if self.by_wf[wfe.name] >= wfe.limits.max_concurrent:
                 continue
+            self._count_in(wfe.name, 1)
             while True:
                 item = wfe.router.pop(use_bucket=wfe.limits.overflow == "queue")
                 if item is None:
+                    self._count_in(wfe.name, -1)
                     break
                 reason, iid = item
                 try:
                     actor = self.live.actor(wfe, iid)
                 except InstanceNotFound:
                     continue
+                except BaseException:
+                    self._count_in(wfe.name, -1)
+                    raise
                 self._rr = (self._rr + i + 1) % len(engines)
                 return actor, reason
         return None
 
+    def _count_in(self, wf: str, n: int) -> None:
+        self.running += n
+        self.by_wf[wf] += n
+
     def released(self, actor: InstanceActor) -> None:
         """An instance gave its slot back (hibernated, finished, crashed or skipped)."""
-        self.running -= 1
-        self.by_wf[actor.wfe.name] -= 1
+        self._count_in(actor.wfe.name, -1)
         self.settled(actor, pump=False)
         self.pump_soon()
 
