@@ -9,7 +9,9 @@ LocalCluster of 2 workers of one thread), in the same run:
   each step (shipping, scheduling, fetching the result).
 
 Ray and Dask are measured when installed (the ``ray`` and ``dask`` extras);
-each cluster is started once per run, warmed up, and shut down after.
+each cluster is started once per run, warmed up (every worker runs a body
+before anything is timed), and shut down after. Each figure is the median of
+``ROUNDS`` timed rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +33,8 @@ __all__ = ["EXECUTORS", "run_executors"]
 
 BODY_S = 0.2  # seconds of pure-Python work per map body
 TRIVIAL = 20  # trivial steps in a row
+WORKERS = 2  # worker processes of each cluster
+ROUNDS = 3  # timed rounds of each; the median is reported
 
 
 def spin(n: int) -> int:
@@ -74,7 +79,7 @@ def _executor(kind: str) -> Iterator[af.executors.StepExecutor | None]:
     if kind == "inprocess":
         yield None
     elif kind == "ray":
-        with af.executors.RayExecutor(num_cpus=2) as ex:
+        with af.executors.RayExecutor(num_cpus=WORKERS) as ex:
             yield ex
     else:
         import dask
@@ -82,7 +87,7 @@ def _executor(kind: str) -> Iterator[af.executors.StepExecutor | None]:
 
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
             cluster = LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+                n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0"
             )
         client = Client(cluster)
         try:
@@ -97,18 +102,21 @@ def _measure(kind: str, d: Path, n: int, size: int) -> dict[str, float]:
     shutil.rmtree(d, ignore_errors=True)
     with _executor(kind) as ex, af.Runtime(d, executor=ex) as rt:
         cpu, triv = rt.register(CpuMap), rt.register(Trivial)
-        # Warm-up: workers started, modules imported, before anything is timed.
-        cpu.create(params={"n": 1000, "k": 2}).wait(timeout=300)
-        triv.create(params=2).wait(timeout=300)
-        t = time.perf_counter()
-        st = cpu.create(params={"n": n, "k": size}).wait(timeout=600)
-        map_s = time.perf_counter() - t
-        if st.status != "complete":
-            raise RuntimeError(f"{kind}: the map ended {st.status}: {st.error}")
-        t = time.perf_counter()
+        # Warm-up: every worker started and running a body (the code shipped,
+        # modules imported) before anything is timed.
+        cpu.create(params={"n": max(1, n // 20), "k": 2 * WORKERS}).wait(timeout=300)
         triv.create(params=TRIVIAL).wait(timeout=300)
-        step_ms = (time.perf_counter() - t) * 1000 / TRIVIAL
-    return {f"{kind}_map_s": map_s, f"{kind}_step_ms": step_ms}
+        maps, steps = [], []
+        for _ in range(ROUNDS):
+            t = time.perf_counter()
+            st = cpu.create(params={"n": n, "k": size}).wait(timeout=600)
+            maps.append(time.perf_counter() - t)
+            if st.status != "complete":
+                raise RuntimeError(f"{kind}: the map ended {st.status}: {st.error}")
+            t = time.perf_counter()
+            triv.create(params=TRIVIAL).wait(timeout=300)
+            steps.append((time.perf_counter() - t) * 1000 / TRIVIAL)
+    return {f"{kind}_map_s": statistics.median(maps), f"{kind}_step_ms": statistics.median(steps)}
 
 
 def available() -> list[str]:
