@@ -1,5 +1,7 @@
 """actorflow: Durable Objects and durable Workflows embedded in any Python process."""
 
+__version__ = "0.1.0"
+
 import logging as _logging
 
 from actorflow import executors as executors

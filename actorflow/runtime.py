@@ -307,7 +307,7 @@ class Runtime:
                 raise RuntimeError(f"workflow {name!r} is not registered in this runtime")
 
         wfe = WorkflowEngine(self._engine, Unregistered, name, None)
-        binding = WorkflowBinding(wfe, self._supervisor)
+        binding = WorkflowBinding(wfe, self._supervisor, registered=False)
         if listed:
             self._bindings[name] = binding
             self._engines[name] = wfe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -518,3 +519,29 @@ def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any, clock:
         cli_("restart", "order", "o0")
         wf.get("o0").wait_for_status("waiting")
         assert "InstanceNotFound" in cli_("status", "order", "nope", code=1)
+
+
+def _documented_commands(page: str, heading: str) -> set[str]:
+    """The command names of the synopsis block under ``heading`` in docs/``page``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```")
+    block = after[after.index("\n", start) + 1 : after.index("```", start + 3)]
+    names: set[str] = set()
+    for line in block.splitlines()[1:]:  # the first line is the usage line
+        for part in re.split(r"\s{2,}|\|", line.split("#", 1)[0]):
+            word = part.strip().split(" ", 1)[0]
+            if re.fullmatch(r"[a-z][a-z-]*", word):
+                names.add(word)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("page", "heading"),
+    [
+        ("observability.md", "## The `actorflow` command"),
+        ("contract.md", "### The `actorflow` command"),
+    ],
+)
+def test_the_documented_command_list_matches_the_cli(page: str, heading: str) -> None:
+    assert _documented_commands(page, heading) == set(cli.commands)

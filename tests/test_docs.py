@@ -153,18 +153,16 @@ def test_relative_links_resolve() -> None:
     assert not broken, broken
 
 
-@pytest.mark.parametrize("block", [b for b in PYTHON if not b.skipped], ids=lambda b: b.id)
-def test_example_runs(block: Block, tmp_path: Path) -> None:
-    if block.requires:
-        pytest.importorskip(block.requires)
-    script = tmp_path / "example.py"
+def run_block(block: Block, where: Path) -> None:
+    """Runs ``block`` in its own interpreter with ``where`` as its working directory."""
+    script = where / "example.py"
     script.write_text(block.code)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run(
             [sys.executable, str(script)],
-            cwd=tmp_path,
+            cwd=where,
             env=env,
             capture_output=True,
             text=True,
@@ -179,3 +177,21 @@ def test_example_runs(block: Block, tmp_path: Path) -> None:
         f"{block.id} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout[-3000:]}"
         f"\n--- stderr\n{proc.stderr[-3000:]}"
     )
+
+
+@pytest.mark.parametrize("block", [b for b in PYTHON if not b.skipped], ids=lambda b: b.id)
+def test_example_runs(block: Block, tmp_path: Path) -> None:
+    if block.requires:
+        pytest.importorskip(block.requires)
+    run_block(block, tmp_path)
+
+
+def test_the_quickstart_runs_twice_in_a_row_on_one_directory(tmp_path: Path) -> None:
+    # A reader runs the snippets one after the other in one directory, then again:
+    # they share ./actorflow-data, and none may trip over what an earlier run left.
+    snippets = [b for b in PYTHON if b.path.name == "quickstart.md" and not b.skipped]
+    assert len(snippets) >= 5
+    for _ in range(2):
+        for block in snippets:
+            run_block(block, tmp_path)
+    assert (tmp_path / "actorflow-data").is_dir()

@@ -448,6 +448,27 @@ def test_workflows_found_only_in_storage_are_readable_and_controllable(
     assert b3.get("u1").wait(timeout=10).status == "complete"
 
 
+def test_serving_a_directory_without_its_app_says_unregistered_and_refuses_creations(
+    make_runtime: Any,
+) -> None:
+    first = make_runtime()
+    first.register(Blocked, name="blocked").create(id="u1")
+    first.close()
+    # What `actorflow serve` does without --app: the stored workflows listed unregistered.
+    second = make_runtime()
+    second.unregistered("blocked", listed=True)
+    with with_token(create_app(second)) as c:
+        [row] = ok(c.get("/api/workflows"))
+        assert row["name"] == "blocked" and row["registered"] is False
+        url = "/api/workflows/blocked/instances"
+        assert "--app" in fails(c.post(url, json={"id": "u2"}), 409, "WorkflowNotRegistered")
+        fails(c.post(url, json=[{"id": "u3"}]), 409, "WorkflowNotRegistered")
+        fails(c.post(url + "/batch", json=[{"id": "u4"}]), 409, "WorkflowNotRegistered")
+        fails(c.get(url + "/u2"), 404, "InstanceNotFound")  # nothing written
+        assert {r["id"] for r in ok(c.get(url))} == {"u1"}
+    second.close()
+
+
 def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
     """Schemathesis: generated requests never get a 500, and every answer fits the schema."""
     runtime = make_runtime(sync=False)

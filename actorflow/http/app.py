@@ -124,7 +124,11 @@ class _Api:
 
     def workflow_names(self) -> dict[str, bool]:
         """Every workflow to show, registered or only found in storage -> registered."""
-        names = dict.fromkeys(self.rt.workflows, True)
+        # A binding from rt.unregistered(name, listed=True) is listed among
+        # rt.workflows, but nothing of it runs here.
+        names = {
+            n: bool(getattr(self.rt.workflow(n), "registered", True)) for n in self.rt.workflows
+        }
         by_wf = getattr(self.runtime_metrics(), "workflows", None)
         if isinstance(by_wf, dict) and callable(getattr(self.rt, "unregistered", None)):
             for name in by_wf:
@@ -155,6 +159,17 @@ class _Api:
         """The request's ``{wf}`` and instance ``{id}`` (404 InstanceNotFound if none)."""
         b = self.binding_named(request.path_params["wf"])
         return b, b.get(request.path_params["id"])
+
+    def check_runs(self, binding: WorkflowBinding) -> None:
+        """Refuses to create instances that nothing serving here would ever start."""
+        if not getattr(binding, "registered", True):
+            raise ApiError(
+                409,
+                "WorkflowNotRegistered",
+                f"workflow {binding.name!r} has no class registered in the serving runtime, so "
+                "an instance created here would never start; serve the data with its app "
+                "(actorflow serve --app package.module:factory)",
+            )
 
     def body_limit(self, binding: WorkflowBinding) -> int:
         """The largest body accepted: the workflow's payload limit plus framing."""
@@ -234,6 +249,7 @@ class _Api:
     async def create_instance(self, request: Request) -> Response:
         """Creates one instance (``{"id"?, "params"?}``) or, given a list, a batch."""
         b = await self.binding(request)
+        self.check_runs(b)
         body = await read_json(request, self.body_limit(b))
         if isinstance(body, list):
             return await self._create_batch(b, body)
@@ -248,6 +264,7 @@ class _Api:
     async def create_batch(self, request: Request) -> Response:
         """Creates many instances; ids that already exist are skipped."""
         b = await self.binding(request)
+        self.check_runs(b)
         body = await read_json(request, self.body_limit(b))
         if not isinstance(body, list):
             raise ApiError(400, "ValidationError", "the body must be a JSON array of instances")

@@ -44,7 +44,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Invalid input: InvalidInstanceId, ValidationError, SerializationError, LimitExceeded",
         401: "Unauthorized: a token is configured and the request lacks it",
         404: "WorkflowNotFound or InstanceNotFound",
-        409: "InstanceAlreadyExists or InvalidInstanceState",
+        409: "InstanceAlreadyExists, InvalidInstanceState or WorkflowNotRegistered",
         413: "LimitExceeded: the body is larger than the payload limit",
         415: "UnsupportedMediaType: the body is not application/json",
         429: "RateLimitError: the workflow's queue is full",

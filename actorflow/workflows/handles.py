@@ -400,9 +400,14 @@ class BindingParts:
 class WorkflowBinding:
     """A registered workflow: creates, finds and lists its instances."""
 
-    def __init__(self, wfe: WorkflowEngine, supervisor: Supervisor) -> None:
+    def __init__(
+        self, wfe: WorkflowEngine, supervisor: Supervisor, *, registered: bool = True
+    ) -> None:
         #: The engine-side parts (:class:`BindingParts`): not user API.
         self.parts = BindingParts(wfe, supervisor)
+        #: False for a binding from ``Runtime.unregistered``: its instances can
+        #: be read and controlled, but none runs in this runtime.
+        self.registered = registered
         self._wfe = wfe
         self._sup = supervisor
         self._ctx = wfe.ctx
