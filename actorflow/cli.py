@@ -50,7 +50,15 @@ from click.core import ParameterSource
 from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceNotFound
 from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
-from actorflow.workflows.query import Query, document, iso
+from actorflow.workflows.query import (
+    STATUS_FIELDS,
+    Query,
+    document,
+    history_document,
+    schedule_document,
+    step_document,
+    summary_document,
+)
 
 __all__ = ["cli", "format_table", "main"]
 
@@ -157,32 +165,12 @@ class _Local:
                 raise click.BadParameter(
                     "not a cursor printed by list", param_hint="--cursor"
                 ) from None
-            rows = [
-                {
-                    "workflow": r.workflow,
-                    "id": r.id,
-                    "status": r.status,
-                    "created": iso(r.created),
-                    "error": r.error,
-                }
-                for r in page.rows
-            ]
+            rows = [summary_document(r) for r in page.rows]
             return {"instances": rows, "cursor": page.next}
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
         with self._query(wf, iid) as q:
-            # The instance record only: a damaged step record does not hide the status.
-            rk = q.record_key(wf, iid)
-            st, row = q.status(wf, iid, rk), q.summary(wf, iid, rk)
-            return {
-                "workflow": wf,
-                "id": iid,
-                "status": st.status,
-                "output": st.output,
-                "error": st.error,
-                "created": iso(row.created),
-                "started": iso(row.started) or "",
-            }
+            return q.status_document(wf, iid)
 
     def describe(self, wf: str, iid: str) -> dict[str, Any]:
         with self._query(wf, iid) as q:
@@ -190,11 +178,11 @@ class _Local:
 
     def history(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._query(wf, iid) as q:
-            return [_plain(e) for e in q.history(wf, iid)]
+            return history_document(q.history(wf, iid))
 
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._query(wf, iid) as q:
-            return [_plain(s) for s in q.steps(wf, iid)]
+            return [step_document(s) for s in q.steps(wf, iid)]
 
     def metrics(self) -> dict[str, Any]:
         """What the directory itself tells: counts, queue depths, timers (rates live in
@@ -217,7 +205,7 @@ class _Local:
 
     def schedules(self, workflow: str | None) -> list[dict[str, Any]]:
         with self._query() as q:
-            return [_schedule_row(s) for s in q.schedules(workflow)]
+            return [schedule_document(s) for s in q.schedules(workflow)]
 
     def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
@@ -289,7 +277,7 @@ class _Remote:
             rows: list[dict[str, Any]] = []
             for wf in self._wfs():
                 rows += self.instances(wf, status, limit, None)["instances"]
-            rows.sort(key=lambda r: r.get("created") or "", reverse=True)
+            rows.sort(key=lambda r: r.get("created_on") or "", reverse=True)
             return {"instances": rows[:limit], "cursor": None}
         env = self._call(
             "GET",
@@ -297,24 +285,12 @@ class _Remote:
             query={"status": status, "limit": limit, "cursor": cursor},
             envelope=True,
         )
-        items = env.get("result") or []
-        nxt = (env.get("result_info") or {}).get("cursor")
-        rows = [
-            dict(
-                r,
-                workflow=r.get("workflow", workflow),
-                created=r.get("created", r.get("created_on")),
-            )
-            for r in items
-        ]
-        return {"instances": rows, "cursor": nxt}
+        rows = list(env.get("result") or [])
+        return {"instances": rows, "cursor": (env.get("result_info") or {}).get("cursor")}
 
     def status(self, wf: str, iid: str) -> dict[str, Any]:
-        result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}")
-        result = dict(result or {})
-        result.pop("steps", None)
-        result.pop("description", None)
-        return result
+        result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}") or {}
+        return {k: result.get(k) for k in STATUS_FIELDS}
 
     def describe(self, wf: str, iid: str) -> dict[str, Any]:
         result = self._call("GET", f"/api/workflows/{_q(wf)}/instances/{_q(iid)}") or {}
@@ -328,7 +304,22 @@ class _Remote:
         return list(result.get("steps", []))
 
     def metrics(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/api/metrics") or {})
+        """The served runtime's metrics: the directory's figures and its live rates."""
+        got = self._call("GET", "/api/metrics") or {}
+        if got.get("source") == "runtime":
+            return dict(got.get("metrics") or {})
+        by_wf = (got.get("metrics") or {}).get("instances_by_status") or {}
+        total: dict[str, int] = {}
+        for counts in by_wf.values():
+            for st, n in counts.items():
+                total[st] = total.get(st, 0) + n
+        return {
+            "workflows": {
+                wf: {"name": wf, "counts": {k: v for k, v in c.items() if v}}
+                for wf, c in by_wf.items()
+            },
+            "counts": {k: v for k, v in total.items() if v},
+        }
 
     def schedules(self, workflow: str | None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/schedules", query={"workflow": workflow}) or [])
@@ -439,7 +430,7 @@ def list_cmd(
     """List instances, newest first."""
     page = obj.target.instances(workflow, status, limit, cursor)
     rows = [
-        [r["workflow"], r["id"], r["status"], r.get("created") or ""] for r in page["instances"]
+        [r["workflow"], r["id"], r["status"], r.get("created_on") or ""] for r in page["instances"]
     ]
     table = format_table(rows, ["workflow", "id", "status", "created"])
     if page["cursor"]:
@@ -475,20 +466,25 @@ def describe(obj: _Ctx, workflow: str, instance_id: str) -> None:
     _emit_fields(obj, obj.target.describe(workflow, instance_id), skip=(None, []))
 
 
+_FULL_HELP = "Show values whole instead of cutting them to fit a line."
+
+
 @cli.command()
 @click.argument("workflow")
 @click.argument("instance_id")
+@click.option("--full", is_flag=True, help=_FULL_HELP)
 @click.pass_obj
-def history(obj: _Ctx, workflow: str, instance_id: str) -> None:
+def history(obj: _Ctx, workflow: str, instance_id: str, full: bool) -> None:
     """Show an instance's event log, oldest first."""
     events = obj.target.history(workflow, instance_id)
+    width = None if full else _BRIEF
     rows = [
         [
             e.get("timestamp") or "",
             e["type"],
             e.get("step") or "",
             str(e.get("attempt") or ""),
-            _brief(e.get("data")),
+            _brief(e.get("data"), width),
         ]
         for e in events
     ]
@@ -498,10 +494,12 @@ def history(obj: _Ctx, workflow: str, instance_id: str) -> None:
 @cli.command()
 @click.argument("workflow")
 @click.argument("instance_id")
+@click.option("--full", is_flag=True, help=_FULL_HELP)
 @click.pass_obj
-def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
+def steps(obj: _Ctx, workflow: str, instance_id: str, full: bool) -> None:
     """Show an instance's steps with their attempts."""
     recs = obj.target.steps(workflow, instance_id)
+    width = None if full else _BRIEF
     rows = []
     for s in recs:
         atts = s.get("attempts") or []
@@ -511,12 +509,14 @@ def steps(obj: _Ctx, workflow: str, instance_id: str) -> None:
             [
                 s["name"],
                 str(s["count"]),
-                s.get("kind") or s.get("type") or "",
+                s.get("type") or "",
                 s["status"],
                 str(len(atts)),
                 str(failed),
                 _duration(s.get("start"), s.get("end")),
-                f"{err.get('name')}: {err.get('message')}" if err else _brief(s.get("output")),
+                f"{err.get('name')}: {err.get('message')}"
+                if err
+                else _brief(s.get("output"), width),
             ]
         )
     obj.emit(
@@ -546,17 +546,6 @@ def metrics(obj: _Ctx) -> None:
             ]
         )
     obj.emit(m, format_table(rows, ["figure", "value"]))
-
-
-def _schedule_row(s: Any) -> dict[str, Any]:
-    """A schedule (:class:`~actorflow.workflows.schedules.ScheduleSummary`) as JSON."""
-    return {
-        "workflow": s.workflow,
-        "cron": s.cron,
-        "next": iso(s.next),
-        "last": iso(s.last),
-        "last_instance": s.last_instance,
-    }
 
 
 @cli.command()
@@ -693,11 +682,14 @@ def _counts(counts: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
 
 
-def _brief(value: Any, width: int = 60) -> str:
+_BRIEF = 60  # characters of a value in a table cell, unless --full
+
+
+def _brief(value: Any, width: int | None = _BRIEF) -> str:
     if value in (None, {}, []):
         return ""
     text = value if isinstance(value, str) else json.dumps(_plain(value))
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def _duration(start: str | None, end: str | None) -> str:
@@ -705,6 +697,29 @@ def _duration(start: str | None, end: str | None) -> str:
         return ""
     ms = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() * 1000
     return f"{ms:,.0f} ms"
+
+
+def _json_after_the_command(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(_Ctx).json = True  # type: ignore[union-attr]
+
+
+def _json_flags(group: click.Group) -> None:
+    """Lets ``--json`` come after the command too (``actorflow list --json``)."""
+    for name, command in group.commands.items():
+        if name not in ("bench", "serve"):
+            command.params.append(
+                click.Option(
+                    ["--json"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_json_after_the_command,
+                    help="Print JSON instead of tables.",
+                )
+            )
+
+
+_json_flags(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
 import types
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,7 +92,7 @@ def test_list_status_history_steps(data: str) -> None:
     assert charge["attempts"][0]["error"] == {"name": "RuntimeError", "message": "card declined"}
     assert charge["attempts"][0]["retry_delay_ms"] == 1
     table = run_cli(data, "steps", "order", "o0").output
-    assert "charge" in table and "approval" in table and "wait_for_event" in table
+    assert "charge" in table and "approval" in table and "waitForEvent" in table
     err = run_cli(data, "status", "order", "nope", code=1).output
     assert "no instance 'nope'" in err
 
@@ -259,7 +261,10 @@ class _Stub(BaseHTTPRequestHandler):
         elif self.path == "/api/workflows":
             self._reply(200, [{"name": "order"}])
         elif self.path.startswith("/api/workflows/order/instances?"):
-            self._reply(200, [{"id": "a", "status": "running", "created": "2026-01-01"}])
+            self._reply(
+                200,
+                [{"id": "a", "workflow": "order", "status": "running", "created_on": "2026-01-01"}],
+            )
         elif self.path == "/api/workflows/order/instances/a":
             self._reply(
                 200,
@@ -270,7 +275,7 @@ class _Stub(BaseHTTPRequestHandler):
                         {
                             "name": "s",
                             "count": 1,
-                            "kind": "do",
+                            "type": "step",
                             "status": "complete",
                             "attempts": [],
                         }
@@ -545,3 +550,82 @@ def _documented_commands(page: str, heading: str) -> set[str]:
 )
 def test_the_documented_command_list_matches_the_cli(page: str, heading: str) -> None:
     assert _documented_commands(page, heading) == set(cli.commands)
+
+
+def test_one_document_over_a_directory_a_url_and_the_http_api(
+    rt: af.Runtime, location: str, journal: Any, clock: FakeClock
+) -> None:
+    http = pytest.importorskip("actorflow.http")
+    from actorflow.workflows.query import STATUS_FIELDS
+
+    wf = rt.register(Order, name="order", env=journal)
+    for i, p in enumerate(["flaky", "ok"]):
+        wf.create(id=f"o{i}", params=p)
+        clock.advance(1)
+    for i in range(2):
+        wf.get(f"o{i}").wait_for_status("waiting")
+    wf.get("o1").send_event("approved", {"by": "ann"})
+    wf.get("o1").wait(timeout=10)
+    assert rt.wait_until_idle()
+    with http.serving(rt, token="t") as url:
+
+        def api(path: str) -> Any:
+            req = urllib.request.Request(url + path, headers={"Authorization": "Bearer t"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())["result"]
+
+        def both(*args: str, within: bool = False) -> Any:
+            # In another process, as a user runs it beside the service (this process has
+            # the directory open); --json after the command, as typed on second thought.
+            outs = []
+            for mode in (["--data", location], ["--url", url]):
+                r = subprocess.run(
+                    [sys.executable, "-m", "actorflow.cli", *mode, *args, "--json"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, "ACTORFLOW_TOKEN": "t"},
+                )
+                assert r.returncode == 0, (mode, r.stderr)
+                outs.append(json.loads(r.stdout))
+            if within:  # the directory's figures, a part of what the runtime knows
+                assert _within(outs[0], outs[1]), (outs, args)
+            else:
+                assert outs[0] == outs[1], args
+            return outs[0]
+
+        base = "/api/workflows/order/instances"
+        assert both("list", "-w", "order")["instances"] == api(base)
+        assert [r["id"] for r in both("list")["instances"]] == ["o1", "o0"]
+        for iid in ("o0", "o1"):
+            view = api(f"{base}/{iid}")
+            assert both("status", "order", iid) == {k: view[k] for k in STATUS_FIELDS}
+            assert both("describe", "order", iid) == view["description"]
+            assert both("steps", "order", iid) == view["steps"]
+            assert both("history", "order", iid) == api(f"{base}/{iid}/history")
+        assert both("schedules") == api("/api/schedules") == []
+        m = both("metrics", within=True)
+        assert m["workflows"]["order"]["counts"] == {"complete": 1, "waiting": 1}
+        # The runtime's own metrics over --url print as a table, a figure per line.
+        r = CliRunner().invoke(cli, ["--url", url, "metrics"], env={"ACTORFLOW_TOKEN": "t"})
+        lines = r.output.splitlines()
+        assert r.exit_code == 0 and max(len(line) for line in lines) < 100, r.output
+        assert any(line.startswith("steps_per_s") for line in lines)
+
+
+def _within(part: Any, whole: Any) -> bool:
+    """True if every field of ``part`` is in ``whole`` with the same value, recursively."""
+    if isinstance(part, dict) and isinstance(whole, dict):
+        return all(k in whole and _within(v, whole[k]) for k, v in part.items())
+    return bool(part == whole)
+
+
+def test_history_and_steps_show_whole_values_with_full(data: str, journal: Any) -> None:
+    long = "x" * 200
+    with af.Runtime(data) as rt:
+        inst = rt.register(Order, name="order", env=journal).get("o1")
+        inst.send_event("approved", {"note": long})
+        assert inst.wait(timeout=10).output == {"note": long}
+    cut = run_cli(data, "history", "order", "o1").output
+    assert long not in cut and "..." in cut
+    assert long in run_cli(data, "history", "order", "o1", "--full").output

@@ -207,7 +207,7 @@ def test_cli_and_http_give_the_same_description(
             CliRunner().invoke(cli, ["--data", str(data), "--json", "status", wf, inst.id]).output
         )
         d = served[kind]["description"]
-        assert (st["status"], st["created"], st["error"]) == (d["status"], d["created"], d["error"])
+        assert (st["status"], st["queued"], st["error"]) == (d["status"], d["created"], d["error"])
     text = CliRunner().invoke(cli, ["--data", str(data), "describe", "probe", "waiting"]).output
     assert "waiting_for" in text and "approved" in text
     res = CliRunner().invoke(cli, ["--data", str(data), "describe", "probe", "nope"])

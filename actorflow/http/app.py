@@ -40,7 +40,6 @@ from actorflow.http.envelope import (
 )
 from actorflow.http.openapi import openapi_schema
 from actorflow.http.views import (
-    history_view,
     instance_summary,
     instance_view,
     jsonable,
@@ -49,7 +48,7 @@ from actorflow.http.views import (
 from actorflow.runtime import Runtime
 from actorflow.workflows.definition import STATUSES, validate_instance_id
 from actorflow.workflows.handles import Instance, WorkflowBinding
-from actorflow.workflows.query import iso
+from actorflow.workflows.query import history_document, schedule_document
 
 __all__ = ["LOOPBACK_HOSTS", "ApiError", "create_app"]
 
@@ -301,7 +300,7 @@ class _Api:
 
         def work() -> list[dict[str, Any]]:
             _b, inst = self.instance(request)
-            return history_view(inst.history())
+            return history_document(inst.history())
 
         return envelope(await run_in_threadpool(work))
 
@@ -348,16 +347,7 @@ class _Api:
         workflow = request.query_params.get("workflow") or None
 
         def work() -> list[dict[str, Any]]:
-            return [
-                {
-                    "workflow": s.workflow,
-                    "cron": s.cron,
-                    "next": iso(s.next),
-                    "last": iso(s.last),
-                    "last_instance": s.last_instance,
-                }
-                for s in self.rt.schedules(workflow)
-            ]
+            return [schedule_document(s) for s in self.rt.schedules(workflow)]
 
         return envelope(await run_in_threadpool(work))
 

@@ -33,7 +33,13 @@ from actorflow.core.errors import InstanceNotFound
 from actorflow.core.storage import Storage, is_database_url, open_storage
 from actorflow.core.timers import count_armed
 from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus
-from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.workflows.history import (
+    Attempt,
+    HistoryEvent,
+    StepRecord,
+    read_history,
+    read_steps,
+)
 from actorflow.workflows.records import (
     IDS,
     IDX,
@@ -57,13 +63,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LISTED_STATUSES",
+    "STATUS_FIELDS",
     "InstanceDescription",
     "InstanceSummary",
     "Page",
     "Query",
     "document",
+    "history_document",
     "jsonable",
+    "schedule_document",
+    "step_document",
+    "summary_document",
 ]
+
+#: The fields of an instance's status document (:meth:`Query.status_document`).
+STATUS_FIELDS = (
+    "id",
+    "workflow",
+    "status",
+    "params",
+    "output",
+    "error",
+    "queued",
+    "start",
+    "success",
+)
 
 #: The statuses an instance can be listed and counted in.
 LISTED_STATUSES = tuple(s for s in STATUSES if s != "unknown")
@@ -238,6 +262,31 @@ class Query:
             output = self.storage.serializer.loads(rec["output"])
         error = rec.get("error") if status == "errored" else None
         return InstanceStatus(status, output, error)
+
+    def status_document(self, workflow: str, iid: str, rk: bytes | None = None) -> dict[str, Any]:
+        """The instance's status document (:data:`STATUS_FIELDS`), from its record alone.
+
+        What ``actorflow status --json`` prints and the HTTP API's instance
+        view starts with. It reads neither steps nor history, so a damaged
+        step record does not hide the status.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        status, rec = self._current(workflow, iid, rk or self.record_key(workflow, iid))
+        loads = self.storage.serializer.loads
+        output = rec.get("output") if status == "complete" else None
+        return {
+            "id": iid,
+            "workflow": workflow,
+            "status": status,
+            "params": jsonable(loads(rec["params"]) if rec.get("params") else None),
+            "output": jsonable(None if output is None else loads(output)),
+            "error": jsonable(rec.get("error") if status == "errored" else None),
+            "queued": iso(to_datetime(rec["created"] / 1000.0)),
+            "start": iso(_dt(rec.get("started"))),
+            "success": (status == "complete") if status in FINISHED else None,
+        }
 
     def summary(self, workflow: str, iid: str, rk: bytes | None = None) -> InstanceSummary:
         """The row of the instance in a listing: status, times and error.
@@ -567,3 +616,79 @@ def document(description: InstanceDescription) -> dict[str, Any]:
     HTTP API returns under ``description``."""
     out: dict[str, Any] = jsonable(description)
     return out
+
+
+# The documents below are the one JSON shape of each answer: the HTTP API returns
+# them, and the ``actorflow`` command prints them with ``--json``, on a directory and
+# through ``--url`` alike.
+
+_KINDS = {"do": "step", "sleep": "sleep", "wait_for_event": "waitForEvent"}
+
+
+def summary_document(s: InstanceSummary) -> dict[str, Any]:
+    """One row of an instance listing."""
+    return {
+        "id": s.id,
+        "workflow": s.workflow,
+        "status": s.status,
+        "created_on": iso(s.created),
+        "started_on": iso(s.started),
+        "error": jsonable(s.error),
+    }
+
+
+def _attempt_document(a: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt,
+        "start": iso(a.start),
+        "end": iso(a.end),
+        "success": None if a.end is None else a.error is None,
+        "error": jsonable(a.error),
+        "retry_delay_ms": a.retry_delay_ms,
+        "ran_on": a.ran_on,
+    }
+
+
+def step_document(s: StepRecord) -> dict[str, Any]:
+    """One step, in the shape of Cloudflare's instance details, with its attempts."""
+    finished = s.status in ("complete", "errored")
+    return {
+        "type": _KINDS.get(s.kind, s.kind),
+        "name": s.name,
+        "count": s.count,
+        "status": s.status,
+        "start": iso(s.start),
+        "end": iso(s.end),
+        "deadline": iso(s.deadline),
+        "finished": finished,
+        "success": (s.status == "complete") if finished else None,
+        "config": jsonable(s.config),
+        "attempts": [_attempt_document(a) for a in s.attempts],
+        "output": jsonable(s.output),
+        "error": jsonable(s.error),
+    }
+
+
+def history_document(events: list[HistoryEvent]) -> list[dict[str, Any]]:
+    """The event log, oldest first."""
+    return [
+        {
+            "type": e.type,
+            "timestamp": iso(e.timestamp),
+            "step": e.step,
+            "attempt": e.attempt,
+            "data": jsonable(e.data),
+        }
+        for e in events
+    ]
+
+
+def schedule_document(s: ScheduleSummary) -> dict[str, Any]:
+    """A cron schedule with its next and last ticks."""
+    return {
+        "workflow": s.workflow,
+        "cron": s.cron,
+        "next": iso(s.next),
+        "last": iso(s.last),
+        "last_instance": s.last_instance,
+    }
