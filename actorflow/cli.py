@@ -38,11 +38,11 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -51,6 +51,7 @@ from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceN
 from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
 from actorflow.workflows.query import (
+    LISTED_STATUSES,
     STATUS_FIELDS,
     Query,
     document,
@@ -61,6 +62,8 @@ from actorflow.workflows.query import (
 )
 
 __all__ = ["cli", "format_table", "main"]
+
+T = TypeVar("T")
 
 _ACTIONS = ("pause", "resume", "terminate", "restart")
 
@@ -207,18 +210,35 @@ class _Local:
         with self._query() as q:
             return [schedule_document(s) for s in q.schedules(workflow)]
 
-    def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
+    def ids(self, workflow: str, status: str) -> list[str]:
+        with self._query() as q:
+            return q.ids(workflow, status, limit=None)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Each workflow's instance counts by status."""
+        with self._query() as q:
+            return {wf: q.counts(wf) for wf in q.workflows()}
+
+    def control(self, wf: str, ids: Sequence[str], action: str, **kw: Any) -> list[tuple[str, str]]:
+        """Applies ``action`` to each instance; returns the ``(id, error)`` of those refused."""
+        refused = []
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
-            try:
-                inst = rt.unregistered(wf).get(iid)
-                if action == "event":
-                    inst.send_event(kw["type"], kw.get("payload"))
-                elif action == "restart":
-                    inst.restart(from_step=kw.get("from_step"))
-                else:
-                    getattr(inst, action)()
-            except ActorflowError as e:
-                raise click.ClickException(f"{type(e).__name__}: {e}") from None
+            binding = rt.unregistered(wf)
+            for iid in _progress(ids, action):
+                try:
+                    _apply(binding.get(iid), action, kw)
+                except ActorflowError as e:
+                    refused.append((iid, f"{type(e).__name__}: {e}"))
+        return refused
+
+
+def _apply(inst: Any, action: str, kw: dict[str, Any]) -> None:
+    if action == "event":
+        inst.send_event(kw["type"], kw.get("payload"))
+    elif action == "restart":
+        inst.restart(from_step=kw.get("from_step"))
+    else:
+        getattr(inst, action)()
 
 
 # -- a running service ---------------------------------------------------------------
@@ -266,16 +286,12 @@ class _Remote:
             return env
         return env.get("result") if isinstance(env, dict) else env
 
-    def _wfs(self) -> list[str]:
-        result = self._call("GET", "/api/workflows") or []
-        return [w["name"] if isinstance(w, dict) else str(w) for w in result]
-
     def instances(
         self, workflow: str | None, status: str | None, limit: int, cursor: str | None
     ) -> dict[str, Any]:
         if workflow is None:
             rows: list[dict[str, Any]] = []
-            for wf in self._wfs():
+            for wf in self.counts():
                 rows += self.instances(wf, status, limit, None)["instances"]
             rows.sort(key=lambda r: r.get("created_on") or "", reverse=True)
             return {"instances": rows[:limit], "cursor": None}
@@ -324,15 +340,42 @@ class _Remote:
     def schedules(self, workflow: str | None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/schedules", query={"workflow": workflow}) or [])
 
-    def control(self, wf: str, iid: str, action: str, **kw: Any) -> None:
-        base = f"/api/workflows/{_q(wf)}/instances/{_q(iid)}"
-        if action == "event":
-            self._call("POST", f"{base}/events/{_q(kw['type'])}", kw.get("payload"))
-        else:
-            body: dict[str, Any] = {"status": action}
-            if kw.get("from_step"):
-                body["from_step"] = kw["from_step"]
-            self._call("PATCH", f"{base}/status", body)
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Each workflow's instance counts by status."""
+        rows = self._call("GET", "/api/workflows") or []
+        return {r["name"]: dict(r.get("counts") or {}) for r in rows if isinstance(r, dict)}
+
+    def ids(self, workflow: str, status: str) -> list[str]:
+        out: list[str] = []
+        cursor = None
+        while True:
+            env = self._call(
+                "GET",
+                f"/api/workflows/{_q(workflow)}/instances",
+                query={"status": status, "limit": _PAGE, "cursor": cursor},
+                envelope=True,
+            )
+            out += [r["id"] for r in env.get("result") or []]
+            cursor = (env.get("result_info") or {}).get("cursor")
+            if not cursor:
+                return out
+
+    def control(self, wf: str, ids: Sequence[str], action: str, **kw: Any) -> list[tuple[str, str]]:
+        """Applies ``action`` to each instance; returns the ``(id, error)`` of those refused."""
+        refused = []
+        for iid in _progress(ids, action):
+            base = f"/api/workflows/{_q(wf)}/instances/{_q(iid)}"
+            try:
+                if action == "event":
+                    self._call("POST", f"{base}/events/{_q(kw['type'])}", kw.get("payload"))
+                else:
+                    body: dict[str, Any] = {"status": action}
+                    if kw.get("from_step"):
+                        body["from_step"] = kw["from_step"]
+                    self._call("PATCH", f"{base}/status", body)
+            except click.ClickException as e:
+                refused.append((iid, e.message))
+        return refused
 
 
 def _q(part: str) -> str:
@@ -423,12 +466,22 @@ def cli(
 @click.option("--status", "-s", default=None, type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--limit", "-n", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--cursor", default=None, help="The cursor printed after the previous page.")
+@click.option("--all", "every", is_flag=True, help="Every instance, read page by page.")
 @click.pass_obj
 def list_cmd(
-    obj: _Ctx, workflow: str | None, status: str | None, limit: int, cursor: str | None
+    obj: _Ctx,
+    workflow: str | None,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    every: bool,
 ) -> None:
     """List instances, newest first."""
-    page = obj.target.instances(workflow, status, limit, cursor)
+    page = (
+        _list_all(obj, workflow, status)
+        if every
+        else obj.target.instances(workflow, status, limit, cursor)
+    )
     rows = [
         [r["workflow"], r["id"], r["status"], r.get("created_on") or ""] for r in page["instances"]
     ]
@@ -436,6 +489,35 @@ def list_cmd(
     if page["cursor"]:
         table += f"\n(more: --cursor {page['cursor']})"
     obj.emit(page, table)
+
+
+def _list_all(obj: _Ctx, workflow: str | None, status: str | None) -> dict[str, Any]:
+    """Every instance (of ``workflow``, in ``status``), newest first, with progress."""
+    counts = obj.target.counts()
+    names = [workflow] if workflow is not None else sorted(counts)
+    total = sum(
+        n
+        for wf in names
+        for st, n in (counts.get(wf) or {}).items()
+        if status is None or st == status
+    )
+    shown = _Progress(total, "list")
+    rows: list[dict[str, Any]] = []
+    try:
+        for wf in names:
+            cursor = None
+            while True:
+                page = obj.target.instances(wf, status, _PAGE, cursor)
+                rows += page["instances"]
+                shown.advance(len(page["instances"]))
+                cursor = page["cursor"]
+                if not cursor:
+                    break
+    finally:
+        shown.close()
+    if workflow is None:
+        rows.sort(key=lambda r: r.get("created_on") or "", reverse=True)
+    return {"instances": rows, "cursor": None}
 
 
 def _emit_fields(obj: _Ctx, doc: dict[str, Any], skip: tuple[Any, ...]) -> None:
@@ -581,17 +663,44 @@ def send_event(
         value = None if payload is None else json.loads(payload)
     except ValueError as e:
         raise click.BadParameter(f"not JSON: {e}", param_hint="--payload") from None
-    obj.target.control(workflow, instance_id, "event", type=event_type, payload=value)
+    for _iid, error in obj.target.control(
+        workflow, [instance_id], "event", type=event_type, payload=value
+    ):
+        raise click.ClickException(error)
     obj.emit({"ok": True}, f"sent {event_type!r} to {workflow}/{instance_id}")
 
 
 def _action(name: str, doc: str) -> None:
     @click.argument("workflow")
-    @click.argument("instance_id")
+    @click.argument("instance_ids", metavar="[ID]...", nargs=-1)
+    @click.option(
+        "--status",
+        "-s",
+        "select",
+        default=None,
+        type=click.Choice(LISTED_STATUSES),
+        help="Every instance of the workflow in this status (instead of IDs).",
+    )
     @click.pass_obj
-    def command(obj: _Ctx, workflow: str, instance_id: str, **kw: Any) -> None:
-        obj.target.control(workflow, instance_id, name, **kw)
-        obj.emit({"ok": True}, f"{name}: {workflow}/{instance_id}")
+    def command(
+        obj: _Ctx, workflow: str, instance_ids: tuple[str, ...], select: str | None, **kw: Any
+    ) -> None:
+        if bool(instance_ids) == (select is not None):
+            raise click.UsageError("give instance IDs or --status, not both nor neither")
+        ids = list(instance_ids) if select is None else obj.target.ids(workflow, select)
+        refused = obj.target.control(workflow, ids, name, **kw)
+        if len(ids) == 1 and refused:
+            raise click.ClickException(refused[0][1])
+        for iid, error in refused:
+            click.echo(f"{workflow}/{iid}: {error}", err=True)
+        done = [i for i in ids if i not in {r[0] for r in refused}]
+        if len(ids) == 1:
+            table = f"{name}: {workflow}/{ids[0]}"
+        else:
+            table = f"{name}: {len(done):,} of {len(ids):,} instances of {workflow}"
+        obj.emit({"ok": not refused, "done": done, "refused": dict(refused)}, table)
+        if refused:
+            raise click.exceptions.Exit(1)
 
     command.__doc__ = doc
     if name == "restart":
@@ -601,10 +710,10 @@ def _action(name: str, doc: str) -> None:
     cli.command(name)(command)
 
 
-_action("pause", "Pause an instance.")
-_action("resume", "Resume a paused instance.")
-_action("terminate", "Terminate an instance for good.")
-_action("restart", "Run an instance again from the start (or from a step).")
+_action("pause", "Pause instances (IDs, or every one in --status).")
+_action("resume", "Resume paused instances.")
+_action("terminate", "Terminate instances for good.")
+_action("restart", "Run instances again from the start (or from a step).")
 
 
 @cli.command()
@@ -683,6 +792,46 @@ def _counts(counts: dict[str, Any]) -> str:
 
 
 _BRIEF = 60  # characters of a value in a table cell, unless --full
+_PAGE = 1000  # instances per page when the command reads many
+_PROGRESS_FROM = 50  # items from which a long operation shows its progress
+
+
+class _Progress:
+    """How far a long operation got, on stderr: a bar on a terminal, else a plain line
+    at every tenth (for logs). Silent below ``_PROGRESS_FROM`` items."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self._every = max(1, total // 10)
+        self._bar: Any = None
+        if total >= _PROGRESS_FROM and sys.stderr.isatty():
+            self._bar = click.progressbar(
+                length=total, label=label, file=sys.stderr, show_pos=True
+            ).__enter__()
+
+    def advance(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.total >= _PROGRESS_FROM and (
+            self.done // self._every > before // self._every or self.done == self.total
+        ):
+            click.echo(f"{self.label}: {self.done:,}/{self.total:,}", err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _progress(items: Sequence[T], label: str) -> Iterator[T]:
+    """Yields ``items``, showing how far it got (:class:`_Progress`)."""
+    shown = _Progress(len(items), label)
+    try:
+        for item in items:
+            yield item
+            shown.advance()
+    finally:
+        shown.close()
 
 
 def _brief(value: Any, width: int | None = _BRIEF) -> str:

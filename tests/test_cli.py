@@ -629,3 +629,66 @@ def test_history_and_steps_show_whole_values_with_full(data: str, journal: Any) 
     cut = run_cli(data, "history", "order", "o1").output
     assert long not in cut and "..." in cut
     assert long in run_cli(data, "history", "order", "o1", "--full").output
+
+
+def _cli_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command in its own process, its stderr a pipe (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "actorflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ACTORFLOW_TOKEN": "t"},
+    )
+
+
+def test_many_instances_listed_and_terminated_with_progress(location: str) -> None:
+    with af.Runtime(location) as rt:  # nothing registered: they stay queued
+        made = rt.unregistered("bulk").create_batch([{"id": f"b{n:04}"} for n in range(2500)])
+        assert len(made) == 2500
+        rt.unregistered("other").create(id="x")
+    res = _cli_process("--data", location, "list", "--all", "-w", "bulk", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["instances"]
+    assert sorted(r["id"] for r in rows) == [f"b{n:04}" for n in range(2500)]
+    assert "list: 2,500/2,500" in res.stderr.splitlines()
+    assert (
+        len(
+            json.loads(_cli_process("--data", location, "list", "--all", "--json").stdout)[
+                "instances"
+            ]
+        )
+        == 2501
+    )
+    res = _cli_process("--data", location, "terminate", "bulk", "--status", "queued")
+    assert res.returncode == 0, res.stderr
+    assert "terminate: 2,500 of 2,500 instances of bulk" in res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.startswith("terminate: ")]
+    assert lines[0] == "terminate: 250/2,500" and lines[-1] == "terminate: 2,500/2,500"
+    with af.Runtime(location) as rt:
+        assert len(rt.unregistered("bulk").list(status="terminated", limit=None)) == 2500
+        assert rt.unregistered("other").get("x").status().status == "queued"
+    res = _cli_process("--data", location, "pause", "bulk", "b0001", "nope", "b0002")
+    assert res.returncode == 1
+    assert "bulk/b0001: InvalidInstanceState" in res.stderr and "bulk/nope" in res.stderr
+    assert "pause: 0 of 3 instances of bulk" in res.stdout
+    usage = _cli_process("--data", location, "pause", "bulk")
+    assert usage.returncode == 2 and "IDs or --status" in usage.stderr
+
+
+def test_many_instances_over_the_http_api(rt: af.Runtime) -> None:
+    http = pytest.importorskip("actorflow.http")
+    rt.unregistered("bulk", listed=True)
+    binding = rt.workflow("bulk")
+    binding.create_batch([{"id": f"b{n:04}"} for n in range(1200)])
+    with http.serving(rt, token="t") as url:
+        res = _cli_process("--url", url, "list", "--all", "--json")
+        assert res.returncode == 0, res.stderr
+        assert len(json.loads(res.stdout)["instances"]) == 1200
+        assert "list: 1,200/1,200" in res.stderr.splitlines()
+        res = _cli_process("--url", url, "terminate", "bulk", "--status", "queued", "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert len(doc["done"]) == 1200 and doc["refused"] == {}
+        assert "terminate: 1,200/1,200" in res.stderr.splitlines()
+    assert len(binding.list(status="terminated", limit=None)) == 1200
