@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import functools
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -18,7 +21,7 @@ from actorflow.core.errors import (
     LimitExceeded,
     SerializationError,
 )
-from actorflow.core.storage import ConflictError
+from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.workflows.definition import (
     FINISHED,
     STATUSES,
@@ -148,7 +151,8 @@ class Instance:
         """
         ik = self._p.engine.ik(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout  # real time
-        ev = self._p.supervisor.watch(ik)
+        ev = threading.Event()
+        self._p.supervisor.watch(ik, ev)
         try:
             while True:
                 st = self.status()
@@ -158,9 +162,46 @@ class Instance:
                 if left is not None and left <= 0:
                     raise TimeoutError(f"{self!r} is still {st.status} after {timeout} s")
                 if ev.wait(0.5 if left is None else min(left, 0.5)):
-                    ev = self._p.supervisor.watch(ik)  # the supervisor drops a watcher it has set
+                    ev = threading.Event()  # the supervisor drops a watcher it has set
+                    self._p.supervisor.watch(ik, ev)
         finally:
             self._p.supervisor.unwatch(ik, ev)
+
+    async def status_async(self) -> InstanceStatus:
+        """:meth:`status` for asyncio (the read runs in a worker thread)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.status)
+
+    async def send_event_async(self, type: str, payload: Any = None) -> None:
+        """:meth:`send_event` for asyncio: returns once the event is durably buffered."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.send_event, type, payload)
+        )
+
+    async def wait_async(self, timeout: float | None = None) -> InstanceStatus:
+        """:meth:`wait` for asyncio: woken when the instance finishes, no thread held.
+
+        Raises:
+            TimeoutError: It had not finished after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        ik = self._p.engine.ik(self.id)
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            woken: asyncio.Future[None] = loop.create_future()
+            waker = _LoopWaker(loop, woken)
+            self._p.supervisor.watch(ik, waker)  # before the read: no finish is missed
+            try:
+                st = await self.status_async()
+                if st.status in FINISHED:
+                    return st
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{self!r} is still {st.status} after {timeout} s")
+                # Also on a timer: a finish on another node wakes nobody here.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken, 0.5 if left is None else min(left, 0.5))
+            finally:
+                self._p.supervisor.unwatch(ik, waker)
 
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
@@ -432,6 +473,54 @@ class WorkflowBinding:
             RateLimitError: The queue is full (or a reject-mode limit was hit).
         """
         self._ctx.check()
+        iid, where, seq, batch = self._new_instance(id, params, self._numbers.take())
+        self._wfe.router.reserve(1, where)
+        try:
+            self._storage.write(batch)
+        except BaseException as e:
+            failure = self._created(iid, where, seq, e)
+            if failure is e or failure is None:
+                raise
+            raise failure from None
+        self._created(iid, where, seq, None)
+        return Instance(self, iid)
+
+    async def create_async(self, id: str | None = None, params: Any = None) -> Instance:
+        """:meth:`create` for asyncio: awaits the commit without blocking the loop.
+
+        Concurrent calls from many coroutines share group commits, as calls
+        from many threads do.
+        """
+        self._ctx.check()
+        loop = asyncio.get_running_loop()
+        number = self._numbers.take_nowait()
+        if number is None:  # the next block of record numbers is a write of its own
+            number = await loop.run_in_executor(None, self._numbers.take)
+        iid, where, seq, batch = self._new_instance(id, params, number)
+        self._wfe.router.reserve(1, where)
+        done: asyncio.Future[None] = loop.create_future()
+
+        def committed(err: BaseException | None) -> None:
+            # On the writer thread: the bookkeeping happens even if the caller
+            # was cancelled meanwhile, since the instance exists all the same.
+            try:
+                outcome = self._created(iid, where, seq, err)
+            except BaseException as e:  # LeaseLost, for one
+                outcome = e
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+        try:
+            self._storage.submit(batch, committed)
+        except BaseException:
+            self._wfe.router.unreserve(1)
+            raise
+        await done
+        return Instance(self, iid)
+
+    def _new_instance(
+        self, id: str | None, params: Any, number: int
+    ) -> tuple[str, str, int, WriteBatch]:
+        """Checks a creation and builds its batch: ``(id, where, seq, batch)``."""
         iid = validate_instance_id(id if id is not None else self._ids.next(), self.name)
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
@@ -440,27 +529,40 @@ class WorkflowBinding:
         batch = new_instance_batch(
             self._wfe,
             iid,
-            self._numbers.take(),
+            number,
             data,
             self._ctx.now_ms(),
             seq,
             obs.traceparent() if obs is not None else None,
         )
-        self._wfe.router.reserve(1, where)
+        return iid, where, seq, batch
+
+    def _created(
+        self, iid: str, where: str, seq: int, err: BaseException | None
+    ) -> BaseException | None:
+        """After a creation's write (``err`` if it failed): the bookkeeping, and the
+        error for the caller, if any."""
+        router = self._wfe.router
         try:
-            self._storage.write(batch)
-            self._wfe.router.enqueued(queue_key(PRIO_NEW, seq))
-        except ConflictError:
-            self._check_lease(where)
-            raise InstanceAlreadyExists(
+            if err is None:
+                router.enqueued(queue_key(PRIO_NEW, seq))
+        finally:
+            router.unreserve(1)
+        if isinstance(err, ConflictError):
+            self._check_lease(where)  # raises LeaseLost if this node was adopted
+            return InstanceAlreadyExists(
                 f"{where}: an instance with this id already exists",
                 workflow=self.name,
                 instance=iid,
-            ) from None
-        finally:
-            self._wfe.router.unreserve(1)
-        self._sup.kick_for(self._wfe)
-        return Instance(self, iid)
+            )
+        if err is None:
+            self._sup.kick_for(self._wfe)
+        return err
+
+    async def create_batch_async(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
+        """:meth:`create_batch` for asyncio: runs in a worker thread, the loop stays free."""
+        items = list(items)
+        return await asyncio.get_running_loop().run_in_executor(None, self.create_batch, items)
 
     def _check_lease(self, where: str) -> None:
         """After a refused creation: raises LeaseLost if this node was adopted."""
@@ -598,3 +700,26 @@ class WorkflowBinding:
         if ex is not None and ex.mods is None:
             ex.mods = mods  # a run that started before any modifier existed
         return WorkflowModifier(mods)
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    """Resolves ``fut`` (on its loop) unless its awaiter gave up on it."""
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+class _LoopWaker:
+    """A watcher (:meth:`Supervisor.watch`) that wakes a coroutine on its own loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        self._loop = loop
+        self._fut = fut
+
+    def set(self) -> None:
+        # Any thread; a loop closed meanwhile has nobody left to wake.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_settle, self._fut, None)

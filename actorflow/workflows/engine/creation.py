@@ -88,6 +88,13 @@ class RecordNumbers:
         self._lock = threading.Lock()
         self._it: Any = iter(())
 
+    def take_nowait(self) -> int | None:
+        """The next number if one is reserved already, else None (never writes)."""
+        try:
+            return next(self._it)
+        except StopIteration:
+            return None
+
     def take(self) -> int:
         while True:
             try:

@@ -27,7 +27,6 @@ adoption of another node's instances, idleness and shutdown.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.errors import InstanceNotFound, RecordFormatError
@@ -37,7 +36,7 @@ from actorflow.workflows.supervisor.delivery import TimerDelivery
 from actorflow.workflows.supervisor.live import LiveTable, log_damaged
 from actorflow.workflows.supervisor.restarts import Restarts
 from actorflow.workflows.supervisor.slots import Slots
-from actorflow.workflows.supervisor.watchers import Watchers
+from actorflow.workflows.supervisor.watchers import Waker, Watchers
 
 if TYPE_CHECKING:
     import collections
@@ -115,11 +114,11 @@ class Supervisor:
         """See :meth:`Slots.kick_for` (any thread)."""
         self.slots.kick_for(wfe)
 
-    def watch(self, ik: bytes) -> threading.Event:
+    def watch(self, ik: bytes, waker: Waker | None = None) -> Waker:
         """See :meth:`Watchers.watch` (any thread)."""
-        return self.watchers.watch(ik)
+        return self.watchers.watch(ik, waker)
 
-    def unwatch(self, ik: bytes, ev: threading.Event) -> None:
+    def unwatch(self, ik: bytes, ev: Waker) -> None:
         """See :meth:`Watchers.unwatch` (any thread)."""
         self.watchers.unwatch(ik, ev)
 
