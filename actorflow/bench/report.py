@@ -97,6 +97,7 @@ def judge(target: Target, value: float, size: int) -> str:
 _RATES = {
     "create_batch_per_s",
     "create_16_threads_per_s",
+    "create_async_1000_per_s",
     "steps_per_s",
     "do_calls_per_s",
     "enqueues_per_s",

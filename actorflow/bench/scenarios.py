@@ -10,6 +10,7 @@ measured cleanly; the parent adds ``peak_rss_mib`` and ``kib_per_instance``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import resource
@@ -294,7 +295,31 @@ def run_create(root: Path, size: int, progress: Progress, opts: Options) -> Outc
         }
         if written0 is not None and written is not None and not opts.database:
             figures["create_16_threads_pages_per_commit"] = (written - written0) / 4096 / groups
+        coros = 1000
+        progress.phase(f"create_async() x {coros} coroutines", per * threads)
+        figures["create_async_1000_per_s"] = asyncio.run(
+            _create_async_rate(wf, coros, per * threads, progress)
+        )
     return Outcome(figures)
+
+
+async def _create_async_rate(
+    wf: af.WorkflowBinding, coros: int, total: int, progress: Progress
+) -> float:
+    """Creations per second from ``coros`` coroutines sharing ``total`` ``create_async`` calls."""
+    done = [0]
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await wf.create_async(params=0)
+            done[0] += 1
+            if done[0] % 500 == 0:
+                progress.update(done[0])
+
+    shares = [total // coros + (1 if k < total % coros else 0) for k in range(coros)]
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in shares if n))
+    return total / (time.perf_counter() - t)
 
 
 def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
