@@ -9,11 +9,13 @@ that names no step, and ``event[...]`` / ``ctx[...]`` read as dicts.
 
 from __future__ import annotations
 
+import os
 import types
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from _clusters import dask_cluster
 from apps import cloudflare_examples
 from conftest import Journal, wait_for
 
@@ -410,3 +412,48 @@ def test_event_reads_as_cloudflares_dict(rt: af.Runtime, clock: FakeClock) -> No
     assert out["keys"] == ["instanceId", "payload", "schedule", "timestamp", "workflowName"]
     assert out["get"] == [{"x": 1}, "default"]
     assert out["in"] == [True, False]
+
+
+# -- on an executor: the dependencies' results travel with the body ---------------------------------
+
+
+class Remote(af.Workflow):
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        @step.do()
+        def left() -> list[int]:
+            return [os.getpid()]
+
+        @step.do()
+        async def right() -> int:
+            return 5
+
+        @step.do(concurrent=True)
+        def both(ctx: Any, left: list[int], right: int) -> list[Any]:
+            return [left, right, ctx["step"]["name"], os.getpid()]
+
+        return await both()
+
+
+@pytest.mark.executors
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_declared_steps_on_a_dask_cluster(tmp_path: Any) -> None:
+    pytest.importorskip("distributed")
+    cluster, client = dask_cluster(2)
+    try:
+        with (
+            af.executors.DaskExecutor(client) as ex,
+            af.Runtime(tmp_path / "data", executor=ex) as rt,
+        ):
+            inst = rt.register(Remote, name="remote").create(id="r")
+            st = inst.wait(timeout=120)
+            assert st.status == "complete", st
+            (left_pid,), right, name, both_pid = st.output
+            assert (right, name) == (5, "both")
+            assert os.getpid() not in (left_pid, both_pid)  # both ran on Dask workers
+            assert {
+                a.ran_on["executor"] for s in inst.steps() if s.name != "right" for a in s.attempts
+            } == {"dask"}
+    finally:
+        client.close()
+        cluster.close()
