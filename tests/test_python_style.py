@@ -376,6 +376,24 @@ def test_concurrent_and_depends_belong_to_the_decorator(rt: af.Runtime) -> None:
     assert st.error is not None and "step 's': concurrent= and depends=" in st.error["message"]
 
 
+class BadNames(af.Workflow):
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        out = []
+        for name in (123, "", "x" * 300):
+            try:
+                step.do(name)
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+
+def test_a_bad_step_name_is_refused_when_declared(rt: af.Runtime) -> None:
+    out = rt.register(BadNames, name="names").create(id="n").wait(timeout=10).output
+    assert len(out) == 3
+    assert all(m.startswith("workflow 'names', instance 'n': ") for m in out)
+    assert "a step name must be a non-empty str, got 123" in out[0]
+
+
 # -- event as a dict -------------------------------------------------------------------------------
 
 

@@ -410,7 +410,7 @@ class WorkflowStep:
             # The decorator forms; a bare ``@step.do`` passes the function as ``name``.
             func = name if callable(name) and not isinstance(name, str) else None
             declare = self._declarations().decorator(
-                name if isinstance(name, str) or name is None else None,
+                None if func is not None else name,
                 concurrent,
                 depends,
                 {

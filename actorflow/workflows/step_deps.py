@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.errors import StepDependencyError
+from actorflow.workflows.definition import validate_step_name
 
 if TYPE_CHECKING:
     from actorflow.workflows.step import StepRunner, WorkflowStep
@@ -106,12 +107,19 @@ class Declarations:
 
     def decorator(
         self,
-        name: str | None,
+        name: Any,
         concurrent: bool,
         depends: Sequence[Any] | None,
         options: dict[str, Any],
     ) -> Callable[[Callable[..., Any]], DeclaredStep]:
-        """What ``step.do(name, concurrent=..., depends=..., **options)`` returns."""
+        """What ``step.do(name, concurrent=..., depends=..., **options)`` returns.
+
+        Raises:
+            ValueError: ``name`` is given and is not a valid step name (it
+                would fail every call alike); the message names the run.
+        """
+        if name is not None:
+            validate_step_name(name, self._runner.where)
 
         def declare(func: Callable[..., Any]) -> DeclaredStep:
             if not callable(func):
@@ -120,7 +128,7 @@ class Declarations:
                     f"not a {type(func).__name__}"
                 )
             step_name = getattr(func, "__name__", None) if name is None else name
-            if step_name is None:
+            if not isinstance(step_name, str):
                 raise TypeError(
                     f"{self._runner.where}: @step.do() needs a name for {func!r}, "
                     "which has no __name__"
