@@ -376,6 +376,34 @@ def test_concurrent_and_depends_belong_to_the_decorator(rt: af.Runtime) -> None:
     assert st.error is not None and "step 's': concurrent= and depends=" in st.error["message"]
 
 
+class FailingDependency(af.Workflow):
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        @step.do()
+        def fine() -> int:
+            return 1
+
+        @step.do()
+        def broken() -> int:
+            raise af.NonRetryableError("the source is gone")
+
+        @step.do(concurrent=True)
+        def joined(fine: int, broken: int) -> int:
+            return fine + broken
+
+        try:
+            await joined()
+        except af.NonRetryableError as e:
+            return str(e)
+        return "joined ran"
+
+
+def test_a_failed_dependency_raises_into_run_and_its_dependent_never_runs(rt: af.Runtime) -> None:
+    inst = rt.register(FailingDependency, name="failing").create(id="f")
+    assert inst.wait(timeout=10).output == "the source is gone"
+    steps = _steps(inst)
+    assert steps["broken"].status == "errored" and "joined" not in steps
+
+
 class BadNames(af.Workflow):
     def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
         out = []
