@@ -26,6 +26,7 @@ __all__ = [
     "RateLimitError",
     "RecordFormatError",
     "SerializationError",
+    "StepDependencyError",
     "StepTimeoutError",
     "StorageCorrupted",
     "StorageError",
@@ -97,6 +98,18 @@ class RateLimitError(ActorflowError):
 
 class EventTimeoutError(ActorflowError):
     """``step.wait_for_event`` reached its timeout before a matching event arrived."""
+
+
+class StepDependencyError(ActorflowError, TypeError):
+    """A ``@step.do`` function has a parameter that names no step declared before it ran.
+
+    Cloudflare's Python Workflows raise ``TypeError`` there, and so does this
+    (it is one): a parameter of a decorated step function is ``ctx`` or the
+    name of a step declared earlier in the run, and a legacy ``depends=[...]``
+    list matches the parameters other than ``ctx``, one for one. Raised into
+    ``run`` when the step is called, before anything of it is recorded.
+    Fields: ``step`` and ``parameter`` (None when the whole list is at fault).
+    """
 
 
 class StepTimeoutError(ActorflowError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, KeysView, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
@@ -93,8 +93,11 @@ class WorkflowEvent:
 
     ``schedule`` is ``{"cron": expression, "scheduled_time": aware datetime}``
     for an instance a cron schedule created (see docs/schedules.md), else
-    None. ``event[key]`` reads the event as Cloudflare's dict (see
-    :data:`EVENT_KEYS`).
+    None. ``event[key]`` reads the event as Cloudflare's dict, as a
+    Cloudflare Python workflow does: ``event["payload"]``,
+    ``event["timestamp"]``, ``event["instanceId"]``, ``event["workflowName"]``
+    and ``event["schedule"]`` (see :data:`EVENT_KEYS`); ``get``, ``keys`` and
+    ``in`` work as on a dict.
     """
 
     payload: Any
@@ -104,11 +107,27 @@ class WorkflowEvent:
     schedule: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> Any:
-        """Cloudflare's dict form of the event: ``event["schedule"]``, ..."""
+        """Cloudflare's dict form of the event: ``event["payload"]``, ...
+
+        Raises:
+            KeyError: ``key`` is not one of :data:`EVENT_KEYS`.
+        """
         read = EVENT_KEYS.get(key)
         if read is None:
             raise KeyError(key)
         return read(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``event[key]``, or ``default`` for a key the event does not have."""
+        read = EVENT_KEYS.get(key)
+        return default if read is None else read(self)
+
+    def keys(self) -> KeysView[str]:
+        """The keys of the dict form (so ``dict(event)`` is Cloudflare's event)."""
+        return EVENT_KEYS.keys()
+
+    def __contains__(self, key: object) -> bool:
+        return key in EVENT_KEYS
 
 
 def _cloudflare_schedule(event: WorkflowEvent) -> dict[str, Any] | None:
@@ -120,8 +139,16 @@ def _cloudflare_schedule(event: WorkflowEvent) -> dict[str, Any] | None:
 
 
 #: The keys of ``event[...]``, in Cloudflare's spelling, and how each is read.
+#: ``timestamp`` is the aware UTC datetime (Cloudflare's Python SDK turns the
+#: JavaScript ``Date`` into a datetime too).
 EVENT_KEYS: Mapping[str, Callable[[WorkflowEvent], Any]] = types.MappingProxyType(
-    {"schedule": _cloudflare_schedule}
+    {
+        "payload": lambda event: event.payload,
+        "timestamp": lambda event: event.timestamp,
+        "instanceId": lambda event: event.instance_id,
+        "workflowName": lambda event: event.workflow_name,
+        "schedule": _cloudflare_schedule,
+    }
 )
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from actorflow.core.clock import MAX_DURATION_MS, MAX_EPOCH_MS, parse_duration_ms, to_epoch_ms
 from actorflow.core.errors import NonRetryableError
+from actorflow.workflows.step_deps import Declarations
 from actorflow.workflows.step_options import (
     check_sensitive,
     delay_kwargs,
@@ -78,11 +78,30 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a step callable may take as its ``ctx`` parameter."""
+    """What a step callable may take as its ``ctx`` parameter.
+
+    ``ctx[key]`` reads it as the dict a Cloudflare Python step gets:
+    ``ctx["attempt"]``, ``ctx["step"]`` (``{"name", "count"}``) and
+    ``ctx["config"]``.
+    """
 
     attempt: int
     step: StepInfo
     config: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        """Cloudflare's dict form of the context.
+
+        Raises:
+            KeyError: ``key`` is not ``attempt``, ``step`` or ``config``.
+        """
+        if key == "attempt":
+            return self.attempt
+        if key == "step":
+            return {"name": self.step.name, "count": self.step.count}
+        if key == "config":
+            return self.config
+        raise KeyError(key)
 
 
 def resolve_config(
@@ -344,26 +363,36 @@ class WorkflowStep:
     def __init__(self, runner: StepRunner, sync: bool) -> None:
         self._runner = runner
         self._sync = sync
+        self._declared: Declarations | None = None
 
     def _result(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self._runner.block_on(coro) if self._sync else coro
 
     def do(
         self,
-        name: str,
+        name: str | Callable[..., Any] | None = None,
         fn: Callable[..., Any] | None = None,
-        /,
         *,
         retries: dict[str, Any] | RetryPolicy | None = None,
         timeout: Any = None,
         config: dict[str, Any] | None = None,
         resources: dict[str, float] | None = None,
         sensitive: str | None = None,
+        concurrent: bool = False,
+        depends: Sequence[Any] | None = None,
     ) -> Any:
         """Runs ``fn`` as a durable step and returns its result.
 
-        Without ``fn`` it is a decorator: the decorated function runs the step
-        when called. ``fn`` may take one parameter named ``ctx`` (a
+        Without ``fn`` it is a decorator (Cloudflare's Python Workflows style,
+        see ``docs/python-style.md``): ``@step.do("name")``, ``@step.do()``
+        (the name is the function's ``__name__``) or a bare ``@step.do``
+        declares the step without running it; calling what it returns runs
+        it. Each parameter of the decorated function is ``ctx`` or the name
+        of a step declared earlier in the run, whose result it receives (run
+        first if this run has not run it yet, reused if it has);
+        ``concurrent=True`` resolves those concurrently, and
+        ``depends=[step_a, ...]`` gives them as a list instead (Cloudflare's
+        legacy form). ``fn`` may take one parameter named ``ctx`` (a
         :class:`StepContext`). A completed step never runs again; its stored
         result is returned on replay. ``resources`` (``{"num_cpus": 2,
         "num_gpus": 1}``, custom names) is what each attempt asks of the
@@ -372,29 +401,48 @@ class WorkflowStep:
         ``config={"sensitive": "output"}``) shows ``"[REDACTED]"`` instead of
         the step's output in every view of the instance; replay still gets the
         real value.
+
+        Raises:
+            StepDependencyError: (a ``TypeError``) when a declared step is
+                called and a parameter of its function names no earlier step.
         """
+        if fn is None:
+            # The decorator forms; a bare ``@step.do`` passes the function as ``name``.
+            func = name if callable(name) and not isinstance(name, str) else None
+            declare = self._declarations().decorator(
+                None if func is not None else name,
+                concurrent,
+                depends,
+                {
+                    "retries": retries,
+                    "timeout": timeout,
+                    "config": config,
+                    "resources": resources,
+                    "sensitive": sensitive,
+                },
+            )
+            return declare if func is None else declare(func)
+        if concurrent or depends is not None:
+            raise TypeError(
+                f"{self._runner.where}, step {name!r}: concurrent= and depends= belong to "
+                "the decorator form, @step.do(...)"
+            )
+        step_name = cast("str", name)  # the engine refuses a name that is not a str, naming it
         if sensitive is not None:
             config = with_sensitive(config, sensitive)
-        if fn is None:
-
-            def decorator(func: Callable[..., Any]) -> Callable[[], Any]:
-                @functools.wraps(func)
-                def run_step() -> Any:
-                    return self.do(
-                        name,
-                        func,
-                        retries=retries,
-                        timeout=timeout,
-                        config=config,
-                        resources=resources,
-                    )
-
-                return run_step
-
-            return decorator
         return self._result(
-            self._runner.do(name, self._body(name, fn), retries, timeout, config, resources)
+            self._runner.do(
+                step_name, self._body(step_name, fn), retries, timeout, config, resources
+            )
         )
+
+    def _declarations(self) -> Declarations:
+        """This run's ``@step.do`` steps and their results (made at the first decorator)."""
+        if self._declared is None:
+            self._declared = Declarations(
+                self._runner, WorkflowStep(self._runner, sync=False), self._sync
+            )
+        return self._declared
 
     def _body(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn``, or, if it cannot be called as a step body, one that fails the step at once."""
