@@ -17,6 +17,7 @@ __all__ = [
     "InstanceAlreadyExists",
     "InstanceNotFound",
     "InvalidInstanceId",
+    "InvalidCursor",
     "InvalidInstanceState",
     "InvalidSchedule",
     "LeaseLost",
@@ -88,6 +89,13 @@ class InvalidSchedule(ActorflowError, ValueError):
     """A cron schedule given to ``register`` is not a valid 5-field cron expression.
 
     Fields: ``workflow`` and ``schedule`` (the expression as given).
+    """
+
+
+class InvalidCursor(ActorflowError, ValueError):
+    """A ``subscribe`` cursor is malformed, or belongs to another instance.
+
+    Fields: ``workflow`` and ``instance`` (the instance subscribed to).
     """
 
 
