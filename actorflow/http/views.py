@@ -9,6 +9,7 @@ their ``repr`` where they cannot, so that a read never fails on an odd value.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.clock import to_datetime
@@ -20,11 +21,13 @@ if TYPE_CHECKING:  # the public types of what the handles return
     from actorflow.workflows.history import Attempt, HistoryEvent, StepRecord
 
 __all__ = [
+    "event_view",
     "history_view",
     "instance_summary",
     "instance_view",
     "iso",
     "jsonable",
+    "sse_message",
     "step_view",
     "workflow_counts",
 ]
@@ -114,15 +117,30 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
     }
 
 
+def event_view(e: HistoryEvent) -> dict[str, Any]:
+    """One event of the log as JSON (with its ``cursor`` when subscribed)."""
+    out = {
+        "type": e.type,
+        "timestamp": iso(e.timestamp),
+        "step": e.step,
+        "attempt": e.attempt,
+        "data": jsonable(e.data),
+    }
+    if e.cursor is not None:
+        out["cursor"] = e.cursor
+    return out
+
+
 def history_view(events: list[HistoryEvent]) -> list[dict[str, Any]]:
     """The event log as JSON, oldest first."""
-    return [
-        {
-            "type": e.type,
-            "timestamp": iso(e.timestamp),
-            "step": e.step,
-            "attempt": e.attempt,
-            "data": jsonable(e.data),
-        }
-        for e in events
-    ]
+    return [event_view(e) for e in events]
+
+
+def sse_message(e: HistoryEvent) -> str:
+    """One Server-Sent Events message: ``id`` the cursor, ``event`` the type, ``data`` JSON.
+
+    The JSON is on one line (``json.dumps`` escapes newlines), as a ``data``
+    field must be.
+    """
+    data = json.dumps(event_view(e), separators=(",", ":"))
+    return f"id: {e.cursor}\nevent: {e.type}\ndata: {data}\n\n"

@@ -23,8 +23,8 @@ __all__ = [
     "SENSITIVE_OUTPUT",
     "Attempt",
     "HistoryEvent",
-    "StepRecord",
     "Source",
+    "StepRecord",
     "build_history",
     "build_numbered_steps",
     "build_sourced_history",
@@ -251,8 +251,8 @@ def build_sourced_history(
         events.append((ms, 2, order, ("s", step_seq, index), ev))
         index += 1
 
-    for step_seq, s in steps:
-        index = 0
+    for seq, s in steps:
+        step_seq, index = seq, 0
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
         if s.kind == "do":

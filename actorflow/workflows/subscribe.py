@@ -346,16 +346,16 @@ class Subscription:
         *,
         cursor: str | None = None,
         types: Iterable[str] | str | None = None,
-        poll: float = DEFAULT_POLL_S,
+        poll: float | None = None,
     ) -> None:
+        self.ended = False
+        self._wake: _Wake | None = None
         where = f"workflow {workflow!r}, instance {iid!r}: subscribe"
         self._types = check_types(types, where)
         self._storage = storage
         self._watch = watch
         self._rk = rk
-        self._poll = poll
-        self.ended = False
-        self._wake: _Wake | None = None
+        self._poll = DEFAULT_POLL_S if poll is None else poll
         # Watched before the first read: a commit just after it wakes the follower.
         if watch is not None:
             self._wake = _Wake()
@@ -387,7 +387,8 @@ class Subscription:
             self._watch.unwatch(self._rk, wake)
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_watch"):
+            self.close()
 
     def read(self) -> list[HistoryEvent]:
         """The events committed since the last read (the first: since the cursor).
