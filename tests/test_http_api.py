@@ -476,7 +476,13 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
     b.create(id="known")
     app = create_app(runtime, token=None, allowed_hosts=["*"])  # the API, not its guards
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [r.ok() for r in schema.get_all_operations()]
+    # The event stream lasts until the instance ends (it never does here):
+    # tests/test_subscribe.py covers it.
+    operations = [
+        op
+        for op in (r.ok() for r in schema.get_all_operations())
+        if not op.path.endswith("/stream")
+    ]
     assert len(operations) == 11
     seen: set[str] = set()
 

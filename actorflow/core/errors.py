@@ -16,6 +16,7 @@ __all__ = [
     "ExecutorError",
     "InstanceAlreadyExists",
     "InstanceNotFound",
+    "InvalidCursor",
     "InvalidInstanceId",
     "InvalidInstanceState",
     "InvalidSchedule",
@@ -89,6 +90,13 @@ class InvalidSchedule(ActorflowError, ValueError):
     """A cron schedule given to ``register`` is not a valid 5-field cron expression.
 
     Fields: ``workflow`` and ``schedule`` (the expression as given).
+    """
+
+
+class InvalidCursor(ActorflowError, ValueError):
+    """A ``subscribe`` cursor is malformed, or belongs to another instance.
+
+    Fields: ``workflow`` and ``instance`` (the instance subscribed to).
     """
 
 

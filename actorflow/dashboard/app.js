@@ -138,13 +138,16 @@ function route() {
   const r = parseHash();
   const main = document.getElementById("main");
   main.replaceChildren();
+  if (view && view.close) view.close();
   view = r.kind === "instance" ? instancePage(main, r) : overviewPage(main, r);
   refresh();
 }
 
 async function refresh() {
-  if (!view || refresh.busy) return;
+  if (!view) return;
+  if (refresh.busy) { refresh.again = true; return; }  // one more after this one
   refresh.busy = true;
+  refresh.again = false;
   const live = document.getElementById("live");
   try {
     await view.refresh();
@@ -155,7 +158,56 @@ async function refresh() {
     live.classList.add("stale");
   } finally {
     refresh.busy = false;
+    if (refresh.again) setTimeout(refresh, 0);
   }
+}
+
+// The timer's refresh: skipped while the page follows its own event stream.
+function poll() {
+  if (view && view.streaming && view.streaming()) return;
+  refresh();
+}
+
+// Follows a Server-Sent Events stream with fetch (EventSource cannot send the
+// token); calls onMessage({id, event, data}) per message. Returns its AbortController.
+function followStream(path, lastId, onMessage, onEnd) {
+  const ctrl = new AbortController();
+  const headers = {"Accept": "text/event-stream"};
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers["Authorization"] = `Bearer ${token}`;
+  if (lastId) headers["Last-Event-ID"] = lastId;
+  (async () => {
+    let ok = false;
+    try {
+      const resp = await fetch(path, {headers, signal: ctrl.signal});
+      if (!resp.ok || !resp.body) throw new Error(`stream: HTTP ${resp.status}`);
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, {stream: true});
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const msg = {};
+          for (const line of buf.slice(0, cut).split("\n")) {
+            if (!line || line.startsWith(":")) continue;
+            const i = line.indexOf(":");
+            const name = i < 0 ? line : line.slice(0, i);
+            msg[name] = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+          }
+          buf = buf.slice(cut + 2);
+          if (msg.id !== undefined) onMessage(msg);
+        }
+      }
+      ok = true;
+    } catch (e) {
+      ok = false;
+    }
+    onEnd(ok && !ctrl.signal.aborted);
+  })();
+  return ctrl;
 }
 
 // -- overview: workflows and instances -----------------------------------------------
@@ -348,9 +400,31 @@ function instancePage(main, r) {
       h("table", {}, h("thead", {}, h("tr", {}, ["time", "event", "step", "attempt", "data"]
         .map((t) => h("th", {}, t)))), historyBody))));
 
+  // While the instance is not final, the page follows its event stream and
+  // re-reads the instance on each event (not on a timer); the stream ends
+  // with the instance, and the timer takes over again.
+  let stream = null;
+  let lastId = null;
+  let closed = false;
+  let retryAt = 0;  // after a failed stream: the timer polls until then
+
+  function startStream() {
+    if (stream || closed || Date.now() < retryAt) return;
+    const ctrl = followStream(`${instPath(r.wf, r.id)}/history/stream`, lastId, (msg) => {
+      lastId = msg.id;
+      refresh();
+    }, (ok) => {
+      if (stream === ctrl) stream = null;
+      if (!ok) retryAt = Date.now() + 5000;
+      if (!closed) refresh();
+    });
+    stream = ctrl;
+  }
+
   async function refreshPage() {
     const [{result: inst}, {result: hist}] = await Promise.all([
       api(instPath(r.wf, r.id)), api(`${instPath(r.wf, r.id)}/history`)]);
+    if (!["complete", "errored", "terminated"].includes(inst.status)) startStream();
     document.getElementById("status").replaceChildren(badge(inst.status));
     summary.textContent = `workflow ${inst.workflow} · queued ${fmtTime(inst.queued)}` +
       (inst.start ? ` · started ${fmtTime(inst.start)}` : "") +
@@ -382,7 +456,16 @@ function instancePage(main, r) {
       h("td", {class: "mono"}, Object.keys(e.data || {}).length ? JSON.stringify(e.data) : ""))));
   }
 
-  return {kind: "instance", refresh: refreshPage};
+  return {
+    kind: "instance",
+    refresh: refreshPage,
+    streaming: () => stream !== null,
+    close() {
+      closed = true;
+      if (stream) stream.abort();
+      stream = null;
+    },
+  };
 }
 
 function stepLabel(st) {
@@ -486,5 +569,5 @@ window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", () => {
   setupToken();
   route();
-  setInterval(refresh, POLL_MS);
+  setInterval(poll, POLL_MS);
 });

@@ -13,9 +13,9 @@ import hmac
 import logging
 import secrets
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from actorflow.core.errors import InstanceNotFound
@@ -43,12 +43,16 @@ from actorflow.http.views import (
     instance_summary,
     instance_view,
     jsonable,
+    sse_message,
     workflow_counts,
 )
 from actorflow.runtime import Runtime
 from actorflow.workflows.definition import STATUSES, validate_instance_id
 from actorflow.workflows.handles import Instance, WorkflowBinding
 from actorflow.workflows.query import history_document, schedule_document
+
+if TYPE_CHECKING:
+    from actorflow.workflows.history import HistoryEvent
 
 __all__ = ["LOOPBACK_HOSTS", "ApiError", "create_app"]
 
@@ -304,6 +308,40 @@ class _Api:
 
         return envelope(await run_in_threadpool(work))
 
+    async def stream_history(self, request: Request) -> Response:
+        """The history, then the live events, as Server-Sent Events, until the instance ends.
+
+        Each message is ``id: <cursor>``, ``event: <type>``, ``data: <the event
+        as JSON>``. A reconnecting client resumes after the event its
+        ``Last-Event-ID`` header (or the ``cursor`` query parameter) names;
+        ``types`` (comma-separated) keeps only those event types.
+        """
+        cursor = request.headers.get("last-event-id") or request.query_params.get("cursor")
+        raw_types = request.query_params.get("types")
+        types = [t for t in raw_types.split(",") if t.strip()] if raw_types else None
+
+        def open_stream() -> AsyncIterator[HistoryEvent]:
+            _b, inst = self.instance(request)
+            return inst.subscribe_async(cursor=cursor or None, types=types)
+
+        # Opened before the response starts: a bad cursor or id gets its error envelope.
+        events = await run_in_threadpool(open_stream)
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for e in events:
+                    yield sse_message(e)
+            finally:
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     async def send_event(self, request: Request) -> Response:
         """Sends an event of type ``{type}``; the JSON body is its payload."""
         b = await self.binding(request)
@@ -446,6 +484,7 @@ def create_app(
         Route(base + "/batch", ep(api.create_batch), methods=["POST"]),
         Route(base + "/{id}", ep(api.get_instance), methods=["GET"]),
         Route(base + "/{id}/history", ep(api.get_history), methods=["GET"]),
+        Route(base + "/{id}/history/stream", ep(api.stream_history), methods=["GET"]),
         Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),
         Route(base + "/{id}/status", ep(api.change_status), methods=["PATCH"]),
         Route("/api/metrics", ep(api.get_metrics), methods=["GET"]),

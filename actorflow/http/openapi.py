@@ -177,6 +177,40 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_errors(400, 404),
         },
     },
+    ("/api/workflows/{wf}/instances/{id}/history/stream", "GET"): {
+        "summary": "Stream an instance's history, then its live events, as Server-Sent Events",
+        "description": (
+            "Each message has `id` (the event's cursor), `event` (its type) and `data` (the "
+            "event as JSON, with its `cursor`). The stream ends once the instance is complete, "
+            "errored or terminated. A client that reconnects with `Last-Event-ID` (or "
+            "`cursor`) resumes right after that event."
+        ),
+        "operationId": "streamInstanceHistory",
+        "parameters": [
+            _WF,
+            _IID,
+            _query("cursor", {"type": "string"}, "Resume after the event of this cursor."),
+            _query(
+                "types",
+                {"type": "string"},
+                "Comma-separated event types to keep (default: all).",
+            ),
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "As `cursor`; sent by a reconnecting EventSource.",
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The events, as they are committed",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(400, 404),
+        },
+    },
     ("/api/workflows/{wf}/instances/{id}/events/{type}", "POST"): {
         "summary": "Send an event to an instance; the JSON body is its payload",
         "operationId": "sendEvent",
@@ -454,6 +488,7 @@ SCHEMAS: dict[str, Any] = {
             "step": {"type": ["string", "null"]},
             "attempt": {"type": ["integer", "null"]},
             "data": {"type": "object"},
+            "cursor": {"type": "string", "description": "In a subscribed stream only."},
         },
     },
 }

@@ -9,23 +9,29 @@ their ``repr`` where they cannot, so that a read never fails on an odd value.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
 from actorflow.core.clock import to_datetime
 from actorflow.workflows.handles import Instance, WorkflowBinding
 from actorflow.workflows.query import (
     document,
+    event_document,
     iso,
     jsonable,
     step_document,
     summary_document,
 )
 
+if TYPE_CHECKING:
+    from actorflow.workflows.history import HistoryEvent
+
 __all__ = [
     "instance_summary",
     "instance_view",
     "iso",
     "jsonable",
+    "sse_message",
     "workflow_counts",
 ]
 
@@ -62,3 +68,13 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
         "steps": [step_document(s) for s in steps],
         "description": document(d),
     }
+
+
+def sse_message(e: HistoryEvent) -> str:
+    """One Server-Sent Events message: ``id`` the cursor, ``event`` the type, ``data`` JSON.
+
+    The JSON is on one line (``json.dumps`` escapes newlines), as a ``data``
+    field must be.
+    """
+    data = json.dumps(event_document(e), separators=(",", ":"))
+    return f"id: {e.cursor}\nevent: {e.type}\ndata: {data}\n\n"

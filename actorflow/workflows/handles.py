@@ -8,7 +8,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -56,6 +56,7 @@ from actorflow.workflows.records import (
     queue_key,
     step_key,
 )
+from actorflow.workflows.subscribe import Subscription
 from actorflow.workflows.supervisor import Supervisor
 
 __all__ = ["Instance", "WorkflowBinding", "WorkflowModifier"]
@@ -206,6 +207,54 @@ class Instance:
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
         return read_history(self._p.storage, self._rk(), self._record())
+
+    def subscribe(
+        self,
+        *,
+        cursor: str | None = None,
+        types: Iterable[str] | str | None = None,
+    ) -> Iterator[HistoryEvent]:
+        """Iterates the history, then the live events as they are committed, until the end.
+
+        The iterator gives every event :meth:`history` has, then each new one
+        once its write is durable, and ends after the instance is complete,
+        errored or terminated (it stops at once when the caller stops
+        iterating). Each event carries a ``cursor``: given back, the new
+        iterator starts right after that event, with nothing missed or given
+        twice, also in another process or after a restart of the runtime.
+        Between commits it sleeps; a commit by another process (another node
+        on the same data directory) is seen within a second.
+
+        Args:
+            cursor: The ``cursor`` of the last event received (None: from the start).
+            types: Only events of these types (a name or names, such as
+                ``"STEP_SUCCESS"``); the cursors still count the others.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+            InvalidCursor: ``cursor`` is malformed or another instance's.
+            ValueError: ``types`` names no event type.
+        """
+        return iter(self._subscription(cursor, types))
+
+    def subscribe_async(
+        self,
+        *,
+        cursor: str | None = None,
+        types: Iterable[str] | str | None = None,
+    ) -> AsyncIterator[HistoryEvent]:
+        """:meth:`subscribe` as an async iterator (``async for e in inst.subscribe_async()``).
+
+        It waits for commits on the event loop and reads storage in a worker
+        thread. It checks its arguments at once, as :meth:`subscribe` does.
+        """
+        return aiter(self._subscription(cursor, types))
+
+    def _subscription(self, cursor: str | None, types: Iterable[str] | str | None) -> Subscription:
+        p = self._p
+        return Subscription(
+            p.storage, p.ctx.commits, self._b.name, self.id, self._rk(), cursor=cursor, types=types
+        )
 
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""

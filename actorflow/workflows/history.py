@@ -15,7 +15,7 @@ from typing import Any
 
 from actorflow.core.clock import to_datetime
 from actorflow.core.storage import Storage
-from actorflow.workflows.records import HIST, STEPS, hist_prefix, load, steps_prefix
+from actorflow.workflows.records import HIST, STEPS, hist_prefix, hist_seq, load, steps_prefix
 from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
 __all__ = [
@@ -23,8 +23,11 @@ __all__ = [
     "SENSITIVE_OUTPUT",
     "Attempt",
     "HistoryEvent",
+    "Source",
     "StepRecord",
     "build_history",
+    "build_numbered_steps",
+    "build_sourced_history",
     "build_steps",
     "read_history",
     "read_steps",
@@ -68,6 +71,10 @@ class HistoryEvent:
     step: str | None = None
     attempt: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    #: Where the event is in the instance's history, as ``inst.subscribe``
+    #: gives it (an opaque str to pass back as ``subscribe(cursor=...)``);
+    #: None in ``inst.history()``.
+    cursor: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,11 @@ def _dt(ms: int | None) -> datetime | None:
 
 def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
     """Turns raw step records (in start order) into :class:`StepRecord` s."""
+    return [s for _seq, s in build_numbered_steps(records, loads)]
+
+
+def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tuple[int, StepRecord]]:
+    """Like :func:`build_steps`, each :class:`StepRecord` with its record's ``seq``."""
     out = []
     for r in sorted(records, key=lambda r: r["seq"]):
         attempts = [
@@ -156,21 +168,32 @@ def build_steps(records: list[dict[str, Any]], loads: Any) -> list[StepRecord]:
             elif r["k"] == "wait_for_event" and r.get("ev") is not None:
                 output = loads(r["ev"][0])
         out.append(
-            StepRecord(
-                name=r["n"],
-                count=r["c"],
-                kind=r["k"],
-                status=r["s"],
-                start=_dt(r.get("t0")),
-                end=_dt(r.get("t1")),
-                attempts=attempts,
-                output=output,
-                error=r.get("ed"),
-                config=r.get("cfg"),
-                deadline=_dt(r.get("dl")),
+            (
+                r["seq"],
+                StepRecord(
+                    name=r["n"],
+                    count=r["c"],
+                    kind=r["k"],
+                    status=r["s"],
+                    start=_dt(r.get("t0")),
+                    end=_dt(r.get("t1")),
+                    attempts=attempts,
+                    output=output,
+                    error=r.get("ed"),
+                    config=r.get("cfg"),
+                    deadline=_dt(r.get("dl")),
+                ),
             )
         )
     return out
+
+
+#: Where an event of the log comes from: ``("q", 0, 0)`` the instance's
+#: creation, ``("h", seq, 0)`` the stored instance event of that sequence
+#: number, ``("s", seq, i)`` the ``i``-th event (0-based) derived from the step
+#: record of that ``seq``. A step record only grows (attempts, then its end),
+#: so ``i`` names the same event in every later read of it.
+Source = tuple[str, int, int]
 
 
 def build_history(
@@ -185,32 +208,51 @@ def build_history(
     streams tie on a millisecond, lifecycle starts go before step events and
     lifecycle ends after them.
     """
-    lifecycle: list[tuple[float, int, int, HistoryEvent]] = [
+    return [e for _src, e in build_sourced_history(instance, stored, list(enumerate(steps)))]
+
+
+def build_sourced_history(
+    instance: dict[str, Any],
+    stored: list[tuple[int, dict[str, Any]]],
+    steps: list[tuple[int, StepRecord]],
+) -> list[tuple[Source, HistoryEvent]]:
+    """:func:`build_history`, each event with its :data:`Source`.
+
+    ``stored`` pairs each stored event with its sequence number, ``steps``
+    each step record with its ``seq``, both in that order.
+    """
+    lifecycle: list[tuple[float, int, int, Source, HistoryEvent]] = [
         (
             instance["created"],
             0,
             0,
+            ("q", 0, 0),
             HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)),
         )
     ]
-    for seq, e in stored:
+    for i, (seq, e) in enumerate(stored):
         lifecycle.append(
             (
                 e["ts"],
                 _RANK.get(e["type"], 2),
-                seq + 1,
+                i + 1,
+                ("h", seq, 0),
                 HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})),
             )
         )
-    events: list[tuple[float, int, int, HistoryEvent]] = []
+    events: list[tuple[float, int, int, Source, HistoryEvent]] = []
     order = 0
+    step_seq = 0
+    index = 0
 
     def add(ms: float, ev: HistoryEvent) -> None:
-        nonlocal order
+        nonlocal order, index
         order += 1
-        events.append((ms, 2, order, ev))
+        events.append((ms, 2, order, ("s", step_seq, index), ev))
+        index += 1
 
-    for s in steps:
+    for seq, s in steps:
+        step_seq, index = seq, 0
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
         if s.kind == "do":
@@ -264,7 +306,7 @@ def build_history(
     events.sort(key=lambda t: (t[0], t[2]))
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
-    return [e for *_, e in merged]
+    return [(src, e) for *_, src, e in merged]
 
 
 def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:
@@ -303,5 +345,5 @@ def read_history(
     storage: Storage, rk: bytes, instance: dict[str, Any], steps: list[StepRecord] | None = None
 ) -> list[HistoryEvent]:
     """Reads the event log of the instance keyed ``rk`` whose record is ``instance``."""
-    stored = [(i, load(v)) for i, (_k, v) in enumerate(storage.scan(HIST, prefix=hist_prefix(rk)))]
+    stored = [(hist_seq(k), load(v)) for k, v in storage.scan(HIST, prefix=hist_prefix(rk))]
     return build_history(instance, stored, read_steps(storage, rk) if steps is None else steps)

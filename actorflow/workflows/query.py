@@ -69,6 +69,7 @@ __all__ = [
     "Page",
     "Query",
     "document",
+    "event_document",
     "history_document",
     "jsonable",
     "schedule_document",
@@ -669,18 +670,23 @@ def step_document(s: StepRecord) -> dict[str, Any]:
     }
 
 
+def event_document(e: HistoryEvent) -> dict[str, Any]:
+    """One event of the log (with its ``cursor`` when it comes from a subscription)."""
+    out = {
+        "type": e.type,
+        "timestamp": iso(e.timestamp),
+        "step": e.step,
+        "attempt": e.attempt,
+        "data": jsonable(e.data),
+    }
+    if e.cursor is not None:
+        out["cursor"] = e.cursor
+    return out
+
+
 def history_document(events: list[HistoryEvent]) -> list[dict[str, Any]]:
     """The event log, oldest first."""
-    return [
-        {
-            "type": e.type,
-            "timestamp": iso(e.timestamp),
-            "step": e.step,
-            "attempt": e.attempt,
-            "data": jsonable(e.data),
-        }
-        for e in events
-    ]
+    return [event_document(e) for e in events]
 
 
 def schedule_document(s: ScheduleSummary) -> dict[str, Any]:

@@ -85,6 +85,7 @@ __all__ = [
     "event_key",
     "hist_key",
     "hist_prefix",
+    "hist_seq",
     "idx_key",
     "idx_order",
     "idx_parts",
@@ -105,6 +106,7 @@ __all__ = [
     "step_key",
     "step_target",
     "target_rkey",
+    "written_rkey",
 ]
 
 IDS = "ids"
@@ -336,6 +338,20 @@ def hist_prefix(rk: bytes) -> bytes:
 def hist_key(rk: bytes, seq: int) -> bytes:
     """Returns the key of an instance-level history event."""
     return rk + b"\x00" + _U64.pack(seq)
+
+
+def hist_seq(key: bytes) -> int:
+    """Returns the sequence number in a key made by :func:`hist_key`."""
+    return int(_U64.unpack(key[-8:])[0])
+
+
+def written_rkey(key: bytes) -> bytes:
+    """Returns the record key an ``inst``, ``steps`` or ``hist`` key belongs to.
+
+    Each of them starts with ``rk`` (``wf \\0 n``, ``n`` 8 bytes); the name
+    has no NUL, so ``rk`` ends 8 bytes after the first one.
+    """
+    return key[: key.index(b"\x00") + 9]
 
 
 class StatusMove(NamedTuple):

@@ -81,6 +81,8 @@ def test_dashboard_shows_a_retried_step_and_controls_the_instance(
     eventually(lambda: step_status(inst, "charge card") == "retrying")
 
     with serving(rt) as url:
+        requested: list[str] = []
+        page.on("request", lambda req: requested.append(req.url))
         page.goto(url + "/")
         # workflows with their counts by status, instances with filters
         page.wait_for_selector("#workflows tr[data-workflow='checkout']")
@@ -119,6 +121,10 @@ def test_dashboard_shows_a_retried_step_and_controls_the_instance(
         page.wait_for_selector("#timeline .bar[data-kind='wait']")
         page.wait_for_selector("#status [data-status='waiting']")
         _screenshot(page, tmp_path)
+        # those updates came from the instance's event stream, which the timer then leaves alone
+        stream = url + "/api/workflows/checkout/instances/order-1/history/stream"
+        assert stream in requested
+        assert page.evaluate("view.kind === 'instance' && view.streaming()") is True
 
         # pause, resume, terminate (terminate asks for a second click)
         page.click("button[data-action='pause']")

@@ -24,6 +24,7 @@ from actorflow.workflows.engine.modifiers import Modifiers
 from actorflow.workflows.engine.signals import LoopNotifier
 from actorflow.workflows.records import IDS, ikey, rkey
 from actorflow.workflows.router import Router
+from actorflow.workflows.subscribe import CommitWatch
 
 if TYPE_CHECKING:
     from actorflow.executors.base import StepExecutor
@@ -124,6 +125,9 @@ class EngineContext:
         self.loop_executor = LoopExecutor(self.loop)
         self.notifier = LoopNotifier(self.loop)
         storage.add_after_batch(self.notifier.flush)
+        # Wakes the subscribers of an instance (Instance.subscribe) on its commits.
+        self.commits = CommitWatch()
+        storage.add_commit_observer(self.commits.observe)
         self.run_pool = concurrent.futures.ThreadPoolExecutor(run_threads, "actorflow-run")
         self.step_pool = concurrent.futures.ThreadPoolExecutor(step_threads, "actorflow-step")
         self.modifiers: dict[bytes, Modifiers] = {}
