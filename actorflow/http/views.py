@@ -104,6 +104,7 @@ def instance_view(binding: WorkflowBinding, inst: Instance) -> dict[str, Any]:
         "params": jsonable(d.params),
         "output": jsonable(d.output),
         "error": jsonable(d.error),
+        "rollback": jsonable(d.rollback),
         "queued": iso(d.created),
         "start": iso(d.started),
         "end": iso(d.ended),

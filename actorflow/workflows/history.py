@@ -51,6 +51,12 @@ EVENT_TYPES = (
     "WORKFLOW_RESUMED",
     "WORKFLOW_RESTARTED",
     "INSTANCE_RECOVERED",
+    "ROLLBACK_START",
+    "ROLLBACK_STEP_START",
+    "ROLLBACK_STEP_SUCCESS",
+    "ROLLBACK_STEP_FAILURE",
+    "ROLLBACK_COMPLETE",
+    "ROLLBACK_FAILED",
 )
 
 
@@ -95,7 +101,7 @@ class StepRecord:
 
     name: str
     count: int
-    kind: str  # "do", "sleep" or "wait_for_event"
+    kind: str  # "do", "sleep", "wait_for_event" or "rollback" (a do step's rollback handler)
     status: str  # running, retrying, sleeping, waiting, complete or errored
     start: datetime | None
     end: datetime | None
@@ -112,6 +118,12 @@ _RANK = {
     "WORKFLOW_START": 1,
     "WORKFLOW_RESUMED": 1,
     "INSTANCE_RECOVERED": 1,
+    # A chain of rollbacks goes after the step that failed (same ms or not) and
+    # before the instance's end: its start, its handlers' attempts (rank
+    # _ROLLBACK_STEP in the step stream), its end.
+    "ROLLBACK_START": 2.25,
+    "ROLLBACK_COMPLETE": 2.75,
+    "ROLLBACK_FAILED": 2.75,
     "WORKFLOW_PAUSED": 3,
     "WORKFLOW_SUCCESS": 4,
     "WORKFLOW_FAILURE": 4,
@@ -122,6 +134,9 @@ _RANK = {
 #: What history, steps, the CLI, the HTTP API and the dashboard show instead of the
 #: output of a step run with ``config={"redact": True}``. Replay still uses the real value.
 REDACTED = "[redacted]"
+
+
+_ROLLBACK_STEP = 2.5
 
 
 def _dt(ms: int | None) -> datetime | None:
@@ -185,7 +200,7 @@ def build_history(
     streams tie on a millisecond, lifecycle starts go before step events and
     lifecycle ends after them.
     """
-    lifecycle: list[tuple[float, int, int, HistoryEvent]] = [
+    lifecycle: list[tuple[float, float, int, HistoryEvent]] = [
         (
             instance["created"],
             0,
@@ -202,18 +217,21 @@ def build_history(
                 HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})),
             )
         )
-    events: list[tuple[float, int, int, HistoryEvent]] = []
+    events: list[tuple[float, float, int, HistoryEvent]] = []
     order = 0
 
-    def add(ms: float, ev: HistoryEvent) -> None:
+    def add(ms: float, ev: HistoryEvent, rank: float = 2) -> None:
         nonlocal order
         order += 1
-        events.append((ms, 2, order, ev))
+        events.append((ms, rank, order, ev))
 
     for s in steps:
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
-        if s.kind == "do":
+        if s.kind == "rollback":
+            for ms, ev in _rollback_events(s, label):
+                add(ms, ev, _ROLLBACK_STEP)
+        elif s.kind == "do":
             add(
                 t0,
                 HistoryEvent(
@@ -261,7 +279,7 @@ def build_history(
                     s.end.timestamp() * 1000,
                     HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}),
                 )
-    events.sort(key=lambda t: (t[0], t[2]))
+    events.sort(key=lambda t: (t[0], t[1], t[2]))
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [e for *_, e in merged]
@@ -287,6 +305,29 @@ def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:
     out.append(
         (a.end.timestamp() * 1000, HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
     )
+    return out
+
+
+def _rollback_events(s: StepRecord, label: str) -> list[tuple[float, HistoryEvent]]:
+    """One ROLLBACK_STEP_START and its SUCCESS or FAILURE per attempt of a rollback handler."""
+    out: list[tuple[float, HistoryEvent]] = []
+    for a in s.attempts:
+        out.append(
+            (
+                a.start.timestamp() * 1000,
+                HistoryEvent("ROLLBACK_STEP_START", a.start, label, a.attempt),
+            )
+        )
+        if a.end is None:
+            continue
+        if a.error is None:
+            ev = HistoryEvent("ROLLBACK_STEP_SUCCESS", a.end, label, a.attempt)
+        else:
+            data: dict[str, Any] = {"error": a.error}
+            if a.retry_delay_ms is not None:
+                data["retryDelayMs"] = a.retry_delay_ms
+            ev = HistoryEvent("ROLLBACK_STEP_FAILURE", a.end, label, a.attempt, data)
+        out.append((a.end.timestamp() * 1000, ev))
     return out
 
 

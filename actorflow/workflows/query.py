@@ -50,6 +50,7 @@ from actorflow.workflows.records import (
     rkey,
     split_idx_key,
 )
+from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class InstanceDescription:
             fences off earlier runs (a restart, a termination, a recovery after
             a crash, a takeover by another node).
         owner: Multi-node: the id of the node that runs it (None on one node).
+        rollback: Its saga rollback, as ``InstanceStatus.rollback`` (None: none ran).
     """
 
     workflow: str
@@ -110,6 +112,7 @@ class InstanceDescription:
     steps_failed: int
     epoch: int
     owner: str | None
+    rollback: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ class Query:
         if status == "complete" and rec.get("output") is not None:
             output = self.storage.serializer.loads(rec["output"])
         error = rec.get("error") if status == "errored" else None
-        return InstanceStatus(status, output, error)
+        rb = rec.get("rb")
+        return InstanceStatus(status, output, error, None if rb is None else rollback_status(rb))
 
     def summary(self, workflow: str, iid: str, rk: bytes | None = None) -> InstanceSummary:
         """The row of the instance in a listing: status, times and error.
@@ -302,11 +306,14 @@ class Query:
             error=rec.get("error") if status == "errored" else None,
             params=loads(rec["params"]) if rec.get("params") else None,
             waiting_for=tuple(rec.get("waits") or ()) if status == "waiting" else (),
-            steps=len(steps),
-            steps_complete=sum(1 for s in steps if s.status == "complete"),
-            steps_failed=sum(1 for s in steps if s.status == "errored"),
+            steps=sum(1 for s in steps if s.kind != ROLLBACK_KIND),
+            steps_complete=sum(
+                1 for s in steps if s.status == "complete" and s.kind != ROLLBACK_KIND
+            ),
+            steps_failed=sum(1 for s in steps if s.status == "errored" and s.kind != ROLLBACK_KIND),
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
+            rollback=rollback_status(rec.get("rb")),
         )
 
     def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:

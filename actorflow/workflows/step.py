@@ -317,6 +317,8 @@ class StepRunner(Protocol):
         timeout: Any,
         config: Any,
         resources: Any = None,
+        rollback: Any = None,
+        rollback_config: Any = None,
     ) -> Coroutine[Any, Any, Any]: ...
 
     def sleep(self, name: str, duration: Any) -> Coroutine[Any, Any, None]: ...
@@ -359,6 +361,8 @@ class WorkflowStep:
         config: dict[str, Any] | None = None,
         resources: dict[str, float] | None = None,
         sensitive: str | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: dict[str, Any] | None = None,
     ) -> Any:
         """Runs ``fn`` as a durable step and returns its result.
 
@@ -371,7 +375,10 @@ class WorkflowStep:
         executor ignores it. ``sensitive="output"`` (also
         ``config={"sensitive": "output"}``) shows ``"[REDACTED]"`` instead of
         the step's output in every view of the instance; replay still gets the
-        real value.
+        real value. ``rollback`` (sync or async) undoes the completed step if
+        the instance fails: it gets the keyword arguments among ``output``,
+        ``error``, ``ctx`` and ``step_name`` that it names; ``rollback_config``
+        (``retries``, ``timeout``) is its retry policy (see docs/rollbacks.md).
         """
         if sensitive is not None:
             config = with_sensitive(config, sensitive)
@@ -387,13 +394,28 @@ class WorkflowStep:
                         timeout=timeout,
                         config=config,
                         resources=resources,
+                        rollback=rollback,
+                        rollback_config=rollback_config,
                     )
 
                 return run_step
 
             return decorator
+        if rollback is None and rollback_config is None:
+            return self._result(
+                self._runner.do(name, self._body(name, fn), retries, timeout, config, resources)
+            )
         return self._result(
-            self._runner.do(name, self._body(name, fn), retries, timeout, config, resources)
+            self._runner.do(
+                name,
+                self._body(name, fn),
+                retries,
+                timeout,
+                config,
+                resources,
+                rollback,
+                rollback_config,
+            )
         )
 
     def _body(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
