@@ -237,6 +237,8 @@ def _apply(inst: Any, action: str, kw: dict[str, Any]) -> None:
         inst.send_event(kw["type"], kw.get("payload"))
     elif action == "restart":
         inst.restart(from_step=kw.get("from_step"))
+    elif action == "terminate" and kw.get("rollback"):
+        inst.terminate(rollback=True)
     else:
         getattr(inst, action)()
 
@@ -372,6 +374,8 @@ class _Remote:
                     body: dict[str, Any] = {"status": action}
                     if kw.get("from_step"):
                         body["from_step"] = kw["from_step"]
+                    if kw.get("rollback"):
+                        body["rollback"] = True
                     self._call("PATCH", f"{base}/status", body)
             except click.ClickException as e:
                 refused.append((iid, e.message))
@@ -706,6 +710,14 @@ def _action(name: str, doc: str) -> None:
     if name == "restart":
         command = click.option(
             "--from-step", default=None, help="Keep the steps before this step."
+        )(command)
+    if name == "terminate":
+        command = click.option(
+            "--rollback",
+            is_flag=True,
+            default=False,
+            help="Run the rollback handlers of the completed steps first (once the "
+            "workflow's runtime runs the instance).",
         )(command)
     cli.command(name)(command)
 

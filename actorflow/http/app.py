@@ -363,17 +363,23 @@ class _Api:
             raise ApiError(
                 400, "ValidationError", f'the body must be {{"status": one of {list(ACTIONS)}}}'
             )
-        unknown = set(body) - {"status", "from_step"}
+        unknown = set(body) - {"status", "from_step", "rollback"}
         if unknown:
             raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
         action, from_step = body["status"], body.get("from_step")
         if from_step is not None and (action != "restart" or not isinstance(from_step, str)):
             raise ApiError(400, "ValidationError", "from_step is a step name, only for restart")
+        rollback = body.get("rollback", False)
+        if rollback is not False and (action != "terminate" or rollback is not True):
+            # Cloudflare's local explorer refuses it for pause, resume and restart too.
+            raise ApiError(400, "ValidationError", "rollback is true or false, only for terminate")
 
         def work() -> dict[str, Any]:
             inst = b.get(request.path_params["id"])
             if action == "restart":
                 inst.restart(from_step=from_step)
+            elif action == "terminate":
+                inst.terminate(rollback=rollback)
             else:
                 getattr(inst, action)()
             return {"id": inst.id, "status": inst.status().status}

@@ -251,8 +251,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                             "properties": {
                                 "status": {
                                     "type": "string",
-                                    "enum": ["pause", "resume", "terminate"],
+                                    "enum": ["pause", "resume"],
                                 }
+                            },
+                        },
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "status": {"const": "terminate"},
+                                "rollback": {
+                                    "type": "boolean",
+                                    "description": "Run the rollback handlers of the "
+                                    "completed steps first",
+                                },
                             },
                         },
                         {
@@ -399,7 +412,7 @@ SCHEMAS: dict[str, Any] = {
     "Step": {
         "type": "object",
         "properties": {
-            "type": {"type": "string", "enum": ["step", "sleep", "waitForEvent"]},
+            "type": {"type": "string", "enum": ["step", "sleep", "waitForEvent", "rollback"]},
             "name": {"type": "string"},
             "count": {"type": "integer"},
             "status": {"type": "string"},
@@ -423,6 +436,10 @@ SCHEMAS: dict[str, Any] = {
             "params": _ANY,
             "output": _ANY,
             "error": _ERROR,
+            "rollback": {
+                "type": ["object", "null"],
+                "description": "Its saga rollback: {outcome, error}; null if none ran",
+            },
             "queued": _TIME,
             "start": _TIME,
             "end": _TIME,
@@ -460,6 +477,10 @@ SCHEMAS: dict[str, Any] = {
             "owner": {
                 "type": ["string", "null"],
                 "description": "Multi-node: the node that runs it",
+            },
+            "rollback": {
+                "type": ["object", "null"],
+                "description": "Its saga rollback: {outcome, error}; null if none ran",
             },
         },
     },

@@ -399,7 +399,7 @@ class NodeProcess:
         return list(self.request("create_batch", workflow=workflow, items=list(items)))
 
     def status(self, workflow: str, id: str) -> dict[str, Any]:
-        """Returns ``{"status", "output", "error"}`` of an instance (output as JSON)."""
+        """Returns ``{"status", "output", "error", "rollback"}`` of an instance (output as JSON)."""
         result: dict[str, Any] = self.request("status", workflow=workflow, id=id)
         return result
 
@@ -505,7 +505,12 @@ class _Server:
 
     def op_status(self, workflow: str, id: str) -> dict[str, Any]:
         st = self.rt.workflow(workflow).get(id).status()
-        return {"status": st.status, "output": st.output, "error": st.error}
+        return {
+            "status": st.status,
+            "output": st.output,
+            "error": st.error,
+            "rollback": st.rollback,
+        }
 
     def op_send_event(self, workflow: str, id: str, type: str, payload: Any = None) -> None:
         self.rt.workflow(workflow).get(id).send_event(type, payload)

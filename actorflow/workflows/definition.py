@@ -163,11 +163,17 @@ class WorkflowStepEvent:
 
 @dataclass(frozen=True)
 class InstanceStatus:
-    """An instance's status string, its output when complete, its error when errored."""
+    """An instance's status string, its output when complete, its error when errored.
+
+    ``rollback`` is None when no saga rollback ran, else ``{"outcome":
+    "running" | "complete" | "failed", "error": {name, message} | None}``
+    (see docs/rollbacks.md).
+    """
 
     status: str
     output: Any = None
     error: dict[str, str] | None = None
+    rollback: dict[str, Any] | None = None
 
 
 class Workflow:

@@ -129,9 +129,18 @@ class Instance:
         """
         self._call(Resume())
 
-    def terminate(self) -> None:
-        """Ends the instance for good. Raises InvalidInstanceState if it already ended."""
-        self._call(Terminate())
+    def terminate(self, *, rollback: bool = False) -> None:
+        """Ends the instance for good. Raises InvalidInstanceState if it already ended.
+
+        With ``rollback=True`` the rollback handlers of its completed steps run
+        first (see docs/rollbacks.md): this returns once that is durably asked
+        for; the instance is ``terminated`` when they have run (``wait()``).
+
+        Raises:
+            InvalidInstanceState: It already ended, or (with ``rollback``) its
+                rollbacks are running already.
+        """
+        self._call(Terminate(bool(rollback)))
 
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""

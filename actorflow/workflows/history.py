@@ -54,6 +54,12 @@ EVENT_TYPES = (
     "WORKFLOW_RESUMED",
     "WORKFLOW_RESTARTED",
     "INSTANCE_RECOVERED",
+    "ROLLBACK_START",
+    "ROLLBACK_STEP_START",
+    "ROLLBACK_STEP_SUCCESS",
+    "ROLLBACK_STEP_FAILURE",
+    "ROLLBACK_COMPLETE",
+    "ROLLBACK_FAILED",
 )
 
 
@@ -102,7 +108,7 @@ class StepRecord:
 
     name: str
     count: int
-    kind: str  # "do", "sleep" or "wait_for_event"
+    kind: str  # "do", "sleep", "wait_for_event" or "rollback" (a do step's rollback handler)
     status: str  # running, retrying, sleeping, waiting, complete or errored
     start: datetime | None
     end: datetime | None
@@ -119,6 +125,12 @@ _RANK = {
     "WORKFLOW_START": 1,
     "WORKFLOW_RESUMED": 1,
     "INSTANCE_RECOVERED": 1,
+    # A chain of rollbacks goes after the step that failed (same ms or not) and
+    # before the instance's end: its start, its handlers' attempts (rank
+    # _ROLLBACK_STEP in the step stream), its end.
+    "ROLLBACK_START": 2.25,
+    "ROLLBACK_COMPLETE": 2.75,
+    "ROLLBACK_FAILED": 2.75,
     "WORKFLOW_PAUSED": 3,
     "WORKFLOW_SUCCESS": 4,
     "WORKFLOW_FAILURE": 4,
@@ -129,6 +141,9 @@ _RANK = {
 #: What history, steps, the CLI, the HTTP API and the dashboard show instead of the
 #: output of a step run with ``config={"redact": True}``. Replay still uses the real value.
 REDACTED = "[redacted]"
+
+
+_ROLLBACK_STEP = 2.5
 
 
 def _dt(ms: int | None) -> datetime | None:
@@ -221,7 +236,7 @@ def build_sourced_history(
     ``stored`` pairs each stored event with its sequence number, ``steps``
     each step record with its ``seq``, both in that order.
     """
-    lifecycle: list[tuple[float, int, int, Source, HistoryEvent]] = [
+    lifecycle: list[tuple[float, float, int, Source, HistoryEvent]] = [
         (
             instance["created"],
             0,
@@ -240,22 +255,25 @@ def build_sourced_history(
                 HistoryEvent(e["type"], to_datetime(e["ts"] / 1000), data=e.get("data", {})),
             )
         )
-    events: list[tuple[float, int, int, Source, HistoryEvent]] = []
+    events: list[tuple[float, float, int, Source, HistoryEvent]] = []
     order = 0
     step_seq = 0
     index = 0
 
-    def add(ms: float, ev: HistoryEvent) -> None:
+    def add(ms: float, ev: HistoryEvent, rank: float = 2) -> None:
         nonlocal order, index
         order += 1
-        events.append((ms, 2, order, ("s", step_seq, index), ev))
+        events.append((ms, rank, order, ("s", step_seq, index), ev))
         index += 1
 
     for seq, s in steps:
         step_seq, index = seq, 0
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
-        if s.kind == "do":
+        if s.kind == "rollback":
+            for ms, ev in _rollback_events(s, label):
+                add(ms, ev, _ROLLBACK_STEP)
+        elif s.kind == "do":
             add(
                 t0,
                 HistoryEvent(
@@ -303,7 +321,7 @@ def build_sourced_history(
                     s.end.timestamp() * 1000,
                     HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}),
                 )
-    events.sort(key=lambda t: (t[0], t[2]))
+    events.sort(key=lambda t: (t[0], t[1], t[2]))
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [(src, e) for *_, src, e in merged]
@@ -329,6 +347,29 @@ def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:
     out.append(
         (a.end.timestamp() * 1000, HistoryEvent("ATTEMPT_FAILURE", a.end, label, a.attempt, data))
     )
+    return out
+
+
+def _rollback_events(s: StepRecord, label: str) -> list[tuple[float, HistoryEvent]]:
+    """One ROLLBACK_STEP_START and its SUCCESS or FAILURE per attempt of a rollback handler."""
+    out: list[tuple[float, HistoryEvent]] = []
+    for a in s.attempts:
+        out.append(
+            (
+                a.start.timestamp() * 1000,
+                HistoryEvent("ROLLBACK_STEP_START", a.start, label, a.attempt),
+            )
+        )
+        if a.end is None:
+            continue
+        if a.error is None:
+            ev = HistoryEvent("ROLLBACK_STEP_SUCCESS", a.end, label, a.attempt)
+        else:
+            data: dict[str, Any] = {"error": a.error}
+            if a.retry_delay_ms is not None:
+                data["retryDelayMs"] = a.retry_delay_ms
+            ev = HistoryEvent("ROLLBACK_STEP_FAILURE", a.end, label, a.attempt, data)
+        out.append((a.end.timestamp() * 1000, ev))
     return out
 
 

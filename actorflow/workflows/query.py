@@ -56,6 +56,7 @@ from actorflow.workflows.records import (
     rkey,
     split_idx_key,
 )
+from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class InstanceDescription:
             fences off earlier runs (a restart, a termination, a recovery after
             a crash, a takeover by another node).
         owner: Multi-node: the id of the node that runs it (None on one node).
+        rollback: Its saga rollback, as ``InstanceStatus.rollback`` (None: none ran).
     """
 
     workflow: str
@@ -135,6 +137,7 @@ class InstanceDescription:
     steps_failed: int
     epoch: int
     owner: str | None
+    rollback: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,8 @@ class Query:
         if status == "complete" and rec.get("output") is not None:
             output = self.storage.serializer.loads(rec["output"])
         error = rec.get("error") if status == "errored" else None
-        return InstanceStatus(status, output, error)
+        rb = rec.get("rb")
+        return InstanceStatus(status, output, error, None if rb is None else rollback_status(rb))
 
     def status_document(self, workflow: str, iid: str, rk: bytes | None = None) -> dict[str, Any]:
         """The instance's status document (:data:`STATUS_FIELDS`), from its record alone.
@@ -284,6 +288,7 @@ class Query:
             "params": jsonable(loads(rec["params"]) if rec.get("params") else None),
             "output": jsonable(None if output is None else loads(output)),
             "error": jsonable(rec.get("error") if status == "errored" else None),
+            "rollback": jsonable(rollback_status(rec.get("rb"))),
             "queued": iso(to_datetime(rec["created"] / 1000.0)),
             "start": iso(_dt(rec.get("started"))),
             "success": (status == "complete") if status in FINISHED else None,
@@ -352,11 +357,14 @@ class Query:
             error=rec.get("error") if status == "errored" else None,
             params=loads(rec["params"]) if rec.get("params") else None,
             waiting_for=tuple(rec.get("waits") or ()) if status == "waiting" else (),
-            steps=len(steps),
-            steps_complete=sum(1 for s in steps if s.status == "complete"),
-            steps_failed=sum(1 for s in steps if s.status == "errored"),
+            steps=sum(1 for s in steps if s.kind != ROLLBACK_KIND),
+            steps_complete=sum(
+                1 for s in steps if s.status == "complete" and s.kind != ROLLBACK_KIND
+            ),
+            steps_failed=sum(1 for s in steps if s.status == "errored" and s.kind != ROLLBACK_KIND),
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
+            rollback=rollback_status(rec.get("rb")),
         )
 
     def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:

@@ -163,6 +163,12 @@ class InstanceRecord(TypedDict, total=False):
     waits: list[str]  # the event types it hibernated waiting for
     output: bytes | None  # run's return value (serialized) once complete
     error: dict[str, str] | None  # ``{name, message}`` once errored
+    # Its saga rollback, once one started (None or absent: none ran): ``o`` the
+    # outcome ("running", "complete", "failed"), ``ed`` the ``{name, message}``
+    # of the handler that failed for good; while running also ``t`` (asked by
+    # ``terminate(rollback=True)``), ``go`` (ROLLBACK_START is written), ``fe``
+    # and ``fx`` (the error that failed the instance: its dict, and serialized).
+    rb: dict[str, Any] | None
 
 
 #: One attempt of a ``step.do``: ``(start ms, end ms, {name, message} or None,
@@ -180,7 +186,7 @@ Attempt = (
 class StepCheckpoint(TypedDict, total=False):
     """A step record (``steps``): one occurrence of a step, what replay returns."""
 
-    k: str  # kind: "do", "sleep" or "wait_for_event"
+    k: str  # kind: "do", "sleep", "wait_for_event" or "rollback" (a do step's handler)
     n: str  # the step's name
     c: int  # occurrence of the name in the run (1, 2, ...)
     seq: int  # order of the step in the run (0, 1, ...)
@@ -246,7 +252,9 @@ def load_event(raw: bytes) -> EventRecord:
     return cast(EventRecord, load(raw))
 
 
-KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w"}
+#: ``rollback``: the record of the rollback handler of the ``do`` step of the same
+#: name and count (see :mod:`actorflow.workflows.rollbacks`).
+KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w", "rollback": b"r"}
 WAKE_KIND = "W"  # timer kind for instance deadlines
 PRIO_WAKE = b"\x00"  # queue entries of instances to resume: served first
 PRIO_NEW = b"\x01"  # queue entries of new (or restarted) instances

@@ -336,6 +336,8 @@ class StepRunner(Protocol):
         timeout: Any,
         config: Any,
         resources: Any = None,
+        rollback: Any = None,
+        rollback_config: Any = None,
     ) -> Coroutine[Any, Any, Any]: ...
 
     def sleep(self, name: str, duration: Any) -> Coroutine[Any, Any, None]: ...
@@ -380,6 +382,8 @@ class WorkflowStep:
         sensitive: str | None = None,
         concurrent: bool = False,
         depends: Sequence[Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: dict[str, Any] | None = None,
     ) -> Any:
         """Runs ``fn`` as a durable step and returns its result.
 
@@ -400,7 +404,10 @@ class WorkflowStep:
         executor ignores it. ``sensitive="output"`` (also
         ``config={"sensitive": "output"}``) shows ``"[REDACTED]"`` instead of
         the step's output in every view of the instance; replay still gets the
-        real value.
+        real value. ``rollback`` (sync or async) undoes the completed step if
+        the instance fails: it gets the keyword arguments among ``output``,
+        ``error``, ``ctx`` and ``step_name`` that it names; ``rollback_config``
+        (``retries``, ``timeout``) is its retry policy (see docs/rollbacks.md).
 
         Raises:
             StepDependencyError: (a ``TypeError``) when a declared step is
@@ -419,6 +426,8 @@ class WorkflowStep:
                     "config": config,
                     "resources": resources,
                     "sensitive": sensitive,
+                    "rollback": rollback,
+                    "rollback_config": rollback_config,
                 },
             )
             return declare if func is None else declare(func)
@@ -430,9 +439,22 @@ class WorkflowStep:
         step_name = cast("str", name)  # the engine refuses a name that is not a str, naming it
         if sensitive is not None:
             config = with_sensitive(config, sensitive)
+        if rollback is None and rollback_config is None:
+            return self._result(
+                self._runner.do(
+                    step_name, self._body(step_name, fn), retries, timeout, config, resources
+                )
+            )
         return self._result(
             self._runner.do(
-                step_name, self._body(step_name, fn), retries, timeout, config, resources
+                step_name,
+                self._body(step_name, fn),
+                retries,
+                timeout,
+                config,
+                resources,
+                rollback,
+                rollback_config,
             )
         )
 

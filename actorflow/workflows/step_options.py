@@ -31,6 +31,7 @@ __all__ = [
     "delay_kwargs",
     "evaluate_delay",
     "is_delay_function",
+    "rollback_kwargs",
     "with_sensitive",
 ]
 
@@ -42,6 +43,9 @@ _SENSITIVE_VALUES = ("output",)
 DELAY_FUNCTION_TIMEOUT_S = 5.0
 #: The keyword arguments a retry delay function may name.
 _DELAY_ARGS = ("ctx", "error")
+#: The keyword arguments a rollback handler may name (Cloudflare's ``{ctx, error,
+#: output, stepName}``, in Python's spelling).
+ROLLBACK_ARGS = ("output", "error", "ctx", "step_name")
 
 
 def check_sensitive(where: str, value: Any) -> str | None:
@@ -81,6 +85,25 @@ def delay_kwargs(fn: Callable[..., Any], what: str) -> tuple[str, ...]:
             those (it needs another one, or takes only positional ones); the
             message names ``what``.
     """
+    return _named_kwargs(fn, what, _DELAY_ARGS, "delay function")
+
+
+def rollback_kwargs(fn: Callable[..., Any], what: str) -> tuple[str, ...]:
+    """The keyword arguments among :data:`ROLLBACK_ARGS` that rollback handler ``fn`` names.
+
+    A handler with ``**kwargs`` gets all of them.
+
+    Raises:
+        ValueError: ``fn`` cannot be called with keyword arguments among
+            those; the message names ``what``.
+    """
+    return _named_kwargs(fn, what, ROLLBACK_ARGS, "rollback handler")
+
+
+def _named_kwargs(
+    fn: Callable[..., Any], what: str, allowed: tuple[str, ...], label_of: str
+) -> tuple[str, ...]:
+    """The names among ``allowed`` that ``fn`` takes as keyword arguments (see above)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -88,20 +111,21 @@ def delay_kwargs(fn: Callable[..., Any], what: str) -> tuple[str, ...]:
     params = sig.parameters
     names: tuple[str, ...]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names = _DELAY_ARGS
+        names = allowed
     else:
         names = tuple(
             n
-            for n in _DELAY_ARGS
+            for n in allowed
             if n in params and params[n].kind is not inspect.Parameter.POSITIONAL_ONLY
         )
     try:
         sig.bind(**dict.fromkeys(names))
     except TypeError as e:
         label = getattr(fn, "__qualname__", None) or type(fn).__name__
+        among = ", ".join(allowed[:-1]) + " and " + allowed[-1]
         raise ValueError(
-            f"{what}: the delay function {label}{sig} cannot be called with the keyword "
-            f"arguments it may name, ctx and error ({e})"
+            f"{what}: the {label_of} {label}{sig} cannot be called with the keyword "
+            f"arguments it may name, {among} ({e})"
         ) from None
     return names
 

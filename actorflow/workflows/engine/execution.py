@@ -57,6 +57,7 @@ from actorflow.workflows.engine.signals import (
     Stop,
     StorageFault,
     Suspend,
+    Unwind,
 )
 from actorflow.workflows.records import (
     EVENTS,
@@ -74,6 +75,7 @@ from actorflow.workflows.records import (
     step_timers,
     steps_prefix,
 )
+from actorflow.workflows.rollbacks import ROLLBACK_KIND, RollbackHook, rollback_call, rollback_hook
 from actorflow.workflows.step import (
     StepContext,
     StepInfo,
@@ -170,6 +172,9 @@ class _Waiter:
         self.fut = fut
 
 
+#: The outcomes of ``run`` (after its rollbacks) that the run's final write records.
+_ENDS = (Status.COMPLETE, Status.ERRORED, Status.TERMINATED)
+
 # The lifecycle of a run, as bits of ``Execution.state``. One int, so that the
 # per-step checks are one AND. A run moves RUNNING -> HIBERNATING -> SUSPENDED
 # (or back to RUNNING if woken while writing its status) and RUNNING -> ENDING
@@ -206,6 +211,13 @@ class Execution:
     # Step records written by the next commit of the run, whatever it is
     # (see _commit_step).
     _staged: WriteBatch | None = None
+    # Saga rollbacks (see _roll_back): the handlers this run's steps registered,
+    # by step key; the instance record's ``rb`` while a chain is going on; and
+    # whether terminate(rollback=True) asked for it (the replay then stops at
+    # the first step not done).
+    _rollbacks: dict[bytes, RollbackHook] | None = None
+    rolling: dict[str, Any] | None = None
+    terminating = False
 
     def __init__(
         self,
@@ -251,6 +263,10 @@ class Execution:
         self.waiters: list[_Waiter] = []
         self.t_start = self.ctx.now_ms()
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
+        rb = actor.record.get("rb")
+        if rb is not None and rb["o"] == "running":
+            self.rolling = rb
+            self.terminating = bool(rb.get("t"))
         # What to do once the commit that writes the staged records is durable.
         self._staged_after: list[tuple[StepCheckpoint, bytes | None, bytes | None]] = []
 
@@ -308,9 +324,12 @@ class Execution:
         if obs is not None:
             obs.run_started(self)
         outcome = self._overridden(await self._run())
-        if outcome[0] in (Status.COMPLETE, Status.ERRORED) and not self.state & STOPPED:
+        rb: dict[str, Any] | None = None
+        if (self._rollbacks is not None or self.rolling is not None) and not self.state & STOPPED:
+            outcome, rb = await self._roll_back(outcome)
+        if outcome[0] in _ENDS and not self.state & STOPPED:
             try:
-                await self._finish(*outcome)
+                await self._finish(outcome[0], outcome[1], rb)
             except (Stop, asyncio.CancelledError):
                 outcome = ("stop", None)
             except BaseException as e:
@@ -355,6 +374,9 @@ class Execution:
         except Stop as e:
             e.__traceback__ = None
             return ("stop", None)
+        except Unwind as e:
+            e.__traceback__ = None
+            return ("unwound", None)
         except asyncio.CancelledError as e:
             e.__traceback__ = None
             if self.state & STOPPED or _cancelling():
@@ -395,7 +417,10 @@ class Execution:
             extra={"workflow": self.wfe.name, "instance": self.actor.iid},
         )
 
-    async def _finish(self, kind: str, value: Any) -> None:
+    async def _finish(self, kind: str, value: Any, rb: dict[str, Any] | None = None) -> None:
+        """Writes the run's end: ``complete``, ``errored`` or (after the rollbacks
+        of ``terminate(rollback=True)``) ``terminated``; ``rb``: how the chain of
+        rollbacks ended, if one ran."""
         # Branches still going (siblings of a failed branch of a gather or
         # step.map) must not write after this: their activation would turn the
         # finished instance back into "running".
@@ -404,6 +429,24 @@ class Execution:
         keys = self._disarm_all(batch)
         actor = self.actor
         before = actor.record
+        fields: dict[str, Any] = {}
+        if rb is not None or self.rolling is not None:
+            fields["rb"] = rb  # the end of the chain (None: it had nothing to run)
+        if rb is not None:
+            actor.add_history(
+                batch,
+                "ROLLBACK_COMPLETE" if rb["o"] == "complete" else "ROLLBACK_FAILED",
+                {"error": rb["ed"]} if rb["ed"] is not None else None,
+            )
+        if kind == Status.TERMINATED:
+            actor.end_ops(
+                batch,
+                Status.TERMINATED,
+                self.t_start,
+                hist="WORKFLOW_TERMINATED",
+                hist_data={"trigger": {"source": "api"}, "rollback": True},
+                **fields,
+            )
         if kind == Status.COMPLETE:
             try:
                 data = self.ser.dumps(value)
@@ -414,10 +457,16 @@ class Execution:
                 )
             else:
                 actor.end_ops(
-                    batch, Status.COMPLETE, self.t_start, output=data, hist="WORKFLOW_SUCCESS"
+                    batch,
+                    Status.COMPLETE,
+                    self.t_start,
+                    output=data,
+                    hist="WORKFLOW_SUCCESS",
+                    **fields,
                 )
         if kind == Status.ERRORED:
-            err = error_dict(value)
+            rolling = self.rolling
+            err = rolling["fe"] if rolling is not None and "fe" in rolling else error_dict(value)
             actor.end_ops(
                 batch,
                 Status.ERRORED,
@@ -425,6 +474,7 @@ class Execution:
                 error=err,
                 hist="WORKFLOW_FAILURE",
                 hist_data={"error": err},
+                **fields,
             )
         # Status reads must not show the end before it is durable: the record
         # that says "complete" becomes the actor's once the commit landed.
@@ -432,6 +482,186 @@ class Execution:
         await self._commit(batch, activate=False, final=True)
         actor.record = final
         self.ctx.timers_done(keys)
+
+    # -- saga rollbacks ---------------------------------------------------------
+
+    def _hook(self, where: str, rollback: Any, rollback_config: Any) -> RollbackHook | None:
+        """The checked rollback handler of a ``step.do`` call (None: it has none)."""
+        if rollback is None and rollback_config is None:
+            return None
+        return rollback_hook(where, rollback, rollback_config)
+
+    def _register(self, key: bytes, hook: RollbackHook) -> None:
+        """Step ``key`` completed (now or in an earlier run) with a rollback handler."""
+        if self._rollbacks is None:
+            self._rollbacks = {}
+        self._rollbacks[key] = hook
+
+    async def _roll_back(
+        self, outcome: tuple[str, Any]
+    ) -> tuple[tuple[str, Any], dict[str, Any] | None]:
+        """Runs the rollback chain, if the way ``run`` ended calls for one.
+
+        The chain is the handlers this run registered (its replay registers
+        those of the steps done in earlier runs), in reverse order of step
+        start; it stops at the first handler that fails for good. A chain
+        already going on (the record's ``rb``: a crash, a hibernation in a
+        handler's retry delay) goes on, with the error that started it,
+        whatever this replay of ``run`` did.
+
+        Returns:
+            The outcome to finish the run with, and how the chain ended
+            (None: no chain ran, or it has not ended: suspended, stopped).
+        """
+        kind = outcome[0]
+        rolling, term = self.rolling, self.terminating
+        if kind not in (Status.COMPLETE, Status.ERRORED, "unwound"):
+            return outcome, None  # suspended, stopped, crashed: the next run goes on
+        if term:
+            error: BaseException = InvalidInstanceState(
+                f"{self.where}: terminated (terminate(rollback=True))",
+                workflow=self.wfe.name,
+                instance=self.actor.iid,
+            )
+            end: tuple[str, Any] = (Status.TERMINATED, None)
+        elif rolling is not None:
+            error = self._failure_of(rolling)
+            end = (Status.ERRORED, error)
+        elif kind == Status.ERRORED:
+            error, end = outcome[1], outcome
+        else:
+            return outcome, None
+        started = rolling is not None and bool(rolling.get("go"))
+        steps = self.steps
+        chain = sorted(
+            (
+                (steps[k], hook)
+                for k, hook in (self._rollbacks or {}).items()
+                if k in steps and steps[k]["s"] == StepStatus.DONE
+            ),
+            key=lambda p: p[0]["seq"],
+            reverse=True,
+        )
+        if not chain and not started:
+            return end, None
+        try:
+            if not started:
+                await self._rollback_start(error, term)
+            failure = None
+            for rec, hook in chain:
+                failure = await self._run_rollback(rec, hook, error)
+                if failure is not None:
+                    break  # Cloudflare: the chain stops at the first handler that fails
+        except (Stop, asyncio.CancelledError):
+            return ("stop", None), None
+        except Suspend:
+            return ("suspended", None), None
+        except EngineFault as e:
+            return ("crashed", e), None
+        return end, {"o": "failed" if failure is not None else "complete", "ed": failure}
+
+    def _failure_of(self, rolling: dict[str, Any]) -> BaseException:
+        """The error that started a chain going on, as stored when it started."""
+        data = rolling.get("fx")
+        if data is not None:
+            try:
+                err = self.ser.loads(data)
+                if isinstance(err, BaseException):
+                    return err
+            except Exception:
+                pass
+        ed = rolling.get("fe") or {"name": "Error", "message": "the instance failed"}
+        return ActorflowError(f"{ed['name']}: {ed['message']}")
+
+    async def _rollback_start(self, error: BaseException, term: bool) -> None:
+        """Writes ROLLBACK_START and the chain's state (``rb``) in the instance record."""
+        actor = self.actor
+        ed = error_dict(error)
+        rb: dict[str, Any] = {"o": "running", "ed": None, "go": True, "t": term, "fe": ed}
+        rb["fx"] = self._dump_error(error)
+        batch = WriteBatch()
+        actor.activation_ops(batch)
+        actor.status_ops(
+            batch, actor.record["s"], hist="ROLLBACK_START", hist_data={"error": ed}, rb=rb
+        )
+        await self._commit(batch, activate=False)
+        self.rolling = rb
+
+    async def _run_rollback(
+        self, step: StepCheckpoint, hook: RollbackHook, error: BaseException
+    ) -> dict[str, str] | None:
+        """Runs the handler of completed step ``step`` as a durable, retried step.
+
+        Returns:
+            None once it is complete (now or in an earlier run: it never runs
+            again), else the ``{name, message}`` of its failure for good.
+        """
+        name, count = step["n"], step["c"]
+        key = step_key(self.rk, ROLLBACK_KIND, name, count)
+        rec = self.steps.get(key)
+        if rec is not None:
+            if rec["s"] == StepStatus.DONE:
+                return None
+            if rec["s"] == StepStatus.FAILED:
+                return rec.get("ed") or {"name": "Error", "message": "rollback failed"}
+        label = f"{name} (rollback)"
+        where = self._here(label)
+        kwargs: dict[str, Any] = {}
+        if "output" in hook.names:
+            kwargs["output"] = self.ser.loads(step["r"]) if step.get("r") is not None else None
+        if "error" in hook.names:
+            kwargs["error"] = error
+        if "ctx" in hook.names:
+            kwargs["ctx"] = StepContext(
+                max(1, len(step.get("att", ()))),
+                StepInfo(name, count),
+                copy.deepcopy(step.get("cfg") or {}),
+            )
+        if "step_name" in hook.names:
+            kwargs["step_name"] = f"{name}-{count}"  # Cloudflare's stepName
+        body = rollback_call(hook.fn, kwargs)
+        now = self.now_ms()
+        if rec is None:
+            rec = {
+                "k": ROLLBACK_KIND,
+                "n": name,
+                "c": count,
+                "seq": self._next_seq(),
+                "s": StepStatus.RUNNING,
+                "cfg": hook.cfg,
+                "att": [],
+                "t0": now,
+            }
+        elif rec["s"] == StepStatus.RETRYING and rec.get("dl", 0) > now:
+            await self._block(key, rec["dl"], None)
+        cfg = rec["cfg"]
+        while True:
+            await self._gate()
+            if self.actor.fenced():
+                self.state |= STOPPED
+                raise Stop()
+            attempt = len(rec["att"]) + 1
+            a0 = self.now_ms()
+            _, err, ran_on = await self._attempt(
+                body, False, attempt, label, count, cfg, where, None
+            )
+            a1 = self.now_ms()
+            if err is None:
+                new: StepCheckpoint = {
+                    **rec,
+                    "s": StepStatus.DONE,
+                    "att": [*rec["att"], _att(a0, a1, None, None, ran_on)],
+                    "t1": a1,
+                }
+                new.pop("dl", None)
+                await self._commit_step(key, new, disarm=rec.get("tk"))
+                return None
+            try:
+                rec = await self._failed(
+                    key, rec, err, attempt, a0, a1, label, where, ran_on, (None, hook.config)
+                )
+            except Exception:
+                return self.steps[key].get("ed") or error_dict(err)
 
     def stop(self) -> None:
         """Stops the run at once (terminate, restart); its later writes are fenced off."""
@@ -798,12 +1028,15 @@ class Execution:
         timeout: Any,
         config: Any,
         resources: Any = None,
+        rollback: Any = None,
+        rollback_config: Any = None,
     ) -> Any:
         where = self._here(name)
         self._check_live()
         self._check_name(name)
         if not callable(fn):
             raise TypeError(f"{where}: step.do needs a callable")
+        hook = self._hook(where, rollback, rollback_config)
         self.step_calls += 1
         if self.step_calls > self.limits.max_steps:
             raise Fatal(
@@ -818,12 +1051,16 @@ class Execution:
         rec = self.steps.get(key)
         if rec is not None:
             if rec["s"] == StepStatus.DONE:
+                if hook is not None:
+                    self._register(key, hook)
                 return self.ser.loads(rec["r"])
             if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
             cfg = rec["cfg"]
         else:
             cfg = resolve_config(where, config, retries, timeout)
+        if self.terminating:
+            raise Unwind()
         if resources is not None:
             resources = check_resources(resources, where)
         await self._gate()
@@ -856,7 +1093,10 @@ class Execution:
             )
             a1 = self.now_ms()
             if err is None:
-                return await self._succeeded(key, rec, value, a0, a1, name, where, ran_on)
+                value = await self._succeeded(key, rec, value, a0, a1, name, where, ran_on)
+                if hook is not None:
+                    self._register(key, hook)
+                return value
             rec = await self._failed(
                 key, rec, err, attempt, a0, a1, name, where, ran_on, (retries, config)
             )
@@ -1216,6 +1456,8 @@ class Execution:
         rec = self.steps.get(key)
         if rec is not None and rec["s"] == StepStatus.DONE:
             return
+        if self.terminating:
+            raise Unwind()
         if self.state & STOPPED or self.pause_requested:
             await self._gate()
         now = self.now_ms()
@@ -1258,6 +1500,8 @@ class Execution:
                 return WorkflowStepEvent(rec["ty"], self.ser.loads(data), to_datetime(ts / 1000))
             if rec["s"] == StepStatus.FAILED:
                 raise self._stored_error(rec)
+        if self.terminating:
+            raise Unwind()
         await self._gate()
         if self.mods is not None:
             mocked = self.mods.event_mock(event_type)

@@ -466,7 +466,7 @@ class InstanceActor(PooledActor):
             return
         if outcome == "crashed":
             self.ctx.supervisor.restarts.crashed(self, value)
-        elif outcome in (Status.COMPLETE, Status.ERRORED):
+        elif outcome in (Status.COMPLETE, Status.ERRORED, Status.TERMINATED):
             self.ctx.supervisor.watchers.finished(self.ik)
         self.maybe_evict()
 
@@ -477,7 +477,12 @@ class InstanceActor(PooledActor):
         keys = self._disarm_steps(batch, self._stored_steps())
         err = {"name": "EngineFault", "message": message}
         self.status_ops(
-            batch, Status.ERRORED, error=err, hist="WORKFLOW_FAILURE", hist_data={"error": err}
+            batch,
+            Status.ERRORED,
+            error=err,
+            hist="WORKFLOW_FAILURE",
+            hist_data={"error": err},
+            **self._rollback_cut(err),
         )
         try:
             await self.commit(batch, new_epoch=True)
@@ -574,21 +579,66 @@ class InstanceActor(PooledActor):
                 workflow=self.wfe.name,
                 instance=self.iid,
             )
+        rb = self.record.get("rb")
+        if msg.rollback and rb is not None and rb["o"] == "running":
+            raise InvalidInstanceState(
+                f"{self.where}: its rollbacks are running already; terminate() without "
+                "rollback stops them",
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
         batch = WriteBatch()
         keys = self._disarm_steps(batch, self._stored_steps())
         self.woken = False
         self.start_after = None
+        if msg.rollback:
+            await self._terminate_with_rollback(batch, keys)
+            return
         self.status_ops(
             batch,
             Status.TERMINATED,
             hist="WORKFLOW_TERMINATED",
             hist_data={"trigger": {"source": "api"}},
+            **self._rollback_cut({"name": "Terminated", "message": "terminated during rollback"}),
         )
         await self.commit(batch, new_epoch=True)
         self.ctx.timers_done(keys)
         if self.exec is not None:
             self.exec.stop()
         self.ctx.supervisor.watchers.finished(self.ik)
+
+    async def _terminate_with_rollback(self, batch: WriteBatch, keys: list[bytes]) -> None:
+        """``terminate(rollback=True)``: the run stops, and a new one runs the rollbacks.
+
+        The new run replays ``run`` up to its first step not done (the
+        handlers of the steps done are then registered again), runs them as
+        after a failure, and writes "terminated". Until then the instance is
+        queued or running, with ``rb`` saying so: a crash meanwhile resumes
+        the termination, not the workflow.
+        """
+        self.status_ops(
+            batch,
+            Status.QUEUED,
+            qk=queue_key(PRIO_WAKE, self.ctx.next_seq()),
+            rb={"o": "running", "ed": None, "t": True},
+            waits=[],
+        )
+        await self.commit(batch, new_epoch=True)
+        self.ctx.timers_done(keys)
+        if self.exec is not None:
+            self.exec.stop()
+            self.exec = None  # the run that rolls back starts from the queue
+        self.wfe.router.note_wake()
+        self.ctx.supervisor.slots.kick()
+
+    def _rollback_cut(self, why: dict[str, str]) -> dict[str, Any]:
+        """The ``rb`` of an instance ended while its rollbacks ran (they will not go on)."""
+        rb = self.record.get("rb")
+        if rb is None or rb["o"] != "running":
+            return {}
+        if rb.get("go"):
+            return {"rb": {"o": "failed", "ed": why}}
+        return {"rb": None}  # asked for, not begun
 
     async def handle_restart(self, msg: Restart) -> None:
         from_step = msg.from_step
@@ -626,6 +676,7 @@ class InstanceActor(PooledActor):
             output=None,
             error=None,
             waits=[],
+            rb=None,
         )
         await self.commit(batch, new_epoch=True)
         self.ctx.timers_done(keys)

@@ -54,7 +54,13 @@ class Resume(InstanceMessage):
 
 @dataclass(frozen=True, slots=True)
 class Terminate(InstanceMessage):
-    """``Instance.terminate``."""
+    """``Instance.terminate``.
+
+    Attributes:
+        rollback: Run the rollback handlers of the completed steps first.
+    """
+
+    rollback: bool = False
 
 
 @dataclass(frozen=True, slots=True)

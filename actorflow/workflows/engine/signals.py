@@ -20,6 +20,7 @@ __all__ = [
     "Stop",
     "StorageFault",
     "Suspend",
+    "Unwind",
 ]
 
 
@@ -41,6 +42,19 @@ class Stop(BaseException):
         self,
         message: str = "the run was stopped (terminated, restarted, taken "
         "over by another node, or the runtime closed)",
+    ) -> None:
+        super().__init__(message)
+
+
+class Unwind(BaseException):
+    """Unwinds ``run`` where its replay reaches a step not yet done, for
+    ``terminate(rollback=True)``: the handlers of the steps done so far are then
+    known, and run."""
+
+    def __init__(
+        self,
+        message: str = "the instance is being terminated with its rollbacks; "
+        "code in run must let this exception pass",
     ) -> None:
         super().__init__(message)
 
