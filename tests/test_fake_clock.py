@@ -203,6 +203,8 @@ REAL_TIME_ALLOWED = {
     "workflows/handles.py:Instance.wait": "the caller's timeout",
     "workflows/handles.py:Instance.wait_for_status": "the caller's timeout",
     "workflows/handles.py:Instance.wait_for_step": "the caller's timeout",
+    "workflows/handles.py:Instance.wait_async": "the caller's timeout",
+    "workflows/subscribe.py:Subscription.__aiter__": "a follower's poll for events from other nodes",
     "runtime.py:Runtime.wait_until_idle": "the caller's timeout",
     "core/timers.py:TimerService._pass": "the periodic full re-read of the index (sync() forces one)",
 }

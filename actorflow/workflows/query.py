@@ -86,6 +86,7 @@ STATUS_FIELDS = (
     "params",
     "output",
     "error",
+    "rollback",
     "queued",
     "start",
     "success",
