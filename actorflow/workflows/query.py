@@ -233,8 +233,9 @@ class Query:
         """The status users see and the record it goes with: the live actor's, else stored."""
         live = self._live
         actor = live.get(ikey(workflow, iid)) if live is not None else None
-        if actor is not None and not actor.actor_stopped.is_set():
-            status, rec = actor.public_status(), actor.record
+        view = actor.live_view() if actor is not None else None
+        if view is not None:
+            status, rec = view
         else:
             rec = self._stored(workflow, iid, rk)
             status = rec["s"]
@@ -252,8 +253,9 @@ class Query:
         # The hot path of wait(): _current() inlined.
         live = self._live
         actor = live.get(ikey(workflow, iid)) if live is not None else None
-        if actor is not None and not actor.actor_stopped.is_set():
-            status, rec = actor.public_status(), actor.record
+        view = actor.live_view() if actor is not None else None
+        if view is not None:
+            status, rec = view
         else:
             raw = self.storage.get(INST, rk or self.record_key(workflow, iid))
             if raw is None:

@@ -192,6 +192,20 @@ class InstanceActor(PooledActor):
             return None
         return ex
 
+    def live_view(self) -> tuple[str, dict[str, Any]] | None:
+        """The status users see and its record, from memory; None when storage must say.
+
+        None once the actor stopped, and while the run's final write is in
+        flight: a reader woken by that commit (a subscriber, a node that
+        polls) must not then be told that the run is still going.
+        """
+        if self.actor_stopped.is_set():
+            return None
+        ex = self.exec
+        if ex is not None and ex.ending and not ex.finished:
+            return None
+        return self.public_status(), self.record
+
     def public_status(self) -> str:
         """The status as users see it, including in-memory states."""
         ex = self.live_run()
