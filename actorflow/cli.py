@@ -6,8 +6,8 @@
     status WORKFLOW ID          describe WORKFLOW ID         history WORKFLOW ID
     steps WORKFLOW ID
     send-event WORKFLOW ID TYPE [--payload JSON]
-    pause | resume | terminate WORKFLOW ID
-    restart WORKFLOW ID [--from-step NAME]
+    pause | resume | terminate | delete WORKFLOW (ID... | --status S)
+    restart WORKFLOW (ID... | --status S) [--from-step NAME]
     metrics
     schedules [--workflow W]    the cron schedules, with their next tick
     serve [--app pkg.mod:factory] [--host H] [--port P] [--token-file PATH]
@@ -19,7 +19,9 @@ writer. Changes (``send-event``, ``pause``, ...) need the directory to be
 closed: while a runtime holds it open, they are refused, and ``--url``
 sends them to that runtime's HTTP API (``actorflow serve``) instead. On a
 closed directory they write the same durable records as the Python API, so
-the next runtime that registers the workflow continues from them.
+the next runtime that registers the workflow continues from them. ``delete``
+removes instances and every record of them for good (``Instance.delete``);
+their ids can be created again.
 
 The bearer token for ``--url`` and ``serve`` comes from the ``ACTORFLOW_TOKEN``
 environment variable or from ``--token-file PATH``. ``--token VALUE`` works
@@ -50,6 +52,7 @@ from click.core import ParameterSource
 from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceNotFound
 from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
+from actorflow.workflows.handles import MAX_DELETE_BATCH, WorkflowBinding
 from actorflow.workflows.query import (
     LISTED_STATUSES,
     STATUS_FIELDS,
@@ -65,7 +68,7 @@ __all__ = ["cli", "format_table", "main"]
 
 T = TypeVar("T")
 
-_ACTIONS = ("pause", "resume", "terminate", "restart")
+_ACTIONS = ("pause", "resume", "terminate", "restart", "delete")
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -224,12 +227,29 @@ class _Local:
         refused = []
         with _exclusive(self.data), _ToolRuntime(self.data) as rt:
             binding = rt.unregistered(wf)
+            if action == "delete":
+                return _delete_batches(binding, ids)
             for iid in _progress(ids, action):
                 try:
                     _apply(binding.get(iid), action, kw)
                 except ActorflowError as e:
                     refused.append((iid, f"{type(e).__name__}: {e}"))
         return refused
+
+
+def _delete_batches(binding: WorkflowBinding, ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Deletes ``ids`` with ``binding.delete_batch``, 100 at a time; returns the refused."""
+    refused = []
+    shown = _Progress(len(ids), "delete")
+    try:
+        for at in range(0, len(ids), MAX_DELETE_BATCH):
+            chunk = ids[at : at + MAX_DELETE_BATCH]
+            got = binding.delete_batch(chunk)
+            refused += [(e["id"], f"{e['name']}: {e['message']}") for e in got["errors"]]
+            shown.advance(len(chunk))
+    finally:
+        shown.close()
+    return refused
 
 
 def _apply(inst: Any, action: str, kw: dict[str, Any]) -> None:
@@ -266,7 +286,8 @@ class _Remote:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
+        if data is not None or method != "GET":
+            # The API takes a change only with this header, even without a body.
             req.add_header("Content-Type", "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -370,6 +391,8 @@ class _Remote:
             try:
                 if action == "event":
                     self._call("POST", f"{base}/events/{_q(kw['type'])}", kw.get("payload"))
+                elif action == "delete":
+                    self._call("DELETE", base)
                 else:
                     body: dict[str, Any] = {"status": action}
                     if kw.get("from_step"):
@@ -726,6 +749,11 @@ _action("pause", "Pause instances (IDs, or every one in --status).")
 _action("resume", "Resume paused instances.")
 _action("terminate", "Terminate instances for good.")
 _action("restart", "Run instances again from the start (or from a step).")
+_action(
+    "delete",
+    "Delete instances and every record of them, for good (a live run is stopped "
+    "first, without rollbacks); their ids can be created again.",
+)
 
 
 @cli.command()

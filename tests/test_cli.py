@@ -174,6 +174,83 @@ def test_restart_from_step_offline(data: str, journal: Any) -> None:
     run_cli(data, "restart", "order", "o1", "--from-step", "nope", code=1)
 
 
+def test_delete_offline_removes_instances_and_frees_their_ids(data: str, journal: Any) -> None:
+    doc = json.loads(run_cli(data, "--json", "delete", "order", "o0", "o2").output)
+    assert doc == {"ok": True, "done": ["o0", "o2"], "refused": {}}
+    rows = json.loads(run_cli(data, "--json", "list").output)["instances"]
+    assert [r["id"] for r in rows] == ["o1"]
+    err = run_cli(data, "status", "order", "o0", code=1).output
+    assert "workflow 'order' has no instance 'o0'" in err
+    assert run_cli(data, "delete", "order", "o1").output == "delete: order/o1\n"
+    assert json.loads(run_cli(data, "--json", "list").output)["instances"] == []
+    rt, wf = reopen(data, journal)
+    with rt:
+        for iid in ("o0", "o1", "o2"):
+            with pytest.raises(af.InstanceNotFound):
+                wf.get(iid)
+        assert journal.count(("charge", "o1")) == 1
+        again = wf.create(id="o1", params="ok")  # the id is free again: a new instance
+        again.wait_for_status("waiting")
+        assert [e.type for e in again.history()].count("WORKFLOW_QUEUED") == 1
+        assert journal.count(("charge", "o1")) == 2
+
+
+def test_delete_of_an_unknown_instance_names_it(data: str, journal: Any) -> None:
+    result = run_cli(data, "delete", "order", "nope", code=1)
+    assert "InstanceNotFound" in result.output
+    assert "workflow 'order'" in result.output and "no instance 'nope'" in result.output
+    # Several ids: the others are deleted; each refused one is named on stderr.
+    result = CliRunner().invoke(cli, ["--data", data, "--json", "delete", "order", "o1", "nope"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["done"] == ["o1"]
+    assert list(doc["refused"]) == ["nope"]
+    assert doc["refused"]["nope"].startswith("InstanceNotFound: ")
+    assert "no instance 'nope'" in doc["refused"]["nope"]
+    assert "order/nope: InstanceNotFound: " in result.stderr
+    table = run_cli(data, "delete", "order", "o0", "gone", code=1).output
+    assert "delete: 1 of 2 instances of order" in table
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("o2").status().status == "waiting"
+        for iid in ("o0", "o1"):
+            with pytest.raises(af.InstanceNotFound):
+                wf.get(iid)
+    usage = run_cli(data, "delete", "order", code=2).output
+    assert "IDs or --status" in usage
+    run_cli(data, "delete", "order", "o2", "--status", "waiting", code=2)
+    run_cli(data, "delete", "order", "--status", "bogus", code=2)
+
+
+def test_delete_by_status_goes_in_batches_of_100(
+    location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with af.Runtime(location) as rt:  # nothing registered: they stay queued
+        bulk = rt.unregistered("bulk")
+        bulk.create_batch([{"id": f"b{n:03}"} for n in range(250)])
+        bulk.get("b007").terminate()
+        rt.unregistered("other").create(id="b000")
+    batches: list[int] = []
+    real = af.WorkflowBinding.delete_batch
+
+    def spy(self: af.WorkflowBinding, ids: Any) -> dict[str, list[Any]]:
+        batches.append(len(ids))
+        return real(self, ids)
+
+    monkeypatch.setattr(af.WorkflowBinding, "delete_batch", spy)
+    result = run_cli(location, "--json", "delete", "bulk", "--status", "queued")
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is True and doc["refused"] == {}
+    assert sorted(doc["done"]) == [f"b{n:03}" for n in range(250) if n != 7]
+    assert batches == [100, 100, 49]
+    assert "delete: 249/249" in result.stderr.splitlines()
+    assert "delete: 0 of 0" in run_cli(location, "delete", "bulk", "--status", "queued").output
+    with af.Runtime(location) as rt:
+        assert [i.id for i in rt.unregistered("bulk").list(limit=None)] == ["b007"]
+        assert rt.unregistered("bulk").get("b007").status().status == "terminated"
+        assert rt.unregistered("other").get("b000").status().status == "queued"
+
+
 # -- a directory a runtime holds open -----------------------------------------------------------
 
 _OWNER = """
@@ -214,6 +291,8 @@ def test_changes_are_refused_while_a_runtime_owns_the_directory(owned: Path) -> 
         ["restart", "order", "o1"],
         ["send-event", "order", "o1", "approved"],
         ["resume", "order", "o1"],
+        ["delete", "order", "o1"],
+        ["delete", "order", "--status", "waiting"],
     ):
         out = run_cli(owned, *args, code=1).output
         assert "running process" in out and "--url" in out
@@ -285,7 +364,7 @@ class _Stub(BaseHTTPRequestHandler):
         else:
             self._reply(200, None)
 
-    do_GET = do_POST = do_PATCH = _handle
+    do_GET = do_POST = do_PATCH = do_DELETE = _handle
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -329,6 +408,11 @@ def test_url_mode_uses_the_http_api(service: tuple[str, list[Any]]) -> None:
     CliRunner().invoke(cli, ["--url", url, "send-event", "order", "a", "go", "--payload", "[1]"])
     assert calls[-1][:3] == ("POST", "/api/workflows/order/instances/a/events/go", [1])
     r = CliRunner().invoke(cli, ["--url", url, "pause", "order", "missing"])
+    assert r.exit_code == 1 and "InstanceNotFound: no instance 'missing'" in r.output
+    r = CliRunner().invoke(cli, ["--url", url, "--json", "delete", "order", "a"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"ok": True, "done": ["a"], "refused": {}}
+    assert calls[-1] == ("DELETE", "/api/workflows/order/instances/a", None, None)
+    r = CliRunner().invoke(cli, ["--url", url, "delete", "order", "missing"])
     assert r.exit_code == 1 and "InstanceNotFound: no instance 'missing'" in r.output
     r = CliRunner().invoke(cli, ["--url", url, "--json", "list"])
     assert r.exit_code == 0 and calls[-2][1] == "/api/workflows"
@@ -524,6 +608,19 @@ def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any, clock:
         cli_("restart", "order", "o0")
         wf.get("o0").wait_for_status("waiting")
         assert "InstanceNotFound" in cli_("status", "order", "nope", code=1)
+        assert wf.get("o2").status().status == "waiting"
+        out = cli_("delete", "order", "o2", code=1, token="wrong")
+        assert "Unauthorized" in out
+        assert wf.get("o2").status().status == "waiting"
+        assert cli_("delete", "order", "o2") == "delete: order/o2\n"
+        with pytest.raises(af.InstanceNotFound):
+            wf.get("o2")
+        out = cli_("delete", "order", "o2", code=1)
+        assert "InstanceNotFound" in out and "'order'" in out and "no instance 'o2'" in out
+        doc = json.loads(cli_("--json", "delete", "order", "--status", "waiting"))
+        assert doc == {"ok": True, "done": ["o0"], "refused": {}}
+        assert [r["id"] for r in json.loads(cli_("--json", "list"))["instances"]] == ["o1"]
+        wf.create(id="o2", params="ok").wait_for_status("waiting")  # the id is free again
 
 
 def _documented_commands(page: str, heading: str) -> set[str]:

@@ -201,7 +201,8 @@ def test_errors_map_to_status_codes_and_class_names(client: TestClient, rt: af.R
     fails(client.get("/api/workflows/unknown/instances"), 404, "WorkflowNotFound")
     fails(client.get(f"{BASE}/nope/history"), 404, "InstanceNotFound")
     fails(client.get("/api/nothing-here"), 404, "NotFound")
-    fails(client.delete(f"{BASE}/dup"), 405, "MethodNotAllowed")
+    fails(client.put(f"{BASE}/dup"), 405, "MethodNotAllowed")
+    fails(client.delete(f"{BASE}/dup/history"), 405, "MethodNotAllowed")
     fails(
         client.post(BASE, content=b"{not json", headers={"content-type": "application/json"}),
         400,
@@ -323,6 +324,88 @@ def test_status_changes(client: TestClient, rt: af.Runtime) -> None:
         404,
         "InstanceNotFound",
     )
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def delete(c: TestClient, url: str, **kw: Any) -> Any:
+    """``DELETE url``, saying ``Content-Type: application/json`` as every change must."""
+    headers = {**JSON, **kw.pop("headers", {})}
+    return c.request("DELETE", url, headers=headers, **kw)
+
+
+def test_delete_removes_the_instance_and_its_id_can_be_made_again(
+    client: TestClient, rt: af.Runtime
+) -> None:
+    b = rt.workflow("blocked")
+    url = "/api/workflows/blocked/instances"
+    for iid in ("d1", "d2"):
+        ok(client.post(url, json={"id": iid}), 201)
+    wait_for(lambda: all(b.get(i).status().status == "waiting" for i in ("d1", "d2")))
+
+    assert ok(delete(client, f"{url}/d1")) == {"id": "d1", "deleted": True}
+    with pytest.raises(af.InstanceNotFound):
+        b.get("d1")
+    assert "d1" in fails(client.get(f"{url}/d1"), 404, "InstanceNotFound")
+    fails(client.get(f"{url}/d1/history"), 404, "InstanceNotFound")
+    msg = fails(delete(client, f"{url}/d1"), 404, "InstanceNotFound")
+    assert "'blocked'" in msg and "'d1'" in msg
+    assert [r["id"] for r in ok(client.get(url))] == ["d2"]
+    counts = ok(client.get("/api/workflows/blocked"))
+    assert counts["total"] == 1 and counts["counts"]["waiting"] == 1
+    assert b.get("d2").status().status == "waiting"  # the other instance is untouched
+
+    # The id is free again: a new instance, with a history of its own.
+    assert ok(client.post(url, json={"id": "d1"}), 201)["status"] == "queued"
+    wait_for(lambda: b.get("d1").status().status == "waiting")
+    types = [e["type"] for e in ok(client.get(f"{url}/d1/history"))]
+    assert types.count("WORKFLOW_QUEUED") == 1 and types.count("WORKFLOW_START") == 1
+    # ... and it runs to its end.
+    ok(client.post(f"{url}/d1/events/go", json={"n": 1}))
+    assert b.get("d1").wait(timeout=10).status == "complete"
+    assert ok(delete(client, f"{url}/d1", content=b"null")) == {"id": "d1", "deleted": True}
+    fails(client.get(f"{url}/d1"), 404, "InstanceNotFound")
+
+
+def test_delete_is_refused_without_json_a_token_or_a_known_target(
+    client: TestClient, rt: af.Runtime
+) -> None:
+    b = rt.workflow("blocked")
+    b.create(id="keep")
+    url = "/api/workflows/blocked/instances/keep"
+    fails(client.request("DELETE", url), 415, "UnsupportedMediaType")
+    fails(
+        client.request("DELETE", url, headers={"Content-Type": "text/plain"}),
+        415,
+        "UnsupportedMediaType",
+    )
+    fails(delete(client, url, content=b'{"force": true}'), 400, "ValidationError")
+    fails(delete(client, url, headers={"Authorization": "Bearer wrong"}), 401, "Unauthorized")
+    with TestClient(client.app) as anonymous:
+        fails(delete(anonymous, url), 401, "Unauthorized")
+    # A tokenless app answers loopback host names only (DNS rebinding).
+    with TestClient(create_app(rt, token=None), base_url="http://evil.example") as c:
+        assert delete(c, url).status_code == 400
+    fails(delete(client, "/api/workflows/nope/instances/keep"), 404, "WorkflowNotFound")
+    fails(delete(client, "/api/workflows/blocked/instances/bad.id"), 400, "InvalidInstanceId")
+    assert b.get("keep").status().status != "unknown"  # none of them changed anything
+    assert ok(delete(client, url)) == {"id": "keep", "deleted": True}
+
+
+def test_delete_of_a_workflow_found_only_in_storage(make_runtime: Any) -> None:
+    first = make_runtime()
+    first.register(Blocked, name="blocked").create(id="u1")
+    first.close()
+    second = make_runtime()  # the same directory; nothing registered
+    with with_token(create_app(second)) as c:
+        url = "/api/workflows/blocked/instances/u1"
+        assert ok(delete(c, url)) == {"id": "u1", "deleted": True}
+        fails(c.get(url), 404, "InstanceNotFound")
+    second.close()
+    third = make_runtime()
+    with pytest.raises(af.InstanceNotFound):
+        third.register(Blocked, name="blocked").get("u1")
 
 
 def test_openapi_describes_every_route(client: TestClient) -> None:
@@ -483,7 +566,7 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
         for op in (r.ok() for r in schema.get_all_operations())
         if not op.path.endswith("/stream")
     ]
-    assert len(operations) == 11
+    assert len(operations) == 12
     seen: set[str] = set()
 
     @given(data=st.data())
@@ -503,7 +586,12 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
             if "id" in params and data.draw(st.booleans()):
                 params["id"] = "known"
         seen.add(f"{case.method} {case.operation.path}")
-        case.call_and_validate()
+        response = case.call_and_validate()
+        if case.method == "DELETE" and response.status_code == 200:
+            assert params == {"wf": "blocked", "id": "known"}
+            with pytest.raises(af.InstanceNotFound):
+                b.get("known")
+            b.create(id="known")  # the operations drawn next still find it
 
     check()
     assert len(seen) >= 8, seen

@@ -56,6 +56,7 @@ __all__ = [
     "OWNER",
     "NodeLease",
     "claim_ops",
+    "disown_ops",
     "lease_lost",
     "node_sequence",
 ]
@@ -106,6 +107,13 @@ def claim_ops(batch: WriteBatch, ik: bytes, node: str, old: str | None) -> None:
         batch.delete(OWNED, owned_key(old, ik))
     batch.put(OWNER, ik, node.encode())
     batch.put(OWNED, owned_key(node, ik), b"")
+
+
+def disown_ops(batch: WriteBatch, ik: bytes, owner: str | None) -> None:
+    """Adds the removal of instance ``ik``'s ownership (it is being deleted) to ``batch``."""
+    batch.delete(OWNER, ik)
+    if owner is not None:
+        batch.delete(OWNED, owned_key(owner, ik))
 
 
 class NodeLease:

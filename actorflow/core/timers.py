@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from actorflow.core.clock import Clock
 from actorflow.core.storage import Storage, WriteBatch
 
-__all__ = ["TIMERS", "TimerService", "count_armed", "parse_timer_key", "timer_key"]
+__all__ = ["TIMERS", "TimerService", "armed_keys", "count_armed", "parse_timer_key", "timer_key"]
 
 log = logging.getLogger("actorflow.timers")
 
@@ -54,6 +54,12 @@ def timer_key(deadline_ms: int, kind: str, target: bytes) -> bytes:
 def count_armed(storage: Storage) -> int:
     """How many timers are armed in ``storage`` (for readers without a timer service)."""
     return storage.count(TIMERS)
+
+
+def armed_keys(storage: Storage, before_ms: int | None = None) -> list[bytes]:
+    """The keys of the armed timers (due before ``before_ms``, if given), in deadline order."""
+    end = None if before_ms is None else _DEADLINE.pack(max(0, before_ms))
+    return [key for key, _ in storage.scan(TIMERS, end=end, keys_only=True)]
 
 
 def parse_timer_key(key: bytes) -> tuple[int, str, bytes]:

@@ -386,6 +386,25 @@ class _Api:
 
         return envelope(await run_in_threadpool(work))
 
+    async def delete_instance(self, request: Request) -> Response:
+        """Deletes an instance and every record of it; its id can then be created again.
+
+        A live run is stopped first, without rollbacks. Like every change, the
+        request must say ``Content-Type: application/json``; the body is
+        empty or ``null``.
+        """
+        b = await self.binding(request)
+        body = await read_json(request, BODY_SLACK)
+        if body is not None:
+            raise ApiError(400, "ValidationError", "the body of a DELETE is empty or null")
+
+        def work() -> dict[str, Any]:
+            inst = b.get(request.path_params["id"])
+            inst.delete()
+            return {"id": inst.id, "deleted": True}
+
+        return envelope(await run_in_threadpool(work))
+
     async def list_schedules(self, request: Request) -> Response:
         """The cron schedules (of ``?workflow=``, if given), with their next tick."""
         workflow = request.query_params.get("workflow") or None
@@ -489,6 +508,7 @@ def create_app(
         Route(base, ep(api.create_instance), methods=["POST"]),
         Route(base + "/batch", ep(api.create_batch), methods=["POST"]),
         Route(base + "/{id}", ep(api.get_instance), methods=["GET"]),
+        Route(base + "/{id}", ep(api.delete_instance), methods=["DELETE"]),
         Route(base + "/{id}/history", ep(api.get_history), methods=["GET"]),
         Route(base + "/{id}/history/stream", ep(api.stream_history), methods=["GET"]),
         Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),

@@ -168,6 +168,31 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [_WF, _IID],
         "responses": {**_ok(_ref("InstanceDetails"), "The instance"), **_errors(400, 404)},
     },
+    ("/api/workflows/{wf}/instances/{id}", "DELETE"): {
+        "summary": "Delete an instance and every record of it; its id can be created again",
+        "description": (
+            "A live run is stopped first, without rollbacks. Like every change, the request "
+            "must say `Content-Type: application/json`; the body is `null` or empty."
+        ),
+        "operationId": "deleteInstance",
+        "parameters": [_WF, _IID],
+        "requestBody": {
+            "required": True,
+            "description": "null; an empty body is taken too (the Content-Type is what counts)",
+            **_json({"type": "null"}),
+        },
+        "responses": {
+            **_ok(
+                {
+                    "type": "object",
+                    "required": ["id", "deleted"],
+                    "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
+                },
+                "The instance and its records are gone",
+            ),
+            **_errors(*_MUTATING),
+        },
+    },
     ("/api/workflows/{wf}/instances/{id}/history", "GET"): {
         "summary": "Get an instance's event log, oldest first",
         "operationId": "getInstanceHistory",

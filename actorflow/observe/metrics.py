@@ -87,7 +87,7 @@ class CommitMonitor:
                 elif counting:
                     k = (what.workflow, what.old)
                     delta[k] = delta.get(k, 0) - 1
-                if counting:
+                if counting and what.new is not None:  # None: deleted
                     k = (what.workflow, what.new)
                     delta[k] = delta.get(k, 0) + 1
         if ok:

@@ -408,8 +408,13 @@ class NodeProcess:
         self.request("send_event", workflow=workflow, id=id, type=type, payload=payload)
 
     def control(self, workflow: str, id: str, action: str, from_step: str | None = None) -> None:
-        """``pause``, ``resume``, ``terminate`` or ``restart`` an instance through this node."""
+        """``pause``, ``resume``, ``terminate``, ``restart`` or ``delete`` an instance here."""
         self.request("control", workflow=workflow, id=id, action=action, from_step=from_step)
+
+    def delete_batch(self, workflow: str, ids: list[str]) -> dict[str, Any]:
+        """``delete_batch`` through this node; returns its ``{"deleted", "errors"}``."""
+        result: dict[str, Any] = self.request("delete_batch", workflow=workflow, ids=ids)
+        return result
 
     def counts(self, workflow: str) -> dict[str, int]:
         """Instances of ``workflow`` by stored status."""
@@ -519,10 +524,13 @@ class _Server:
         inst = self.rt.workflow(workflow).get(id)
         if action == "restart":
             inst.restart(from_step)
-        elif action in ("pause", "resume", "terminate"):
+        elif action in ("pause", "resume", "terminate", "delete"):
             getattr(inst, action)()
         else:
             raise ValueError(f"unknown action {action!r}")
+
+    def op_delete_batch(self, workflow: str, ids: list[str]) -> dict[str, Any]:
+        return self.rt.workflow(workflow).delete_batch(ids)
 
     def op_counts(self, workflow: str) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
 
-from actorflow.core.errors import InvalidInstanceId
+from actorflow.core.errors import InstanceNotFound, InvalidInstanceId
 
 __all__ = [
     "ACTIVE",
@@ -24,6 +24,7 @@ __all__ = [
     "WorkflowEntrypoint",
     "WorkflowEvent",
     "WorkflowStepEvent",
+    "instance_not_found",
     "validate_event_type",
     "validate_instance_id",
     "validate_step_name",
@@ -248,3 +249,12 @@ def validate_step_name(name: object, where: str) -> str:
     if any(ord(c) < 0x20 for c in name):
         raise ValueError(f"{where}: step name {name!r} contains control characters")
     return name
+
+
+def instance_not_found(workflow: str, iid: str) -> InstanceNotFound:
+    """The error for an instance id that workflow ``workflow`` does not have (or no longer has)."""
+    return InstanceNotFound(
+        f"(instance.not_found) workflow {workflow!r}: no instance {iid!r}",
+        workflow=workflow,
+        instance=iid,
+    )

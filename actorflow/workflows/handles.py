@@ -26,6 +26,7 @@ from actorflow.workflows.definition import (
     FINISHED,
     STATUSES,
     InstanceStatus,
+    instance_not_found,
     validate_event_type,
     validate_instance_id,
 )
@@ -38,6 +39,7 @@ from actorflow.workflows.engine.creation import (
     new_instance_batch,
 )
 from actorflow.workflows.engine.messages import (
+    Delete,
     Event,
     InstanceMessage,
     Pause,
@@ -59,7 +61,10 @@ from actorflow.workflows.records import (
 from actorflow.workflows.subscribe import Subscription
 from actorflow.workflows.supervisor import Supervisor
 
-__all__ = ["Instance", "WorkflowBinding", "WorkflowModifier"]
+__all__ = ["MAX_DELETE_BATCH", "Instance", "WorkflowBinding", "WorkflowModifier"]
+
+#: The most ids one ``delete_batch`` takes (Cloudflare's batch size).
+MAX_DELETE_BATCH = 100
 
 
 class Instance:
@@ -141,6 +146,24 @@ class Instance:
                 rollbacks are running already.
         """
         self._call(Terminate(bool(rollback)))
+
+    def delete(self) -> None:
+        """Removes the instance and every record of it; the id may then be created again.
+
+        A live run is stopped first, without rollbacks (as by ``terminate()``).
+        Its steps, events, history, index and queue entries, timers and (on
+        several nodes) ownership go in one atomic write: a crash leaves the
+        instance either whole or gone. Afterwards ``get(id)`` and every call
+        on this handle raise :class:`~actorflow.InstanceNotFound`.
+
+        Raises:
+            InstanceNotFound: There is no such instance (or it was deleted already).
+        """
+        self._call(Delete())
+
+    async def delete_async(self) -> None:
+        """:meth:`delete` for asyncio (the call waits in a worker thread)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.delete)
 
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""
@@ -457,11 +480,7 @@ class BindingParts:
 
     def not_found(self, instance_id: str) -> InstanceNotFound:
         """The error for an instance id the workflow does not have."""
-        return InstanceNotFound(
-            f"(instance.not_found) workflow {self.name!r}: no instance {instance_id!r}",
-            workflow=self.name,
-            instance=instance_id,
-        )
+        return instance_not_found(self.name, instance_id)
 
     def record_key(self, instance_id: str) -> bytes:
         """The key of the instance's records; raises InstanceNotFound if there is none."""
@@ -713,6 +732,48 @@ class WorkflowBinding:
         while inflight:
             settle()
         return results
+
+    def delete_batch(self, ids: Iterable[str]) -> dict[str, list[Any]]:
+        """Deletes up to 100 instances (see :meth:`Instance.delete`); their writes share commits.
+
+        Returns:
+            ``{"deleted": [ids], "errors": [{"id", "name", "message"}]}``: an
+            id that names no instance (or is malformed) is an error of its own
+            and does not stop the others.
+
+        Raises:
+            LimitExceeded: More than 100 ids.
+        """
+        ids = list(ids)
+        if len(ids) > MAX_DELETE_BATCH:
+            raise LimitExceeded(
+                f"workflow {self.name!r}: delete_batch takes at most {MAX_DELETE_BATCH} ids, "
+                f"got {len(ids)}",
+                workflow=self.name,
+            )
+        outcome: dict[str, BaseException | None] = {}  # in the order of ``ids``
+        valid: list[str] = []
+        for iid in ids:
+            try:
+                valid.append(validate_instance_id(iid, self.name))
+                outcome.setdefault(valid[-1], None)
+            except ActorflowError as e:
+                outcome[str(iid)] = e
+        unique = list(dict.fromkeys(valid))
+        outcome.update(zip(unique, self._sup.call_many(self._wfe, unique, Delete()), strict=True))
+        return {
+            "deleted": [iid for iid, err in outcome.items() if err is None],
+            "errors": [
+                {"id": iid, "name": type(err).__name__, "message": str(err)}
+                for iid, err in outcome.items()
+                if err is not None
+            ],
+        }
+
+    async def delete_batch_async(self, ids: Iterable[str]) -> dict[str, list[Any]]:
+        """:meth:`delete_batch` for asyncio (the calls wait in a worker thread)."""
+        ids = list(ids)
+        return await asyncio.get_running_loop().run_in_executor(None, self.delete_batch, ids)
 
     def get(self, id: str) -> Instance:
         """Returns the instance ``id``; raises InstanceNotFound if there is none."""

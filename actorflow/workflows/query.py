@@ -32,7 +32,7 @@ from actorflow.core.clock import to_datetime
 from actorflow.core.errors import InstanceNotFound
 from actorflow.core.storage import Storage, is_database_url, open_storage
 from actorflow.core.timers import count_armed
-from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus
+from actorflow.workflows.definition import FINISHED, STATUSES, InstanceStatus, instance_not_found
 from actorflow.workflows.history import (
     Attempt,
     HistoryEvent,
@@ -206,11 +206,7 @@ class Query:
     # -- one instance -------------------------------------------------------------
 
     def _not_found(self, workflow: str, iid: str) -> InstanceNotFound:
-        return InstanceNotFound(
-            f"(instance.not_found) workflow {workflow!r}: no instance {iid!r}",
-            workflow=workflow,
-            instance=iid,
-        )
+        return instance_not_found(workflow, iid)
 
     def record_key(self, workflow: str, iid: str) -> bytes:
         """The key of the instance's records.

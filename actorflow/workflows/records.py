@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, ca
 from actorflow.core.codec import load
 from actorflow.core.errors import RecordFormatError
 from actorflow.core.storage import Storage, WriteBatch
-from actorflow.core.timers import parse_timer_key, timer_key
+from actorflow.core.timers import TimerService, armed_keys, parse_timer_key, timer_key
 
 __all__ = [
     "EVENTS",
@@ -80,9 +80,11 @@ __all__ = [
     "StepCheckpoint",
     "StepStatus",
     "StepStatusName",
+    "delete_instance_ops",
     "dump",
     "epoch_bytes",
     "event_key",
+    "exists_guard",
     "hist_key",
     "hist_prefix",
     "hist_seq",
@@ -91,11 +93,13 @@ __all__ = [
     "idx_parts",
     "idx_workflow_after",
     "ikey",
+    "instance_pokes",
     "is_poke",
     "load",
     "load_event",
     "load_instance",
     "load_step",
+    "orphan_timer_batch",
     "poke_key",
     "poke_target",
     "queue_db",
@@ -365,13 +369,14 @@ def written_rkey(key: bytes) -> bytes:
 class StatusMove(NamedTuple):
     """An instance's move in the status index, noted on the batch that makes it.
 
-    ``old`` is None for a creation. Commit observers (the runtime's counts by
-    status) add these up instead of parsing the index keys of a batch.
+    ``old`` is None for a creation, ``new`` None for a deletion. Commit
+    observers (the runtime's counts by status) add these up instead of
+    parsing the index keys of a batch.
     """
 
     workflow: str
     old: str | None
-    new: str
+    new: str | None
 
 
 def split_idx_key(key: bytes) -> tuple[str, str]:
@@ -461,6 +466,77 @@ def is_poke(key: bytes) -> bool:
     in the same two bytes (a count of 255).
     """
     return key.endswith(_POKE) and parse_timer_key(key)[2].split(b"\x00", 2)[2:] == [b"\xff"]
+
+
+def delete_instance_ops(
+    batch: WriteBatch,
+    wf: str,
+    iid: str,
+    rk: bytes,
+    record: InstanceRecord | dict[str, Any],
+    timers: Iterable[bytes],
+) -> None:
+    """Adds the removal of every record of an instance to ``batch``.
+
+    Its id, record, fence, status-index entry, steps, buffered events,
+    history, queue entry (``qk``) and ``timers``. The caller guards the batch
+    on the instance's epoch: whatever a stale run writes afterwards is then
+    refused, because the fence it guards on is gone.
+    """
+    ik = ikey(wf, iid)
+    batch.guard(IDS, ik, rk[rk.index(b"\x00") + 1 :])
+    batch.delete(IDS, ik)
+    batch.delete(INST, rk)
+    batch.delete(FENCE, rk)
+    batch.delete(IDX, idx_key(wf, record["s"], record["created"], iid))
+    batch.note(StatusMove(wf, record["s"], None))
+    batch.delete_prefix(STEPS, steps_prefix(rk))
+    batch.delete_prefix(EVENTS, events_prefix(rk))
+    batch.delete_prefix(HIST, hist_prefix(rk))
+    qk = record.get("qk")
+    if qk:
+        batch.delete(queue_db(wf), qk)
+    for tk in timers:
+        TimerService.disarm(batch, tk)
+
+
+def exists_guard(batch: WriteBatch, ik: bytes, rk: bytes) -> None:
+    """Guards ``batch`` on instance ``ik`` still having its records at ``rk``.
+
+    For writes not guarded on the epoch (an event stored through a node that
+    does not own the instance): refused once the instance has been deleted,
+    even if an instance of the same id was created since.
+    """
+    batch.guard(IDS, ik, rk[rk.index(b"\x00") + 1 :])
+
+
+def orphan_timer_batch(storage: Storage, ik: bytes, key: bytes) -> WriteBatch | None:
+    """The write that removes timer ``key`` of instance ``ik`` if its instance is gone.
+
+    A deletion removes the timers it knows of; one armed meanwhile by another
+    node (a poke) is found when it fires. None if the instance the timer
+    belongs to still has its record (it may just be unreadable).
+    """
+    current = storage.get(IDS, ik)
+    rk = target_rkey(parse_timer_key(key)[2])
+    if rk is None and current is not None:
+        rk = rkey_of(ik, current)
+    if rk is not None and storage.get(INST, rk) is not None:
+        return None
+    batch = WriteBatch()
+    batch.guard(IDS, ik, current)  # no instance of that id came (back) meanwhile
+    TimerService.disarm(batch, key)
+    return batch
+
+
+def instance_pokes(storage: Storage, ik: bytes, before_ms: int) -> list[bytes]:
+    """The pokes of instance ``ik`` due before ``before_ms`` (see :func:`poke_target`)."""
+    target = poke_target(ik)
+    return [
+        key
+        for key in armed_keys(storage, before_ms)
+        if parse_timer_key(key)[2] == target and is_poke(key)
+    ]
 
 
 # -- cron schedules ------------------------------------------------------------------

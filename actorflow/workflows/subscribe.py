@@ -42,9 +42,9 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from actorflow.core.errors import InstanceNotFound, InvalidCursor
+from actorflow.core.errors import InvalidCursor
 from actorflow.core.storage import Item, Storage
-from actorflow.workflows.definition import FINISHED
+from actorflow.workflows.definition import FINISHED, instance_not_found
 from actorflow.workflows.history import (
     EVENT_TYPES,
     HistoryEvent,
@@ -363,11 +363,7 @@ class Subscription:
         try:
             first = _read(storage, rk)
             if first[0] is None:
-                raise InstanceNotFound(
-                    f"(instance.not_found) workflow {workflow!r}: no instance {iid!r}",
-                    workflow=workflow,
-                    instance=iid,
-                )
+                raise instance_not_found(workflow, iid)
             self._tag = _tag(workflow, iid, first[0]["created"])
             self._pos = (
                 Position.decode(cursor, self._tag, where, workflow, iid)

@@ -23,14 +23,22 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from actorflow.cluster.lease import OWNER, lease_lost
+from actorflow.cluster.lease import OWNER, disown_ops, lease_lost
 from actorflow.core.actors import PooledActor
 from actorflow.core.errors import ActorflowError, InvalidInstanceState, StorageError
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TimerService
-from actorflow.workflows.definition import ACTIVE, FINISHED, STARTABLE, UNFINISHED, Status
+from actorflow.workflows.definition import (
+    ACTIVE,
+    FINISHED,
+    STARTABLE,
+    UNFINISHED,
+    Status,
+    instance_not_found,
+)
 from actorflow.workflows.engine.execution import Execution
 from actorflow.workflows.engine.messages import (
+    Delete,
     Event,
     Fail,
     InstanceMessage,
@@ -54,12 +62,15 @@ from actorflow.workflows.records import (
     WAKE_KIND,
     StatusMove,
     StepCheckpoint,
+    delete_instance_ops,
     dump,
     epoch_bytes,
     event_key,
     events_prefix,
+    exists_guard,
     hist_key,
     idx_key,
+    instance_pokes,
     is_poke,
     load,
     load_event,
@@ -110,6 +121,7 @@ class InstanceActor(PooledActor):
         self.owned = True
         self.owner: str | None = None
         self.seen_events: set[bytes] = set()
+        self.deleted = False  # its records are gone: it only refuses what still comes
 
     @property
     def where(self) -> str:
@@ -120,6 +132,8 @@ class InstanceActor(PooledActor):
 
     def on_receive(self, message: Any) -> Any:
         """Hands ``message`` to the handler of its class (see :data:`HANDLERS`)."""
+        if self.deleted:
+            return self._after_delete(message)
         handler = HANDLERS.get(type(message))
         if handler is None:
             raise ActorflowError(
@@ -136,6 +150,15 @@ class InstanceActor(PooledActor):
                 extra={"workflow": self.wfe.name, "instance": self.iid},
             )
         return handler(self, message)
+
+    def _after_delete(self, message: Any) -> None:
+        """A message that reached the actor after its instance was deleted."""
+        if isinstance(message, Start):
+            self.ctx.supervisor.slots.released(self)
+        elif isinstance(message, Timer):
+            self.ctx.timers.done(message.key)
+        elif not isinstance(message, StopRun):
+            raise instance_not_found(self.wfe.name, self.iid)
 
     def _handle_receive(self, message: Any) -> Any:
         self.busy += 1
@@ -433,6 +456,7 @@ class InstanceActor(PooledActor):
         ex = self.exec
         return (
             not self.busy
+            and not self.deleted
             and self.quiet()
             and self.owned
             and self.ctx.supervisor.node is None
@@ -699,6 +723,46 @@ class InstanceActor(PooledActor):
             self.exec = None  # the new run starts from the queue
         self.ctx.supervisor.slots.kick()
 
+    async def handle_delete(self, msg: Delete) -> None:
+        """Stops the run (no rollbacks) and removes every record, in one guarded write.
+
+        The write is guarded on the epoch and removes the fence itself, so
+        anything the stopped run (or a node that ran it before) still tries
+        to write is refused: nothing of the instance can be left behind.
+        """
+        await self.take_over()
+        await self._let_end()
+        storage = self.ctx.storage
+        timers = step_timers(self._stored_steps().values())
+        node = self.ctx.supervisor.node
+        if node is not None:
+            # Other nodes' pokes (multi-node only) are due when they are armed:
+            # only the head of the timer index is read. One armed by a node
+            # whose clock runs ahead is removed when it fires (TimerDelivery).
+            timers += instance_pokes(storage, self.ik, self.ctx.now_ms() + 1_000)
+        batch = WriteBatch()
+        delete_instance_ops(batch, self.wfe.name, self.iid, self.rk, self.record, timers)
+        qk = self.record.get("qk")
+        if qk:
+            self.dequeued.append(qk)
+        if node is not None:
+            disown_ops(batch, self.ik, self.owner)
+        await self.commit(batch)
+        self.deleted = True
+        self.woken = False
+        self.start_after = None
+        self.ctx.timers_done(timers)
+        self.ctx.modifiers.pop(self.ik, None)
+        if self.exec is not None:
+            self.exec.stop()
+            self.exec = None
+        self.ctx.supervisor.forget(self)
+        log.info(
+            "%s: deleted",
+            self.where,
+            extra={"workflow": self.wfe.name, "instance": self.iid},
+        )
+
     async def _let_end(self) -> None:
         """Waits for a run whose end is being written (run returned) to finish.
 
@@ -723,9 +787,15 @@ class InstanceActor(PooledActor):
         batch.put(EVENTS, ekey, dump({"type": event_type, "p": data, "ts": ts}))
         if not self.owned:
             # Another node runs it: store the event and poke the owner, whose
-            # timer thread reads the poke and hands the event to its run.
+            # timer thread reads the poke and hands the event to its run. Not
+            # guarded on the epoch (the owner moves it), but on the instance
+            # still existing: an event for a deleted instance is refused.
+            exists_guard(batch, self.ik, self.rk)
             TimerService.arm(batch, self.ctx.now_ms(), WAKE_KIND, poke_target(self.ik))
-            await self.ctx.write(batch)
+            try:
+                await self.ctx.write(batch)
+            except ConflictError:
+                raise instance_not_found(self.wfe.name, self.iid) from None
             return
         wake = self.live_run() is None and self._wants(event_type)
         if wake:
@@ -881,6 +951,7 @@ HANDLERS: Mapping[type[InstanceMessage], Callable[[InstanceActor, Any], Any]] = 
         Pause: InstanceActor.handle_pause,
         Resume: InstanceActor.handle_resume,
         Terminate: InstanceActor.handle_terminate,
+        Delete: InstanceActor.handle_delete,
         Restart: InstanceActor.handle_restart,
         Event: InstanceActor.handle_event,
         Timer: InstanceActor.handle_timer,

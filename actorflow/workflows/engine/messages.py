@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "Delete",
     "Event",
     "Fail",
     "InstanceMessage",
@@ -61,6 +62,11 @@ class Terminate(InstanceMessage):
     """
 
     rollback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete(InstanceMessage):
+    """``Instance.delete``: stop the run (no rollbacks) and remove every record."""
 
 
 @dataclass(frozen=True, slots=True)

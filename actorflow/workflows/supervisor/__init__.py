@@ -110,6 +110,12 @@ class Supervisor:
         """Sends ``message`` to the instance's actor and returns its reply (any thread)."""
         return self.table.call(wfe, iid, message)
 
+    def call_many(
+        self, wfe: WorkflowEngine, ids: list[str], message: InstanceMessage
+    ) -> list[BaseException | None]:
+        """See :meth:`LiveTable.call_many` (any thread)."""
+        return self.table.call_many(wfe, ids, message)
+
     def kick_for(self, wfe: WorkflowEngine) -> None:
         """See :meth:`Slots.kick_for` (any thread)."""
         self.slots.kick_for(wfe)
@@ -125,6 +131,13 @@ class Supervisor:
     def parked_timers(self) -> set[bytes]:
         """Timers held back because nobody here can take them (any thread)."""
         return self.delivery.held()
+
+    def forget(self, actor: InstanceActor) -> None:
+        """An instance was deleted: nothing of it stays queued, held or watched (engine loop)."""
+        self.slots.forget(actor)
+        self.delivery.release_foreign(actor.ik)
+        self.table.drop(actor)
+        self.watchers.finished(actor.ik)
 
     # -- the whole -------------------------------------------------------------------
 

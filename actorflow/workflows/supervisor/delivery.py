@@ -16,7 +16,7 @@ import pykka
 from actorflow.core.timers import parse_timer_key
 from actorflow.workflows.definition import Status
 from actorflow.workflows.engine.messages import Timer
-from actorflow.workflows.records import is_poke, split_ikey, target_rkey
+from actorflow.workflows.records import is_poke, orphan_timer_batch, split_ikey, target_rkey
 
 if TYPE_CHECKING:
     from actorflow.cluster.lease import NodeLease
@@ -116,9 +116,9 @@ class TimerDelivery:
         actors = self.live.actors([(wfe, iid) for wfe, iid, _, _ in items], known)
         woke = False
         wakes = self.slots.wakes
-        for (_, _, key, deadline), actor in zip(items, actors, strict=True):
+        for (wfe, iid, key, deadline), actor in zip(items, actors, strict=True):
             if actor is None:
-                self.ctx.timers.done(key)
+                self._orphan(wfe.ik(iid), key)
                 continue
             if (
                 actor.exec is None
@@ -141,6 +141,15 @@ class TimerDelivery:
                 self.ctx.timers.done(key)
         if woke:
             self.slots.pump()
+
+    def _orphan(self, ik: bytes, key: bytes) -> None:
+        """A due timer whose instance was not found: removed if the instance is gone."""
+        timers = self.ctx.timers
+        batch = orphan_timer_batch(self.ctx.storage, ik, key)
+        if batch is None:  # its record exists but cannot be read: left as it is
+            timers.done(key)
+            return
+        self.ctx.storage.submit(batch, lambda err: timers.done(key, consumed=err is None))
 
     def release_parked(self, wf: str) -> None:
         """Workflow ``wf`` is registered now: its held timers are offered again."""

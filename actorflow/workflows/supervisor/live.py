@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actorflow.core.errors import ActorflowError, InstanceNotFound, RecordFormatError
+from actorflow.core.errors import ActorflowError, RecordFormatError
+from actorflow.workflows.definition import instance_not_found
 from actorflow.workflows.engine.instance import InstanceActor
 from actorflow.workflows.records import IDS, INST, load, rkey_of
 
@@ -60,11 +61,7 @@ class LiveTable:
                 rk = wfe.rk(iid)
                 raw = self._storage.get(INST, rk) if rk is not None else None
                 if rk is None or raw is None:
-                    raise InstanceNotFound(
-                        f"(instance.not_found) workflow {wfe.name!r}: no instance {iid!r}",
-                        workflow=wfe.name,
-                        instance=iid,
-                    )
+                    raise instance_not_found(wfe.name, iid)
                 actor = self._activate(wfe, iid, ik, rk, raw)
         return actor
 
@@ -130,6 +127,17 @@ class LiveTable:
                 out[i] = actor
         return out
 
+    def drop(self, actor: InstanceActor) -> None:
+        """Takes a deleted instance's actor out of the table (engine loop only).
+
+        The next call about the instance finds no record; the actor itself
+        lives on until its inbox is empty, refusing what is in it (see
+        ``InstanceActor.deleted``), and is then evicted as usual.
+        """
+        with self._lock:
+            if self.live.get(actor.ik) is actor:
+                del self.live[actor.ik]
+
     def evict(self, actor: InstanceActor) -> None:
         """Drops an idle actor from the table (engine loop only); kept if a message came."""
         with self._lock:
@@ -153,6 +161,40 @@ class LiveTable:
             except pykka.ActorDeadError:
                 continue  # evicted before it took the message: it never ran
         raise ActorflowError(f"workflow {wfe.name!r}, instance {iid!r}: actor kept stopping")
+
+    def call_many(
+        self, wfe: WorkflowEngine, ids: list[str], message: InstanceMessage
+    ) -> list[BaseException | None]:
+        """:meth:`call` to many instances at once (any thread): their writes share commits.
+
+        Returns each instance's error, or None where the call succeeded.
+        """
+        self.ctx.check()
+        pending: list[tuple[int, pykka.Future[Any]]] = []
+        out: list[BaseException | None] = [None] * len(ids)
+        for i, iid in enumerate(ids):
+            try:
+                pending.append((i, self.actor(wfe, iid).actor_ref.ask(message, block=False)))
+            except (ActorflowError, pykka.ActorDeadError) as e:
+                out[i] = e
+        for i, fut in pending:
+            try:
+                fut.get()
+            except pykka.ActorDeadError:  # evicted before it took the message: once more
+                try:
+                    self.call(wfe, ids[i], message)
+                except ActorflowError as e:
+                    out[i] = e
+            except ActorflowError as e:
+                out[i] = e
+        for i, err in enumerate(out):
+            if isinstance(err, pykka.ActorDeadError):
+                try:
+                    self.call(wfe, ids[i], message)
+                    out[i] = None
+                except ActorflowError as e:
+                    out[i] = e
+        return out
 
 
 def log_damaged(workflow: str, iid: str, err: RecordFormatError) -> None:

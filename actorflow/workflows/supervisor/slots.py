@@ -285,6 +285,11 @@ class Slots:
         actor.woken = True
         self.wakes.append((actor, reason))
 
+    def forget(self, actor: InstanceActor) -> None:
+        """Drops a deleted instance's queued wake-ups (engine loop only)."""
+        if any(a is actor for a, _ in self.wakes):
+            self.wakes = collections.deque((a, r) for a, r in self.wakes if a is not actor)
+
     def has_startable(self) -> bool:
         """True if a queued new instance could take a free slot now (engine loop only)."""
         if self.running >= self.ctx.limits.max_concurrent:
