@@ -40,8 +40,8 @@ WF = "greeter"
 def nodes(location: str) -> Iterator[Any]:
     made: list[NodeProcess] = []
 
-    def make(node_id: str) -> NodeProcess:
-        node = NodeProcess(location, APP, node_id=node_id, lease_timeout=LEASE)
+    def make(node_id: str, app: str = APP) -> NodeProcess:
+        node = NodeProcess(location, app, node_id=node_id, lease_timeout=LEASE)
         made.append(node)
         return node.start()
 
@@ -82,6 +82,14 @@ def _presence(location: str, rks: dict[str, bytes]) -> dict[str, dict[str, bool]
                 "owner": store.get(OWNER, ik) is not None,
             }
         return out
+    finally:
+        store.close()
+
+
+def _taken_by(location: str, ids: list[str], node: str) -> bool:
+    store = open_storage(location)
+    try:
+        return any(store.get(OWNER, ikey(WF, i)) == node.encode() for i in ids)
     finally:
         store.close()
 
@@ -133,18 +141,23 @@ def test_a_delete_through_another_node_takes_the_instance_over_and_removes_it(
 def test_a_node_killed_while_deleting_leaves_each_instance_whole_or_gone(
     nodes: Any, location: str
 ) -> None:
-    a, b = nodes("a"), nodes("b")
+    # b's commits are slow (100 ms each), so its deletes are still going on
+    # when it is killed, however slow this machine is.
+    a, b = nodes("a"), nodes("b", "apps.node_app:slow_commits_factory")
     ids = [f"g{i}" for i in range(400)]
     a.create_batch(WF, [{"id": i, "params": {"name": i}} for i in ids])
     for i in ids:
         a.wait_for_status(WF, i, "waiting")
     rks = _record_keys(location, ids)
-    # b deletes them 50 at a time, and is SIGKILLed while it does.
-    futures = [
-        b.submit("delete_batch", workflow=WF, ids=ids[n : n + 50]) for n in range(0, 400, 50)
-    ]
+    # b deletes them 50 at a time, and is SIGKILLed in the middle of the third
+    # batch: once it has taken over one of that batch's instances (the first
+    # write of a delete through a node that does not own the instance).
+    for n in (0, 50):
+        assert b.delete_batch(WF, ids[n : n + 50])["errors"] == []
+    third = ids[100:150]
+    b.submit("delete_batch", workflow=WF, ids=third)
     deadline = time.monotonic() + 30
-    while not futures[1].done():  # well into the deletes
+    while not _taken_by(location, third, "b"):
         assert time.monotonic() < deadline, b.log_tail()
         time.sleep(0.001)
     b.kill()
@@ -157,8 +170,9 @@ def test_a_node_killed_while_deleting_leaves_each_instance_whole_or_gone(
     assert len(gone) >= 100 and whole, (len(gone), len(whole))
     # What is left works: a live node deletes the rest (b's share is adopted
     # by nobody: b owned none of them), and the owner runs none of the deleted.
-    out = a.delete_batch(WF, whole)
-    assert out == {"deleted": whole, "errors": []}
+    for n in range(0, len(whole), 100):
+        out = a.delete_batch(WF, whole[n : n + 100])
+        assert out == {"deleted": whole[n : n + 100], "errors": []}
     assert not any(any(p.values()) for p in _presence(location, rks).values())
     assert _owned_count(location) == 0
     a.create(WF, id=ids[0], params={"name": "again"})

@@ -62,3 +62,10 @@ def factory(data_dir: str) -> af.Runtime:
 def broken(data_dir: str) -> af.Runtime:
     """A factory that fails."""
     raise RuntimeError("this factory is broken on purpose")
+
+
+def slow_commits_factory(data_dir: str) -> af.Runtime:
+    """:func:`factory`, with every group commit taking 100 ms longer (a slow disk)."""
+    rt = factory(data_dir)
+    rt.storage.set_latency(0.1)
+    return rt
