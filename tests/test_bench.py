@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,15 @@ def test_steps(tmp_path: Path) -> None:
     figures = SCENARIOS["steps"].run(tmp_path, 10, NullProgress(), FAST).figures
     _positive(figures, "steps_per_s", "seconds")
     assert figures["steps_per_s"] == pytest.approx(200 / figures["seconds"])
+    # Both styles by default, in the same run: `def run` beside `async def run`.
+    assert figures["sync_steps_per_s"] == pytest.approx(200 / figures["sync_seconds"])
+    assert figures["sync_vs_async"] == pytest.approx(
+        figures["sync_steps_per_s"] / figures["steps_per_s"]
+    )
+    only_sync = SCENARIOS["steps"].run(
+        tmp_path / "s", 10, NullProgress(), replace(FAST, style="sync")
+    )
+    assert set(only_sync.figures) == {"sync_steps_per_s", "sync_seconds"}
 
 
 def test_latency_samples_and_percentiles(tmp_path: Path) -> None:
@@ -116,6 +126,19 @@ def test_concurrency_holds_all_at_once(tmp_path: Path) -> None:
     assert figures["all_complete_s"] >= FAST.hold
     _positive(figures, "peak_rss_mib", "kib_per_instance", "instances_per_s")
     assert figures["peak_rss_mib"] >= figures["rss_start_mib"]
+
+
+def test_concurrency_and_sleepers_in_sync_style(tmp_path: Path) -> None:
+    both = replace(FAST, style="both")
+    figures = run_isolated("concurrency", 40, tmp_path / "c", NullProgress(), both).figures
+    assert figures["peak_running"] == figures["sync_peak_running"] == 40
+    assert figures["sync_vs_async"] == pytest.approx(
+        figures["sync_instances_per_s"] / figures["instances_per_s"]
+    )
+    out = run_isolated("sleepers", 40, tmp_path / "s", NullProgress(), replace(FAST, style="sync"))
+    assert "wake_lateness_p99_ms" not in out.figures
+    assert out.figures["sync_all_asleep_before_first_wake"] == 1
+    assert len(out.samples["sync_wake_lateness_ms"]) == 40
 
 
 def test_sleepers_wake_and_report_lateness(tmp_path: Path) -> None:

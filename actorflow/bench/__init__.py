@@ -212,6 +212,14 @@ def _parser() -> argparse.ArgumentParser:
         help="concurrency: seconds each step awaits (default %(default)s)",
     )
     p.add_argument(
+        "--style",
+        choices=["async", "sync", "both"],
+        default=None,
+        help="steps, concurrency, sleepers: workflows with `async def run`, `def run`, or "
+        "both in each run (default: both for steps, async for the others); sync figures "
+        "are prefixed sync_, and sync_vs_async is their ratio",
+    )
+    p.add_argument(
         "--wake-rate",
         type=float,
         default=Options.wake_rate,
@@ -283,6 +291,7 @@ def main(argv: list[str]) -> int:
         of=args.of,
         drain=not args.no_drain,
         sleep_margin=args.sleep_margin,
+        style=args.style,
     )
     with ExitStack() as stack:
         try:

@@ -68,6 +68,8 @@ class Target:
 GiB = 1024.0
 TARGETS: list[Target] = [
     Target("steps", "steps_per_s", ">=", 20_000),
+    # A `def run` workflow at the speed of the same `async def run` one, same run.
+    Target("steps", "sync_vs_async", ">=", 0.8),
     Target("create", "create_batch_per_s", ">=", 50_000),
     Target("create", "create_16_threads_per_s", ">=", 10_000),
     Target("latency", "create_to_first_step_p50_ms", "<=", 2),
@@ -99,6 +101,7 @@ _RATES = {
     "create_16_threads_per_s",
     "create_async_1000_per_s",
     "steps_per_s",
+    "sync_steps_per_s",
     "do_calls_per_s",
     "enqueues_per_s",
     "drained_per_s",

@@ -34,11 +34,14 @@ from actorflow.bench.workloads import (
     EventResume,
     Gauge,
     HeldStep,
+    HeldStepSync,
     Journaled,
     OneStep,
     Sleeper,
+    SleeperSync,
     StampFirst,
     TrivialSteps,
+    TrivialStepsSync,
 )
 from actorflow.workflows.records import STEPS, load
 
@@ -69,6 +72,9 @@ class Options:
         database: The URL of an empty PostgreSQL database for this run (made
             per run by :func:`actorflow.bench.measure`); empty: an LMDB data
             directory under the run's root.
+        style: ``steps``, ``concurrency``, ``sleepers``: the workflows' ``run``
+            as ``async def`` ("async"), as ``def`` ("sync") or each in turn in
+            the same run ("both"); None: both for ``steps``, async for the others.
     """
 
     hold: float = 2.0
@@ -77,6 +83,25 @@ class Options:
     drain: bool = True
     sleep_margin: float | None = None
     database: str = ""
+    style: str | None = None
+
+    def styles(self, default: str) -> tuple[str, ...]:
+        """The styles a scenario runs, in order (see ``style``)."""
+        style = self.style or default
+        return ("async", "sync") if style == "both" else (style,)
+
+
+#: The figures of a sync-style run are those of the async one with this prefix.
+SYNC_PREFIX = "sync_"
+
+
+def _styled(figures: dict[str, dict[str, float]], ratio: str | None) -> dict[str, float]:
+    """One run's figures by style, merged; ``sync_vs_async`` is sync's ``ratio`` over async's."""
+    out = dict(figures.get("async", {}))
+    out.update({SYNC_PREFIX + k: v for k, v in figures.get("sync", {}).items()})
+    if ratio and "async" in figures and "sync" in figures and figures["async"][ratio]:
+        out["sync_vs_async"] = figures["sync"][ratio] / figures["async"][ratio]
+    return out
 
 
 @dataclass
@@ -323,18 +348,28 @@ async def _create_async_rate(
 
 
 def run_steps(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
-    """``size`` instances of 20 trivial async steps, created in one batch, until all complete."""
+    """``size`` instances of 20 trivial steps, created in one batch, until all complete.
+
+    Async style: ``async def run`` with async bodies; sync style: ``def run``
+    with plain function bodies, each in a data directory of its own (on
+    PostgreSQL, the run's database, under another workflow name).
+    """
     per = 20
-    with af.Runtime(_location(root, "steps", opts)) as rt:
-        wf = rt.register(TrivialSteps, name="steps")
-        progress.phase(f"{size:,} x {per} steps", size)
-        t = time.perf_counter()
-        insts = wf.create_batch([{"params": per} for _ in range(size)])
-        for i, inst in enumerate(insts):
-            inst.wait(timeout=600)
-            progress.update(i + 1)
-        dt = time.perf_counter() - t
-    return Outcome({"steps_per_s": size * per / dt, "seconds": dt})
+    figures = {}
+    for style in opts.styles("both"):
+        cls = TrivialSteps if style == "async" else TrivialStepsSync
+        where = "steps" if style == "async" else "steps-sync"
+        with af.Runtime(_location(root, where, opts)) as rt:
+            wf = rt.register(cls, name="steps" if style == "async" else "steps_sync")
+            progress.phase(f"{size:,} x {per} steps, {style} run", size)
+            t = time.perf_counter()
+            insts = wf.create_batch([{"params": per} for _ in range(size)])
+            for i, inst in enumerate(insts):
+                inst.wait(timeout=600)
+                progress.update(i + 1)
+            dt = time.perf_counter() - t
+        figures[style] = {"steps_per_s": size * per / dt, "seconds": dt}
+    return Outcome(_styled(figures, "steps_per_s"))
 
 
 def run_latency(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
@@ -427,10 +462,21 @@ def run_objects(root: Path, size: int, progress: Progress, opts: Options) -> Out
 
 def run_concurrency(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``size`` instances running at once, each step awaiting ``asyncio.sleep(hold)``."""
+    figures = {
+        style: _concurrency_once(root, size, progress, opts, style)
+        for style in opts.styles("async")
+    }
+    return Outcome(_styled(figures, "instances_per_s"))
+
+
+def _concurrency_once(
+    root: Path, size: int, progress: Progress, opts: Options, style: str
+) -> dict[str, float]:
     gauge = Gauge()
     limits = af.Limits(max_concurrent=size, max_queued=max(2_000_000, size))
-    with af.Runtime(_fresh(root, "concurrency"), limits=limits) as rt:
-        wf = rt.register(HeldStep, name="held", env=gauge)
+    with af.Runtime(_fresh(root, f"concurrency-{style}"), limits=limits) as rt:
+        cls = HeldStep if style == "async" else HeldStepSync
+        wf = rt.register(cls, name="held", env=gauge)
         rss0 = rss_mib()
         progress.phase("creating", size)
         t = time.perf_counter()
@@ -443,17 +489,15 @@ def run_concurrency(root: Path, size: int, progress: Progress, opts: Options) ->
         progress.phase("complete", size)
         _poll(lambda: _count(rt, "held", "complete"), size, progress, 600 + opts.hold)
         dt = time.perf_counter() - t
-    return Outcome(
-        {
-            "n": float(size),
-            "peak_running": float(gauge.peak),
-            "all_running_s": all_running_s,
-            "all_complete_s": dt,
-            "instances_per_s": size / dt,
-            "rss_start_mib": rss0,
-            **running_mem,
-        }
-    )
+    return {
+        "n": float(size),
+        "peak_running": float(gauge.peak),
+        "all_running_s": all_running_s,
+        "all_complete_s": dt,
+        "instances_per_s": size / dt,
+        "rss_start_mib": rss0,
+        **running_mem,
+    }
 
 
 def _sleep_lateness(rt: af.Runtime) -> list[float]:
@@ -468,9 +512,20 @@ def _sleep_lateness(rt: af.Runtime) -> list[float]:
 
 def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
     """``size`` sleeping instances, then woken at ``wake_rate`` per second."""
+    figures: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[float]] = {}
+    for style in opts.styles("async"):
+        out = _sleepers_once(root, size, progress, opts, style)
+        figures[style] = out.figures
+        prefix = "" if style == "async" else SYNC_PREFIX
+        samples.update({prefix + k: v for k, v in out.samples.items()})
+    return Outcome(_styled(figures, None), samples)
+
+
+def _sleepers_once(root: Path, size: int, progress: Progress, opts: Options, style: str) -> Outcome:
     limits = af.Limits(max_queued=max(2_000_000, size))
-    with af.Runtime(_fresh(root, "sleepers"), limits=limits) as rt:
-        wf = rt.register(Sleeper, name="sleeper")
+    with af.Runtime(_fresh(root, f"sleepers-{style}"), limits=limits) as rt:
+        wf = rt.register(Sleeper if style == "async" else SleeperSync, name="sleeper")
         rt.metrics()  # seeds the status counts (see _count) while the index is empty
         rss0 = rss_mib()
         # Time to put them all asleep, estimated generously: the first wake comes after it.

@@ -14,11 +14,14 @@ __all__ = [
     "EventResume",
     "Gauge",
     "HeldStep",
+    "HeldStepSync",
     "Journaled",
     "OneStep",
     "Sleeper",
+    "SleeperSync",
     "StampFirst",
     "TrivialSteps",
+    "TrivialStepsSync",
 ]
 
 
@@ -32,6 +35,19 @@ class TrivialSteps(af.Workflow):
         total = 0
         for i in range(event.payload):
             total += await step.do(f"s{i}", one)
+        return total
+
+
+class TrivialStepsSync(af.Workflow):
+    """:class:`TrivialSteps` as a ``def run`` with plain function bodies (the README's style)."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        def one() -> int:
+            return 1
+
+        total = 0
+        for i in range(event.payload):
+            total += step.do(f"s{i}", one)
         return total
 
 
@@ -75,6 +91,14 @@ class Sleeper(af.Workflow):
         return 1
 
 
+class SleeperSync(af.Workflow):
+    """:class:`Sleeper` as a ``def run``."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        step.sleep_until("nap", event.payload)
+        return 1
+
+
 class Gauge:
     """Counts step bodies in flight and remembers the most at once (thread-safe)."""
 
@@ -115,6 +139,23 @@ class HeldStep(af.Workflow):
             return 1
 
         return int(await step.do("hold", hold))
+
+
+class HeldStepSync(af.Workflow):
+    """:class:`HeldStep` as a ``def run`` (the body stays async: only ``run`` changes)."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        gauge: Gauge = self.env
+
+        async def hold() -> int:
+            gauge.enter()
+            try:
+                await asyncio.sleep(event.payload)
+            finally:
+                gauge.leave()
+            return 1
+
+        return int(step.do("hold", hold))
 
 
 class Journaled(af.Workflow):
