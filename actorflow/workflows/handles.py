@@ -49,6 +49,7 @@ from actorflow.workflows.engine.messages import (
 )
 from actorflow.workflows.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.query import InstanceDescription, Query
 from actorflow.workflows.records import (
     INST,
@@ -350,7 +351,7 @@ class Instance:
         while True:
             st = self.status()  # read first: a step is written before the end
             for rec in read_steps(self._p.storage, self._rk()):
-                if rec.name != name or rec.count != count:
+                if rec.name != name or rec.count != count or rec.kind == PATCH_KIND:
                     continue
                 if rec.status == "complete":
                     return rec.output

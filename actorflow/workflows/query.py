@@ -56,6 +56,7 @@ from actorflow.workflows.records import (
     rkey,
     split_idx_key,
 )
+from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
@@ -95,6 +96,8 @@ STATUS_FIELDS = (
 #: The statuses an instance can be listed and counted in.
 LISTED_STATUSES = tuple(s for s in STATUSES if s != "unknown")
 _ENDS = ("WORKFLOW_SUCCESS", "WORKFLOW_FAILURE", "WORKFLOW_TERMINATED")
+#: Step records that a description does not count as steps.
+_NOT_STEPS = (ROLLBACK_KIND, PATCH_KIND)
 _MAX_DEPTH = 64
 
 
@@ -356,11 +359,13 @@ class Query:
             error=rec.get("error") if status == "errored" else None,
             params=loads(rec["params"]) if rec.get("params") else None,
             waiting_for=tuple(rec.get("waits") or ()) if status == "waiting" else (),
-            steps=sum(1 for s in steps if s.kind != ROLLBACK_KIND),
+            steps=sum(1 for s in steps if s.kind not in _NOT_STEPS),
             steps_complete=sum(
-                1 for s in steps if s.status == "complete" and s.kind != ROLLBACK_KIND
+                1 for s in steps if s.status == "complete" and s.kind not in _NOT_STEPS
             ),
-            steps_failed=sum(1 for s in steps if s.status == "errored" and s.kind != ROLLBACK_KIND),
+            steps_failed=sum(
+                1 for s in steps if s.status == "errored" and s.kind not in _NOT_STEPS
+            ),
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
             rollback=rollback_status(rec.get("rb")),
@@ -674,6 +679,7 @@ def step_document(s: StepRecord) -> dict[str, Any]:
         "attempts": [_attempt_document(a) for a in s.attempts],
         "output": jsonable(s.output),
         "error": jsonable(s.error),
+        "divergence": s.divergence,
     }
 
 
