@@ -10,6 +10,9 @@
     restart WORKFLOW (ID... | --status S) [--from-step NAME]
     metrics
     schedules [--workflow W]    the cron schedules, with their next tick
+    replay-check MODULE:CLASS [--data DIR] [--workflow W] [--limit N]
+                                replays recorded instances against the code (exit 1 if
+                                any diverges)
     serve [--app pkg.mod:factory] [--host H] [--port P] [--token-file PATH]
     bench ...                   (arguments go to ``actorflow.bench``)
 
@@ -53,6 +56,7 @@ from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceN
 from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
 from actorflow.workflows.handles import MAX_DELETE_BATCH, WorkflowBinding
+from actorflow.workflows.replay import replay_check
 from actorflow.workflows.query import (
     LISTED_STATUSES,
     STATUS_FIELDS,
@@ -825,6 +829,84 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the benchmarks (arguments go to actorflow.bench; try `bench --help`)."""
     mod = importlib.import_module("actorflow.bench")
     ctx.exit(mod.main(list(args)))
+
+
+class _BadInput(click.ClickException):
+    """A command error that exits with status 2 (what it was given cannot be used)."""
+
+    exit_code = 2
+
+
+def _workflow_class(target: str) -> type:
+    """The class named by ``MODULE:CLASS`` (the current directory is on the path)."""
+    mod_name, _, attr = target.partition(":")
+    if not mod_name or not attr:
+        raise _BadInput(f"{target!r}: give the workflow class as MODULE:CLASS")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise _BadInput(f"cannot load {target}: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, type):
+        raise _BadInput(f"{target} is not a class")
+    return obj
+
+
+@cli.command("replay-check")
+@click.argument("target", metavar="MODULE:CLASS")
+@click.option("--data", "data", default=None, help="The data directory, or a postgresql:// URL.")
+@click.option("--workflow", "-w", default=None, help="The workflow's name (default: the class's).")
+@click.option("--limit", "-n", default=None, type=click.IntRange(1), help="The newest N instances.")
+@click.pass_context
+def replay_check_cmd(
+    ctx: click.Context, target: str, data: str | None, workflow: str | None, limit: int | None
+) -> None:
+    """Replay the recorded instances of a workflow against its current code.
+
+    No step body runs and nothing is written: each instance's recorded steps
+    are fed back to the class's run. Exits 1 if any instance diverges.
+    """
+    obj: _Ctx = ctx.obj
+    if data is None:
+        if isinstance(obj.target, _Remote):
+            raise _BadInput("replay-check reads a data directory: give --data, not --url")
+        data = obj.target.data
+    cls = _workflow_class(target)
+    name = workflow or cls.__name__
+    with _Local(data)._query() as q:
+        if name not in q.workflows():
+            raise _BadInput(
+                f"{data} has no instance of workflow {name!r} (it has: "
+                f"{', '.join(q.workflows()) or 'none'}); name it with --workflow"
+            )
+        docs = []
+        for iid in q.ids(name, limit=limit):
+            try:
+                docs.append(q.export(name, iid))
+            except InstanceNotFound:
+                continue  # deleted meanwhile
+    try:
+        reports = replay_check(cls, docs)
+    except TypeError as e:
+        raise _BadInput(f"{target}: {e}") from None
+    rows = [
+        [
+            r.instance,
+            "ok" if r.ok else "DIVERGED",
+            str(r.steps),
+            r.outcome if r.ok or r.divergence is None else r.divergence.describe(),
+        ]
+        for r in reports
+    ]
+    bad = sum(1 for r in reports if not r.ok)
+    table = format_table(rows, ["instance", "result", "steps", "detail"])
+    table += f"\n{len(reports) - bad} ok, {bad} diverged ({name}, {cls.__qualname__})"
+    obj.emit({"workflow": name, "reports": [r.document() for r in reports]}, table)
+    if bad:
+        ctx.exit(1)
 
 
 def _counts(counts: dict[str, Any]) -> str:

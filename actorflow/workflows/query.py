@@ -41,9 +41,12 @@ from actorflow.workflows.history import (
     read_steps,
 )
 from actorflow.workflows.records import (
+    EVENTS,
     IDS,
     IDX,
     INST,
+    STEPS,
+    events_prefix,
     idx_iid,
     idx_key,
     idx_order,
@@ -55,7 +58,9 @@ from actorflow.workflows.records import (
     queue_db,
     rkey,
     split_idx_key,
+    steps_prefix,
 )
+from actorflow.workflows.replay import export_document
 from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
@@ -389,6 +394,32 @@ class Query:
         rk = rk or self.record_key(workflow, iid)
         self._stored(workflow, iid, rk)
         return read_steps(self.storage, rk)
+
+    def export(
+        self, workflow: str, iid: str, rk: bytes | None = None, *, include_sensitive: bool = False
+    ) -> dict[str, Any]:
+        """The instance as a JSON document for ``replay_check`` (see ``Instance.export``).
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        rk = rk or self.record_key(workflow, iid)
+        status, rec = self._current(workflow, iid, rk)
+        stored = self._stored(workflow, iid, rk)
+        steps, events = self.storage.scan_prefixes(
+            [(STEPS, steps_prefix(rk)), (EVENTS, events_prefix(rk))]
+        )
+        return export_document(
+            workflow,
+            iid,
+            status,
+            stored,
+            [load(v) for _k, v in steps],
+            [load(v) for _k, v in events],
+            history_document(read_history(self.storage, rk, stored)),
+            self.storage.serializer.loads,
+            include_sensitive=include_sensitive,
+        )
 
     # -- listings -----------------------------------------------------------------
 
