@@ -56,7 +56,6 @@ from actorflow.core.errors import ActorflowError, DataDirectoryLocked, InstanceN
 from actorflow.runtime import OWNER_LOCK, Runtime, is_database_url
 from actorflow.workflows.definition import STATUSES
 from actorflow.workflows.handles import MAX_DELETE_BATCH, WorkflowBinding
-from actorflow.workflows.replay import replay_check
 from actorflow.workflows.query import (
     LISTED_STATUSES,
     STATUS_FIELDS,
@@ -67,6 +66,7 @@ from actorflow.workflows.query import (
     step_document,
     summary_document,
 )
+from actorflow.workflows.replay import replay_check
 
 __all__ = ["cli", "format_table", "main"]
 
@@ -144,6 +144,12 @@ def _exclusive(data: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class _BadInput(click.ClickException):
+    """A command error that exits with status 2 (what it was given cannot be used)."""
+
+    exit_code = 2
+
+
 class _Local:
     """Reads (and, when no process has it open, changes) a data directory."""
 
@@ -193,6 +199,27 @@ class _Local:
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._query(wf, iid) as q:
             return [step_document(s) for s in q.steps(wf, iid)]
+
+    def exports(self, wf: str, limit: int | None) -> list[dict[str, Any]]:
+        """The exported documents of the newest ``limit`` instances of ``wf`` (None: all).
+
+        Raises:
+            click.ClickException: (exit status 2) the directory has no instance of ``wf``.
+        """
+        with self._query() as q:
+            names = q.workflows()
+            if wf not in names:
+                raise _BadInput(
+                    f"{self.data} has no instance of workflow {wf!r} (it has: "
+                    f"{', '.join(names) or 'none'}); name it with --workflow"
+                )
+            docs = []
+            for iid in q.ids(wf, limit=limit):
+                try:
+                    docs.append(q.export(wf, iid))
+                except InstanceNotFound:
+                    continue  # deleted meanwhile
+            return docs
 
     def metrics(self) -> dict[str, Any]:
         """What the directory itself tells: counts, queue depths, timers (rates live in
@@ -831,12 +858,6 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
     ctx.exit(mod.main(list(args)))
 
 
-class _BadInput(click.ClickException):
-    """A command error that exits with status 2 (what it was given cannot be used)."""
-
-    exit_code = 2
-
-
 def _workflow_class(target: str) -> type:
     """The class named by ``MODULE:CLASS`` (the current directory is on the path)."""
     mod_name, _, attr = target.partition(":")
@@ -876,18 +897,7 @@ def replay_check_cmd(
         data = obj.target.data
     cls = _workflow_class(target)
     name = workflow or cls.__name__
-    with _Local(data)._query() as q:
-        if name not in q.workflows():
-            raise _BadInput(
-                f"{data} has no instance of workflow {name!r} (it has: "
-                f"{', '.join(q.workflows()) or 'none'}); name it with --workflow"
-            )
-        docs = []
-        for iid in q.ids(name, limit=limit):
-            try:
-                docs.append(q.export(name, iid))
-            except InstanceNotFound:
-                continue  # deleted meanwhile
+    docs = _Local(data).exports(name, limit)
     try:
         reports = replay_check(cls, docs)
     except TypeError as e:

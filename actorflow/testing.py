@@ -17,10 +17,10 @@ process that a test can SIGKILL. The pytest fixtures over all of these are in
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import threading
 import time
 import weakref
-import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,10 @@ __all__ = [
 
 def assert_replays(
     workflow_cls: type[Workflow],
-    histories: Iterable[dict[str, Any] | str | os.PathLike[str]] | dict[str, Any] | str | os.PathLike[str],
+    histories: Iterable[dict[str, Any] | str | os.PathLike[str]]
+    | dict[str, Any]
+    | str
+    | os.PathLike[str],
 ) -> list[ReplayReport]:
     """Fails (``AssertionError``) if the code diverges from any of ``histories``.
 

@@ -179,7 +179,7 @@ def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tupl
             )
             for i, a in enumerate(r.get("att", ()))
         ]
-        output = None
+        output: Any = None
         if r["s"] == "complete":
             if r["k"] == "do" and r.get("r") is not None:
                 cfg = r.get("cfg") or {}
@@ -279,12 +279,10 @@ def build_sourced_history(
         events.append((ms, rank, order, ("s", step_seq, index), ev))
         index += 1
 
-    for seq, s in steps:
+    for seq, s in _logged(steps):
         step_seq, index = seq, 0
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
-        if s.kind == PATCH_KIND:
-            continue  # an answer of step.patched, not a step: the log has no event for it
         if s.kind == "rollback":
             for ms, ev in _rollback_events(s, label):
                 add(ms, ev, _ROLLBACK_STEP)
@@ -340,6 +338,11 @@ def build_sourced_history(
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [(src, e) for *_, src, e in merged]
+
+
+def _logged(steps: list[tuple[int, StepRecord]]) -> list[tuple[int, StepRecord]]:
+    """The steps with events in the log: a patch is the answer of step.patched, not a step."""
+    return [p for p in steps if p[1].kind != PATCH_KIND]
 
 
 def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:

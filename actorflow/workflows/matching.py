@@ -212,6 +212,4 @@ class StepMatcher:
         itself count as met.
         """
         counters = self.counters
-        return any(
-            c > counters.get((k, n), 0) for k, n, c in records if k in ORDERED_KINDS
-        )
+        return any(c > counters.get((k, n), 0) for k, n, c in records if k in ORDERED_KINDS)

@@ -40,6 +40,7 @@ from actorflow.workflows.history import (
     read_history,
     read_steps,
 )
+from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.records import (
     EVENTS,
     IDS,
@@ -61,7 +62,6 @@ from actorflow.workflows.records import (
     steps_prefix,
 )
 from actorflow.workflows.replay import export_document
-from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
@@ -404,7 +404,7 @@ class Query:
             InstanceNotFound: There is no such instance.
         """
         rk = rk or self.record_key(workflow, iid)
-        status, rec = self._current(workflow, iid, rk)
+        status, _rec = self._current(workflow, iid, rk)
         stored = self._stored(workflow, iid, rk)
         steps, events = self.storage.scan_prefixes(
             [(STEPS, steps_prefix(rk)), (EVENTS, events_prefix(rk))]

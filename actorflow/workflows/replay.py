@@ -101,7 +101,8 @@ def decode_value(data: Any) -> Any:
     """The value :func:`encode_value` encoded."""
     if type(data) is dict and len(data) == 1:
         if "$pickle" in data:
-            return pickle.loads(base64.b64decode(data["$pickle"]))  # noqa: S301 - see the docstring
+            # Trusted documents only (see the module's docstring).
+            return pickle.loads(base64.b64decode(data["$pickle"]))
         if "$repr" in data:
             return str(data["$repr"])
     return data
@@ -323,7 +324,9 @@ class _Replay:
             (int(s["seq"]), s["kind"], s["name"], int(s["count"])) for s in doc.get("steps", ())
         )
         self.patches: dict[str, bool] = {
-            s["name"]: bool(s.get("patched")) for s in doc.get("steps", ()) if s["kind"] == PATCH_KIND
+            s["name"]: bool(s.get("patched"))
+            for s in doc.get("steps", ())
+            if s["kind"] == PATCH_KIND
         }
         self.stop: _Stopped | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -470,7 +473,10 @@ class _Replay:
             instance_id=self.iid,
             workflow_name=self.wf,
             schedule=(
-                {"cron": sch["cron"], "scheduled_time": datetime.fromisoformat(sch["scheduled_time"])}
+                {
+                    "cron": sch["cron"],
+                    "scheduled_time": datetime.fromisoformat(sch["scheduled_time"]),
+                }
                 if sch
                 else None
             ),
@@ -525,7 +531,10 @@ def _replay_one(cls: type[Workflow], doc: dict[str, Any]) -> ReplayReport:
 
 def replay_check(
     workflow_cls: type[Workflow],
-    histories: Iterable[dict[str, Any] | str | os.PathLike[str]] | dict[str, Any] | str | os.PathLike[str],
+    histories: Iterable[dict[str, Any] | str | os.PathLike[str]]
+    | dict[str, Any]
+    | str
+    | os.PathLike[str],
 ) -> list[ReplayReport]:
     """Replays recorded instances against ``workflow_cls`` without running a step body.
 
@@ -556,4 +565,3 @@ def replay_check(
     # A thread of its own: the caller may be on a running event loop.
     with concurrent.futures.ThreadPoolExecutor(1, "actorflow-replay-check") as pool:
         return [pool.submit(_replay_one, workflow_cls, d).result() for d in docs]
-
