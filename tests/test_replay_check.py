@@ -129,9 +129,7 @@ def test_export_is_json_and_round_trips(recorded: dict[str, dict[str, Any]]) -> 
     assert recorded["waiting"]["steps"][-1]["status"] == "waiting"
 
 
-def test_a_compatible_change_replays(
-    recorded: dict[str, dict[str, Any]], tmp_path: Path
-) -> None:
+def test_a_compatible_change_replays(recorded: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     cls = _load(tmp_path, "compatible", VERSIONS["compatible"])
     reports = replay_check(cls, [json.loads(json.dumps(d)) for d in recorded.values()])
     assert [(r.instance, r.ok, r.outcome) for r in reports] == [
@@ -218,7 +216,9 @@ def test_fixtures_on_disk_and_the_assertion_helper(
     docs = load_histories(folder)
     assert sorted(d["id"] for d in docs) == ["done", "waiting"]
     assert len(assert_replays(_load(tmp_path, "ok", VERSIONS["compatible"]), folder)) == 2
-    with pytest.raises(AssertionError, match=r"(?s)2 of 2 recorded instances diverge.*'charge card'"):
+    with pytest.raises(
+        AssertionError, match=r"(?s)2 of 2 recorded instances diverge.*'charge card'"
+    ):
         assert_replays(_load(tmp_path, "bad", VERSIONS["renamed"]), [folder / "done.json", docs[1]])
     (folder / "junk.json").write_text('{"not": "an export"}')
     with pytest.raises(ValueError, match="not an exported instance"):

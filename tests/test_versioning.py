@@ -153,8 +153,8 @@ def test_a_bad_patch_id_fails_the_instance_naming_it(
     assert text in st.error["message"]
     assert "workflow 'bad', instance 'b1'" in st.error["message"]
     # The runtime goes on.
-    assert rt.register(OrderV2, name="fine", env=Journal()).create(id="f").wait_for_status(
-        "waiting"
+    assert (
+        rt.register(OrderV2, name="fine", env=Journal()).create(id="f").wait_for_status("waiting")
     )
 
 
