@@ -228,7 +228,7 @@ def test_fixtures_on_disk_and_the_assertion_helper(
 def test_replay_check_refuses_what_is_not_a_workflow(
     recorded: dict[str, dict[str, Any]],
 ) -> None:
-    with pytest.raises(TypeError, match="subclass of actorflow.Workflow"):
+    with pytest.raises(TypeError, match="subclass of actorflow\\.Workflow"):
         replay_check(dict, [recorded["done"]])  # type: ignore[arg-type]
 
 
