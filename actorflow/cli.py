@@ -10,6 +10,9 @@
     restart WORKFLOW (ID... | --status S) [--from-step NAME]
     metrics
     schedules [--workflow W]    the cron schedules, with their next tick
+    replay-check MODULE:CLASS [--data DIR] [--workflow W] [--limit N]
+                                replays recorded instances against the code (exit 1 if
+                                any diverges)
     serve [--app pkg.mod:factory] [--host H] [--port P] [--token-file PATH]
     bench ...                   (arguments go to ``actorflow.bench``)
 
@@ -63,6 +66,7 @@ from actorflow.workflows.query import (
     step_document,
     summary_document,
 )
+from actorflow.workflows.replay import replay_check
 
 __all__ = ["cli", "format_table", "main"]
 
@@ -140,6 +144,12 @@ def _exclusive(data: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class _BadInput(click.ClickException):
+    """A command error that exits with status 2 (what it was given cannot be used)."""
+
+    exit_code = 2
+
+
 class _Local:
     """Reads (and, when no process has it open, changes) a data directory."""
 
@@ -189,6 +199,27 @@ class _Local:
     def steps(self, wf: str, iid: str) -> list[dict[str, Any]]:
         with self._query(wf, iid) as q:
             return [step_document(s) for s in q.steps(wf, iid)]
+
+    def exports(self, wf: str, limit: int | None) -> list[dict[str, Any]]:
+        """The exported documents of the newest ``limit`` instances of ``wf`` (None: all).
+
+        Raises:
+            click.ClickException: (exit status 2) the directory has no instance of ``wf``.
+        """
+        with self._query() as q:
+            names = q.workflows()
+            if wf not in names:
+                raise _BadInput(
+                    f"{self.data} has no instance of workflow {wf!r} (it has: "
+                    f"{', '.join(names) or 'none'}); name it with --workflow"
+                )
+            docs = []
+            for iid in q.ids(wf, limit=limit):
+                try:
+                    docs.append(q.export(wf, iid))
+                except InstanceNotFound:
+                    continue  # deleted meanwhile
+            return docs
 
     def metrics(self) -> dict[str, Any]:
         """What the directory itself tells: counts, queue depths, timers (rates live in
@@ -825,6 +856,67 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the benchmarks (arguments go to actorflow.bench; try `bench --help`)."""
     mod = importlib.import_module("actorflow.bench")
     ctx.exit(mod.main(list(args)))
+
+
+def _workflow_class(target: str) -> type:
+    """The class named by ``MODULE:CLASS`` (the current directory is on the path)."""
+    mod_name, _, attr = target.partition(":")
+    if not mod_name or not attr:
+        raise _BadInput(f"{target!r}: give the workflow class as MODULE:CLASS")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise _BadInput(f"cannot load {target}: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, type):
+        raise _BadInput(f"{target} is not a class")
+    return obj
+
+
+@cli.command("replay-check")
+@click.argument("target", metavar="MODULE:CLASS")
+@click.option("--data", "data", default=None, help="The data directory, or a postgresql:// URL.")
+@click.option("--workflow", "-w", default=None, help="The workflow's name (default: the class's).")
+@click.option("--limit", "-n", default=None, type=click.IntRange(1), help="The newest N instances.")
+@click.pass_context
+def replay_check_cmd(
+    ctx: click.Context, target: str, data: str | None, workflow: str | None, limit: int | None
+) -> None:
+    """Replay the recorded instances of a workflow against its current code.
+
+    No step body runs and nothing is written: each instance's recorded steps
+    are fed back to the class's run. Exits 1 if any instance diverges.
+    """
+    obj: _Ctx = ctx.obj
+    if data is None:
+        if isinstance(obj.target, _Remote):
+            raise _BadInput("replay-check reads a data directory: give --data, not --url")
+        data = obj.target.data
+    cls = _workflow_class(target)
+    name = workflow or cls.__name__
+    docs = _Local(data).exports(name, limit)
+    try:
+        reports = replay_check(cls, docs)
+    except TypeError as e:
+        raise _BadInput(f"{target}: {e}") from None
+    rows = [
+        [
+            r.instance,
+            "ok" if r.ok else "DIVERGED",
+            str(r.steps),
+            r.outcome if r.ok or r.divergence is None else r.divergence.describe(),
+        ]
+        for r in reports
+    ]
+    bad = sum(1 for r in reports if not r.ok)
+    table = format_table(rows, ["instance", "result", "steps", "detail"])
+    table += f"\n{len(reports) - bad} ok, {bad} diverged ({name}, {cls.__qualname__})"
+    obj.emit({"workflow": name, "reports": [r.document() for r in reports]}, table)
+    if bad:
+        ctx.exit(1)
 
 
 def _counts(counts: dict[str, Any]) -> str:

@@ -17,21 +17,61 @@ process that a test can SIGKILL. The pytest fixtures over all of these are in
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.clock import _Subscribers, parse_duration_ms, to_datetime
 from actorflow.testkit.faults import Faults
 from actorflow.testkit.node import NodeProcess, NodeProcessError
 from actorflow.workflows.handles import WorkflowModifier
+from actorflow.workflows.replay import ReplayReport, load_histories, replay_check
 
 if TYPE_CHECKING:
     from actorflow.runtime import Runtime
+    from actorflow.workflows.definition import Workflow
 
-__all__ = ["FakeClock", "Faults", "NodeProcess", "NodeProcessError", "WorkflowModifier"]
+__all__ = [
+    "FakeClock",
+    "Faults",
+    "NodeProcess",
+    "NodeProcessError",
+    "ReplayReport",
+    "WorkflowModifier",
+    "assert_replays",
+    "load_histories",
+    "replay_check",
+]
+
+
+def assert_replays(
+    workflow_cls: type[Workflow],
+    histories: Iterable[dict[str, Any] | str | os.PathLike[str]]
+    | dict[str, Any]
+    | str
+    | os.PathLike[str],
+) -> list[ReplayReport]:
+    """Fails (``AssertionError``) if the code diverges from any of ``histories``.
+
+    The pytest form of :func:`replay_check`: keep exported instances
+    (``inst.export()``) as JSON fixtures and check every change of the
+    workflow against them. The message lists each instance that diverges and
+    where.
+
+    Returns:
+        The reports, all ok.
+    """
+    reports = replay_check(workflow_cls, histories)
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise AssertionError(
+            f"{len(bad)} of {len(reports)} recorded instances diverge from "
+            f"{workflow_cls.__qualname__}:\n" + "\n".join(f"  {r}" for r in bad)
+        )
+    return reports
 
 
 class FakeClock:

@@ -483,10 +483,15 @@ function stepRow(st) {
   if (st.error) result = h("span", {class: "error-text"}, `${st.error.name}: ${st.error.message}`);
   else if (st.output !== null && st.output !== undefined) result = h("pre", {}, json(st.output));
   else if (st.type === "sleep" && st.deadline) result = `until ${fmtTime(st.deadline)}`;
+  const dv = st.divergence;
+  const ref = (r) => (r === null || r === undefined ? "nothing" : Array.isArray(r) ?
+    `{${r.map(ref).join(", ")}}` : `${r.kind} ${r.name} (${r.count})`);
+  const diverged = dv ? h("div", {class: "error-text", dataset: {divergence: dv.position}},
+    `replay diverged at position ${dv.position}: expected ${ref(dv.expected)}, found ${ref(dv.found)}`) : "";
   return h("tr", {dataset: {step: st.name, count: st.count}},
     h("td", {class: "mono"}, stepLabel(st)), h("td", {}, st.type),
     h("td", {}, badge(st.status)),
-    h("td", {}, st.type === "step" ? attempts : ""), h("td", {}, result));
+    h("td", {}, st.type === "step" ? attempts : ""), h("td", {}, result, diverged));
 }
 
 // The Gantt chart: one row per step, one bar per attempt, hatched retry delays,
@@ -519,7 +524,8 @@ function renderGantt(el, inst) {
     return b;
   }
 
-  const rows = inst.steps.map((st) => {
+  // A patch is the answer of step.patched, not a step: it has no bar.
+  const rows = inst.steps.filter((st) => st.type !== "patch").map((st) => {
     const track = h("div", {class: "g-track"});
     const label = stepLabel(st);
     if (st.type === "step") {

@@ -49,6 +49,7 @@ from actorflow.workflows.engine.messages import (
 )
 from actorflow.workflows.engine.modifiers import CRASH_POINTS, Modifiers
 from actorflow.workflows.history import HistoryEvent, StepRecord, read_history, read_steps
+from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.query import InstanceDescription, Query
 from actorflow.workflows.records import (
     INST,
@@ -288,6 +289,25 @@ class Instance:
             p.storage, p.ctx.commits, self._b.name, self.id, self._rk(), cursor=cursor, types=types
         )
 
+    def export(self, *, include_sensitive: bool = False) -> dict[str, Any]:
+        """The instance as a JSON-serializable document, for ``af.testing.replay_check``.
+
+        ``{"format", "workflow", "id", "status", "created", "params",
+        "schedule", "output", "error", "steps", "events", "history"}``: each
+        step with its ``kind``, ``name``, ``count``, ``seq`` (start order),
+        ``status`` and outcome (``output``, ``event``, ``error``, ``patched``);
+        ``events`` are those sent and not yet consumed. A value that is not
+        plain JSON is ``{"$pickle": base64}`` (see ``docs/versioning.md``).
+        What it reads is durable; the outputs of ``sensitive="output"``
+        steps are ``"[REDACTED]"`` unless ``include_sensitive``.
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        return self._p.query.export(
+            self._b.name, self.id, self._rk(), include_sensitive=include_sensitive
+        )
+
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""
         self._record()  # raises InstanceNotFound
@@ -350,7 +370,7 @@ class Instance:
         while True:
             st = self.status()  # read first: a step is written before the end
             for rec in read_steps(self._p.storage, self._rk()):
-                if rec.name != name or rec.count != count:
+                if rec.name != name or rec.count != count or rec.kind == PATCH_KIND:
                     continue
                 if rec.status == "complete":
                     return rec.output

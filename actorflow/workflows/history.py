@@ -15,6 +15,7 @@ from typing import Any
 
 from actorflow.core.clock import to_datetime
 from actorflow.core.storage import Storage
+from actorflow.workflows.matching import PATCH_KIND, Divergence
 from actorflow.workflows.records import HIST, STEPS, hist_prefix, hist_seq, load, steps_prefix
 from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
@@ -104,11 +105,18 @@ class Attempt:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One entry of ``inst.steps()``."""
+    """One entry of ``inst.steps()``.
+
+    ``kind`` ``"patch"`` is the answer of ``step.patched(name)`` (``output``
+    True or False; see ``docs/versioning.md``). ``divergence`` is set on a step
+    that a replay met at another position than the recorded one:
+    ``{"position", "expected", "found", "concurrent"}`` (see
+    :class:`~actorflow.workflows.matching.Divergence`).
+    """
 
     name: str
     count: int
-    kind: str  # "do", "sleep", "wait_for_event" or "rollback" (a do step's rollback handler)
+    kind: str  # "do", "sleep", "wait_for_event", "rollback" (a do step's handler) or "patch"
     status: str  # running, retrying, sleeping, waiting, complete or errored
     start: datetime | None
     end: datetime | None
@@ -117,6 +125,7 @@ class StepRecord:
     error: dict[str, str] | None = None
     config: dict[str, Any] | None = None
     deadline: datetime | None = None
+    divergence: dict[str, Any] | None = None
 
 
 _RANK = {
@@ -170,7 +179,7 @@ def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tupl
             )
             for i, a in enumerate(r.get("att", ()))
         ]
-        output = None
+        output: Any = None
         if r["s"] == "complete":
             if r["k"] == "do" and r.get("r") is not None:
                 cfg = r.get("cfg") or {}
@@ -182,6 +191,9 @@ def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tupl
                     output = loads(r["r"])
             elif r["k"] == "wait_for_event" and r.get("ev") is not None:
                 output = loads(r["ev"][0])
+            elif r["k"] == PATCH_KIND:
+                output = bool(r.get("pa"))
+        dv = r.get("dv")
         out.append(
             (
                 r["seq"],
@@ -197,6 +209,7 @@ def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tupl
                     error=r.get("ed"),
                     config=r.get("cfg"),
                     deadline=_dt(r.get("dl")),
+                    divergence=Divergence.from_record(dv).document() if dv else None,
                 ),
             )
         )
@@ -266,7 +279,7 @@ def build_sourced_history(
         events.append((ms, rank, order, ("s", step_seq, index), ev))
         index += 1
 
-    for seq, s in steps:
+    for seq, s in _logged(steps):
         step_seq, index = seq, 0
         label = f"{s.name}-{s.count}"
         t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
@@ -325,6 +338,11 @@ def build_sourced_history(
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
     return [(src, e) for *_, src, e in merged]
+
+
+def _logged(steps: list[tuple[int, StepRecord]]) -> list[tuple[int, StepRecord]]:
+    """The steps with events in the log: a patch is the answer of step.patched, not a step."""
+    return [p for p in steps if p[1].kind != PATCH_KIND]
 
 
 def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:

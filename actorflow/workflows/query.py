@@ -40,10 +40,14 @@ from actorflow.workflows.history import (
     read_history,
     read_steps,
 )
+from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.records import (
+    EVENTS,
     IDS,
     IDX,
     INST,
+    STEPS,
+    events_prefix,
     idx_iid,
     idx_key,
     idx_order,
@@ -55,7 +59,9 @@ from actorflow.workflows.records import (
     queue_db,
     rkey,
     split_idx_key,
+    steps_prefix,
 )
+from actorflow.workflows.replay import export_document
 from actorflow.workflows.rollbacks import ROLLBACK_KIND, rollback_status
 from actorflow.workflows.schedules import ScheduleSummary, list_schedules
 
@@ -95,6 +101,8 @@ STATUS_FIELDS = (
 #: The statuses an instance can be listed and counted in.
 LISTED_STATUSES = tuple(s for s in STATUSES if s != "unknown")
 _ENDS = ("WORKFLOW_SUCCESS", "WORKFLOW_FAILURE", "WORKFLOW_TERMINATED")
+#: Step records that a description does not count as steps.
+_NOT_STEPS = (ROLLBACK_KIND, PATCH_KIND)
 _MAX_DEPTH = 64
 
 
@@ -356,11 +364,13 @@ class Query:
             error=rec.get("error") if status == "errored" else None,
             params=loads(rec["params"]) if rec.get("params") else None,
             waiting_for=tuple(rec.get("waits") or ()) if status == "waiting" else (),
-            steps=sum(1 for s in steps if s.kind != ROLLBACK_KIND),
+            steps=sum(1 for s in steps if s.kind not in _NOT_STEPS),
             steps_complete=sum(
-                1 for s in steps if s.status == "complete" and s.kind != ROLLBACK_KIND
+                1 for s in steps if s.status == "complete" and s.kind not in _NOT_STEPS
             ),
-            steps_failed=sum(1 for s in steps if s.status == "errored" and s.kind != ROLLBACK_KIND),
+            steps_failed=sum(
+                1 for s in steps if s.status == "errored" and s.kind not in _NOT_STEPS
+            ),
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
             rollback=rollback_status(rec.get("rb")),
@@ -384,6 +394,32 @@ class Query:
         rk = rk or self.record_key(workflow, iid)
         self._stored(workflow, iid, rk)
         return read_steps(self.storage, rk)
+
+    def export(
+        self, workflow: str, iid: str, rk: bytes | None = None, *, include_sensitive: bool = False
+    ) -> dict[str, Any]:
+        """The instance as a JSON document for ``replay_check`` (see ``Instance.export``).
+
+        Raises:
+            InstanceNotFound: There is no such instance.
+        """
+        rk = rk or self.record_key(workflow, iid)
+        status, _rec = self._current(workflow, iid, rk)
+        stored = self._stored(workflow, iid, rk)
+        steps, events = self.storage.scan_prefixes(
+            [(STEPS, steps_prefix(rk)), (EVENTS, events_prefix(rk))]
+        )
+        return export_document(
+            workflow,
+            iid,
+            status,
+            stored,
+            [load(v) for _k, v in steps],
+            [load(v) for _k, v in events],
+            history_document(read_history(self.storage, rk, stored)),
+            self.storage.serializer.loads,
+            include_sensitive=include_sensitive,
+        )
 
     # -- listings -----------------------------------------------------------------
 
@@ -674,6 +710,7 @@ def step_document(s: StepRecord) -> dict[str, Any]:
         "attempts": [_attempt_document(a) for a in s.attempts],
         "output": jsonable(s.output),
         "error": jsonable(s.error),
+        "divergence": s.divergence,
     }
 
 

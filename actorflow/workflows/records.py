@@ -190,7 +190,7 @@ Attempt = (
 class StepCheckpoint(TypedDict, total=False):
     """A step record (``steps``): one occurrence of a step, what replay returns."""
 
-    k: str  # kind: "do", "sleep", "wait_for_event" or "rollback" (a do step's handler)
+    k: str  # kind: "do", "sleep", "wait_for_event", "rollback" (a do step's handler), "patch"
     n: str  # the step's name
     c: int  # occurrence of the name in the run (1, 2, ...)
     seq: int  # order of the step in the run (0, 1, ...)
@@ -206,6 +206,10 @@ class StepCheckpoint(TypedDict, total=False):
     e: bytes | None  # failed: the error itself, serialized (None if it cannot be)
     ty: str  # wait_for_event: the event type
     ev: tuple[bytes, int] | list[Any]  # wait_for_event: the event's (payload, ts)
+    pa: bool  # patch: the answer of step.patched
+    # Where a replay met this step at another position than the recorded one
+    # (see matching.Divergence.record): the first divergence of the run.
+    dv: dict[str, Any]
 
 
 class EventRecord(TypedDict):
@@ -258,7 +262,9 @@ def load_event(raw: bytes) -> EventRecord:
 
 #: ``rollback``: the record of the rollback handler of the ``do`` step of the same
 #: name and count (see :mod:`actorflow.workflows.rollbacks`).
-KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w", "rollback": b"r"}
+#: ``patch``: the answer of ``step.patched(patch_id)`` (name: the patch id, count 1;
+#: see :mod:`actorflow.workflows.matching`).
+KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w", "rollback": b"r", "patch": b"p"}
 WAKE_KIND = "W"  # timer kind for instance deadlines
 PRIO_WAKE = b"\x00"  # queue entries of instances to resume: served first
 PRIO_NEW = b"\x01"  # queue entries of new (or restarted) instances

@@ -354,6 +354,8 @@ class StepRunner(Protocol):
 
     def block_on(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
 
+    def patched(self, patch_id: str) -> bool: ...
+
 
 class WorkflowStep:
     """The ``step`` argument of ``run``.
@@ -473,6 +475,28 @@ class WorkflowStep:
         problem = step_body_problem(fn)
         return fn if problem is None else _bad_body(self._runner.where, name, problem)
 
+    def patched(self, patch_id: str) -> bool:
+        """Tells whether this instance takes the new code path of patch ``patch_id``.
+
+        Temporal's ``workflow.patched``, to change the code of a workflow that
+        has instances in flight (see ``docs/versioning.md``). The first time an
+        instance reaches the call the answer is False if its recorded steps
+        already go past this point (it started on the code before the patch
+        and is replaying), else True; the answer is recorded in the instance,
+        and every later call with the same id in the instance, in this run or
+        any replay, returns it. Synchronous also in an ``async def run`` (no
+        ``await``). Call it from ``run``'s own flow, not from a concurrent
+        branch.
+
+        Raises:
+            TypeError: ``patch_id`` is not a str.
+            ValueError: ``patch_id`` breaks the rules of a step name (empty,
+                longer than 256 characters, control characters).
+        """
+        if self._sync:
+            return bool(self._runner.block_on(_calling(self._runner.patched, patch_id)))
+        return self._runner.patched(patch_id)
+
     def sleep(self, name: str, duration: Any) -> Any:
         """Sleeps durably for ``duration`` (ms, a string like "10 seconds", or a timedelta)."""
         return self._result(self._runner.sleep(name, duration))
@@ -553,6 +577,11 @@ class WorkflowStep:
             for n, f in steps
         ]
         return self._result(self._runner.gather(coros, max_concurrency))
+
+
+async def _calling(fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls ``fn`` on the runner's loop (a plain ``def run`` blocks on it)."""
+    return fn(*args)
 
 
 async def _raising(error: BaseException) -> Any:

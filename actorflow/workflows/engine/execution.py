@@ -25,6 +25,7 @@ import copy
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -59,6 +60,7 @@ from actorflow.workflows.engine.signals import (
     Suspend,
     Unwind,
 )
+from actorflow.workflows.matching import PATCH_KIND, StepMatcher
 from actorflow.workflows.records import (
     EVENTS,
     STEPS,
@@ -218,6 +220,13 @@ class Execution:
     _rollbacks: dict[bytes, RollbackHook] | None = None
     rolling: dict[str, Any] | None = None
     terminating = False
+    # Divergences found for steps that have no record yet, by step key: they
+    # go into the record when it is first written (see _follow).
+    _dv: dict[bytes, dict[str, Any]] | None = None
+    # A plain ``def run``: the thread it runs on, and the step coroutine that
+    # thread is blocked on (its calls are the run's sequential ones).
+    _run_thread: int | None = None
+    _main_coro: Coroutine[Any, Any, Any] | None = None
 
     def __init__(
         self,
@@ -250,16 +259,19 @@ class Execution:
             )
         else:
             steps, events = preloaded
+        recorded = []
         for k, v in steps:
             rec = load_step(v)
             self.steps[k] = rec
             seq = max(seq, rec["seq"] + 1)
+            recorded.append((rec["seq"], rec["k"], rec["n"], rec["c"]))
         self.seq = seq
+        # The step keys and positions of this replay (matching's rules).
+        self.match = StepMatcher(recorded)
         self.inbox: dict[str, collections.deque[tuple[bytes, bytes, int]]] = {}
         for k, v in events:
             ev = load_event(v)
             self.inbox.setdefault(ev["type"], collections.deque()).append((k, ev["p"], ev["ts"]))
-        self.counters: dict[tuple[str, str], int] = {}
         self.waiters: list[_Waiter] = []
         self.t_start = self.ctx.now_ms()
         self._sync_futs: set[concurrent.futures.Future[Any]] = set()
@@ -357,7 +369,7 @@ class Execution:
                 output = await obj.run(event, WorkflowStep(self, sync=False))
             else:
                 output = await self.loop.run_in_executor(
-                    self.ctx.run_pool, obj.run, event, WorkflowStep(self, sync=True)
+                    self.ctx.run_pool, self._run_sync, obj.run, event, WorkflowStep(self, sync=True)
                 )
             return (Status.COMPLETE, output)
         except GeneratorExit as e:
@@ -394,6 +406,11 @@ class Execution:
             # of the workflow. Taken as a crash it would be replayed into the
             # same exit on every restart and reopen.
             return (Status.ERRORED, _user_signal(self.where, "run", e))
+
+    def _run_sync(self, run: Callable[..., Any], event: WorkflowEvent, step: WorkflowStep) -> Any:
+        """Runs a plain ``def run`` in a thread of the run pool, noting the thread."""
+        self._run_thread = threading.get_ident()
+        return run(event, step)
 
     def _overridden(self, outcome: tuple[str, Any]) -> tuple[str, Any]:
         """What ``run`` returned or raised after the engine unwound it is void."""
@@ -752,6 +769,8 @@ class Execution:
             batch = self._staged = self._staged or WriteBatch()
         else:
             batch = batch or WriteBatch()
+        if self._dv is not None and key in self._dv:
+            rec["dv"] = self._dv.pop(key)
         if arm:
             rec["tk"] = arm
             TimerService.arm_key(batch, arm)
@@ -952,10 +971,97 @@ class Execution:
             self.ctx.remember_name(name)
 
     def _key(self, kind: str, name: str) -> tuple[bytes, int]:
-        ck = (kind, name)
-        count = self.counters.get(ck, 0) + 1
-        self.counters[ck] = count
-        return step_key(self.rk, kind, name, count), count
+        m = self.match
+        count = m.count(kind, name)
+        key = step_key(self.rk, kind, name, count)
+        if m.pos < m.n:  # replaying the recorded steps: compare the call with them
+            self._follow(kind, name, count, key)
+        return key, count
+
+    def _follow(self, kind: str, name: str, count: int, key: bytes) -> None:
+        """Compares a step call with the recorded step at its position (matching's rules).
+
+        A divergence is logged and kept in the record of the step the code now
+        calls there (once: a later replay that finds it recorded says nothing).
+        """
+        dv = self.match.follow((kind, name, count), self._sequential())
+        if dv is None:
+            return
+        doc = dv.record()
+        rec = self.steps.get(key)
+        if rec is not None and rec.get("dv") == doc:
+            return
+        log.warning(
+            "%s: the workflow's code diverged from the instance's recorded steps at %s; "
+            "a changed step order or name reuses or skips recorded results "
+            "(use step.patched() to change a running workflow)",
+            self.where,
+            dv.describe(),
+            extra={"workflow": self.wfe.name, "instance": self.actor.iid, "step": name},
+        )
+        if rec is None:
+            if self._dv is None:
+                self._dv = {}
+            self._dv[key] = doc
+        else:
+            self._stage_record(key, cast("StepCheckpoint", {**rec, "dv": doc}))
+
+    def _sequential(self) -> bool:
+        """True if the current step call comes from the run's own flow, not a branch.
+
+        The task of an ``async def run``; for a plain ``def run``, the step
+        its thread is blocked on. Branches (``step.map``, ``gather``, tasks
+        and threads of ``run``) run in tasks of their own.
+        """
+        task = asyncio.current_task()
+        if task is None:
+            return False
+        if task is self.task:
+            return True
+        main = self._main_coro
+        return main is not None and task.get_coro() is main
+
+    def _stage_record(self, key: bytes, rec: StepCheckpoint) -> None:
+        """Writes a step record with the run's next commit (see :meth:`_commit_step`)."""
+        batch = self._staged = self._staged or WriteBatch()
+        batch.put(STEPS, key, dump(rec))
+        self.steps[key] = rec
+
+    def patched(self, patch_id: str) -> bool:
+        """``step.patched``: the recorded answer, or the answer decided now and recorded.
+
+        Decided the first time the instance reaches the call: False if a
+        recorded step has not been met by this replay yet (the instance runs
+        past this point on older code), else True. The record rides on the
+        run's next commit: a crash before it replays to the same answer.
+        """
+        self._check_live()
+        if not isinstance(patch_id, str):
+            raise TypeError(
+                f"{self.where}: step.patched needs a patch id that is a str, "
+                f"got {type(patch_id).__name__} {patch_id!r}"
+            )
+        validate_step_name(patch_id, f"{self.where}, patch {patch_id!r}")
+        key = step_key(self.rk, PATCH_KIND, patch_id, 1)
+        rec = self.steps.get(key)
+        if rec is not None:
+            return bool(rec.get("pa"))
+        answer = not self.match.unreached((r["k"], r["n"], r["c"]) for r in self.steps.values())
+        now = self.now_ms()
+        self._stage_record(
+            key,
+            {
+                "k": PATCH_KIND,
+                "n": patch_id,
+                "c": 1,
+                "seq": self._next_seq(),
+                "s": StepStatus.DONE,
+                "pa": answer,
+                "t0": now,
+                "t1": now,
+            },
+        )
+        return answer
 
     def _timer(self, deadline_ms: int, key: bytes) -> bytes:
         """The timer key of step ``key``'s deadline (its target names the instance)."""
@@ -997,6 +1103,8 @@ class Execution:
         except BaseException:
             coro.close()
             raise
+        if self._run_thread == threading.get_ident():
+            self._main_coro = coro  # the run's own flow (see _sequential)
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._sync_futs.add(fut)
         try:
