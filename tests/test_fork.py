@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Journal, wait_for
+from conftest import Journal
 
 import actorflow as af
 from actorflow.cluster.lease import OWNER
 from actorflow.core.storage import open_storage
-from actorflow.testing import Faults, FakeClock, NodeProcess
+from actorflow.testing import FakeClock, Faults, NodeProcess
 from actorflow.workflows.records import (
     EVENTS,
     FENCE,
@@ -95,7 +95,9 @@ def _origin_records(rt: af.Runtime, wf: str, iid: str) -> dict[str, Any]:
         "ids": n,
         "inst": st.get(INST, rk),
         "fence": st.get(FENCE, rk),
-        "idx": [k for k, _ in st.scan(IDX, prefix=f"{wf}\x00".encode()) if k.endswith(iid.encode())],
+        "idx": [
+            k for k, _ in st.scan(IDX, prefix=f"{wf}\x00".encode()) if k.endswith(iid.encode())
+        ],
         "steps": st.scan(STEPS, prefix=rk + b"\x00"),
         "events": st.scan(EVENTS, prefix=rk + b"\x00"),
         "hist": st.scan(HIST, prefix=rk + b"\x00"),
@@ -138,8 +140,7 @@ def test_a_fork_with_an_override_reaches_another_result_and_the_origin_is_untouc
     assert fork.describe().forked_from == where
     first = fork.history()[0]
     assert (first.type, first.data) == ("WORKFLOW_QUEUED", {"forked_from": where})
-    assert [e.type for e in origin.history()][0] == "WORKFLOW_QUEUED"
-    assert origin.history()[0].data == {}
+    assert (origin.history()[0].type, origin.history()[0].data) == ("WORKFLOW_QUEUED", {})
     kept = [(s.name, s.forked, s.output) for s in fork.steps()]
     assert kept == [
         ("fetch", True, 7),
@@ -289,7 +290,7 @@ def test_a_step_before_at_step_that_failed_cannot_be_kept(rt: af.Runtime) -> Non
     wf = rt.register(Risky, name="risky")
     origin = wf.create(id="o")
     assert origin.wait(timeout=10).output == "after"
-    with pytest.raises(af.InvalidInstanceState, match="'risky'.*errored") as info:
+    with pytest.raises(af.InvalidInstanceState, match=r"'risky'.*errored") as info:
         origin.fork("after", id="nope")
     assert (info.value.workflow, info.value.instance, info.value.step) == ("risky", "o", "risky")
     assert "risky" in str(info.value) and "'o'" in str(info.value)
@@ -322,7 +323,10 @@ def test_bad_input_gets_a_named_error_and_writes_nothing(
     assert "fetch" in str(err)  # it lists the steps there are
     refused(af.InvalidInstanceState, "occurrence 2", {"name": "fetch", "count": 2})
     err = refused(
-        af.InvalidInstanceState, "'missing'.*not one of its steps", "price", overrides={"missing": 1}
+        af.InvalidInstanceState,
+        "'missing'.*not one of its steps",
+        "price",
+        overrides={"missing": 1},
     )
     assert err.step == "missing"  # type: ignore[attr-defined]
     err = refused(
@@ -376,7 +380,9 @@ def test_a_fork_across_a_restart_of_the_runtime(make_runtime: Any, journal: Jour
     clock = FakeClock()
     try:
         first = make_runtime(clock=clock)
-        origin = _completed(first, clock, first.register(Pipeline, name="pipeline", env=journal), "o")
+        origin = _completed(
+            first, clock, first.register(Pipeline, name="pipeline", env=journal), "o"
+        )
         assert origin.status().status == "complete"
         first.close()
         # Forked where nothing runs the workflow: the fork waits, queued.
