@@ -8,6 +8,8 @@
     send-event WORKFLOW ID TYPE [--payload JSON]
     pause | resume | terminate | delete WORKFLOW (ID... | --status S)
     restart WORKFLOW (ID... | --status S) [--from-step NAME]
+    fork WORKFLOW ID AT_STEP [--count N] [--id NEW] [--params JSON] [--override NAME=JSON]...
+    diff WORKFLOW A B           the steps whose outputs differ between two instances
     metrics
     schedules [--workflow W]    the cron schedules, with their next tick
     replay-check MODULE:CLASS [--data DIR] [--workflow W] [--limit N]
@@ -24,7 +26,9 @@ sends them to that runtime's HTTP API (``actorflow serve``) instead. On a
 closed directory they write the same durable records as the Python API, so
 the next runtime that registers the workflow continues from them. ``delete``
 removes instances and every record of them for good (``Instance.delete``);
-their ids can be created again.
+their ids can be created again. ``fork`` makes a new instance that replays
+an instance's steps before a step (``Instance.fork``); ``diff`` compares the
+steps of two instances and exits 1 if they differ.
 
 The bearer token for ``--url`` and ``serve`` comes from the ``ACTORFLOW_TOKEN``
 environment variable or from ``--token-file PATH``. ``--token VALUE`` works
@@ -267,6 +271,24 @@ class _Local:
                     refused.append((iid, f"{type(e).__name__}: {e}"))
         return refused
 
+    def fork(self, wf: str, iid: str, **kw: Any) -> dict[str, Any]:
+        """Forks instance ``iid`` (see ``Instance.fork``); returns the fork's document."""
+        with _exclusive(self.data), _ToolRuntime(self.data) as rt:
+            binding = rt.unregistered(wf)
+            try:
+                fork = binding.get(iid).fork(
+                    kw["at_step"], id=kw["id"], params=kw["params"], overrides=kw["overrides"]
+                )
+            except (ActorflowError, ValueError, TypeError) as e:
+                raise click.ClickException(f"{type(e).__name__}: {e}") from None
+            d = fork.describe()
+            return {
+                "id": fork.id,
+                "workflow": wf,
+                "status": d.status,
+                "forked_from": d.forked_from,
+            }
+
 
 def _delete_batches(binding: WorkflowBinding, ids: Sequence[str]) -> list[tuple[str, str]]:
     """Deletes ``ids`` with ``binding.delete_batch``, 100 at a time; returns the refused."""
@@ -434,6 +456,12 @@ class _Remote:
             except click.ClickException as e:
                 refused.append((iid, e.message))
         return refused
+
+    def fork(self, wf: str, iid: str, **kw: Any) -> dict[str, Any]:
+        """Forks instance ``iid`` through the HTTP API; returns the fork's document."""
+        body = {k: v for k, v in kw.items() if v is not None}
+        path = f"/api/workflows/{_q(wf)}/instances/{_q(iid)}/fork"
+        return dict(self._call("POST", path, body) or {})
 
 
 def _q(part: str) -> str:
@@ -785,6 +813,155 @@ _action(
     "Delete instances and every record of them, for good (a live run is stopped "
     "first, without rollbacks); their ids can be created again.",
 )
+
+
+def _json_option(value: str, hint: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint=hint) from None
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("instance_id")
+@click.argument("at_step")
+@click.option(
+    "--count",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Which occurrence of AT_STEP (a name used more than once).",
+)
+@click.option("--id", "new_id", default=None, help="The fork's id (default: a new uuid4).")
+@click.option("--params", default=None, help="The fork's params, as JSON (default: the origin's).")
+@click.option(
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="NAME=JSON",
+    help="The output step NAME (a kept step, before AT_STEP) returns in the fork; repeatable.",
+)
+@click.pass_obj
+def fork(
+    obj: _Ctx,
+    workflow: str,
+    instance_id: str,
+    at_step: str,
+    count: int,
+    new_id: str | None,
+    params: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Fork an instance: a new one that replays its steps before AT_STEP and runs the rest."""
+    replaced: dict[str, Any] = {}
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=JSON", param_hint="--override")
+        replaced[name] = _json_option(value, "--override")
+    doc = obj.target.fork(
+        workflow,
+        instance_id,
+        at_step=at_step if count == 1 else {"name": at_step, "count": count},
+        id=new_id,
+        params=None if params is None else _json_option(params, "--params"),
+        overrides=replaced or None,
+    )
+    step = f"{at_step!r}" + (f" (occurrence {count})" if count != 1 else "")
+    obj.emit(doc, f"fork: {workflow}/{instance_id} at step {step} -> {workflow}/{doc['id']}")
+
+
+@cli.command()
+@click.argument("workflow")
+@click.argument("a")
+@click.argument("b")
+@click.option("--full", is_flag=True, help=_FULL_HELP)
+@click.pass_obj
+def diff(obj: _Ctx, workflow: str, a: str, b: str, full: bool) -> None:
+    """Show the steps (name, count) whose outputs differ between instances A and B.
+
+    Steps present in only one of them are shown too. Exits 0 if none differ,
+    1 if some do, 2 if an instance cannot be read.
+    """
+    try:
+        steps_a, steps_b = obj.target.steps(workflow, a), obj.target.steps(workflow, b)
+    except click.ClickException as e:
+        raise _Unreadable(e.message) from None
+    doc = _step_diff(workflow, a, b, steps_a, steps_b)
+    width = None if full else _BRIEF
+    rows = [
+        [d["name"], str(d["count"]), "differs", _side(d["a"], width), _side(d["b"], width)]
+        for d in doc["differ"]
+    ]
+    rows += [
+        [d["name"], str(d["count"]), f"only in {a}", _side(d, width), ""] for d in doc["only_a"]
+    ]
+    rows += [
+        [d["name"], str(d["count"]), f"only in {b}", "", _side(d, width)] for d in doc["only_b"]
+    ]
+    if rows:
+        table = format_table(rows, ["step", "count", "change", a, b])
+    else:
+        table = f"{workflow}/{a} and {workflow}/{b}: the same {doc['same']} steps"
+    obj.emit(doc, table)
+    if rows:
+        raise click.exceptions.Exit(1)
+
+
+class _Unreadable(click.ClickException):
+    """``diff``: an instance could not be read (exit status 2, as diff(1) has)."""
+
+    exit_code = 2
+
+
+def _step_diff(
+    workflow: str, a: str, b: str, steps_a: list[dict[str, Any]], steps_b: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The steps (by name and count) whose outcome differs between two instances' step lists.
+
+    Returns ``{"workflow", "a", "b", "differ": [{"name", "count", "a", "b"}],
+    "only_a": [...], "only_b": [...], "same": n}``, each side (and each entry
+    of ``only_*``) with the step's ``type``, ``status``, ``output`` and ``error``.
+    """
+
+    def side(s: dict[str, Any]) -> dict[str, Any]:
+        return {k: s.get(k) for k in ("type", "status", "output", "error")}
+
+    def keyed(steps: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+        return {(s["name"], s["count"]): s for s in steps if s.get("type") != "rollback"}
+
+    in_a, in_b = keyed(steps_a), keyed(steps_b)
+    differ, same = [], 0
+    for key, sa in in_a.items():
+        sb = in_b.get(key)
+        if sb is None:
+            continue
+        if side(sa) == side(sb):
+            same += 1
+        else:
+            differ.append({"name": key[0], "count": key[1], "a": side(sa), "b": side(sb)})
+    return {
+        "workflow": workflow,
+        "a": a,
+        "b": b,
+        "differ": differ,
+        "only_a": [
+            {"name": k[0], "count": k[1], **side(s)} for k, s in in_a.items() if k not in in_b
+        ],
+        "only_b": [
+            {"name": k[0], "count": k[1], **side(s)} for k, s in in_b.items() if k not in in_a
+        ],
+        "same": same,
+    }
+
+
+def _side(s: dict[str, Any], width: int | None) -> str:
+    """One side of a diff row: the output of a complete step, else its status (and error)."""
+    if s.get("status") == "complete":
+        return _brief(s.get("output"), width) or "null"
+    err = s.get("error") or {}
+    return f"{s.get('status')}: {err.get('name')}" if err else str(s.get("status"))
 
 
 @cli.command()

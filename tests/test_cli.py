@@ -195,6 +195,76 @@ def test_delete_offline_removes_instances_and_frees_their_ids(data: str, journal
         assert journal.count(("charge", "o1")) == 2
 
 
+def test_fork_and_diff_offline(data: str, journal: Any) -> None:
+    rt, wf = reopen(data, journal)
+    with rt:
+        wf.get("o1").send_event("approved", {"by": "ann"})
+        assert wf.get("o1").wait(timeout=10).output == {"by": "ann"}
+    out = run_cli(
+        data, "--json", "fork", "order", "o1", "ship", "--id", "f1", "--override",
+        'approval={"by": "cli"}',
+    ).output  # fmt: skip
+    origin = {"workflow": "order", "instance": "o1", "at_step": {"name": "ship", "count": 1}}
+    assert json.loads(out) == {
+        "id": "f1",
+        "workflow": "order",
+        "status": "queued",
+        "forked_from": origin,
+    }
+    table = run_cli(data, "fork", "order", "o1", "approval", "--id", "f2").output
+    assert table == "fork: order/o1 at step 'approval' -> order/f2\n"
+    assert (
+        json.loads(run_cli(data, "--json", "describe", "order", "f1").output)["forked_from"]
+        == origin
+    )
+    rt, wf = reopen(data, journal)
+    with rt:
+        assert wf.get("f1").wait(timeout=10).output == {"by": "cli"}
+        wf.get("f2").wait_for_status("waiting")
+    assert journal.count(("charge", "f1")) == 0 and journal.count(("ship", "f1")) == 1
+    # diff: the approval differs; charge and ship are the same.
+    r = run_cli(data, "--json", "diff", "order", "o1", "f1", code=1)
+    doc = json.loads(r.output)
+    assert [(d["name"], d["count"]) for d in doc["differ"]] == [("approval", 1)]
+    assert doc["differ"][0]["a"]["output"] == {"by": "ann"}
+    assert doc["differ"][0]["b"]["output"] == {"by": "cli"}
+    assert (doc["only_a"], doc["only_b"], doc["same"]) == ([], [], 2)
+    assert (doc["workflow"], doc["a"], doc["b"]) == ("order", "o1", "f1")
+    table = run_cli(data, "diff", "order", "o1", "f1", code=1).output
+    assert "approval" in table and "differs" in table and '{"by": "cli"}' in table
+    assert "charge" not in table
+    # f2 waits for its approval: that step differs (waiting), ship is only in o1.
+    doc = json.loads(run_cli(data, "--json", "diff", "order", "o1", "f2", code=1).output)
+    assert [d["name"] for d in doc["differ"]] == ["approval"]
+    assert doc["differ"][0]["b"]["status"] == "waiting"
+    assert [(d["name"], d["count"]) for d in doc["only_a"]] == [("ship", 1)]
+    assert "only in o1" in run_cli(data, "diff", "order", "o1", "f2", code=1).output
+    same = run_cli(data, "diff", "order", "o1", "o1").output
+    assert same == "order/o1 and order/o1: the same 3 steps\n"
+    assert "no instance 'nope'" in run_cli(data, "diff", "order", "o1", "nope", code=2).output
+
+
+def test_fork_errors_offline(data: str) -> None:
+    out = run_cli(data, "fork", "order", "o1", "nope", code=1).output
+    assert "InvalidInstanceState" in out and "'order'" in out and "'nope'" in out
+    out = run_cli(data, "fork", "order", "o1", "approval", "--id", "o2", code=1).output
+    assert "InstanceAlreadyExists" in out
+    out = run_cli(data, "fork", "order", "o1", "approval", "--id", "a b", code=1).output
+    assert "InvalidInstanceId" in out
+    out = run_cli(data, "fork", "order", "o1", "approval", "--override", "ship=1", code=1).output
+    assert "'ship'" in out and "not one of its steps" in out
+    out = run_cli(data, "fork", "order", "ghost", "approval", code=1).output
+    assert "InstanceNotFound" in out
+    run_cli(data, "fork", "order", "o1", "approval", "--override", "charge", code=2)
+    run_cli(data, "fork", "order", "o1", "approval", "--override", "charge=nope", code=2)
+    run_cli(data, "fork", "order", "o1", "approval", "--params", "{", code=2)
+    run_cli(data, "fork", "order", "o1", "approval", "--count", "0", code=2)
+    out = run_cli(data, "fork", "order", "o1", "charge", "--count", "2", code=1).output
+    assert "occurrence 2" in out
+    ids = [r["id"] for r in json.loads(run_cli(data, "--json", "list").output)["instances"]]
+    assert sorted(ids) == ["o0", "o1", "o2"]  # nothing was made
+
+
 def test_delete_of_an_unknown_instance_names_it(data: str, journal: Any) -> None:
     result = run_cli(data, "delete", "order", "nope", code=1)
     assert "InstanceNotFound" in result.output
@@ -617,6 +687,16 @@ def test_url_mode_against_the_real_http_api(rt: af.Runtime, journal: Any, clock:
             wf.get("o2")
         out = cli_("delete", "order", "o2", code=1)
         assert "InstanceNotFound" in out and "'order'" in out and "no instance 'o2'" in out
+        made = json.loads(
+            cli_("--json", "fork", "order", "o1", "ship", "--id", "f", "--params", "1")
+        )
+        assert made["id"] == "f" and made["forked_from"]["instance"] == "o1"
+        assert wf.get("f").wait(timeout=10).output == {"by": "bo"}
+        assert wf.get("f").describe().params == 1
+        assert "InvalidInstanceState" in cli_("fork", "order", "o1", "nope", code=1)
+        assert json.loads(cli_("--json", "diff", "order", "o1", "f"))["same"] == 3
+        assert "InstanceNotFound" in cli_("diff", "order", "o1", "nope", code=2)
+        wf.get("f").delete()
         doc = json.loads(cli_("--json", "delete", "order", "--status", "waiting"))
         assert doc == {"ok": True, "done": ["o0"], "refused": {}}
         assert [r["id"] for r in json.loads(cli_("--json", "list"))["instances"]] == ["o1"]

@@ -408,6 +408,81 @@ def test_delete_of_a_workflow_found_only_in_storage(make_runtime: Any) -> None:
         third.register(Blocked, name="blocked").get("u1")
 
 
+def test_fork_makes_a_new_instance_that_names_its_origin(
+    client: TestClient, rt: af.Runtime
+) -> None:
+    b = rt.workflow("blocked")
+    url = "/api/workflows/blocked/instances"
+    ok(client.post(url, json={"id": "o"}), 201)
+    wait_for(lambda: b.get("o").status().status == "waiting")
+    before = ok(client.get(f"{url}/o"))
+    body = {"at_step": "second", "id": "f", "overrides": {"first": 10}}
+    origin = {"workflow": "blocked", "instance": "o", "at_step": {"name": "second", "count": 1}}
+    made = ok(client.post(f"{url}/o/fork", json=body), 201)
+    assert made["id"] == "f" and made["workflow"] == "blocked"
+    assert made["forked_from"] == origin
+    wait_for(lambda: b.get("f").status().status == "waiting")
+    view = ok(client.get(f"{url}/f"))
+    assert view["description"]["forked_from"] == origin
+    assert [(s["name"], s["output"]) for s in view["steps"]] == [
+        ("first", 10),
+        ("second", 2),
+        ("wait", None),
+    ]
+    history = ok(client.get(f"{url}/f/history"))
+    assert history[0]["type"] == "WORKFLOW_QUEUED"
+    assert history[0]["data"] == {"forked_from": origin}
+    after = ok(client.get(f"{url}/o"))
+    assert after["steps"] == before["steps"] and after["description"]["forked_from"] is None
+    # A step by name and count, no id: a uuid4 is made.
+    made = ok(client.post(f"{url}/o/fork", json={"at_step": {"name": "first", "count": 1}}), 201)
+    assert len(made["id"]) == 36 and made["forked_from"]["at_step"]["name"] == "first"
+
+
+def test_fork_errors(client: TestClient, rt: af.Runtime, make_runtime: Any, tmp_path: Any) -> None:
+    b = rt.workflow("blocked")
+    b.create(id="o")
+    b.create(id="taken")
+    wait_for(lambda: b.get("o").status().status == "waiting")
+    url = "/api/workflows/blocked/instances/o/fork"
+    msg = fails(client.post(url, json={"at_step": "nope"}), 409, "InvalidInstanceState")
+    assert "'blocked'" in msg and "'o'" in msg and "'nope'" in msg
+    fails(
+        client.post(url, json={"at_step": "first", "overrides": {"second": 1}}),
+        409,
+        "InvalidInstanceState",
+    )
+    fails(client.post(url, json={"at_step": "second", "id": "taken"}), 409, "InstanceAlreadyExists")
+    fails(client.post(url, json={"at_step": "second", "id": "a b"}), 400, "InvalidInstanceId")
+    fails(client.post(url, json={"at_step": "second", "id": 3}), 400, "InvalidInstanceId")
+    null = {"Content-Type": "application/json"}
+    fails(client.post(url, content=b"null", headers=null), 400, "ValidationError")
+    for bad in (
+        [],
+        {},
+        {"at_step": ""},
+        {"at_step": 3},
+        {"at_step": {"name": "first", "count": 0}},
+        {"at_step": {"name": "first", "extra": 1}},
+        {"at_step": "first", "overrides": [1]},
+        {"at_step": "first", "force": True},
+    ):
+        fails(client.post(url, json=bad), 400, "ValidationError")
+    fails(
+        client.post("/api/workflows/blocked/instances/ghost/fork", json={"at_step": "first"}),
+        404,
+        "InstanceNotFound",
+    )
+    fails(client.post(url, content=b'{"at_step": "first"}'), 415, "UnsupportedMediaType")
+    assert sorted(i.id for i in b.list()) == ["o", "taken"]  # nothing was made
+    # Served without its class: a fork would never start.
+    second = make_runtime(data_dir=str(tmp_path / "elsewhere"))
+    second.unregistered("blocked", listed=True)
+    with with_token(create_app(second)) as c:
+        fails(c.post(url, json={"at_step": "first"}), 409, "WorkflowNotRegistered")
+    second.close()
+
+
 def test_openapi_describes_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
@@ -566,7 +641,7 @@ def test_random_requests_conform_to_the_schema(make_runtime: Any) -> None:
         for op in (r.ok() for r in schema.get_all_operations())
         if not op.path.endswith("/stream")
     ]
-    assert len(operations) == 12
+    assert len(operations) == 13
     seen: set[str] = set()
 
     @given(data=st.data())

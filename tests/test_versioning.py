@@ -7,10 +7,10 @@ import logging
 from typing import Any
 
 import pytest
+from conftest import Journal, wait_for
 
 import actorflow as af
 from actorflow.testing import FakeClock
-from tests.conftest import Journal, wait_for
 
 
 class OrderV1(af.Workflow):

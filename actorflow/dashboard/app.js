@@ -318,6 +318,8 @@ function instancePage(main, r) {
   const evType = h("input", {id: "event-type", placeholder: "event type", size: 14});
   const evPayload = h("textarea", {id: "event-payload", rows: 1, cols: 28,
     placeholder: '{"payload": "as JSON"}'});
+  const forkStep = h("select", {id: "fork-step", title: "The step the fork runs from"});
+  const forkId = h("input", {id: "fork-id", placeholder: "new id (optional)", size: 16});
   const buttons = {};
   const armed = {};
 
@@ -347,6 +349,35 @@ function instancePage(main, r) {
       notice(`${action} failed: ${e.errorName}: ${e.message}`, true);
     }
     refresh();
+  }
+
+  // Fork: a new instance that keeps this one's steps before the chosen one
+  // and runs the rest; on success the page moves to it.
+  async function onFork() {
+    const b = buttons.fork;
+    if (!forkStep.value) {
+      notice("fork: choose the step to run from", true);
+      return;
+    }
+    if (!armed.fork) {
+      armed.fork = setTimeout(() => { armed.fork = null; b.textContent = "Fork"; }, 4000);
+      b.textContent = "Confirm fork";
+      return;
+    }
+    clearTimeout(armed.fork);
+    armed.fork = null;
+    b.textContent = "Fork";
+    const body = {at_step: JSON.parse(forkStep.value)};
+    if (forkId.value.trim()) body.id = forkId.value.trim();
+    try {
+      const {result} = await api(`${instPath(r.wf, r.id)}/fork`, "POST", body);
+      notice(`forked: ${result.workflow}/${result.id}`);
+      forkId.value = "";
+      location.hash = `#/i/${enc(result.workflow)}/${enc(result.id)}`;
+    } catch (e) {
+      notice(`fork failed: ${e.errorName}: ${e.message}`, true);
+      refresh();
+    }
   }
 
   async function sendEvent(ev) {
@@ -381,6 +412,10 @@ function instancePage(main, r) {
         actionButton("resume", "Resume", "secondary"),
         actionButton("terminate", "Terminate", "danger", "Confirm terminate"),
         actionButton("restart", "Restart", "secondary", "Confirm restart"), fromStep,
+        h("span", {class: "sep"}),
+        forkStep, forkId,
+        (buttons.fork = h("button", {type: "button", class: "secondary", dataset: {action: "fork"},
+          onclick: onFork}, "Fork")),
         h("span", {class: "sep"}),
         h("form", {class: "actions", id: "event-form", onsubmit: sendEvent},
           evType, evPayload, h("button", {type: "submit", id: "send-event"}, "Send event")))),
@@ -429,6 +464,12 @@ function instancePage(main, r) {
     summary.textContent = `workflow ${inst.workflow} · queued ${fmtTime(inst.queued)}` +
       (inst.start ? ` · started ${fmtTime(inst.start)}` : "") +
       (inst.end ? ` · ended ${fmtTime(inst.end)}` : "");
+    const origin = inst.description && inst.description.forked_from;
+    if (origin) {
+      summary.append(" · forked from ", h("a", {id: "forked-from",
+        href: `#/i/${enc(origin.workflow)}/${enc(origin.instance)}`}, origin.instance),
+      ` at ${stepLabel(origin.at_step)}`);
+    }
     const s = inst.status;
     const finished = ["complete", "errored", "terminated"].includes(s);
     buttons.pause.disabled = !["queued", "running", "waiting"].includes(s);
@@ -448,6 +489,17 @@ function instancePage(main, r) {
         ...uniq.map((n) => h("option", {value: n}, `from ${n}`)));
       fromStep.value = uniq.includes(keep) ? keep : "";
     }
+    const forkable = inst.steps.filter((st) => st.type !== "rollback")
+      .map((st) => ({name: st.name, count: st.count}));
+    const haveFork = [...forkStep.options].map((o) => o.value).slice(1);
+    const wantFork = forkable.map((x) => JSON.stringify(x));
+    if (json(haveFork) !== json(wantFork)) {
+      const keep = forkStep.value;
+      forkStep.replaceChildren(h("option", {value: ""}, "fork at step…"),
+        ...forkable.map((x, i) => h("option", {value: wantFork[i]}, `fork at ${stepLabel(x)}`)));
+      forkStep.value = wantFork.includes(keep) ? keep : "";
+    }
+    buttons.fork.disabled = forkable.length === 0;
     renderGantt(gantt, inst);
     stepsBody.replaceChildren(...inst.steps.map(stepRow));
     historyBody.replaceChildren(...hist.map((e) => h("tr", {},

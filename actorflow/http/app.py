@@ -386,6 +386,32 @@ class _Api:
 
         return envelope(await run_in_threadpool(work))
 
+    async def fork_instance(self, request: Request) -> Response:
+        """Forks an instance: a new one that replays its steps before ``at_step``.
+
+        The body is ``{"at_step", "id"?, "params"?, "overrides"?}`` (see
+        ``Instance.fork``); the answer (201) is the new instance, with where
+        it comes from.
+        """
+        b = await self.binding(request)
+        self.check_runs(b)
+        body = await read_json(request, self.body_limit(b))
+        item = _fork_item(body)
+
+        def work() -> dict[str, Any]:
+            fork = b.get(request.path_params["id"]).fork(
+                item["at_step"], id=item["id"], params=item["params"], overrides=item["overrides"]
+            )
+            d = fork.describe()
+            return {
+                "id": fork.id,
+                "workflow": b.name,
+                "status": d.status,
+                "forked_from": d.forked_from,
+            }
+
+        return envelope(await run_in_threadpool(work), status=201)
+
     async def delete_instance(self, request: Request) -> Response:
         """Deletes an instance and every record of it; its id can then be created again.
 
@@ -437,6 +463,37 @@ def _create_item(body: Any) -> dict[str, Any]:
     if iid is not None and not isinstance(iid, str):
         raise ApiError(400, "InvalidInstanceId", f"an instance id is a string, not {iid!r}")
     return {"id": iid, "params": body.get("params")}
+
+
+def _fork_item(body: Any) -> dict[str, Any]:
+    shape = '{"at_step": name or {"name", "count"}, "id"?, "params"?, "overrides"?}'
+    if not isinstance(body, dict) or "at_step" not in body:
+        raise ApiError(400, "ValidationError", f"the body must be a JSON object {shape}")
+    unknown = set(body) - {"at_step", "id", "params", "overrides"}
+    if unknown:
+        raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
+    at_step = body["at_step"]
+    if isinstance(at_step, dict):
+        count = at_step.get("count", 1)
+        if (
+            set(at_step) - {"name", "count"}
+            or not isinstance(at_step.get("name"), str)
+            or isinstance(count, bool)
+            or not isinstance(count, int)
+            or count < 1
+        ):
+            raise ApiError(
+                400, "ValidationError", 'at_step is a step name or {"name": str, "count": int >= 1}'
+            )
+    elif not isinstance(at_step, str) or not at_step:
+        raise ApiError(400, "ValidationError", "at_step is a step name (or {name, count})")
+    iid = body.get("id")
+    if iid is not None and not isinstance(iid, str):
+        raise ApiError(400, "InvalidInstanceId", f"an instance id is a string, not {iid!r}")
+    overrides = body.get("overrides")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ApiError(400, "ValidationError", "overrides is an object {step name: output}")
+    return {"at_step": at_step, "id": iid, "params": body.get("params"), "overrides": overrides}
 
 
 def _asset(name: str) -> bytes:
@@ -513,6 +570,7 @@ def create_app(
         Route(base + "/{id}/history/stream", ep(api.stream_history), methods=["GET"]),
         Route(base + "/{id}/events/{type}", ep(api.send_event), methods=["POST"]),
         Route(base + "/{id}/status", ep(api.change_status), methods=["PATCH"]),
+        Route(base + "/{id}/fork", ep(api.fork_instance), methods=["POST"]),
         Route("/api/metrics", ep(api.get_metrics), methods=["GET"]),
         Route("/api/schedules", ep(api.list_schedules), methods=["GET"]),
     ]

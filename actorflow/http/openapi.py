@@ -320,6 +320,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_errors(*_MUTATING, 409),
         },
     },
+    ("/api/workflows/{wf}/instances/{id}/fork", "POST"): {
+        "summary": "Fork an instance: a new one that replays its steps before at_step",
+        "description": (
+            "The new instance keeps the completed steps that started before `at_step` (with "
+            "`overrides` replacing their outputs), runs `at_step` and every later step anew, "
+            "and names its origin in `forked_from`. The origin is not changed."
+        ),
+        "operationId": "forkInstance",
+        "parameters": [_WF, _IID],
+        "requestBody": {"required": True, **_json(_ref("ForkInstance"))},
+        "responses": {
+            **_ok(_ref("Forked"), "The fork (durably queued)", "201"),
+            **_errors(*_MUTATING, 409, 429),
+        },
+    },
     ("/api/metrics", "GET"): {
         "summary": "The runtime's metrics",
         "operationId": "getMetrics",
@@ -405,6 +420,56 @@ SCHEMAS: dict[str, Any] = {
     "Created": {
         "type": "object",
         "properties": {"id": {"type": "string"}, "workflow": {"type": "string"}, "status": _STATUS},
+    },
+    "ForkInstance": {
+        "type": "object",
+        "required": ["at_step"],
+        "additionalProperties": False,
+        "properties": {
+            "at_step": {
+                "oneOf": [
+                    {"type": "string", "minLength": 1, "description": "Its first occurrence"},
+                    _ref("StepRef"),
+                ],
+                "description": "The step the fork runs from (it and every later step run anew)",
+            },
+            "id": {**_ID, "description": "The fork's id (default: a new uuid4)"},
+            "params": {**_ANY, "description": "The fork's params (null: the origin's)"},
+            "overrides": {
+                "type": ["object", "null"],
+                "additionalProperties": _ANY,
+                "description": "{step name: output}: the output of the first occurrence of a "
+                "kept step in the fork",
+            },
+        },
+    },
+    "StepRef": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "count": {"type": "integer", "minimum": 1, "default": 1},
+        },
+    },
+    "Forked": {
+        "type": "object",
+        "required": ["id", "workflow", "status", "forked_from"],
+        "properties": {
+            "id": {"type": "string"},
+            "workflow": {"type": "string"},
+            "status": _STATUS,
+            "forked_from": _ref("ForkedFrom"),
+        },
+    },
+    "ForkedFrom": {
+        "type": "object",
+        "description": "Where a fork comes from",
+        "properties": {
+            "workflow": {"type": "string"},
+            "instance": {"type": "string"},
+            "at_step": _ref("StepRef"),
+        },
     },
     "InstanceSummary": {
         "type": "object",
@@ -506,6 +571,10 @@ SCHEMAS: dict[str, Any] = {
             "rollback": {
                 "type": ["object", "null"],
                 "description": "Its saga rollback: {outcome, error}; null if none ran",
+            },
+            "forked_from": {
+                "oneOf": [{"type": "null"}, _ref("ForkedFrom")],
+                "description": "For a fork: its origin; null for any other instance",
             },
         },
     },

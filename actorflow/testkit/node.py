@@ -411,6 +411,29 @@ class NodeProcess:
         """``pause``, ``resume``, ``terminate``, ``restart`` or ``delete`` an instance here."""
         self.request("control", workflow=workflow, id=id, action=action, from_step=from_step)
 
+    def fork(
+        self,
+        workflow: str,
+        id: str,
+        at_step: str | Mapping[str, Any],
+        *,
+        new_id: str | None = None,
+        params: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> str:
+        """``inst.fork`` through this node (which then owns the fork); returns the fork's id."""
+        return str(
+            self.request(
+                "fork",
+                workflow=workflow,
+                id=id,
+                at_step=at_step if isinstance(at_step, str) else dict(at_step),
+                new_id=new_id,
+                params=params,
+                overrides=None if overrides is None else dict(overrides),
+            )
+        )
+
     def delete_batch(self, workflow: str, ids: list[str]) -> dict[str, Any]:
         """``delete_batch`` through this node; returns its ``{"deleted", "errors"}``."""
         result: dict[str, Any] = self.request("delete_batch", workflow=workflow, ids=ids)
@@ -528,6 +551,18 @@ class _Server:
             getattr(inst, action)()
         else:
             raise ValueError(f"unknown action {action!r}")
+
+    def op_fork(
+        self,
+        workflow: str,
+        id: str,
+        at_step: Any,
+        new_id: str | None = None,
+        params: Any = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> str:
+        inst = self.rt.workflow(workflow).get(id)
+        return inst.fork(at_step, id=new_id, params=params, overrides=overrides).id
 
     def op_delete_batch(self, workflow: str, ids: list[str]) -> dict[str, Any]:
         return self.rt.workflow(workflow).delete_batch(ids)

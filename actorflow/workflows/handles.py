@@ -38,6 +38,7 @@ from actorflow.workflows.engine.creation import (
     RecordNumbers,
     new_instance_batch,
 )
+from actorflow.workflows.engine.forking import fork_instance_batch, plan_fork
 from actorflow.workflows.engine.messages import (
     Delete,
     Event,
@@ -58,6 +59,7 @@ from actorflow.workflows.records import (
     load,
     queue_key,
     step_key,
+    steps_prefix,
 )
 from actorflow.workflows.subscribe import Subscription
 from actorflow.workflows.supervisor import Supervisor
@@ -165,6 +167,59 @@ class Instance:
     async def delete_async(self) -> None:
         """:meth:`delete` for asyncio (the call waits in a worker thread)."""
         await asyncio.get_running_loop().run_in_executor(None, self.delete)
+
+    def fork(
+        self,
+        at_step: str | Mapping[str, Any],
+        *,
+        id: str | None = None,
+        params: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Instance:
+        """Creates a new instance of the workflow that replays this one up to ``at_step``.
+
+        The fork keeps this instance's completed ``do`` steps, sleeps and
+        event waits that started before ``at_step`` (their stored outputs, or
+        those in ``overrides``); its run replays them without running their
+        bodies, and runs ``at_step`` and every later step anew. It is queued
+        like a created instance, in one atomic write (a crash leaves no fork
+        or a whole one). This instance is only read, in any status: a running
+        one gives the steps durably written so far. Its buffered events are
+        not copied. The fork's ``describe().forked_from`` and the data of its
+        ``WORKFLOW_QUEUED`` history event name its origin.
+
+        Args:
+            at_step: A step name (its first occurrence) or ``{"name": ...,
+                "count": n}``; it must be among this instance's steps.
+            id: The fork's id (None: a uuid4, as ``create`` makes).
+            params: The fork's params (None: this instance's).
+            overrides: ``{step name: output}``: the output the first
+                occurrence of each (a kept ``do`` step or event wait) returns
+                in the fork.
+
+        Raises:
+            InvalidInstanceState: ``at_step`` is not one of its steps; a step
+                before it failed or has not ended; an override names a step
+                that does not exist, is not before ``at_step``, or is a sleep.
+            SerializationError: ``params`` or an override cannot be serialized.
+            InvalidInstanceId: A malformed ``id``.
+            InstanceAlreadyExists: ``id`` exists.
+            InstanceNotFound: This instance does not exist.
+            RateLimitError: The workflow's queue is full.
+        """
+        return self._b.fork_of(self, at_step, id=id, params=params, overrides=overrides)
+
+    async def fork_async(
+        self,
+        at_step: str | Mapping[str, Any],
+        *,
+        id: str | None = None,
+        params: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Instance:
+        """:meth:`fork` for asyncio (the call waits in a worker thread)."""
+        call = functools.partial(self.fork, at_step, id=id, params=params, overrides=overrides)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
 
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""
@@ -571,6 +626,10 @@ class WorkflowBinding:
         """
         self._ctx.check()
         iid, where, seq, batch = self._new_instance(id, params, self._numbers.take())
+        return self._write_new(iid, where, seq, batch)
+
+    def _write_new(self, iid: str, where: str, seq: int, batch: WriteBatch) -> Instance:
+        """Writes the batch that creates instance ``iid`` and does the bookkeeping."""
         self._wfe.router.reserve(1, where)
         try:
             self._storage.write(batch)
@@ -581,6 +640,46 @@ class WorkflowBinding:
             raise failure from None
         self._created(iid, where, seq, None)
         return Instance(self, iid)
+
+    def fork_of(
+        self,
+        origin: Instance,
+        at_step: str | Mapping[str, Any],
+        *,
+        id: str | None = None,
+        params: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Instance:
+        """Forks instance ``origin``: see :meth:`Instance.fork`."""
+        self._ctx.check()
+        iid = validate_instance_id(id if id is not None else self._ids.next(), self.name)
+        rk = origin.parts.record_key(origin.id)
+        rec = origin.parts.record(origin.id, rk)
+        plan = plan_fork(
+            self._wfe,
+            origin.id,
+            self._storage.scan(STEPS, prefix=steps_prefix(rk)),
+            at_step,
+            overrides,
+            self._storage.serializer,
+        )
+        where = f"workflow {self.name!r}, instance {iid!r}: fork of {origin.id!r}"
+        stored = rec.get("params")
+        data = stored if params is None and stored else self._encode(params, where)
+        seq = self._ctx.next_seq()
+        obs = self._ctx.observer
+        batch = fork_instance_batch(
+            self._wfe,
+            origin.id,
+            plan,
+            iid,
+            self._numbers.take(),
+            data,
+            self._ctx.now_ms(),
+            seq,
+            obs.traceparent() if obs is not None else None,
+        )
+        return self._write_new(iid, where, seq, batch)
 
     async def create_async(self, id: str | None = None, params: Any = None) -> Instance:
         """:meth:`create` for asyncio: awaits the commit without blocking the loop.

@@ -16,7 +16,15 @@ from typing import Any
 from actorflow.core.clock import to_datetime
 from actorflow.core.storage import Storage
 from actorflow.workflows.matching import PATCH_KIND, Divergence
-from actorflow.workflows.records import HIST, STEPS, hist_prefix, hist_seq, load, steps_prefix
+from actorflow.workflows.records import (
+    HIST,
+    STEPS,
+    fork_origin,
+    hist_prefix,
+    hist_seq,
+    load,
+    steps_prefix,
+)
 from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
 __all__ = [
@@ -126,6 +134,9 @@ class StepRecord:
     config: dict[str, Any] | None = None
     deadline: datetime | None = None
     divergence: dict[str, Any] | None = None
+    #: True in a fork (``inst.fork``) for a step kept from its origin: it ran
+    #: there, at these times, and the fork's run replays it.
+    forked: bool = False
 
 
 _RANK = {
@@ -153,6 +164,7 @@ REDACTED = "[redacted]"
 
 
 _ROLLBACK_STEP = 2.5
+_FORKED = 0.5  # after WORKFLOW_QUEUED, before WORKFLOW_START (see build_sourced_history)
 
 
 def _dt(ms: int | None) -> datetime | None:
@@ -210,6 +222,7 @@ def build_numbered_steps(records: list[dict[str, Any]], loads: Any) -> list[tupl
                     config=r.get("cfg"),
                     deadline=_dt(r.get("dl")),
                     divergence=Divergence.from_record(dv).document() if dv else None,
+                    forked=bool(r.get("fk")),
                 ),
             )
         )
@@ -249,13 +262,18 @@ def build_sourced_history(
     ``stored`` pairs each stored event with its sequence number, ``steps``
     each step record with its ``seq``, both in that order.
     """
+    origin = fork_origin(instance)  # a fork's creation names where it comes from
     lifecycle: list[tuple[float, float, int, Source, HistoryEvent]] = [
         (
             instance["created"],
             0,
             0,
             ("q", 0, 0),
-            HistoryEvent("WORKFLOW_QUEUED", to_datetime(instance["created"] / 1000)),
+            HistoryEvent(
+                "WORKFLOW_QUEUED",
+                to_datetime(instance["created"] / 1000),
+                data={"forked_from": origin} if origin is not None else {},
+            ),
         )
     ]
     for i, (seq, e) in enumerate(stored):
@@ -270,70 +288,15 @@ def build_sourced_history(
         )
     events: list[tuple[float, float, int, Source, HistoryEvent]] = []
     order = 0
-    step_seq = 0
-    index = 0
-
-    def add(ms: float, ev: HistoryEvent, rank: float = 2) -> None:
-        nonlocal order, index
-        order += 1
-        events.append((ms, rank, order, ("s", step_seq, index), ev))
-        index += 1
-
     for seq, s in _logged(steps):
-        step_seq, index = seq, 0
-        label = f"{s.name}-{s.count}"
-        t0 = s.start.timestamp() * 1000 if s.start else instance["created"]
-        if s.kind == "rollback":
-            for ms, ev in _rollback_events(s, label):
-                add(ms, ev, _ROLLBACK_STEP)
-        elif s.kind == "do":
-            add(
-                t0,
-                HistoryEvent(
-                    "STEP_START",
-                    s.start or to_datetime(t0 / 1000),
-                    label,
-                    data={"config": s.config},
-                ),
-            )
-            for a in s.attempts:
-                for ms, ev in _attempt_events(a, label):
-                    add(ms, ev)
-            if s.status == "complete" and s.end:
-                add(
-                    s.end.timestamp() * 1000,
-                    HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}),
-                )
-            elif s.status == "errored" and s.end:
-                add(
-                    s.end.timestamp() * 1000,
-                    HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}),
-                )
-        elif s.kind == "sleep":
-            dur = (s.deadline.timestamp() * 1000 - t0) if s.deadline else 0
-            add(
-                t0,
-                HistoryEvent(
-                    "SLEEP_START",
-                    s.start or to_datetime(t0 / 1000),
-                    label,
-                    data={"durationMs": max(0, int(dur))},
-                ),
-            )
-            if s.status == "complete" and s.end:
-                add(s.end.timestamp() * 1000, HistoryEvent("SLEEP_COMPLETE", s.end, label))
-        else:
-            add(t0, HistoryEvent("WAIT_START", s.start or to_datetime(t0 / 1000), label))
-            if s.status == "complete" and s.end:
-                add(
-                    s.end.timestamp() * 1000,
-                    HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}),
-                )
-            elif s.status == "errored" and s.end:
-                add(
-                    s.end.timestamp() * 1000,
-                    HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}),
-                )
+        for index, (ms, rank, ev) in enumerate(_step_events(s, instance["created"])):
+            if s.forked:
+                # A step a fork kept from its origin ran there, before the fork
+                # existed: its events come right after the fork's creation, in
+                # the order they had, with their own times.
+                ms, rank = instance["created"], _FORKED
+            order += 1
+            events.append((ms, rank, order, ("s", seq, index), ev))
     events.sort(key=lambda t: (t[0], t[1], t[2]))
     # A merge, not a sort: it keeps the order within each stream.
     merged = heapq.merge(lifecycle, events, key=lambda t: (t[0], t[1]))
@@ -343,6 +306,69 @@ def build_sourced_history(
 def _logged(steps: list[tuple[int, StepRecord]]) -> list[tuple[int, StepRecord]]:
     """The steps with events in the log: a patch is the answer of step.patched, not a step."""
     return [p for p in steps if p[1].kind != PATCH_KIND]
+
+
+def _step_events(s: StepRecord, created: int) -> list[tuple[float, float, HistoryEvent]]:
+    """The events of one step record: ``(ms, rank, event)``, in their order."""
+    out: list[tuple[float, float, HistoryEvent]] = []
+
+    def add(ms: float, ev: HistoryEvent, rank: float = 2) -> None:
+        out.append((ms, rank, ev))
+
+    label = f"{s.name}-{s.count}"
+    t0 = s.start.timestamp() * 1000 if s.start else created
+    if s.kind == "rollback":
+        for ms, ev in _rollback_events(s, label):
+            add(ms, ev, _ROLLBACK_STEP)
+    elif s.kind == "do":
+        add(
+            t0,
+            HistoryEvent(
+                "STEP_START",
+                s.start or to_datetime(t0 / 1000),
+                label,
+                data={"config": s.config},
+            ),
+        )
+        for a in s.attempts:
+            for ms, ev in _attempt_events(a, label):
+                add(ms, ev)
+        if s.status == "complete" and s.end:
+            add(
+                s.end.timestamp() * 1000,
+                HistoryEvent("STEP_SUCCESS", s.end, label, data={"result": s.output}),
+            )
+        elif s.status == "errored" and s.end:
+            add(
+                s.end.timestamp() * 1000,
+                HistoryEvent("STEP_FAILURE", s.end, label, data={"error": s.error}),
+            )
+    elif s.kind == "sleep":
+        dur = (s.deadline.timestamp() * 1000 - t0) if s.deadline else 0
+        add(
+            t0,
+            HistoryEvent(
+                "SLEEP_START",
+                s.start or to_datetime(t0 / 1000),
+                label,
+                data={"durationMs": max(0, int(dur))},
+            ),
+        )
+        if s.status == "complete" and s.end:
+            add(s.end.timestamp() * 1000, HistoryEvent("SLEEP_COMPLETE", s.end, label))
+    else:
+        add(t0, HistoryEvent("WAIT_START", s.start or to_datetime(t0 / 1000), label))
+        if s.status == "complete" and s.end:
+            add(
+                s.end.timestamp() * 1000,
+                HistoryEvent("WAIT_COMPLETE", s.end, label, data={"payload": s.output}),
+            )
+        elif s.status == "errored" and s.end:
+            add(
+                s.end.timestamp() * 1000,
+                HistoryEvent("WAIT_TIMED_OUT", s.end, label, data={"error": s.error}),
+            )
+    return out
 
 
 def _attempt_events(a: Attempt, label: str) -> list[tuple[float, HistoryEvent]]:

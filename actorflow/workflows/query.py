@@ -48,6 +48,7 @@ from actorflow.workflows.records import (
     INST,
     STEPS,
     events_prefix,
+    fork_origin,
     idx_iid,
     idx_key,
     idx_order,
@@ -129,6 +130,8 @@ class InstanceDescription:
             a crash, a takeover by another node).
         owner: Multi-node: the id of the node that runs it (None on one node).
         rollback: Its saga rollback, as ``InstanceStatus.rollback`` (None: none ran).
+        forked_from: For a fork (``inst.fork``), its origin: ``{"workflow",
+            "instance", "at_step": {"name", "count"}}``; None for any other.
     """
 
     workflow: str
@@ -147,6 +150,7 @@ class InstanceDescription:
     epoch: int
     owner: str | None
     rollback: dict[str, Any] | None = None
+    forked_from: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +378,7 @@ class Query:
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
             rollback=rollback_status(rec.get("rb")),
+            forked_from=fork_origin(rec),
         )
 
     def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:

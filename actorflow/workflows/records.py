@@ -85,6 +85,7 @@ __all__ = [
     "epoch_bytes",
     "event_key",
     "exists_guard",
+    "fork_origin",
     "hist_key",
     "hist_prefix",
     "hist_seq",
@@ -108,7 +109,9 @@ __all__ = [
     "rkey_of",
     "split_idx_key",
     "step_key",
+    "step_key_of",
     "step_target",
+    "steps_prefix",
     "target_rkey",
     "written_rkey",
 ]
@@ -173,6 +176,9 @@ class InstanceRecord(TypedDict, total=False):
     # ``terminate(rollback=True)``), ``go`` (ROLLBACK_START is written), ``fe``
     # and ``fx`` (the error that failed the instance: its dict, and serialized).
     rb: dict[str, Any] | None
+    # Made by ``inst.fork``: the origin, ``{"w": workflow, "i": instance id,
+    # "n": at_step's name, "c": its count}``. Absent on every other instance.
+    fk: dict[str, Any]
 
 
 #: One attempt of a ``step.do``: ``(start ms, end ms, {name, message} or None,
@@ -210,6 +216,7 @@ class StepCheckpoint(TypedDict, total=False):
     # Where a replay met this step at another position than the recorded one
     # (see matching.Divergence.record): the first divergence of the run.
     dv: dict[str, Any]
+    fk: bool  # a fork's: kept from its origin (absent on every other record)
 
 
 class EventRecord(TypedDict):
@@ -312,6 +319,30 @@ def _name_digest(kind: str, name: str) -> bytes:
 def step_key(rk: bytes, kind: str, name: str, count: int) -> bytes:
     """Returns the key of occurrence ``count`` of step ``name`` of ``kind``."""
     return rk + b"\x00" + _name_digest(kind, name) + _U32.pack(count)
+
+
+def step_key_of(rk: bytes, record: StepCheckpoint | dict[str, Any]) -> bytes:
+    """Returns the key of step ``record`` among the steps of the instance keyed ``rk``.
+
+    A fork stores the steps it keeps from its origin under its own ``rk``
+    with this: the key depends only on the record's kind, name and count.
+    """
+    return step_key(rk, record["k"], record["n"], record["c"])
+
+
+def fork_origin(record: InstanceRecord | dict[str, Any]) -> dict[str, Any] | None:
+    """Where a fork comes from: ``{"workflow", "instance", "at_step": {"name", "count"}}``.
+
+    None for an instance that is not a fork (see ``inst.fork``).
+    """
+    fk = record.get("fk")
+    if not fk:
+        return None
+    return {
+        "workflow": fk["w"],
+        "instance": fk["i"],
+        "at_step": {"name": fk["n"], "count": fk["c"]},
+    }
 
 
 def steps_prefix(rk: bytes) -> bytes:

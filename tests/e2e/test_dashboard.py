@@ -211,3 +211,55 @@ def test_dashboard_asks_for_the_token_and_sends_it(
         page.click("button[data-action='pause']")
         page.wait_for_selector("#status [data-status='paused']")
     assert checkout.get("order-7").status().status == "paused"
+
+
+def test_dashboard_forks_an_instance_and_moves_to_the_fork(
+    rt: af.Runtime, clock: FakeClock, page: Any
+) -> None:
+    checkout = rt.register(Checkout, name="checkout")
+    origin = checkout.create(id="order-9", params={"id": 9, "amount": 90, "items": ["cup"]})
+    clock.advance("1 second")
+    clock.advance("2 seconds")
+    eventually(lambda: step_status(origin, "cool down") is not None)
+    clock.advance("5 seconds")
+    eventually(lambda: step_status(origin, "approval") == "waiting")
+    with serving(rt) as url:
+        page.goto(url + "/#/i/checkout/order-9")
+        page.wait_for_selector("#status [data-status='waiting']")
+        # the select offers the instance's steps, by name and count
+        labels = page.locator("#fork-step option").evaluate_all("els => els.map(e => e.text)")
+        assert labels == [
+            "fork at step…",
+            "fork at charge card",
+            "fork at cool down",
+            "fork at approval",
+        ]
+        page.select_option("#fork-step", '{"name":"approval","count":1}')
+        page.fill("#fork-id", "order-9b")
+        page.click("button[data-action='fork']")
+        assert page.inner_text("button[data-action='fork']") == "Confirm fork"
+        with pytest.raises(af.InstanceNotFound):
+            checkout.get("order-9b")  # nothing happens before the second click
+        page.click("button[data-action='fork']")
+        page.wait_for_function("location.hash === '#/i/checkout/order-9b'")
+        page.wait_for_selector("#forked-from")
+        assert page.inner_text("#forked-from") == "order-9"
+        page.wait_for_selector("#status [data-status='waiting']")
+        fork = checkout.get("order-9b")
+        assert fork.describe().forked_from == {
+            "workflow": "checkout",
+            "instance": "order-9",
+            "at_step": {"name": "approval", "count": 1},
+        }
+        assert [s.name for s in fork.steps() if s.forked] == ["charge card", "cool down"]
+        # the origin's link leads back; a fork to an id that exists is refused, shown
+        page.click("#forked-from")
+        page.wait_for_function("location.hash === '#/i/checkout/order-9'")
+        page.wait_for_selector("#fork-step option:nth-child(4)")
+        page.select_option("#fork-step", '{"name":"approval","count":1}')
+        page.fill("#fork-id", "order-9b")
+        page.click("button[data-action='fork']")
+        page.click("button[data-action='fork']")
+        page.wait_for_selector("#notice.bad")
+        assert "InstanceAlreadyExists" in page.inner_text("#notice")
+    assert origin.status().status == "waiting"

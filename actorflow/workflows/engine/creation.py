@@ -154,6 +154,7 @@ def new_instance_batch(
     seq: int,
     traceparent: str | None = None,
     schedule: tuple[str, int] | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> WriteBatch:
     """Returns the writes that create a queued instance (guarded: it must not exist).
 
@@ -166,6 +167,7 @@ def new_instance_batch(
     ``n`` is the instance's record number (:class:`RecordNumbers`).
     ``schedule`` is ``(cron expression, tick in epoch ms)`` for an instance
     a cron schedule creates (:mod:`actorflow.workflows.schedules`).
+    ``origin`` is the ``fk`` of a fork (see :mod:`~actorflow.workflows.engine.forking`).
     """
     ik = wfe.ik(iid)
     nb = record_number(n)
@@ -182,6 +184,8 @@ def new_instance_batch(
         rec["tp"] = traceparent
     if schedule is not None:
         rec["sch"] = {"c": schedule[0], "t": schedule[1]}
+    if origin is not None:
+        rec["fk"] = origin
     batch = WriteBatch()
     # The guard matches the first put: it is one insert (Storage._apply).
     batch.guard(IDS, ik, None)
