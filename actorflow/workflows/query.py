@@ -121,6 +121,8 @@ class InstanceDescription:
             a crash, a takeover by another node).
         owner: Multi-node: the id of the node that runs it (None on one node).
         rollback: Its saga rollback, as ``InstanceStatus.rollback`` (None: none ran).
+        key: Its flow-control key (``create(key=)``); None: none.
+        priority: Its priority (``create(priority=)``; 0 by default).
     """
 
     workflow: str
@@ -139,6 +141,8 @@ class InstanceDescription:
     epoch: int
     owner: str | None
     rollback: dict[str, Any] | None = None
+    key: str | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,8 @@ class Query:
             epoch=int(rec.get("epoch", 1)),
             owner=owner.decode() if owner is not None else None,
             rollback=rollback_status(rec.get("rb")),
+            key=rec.get("fk"),
+            priority=int(rec.get("pr", 0)),
         )
 
     def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:
