@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -168,3 +169,145 @@ def test_bad_input_is_refused_by_name(rt: af.Runtime, journal: Journal) -> None:
     ok = wf.create(id="fine", params={"key": "k"}, key="x" * 100, priority=-(2**31))
     assert ok.wait(timeout=10).status == "complete"
     assert ok.describe().key == "x" * 100
+
+
+def test_queued_keys_and_priorities_survive_a_restart(
+    make_runtime: Any, location: str, journal: Journal
+) -> None:
+    first = make_runtime()
+    wf = first.unregistered("keyed")  # queues only: nothing runs here
+    wf.create_batch(
+        [
+            {"id": f"{k}{n}", "params": {"key": k}, "key": k, "priority": -n}
+            for k in ("a", "b")
+            for n in range(4)
+        ]
+    )
+    wf.create(id="low", params={"key": "c"}, priority=9)
+    wf.create(id="high", params={"key": "c"}, key="c", priority=-9)
+    first.close()
+    rt = make_runtime(limits=af.Limits(max_concurrent=10, max_concurrent_per_key=1))
+    wf = _register(rt, journal)
+    d = wf.get("a1").describe()
+    assert (d.status, d.key, d.priority) == ("queued", "a", -1)
+    journal.gate("key:c").set()
+    assert wf.get("low").wait(timeout=10).status == "complete"
+    kc: KeyCount = journal.data["kc"]
+    assert kc.starts.index("high") < kc.starts.index("low")
+    wait_for(lambda: sorted(kc.starts) == ["a3", "b3", "high", "low"])
+    assert rt.wait_until_idle(0.2) is False  # a3 and b3 hold their keys
+    journal.gate("key:a").set()
+    journal.gate("key:b").set()
+    for k in ("a", "b"):
+        for n in range(4):
+            assert wf.get(f"{k}{n}").wait(timeout=10).status == "complete"
+    assert [i for i in kc.starts if i[0] == "a"] == ["a3", "a2", "a1", "a0"]
+    assert kc.peak["a"] == kc.peak["b"] == 1
+
+
+def test_each_node_enforces_the_cap_for_what_it_runs(location: str, tmp_path: Path) -> None:
+    from actorflow.testing import NodeProcess
+
+    log = tmp_path / "journal.txt"
+    env = {"SLOW_MS": "20", "KEY_CAP": "1"}
+    app = "apps.node_app:factory"
+    with (
+        NodeProcess(location, app, node_id="a", lease_timeout=5, env=env) as a,
+        NodeProcess(location, app, node_id="b", lease_timeout=5, env=env) as b,
+    ):
+        ids = []
+        for node in (a, b):
+            items = [
+                {
+                    "id": f"{node.node_id}-{k}-{n}",
+                    "params": {"journal": str(log), "key": f"k{k}"},
+                    "key": f"k{k}",
+                }
+                for n in range(8)
+                for k in range(3)
+            ]
+            ids += [(node, i) for i in node.create_batch("keyed", items)]
+        pids = {}
+        for node, iid in ids:
+            pids[iid] = node.wait_for_status("keyed", iid, "complete", timeout=60)["output"]
+        assert {pids[i] for _, i in ids if i.startswith("a-")} == {a.pid}
+        assert {pids[i] for _, i in ids if i.startswith("b-")} == {b.pid}
+    running: Counter[tuple[str, str]] = Counter()
+    per_node_peak: Counter[tuple[str, str]] = Counter()
+    across: Counter[str] = Counter()
+    across_peak: Counter[str] = Counter()
+    for line in log.read_text().splitlines():
+        what, pid, key = line.split()
+        step = 1 if what == "start" else -1
+        running[(pid, key)] += step
+        across[key] += step
+        per_node_peak[(pid, key)] = max(per_node_peak[(pid, key)], running[(pid, key)])
+        across_peak[key] = max(across_peak[key], across[key])
+    assert len(per_node_peak) == 6  # both nodes ran every key
+    assert set(per_node_peak.values()) == {1}  # the cap holds on each node
+    # Not a global cap: each node enforces its own, so a key runs at most once per node.
+    assert max(across_peak.values()) <= 2
+
+
+class KeyedSleeper(af.Workflow):
+    """A step, a sleep of a minute, then a step that blocks on gate ``"b"``."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        j: Journal = self.env
+        iid = event.instance_id
+
+        def second() -> None:
+            j.data["kc"].enter("sleeper:k", iid + ".b")
+            j.add(("start", "k", iid + ".b"))
+            try:
+                j.block("b")
+            finally:
+                j.data["kc"].leave("sleeper:k")
+
+        step.do("a", lambda: j.data["kc"].starts.append(iid + ".a"))
+        step.sleep("nap", "1 minute")
+        step.do("b", second)
+
+
+def test_a_sleeping_instance_gives_its_key_slot_back_and_wakes_first(
+    make_runtime: Any, journal: Journal, clock: Any
+) -> None:
+    rt = make_runtime(limits=af.Limits(max_concurrent=10, max_concurrent_per_key=1))
+    journal.data["kc"] = KeyCount()
+    sleeper = rt.register(KeyedSleeper, name="sleeper", env=journal)
+    keyed = rt.register(Keyed, name="keyed", env=journal)
+    kc: KeyCount = journal.data["kc"]
+    s1 = sleeper.create(id="s1", key="k")
+    s1.wait_for_status("waiting")
+    # Sleeping, it holds no slot of its key: another instance of the key starts.
+    n1 = keyed.create(id="n1", params={"key": "k"}, key="k")
+    wait_for(lambda: "n1" in kc.starts)
+    # Keys are per workflow: "k" of "keyed" is full, "k" of "sleeper" is not.
+    s2 = sleeper.create(id="s2", key="k")
+    s2.wait_for_status("waiting")
+    n2 = keyed.create(id="n2", params={"key": "k"}, key="k")
+    assert rt.metrics().workflows["keyed"].queued_by_key == {"k": 1}
+    assert rt.metrics().workflows["sleeper"].running_by_key == {}
+    s3 = sleeper.create(id="s3", key="k", priority=-1)  # runs at once: "k" is free
+    wait_for(lambda: "s3.a" in kc.starts)
+    s3.wait_for_status("waiting")
+    clock.advance("1 minute", settle_timeout=0.2)
+    # s1, s2 and s3 woke: one of them runs its second step, the others wait for "k".
+    wait_for(lambda: sum(1 for i in kc.starts if i.endswith(".b")) == 1)
+    assert rt.wait_until_idle(0.2) is False
+    assert rt.metrics().workflows["sleeper"].running_by_key == {"k": 1}
+    assert {s.status().status for s in (s1, s2, s3)} == {"running", "queued"}
+    # A new instance of the key, however urgent, goes after the woken ones.
+    s4 = sleeper.create(id="s4", key="k", priority=-100)
+    journal.gate("b").set()
+    for s in (s1, s2, s3):
+        assert s.wait(timeout=10).status == "complete"
+    wait_for(lambda: "s4.a" in kc.starts)
+    assert kc.starts.index("s4.a") > max(kc.starts.index(f"s{n}.b") for n in (1, 2, 3))
+    s4.wait_for_status("waiting")
+    assert kc.peak["sleeper:k"] == 1
+    assert n2.status().status == "queued"  # "keyed"'s "k" is still held by n1
+    journal.gate("key:k").set()
+    assert n1.wait(timeout=10).status == n2.wait(timeout=10).status == "complete"
+    assert kc.starts.index("n2") > kc.starts.index("n1")
+    assert kc.peak["k"] == 1
