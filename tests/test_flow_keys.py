@@ -311,3 +311,40 @@ def test_a_sleeping_instance_gives_its_key_slot_back_and_wakes_first(
     assert n1.wait(timeout=10).status == n2.wait(timeout=10).status == "complete"
     assert kc.starts.index("n2") > kc.starts.index("n1")
     assert kc.peak["k"] == 1
+
+
+class Quick(af.Workflow):
+    """Returns at once, except on the hot key, whose bodies block on gate ``"hot"``."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> Any:
+        j: Journal = self.env
+        key = event.payload
+
+        def body() -> None:
+            j.add(key)
+            if key == "hot":
+                j.block("hot", timeout=60)
+
+        step.do("work", body)
+
+
+@pytest.mark.slow
+def test_ten_thousand_queued_over_a_hundred_keys(make_runtime: Any, journal: Journal) -> None:
+    """The issue's figure: 10,000 queued, 5,000 on one hot key capped at 2."""
+    rt = make_runtime(limits=af.Limits(max_concurrent=200, max_concurrent_per_key=2))
+    wf = rt.register(Quick, name="quick", env=journal)
+    items = []
+    for n in range(10_000):
+        key = "hot" if n % 2 == 0 else f"k{n % 99}"
+        items.append({"id": f"i{n}", "params": key, "key": key})
+    wf.create_batch(items)
+    cold = [i["id"] for i in items if i["key"] != "hot"]
+    for iid in cold:
+        assert wf.get(iid).wait(timeout=60).status == "complete"
+    assert journal.counts()["hot"] == 2
+    m = rt.metrics().workflows["quick"]
+    assert m.queued_by_key == {"hot": 4_998} and m.queued_keys == 1
+    assert m.running_by_key == {"hot": 2}
+    journal.gate("hot").set()
+    wait_for(lambda: rt.metrics().counts.get("complete") == 10_000, timeout=120)
+    assert journal.counts()["hot"] == 5_000
