@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -348,3 +348,53 @@ def test_ten_thousand_queued_over_a_hundred_keys(make_runtime: Any, journal: Jou
     journal.gate("hot").set()
     wait_for(lambda: rt.metrics().counts.get("complete") == 10_000, timeout=120)
     assert journal.counts()["hot"] == 5_000
+
+
+def test_http_and_cli_take_and_show_keys(
+    make_runtime: Any, location: str, journal: Journal
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from starlette.testclient import TestClient
+
+    from actorflow.cli import cli
+    from actorflow.http import create_app
+
+    rt = make_runtime(limits=af.Limits(max_concurrent_per_key=1))
+    wf = _register(rt, journal)
+    app = create_app(rt)
+    base = "/api/workflows/keyed/instances"
+    with TestClient(app, headers={"Authorization": f"Bearer {app.state.token}"}) as c:
+        r = c.post(base, json={"id": "h1", "params": {"key": "h"}, "key": "h", "priority": 3})
+        assert r.status_code == 201, r.text
+        r = c.post(
+            base + "/batch",
+            json=[{"id": f"h{n}", "params": {"key": "h"}, "key": "h"} for n in (2, 3)],
+        )
+        assert r.status_code == 201, r.text
+        wait_for(lambda: "h1" in journal.data["kc"].starts)
+        got = c.get(base + "/h2").json()["result"]["description"]
+        assert (got["key"], got["priority"]) == ("h", 0)
+        assert c.get(base + "/h1").json()["result"]["description"]["priority"] == 3
+        m = c.get("/api/metrics").json()["result"]["metrics"]["workflows"]["keyed"]
+        assert m["queued_by_key"] == {"h": 2} and m["running_by_key"] == {"h": 1}
+        assert m["max_concurrent_per_key"] == 1
+        for bad in ({"priority": "high"}, {"key": ""}, {"priority": 2**40}):
+            r = c.post(base, json={"id": "bad", **bad})
+            assert r.status_code == 400, r.text
+            [err] = r.json()["errors"]
+            assert err["name"] == "InvalidFlowControl" and "'bad'" in err["message"]
+        assert c.get(base + "/bad").status_code == 404
+        doc = c.get("/openapi.json").json()
+        props = doc["components"]["schemas"]["CreateInstance"]["properties"]
+        assert {"key", "priority"} <= set(props)
+    if location.startswith("postgres"):
+        return  # the command reads a data directory here
+    rt.close()
+    out = CliRunner().invoke(cli, ["--data", location, "--json", "metrics"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    keyed = json.loads(out.output)["workflows"]["keyed"]
+    assert keyed["queued_by_key"] == {"h": 3} and keyed["queued_keys"] == 1
+    out = CliRunner().invoke(cli, ["--data", location, "metrics"], catch_exceptions=False)
+    assert "queued_by_key" in out.output and "h=3" in out.output

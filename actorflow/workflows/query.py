@@ -53,6 +53,7 @@ from actorflow.workflows.records import (
     ikey,
     load,
     queue_db,
+    queued_by_key,
     rkey,
     split_idx_key,
 )
@@ -579,6 +580,11 @@ class Query:
     def queue_depth(self, workflow: str) -> int:
         """How many of a workflow's instances wait in its queue for a slot."""
         return self.storage.count(queue_db(workflow))
+
+    def queued_by_key(self, workflow: str, top: int = 10) -> tuple[dict[str, int], int]:
+        """The flow-control keys with most queued instances (at most ``top``), and how
+        many keys have some; O(keyed instances queued)."""
+        return queued_by_key(self.storage, workflow, top)
 
     def timer_backlog(self) -> int:
         """How many timers are pending (sleeps, event timeouts, retries, alarms)."""
