@@ -362,7 +362,7 @@ def test_http_and_cli_take_and_show_keys(
     from actorflow.http import create_app
 
     rt = make_runtime(limits=af.Limits(max_concurrent_per_key=1))
-    wf = _register(rt, journal)
+    _register(rt, journal)
     app = create_app(rt)
     base = "/api/workflows/keyed/instances"
     with TestClient(app, headers={"Authorization": f"Bearer {app.state.token}"}) as c:
