@@ -379,8 +379,12 @@ def test_http_and_cli_take_and_show_keys(
         assert c.get(base + "/h1").json()["result"]["description"]["priority"] == 3
         m = c.get("/api/metrics").json()["result"]["metrics"]["workflows"]["keyed"]
         assert m["queued_by_key"] == {"h": 2} and m["running_by_key"] == {"h": 1}
+        assert m["queued_keys"] == 1
         assert m["max_concurrent_per_key"] == 1
-        for bad in ({"priority": "high"}, {"key": ""}, {"priority": 2**40}):
+        r = c.post(base, json={"id": "h4", "params": {"key": "h"}, "key": "h", "priority": 2.0})
+        assert r.status_code == 201, r.text  # JSON's 2.0 is the integer 2
+        assert c.get(base + "/h4").json()["result"]["description"]["priority"] == 2
+        for bad in ({"priority": "high"}, {"key": ""}, {"priority": 2**40}, {"priority": 1.5}):
             r = c.post(base, json={"id": "bad", **bad})
             assert r.status_code == 400, r.text
             [err] = r.json()["errors"]
@@ -395,6 +399,6 @@ def test_http_and_cli_take_and_show_keys(
     out = CliRunner().invoke(cli, ["--data", location, "--json", "metrics"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     keyed = json.loads(out.output)["workflows"]["keyed"]
-    assert keyed["queued_by_key"] == {"h": 3} and keyed["queued_keys"] == 1
+    assert keyed["queued_by_key"] == {"h": 4} and keyed["queued_keys"] == 1
     out = CliRunner().invoke(cli, ["--data", location, "metrics"], catch_exceptions=False)
-    assert "queued_by_key" in out.output and "h=3" in out.output
+    assert "queued_by_key" in out.output and "h=4" in out.output

@@ -443,12 +443,16 @@ def _create_item(body: Any) -> dict[str, Any]:
     iid = body.get("id", body.get("instance_id"))
     if iid is not None and not isinstance(iid, str):
         raise ApiError(400, "InvalidInstanceId", f"an instance id is a string, not {iid!r}")
-    # key and priority are checked by create (InvalidFlowControl: a 400).
+    # key and priority are checked by create (InvalidFlowControl: a 400). JSON has no
+    # int type: 3.0 is the integer 3 (as JSON Schema's "integer" says), 3.5 is refused.
+    priority = body.get("priority")
+    if isinstance(priority, float) and priority.is_integer():
+        priority = int(priority)
     return {
         "id": iid,
         "params": body.get("params"),
         "key": body.get("key"),
-        "priority": body.get("priority"),
+        "priority": priority,
     }
 
 
