@@ -232,7 +232,14 @@ class _Local:
             workflows: dict[str, dict[str, Any]] = {}
             for wf in q.workflows():
                 counts = {s: n for s, n in q.counts(wf).items() if n}
-                workflows[wf] = {"name": wf, "counts": counts, "queue_depth": q.queue_depth(wf)}
+                by_key, nkeys = q.queued_by_key(wf)
+                workflows[wf] = {
+                    "name": wf,
+                    "counts": counts,
+                    "queue_depth": q.queue_depth(wf),
+                    "queued_by_key": by_key,
+                    "queued_keys": nkeys,
+                }
             total: dict[str, int] = {}
             for w in workflows.values():
                 for st, n in w["counts"].items():
@@ -713,6 +720,9 @@ def metrics(obj: _Ctx) -> None:
                 f"{_counts(wm.get('counts') or {})}  queue={wm.get('queue_depth')}",
             ]
         )
+        for figure in ("queued_by_key", "running_by_key"):
+            if wm.get(figure):
+                rows.append([f"  {figure}", " ".join(f"{k}={v}" for k, v in wm[figure].items())])
     obj.emit(m, format_table(rows, ["figure", "value"]))
 
 

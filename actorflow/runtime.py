@@ -28,12 +28,12 @@ from actorflow.core.timers import TimerService
 from actorflow.executors.base import StepExecutor
 from actorflow.objects.namespace import DurableObject, DurableObjectNamespace
 from actorflow.objects.storage import ALARM_KIND, split_alarm_target
-from actorflow.observe.metrics import CommitMonitor, Metrics, WorkflowMetrics
+from actorflow.observe.metrics import TOP_KEYS, CommitMonitor, Metrics, WorkflowMetrics, top_keys
 from actorflow.workflows.adoption import claimer_for
 from actorflow.workflows.definition import Workflow
 from actorflow.workflows.engine.context import EngineContext, WorkflowEngine
 from actorflow.workflows.handles import WorkflowBinding
-from actorflow.workflows.records import IDX, SCHEDULE_KIND, WAKE_KIND, queue_db
+from actorflow.workflows.records import IDX, SCHEDULE_KIND, WAKE_KIND, queue_db, queued_by_key
 from actorflow.workflows.schedules import (
     Scheduler,
     ScheduleSummary,
@@ -356,14 +356,27 @@ class Runtime:
         workflows = {}
         for name in names:
             wfe = self._engines.get(name)
+            lim = wfe.limits if wfe is not None else self.limits.for_workflow(name)
+            started: frozenset[bytes] = frozenset()
             if wfe is not None:
                 depth = wfe.router.depth()
-                cap = wfe.limits.max_concurrent
+                by_key = top_keys(dict(wfe.router.key_running))
+                started = wfe.router.handed()
             else:
                 depth = self.storage.count(queue_db(name))
-                cap = self.limits.for_workflow(name).max_concurrent
+                by_key = {}
+            queued, nkeys = queued_by_key(self.storage, name, TOP_KEYS, started)
             workflows[name] = WorkflowMetrics(
-                name, counts.get(name, {}), depth, sup.by_wf.get(name, 0), cap, wfe is not None
+                name,
+                counts.get(name, {}),
+                depth,
+                sup.by_wf.get(name, 0),
+                lim.max_concurrent,
+                wfe is not None,
+                queued_by_key=queued,
+                queued_keys=nkeys,
+                running_by_key=by_key,
+                max_concurrent_per_key=lim.max_concurrent_per_key,
             )
         total: dict[str, int] = {}
         for wm in workflows.values():

@@ -48,6 +48,7 @@ def test_every_scenario_is_named_and_described() -> None:
         "queue",
         "recovery",
         "objects",
+        "keys",
         "scaling",
         "executors",
     }
@@ -147,6 +148,15 @@ def test_sleepers_wake_and_report_lateness(tmp_path: Path) -> None:
     assert len(out.samples["wake_lateness_ms"]) == 40
     assert min(out.samples["wake_lateness_ms"]) >= 0
     _positive(out.figures, "rss_asleep_mib", "peak_rss_mib")
+
+
+def test_keys_capped_and_uncapped(tmp_path: Path) -> None:
+    figures = SCENARIOS["keys"].run(tmp_path, 300, NullProgress(), FAST).figures
+    assert figures["n"] == 300 and figures["hot"] == 150
+    _positive(figures, "capped_cold_wait_p90_ms", "uncapped_all_complete_s")
+    # Capped at 2, the hot key had started few of its 150 when the cold keys were done.
+    assert figures["capped_hot_started_when_cold_done"] < 150
+    assert figures["uncapped_hot_started_when_cold_done"] <= 150
 
 
 def test_queue_fills_then_drains(tmp_path: Path) -> None:

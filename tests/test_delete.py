@@ -18,11 +18,21 @@ import actorflow as af
 from actorflow.cluster.lease import OWNED, OWNER
 from actorflow.core.timers import TIMERS
 from actorflow.testing import FakeClock
-from actorflow.workflows.records import EVENTS, FENCE, HIST, IDS, IDX, INST, STEPS, queue_db
+from actorflow.workflows.records import (
+    EVENTS,
+    FENCE,
+    HIST,
+    IDS,
+    IDX,
+    INST,
+    KQUEUE,
+    STEPS,
+    queue_db,
+)
 
 
 def _snapshot(rt: af.Runtime, *workflows: str) -> dict[str, list[tuple[bytes, bytes]]]:
-    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, TIMERS, OWNER, OWNED]
+    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, TIMERS, OWNER, OWNED, KQUEUE]
     spaces += [queue_db(wf) for wf in workflows]
     return {ks: rt.storage.scan(ks) for ks in spaces}
 
@@ -120,11 +130,14 @@ def test_deleting_a_queued_instance_removes_its_queue_entry(
     wf = rt.register(Gated, name="gated", env=journal)
     first = wf.create(id="first")
     wait_for(lambda: journal.count(("start", "first")) == 1)
-    queued = wf.create(id="queued")
+    before = _snapshot(rt, "gated")
+    queued = wf.create(id="queued", key="tenant-1", priority=5)
     assert queued.status().status == "queued"
-    assert b"queued" in [v for _, v in rt.storage.scan(queue_db("gated"))]
+    assert rt.storage.scan(KQUEUE) != []  # a keyed instance is queued by its key too
+    assert any(v.startswith(b"queued") for _, v in rt.storage.scan(queue_db("gated")))
     queued.delete()
-    assert b"queued" not in [v for _, v in rt.storage.scan(queue_db("gated"))]
+    assert not any(v.startswith(b"queued") for _, v in rt.storage.scan(queue_db("gated")))
+    assert _snapshot(rt, "gated") == before
     journal.gate("first").set()
     assert first.wait(timeout=10).status == "complete"
     assert rt.wait_until_idle()

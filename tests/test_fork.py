@@ -478,3 +478,14 @@ def test_a_fork_keeps_the_answers_of_patched_before_at_step(
         assert inst.wait(timeout=10).output == "new last"
     assert journal.entries == [("new", "o")]  # the fork ran no first step of either path
     assert [(s.kind, s.name) for s in fork.steps()][:2] == [("patch", "v2"), ("do", "new first")]
+
+
+def test_a_fork_keeps_the_flow_control_of_its_origin(make_runtime: Any, journal: Journal) -> None:
+    rt = make_runtime(limits=af.Limits(max_concurrent=4, max_concurrent_per_key=1))
+    wf = rt.register(Pipeline, name="pipeline", env=journal)
+    origin = wf.create(id="o", params={"x": 1}, key="tenant-a", priority=3)
+    assert rt.wait_until_idle()
+    fork = origin.fork("nap", id="f")
+    d = fork.describe()
+    assert (d.key, d.priority) == ("tenant-a", 3)
+    assert d.forked_from is not None and d.forked_from["instance"] == "o"

@@ -36,6 +36,8 @@ from actorflow.bench.workloads import (
     HeldStep,
     HeldStepSync,
     Journaled,
+    KeyedStep,
+    KeyGauge,
     OneStep,
     Sleeper,
     SleeperSync,
@@ -43,7 +45,7 @@ from actorflow.bench.workloads import (
     TrivialSteps,
     TrivialStepsSync,
 )
-from actorflow.workflows.records import STEPS, load
+from actorflow.workflows.records import INST, STEPS, load
 
 __all__ = [
     "SCENARIOS",
@@ -604,6 +606,61 @@ def run_queue(root: Path, size: int, progress: Progress, opts: Options) -> Outco
     return Outcome(figures)
 
 
+#: ``keys``: the keys the instances share, the share of the hot one, its cap,
+#: the instances running at once and the milliseconds of each step.
+KEYS, HOT_SHARE, PER_KEY, KEYS_CONCURRENT, KEYS_STEP_MS = 100, 0.5, 2, 50, 3
+
+
+def _keyed_run(
+    root: Path, name: str, size: int, per_key: int | None, progress: Progress, opts: Options
+) -> dict[str, float]:
+    """One run of the ``keys`` workload; its figures prefixed by ``name``."""
+    hot_n = int(size * HOT_SHARE)
+    gauge = KeyGauge(size - hot_n)
+    limits = af.Limits(max_concurrent=KEYS_CONCURRENT, max_concurrent_per_key=per_key)
+    items = []
+    # The hot key's instances spread through the queue, the others round-robin
+    # over the cold keys: every cold instance has hot ones queued before it.
+    step = size / max(1, hot_n)
+    hot_at = {int(i * step) for i in range(hot_n)}
+    cold = 0
+    for n in range(size):
+        hot = n in hot_at
+        key = "hot" if hot else f"k{cold % (KEYS - 1)}"
+        cold += 0 if hot else 1
+        items.append({"params": {"hot": hot, "ms": KEYS_STEP_MS}, "key": key})
+    data = _fresh(root, f"keys-{name}")
+    with af.Runtime(data, limits=limits) as rt:
+        wf = rt.register(KeyedStep, name="keyed", env=gauge)
+        rt.metrics()  # seeds the status counts (see _count)
+        progress.phase(f"{name}: creating", size)
+        t = time.perf_counter()
+        _create_all(wf, iter(items), size, progress)
+        progress.phase(f"{name}: running", size)
+        _poll(lambda: _count(rt, "keyed", "complete"), size, progress, 3600)
+        total = time.perf_counter() - t
+        waits: dict[bool, list[float]] = {True: [], False: []}
+        for _, raw in rt.storage.scan(INST):
+            rec = load(raw)
+            waits[rec.get("ky") == "hot"].append(float(rec["started"] - rec["created"]))
+    return {
+        f"{name}_cold_wait_p50_ms": percentile(waits[False], 50),
+        f"{name}_cold_wait_p90_ms": percentile(waits[False], 90),
+        f"{name}_hot_wait_p50_ms": percentile(waits[True], 50),
+        f"{name}_cold_done_s": gauge.t_cold_done - t,
+        f"{name}_hot_started_when_cold_done": float(gauge.hot_started_when_cold_done),
+        f"{name}_all_complete_s": total,
+    }
+
+
+def run_keys(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
+    """``size`` queued over 100 keys, half on one hot key; with and without a per-key cap."""
+    figures = {"n": float(size), "hot": float(int(size * HOT_SHARE))}
+    figures |= _keyed_run(root, "capped", size, PER_KEY, progress, opts)
+    figures |= _keyed_run(root, "uncapped", size, None, progress, opts)
+    return Outcome(figures)
+
+
 def _lines(path: Path) -> int:
     try:
         with open(path, "rb") as f:
@@ -726,6 +783,14 @@ SCENARIOS: dict[str, Scenario] = {
             False,
             "Durable Object increments pipelined over 1,000 objects; single calls",
             unit="calls",
+        ),
+        Scenario(
+            "keys",
+            run_keys,
+            10_000,
+            False,
+            "N queued over 100 keys, N/2 on one hot key, 50 running at once, 3 ms steps: "
+            "cold keys' wait to start, max_concurrent_per_key=2 vs none",
         ),
         Scenario(
             "concurrency",

@@ -16,6 +16,8 @@ __all__ = [
     "HeldStep",
     "HeldStepSync",
     "Journaled",
+    "KeyGauge",
+    "KeyedStep",
     "OneStep",
     "Sleeper",
     "SleeperSync",
@@ -156,6 +158,47 @@ class HeldStepSync(af.Workflow):
             return 1
 
         return int(step.do("hold", hold))
+
+
+class KeyGauge:
+    """Counts the starts and ends of hot- and cold-key steps (``keys`` scenario)."""
+
+    def __init__(self, cold: int) -> None:
+        self.lock = threading.Lock()
+        self.cold = cold
+        self.cold_done = 0
+        self.hot_started = 0
+        self.hot_started_when_cold_done = -1
+        self.t_cold_done = 0.0
+
+    def start(self, hot: bool) -> None:
+        if hot:
+            with self.lock:
+                self.hot_started += 1
+
+    def end(self, hot: bool) -> None:
+        if hot:
+            return
+        with self.lock:
+            self.cold_done += 1
+            if self.cold_done == self.cold:
+                self.hot_started_when_cold_done = self.hot_started
+                self.t_cold_done = time.perf_counter()
+
+
+class KeyedStep(af.Workflow):
+    """One step of a few milliseconds (``payload`` ms of ``asyncio.sleep``) on a keyed instance."""
+
+    async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> None:
+        gauge: KeyGauge = self.env
+        hot = event.payload["hot"]
+
+        async def body() -> None:
+            gauge.start(hot)
+            await asyncio.sleep(event.payload["ms"] / 1000)
+            gauge.end(hot)
+
+        await step.do("work", body)
 
 
 class Journaled(af.Workflow):

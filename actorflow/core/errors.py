@@ -17,6 +17,7 @@ __all__ = [
     "InstanceAlreadyExists",
     "InstanceNotFound",
     "InvalidCursor",
+    "InvalidFlowControl",
     "InvalidInstanceId",
     "InvalidInstanceState",
     "InvalidSchedule",
@@ -97,6 +98,15 @@ class InvalidCursor(ActorflowError, ValueError):
     """A ``subscribe`` cursor is malformed, or belongs to another instance.
 
     Fields: ``workflow`` and ``instance`` (the instance subscribed to).
+    """
+
+
+class InvalidFlowControl(ActorflowError, ValueError):
+    """A ``create`` was given a bad flow-control ``key`` or ``priority``.
+
+    The key must be a non-empty ``str`` of at most 100 characters; the
+    priority an ``int`` (not a ``bool``) from ``-2**31`` to ``2**31 - 1``.
+    Fields: ``workflow`` and ``instance`` (the id being created).
     """
 
 

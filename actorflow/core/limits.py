@@ -35,6 +35,12 @@ class Limits:
         overflow: ``"queue"`` (Cloudflare's behaviour) or ``"reject"``: raise
             :class:`~actorflow.RateLimitError` at ``create`` when the rate or
             the concurrency cap is exceeded instead of queueing.
+        max_concurrent_per_key: Instances ``running`` at once that share a
+            flow-control ``key`` (``create(key=...)``); ``None``: no cap. As
+            for ``max_concurrent``, waiting and paused instances give their
+            slot back; past the cap, the key's instances stay ``queued``
+            without holding up other keys. Each node enforces it for the
+            instances it runs.
         burst: Token-bucket capacity for ``max_creation_rate`` (default: one
             second's worth).
         per_workflow: Overrides by workflow name, e.g.
@@ -42,8 +48,9 @@ class Limits:
 
     Raises:
         ValueError: At construction, for a field of the wrong type or out of
-            its range (a count below 1, or below 0 for ``max_queued``; a rate
-            that is not a positive finite number; a ``burst`` below 1), an
+            its range (a count below 1, ``max_concurrent_per_key`` included,
+            or below 0 for ``max_queued``; a rate that is not a positive
+            finite number; a ``burst`` below 1), an
             unknown ``overflow``, or a ``per_workflow`` override that names an
             unknown field or sets a bad value (named with its workflow).
     """
@@ -56,6 +63,7 @@ class Limits:
     max_event_payload_bytes: int = MiB
     overflow: Literal["queue", "reject"] = "queue"
     burst: float | None = None
+    max_concurrent_per_key: int | None = None
     per_workflow: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +72,8 @@ class Limits:
         _count("max_steps", self.max_steps, 1)
         _count("max_step_result_bytes", self.max_step_result_bytes, 1)
         _count("max_event_payload_bytes", self.max_event_payload_bytes, 1)
+        if self.max_concurrent_per_key is not None:
+            _count("max_concurrent_per_key", self.max_concurrent_per_key, 1)
         _number("max_creation_rate", self.max_creation_rate, least=0, strict=True)
         _number("burst", self.burst, least=1, strict=False)
         if self.overflow not in ("queue", "reject"):

@@ -250,7 +250,8 @@ class _Api:
         return envelope(rows, result_info={"count": len(rows), "cursor": next_cursor})
 
     async def create_instance(self, request: Request) -> Response:
-        """Creates one instance (``{"id"?, "params"?}``) or, given a list, a batch."""
+        """Creates one instance (``{"id"?, "params"?, "key"?, "priority"?}``) or, given a
+        list, a batch."""
         b = await self.binding(request)
         self.check_runs(b)
         body = await read_json(request, self.body_limit(b))
@@ -259,7 +260,9 @@ class _Api:
         item = _create_item({} if body is None else body)
 
         def work() -> dict[str, Any]:
-            inst = b.create(id=item["id"], params=item["params"])
+            inst = b.create(
+                id=item["id"], params=item["params"], key=item["key"], priority=item["priority"]
+            )
             return {"id": inst.id, "workflow": b.name, "status": inst.status().status}
 
         return envelope(await run_in_threadpool(work), status=201)
@@ -455,14 +458,28 @@ class _Api:
 
 def _create_item(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise ApiError(400, "ValidationError", 'an instance is a JSON object {"id"?, "params"?}')
-    unknown = set(body) - {"id", "instance_id", "params"}
+        raise ApiError(
+            400,
+            "ValidationError",
+            'an instance is a JSON object {"id"?, "params"?, "key"?, "priority"?}',
+        )
+    unknown = set(body) - {"id", "instance_id", "params", "key", "priority"}
     if unknown:
         raise ApiError(400, "ValidationError", f"unknown fields {sorted(unknown)}")
     iid = body.get("id", body.get("instance_id"))
     if iid is not None and not isinstance(iid, str):
         raise ApiError(400, "InvalidInstanceId", f"an instance id is a string, not {iid!r}")
-    return {"id": iid, "params": body.get("params")}
+    # key and priority are checked by create (InvalidFlowControl: a 400). JSON has no
+    # int type: 3.0 is the integer 3 (as JSON Schema's "integer" says), 3.5 is refused.
+    priority = body.get("priority")
+    if isinstance(priority, float) and priority.is_integer():
+        priority = int(priority)
+    return {
+        "id": iid,
+        "params": body.get("params"),
+        "key": body.get("key"),
+        "priority": priority,
+    }
 
 
 def _fork_item(body: Any) -> dict[str, Any]:

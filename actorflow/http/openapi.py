@@ -415,7 +415,26 @@ SCHEMAS: dict[str, Any] = {
     "CreateInstance": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {"id": _ID, "instance_id": _ID, "params": _ANY},
+        "properties": {
+            "id": _ID,
+            "instance_id": _ID,
+            "params": _ANY,
+            "key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "description": "Flow-control key: Limits(max_concurrent_per_key=N) caps the "
+                "instances sharing it that run at once; the others wait without holding up "
+                "other keys",
+            },
+            "priority": {
+                "type": "integer",
+                "minimum": -(2**31),
+                "maximum": 2**31 - 1,
+                "default": 0,
+                "description": "Lower starts first among the workflow's queued instances",
+            },
+        },
     },
     "Created": {
         "type": "object",
@@ -576,6 +595,11 @@ SCHEMAS: dict[str, Any] = {
                 "oneOf": [{"type": "null"}, _ref("ForkedFrom")],
                 "description": "For a fork: its origin; null for any other instance",
             },
+            "key": {
+                "type": ["string", "null"],
+                "description": "Its flow-control key; null if none",
+            },
+            "priority": {"type": "integer", "description": "Its priority (0 by default)"},
         },
     },
     "Schedule": {

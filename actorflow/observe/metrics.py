@@ -10,7 +10,10 @@ O(workflows), not O(instances):
   number of instances) and maintained from then on;
 * creations, completed steps and group commits are counted in one-second
   buckets of a sliding window (:class:`RateWindow`);
-* commit latency is the p50 and p99 of the most recent group commits.
+* commit latency is the p50 and p99 of the most recent group commits;
+* queued instances per flow-control key are the one exception: they are
+  counted from the keyed queue at each call, O(keyed instances queued)
+  (nothing for workflows whose instances have no key).
 
 Nothing here reads time except through the clock it is given.
 """
@@ -20,13 +23,22 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from actorflow.core.rates import RateWindow
 from actorflow.workflows.records import StatusMove, split_idx_key
 
-__all__ = ["CommitMonitor", "Metrics", "RateWindow", "WorkflowMetrics"]
+__all__ = ["TOP_KEYS", "CommitMonitor", "Metrics", "RateWindow", "WorkflowMetrics", "top_keys"]
+
+#: How many flow-control keys the per-key figures show (those with most).
+TOP_KEYS = 10
+
+
+def top_keys(counts: dict[str, int], n: int = TOP_KEYS) -> dict[str, int]:
+    """The ``n`` keys with the largest counts, largest first (ties by key)."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
 
 _LATENCY_SAMPLES = 1024
 
@@ -161,6 +173,13 @@ class WorkflowMetrics:
         max_concurrent: Its concurrency cap.
         registered: Whether it is registered in this runtime (only
             registered workflows run; the others are known from storage).
+        queued_by_key: Queued instances per flow-control key
+            (``create(key=)``), for the keys with most (at most
+            :data:`TOP_KEYS`), most first.
+        queued_keys: How many keys have queued instances.
+        running_by_key: Its instances holding a slot per key, in this
+            process (at most :data:`TOP_KEYS` keys, most first).
+        max_concurrent_per_key: Its cap per key (None: none).
     """
 
     name: str
@@ -169,6 +188,10 @@ class WorkflowMetrics:
     running: int
     max_concurrent: int
     registered: bool
+    queued_by_key: dict[str, int] = field(default_factory=dict)
+    queued_keys: int = 0
+    running_by_key: dict[str, int] = field(default_factory=dict)
+    max_concurrent_per_key: int | None = None
 
 
 @dataclass(frozen=True)

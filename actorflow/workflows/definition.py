@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
 
-from actorflow.core.errors import InstanceNotFound, InvalidInstanceId
+from actorflow.core.errors import InstanceNotFound, InvalidFlowControl, InvalidInstanceId
 
 __all__ = [
     "ACTIVE",
@@ -214,6 +214,51 @@ def validate_instance_id(instance_id: object, workflow: str = "") -> str:
             instance=instance_id,
         )
     return instance_id
+
+
+#: The longest flow-control key (``create(key=)``), in characters.
+MAX_FLOW_KEY = 100
+#: The range of ``create(priority=)`` (a signed 32-bit int); lower starts first.
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
+
+
+def validate_flow(
+    key: object, priority: object, workflow: str, instance: str
+) -> tuple[str | None, int]:
+    """Returns ``(key, priority)`` of a creation (priority None: 0).
+
+    Raises:
+        InvalidFlowControl: A bad key or priority, naming the workflow and the instance.
+    """
+    where = f"workflow {workflow!r}, instance {instance!r}: create"
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_FLOW_KEY):
+        raise InvalidFlowControl(
+            f"{where}: key must be a non-empty str of at most {MAX_FLOW_KEY} characters, "
+            f"not {type(key).__name__} {_clip(key)}",
+            workflow=workflow,
+            instance=instance,
+        )
+    if priority is None:
+        return key, 0
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidFlowControl(
+            f"{where}: priority must be an int, not {type(priority).__name__} {priority!r}",
+            workflow=workflow,
+            instance=instance,
+        )
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidFlowControl(
+            f"{where}: priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}, not {priority}",
+            workflow=workflow,
+            instance=instance,
+        )
+    return key, priority
+
+
+def _clip(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validate_workflow_name(name: object) -> str:

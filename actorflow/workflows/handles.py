@@ -28,6 +28,7 @@ from actorflow.workflows.definition import (
     InstanceStatus,
     instance_not_found,
     validate_event_type,
+    validate_flow,
     validate_instance_id,
 )
 from actorflow.workflows.engine.context import WorkflowEngine
@@ -54,10 +55,9 @@ from actorflow.workflows.matching import PATCH_KIND
 from actorflow.workflows.query import InstanceDescription, Query
 from actorflow.workflows.records import (
     INST,
-    PRIO_NEW,
     STEPS,
     load,
-    queue_key,
+    new_queue_key,
     step_key,
     steps_prefix,
 )
@@ -616,29 +616,47 @@ class WorkflowBinding:
     def _encode(self, value: Any, where: str) -> bytes:
         return self.parts.encode(value, where)
 
-    def create(self, id: str | None = None, params: Any = None) -> Instance:
+    def create(
+        self,
+        id: str | None = None,
+        params: Any = None,
+        *,
+        key: str | None = None,
+        priority: int | None = None,
+    ) -> Instance:
         """Creates an instance (queued at once, durably) and returns it.
+
+        Args:
+            id: Its id (None: a uuid4).
+            params: The payload ``run`` gets as ``event.payload``.
+            key: Its flow-control key: with ``Limits(max_concurrent_per_key=N)``
+                at most N instances sharing a key run at once; the others
+                wait queued without holding up other keys.
+            priority: Lower starts first among the workflow's queued
+                instances (default 0; from ``-2**31`` to ``2**31 - 1``).
+                Wake-ups of started instances still go before new ones.
 
         Raises:
             InvalidInstanceId: A malformed id.
+            InvalidFlowControl: A bad ``key`` or ``priority``.
             InstanceAlreadyExists: The id exists.
             RateLimitError: The queue is full (or a reject-mode limit was hit).
         """
         self._ctx.check()
-        iid, where, seq, batch = self._new_instance(id, params, self._numbers.take())
-        return self._write_new(iid, where, seq, batch)
+        iid, where, qk, batch = self._new_instance(id, params, self._numbers.take(), key, priority)
+        return self._write_new(iid, where, qk, batch)
 
-    def _write_new(self, iid: str, where: str, seq: int, batch: WriteBatch) -> Instance:
-        """Writes the batch that creates instance ``iid`` and does the bookkeeping."""
+    def _write_new(self, iid: str, where: str, qk: bytes, batch: WriteBatch) -> Instance:
+        """Writes the batch that creates instance ``iid`` (queue key ``qk``); the bookkeeping."""
         self._wfe.router.reserve(1, where)
         try:
             self._storage.write(batch)
         except BaseException as e:
-            failure = self._created(iid, where, seq, e)
+            failure = self._created(iid, where, qk, e)
             if failure is e or failure is None:
                 raise
             raise failure from None
-        self._created(iid, where, seq, None)
+        self._created(iid, where, qk, None)
         return Instance(self, iid)
 
     def fork_of(
@@ -668,6 +686,8 @@ class WorkflowBinding:
         data = stored if params is None and stored else self._encode(params, where)
         seq = self._ctx.next_seq()
         obs = self._ctx.observer
+        # The fork keeps the origin's flow control (see docs/fork.md).
+        key, priority = rec.get("ky"), int(rec.get("pr", 0))
         batch = fork_instance_batch(
             self._wfe,
             origin.id,
@@ -678,10 +698,19 @@ class WorkflowBinding:
             self._ctx.now_ms(),
             seq,
             obs.traceparent() if obs is not None else None,
+            key=key,
+            priority=priority,
         )
-        return self._write_new(iid, where, seq, batch)
+        return self._write_new(iid, where, new_queue_key(seq, priority, key), batch)
 
-    async def create_async(self, id: str | None = None, params: Any = None) -> Instance:
+    async def create_async(
+        self,
+        id: str | None = None,
+        params: Any = None,
+        *,
+        key: str | None = None,
+        priority: int | None = None,
+    ) -> Instance:
         """:meth:`create` for asyncio: awaits the commit without blocking the loop.
 
         Concurrent calls from many coroutines share group commits, as calls
@@ -692,7 +721,7 @@ class WorkflowBinding:
         number = self._numbers.take_nowait()
         if number is None:  # the next block of record numbers is a write of its own
             number = await loop.run_in_executor(None, self._numbers.take)
-        iid, where, seq, batch = self._new_instance(id, params, number)
+        iid, where, qk, batch = self._new_instance(id, params, number, key, priority)
         self._wfe.router.reserve(1, where)
         done: asyncio.Future[None] = loop.create_future()
 
@@ -700,7 +729,7 @@ class WorkflowBinding:
             # On the writer thread: the bookkeeping happens even if the caller
             # was cancelled meanwhile, since the instance exists all the same.
             try:
-                outcome = self._created(iid, where, seq, err)
+                outcome = self._created(iid, where, qk, err)
             except BaseException as e:  # LeaseLost, for one
                 outcome = e
             loop.call_soon_threadsafe(_settle, done, outcome)
@@ -714,10 +743,19 @@ class WorkflowBinding:
         return Instance(self, iid)
 
     def _new_instance(
-        self, id: str | None, params: Any, number: int
-    ) -> tuple[str, str, int, WriteBatch]:
-        """Checks a creation and builds its batch: ``(id, where, seq, batch)``."""
+        self,
+        id: str | None,
+        params: Any,
+        number: int,
+        key: object = None,
+        priority: object = None,
+    ) -> tuple[str, str, bytes, WriteBatch]:
+        """Checks a creation and builds its batch: ``(id, where, queue key, batch)``."""
         iid = validate_instance_id(id if id is not None else self._ids.next(), self.name)
+        if key is None and priority is None:
+            fkey, prio = None, 0
+        else:
+            fkey, prio = validate_flow(key, priority, self.name, iid)
         where = f"workflow {self.name!r}, instance {iid!r}: create"
         data = self._encode(params, where)
         seq = self._ctx.next_seq()
@@ -730,18 +768,20 @@ class WorkflowBinding:
             self._ctx.now_ms(),
             seq,
             obs.traceparent() if obs is not None else None,
+            key=fkey,
+            priority=prio,
         )
-        return iid, where, seq, batch
+        return iid, where, new_queue_key(seq, prio, fkey), batch
 
     def _created(
-        self, iid: str, where: str, seq: int, err: BaseException | None
+        self, iid: str, where: str, qk: bytes, err: BaseException | None
     ) -> BaseException | None:
         """After a creation's write (``err`` if it failed): the bookkeeping, and the
         error for the caller, if any."""
         router = self._wfe.router
         try:
             if err is None:
-                router.enqueued(queue_key(PRIO_NEW, seq))
+                router.enqueued(qk)
         finally:
             router.unreserve(1)
         if isinstance(err, ConflictError):
@@ -769,9 +809,10 @@ class WorkflowBinding:
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
         """Creates many instances in group commits; ids that exist are skipped.
 
-        Each item is ``{"id": ..., "params": ...}`` (both optional). Returns the
-        created instances, in order. Every item is checked before anything is
-        written: a bad id or payload raises and creates none.
+        Each item is ``{"id": ..., "params": ..., "key": ..., "priority": ...}``
+        (all optional; ``key`` and ``priority`` as for :meth:`create`). Returns
+        the created instances, in order. Every item is checked before anything
+        is written: a bad id, payload, key or priority raises and creates none.
         """
         self._ctx.check()
         items = list(items)
@@ -780,7 +821,7 @@ class WorkflowBinding:
         now = self._ctx.now_ms()
         obs = self._ctx.observer
         tp = obs.traceparent() if obs is not None else None
-        checked: list[tuple[str, bytes]] = []
+        checked: list[tuple[str, bytes, str | None, int]] = []
         seen = set()
         for item in items:
             iid = validate_instance_id(
@@ -789,8 +830,13 @@ class WorkflowBinding:
             if iid in seen:
                 continue
             seen.add(iid)
+            key, prio = item.get("key"), item.get("priority")
+            if key is not None or prio is not None:
+                key, prio = validate_flow(key, prio, self.name, iid)
+            else:
+                prio = 0
             where = f"workflow {self.name!r}, instance {iid!r}"
-            checked.append((iid, self._encode(item.get("params"), where)))
+            checked.append((iid, self._encode(item.get("params"), where), key, prio))
         router = self._wfe.router
         router.reserve(len(checked), "create_batch")
         try:
@@ -802,7 +848,7 @@ class WorkflowBinding:
             # Refused as existing, or because this node was adopted meanwhile.
             # The latter wrote nothing after the adoption, and says so.
             self._check_lease(f"workflow {self.name!r}: create_batch")
-        for (iid, _), err in zip(checked, results, strict=True):
+        for (iid, *_), err in zip(checked, results, strict=True):
             if err is None:
                 out.append(Instance(self, iid))
             elif not isinstance(err, ConflictError):
@@ -811,7 +857,7 @@ class WorkflowBinding:
         return out
 
     def _write_all(
-        self, checked: list[tuple[str, bytes]], now: int, tp: str | None
+        self, checked: list[tuple[str, bytes, str | None, int]], now: int, tp: str | None
     ) -> list[BaseException | None]:
         """Writes one batch per instance, a slice at a time; returns each one's error.
 
@@ -822,30 +868,32 @@ class WorkflowBinding:
         """
         results: list[BaseException | None] = [None] * len(checked)
         router = self._wfe.router
-        inflight: collections.deque[tuple[Countdown, list[int]]] = collections.deque()
+        inflight: collections.deque[tuple[Countdown, list[bytes]]] = collections.deque()
 
         def settle() -> None:
-            countdown, seqs = inflight.popleft()
+            countdown, qks = inflight.popleft()
             countdown.done.wait()
-            for seq, err in zip(
-                seqs, results[countdown.base : countdown.base + len(seqs)], strict=True
+            for qk, err in zip(
+                qks, results[countdown.base : countdown.base + len(qks)], strict=True
             ):
                 if err is None:
-                    router.enqueued(queue_key(PRIO_NEW, seq))
+                    router.enqueued(qk)
 
         take = self._numbers.take
         for base in range(0, len(checked), SLICE):
             part = checked[base : base + SLICE]
             countdown = Countdown(results, base, len(part))
-            seqs = []
-            for i, (iid, data) in enumerate(part):
+            qks = []
+            for i, (iid, data, key, prio) in enumerate(part):
                 seq = self._ctx.next_seq()
-                seqs.append(seq)
+                qks.append(new_queue_key(seq, prio, key))
                 self._storage.submit(
-                    new_instance_batch(self._wfe, iid, take(), data, now, seq, tp),
+                    new_instance_batch(
+                        self._wfe, iid, take(), data, now, seq, tp, key=key, priority=prio
+                    ),
                     functools.partial(countdown.set, base + i),
                 )
-            inflight.append((countdown, seqs))
+            inflight.append((countdown, qks))
             if len(inflight) > 1:
                 settle()
         while inflight:

@@ -58,6 +58,7 @@ from actorflow.workflows.records import (
     ikey,
     load,
     queue_db,
+    queued_by_key,
     rkey,
     split_idx_key,
     steps_prefix,
@@ -132,6 +133,8 @@ class InstanceDescription:
         rollback: Its saga rollback, as ``InstanceStatus.rollback`` (None: none ran).
         forked_from: For a fork (``inst.fork``), its origin: ``{"workflow",
             "instance", "at_step": {"name", "count"}}``; None for any other.
+        key: Its flow-control key (``create(key=)``); None: none.
+        priority: Its priority (``create(priority=)``; 0 by default).
     """
 
     workflow: str
@@ -151,6 +154,8 @@ class InstanceDescription:
     owner: str | None
     rollback: dict[str, Any] | None = None
     forked_from: dict[str, Any] | None = None
+    key: str | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,8 @@ class Query:
             owner=owner.decode() if owner is not None else None,
             rollback=rollback_status(rec.get("rb")),
             forked_from=fork_origin(rec),
+            key=rec.get("ky"),
+            priority=int(rec.get("pr", 0)),
         )
 
     def history(self, workflow: str, iid: str, rk: bytes | None = None) -> list[HistoryEvent]:
@@ -614,6 +621,11 @@ class Query:
     def queue_depth(self, workflow: str) -> int:
         """How many of a workflow's instances wait in its queue for a slot."""
         return self.storage.count(queue_db(workflow))
+
+    def queued_by_key(self, workflow: str, top: int = 10) -> tuple[dict[str, int], int]:
+        """The flow-control keys with most queued instances (at most ``top``), and how
+        many keys have some; O(keyed instances queued)."""
+        return queued_by_key(self.storage, workflow, top)
 
     def timer_backlog(self) -> int:
         """How many timers are pending (sleeps, event timeouts, retries, alarms)."""

@@ -17,7 +17,9 @@ idx        wf \\0 status \\0 created \\0 id     empty: lists instances by status
 steps      rk \\0 kind sha1(name) count         one step record (a dict)
 events     rk \\0 type \\0 seq                  a buffered event, FIFO per type
 hist       rk \\0 seq                           an instance-level history event
-queue:wf   priority seq                         an instance id waiting for a slot
+queue:wf   band [priority] seq                  an instance id waiting for a slot (band
+                                                ``\\x02``: the id, then ``\\0`` and its key)
+kqueue     wf \\0 len key band priority seq       keyed instances only: the same entry, by key
 owner      ik                                   multi-node: the owner's node id
 owned      node \\0 ik                          multi-node: empty, the instances of a node
 nodes      node                                 multi-node: the node registry (see
@@ -53,13 +55,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, cast
 
 from actorflow.core.codec import load
 from actorflow.core.errors import RecordFormatError
 from actorflow.core.storage import Storage, WriteBatch
 from actorflow.core.timers import TimerService, armed_keys, parse_timer_key, timer_key
+from actorflow.workflows.definition import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "EVENTS",
@@ -68,7 +71,11 @@ __all__ = [
     "IDS",
     "IDX",
     "INST",
+    "KQUEUE",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "NUMBERS",
+    "PRIO_KEYED",
     "STEPS",
     "Attempt",
     "EventRecord",
@@ -96,18 +103,27 @@ __all__ = [
     "ikey",
     "instance_pokes",
     "is_poke",
+    "key_queue_key",
+    "key_queue_prefix",
     "load",
     "load_event",
     "load_instance",
     "load_step",
+    "new_queue_key",
     "orphan_timer_batch",
+    "parse_queue_entry",
     "poke_key",
     "poke_target",
     "queue_db",
+    "queue_entry",
+    "queue_ops",
+    "queue_order",
+    "queued_by_key",
     "record_number",
     "rkey",
     "rkey_of",
     "split_idx_key",
+    "split_key_queue_key",
     "step_key",
     "step_key_of",
     "step_target",
@@ -164,6 +180,8 @@ class InstanceRecord(TypedDict, total=False):
     params: bytes  # the params of run, from the runtime's serializer
     epoch: int  # its fencing token, as in ``fence`` (moved by terminate, restart, recovery)
     qk: bytes | None  # its queue entry while queued (``queue_key``), else None
+    ky: str  # its flow-control key (``create(key=)``); absent: none
+    pr: int  # its priority (``create(priority=)``); absent: 0
     tp: str  # the creator's W3C traceparent, if it was traced
     sch: dict[str, Any]  # made by a schedule: ``{"c": cron expression, "t": tick (epoch ms)}``
     started: int | None  # when its first run began (epoch ms); None: not yet
@@ -275,9 +293,14 @@ KIND_CODES = {"do": b"d", "sleep": b"s", "wait_for_event": b"w", "rollback": b"r
 WAKE_KIND = "W"  # timer kind for instance deadlines
 PRIO_WAKE = b"\x00"  # queue entries of instances to resume: served first
 PRIO_NEW = b"\x01"  # queue entries of new (or restarted) instances
+# Queue entries of new instances with a key or a priority other than 0: band,
+# priority (4 bytes, biased so that bytes sort as ints), seq. Default instances
+# keep the shorter PRIO_NEW keys, read as priority 0.
+PRIO_KEYED = b"\x02"
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
 
 
 def ikey(wf: str, iid: str) -> bytes:
@@ -467,6 +490,98 @@ def queue_key(priority: bytes, seq: int) -> bytes:
     return priority + _U64.pack(seq)
 
 
+def new_queue_key(seq: int, priority: int = 0, key: str | None = None) -> bytes:
+    """The queue key of a new instance: the short default form, or band ``PRIO_KEYED``."""
+    if key is None and not priority:
+        return PRIO_NEW + _U64.pack(seq)
+    return PRIO_KEYED + _U32.pack(priority - MIN_PRIORITY) + _U64.pack(seq)
+
+
+def queue_order(qk: bytes) -> tuple[int, int]:
+    """``(priority, seq)`` of a new instance's queue key: lower is served first."""
+    if qk[:1] == PRIO_KEYED:
+        return _U32.unpack(qk[1:5])[0] + MIN_PRIORITY, _U64.unpack(qk[5:13])[0]
+    return 0, _U64.unpack(qk[1:9])[0]
+
+
+def queue_entry(iid: str, key: str | None) -> bytes:
+    """The value of a queue entry: the instance id (and ``\\0`` key, if it has one)."""
+    if key is None:
+        return iid.encode()
+    return iid.encode() + b"\x00" + key.encode()
+
+
+def parse_queue_entry(value: bytes) -> tuple[bytes, str | None]:
+    """``(instance id bytes, key or None)`` of a queue entry's value."""
+    i = value.find(b"\x00")
+    if i < 0:
+        return value, None
+    return value[:i], value[i + 1 :].decode()
+
+
+KQUEUE = "kqueue"
+
+
+def key_queue_prefix(wf: str, key: str | None = None) -> bytes:
+    """The prefix of a workflow's entries in the keyed queue (of one ``key``, if given).
+
+    The key is length-prefixed, so that any string can be one.
+    """
+    if key is None:
+        return wf.encode() + b"\x00"
+    kb = key.encode()
+    return wf.encode() + b"\x00" + _U16.pack(len(kb)) + kb
+
+
+def key_queue_key(wf: str, key: str, qk: bytes) -> bytes:
+    """The keyed-queue key of queue entry ``qk`` of an instance with ``key``."""
+    return key_queue_prefix(wf, key) + qk
+
+
+def split_key_queue_key(wf: str, kqk: bytes) -> tuple[str, bytes]:
+    """``(key, queue key)`` of a keyed-queue key of workflow ``wf``."""
+    i = len(wf.encode()) + 1
+    n = _U16.unpack(kqk[i : i + 2])[0]
+    return kqk[i + 2 : i + 2 + n].decode(), kqk[i + 2 + n :]
+
+
+def queue_ops(
+    batch: WriteBatch, wf: str, qk: bytes, iid: str, key: str | None, *, put: bool
+) -> None:
+    """Adds the write (``put``) or removal of queue entry ``qk`` to ``batch``.
+
+    An entry of band ``PRIO_KEYED`` of a keyed instance is also in the keyed
+    queue; wake-up entries are not (see the router).
+    """
+    keyed = key is not None and qk[:1] == PRIO_KEYED
+    if put:
+        batch.put(queue_db(wf), qk, queue_entry(iid, key if keyed else None))
+        if keyed:
+            batch.put(KQUEUE, key_queue_key(wf, cast(str, key), qk), iid.encode())
+    else:
+        batch.delete(queue_db(wf), qk)
+        if keyed:
+            batch.delete(KQUEUE, key_queue_key(wf, cast(str, key), qk))
+
+
+def queued_by_key(
+    storage: Storage, wf: str, top: int = 10, started: Collection[bytes] = ()
+) -> tuple[dict[str, int], int]:
+    """The keys with most queued instances (at most ``top``) and how many keys have some.
+
+    ``started`` are queue keys of instances already started whose entries are
+    still stored (the router's handed entries). Reads every key of the keyed
+    queue (keys only): O(keyed instances queued).
+    """
+    counts: dict[str, int] = {}
+    for kqk, _ in storage.scan(KQUEUE, prefix=key_queue_prefix(wf), keys_only=True):
+        k, qk = split_key_queue_key(wf, kqk)
+        if qk not in started:
+            counts[k] = counts.get(k, 0) + 1
+    best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return dict(best), len(counts)
+
+
 #: Step statuses that hold a timer (``tk``) until they end.
 BLOCKED = frozenset({StepStatus.SLEEPING, StepStatus.WAITING, StepStatus.RETRYING})
 
@@ -532,7 +647,7 @@ def delete_instance_ops(
     batch.delete_prefix(HIST, hist_prefix(rk))
     qk = record.get("qk")
     if qk:
-        batch.delete(queue_db(wf), qk)
+        queue_ops(batch, wf, qk, iid, record.get("ky"), put=False)
     for tk in timers:
         TimerService.disarm(batch, tk)
 

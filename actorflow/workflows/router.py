@@ -8,11 +8,22 @@ at ``max_creation_rate`` by a token bucket, while instances waking up
 (resumed, or woken by an event) sit in a higher-priority band and go first.
 
 The queue depth is LMDB's entry count of the keyspace: exact and O(1).
+
+Keyed flow control (``create(key=, priority=)``, ``max_concurrent_per_key``):
+instances with a key or a priority other than 0 have their entries in a band
+of their own, ordered by priority, then creation; the router merges it with
+the default band (read as priority 0), so instances that use neither pay for
+nothing but an emptiness flag. An entry whose key is at its cap is skipped,
+and the key remembered as *blocked*: its skipped entries are then behind the
+read position of the band, and only the keyed queue (the same entries, by
+key) finds them again, when one of the key's slots frees. A hot key thus
+costs one read per start of its own and never holds up other keys.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 from collections.abc import Callable
@@ -20,7 +31,16 @@ from typing import TYPE_CHECKING
 
 from actorflow.core.clock import Clock
 from actorflow.core.errors import RateLimitError
-from actorflow.workflows.records import PRIO_NEW, PRIO_WAKE, queue_db
+from actorflow.workflows.records import (
+    KQUEUE,
+    PRIO_KEYED,
+    PRIO_NEW,
+    PRIO_WAKE,
+    key_queue_prefix,
+    parse_queue_entry,
+    queue_db,
+    queue_order,
+)
 
 log = logging.getLogger("actorflow.router")
 
@@ -123,12 +143,32 @@ class Router:
         self.throttled = False
         # Multi-node: only entries of instances this node owns are taken.
         self.accept: Callable[[bytes], bool] | None = (
-            None if node is None else lambda iid: node.owns(wfe.ik(iid.decode()))
+            None
+            if node is None
+            else lambda value: node.owns(wfe.ik(parse_queue_entry(value)[0].decode()))
         )
+        # Keyed flow control (see the module's docstring): the band of keyed
+        # and prioritized entries, read as the default band is.
+        self.per_key = lim.max_concurrent_per_key
+        self.key_running: dict[str, int] = {}
+        self._kprefetch: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._kcursor: bytes | None = None
+        self._kempty = not self._storage.scan(self.db, prefix=PRIO_KEYED, limit=1, keys_only=True)
+        # Keys at their cap whose skipped entries are behind the band's read
+        # position; the heads of those that have room again (qk, value, key).
+        self._blocked: set[str] = set()
+        self._heap: list[tuple[bytes, bytes, str]] = []
+        self._in_heap: set[str] = set()
+        self._refill: set[str] = set()
 
     def depth(self) -> int:
         """Instances waiting in the queue: committed entries not yet started."""
         return max(0, self._storage.count(self.db) - len(self._handed))
+
+    def handed(self) -> frozenset[bytes]:
+        """Queue keys of instances started whose entries are still stored (any thread)."""
+        with self._lock:
+            return frozenset(self._handed)
 
     def reserve(self, n: int, what: str) -> None:
         """Claims room for ``n`` entries or raises :class:`RateLimitError` (nothing written).
@@ -215,21 +255,136 @@ class Router:
                     self._handed.add(rows[0][0])
                     return ("wake", rows[0][1].decode())
                 self._wakes = False
-            if not self._prefetch:
-                if self._new_empty:
-                    return None
+            if not self._prefetch and not self._new_empty:
                 rows, cursor = self._take(PRIO_NEW, self._new_cursor, _PREFETCH)
                 self._new_cursor = cursor
-                if not rows:
+                if rows:
+                    self._prefetch.extend(rows)
+                else:
                     self._new_empty = True
+            if self._kempty and not self._heap and not self._refill:
+                if not self._prefetch:
                     return None
-                self._prefetch.extend(rows)
-            if use_bucket and self.bucket is not None and not self.bucket.take():
-                self.throttled = True
-                return None
-            key, iid = self._prefetch.popleft()
-            self._handed.add(key)
-            return ("new", iid.decode())
+                if use_bucket and self.bucket is not None and not self.bucket.take():
+                    self.throttled = True
+                    return None
+                key, iid = self._prefetch.popleft()
+                self._handed.add(key)
+                return ("new", iid.decode())
+            return self._pop_keyed(use_bucket)
+
+    def _pop_keyed(self, use_bucket: bool) -> tuple[str, str] | None:
+        """:meth:`pop` when keyed or prioritized entries may wait: the first of the
+        default band, the keyed band and the heads of blocked keys. Lock held."""
+        for k in self._refill:
+            self._refill_key(k)
+        self._refill.clear()
+        best: tuple[int, int] | None = None
+        src = 0
+        if self._prefetch:
+            best, src = queue_order(self._prefetch[0][0]), 1
+        head = self._keyed_head()
+        if head is not None:
+            order = queue_order(head[0])
+            if best is None or order < best:
+                best, src = order, 2
+        while self._heap and not self._has_room(self._heap[0][2]):
+            # Filled again meanwhile (a wake-up took the slot): wait for the next release.
+            self._in_heap.discard(heapq.heappop(self._heap)[2])
+        if self._heap:
+            order = queue_order(self._heap[0][0])
+            if best is None or order < best:
+                best, src = order, 3
+        if best is None:
+            return None
+        if use_bucket and self.bucket is not None and not self.bucket.take():
+            self.throttled = True
+            return None
+        if src == 1:
+            qk, value = self._prefetch.popleft()
+        elif src == 2:
+            qk, value = self._kprefetch.popleft()
+        else:
+            qk, value, k = heapq.heappop(self._heap)
+            self._in_heap.discard(k)
+            self._refill.add(k)  # its next head, once this start is counted
+        self._handed.add(qk)
+        return ("new", parse_queue_entry(value)[0].decode())
+
+    def _has_room(self, key: str) -> bool:
+        return self.per_key is None or self.key_running.get(key, 0) < self.per_key
+
+    def _keyed_head(self) -> tuple[bytes, bytes] | None:
+        """The first entry of the keyed band whose key has room; skips (and blocks) the others."""
+        while True:
+            if not self._kprefetch:
+                if self._kempty:
+                    return None
+                rows, cursor = self._take(PRIO_KEYED, self._kcursor, _PREFETCH)
+                self._kcursor = cursor
+                if not rows:
+                    self._kempty = True
+                    return None
+                self._kprefetch.extend(rows)
+            head = self._kprefetch[0]
+            key = parse_queue_entry(head[1])[1]
+            if key is None or self._has_room(key):
+                return head
+            self._kprefetch.popleft()
+            self._blocked.add(key)
+
+    def _frontier(self) -> tuple[bytes | None, bool]:
+        """Where the keyed band's reading stands: entries before it were taken or skipped.
+
+        ``(bound, inclusive)``: entries ``< bound`` (``<= bound`` if inclusive)
+        are behind it; a None bound: nothing is.
+        """
+        if self._kprefetch:
+            return self._kprefetch[0][0], False
+        return self._kcursor, True
+
+    def _refill_key(self, key: str) -> None:
+        """Puts the first skipped entry of a blocked ``key`` on the heap, if it has room."""
+        if key not in self._blocked or key in self._in_heap or not self._has_room(key):
+            return
+        bound, inclusive = self._frontier()
+        prefix = key_queue_prefix(self.wfe.name, key)
+        after: bytes | None = None
+        while bound is not None:
+            rows = self._storage.scan(KQUEUE, prefix=prefix, start_after=after, limit=64)
+            for kqk, value in rows:
+                after = kqk
+                qk = kqk[len(prefix) :]
+                if qk > bound or (qk == bound and not inclusive):
+                    rows = []
+                    break
+                if qk in self._handed or (self.accept is not None and not self.accept(value)):
+                    continue
+                heapq.heappush(self._heap, (qk, value + b"\x00" + key.encode(), key))
+                self._in_heap.add(key)
+                return
+            if not rows:
+                break
+        self._blocked.discard(key)  # nothing of it is behind the band's reading any more
+
+    def key_in(self, key: str) -> None:
+        """An instance with ``key`` took a slot (engine loop only)."""
+        self.key_running[key] = self.key_running.get(key, 0) + 1
+
+    def key_out(self, key: str) -> None:
+        """An instance with ``key`` gave its slot back (engine loop only)."""
+        n = self.key_running[key] - 1
+        if n:
+            self.key_running[key] = n
+        else:
+            del self.key_running[key]
+        if key in self._blocked:
+            with self._lock:
+                self._refill.add(key)
+
+    def key_room(self, key: str) -> bool:
+        """True if one more instance with ``key`` may run (engine loop only)."""
+        return self._has_room(key)
 
     def _take(
         self, prefix: bytes, cursor: bytes | None, limit: int
@@ -266,11 +421,35 @@ class Router:
                 self._wakes = True
                 if self._wake_cursor is not None and key <= self._wake_cursor:
                     self._wake_cursor = None
-            else:
+            elif key[:1] == PRIO_NEW:
                 self._new_empty = False
                 if self._new_cursor is not None and key <= self._new_cursor:
                     self._new_cursor = None
                     self._prefetch.clear()
+            else:
+                self._keyed_enqueued(key)
+
+    def _keyed_enqueued(self, key: bytes) -> None:
+        """A keyed-band entry was written: the band's reading goes back before it if need be.
+
+        Only back to just before it (keys of the band have one length), not to
+        the start: the entries skipped for blocked keys stay behind. Lock held.
+        """
+        self._kempty = False
+        if self._kcursor is None or key > self._kcursor:
+            return
+        while self._kprefetch and self._kprefetch[-1][0] >= key:
+            self._kprefetch.pop()
+        self._kcursor = (int.from_bytes(key, "big") - 1).to_bytes(len(key), "big")
+        if not self._kprefetch and self._heap:
+            # Heads now ahead of the reading are found by it: off the heap.
+            keep = [h for h in self._heap if h[0] < key]
+            for h in self._heap:
+                if h[0] >= key:
+                    self._in_heap.discard(h[2])
+                    self._refill.add(h[2])
+            self._heap = keep
+            heapq.heapify(self._heap)
 
     def rescan(self) -> None:
         """Reads the queue again from its start (this node took over instances)."""
@@ -280,6 +459,13 @@ class Router:
             self._new_cursor = None
             self._new_empty = False
             self._prefetch.clear()
+            self._kcursor = None
+            self._kempty = False
+            self._kprefetch.clear()
+            self._blocked.clear()
+            self._heap.clear()
+            self._in_heap.clear()
+            self._refill.clear()
 
     def dequeued(self, key: bytes) -> None:
         """The entry ``key`` was deleted durably (its instance started or changed state)."""
@@ -293,4 +479,11 @@ class Router:
             for prefix, cursor in ((PRIO_WAKE, self._wake_cursor), (PRIO_NEW, self._new_cursor)):
                 if self._take(prefix, cursor, 1)[0]:
                     return True
-            return False
+            if self._kempty and not self._heap and not self._refill:
+                return False
+            for k in self._refill:
+                self._refill_key(k)
+            self._refill.clear()
+            if any(self._has_room(h[2]) for h in self._heap):
+                return True
+            return self._keyed_head() is not None

@@ -41,6 +41,24 @@ class Slow(af.Workflow):
         return pid
 
 
+class KeyedSlow(af.Workflow):
+    """One step of ``SLOW_MS`` ms that journals ``start|end pid key`` (flow-control tests)."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
+        journal, key = event.payload["journal"], event.payload["key"]
+
+        def body() -> int:
+            with open(journal, "a") as f:
+                f.write(f"start {os.getpid()} {key}\n")
+            time.sleep(int(os.environ.get("SLOW_MS", "100")) / 1000)
+            with open(journal, "a") as f:
+                f.write(f"end {os.getpid()} {key}\n")
+            return os.getpid()
+
+        pid: int = step.do("slow", body)
+        return pid
+
+
 class Counter(af.DurableObject):
     """Counts."""
 
@@ -52,9 +70,13 @@ class Counter(af.DurableObject):
 
 def factory(data_dir: str) -> af.Runtime:
     """Builds the node's runtime."""
-    rt = af.Runtime(data_dir)
+    cap = int(os.environ.get("KEY_CAP", "1"))
+    rt = af.Runtime(
+        data_dir, limits=af.Limits(per_workflow={"keyed": {"max_concurrent_per_key": cap}})
+    )
     rt.register(Greeter, name="greeter")
     rt.register(Slow, name="slow")
+    rt.register(KeyedSlow, name="keyed")
     rt.durable_objects(Counter, name="counter")
     return rt
 

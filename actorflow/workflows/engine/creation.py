@@ -19,14 +19,14 @@ from actorflow.workflows.records import (
     IDX,
     INST,
     NUMBERS,
-    PRIO_NEW,
     InstanceRecord,
     StatusMove,
     dump,
     epoch_bytes,
     idx_key,
+    new_queue_key,
     queue_db,
-    queue_key,
+    queue_ops,
     record_number,
     rkey,
 )
@@ -155,6 +155,8 @@ def new_instance_batch(
     traceparent: str | None = None,
     schedule: tuple[str, int] | None = None,
     origin: dict[str, Any] | None = None,
+    key: str | None = None,
+    priority: int = 0,
 ) -> WriteBatch:
     """Returns the writes that create a queued instance (guarded: it must not exist).
 
@@ -168,11 +170,13 @@ def new_instance_batch(
     ``schedule`` is ``(cron expression, tick in epoch ms)`` for an instance
     a cron schedule creates (:mod:`actorflow.workflows.schedules`).
     ``origin`` is the ``fk`` of a fork (see :mod:`~actorflow.workflows.engine.forking`).
+    ``key`` and ``priority`` (checked by the caller) are its flow control:
+    kept in the record (``ky``, ``pr``) only when given, and in its queue key.
     """
     ik = wfe.ik(iid)
     nb = record_number(n)
     rk = rkey(wfe.name, nb)
-    qk = queue_key(PRIO_NEW, seq)
+    qk = new_queue_key(seq, priority, key)
     rec: InstanceRecord = {
         "s": Status.QUEUED,
         "created": now_ms,
@@ -186,6 +190,10 @@ def new_instance_batch(
         rec["sch"] = {"c": schedule[0], "t": schedule[1]}
     if origin is not None:
         rec["fk"] = origin
+    if key is not None:
+        rec["ky"] = key
+    if priority:
+        rec["pr"] = priority
     batch = WriteBatch()
     # The guard matches the first put: it is one insert (Storage._apply).
     batch.guard(IDS, ik, None)
@@ -194,7 +202,10 @@ def new_instance_batch(
     batch.put(FENCE, rk, epoch_bytes(1))
     batch.put(IDX, idx_key(wfe.name, Status.QUEUED, now_ms, iid), b"")
     batch.note(StatusMove(wfe.name, None, Status.QUEUED))
-    batch.put(queue_db(wfe.name), qk, iid.encode())
+    if key is None:
+        batch.put(queue_db(wfe.name), qk, iid.encode())
+    else:
+        queue_ops(batch, wfe.name, qk, iid, key, put=True)
     node = wfe.ctx.supervisor.node
     if node is not None:
         node.claim(batch, ik, None)

@@ -208,13 +208,16 @@ def fork_instance_batch(
     now_ms: int,
     seq: int,
     traceparent: str | None = None,
+    *,
+    key: str | None = None,
+    priority: int = 0,
 ) -> WriteBatch:
     """The write that creates fork ``iid`` (record number ``n``) of instance ``origin``.
 
     That of :func:`~actorflow.workflows.engine.creation.new_instance_batch`
     (guarded: the id must not exist; claimed by this node on several nodes),
     with the record naming its origin, plus the kept step records under the
-    fork's key.
+    fork's key. ``key`` and ``priority`` are the origin's flow control.
     """
     batch = new_instance_batch(
         wfe,
@@ -225,6 +228,8 @@ def fork_instance_batch(
         seq,
         traceparent,
         origin={"w": wfe.name, "i": origin, "n": plan.at[0], "c": plan.at[1]},
+        key=key,
+        priority=priority,
     )
     rk = rkey(wfe.name, record_number(n))
     for rec in plan.kept:

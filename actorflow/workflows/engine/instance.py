@@ -56,7 +56,6 @@ from actorflow.workflows.records import (
     HIST,
     IDX,
     INST,
-    PRIO_NEW,
     PRIO_WAKE,
     STEPS,
     WAKE_KIND,
@@ -75,9 +74,10 @@ from actorflow.workflows.records import (
     load,
     load_event,
     load_step,
+    new_queue_key,
     poke_target,
-    queue_db,
     queue_key,
+    queue_ops,
     step_key,
     step_timers,
     steps_prefix,
@@ -109,6 +109,7 @@ class InstanceActor(PooledActor):
         self.exec: Execution | None = None
         self.woken = False
         self.activating = False  # started, its run not yet past its first suspension
+        self.key_slots = 0  # slots held against its flow-control key (see Slots)
         self.busy = 0
         self.crashes: list[float] = []
         self.storage_faults = 0  # commits refused by storage since the last one landed
@@ -271,10 +272,10 @@ class InstanceActor(PooledActor):
         old_qk = rec.get("qk")
         new_qk = fields.get("qk", old_qk if status == Status.QUEUED else None)
         if old_qk and old_qk != new_qk:
-            batch.delete(queue_db(self.wfe.name), old_qk)
+            queue_ops(batch, self.wfe.name, old_qk, self.iid, rec.get("ky"), put=False)
             self.dequeued.append(old_qk)
         if new_qk and new_qk != old_qk:
-            batch.put(queue_db(self.wfe.name), new_qk, self.iid.encode())
+            queue_ops(batch, self.wfe.name, new_qk, self.iid, rec.get("ky"), put=True)
             self.enqueued.append(new_qk)
         new["qk"] = new_qk
         batch.put(INST, self.rk, dump(new))
@@ -709,7 +710,7 @@ class InstanceActor(PooledActor):
             Status.QUEUED,
             hist="WORKFLOW_RESTARTED",
             hist_data={"from_step": from_step} if from_step else None,
-            qk=queue_key(PRIO_NEW, self.ctx.next_seq()),
+            qk=new_queue_key(self.ctx.next_seq(), self.record.get("pr", 0), self.record.get("ky")),
             started=None,
             output=None,
             error=None,

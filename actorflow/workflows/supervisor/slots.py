@@ -52,6 +52,9 @@ class Slots:
         self.activating = 0  # see START_WINDOW
         self.by_wf: collections.Counter[str] = collections.Counter()
         self.wakes: collections.deque[tuple[InstanceActor, str]] = collections.deque()
+        # Woken instances whose flow-control key is at its cap, by (workflow, key):
+        # each release of such a key moves its first one back to ``wakes``.
+        self.key_waits: dict[tuple[str, str], collections.deque[tuple[InstanceActor, str]]] = {}
         self.started = 0
         self.closing = False
         self._window_full = False
@@ -186,6 +189,8 @@ class Slots:
                 actor.actor_ref.tell(Start(reason))
             except pykka.ActorDeadError:
                 self._count_in(actor.wfe.name, -1)
+                if actor.key_slots:
+                    self._key_out(actor)
                 self.settled(actor)
         if launched:
             # After the first step of every task just made: their runs have
@@ -225,11 +230,16 @@ class Slots:
             if self.by_wf[actor.wfe.name] >= actor.wfe.limits.max_concurrent:
                 deferred.append((actor, reason))
                 continue
+            key = actor.record.get("ky")
+            if key is not None and not actor.wfe.router.key_room(key):
+                self._wait_for_key(actor, reason, key)
+                continue
             found = (actor, reason)
             break
         self.wakes.extendleft(reversed(deferred))
         if found is not None:
             self._count_in(found[0].wfe.name, 1)
+            self._key_in(found[0])
             return found
         engines = list(self.engines.values())
         for i in range(len(engines)):
@@ -250,6 +260,14 @@ class Slots:
                 except BaseException:
                     self._count_in(wfe.name, -1)
                     raise
+                key = actor.record.get("ky")
+                if key is not None:
+                    if not wfe.router.key_room(key):
+                        # A wake-up entry (the router checks new ones): it waits
+                        # for its key in memory; the slot goes to the next entry.
+                        self._wait_for_key(actor, reason, key)
+                        continue
+                    self._key_in(actor)
                 self._rr = (self._rr + i + 1) % len(engines)
                 return actor, reason
         return None
@@ -258,9 +276,36 @@ class Slots:
         self.running += n
         self.by_wf[wf] += n
 
+    def _key_in(self, actor: InstanceActor) -> None:
+        """Counts a started instance against its flow-control key, if it has one."""
+        key = actor.record.get("ky")
+        if key is not None:
+            actor.wfe.router.key_in(key)
+            actor.key_slots += 1
+
+    def _key_out(self, actor: InstanceActor) -> None:
+        """Gives back the key slot of an instance that held one; wakes the key's next waiter."""
+        actor.key_slots -= 1
+        key: str = actor.record["ky"]
+        wf = actor.wfe.name
+        actor.wfe.router.key_out(key)
+        waits = self.key_waits.get((wf, key))
+        if waits:
+            self.wakes.appendleft(waits.popleft())
+            if not waits:
+                del self.key_waits[(wf, key)]
+
+    def _wait_for_key(self, actor: InstanceActor, reason: str, key: str) -> None:
+        actor.woken = True  # keeps it in memory until it starts
+        self.key_waits.setdefault((actor.wfe.name, key), collections.deque()).append(
+            (actor, reason)
+        )
+
     def released(self, actor: InstanceActor) -> None:
         """An instance gave its slot back (hibernated, finished, crashed or skipped)."""
         self._count_in(actor.wfe.name, -1)
+        if actor.key_slots:
+            self._key_out(actor)
         self.settled(actor, pump=False)
         self.pump_soon()
 
@@ -289,6 +334,17 @@ class Slots:
         """Drops a deleted instance's queued wake-ups (engine loop only)."""
         if any(a is actor for a, _ in self.wakes):
             self.wakes = collections.deque((a, r) for a, r in self.wakes if a is not actor)
+        key: str | None = actor.record.get("ky")
+        if key is None:
+            return
+        where = (actor.wfe.name, key)
+        waits = self.key_waits.get(where)
+        if waits and any(a is actor for a, _ in waits):
+            rest = collections.deque((a, r) for a, r in waits if a is not actor)
+            if rest:
+                self.key_waits[where] = rest
+            else:
+                del self.key_waits[where]
 
     def has_startable(self) -> bool:
         """True if a queued new instance could take a free slot now (engine loop only)."""
