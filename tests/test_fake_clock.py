@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from conftest import parse_source
 
 import actorflow as af
@@ -276,6 +277,10 @@ class Ticks(af.Workflow):
         return event.payload
 
 
+# 260 wake-ups, each a replay of all the ticks before it and a commit: seconds
+# on a quiet machine, minutes when other suites fsync on the same disk. The
+# test fails on a lack of progress, not on time (see below).
+@pytest.mark.timeout(900)
 def test_a_step_name_used_hundreds_of_times_wakes_every_time(tmp_path: Path) -> None:
     clock = FakeClock()
     with af.Runtime(tmp_path / "d", clock=clock) as rt:
