@@ -241,7 +241,8 @@ def test_dashboard_forks_an_instance_and_moves_to_the_fork(
         with pytest.raises(af.InstanceNotFound):
             checkout.get("order-9b")  # nothing happens before the second click
         page.click("button[data-action='fork']")
-        page.wait_for_function("location.hash === '#/i/checkout/order-9b'")
+        # (polled from here: the page's CSP refuses the eval of wait_for_function's polling)
+        eventually(lambda: page.evaluate("location.hash") == "#/i/checkout/order-9b")
         page.wait_for_selector("#forked-from")
         assert page.inner_text("#forked-from") == "order-9"
         page.wait_for_selector("#status [data-status='waiting']")
@@ -254,8 +255,9 @@ def test_dashboard_forks_an_instance_and_moves_to_the_fork(
         assert [s.name for s in fork.steps() if s.forked] == ["charge card", "cool down"]
         # the origin's link leads back; a fork to an id that exists is refused, shown
         page.click("#forked-from")
-        page.wait_for_function("location.hash === '#/i/checkout/order-9'")
-        page.wait_for_selector("#fork-step option:nth-child(4)")
+        eventually(lambda: page.evaluate("location.hash") == "#/i/checkout/order-9")
+        page.wait_for_selector("#forked-from", state="detached")
+        page.wait_for_selector("#fork-step option:nth-child(4)", state="attached")
         page.select_option("#fork-step", '{"name":"approval","count":1}')
         page.fill("#fork-id", "order-9b")
         page.click("button[data-action='fork']")
