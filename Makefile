@@ -71,6 +71,12 @@ executors: $(EXECUTORS_STAMP)
 pg-chaos: $(STAMP)
 	$(BIN)/pytest tests/test_pg_failover.py -m "postgres and chaos" -s -p no:randomly $(PYTEST_FLAGS)
 
+# Keyed flow control at the size of its figure: 10,000 queued over 100 keys, 5,000 on one
+# hot key capped at 2; the other keys finish first (docs/flow-control.md). About 2 minutes.
+.PHONY: flow-keys
+flow-keys: $(STAMP)
+	$(BIN)/pytest -m slow tests/test_flow_keys.py -p no:randomly $(PYTEST_FLAGS)
+
 # Long runs at scale, outside the default test run: the targets of the flow-control issue.
 stress: $(STAMP)
 	$(BIN)/python -m actorflow.bench recovery --size 10000 --repeat 1
