@@ -700,8 +700,10 @@ def test_chaos_full(tmp_path: Path) -> None:
     out = run_chaos(tmp_path, "chaos 60 s", n=5000, kill_for=60.0, event_window=45.0, timeout=600.0)
     summary = out.summary()
     # One due every ~2 s for 60 s. A freeze that lands while the node holds the
-    # host's write lock stalls every node until it thaws (freezes_not_adopted_in_time);
-    # the disruptions due meanwhile find no node to spare and are skipped.
-    assert len(out.kills) + out.skipped >= 20 and len(out.kills) >= 10, summary
+    # host's write lock stalls every node until it thaws (freezes_not_adopted_in_time),
+    # and that node is not disrupted again: with two of the three out of reach, the
+    # disruptions due later find no node to spare and are skipped. The first two
+    # freezes are the 2nd and 6th disruptions: 6 always land.
+    assert len(out.kills) + out.skipped >= 20 and len(out.kills) >= 6, summary
     assert out.lease_lost_exits + len(out.stalled) == out.freezes
     assert summary["adoption_ms_max"] < 15_000
