@@ -104,6 +104,9 @@ def test_the_per_key_cap_holds_and_other_keys_go_on(make_runtime: Any, journal: 
     journal.gate("key:c").set()
     assert all(i.wait(timeout=10).status == "complete" for i in insts)
     assert kc.peak == {"a": 2, "b": 2, "c": 2}
+    # A key's slot is given back on the engine loop right after the final commit,
+    # which wait() may see first.
+    assert rt.wait_until_idle(10)
     m = rt.metrics().workflows["keyed"]
     assert m.running_by_key == {} and m.queued_by_key == {}
     assert wf.get("b3").describe().key == "b"
@@ -287,7 +290,8 @@ def test_a_sleeping_instance_gives_its_key_slot_back_and_wakes_first(
     s2.wait_for_status("waiting")
     n2 = keyed.create(id="n2", params={"key": "k"}, key="k")
     assert rt.metrics().workflows["keyed"].queued_by_key == {"k": 1}
-    assert rt.metrics().workflows["sleeper"].running_by_key == {}
+    # (its slot is given back on the loop just after the "waiting" commit)
+    wait_for(lambda: rt.metrics().workflows["sleeper"].running_by_key == {})
     s3 = sleeper.create(id="s3", key="k", priority=-1)  # runs at once: "k" is free
     wait_for(lambda: "s3.a" in kc.starts)
     s3.wait_for_status("waiting")
