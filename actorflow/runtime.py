@@ -357,11 +357,11 @@ class Runtime:
         for name in names:
             wfe = self._engines.get(name)
             lim = wfe.limits if wfe is not None else self.limits.for_workflow(name)
-            started: frozenset[bytes] = frozenset()
+            started = None
             if wfe is not None:
                 depth = wfe.router.depth()
                 by_key = top_keys(dict(wfe.router.key_running))
-                started = wfe.router.handed()
+                started = wfe.router.handed  # copied only if the workflow has keyed entries
             else:
                 depth = self.storage.count(queue_db(name))
                 by_key = {}

@@ -17,18 +17,17 @@ process that a test can SIGKILL. The pytest fixtures over all of these are in
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actorflow.core.clock import _Subscribers, parse_duration_ms, to_datetime
 from actorflow.testkit.faults import Faults
 from actorflow.testkit.node import NodeProcess, NodeProcessError
 from actorflow.workflows.handles import WorkflowModifier
-from actorflow.workflows.replay import ReplayReport, load_histories, replay_check
+from actorflow.workflows.replay import Histories, ReplayReport, load_histories, replay_check
 
 if TYPE_CHECKING:
     from actorflow.runtime import Runtime
@@ -49,10 +48,7 @@ __all__ = [
 
 def assert_replays(
     workflow_cls: type[Workflow],
-    histories: Iterable[dict[str, Any] | str | os.PathLike[str]]
-    | dict[str, Any]
-    | str
-    | os.PathLike[str],
+    histories: Histories,
 ) -> list[ReplayReport]:
     """Fails (``AssertionError``) if the code diverges from any of ``histories``.
 

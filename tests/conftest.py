@@ -15,18 +15,32 @@ from __future__ import annotations
 import ast
 import gc
 import os
+import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import actorflow as af
-from actorflow.testing import FakeClock
+from actorflow.cluster.lease import OWNED, OWNER
+from actorflow.core.timers import TIMERS
+from actorflow.testing import FakeClock, NodeProcess
 from actorflow.testkit.postgres import PostgresServer, available, temporary_database
+from actorflow.workflows.records import (
+    EVENTS,
+    FENCE,
+    HIST,
+    IDS,
+    IDX,
+    INST,
+    KQUEUE,
+    STEPS,
+    queue_db,
+)
 
 
 class Journal:
@@ -212,3 +226,40 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     """The URL of a fresh database on ``pg_server``, dropped after the test."""
     with temporary_database(pg_server) as url:
         yield url
+
+
+#: The app of the ``nodes`` fixture's node processes, unless a test names another.
+NODE_APP = "apps.node_app:factory"
+
+
+@pytest.fixture
+def nodes(location: str) -> Iterator[Callable[..., NodeProcess]]:
+    """Starts node processes on the ``location`` fixture; each is killed after the test.
+
+    ``nodes(node_id, app=NODE_APP, **env)`` starts one (a 1 s lease) and
+    returns it; ``env`` is added to its environment. A node left frozen
+    (SIGSTOP) is continued before it is killed.
+    """
+    made: list[NodeProcess] = []
+
+    def make(node_id: str, app: str = NODE_APP, **env: str) -> NodeProcess:
+        node = NodeProcess(location, app, node_id=node_id, lease_timeout=1.0, env=env)
+        made.append(node)
+        return node.start()
+
+    yield make
+    for node in made:
+        if node.alive:
+            node.send_signal(signal.SIGCONT)
+            node.kill()
+
+
+def instance_records(rt: af.Runtime, *workflows: str) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every pair of every keyspace the instances of ``workflows`` can write to.
+
+    Taken before and after an operation, it shows whether anything of any
+    instance was written, left behind or removed.
+    """
+    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, TIMERS, OWNER, OWNED, KQUEUE]
+    spaces += [queue_db(wf) for wf in workflows]
+    return {ks: rt.storage.scan(ks) for ks in spaces}

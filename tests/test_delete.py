@@ -12,29 +12,14 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import Journal, history_types, wait_for
+from conftest import Journal, history_types, instance_records, wait_for
 
 import actorflow as af
-from actorflow.cluster.lease import OWNED, OWNER
-from actorflow.core.timers import TIMERS
 from actorflow.testing import FakeClock
 from actorflow.workflows.records import (
-    EVENTS,
-    FENCE,
-    HIST,
-    IDS,
-    IDX,
-    INST,
     KQUEUE,
-    STEPS,
     queue_db,
 )
-
-
-def _snapshot(rt: af.Runtime, *workflows: str) -> dict[str, list[tuple[bytes, bytes]]]:
-    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, TIMERS, OWNER, OWNED, KQUEUE]
-    spaces += [queue_db(wf) for wf in workflows]
-    return {ks: rt.storage.scan(ks) for ks in spaces}
 
 
 class Napper(af.Workflow):
@@ -72,14 +57,14 @@ def test_a_deleted_instance_leaves_nothing_and_its_id_is_reusable(
     wf = rt.register(Napper, name="napper", env=journal)
     other = wf.create(id="neighbour")
     assert rt.wait_until_idle()
-    before = _snapshot(rt, "napper")
+    before = instance_records(rt, "napper")
     inst = wf.create(id="x", params={"k": 1})
     assert rt.wait_until_idle()
     inst.send_event("unrelated", 1)  # a buffered event, never consumed
     assert inst.status().status == "waiting"
-    assert _snapshot(rt, "napper") != before
+    assert instance_records(rt, "napper") != before
     inst.delete()
-    assert _snapshot(rt, "napper") == before
+    assert instance_records(rt, "napper") == before
     with pytest.raises(af.InstanceNotFound, match="'x'"):
         wf.get("x")
     for call in (inst.status, inst.history, inst.steps, inst.pause, inst.delete):
@@ -108,16 +93,16 @@ def test_deleting_a_running_instance_stops_it_and_its_step_never_lands(
     rt: af.Runtime, journal: Journal
 ) -> None:
     wf = rt.register(Gated, name="gated", env=journal)
-    before = _snapshot(rt, "gated")
+    before = instance_records(rt, "gated")
     inst = wf.create(id="live")
     wait_for(lambda: journal.count(("start", "live")) == 1)
     assert inst.status().status == "running"
     inst.delete()
-    assert _snapshot(rt, "gated") == before
+    assert instance_records(rt, "gated") == before
     journal.gate("live").set()  # the body returns after the delete
     wait_for(lambda: journal.count(("body done", "live")) == 1)
     assert rt.wait_until_idle()
-    assert _snapshot(rt, "gated") == before  # its result was refused, not written
+    assert instance_records(rt, "gated") == before  # its result was refused, not written
     assert journal.count(("after", "live")) == 0
     assert wf.parts.supervisor.crash_count == 0
     assert wf.list() == []
@@ -130,14 +115,14 @@ def test_deleting_a_queued_instance_removes_its_queue_entry(
     wf = rt.register(Gated, name="gated", env=journal)
     first = wf.create(id="first")
     wait_for(lambda: journal.count(("start", "first")) == 1)
-    before = _snapshot(rt, "gated")
+    before = instance_records(rt, "gated")
     queued = wf.create(id="queued", key="tenant-1", priority=5)
     assert queued.status().status == "queued"
     assert rt.storage.scan(KQUEUE) != []  # a keyed instance is queued by its key too
     assert any(v.startswith(b"queued") for _, v in rt.storage.scan(queue_db("gated")))
     queued.delete()
     assert not any(v.startswith(b"queued") for _, v in rt.storage.scan(queue_db("gated")))
-    assert _snapshot(rt, "gated") == before
+    assert instance_records(rt, "gated") == before
     journal.gate("first").set()
     assert first.wait(timeout=10).status == "complete"
     assert rt.wait_until_idle()
@@ -155,7 +140,7 @@ def test_any_status_can_be_deleted(rt: af.Runtime, clock: FakeClock, end: str) -
             return 1
 
     wf = rt.register(Ends, name="ends")
-    before = _snapshot(rt, "ends")
+    before = instance_records(rt, "ends")
     inst = wf.create(id="e", params="fail" if end == "errored" else None)
     assert rt.wait_until_idle()
     if end == "complete":
@@ -167,10 +152,10 @@ def test_any_status_can_be_deleted(rt: af.Runtime, clock: FakeClock, end: str) -
         inst.pause()
     assert inst.status().status == end
     inst.delete()
-    assert _snapshot(rt, "ends") == before
+    assert instance_records(rt, "ends") == before
     clock.advance("2 hours")
     assert rt.wait_until_idle()
-    assert _snapshot(rt, "ends") == before
+    assert instance_records(rt, "ends") == before
 
 
 def test_delete_batch_reports_each_id(rt: af.Runtime, journal: Journal) -> None:
@@ -216,7 +201,7 @@ def test_deletes_racing_events_timers_and_runs_leave_nothing_half_deleted(
     wf = rt.register(Napper, name="napper", env=journal)
     keep = wf.create(id="keep")
     assert rt.wait_until_idle()
-    before = _snapshot(rt, "napper")
+    before = instance_records(rt, "napper")
     ids = [f"r{n}" for n in range(60)]
     wf.create_batch([{"id": i} for i in ids])
     errors: list[BaseException] = []
@@ -251,7 +236,7 @@ def test_deletes_racing_events_timers_and_runs_leave_nothing_half_deleted(
             t.join()
     assert errors == []
     assert rt.wait_until_idle()
-    assert _snapshot(rt, "napper") == before
+    assert instance_records(rt, "napper") == before
     assert [i.id for i in wf.list()] == ["keep"]
     clock.advance("2 hours")
     assert rt.wait_until_idle()

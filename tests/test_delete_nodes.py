@@ -6,9 +6,7 @@ The location is a data directory, or a PostgreSQL database with ``--backend=post
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ import pytest
 import actorflow as af
 from actorflow.cluster.lease import OWNED, OWNER
 from actorflow.core.storage import open_storage
-from actorflow.testing import NodeProcess
 from actorflow.workflows.records import (
     EVENTS,
     FENCE,
@@ -31,25 +28,7 @@ from actorflow.workflows.records import (
     steps_prefix,
 )
 
-APP = "apps.node_app:factory"
-LEASE = 1.0
 WF = "greeter"
-
-
-@pytest.fixture
-def nodes(location: str) -> Iterator[Any]:
-    made: list[NodeProcess] = []
-
-    def make(node_id: str, app: str = APP) -> NodeProcess:
-        node = NodeProcess(location, app, node_id=node_id, lease_timeout=LEASE)
-        made.append(node)
-        return node.start()
-
-    yield make
-    for node in made:
-        if node.alive:
-            node.send_signal(signal.SIGCONT)
-            node.kill()
 
 
 def _record_keys(location: str, ids: list[str]) -> dict[str, bytes]:

@@ -9,18 +9,16 @@ byte, after it was forked, whatever the fork did. Runs on LMDB and, with
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Journal
+from conftest import Journal, instance_records
 
 import actorflow as af
 from actorflow.cluster.lease import OWNER
 from actorflow.core.storage import open_storage
-from actorflow.testing import FakeClock, Faults, NodeProcess
+from actorflow.testing import FakeClock, Faults
 from actorflow.workflows.records import (
     EVENTS,
     FENCE,
@@ -29,8 +27,13 @@ from actorflow.workflows.records import (
     IDX,
     INST,
     STEPS,
+    events_prefix,
+    hist_prefix,
+    idx_iid,
+    idx_prefix,
     ikey,
-    queue_db,
+    rkey,
+    steps_prefix,
 )
 
 
@@ -90,17 +93,15 @@ def _origin_records(rt: af.Runtime, wf: str, iid: str) -> dict[str, Any]:
     st = rt.storage
     n = st.get(IDS, ikey(wf, iid))
     assert n is not None
-    rk = wf.encode() + b"\x00" + n
+    rk = rkey(wf, n)
     return {
         "ids": n,
         "inst": st.get(INST, rk),
         "fence": st.get(FENCE, rk),
-        "idx": [
-            k for k, _ in st.scan(IDX, prefix=f"{wf}\x00".encode()) if k.endswith(iid.encode())
-        ],
-        "steps": st.scan(STEPS, prefix=rk + b"\x00"),
-        "events": st.scan(EVENTS, prefix=rk + b"\x00"),
-        "hist": st.scan(HIST, prefix=rk + b"\x00"),
+        "idx": [k for k, _ in st.scan(IDX, prefix=idx_prefix(wf)) if idx_iid(k) == iid],
+        "steps": st.scan(STEPS, prefix=steps_prefix(rk)),
+        "events": st.scan(EVENTS, prefix=events_prefix(rk)),
+        "hist": st.scan(HIST, prefix=hist_prefix(rk)),
     }
 
 
@@ -308,13 +309,12 @@ def test_bad_input_gets_a_named_error_and_writes_nothing(
     origin = _completed(rt, clock, wf, "o")
     wf.create(id="taken", params={"x": 1})
     assert rt.wait_until_idle()
-    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, queue_db("pipeline")]
-    before = {ks: rt.storage.scan(ks) for ks in spaces}
+    before = instance_records(rt, "pipeline")
 
     def refused(cls: type[BaseException], match: str, *args: Any, **kw: Any) -> BaseException:
         with pytest.raises(cls, match=match) as info:
             origin.fork(*args, **kw)
-        assert {ks: rt.storage.scan(ks) for ks in spaces} == before
+        assert instance_records(rt, "pipeline") == before
         return info.value
 
     err = refused(af.InvalidInstanceState, r"'pipeline'.*'o'.*'nope'", "nope", id="n1")
@@ -367,11 +367,10 @@ def test_bad_input_gets_a_named_error_and_writes_nothing(
 def test_a_failed_write_leaves_no_fork(rt: af.Runtime, clock: FakeClock, journal: Journal) -> None:
     wf = rt.register(Pipeline, name="pipeline", env=journal)
     origin = _completed(rt, clock, wf, "o")
-    spaces = [IDS, INST, FENCE, IDX, STEPS, EVENTS, HIST, queue_db("pipeline")]
-    before = {ks: rt.storage.scan(ks) for ks in spaces}
+    before = instance_records(rt, "pipeline")
     with Faults(rt).fail_writes(times=1), pytest.raises(af.StorageError):
         origin.fork("price", id="f")
-    assert {ks: rt.storage.scan(ks) for ks in spaces} == before
+    assert instance_records(rt, "pipeline") == before
     fork = origin.fork("price", id="f")  # the same id: nothing of the first try was left
     assert fork.wait(timeout=10).output["b"] == 42
 
@@ -408,25 +407,6 @@ def test_fork_async(rt: af.Runtime, clock: FakeClock, journal: Journal) -> None:
         return (await fork.wait_async(timeout=10)).output
 
     assert asyncio.run(main()) == {"a": 4, "b": 1, "c": "shipped 1"}
-
-
-APP = "apps.node_app:factory"
-
-
-@pytest.fixture
-def nodes(location: str) -> Iterator[Any]:
-    made: list[NodeProcess] = []
-
-    def make(node_id: str) -> NodeProcess:
-        node = NodeProcess(location, APP, node_id=node_id, lease_timeout=1.0)
-        made.append(node)
-        return node.start()
-
-    yield make
-    for node in made:
-        if node.alive:
-            node.send_signal(signal.SIGCONT)
-            node.kill()
 
 
 def test_a_fork_on_several_nodes_is_owned_by_the_node_that_makes_it(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,6 @@ from actorflow.workflows.records import IDS, STEPS, load, rkey, step_key
 
 APP = "apps.node_app:factory"
 LEASE = 1.0
-
-
-@pytest.fixture
-def nodes(location: str) -> Iterator[dict[str, NodeProcess]]:
-    made: dict[str, NodeProcess] = {}
-
-    def make(node_id: str, **env: str) -> NodeProcess:
-        node = NodeProcess(location, APP, node_id=node_id, lease_timeout=LEASE, env=env)
-        made[node_id] = node
-        return node.start()
-
-    yield make  # type: ignore[misc]
-    for node in made.values():
-        if node.alive:
-            node.send_signal(signal.SIGCONT)
-            node.kill()
 
 
 def read(data: str, keyspace: str, key: bytes) -> bytes | None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import actorflow as af
 
@@ -130,34 +131,28 @@ class HeldStep(af.Workflow):
     """
 
     async def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
-        gauge: Gauge = self.env
-
-        async def hold() -> int:
-            gauge.enter()
-            try:
-                await asyncio.sleep(event.payload)
-            finally:
-                gauge.leave()
-            return 1
-
-        return int(await step.do("hold", hold))
+        return int(await step.do("hold", _holding(self.env, event.payload)))
 
 
 class HeldStepSync(af.Workflow):
     """:class:`HeldStep` as a ``def run`` (the body stays async: only ``run`` changes)."""
 
     def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> int:
-        gauge: Gauge = self.env
+        return int(step.do("hold", _holding(self.env, event.payload)))
 
-        async def hold() -> int:
-            gauge.enter()
-            try:
-                await asyncio.sleep(event.payload)
-            finally:
-                gauge.leave()
-            return 1
 
-        return int(step.do("hold", hold))
+def _holding(gauge: Gauge, seconds: float) -> Callable[[], Awaitable[int]]:
+    """The body of the held steps: awaits ``seconds``, counted by ``gauge`` meanwhile."""
+
+    async def hold() -> int:
+        gauge.enter()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            gauge.leave()
+        return 1
+
+    return hold
 
 
 class KeyGauge:

@@ -166,7 +166,7 @@ class Instance:
 
     async def delete_async(self) -> None:
         """:meth:`delete` for asyncio (the call waits in a worker thread)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.delete)
+        await asyncio.to_thread(self.delete)
 
     def fork(
         self,
@@ -218,8 +218,9 @@ class Instance:
         overrides: Mapping[str, Any] | None = None,
     ) -> Instance:
         """:meth:`fork` for asyncio (the call waits in a worker thread)."""
-        call = functools.partial(self.fork, at_step, id=id, params=params, overrides=overrides)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        return await asyncio.to_thread(
+            self.fork, at_step, id=id, params=params, overrides=overrides
+        )
 
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""
@@ -258,13 +259,11 @@ class Instance:
 
     async def status_async(self) -> InstanceStatus:
         """:meth:`status` for asyncio (the read runs in a worker thread)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.status)
+        return await asyncio.to_thread(self.status)
 
     async def send_event_async(self, type: str, payload: Any = None) -> None:
         """:meth:`send_event` for asyncio: returns once the event is durably buffered."""
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.send_event, type, payload)
-        )
+        await asyncio.to_thread(self.send_event, type, payload)
 
     async def wait_async(self, timeout: float | None = None) -> InstanceStatus:
         """:meth:`wait` for asyncio: woken when the instance finishes, no thread held.
@@ -797,8 +796,7 @@ class WorkflowBinding:
 
     async def create_batch_async(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
         """:meth:`create_batch` for asyncio: runs in a worker thread, the loop stays free."""
-        items = list(items)
-        return await asyncio.get_running_loop().run_in_executor(None, self.create_batch, items)
+        return await asyncio.to_thread(self.create_batch, list(items))
 
     def _check_lease(self, where: str) -> None:
         """After a refused creation: raises LeaseLost if this node was adopted."""
@@ -939,8 +937,7 @@ class WorkflowBinding:
 
     async def delete_batch_async(self, ids: Iterable[str]) -> dict[str, list[Any]]:
         """:meth:`delete_batch` for asyncio (the calls wait in a worker thread)."""
-        ids = list(ids)
-        return await asyncio.get_running_loop().run_in_executor(None, self.delete_batch, ids)
+        return await asyncio.to_thread(self.delete_batch, list(ids))
 
     def get(self, id: str) -> Instance:
         """Returns the instance ``id``; raises InstanceNotFound if there is none."""

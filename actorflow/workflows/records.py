@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, cast
 
 from actorflow.core.codec import load
@@ -116,6 +116,7 @@ __all__ = [
     "poke_target",
     "queue_db",
     "queue_entry",
+    "queue_key_before",
     "queue_ops",
     "queue_order",
     "queued_by_key",
@@ -504,6 +505,11 @@ def queue_order(qk: bytes) -> tuple[int, int]:
     return 0, _U64.unpack(qk[1:9])[0]
 
 
+def queue_key_before(qk: bytes) -> bytes:
+    """The queue key just before ``qk`` in its band (the band's keys have one length)."""
+    return (int.from_bytes(qk, "big") - 1).to_bytes(len(qk), "big")
+
+
 def queue_entry(iid: str, key: str | None) -> bytes:
     """The value of a queue entry: the instance id (and ``\\0`` key, if it has one)."""
     if key is None:
@@ -565,18 +571,26 @@ def queue_ops(
 
 
 def queued_by_key(
-    storage: Storage, wf: str, top: int = 10, started: Collection[bytes] = ()
+    storage: Storage,
+    wf: str,
+    top: int = 10,
+    started: Callable[[], Collection[bytes]] | None = None,
 ) -> tuple[dict[str, int], int]:
     """The keys with most queued instances (at most ``top``) and how many keys have some.
 
-    ``started`` are queue keys of instances already started whose entries are
-    still stored (the router's handed entries). Reads every key of the keyed
+    ``started`` gives the queue keys of instances already started whose
+    entries are still stored (the router's handed entries); it is called
+    only if the workflow has keyed entries. Reads every key of the keyed
     queue (keys only): O(keyed instances queued).
     """
+    rows = storage.scan(KQUEUE, prefix=key_queue_prefix(wf), keys_only=True)
+    if not rows:
+        return {}, 0
+    handed = started() if started is not None else ()
     counts: dict[str, int] = {}
-    for kqk, _ in storage.scan(KQUEUE, prefix=key_queue_prefix(wf), keys_only=True):
+    for kqk, _ in rows:
         k, qk = split_key_queue_key(wf, kqk)
-        if qk not in started:
+        if qk not in handed:
             counts[k] = counts.get(k, 0) + 1
     best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return dict(best), len(counts)
@@ -636,7 +650,7 @@ def delete_instance_ops(
     refused, because the fence it guards on is gone.
     """
     ik = ikey(wf, iid)
-    batch.guard(IDS, ik, rk[rk.index(b"\x00") + 1 :])
+    exists_guard(batch, ik, rk)
     batch.delete(IDS, ik)
     batch.delete(INST, rk)
     batch.delete(FENCE, rk)

@@ -53,6 +53,7 @@ from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
 __all__ = [
     "EXPORT_FORMAT",
+    "Histories",
     "ReplayReport",
     "decode_value",
     "encode_value",
@@ -214,6 +215,13 @@ def export_document(
         ],
         "history": history,
     }
+
+
+#: What :func:`replay_check` takes: exported instances (``inst.export()``
+#: documents), paths of JSON files or of directories of them, or one of these.
+Histories = (
+    Iterable[dict[str, Any] | str | os.PathLike[str]] | dict[str, Any] | str | os.PathLike[str]
+)
 
 
 def load_histories(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -531,10 +539,7 @@ def _replay_one(cls: type[Workflow], doc: dict[str, Any]) -> ReplayReport:
 
 def replay_check(
     workflow_cls: type[Workflow],
-    histories: Iterable[dict[str, Any] | str | os.PathLike[str]]
-    | dict[str, Any]
-    | str
-    | os.PathLike[str],
+    histories: Histories,
 ) -> list[ReplayReport]:
     """Replays recorded instances against ``workflow_cls`` without running a step body.
 

@@ -39,7 +39,10 @@ from actorflow.workflows.records import (
     key_queue_prefix,
     parse_queue_entry,
     queue_db,
+    queue_entry,
+    queue_key_before,
     queue_order,
+    split_key_queue_key,
 )
 
 log = logging.getLogger("actorflow.router")
@@ -352,15 +355,16 @@ class Router:
         after: bytes | None = None
         while bound is not None:
             rows = self._storage.scan(KQUEUE, prefix=prefix, start_after=after, limit=64)
-            for kqk, value in rows:
+            for kqk, iid in rows:
                 after = kqk
-                qk = kqk[len(prefix) :]
+                qk = split_key_queue_key(self.wfe.name, kqk)[1]
                 if qk > bound or (qk == bound and not inclusive):
                     rows = []
                     break
-                if qk in self._handed or (self.accept is not None and not self.accept(value)):
+                entry = queue_entry(iid.decode(), key)
+                if qk in self._handed or (self.accept is not None and not self.accept(entry)):
                     continue
-                heapq.heappush(self._heap, (qk, value + b"\x00" + key.encode(), key))
+                heapq.heappush(self._heap, (qk, entry, key))
                 self._in_heap.add(key)
                 return
             if not rows:
@@ -440,7 +444,7 @@ class Router:
             return
         while self._kprefetch and self._kprefetch[-1][0] >= key:
             self._kprefetch.pop()
-        self._kcursor = (int.from_bytes(key, "big") - 1).to_bytes(len(key), "big")
+        self._kcursor = queue_key_before(key)
         if not self._kprefetch and self._heap:
             # Heads now ahead of the reading are found by it: off the heap.
             keep = [h for h in self._heap if h[0] < key]

@@ -170,31 +170,30 @@ class LiveTable:
         Returns each instance's error, or None where the call succeeded.
         """
         self.ctx.check()
-        pending: list[tuple[int, pykka.Future[Any]]] = []
-        out: list[BaseException | None] = [None] * len(ids)
-        for i, iid in enumerate(ids):
+        asked: list[pykka.Future[Any] | None] = []
+        for iid in ids:
             try:
-                pending.append((i, self.actor(wfe, iid).actor_ref.ask(message, block=False)))
-            except (ActorflowError, pykka.ActorDeadError) as e:
-                out[i] = e
-        for i, fut in pending:
+                asked.append(self.actor(wfe, iid).actor_ref.ask(message, block=False))
+            except (ActorflowError, pykka.ActorDeadError):
+                asked.append(None)  # :meth:`call` below gives the answer (or the error again)
+        out: list[BaseException | None] = []
+        for iid, fut in zip(ids, asked, strict=True):
             try:
-                fut.get()
-            except pykka.ActorDeadError:  # evicted before it took the message: once more
-                try:
-                    self.call(wfe, ids[i], message)
-                except ActorflowError as e:
-                    out[i] = e
+                if fut is None or not _answered(fut):
+                    self.call(wfe, iid, message)
+                out.append(None)
             except ActorflowError as e:
-                out[i] = e
-        for i, err in enumerate(out):
-            if isinstance(err, pykka.ActorDeadError):
-                try:
-                    self.call(wfe, ids[i], message)
-                    out[i] = None
-                except ActorflowError as e:
-                    out[i] = e
+                out.append(e)
         return out
+
+
+def _answered(fut: pykka.Future[Any]) -> bool:
+    """Waits for an asked message's reply; False if the actor stopped before taking it."""
+    try:
+        fut.get()
+    except pykka.ActorDeadError:  # evicted before it took the message: it never ran
+        return False
+    return True
 
 
 def log_damaged(workflow: str, iid: str, err: RecordFormatError) -> None:
