@@ -125,10 +125,14 @@ def test_a_lone_runtime_has_the_database_to_itself(pg_url: str) -> None:
 
 
 def _end_every_session(url: str) -> None:
-    """What a server restart or a failover does to the runtimes' sessions."""
+    """What a server restart or a failover does to the runtimes' sessions.
+
+    The timeout makes each call wait until its backend has exited, so the session's advisory
+    locks are gone when this returns (without it the signal is only sent).
+    """
     run_sql(
         url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         " AND application_name NOT LIKE 'psql%'",
     )
