@@ -194,6 +194,7 @@ REAL_TIME_ALLOWED = {
     "workflows/engine/context.py:Watchdog.arm": "step attempt timeouts run in real time (documented)",
     "workflows/engine/context.py:Watchdog._check": "step attempt timeouts run in real time (documented)",
     "workflows/engine/context.py:EngineContext._shutdown": "close()'s grace period",
+    "workflows/engine/execution.py:Execution._result_beside": "how long a def run holds the loop",
     "workflows/supervisor/slots.py:Slots.pump": "re-checks a throttled queue (advance kicks it too)",
     "workflows/supervisor/restarts.py:Restarts.crashed": "crash-loop window and restart backoff",
     "workflows/engine/instance.py:InstanceActor._fail_later": "retries a write storage refused",

@@ -66,6 +66,7 @@ import pykka
 from actorflow.core.actors import Envelope, Executor, LatchFuture, PooledActor
 from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError, StorageError
+from actorflow.core.greenlets import offloaded
 from actorflow.core.storage import Chain, Storage
 from actorflow.core.timers import TimerService
 from actorflow.objects.storage import ALARM_RECORD, ObjectState, ObjectStorage, split_alarm_target
@@ -487,6 +488,7 @@ class _RemoteMethod:
         self._oid = oid
         self._name = name
 
+    @offloaded
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._host.send(self._oid, self._name, args, kwargs).get()
 

@@ -21,6 +21,7 @@ from actorflow.core.errors import (
     LimitExceeded,
     SerializationError,
 )
+from actorflow.core.greenlets import offloaded
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.workflows.definition import (
     FINISHED,
@@ -108,10 +109,12 @@ class Instance:
     def _record(self) -> dict[str, Any]:
         return self._p.record(self.id, self._rk())
 
+    @offloaded
     def status(self) -> InstanceStatus:
         """Returns the status, the output (when complete) and the error (when errored)."""
         return self._p.query.status(self._b.name, self.id, self._rkey or self._rk())
 
+    @offloaded
     def describe(self) -> InstanceDescription:
         """Returns everything about the instance at a glance (Temporal's ``describe()``).
 
@@ -124,10 +127,12 @@ class Instance:
         """
         return self._p.query.describe(self._b.name, self.id, self._rk())
 
+    @offloaded
     def pause(self) -> None:
         """Pauses: at once in a sleep or wait, else after the steps in flight end."""
         self._call(Pause())
 
+    @offloaded
     def resume(self) -> None:
         """Resumes a paused (or pausing) instance; no effect in other statuses but one.
 
@@ -137,6 +142,7 @@ class Instance:
         """
         self._call(Resume())
 
+    @offloaded
     def terminate(self, *, rollback: bool = False) -> None:
         """Ends the instance for good. Raises InvalidInstanceState if it already ended.
 
@@ -150,6 +156,7 @@ class Instance:
         """
         self._call(Terminate(bool(rollback)))
 
+    @offloaded
     def delete(self) -> None:
         """Removes the instance and every record of it; the id may then be created again.
 
@@ -168,6 +175,7 @@ class Instance:
         """:meth:`delete` for asyncio (the call waits in a worker thread)."""
         await asyncio.to_thread(self.delete)
 
+    @offloaded
     def fork(
         self,
         at_step: str | Mapping[str, Any],
@@ -222,10 +230,12 @@ class Instance:
             self.fork, at_step, id=id, params=params, overrides=overrides
         )
 
+    @offloaded
     def restart(self, from_step: str | None = None) -> None:
         """Runs the instance again from the start (or from step ``from_step``), same params."""
         self._call(Restart(from_step))
 
+    @offloaded
     def send_event(self, type: str, payload: Any = None) -> None:
         """Delivers an event; buffered until a ``wait_for_event`` of that type takes it."""
         where = f"workflow {self._b.name!r}, instance {self.id!r}: send_event"
@@ -233,6 +243,7 @@ class Instance:
         data = self._p.encode(payload, where)
         self._call(Event(type, data, self._p.ctx.now_ms()))
 
+    @offloaded
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Blocks until the instance is complete, errored or terminated; returns its status.
 
@@ -291,6 +302,7 @@ class Instance:
             finally:
                 self._p.supervisor.unwatch(ik, waker)
 
+    @offloaded
     def history(self) -> list[HistoryEvent]:
         """The event log (Cloudflare's event names), oldest first."""
         return read_history(self._p.storage, self._rk(), self._record())
@@ -343,6 +355,7 @@ class Instance:
             p.storage, p.ctx.commits, self._b.name, self.id, self._rk(), cursor=cursor, types=types
         )
 
+    @offloaded
     def export(self, *, include_sensitive: bool = False) -> dict[str, Any]:
         """The instance as a JSON-serializable document, for ``af.testing.replay_check``.
 
@@ -362,11 +375,13 @@ class Instance:
             self._b.name, self.id, self._rk(), include_sensitive=include_sensitive
         )
 
+    @offloaded
     def steps(self) -> list[StepRecord]:
         """One record per step (in start order), with its attempts."""
         self._record()  # raises InstanceNotFound
         return read_steps(self._p.storage, self._rk())
 
+    @offloaded
     def wait_for_status(self, status: str, timeout: float = 10.0) -> InstanceStatus:
         """Blocks until the instance is in ``status`` (Cloudflare's ``waitForStatus``).
 
@@ -404,6 +419,7 @@ class Instance:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
+    @offloaded
     def wait_for_step(self, name: str, *, count: int = 1, timeout: float = 10.0) -> Any:
         """Blocks until step ``name`` has a result and returns it (``waitForStepResult``).
 
@@ -615,6 +631,7 @@ class WorkflowBinding:
     def _encode(self, value: Any, where: str) -> bytes:
         return self.parts.encode(value, where)
 
+    @offloaded
     def create(
         self,
         id: str | None = None,
@@ -658,6 +675,7 @@ class WorkflowBinding:
         self._created(iid, where, qk, None)
         return Instance(self, iid)
 
+    @offloaded
     def fork_of(
         self,
         origin: Instance,
@@ -804,6 +822,7 @@ class WorkflowBinding:
         if node is not None and not node.confirm_live():
             raise lease_lost(node.node_id, where)
 
+    @offloaded
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[Instance]:
         """Creates many instances in group commits; ids that exist are skipped.
 
@@ -898,6 +917,7 @@ class WorkflowBinding:
             settle()
         return results
 
+    @offloaded
     def delete_batch(self, ids: Iterable[str]) -> dict[str, list[Any]]:
         """Deletes up to 100 instances (see :meth:`Instance.delete`); their writes share commits.
 
@@ -939,6 +959,7 @@ class WorkflowBinding:
         """:meth:`delete_batch` for asyncio (the calls wait in a worker thread)."""
         return await asyncio.to_thread(self.delete_batch, list(ids))
 
+    @offloaded
     def get(self, id: str) -> Instance:
         """Returns the instance ``id``; raises InstanceNotFound if there is none."""
         iid = validate_instance_id(id, self.name)
@@ -947,6 +968,7 @@ class WorkflowBinding:
         parts.record(iid, rk)  # raises InstanceNotFound
         return Instance(self, iid, rk)  # keeps the key: its later calls look up no id
 
+    @offloaded
     def list(
         self,
         status: str | None = None,

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 from actorflow.core.actors import LoopExecutor
 from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError
+from actorflow.core.greenlets import SliceMonitor
 from actorflow.core.limits import Limits
 from actorflow.core.rates import RateWindow
 from actorflow.core.storage import Storage, WriteBatch
+from actorflow.core.threadcalls import ThreadCalls
 from actorflow.core.timers import TimerService
 from actorflow.workflows.definition import Workflow, validate_workflow_name
 from actorflow.workflows.engine.modifiers import Modifiers
@@ -35,6 +37,14 @@ __all__ = ["EngineContext", "Watchdog", "WorkflowEngine"]
 
 _NAME_CACHE = 4096
 _SHUTDOWN_S = 5.0  # how long close() lets stopped runs and pending handlers finish
+# A slice of a plain ``def run`` on the loop (its code between two step calls)
+# longer than this blocks the loop: it is logged, and the workflow's later runs
+# take a run thread. Far above what replaying and calling a step costs.
+BLOCKING_SLICE_S = 0.25
+
+
+def _describe_run(execution: Any) -> str:
+    return str(execution.where)
 
 
 class _Watch:
@@ -130,8 +140,14 @@ class EngineContext:
         storage.add_commit_observer(self.commits.observe)
         self.run_pool = concurrent.futures.ThreadPoolExecutor(run_threads, "actorflow-run")
         self.step_pool = concurrent.futures.ThreadPoolExecutor(step_threads, "actorflow-step")
+        # Sync step bodies (the step pool runs delay functions).
+        self.body_calls = ThreadCalls(step_threads, self.loop, "actorflow-step")
         self.modifiers: dict[bytes, Modifiers] = {}
         self.watchdog = Watchdog(self.loop)
+        # Names the runs of plain ``def run`` workflows that hold the loop (see execution).
+        self.slices = SliceMonitor(
+            BLOCKING_SLICE_S, _describe_run, logging.getLogger("actorflow.engine")
+        )
         self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.
@@ -261,6 +277,8 @@ class EngineContext:
             self._thread.join(10)
         self.run_pool.shutdown(wait=False, cancel_futures=True)
         self.step_pool.shutdown(wait=False, cancel_futures=True)
+        self.body_calls.close()
+        self.slices.close()
         if not self._thread.is_alive():
             # Tasks the loop will never run again (it died, or shutdown timed
             # out): close their coroutines now, so that none is reported as
@@ -283,6 +301,9 @@ class WorkflowEngine:
         self.name = validate_workflow_name(name)
         self.env = env
         self.is_async = inspect.iscoroutinefunction(cls.run)
+        # A plain ``def run`` runs as a greenlet on the loop until one of its
+        # runs blocks the loop outside its steps; from then on, in the run threads.
+        self.threaded = False
         self.limits = ctx.limits.for_workflow(name)
         sup = ctx.supervisor
         self.router = Router(self, sup.slots.room_for, sup.node)

@@ -26,8 +26,11 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
+
+from greenlet import getcurrent
 
 from actorflow.core.clock import MAX_EPOCH_MS, parse_duration_ms, to_datetime, to_epoch_ms
 from actorflow.core.errors import (
@@ -41,6 +44,7 @@ from actorflow.core.errors import (
     StepTimeoutError,
     StorageError,
 )
+from actorflow.core.greenlets import LoopGreenlet, drive
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TimerService, timer_key
 from actorflow.executors.base import RanOn, StepExecutor, check_resources
@@ -51,10 +55,12 @@ from actorflow.workflows.definition import (
     validate_event_type,
     validate_step_name,
 )
+from actorflow.workflows.engine.context import BLOCKING_SLICE_S
 from actorflow.workflows.engine.signals import (
     EngineFault,
     Fatal,
     InjectedCrash,
+    Rehome,
     Stop,
     StorageFault,
     Suspend,
@@ -191,6 +197,9 @@ SUSPENDED = 2
 ENDING = 4
 FINISHED = 8
 STOPPED = 16
+# A plain ``def run`` on the loop held it outside its steps: it unwinds with
+# Rehome and starts again on a run thread.
+MOVING = 32
 
 
 class Execution:
@@ -227,6 +236,10 @@ class Execution:
     # thread is blocked on (its calls are the run's sequential ones).
     _run_thread: int | None = None
     _main_coro: Coroutine[Any, Any, Any] | None = None
+    # Or the greenlet it runs in on the loop (see actorflow.core.greenlets),
+    # and whether a step call of a thread it started was given up.
+    _green: LoopGreenlet | None = None
+    _gave_up = False
 
     def __init__(
         self,
@@ -367,9 +380,18 @@ class Execution:
             )
             if wfe.is_async:
                 output = await obj.run(event, WorkflowStep(self, sync=False))
-            else:
+            elif wfe.threaded:
                 output = await self.loop.run_in_executor(
                     self.ctx.run_pool, self._run_sync, obj.run, event, WorkflowStep(self, sync=True)
+                )
+            else:
+                g = self._green = LoopGreenlet(obj.run, self)
+                output = await drive(
+                    g,
+                    (event, WorkflowStep(self, sync=True)),
+                    self.ctx.run_pool,
+                    self.ctx.slices,
+                    self._thrown,
                 )
             return (Status.COMPLETE, output)
         except GeneratorExit as e:
@@ -412,8 +434,43 @@ class Execution:
         self._run_thread = threading.get_ident()
         return run(event, step)
 
+    def _thrown(self, exc: BaseException) -> BaseException:
+        """What a step call of a greenlet run raises when its awaitable raised ``exc``."""
+        if isinstance(exc, asyncio.CancelledError) and (self.state & STOPPED or _cancelling()):
+            return Stop()  # as block_on raises it in a run thread
+        return exc
+
+    def greenlet_slice(self, held: float) -> BaseException | None:
+        """Called after each slice of a greenlet run: a long one moves it to a thread.
+
+        Returns what to throw into the run instead of awaiting its request.
+        """
+        if held <= BLOCKING_SLICE_S:
+            return None
+        self._move_to_thread(f"held the engine loop for {held:.2f} s outside its steps")
+        return Rehome()
+
+    def _move_to_thread(self, why: str) -> None:
+        """Unwinds this greenlet run (Rehome) and runs the workflow on run threads from now on."""
+        self.state |= MOVING
+        wfe = self.wfe
+        if not wfe.threaded:
+            wfe.threaded = True
+            log.warning(
+                "%s: run %s; it starts again from its checkpoint on a thread, as every later "
+                "run of workflow %r will (slower: put blocking code in steps)",
+                self.where,
+                why,
+                wfe.name,
+                extra={"workflow": wfe.name, "instance": self.actor.iid},
+            )
+
     def _overridden(self, outcome: tuple[str, Any]) -> tuple[str, Any]:
         """What ``run`` returned or raised after the engine unwound it is void."""
+        if self._gave_up and not self.state & STOPPED:
+            # A step call of one of its threads was given up (_result_beside):
+            # what it returned may rest on that; it is run again on a thread.
+            return ("crashed", Rehome())
         if self.state & SUSPENDED and outcome[0] != "suspended":
             # run caught the engine's unwinding (a bare except, or except
             # BaseException, around a step) and went on: what it returned or
@@ -947,10 +1004,12 @@ class Execution:
         body runs (a body run then could never be checkpointed).
         """
         state = self.state
-        if not state & (STOPPED | SUSPENDED | FINISHED):
+        if not state & (STOPPED | SUSPENDED | FINISHED | MOVING):
             return
         if state & STOPPED:
             raise Stop()
+        if state & MOVING:
+            raise Rehome()
         if state & SUSPENDED:
             raise Suspend()
         if state & FINISHED:
@@ -1103,16 +1162,45 @@ class Execution:
         except BaseException:
             coro.close()
             raise
+        g = self._green
+        if g is not None and getcurrent() is g:
+            return g.parent.switch(coro)  # awaited by drive(), in the run's task
         if self._run_thread == threading.get_ident():
             self._main_coro = coro  # the run's own flow (see _sequential)
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._sync_futs.add(fut)
         try:
-            return fut.result()
+            if g is None:
+                return fut.result()
+            return self._result_beside(fut)
         except concurrent.futures.CancelledError:
+            if self.state & MOVING:
+                raise Rehome() from None
             raise Stop() from None
         finally:
             self._sync_futs.discard(fut)
+
+    def _result_beside(self, fut: concurrent.futures.Future[Any]) -> Any:
+        """Waits in a thread of a greenlet run (one the run started) for a step call.
+
+        The loop serves the call only once the run's greenlet lets it go: if
+        the run holds the loop meanwhile (it waits for this very thread, say),
+        it never would. Then the call is given up with Rehome, and the run
+        moves to a thread when its slice ends (see :meth:`greenlet_slice`).
+        """
+        while True:
+            try:
+                return fut.result(BLOCKING_SLICE_S)
+            except concurrent.futures.TimeoutError:
+                cur = self.ctx.slices.current
+                if cur is None or cur[1] is not self:
+                    continue
+                if time.perf_counter() - cur[0] < BLOCKING_SLICE_S:
+                    continue
+                # The slice's end moves the run (greenlet_slice): only give up here.
+                self._gave_up = True
+                fut.cancel()
+                raise Rehome() from None
 
     async def gather(self, coros: list[Coroutine[Any, Any, Any]], limit: int | None) -> list[Any]:
         """Runs step coroutines concurrently; results in order."""
@@ -1474,29 +1562,23 @@ class Execution:
         executor = self.ctx.executor
         if executor is not None:
             return await self._remote(executor, fn, args, attempt, name, cfg, resources, box)
-        if inspect.iscoroutinefunction(fn):
-            watch = self.ctx.watchdog.arm(cfg["timeout"] / 1000.0)
-            try:
-                return await fn(*args)
-            except asyncio.CancelledError:
-                if watch.fired:
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    raise self._timed_out(name, attempt, cfg) from None
-                raise
-            finally:
-                self.ctx.watchdog.disarm(watch)
+        # Sync bodies run in a step thread; a timeout gives up on the attempt
+        # (the thread cannot be stopped), an async body is cancelled.
+        watch = self.ctx.watchdog.arm(cfg["timeout"] / 1000.0)
         try:
-            async with asyncio.timeout(cfg["timeout"] / 1000.0) as cm:
-                value = await self.loop.run_in_executor(
-                    self.ctx.step_pool, functools.partial(_call_body, fn, args)
-                )
-                if inspect.isawaitable(value):
-                    value = await value
-                return value
-        except TimeoutError:
-            if cm.expired():
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args)
+            value = await self.ctx.body_calls.call(functools.partial(_call_body, fn, args))
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+        except asyncio.CancelledError:
+            if watch.fired:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 raise self._timed_out(name, attempt, cfg) from None
             raise
+        finally:
+            self.ctx.watchdog.disarm(watch)
 
     async def _remote(
         self,

@@ -17,6 +17,7 @@ __all__ = [
     "Fatal",
     "InjectedCrash",
     "LoopNotifier",
+    "Rehome",
     "Stop",
     "StorageFault",
     "Suspend",
@@ -79,6 +80,18 @@ class StorageFault(EngineFault):
     crash, with backoff, but does not count it against ``max_crashes``: a
     storage fault that passes costs a delay, not the instance.
     """
+
+
+class Rehome(EngineFault):
+    """Unwinds a plain ``def run`` that blocked the engine loop: it starts again
+    from its checkpoint on a run thread (not counted as a crash)."""
+
+    def __init__(
+        self,
+        message: str = "the run blocked the engine loop and moves to a thread "
+        "(it is replayed there); code in run must let this exception pass",
+    ) -> None:
+        super().__init__(message)
 
 
 class InjectedCrash(EngineFault):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from actorflow.core.errors import StorageError
 from actorflow.workflows.engine.messages import Fail
-from actorflow.workflows.engine.signals import StorageFault
+from actorflow.workflows.engine.signals import Rehome, StorageFault
 
 if TYPE_CHECKING:
     from actorflow.workflows.engine.context import EngineContext
@@ -55,8 +55,15 @@ class Restarts:
         A storage fault (a commit refused by a full disk, an I/O error) is
         not the instance's fault: it restarts with backoff (at most
         ``_STORAGE_BACKOFF_MAX`` s apart) for as long as the fault lasts,
-        and never counts against ``max_crashes``.
+        and never counts against ``max_crashes``. A run moved off the loop
+        (:class:`Rehome`) starts again at once, on a run thread.
         """
+        if isinstance(exc, Rehome):
+            if not self.slots.closing:
+                actor.woken = True
+                self.pending += 1
+                self.ctx.loop.call_soon(self._restart, actor)
+            return
         self.crash_count += 1
         now = time.monotonic()
         if isinstance(exc, StorageFault | StorageError):

@@ -1,0 +1,213 @@
+"""Plain ``def`` code run as a greenlet inside a coroutine on an asyncio loop.
+
+SQLAlchemy's asyncio bridge does the same: :func:`drive` runs a sync
+function in a :class:`LoopGreenlet` on the loop's own thread. Where the
+function would wait for the loop, it calls :func:`await_on_loop`: that
+switches back to the driving coroutine with the awaitable, which awaits it
+and switches in again with the result (or throws its error in). A waiting
+function then holds no thread, and a call into the loop costs no handoff
+between threads.
+
+The function must not block the loop's thread. What would (a call that
+waits for the loop itself, from a handle of the runtime) goes to a thread
+with :func:`offload`; :class:`SliceMonitor` names a function that blocks
+anyway, while it does.
+
+Inside the greenlet the loop is hidden (``asyncio.get_running_loop()``
+raises, ``asyncio.run()`` works), as it would be in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import threading
+import time
+from asyncio.events import _set_running_loop  # asyncio's own, in asyncio.events.__all__
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, ParamSpec, TypeVar
+
+from greenlet import getcurrent, greenlet
+
+__all__ = [
+    "LoopGreenlet",
+    "SliceMonitor",
+    "await_on_loop",
+    "drive",
+    "in_loop_greenlet",
+    "offload",
+    "offloaded",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Offload:
+    """What a greenlet asks its driver to run in a thread."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+
+
+class LoopGreenlet(greenlet):
+    """A sync function run by :func:`drive`; ``owner`` is what it runs for."""
+
+    def __init__(self, fn: Callable[..., Any], owner: Any) -> None:
+        super().__init__(fn, parent=getcurrent())
+        self.owner = owner
+        # The context of the coroutine that starts it (tracing, logging fields).
+        self.gr_context = contextvars.copy_context()
+
+
+def in_loop_greenlet() -> bool:
+    """True if the caller runs in a :class:`LoopGreenlet`."""
+    return isinstance(getcurrent(), LoopGreenlet)
+
+
+def await_on_loop(awaitable: Awaitable[T]) -> T:
+    """Awaits ``awaitable`` in the coroutine that drives the current greenlet.
+
+    Only from inside a :class:`LoopGreenlet`.
+    """
+    return getcurrent().parent.switch(awaitable)
+
+
+def offload(call: Callable[[], T]) -> T:
+    """``call()``; from a :class:`LoopGreenlet`, in a thread while the loop runs on."""
+    g = getcurrent()
+    if isinstance(g, LoopGreenlet):
+        return g.parent.switch(_Offload(call))
+    return call()
+
+
+def offloaded(method: Callable[P, T]) -> Callable[P, T]:
+    """Makes a blocking method :func:`offload` itself when called from a :class:`LoopGreenlet`.
+
+    For the runtime's sync handles: they wait for the loop, which a caller on
+    the loop's thread would never let run.
+    """
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        if isinstance(getcurrent(), LoopGreenlet):
+            return offload(functools.partial(method, *args, **kwargs))
+        return method(*args, **kwargs)
+
+    return call
+
+
+class SliceMonitor:
+    """Logs a greenlet that holds its loop's thread longer than ``limit`` seconds.
+
+    :func:`drive` notes the start of each slice (the time the greenlet runs
+    between two switches); a thread, started at the first slice, looks every
+    ``limit / 2`` seconds and logs the slices that outlive ``limit`` while
+    they still run, once each. ``describe(owner)`` names the greenlet's owner
+    in the line.
+    """
+
+    def __init__(
+        self, limit: float, describe: Callable[[Any], str], logger: logging.Logger
+    ) -> None:
+        self.limit = limit
+        self._describe = describe
+        self._log = logger
+        # (start, owner, slice number): written by the loop, read by the monitor thread.
+        self.current: tuple[float, Any, int] | None = None
+        self._slices = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, owner: Any) -> None:
+        self._slices += 1
+        self.current = (time.perf_counter(), owner, self._slices)
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch, name="actorflow-slices", daemon=True
+            )
+            self._thread.start()
+
+    def end(self) -> float:
+        """Ends the current slice; returns how long it ran."""
+        cur = self.current
+        self.current = None
+        return 0.0 if cur is None else time.perf_counter() - cur[0]
+
+    def _watch(self) -> None:
+        logged = 0
+        while not self._stop.wait(self.limit / 2):
+            cur = self.current
+            if cur is None or cur[2] == logged:
+                continue
+            held = time.perf_counter() - cur[0]
+            if held > self.limit:
+                logged = cur[2]
+                self._log.warning(
+                    "%s: run has held the engine loop for %.2f s outside its steps (blocking "
+                    "code in a def run: time.sleep, a blocking call, a long computation); every "
+                    "other instance waits meanwhile. Put that code in a step.",
+                    self._describe(cur[1]),
+                    held,
+                )
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+async def drive(
+    g: LoopGreenlet,
+    args: tuple[Any, ...],
+    pool: Executor | None,
+    monitor: SliceMonitor | None = None,
+    translate: Callable[[BaseException], BaseException] | None = None,
+) -> Any:
+    """Runs ``g`` to its end from the loop; returns what its function returned.
+
+    Raises what the function raised. ``pool`` runs what it offloads;
+    ``translate`` maps an error of an awaitable to the one thrown into the
+    greenlet (an engine's cancellation to its own stop signal). After each
+    slice, ``g.owner.greenlet_slice(seconds)``, if the owner has it, may
+    return an exception: it is thrown into the greenlet in place of what it
+    asked for.
+    """
+    loop = asyncio.get_running_loop()
+    owner = g.owner
+    on_slice: Callable[[float], BaseException | None] | None = getattr(
+        owner, "greenlet_slice", None
+    )
+    veto: BaseException | None = None
+
+    def run_slice(resume: Callable[..., Any], *a: Any) -> Any:
+        nonlocal veto
+        if monitor is not None:
+            monitor.begin(owner)
+        _set_running_loop(None)
+        try:
+            return resume(*a)
+        finally:
+            _set_running_loop(loop)
+            if monitor is not None:
+                held = monitor.end()
+                if on_slice is not None:
+                    veto = on_slice(held)
+
+    req = run_slice(g.switch, *args)
+    while not g.dead:
+        if veto is not None:
+            if asyncio.iscoroutine(req):
+                req.close()
+            req = run_slice(g.throw, veto)
+            continue
+        try:
+            value = await (loop.run_in_executor(pool, req.call) if type(req) is _Offload else req)
+        except BaseException as e:
+            req = run_slice(g.throw, e if translate is None else translate(e))
+        else:
+            req = run_slice(g.switch, value)
+    return req
