@@ -77,9 +77,11 @@ class Runtime:
             cloudpickle for what pickle cannot do).
         pool_size: Threads running Durable Object calls.
         idle_timeout: Seconds an object may stay idle before eviction.
-        run_threads: Threads for plain ``def run`` workflows: the most such
-            runs executing at once (``async def run`` workflows need none).
-        step_threads: Threads for sync step callables in ``async def run``.
+        run_threads: Threads for the plain ``def run`` workflows that
+            blocked the engine loop outside their steps and were moved off it
+            (the most such runs executing at once); the others, and ``async
+            def run`` workflows, need none.
+        step_threads: Threads for sync step callables.
         max_crashes: Crashes of one instance tolerated within
             ``crash_window`` seconds before it is marked errored.
         crash_window: See ``max_crashes``.

@@ -31,7 +31,9 @@ class Gathered(af.Workflow):
         return str(step.do("held", body))
 
 
-def test_a_def_run_waiting_for_its_step_holds_no_thread(make_runtime: Any, journal: Journal) -> None:
+def test_a_def_run_waiting_for_its_step_holds_no_thread(
+    make_runtime: Any, journal: Journal
+) -> None:
     # Two run threads: runs held in threads would let only two bodies in at once.
     rt = make_runtime(run_threads=2)
     wf = rt.register(Gathered, env=journal)
@@ -76,7 +78,11 @@ def test_a_def_run_that_blocks_the_loop_is_named_and_moved_to_a_thread(
     first = wf.create(params={"sleep": BLOCK_S})
     assert first.wait(20).output == 3
     held = [r for r in caplog.records if "has held the engine loop" in r.getMessage()]
-    moved = [r for r in caplog.records if "starts again from its checkpoint on a thread" in r.getMessage()]
+    moved = [
+        r
+        for r in caplog.records
+        if "starts again from its checkpoint on a thread" in r.getMessage()
+    ]
     assert held and moved, caplog.text
     for record in held + moved:
         assert "workflow 'blocking'" in record.getMessage()
@@ -140,6 +146,33 @@ def test_handles_called_in_a_def_run_outside_its_steps(rt: af.Runtime) -> None:
     parent = rt.register(Parent, name="parent", env=child)
     insts = [parent.create(params=i) for i in range(10)]
     assert [inst.wait(30).output for inst in insts] == list(range(10))
+
+
+class Starter(af.DurableObject):
+    """Starts a child instance and waits for it, on the object's own thread."""
+
+    def start_and_wait(self, child_id: str, payload: Any) -> Any:
+        child = self.env.create(id=child_id)
+        child.send_event("go", payload)
+        return child.wait(20).output
+
+
+class ViaObject(af.Workflow):
+    """Calls a Durable Object in run itself, outside its steps, both ways."""
+
+    def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> list[Any]:
+        stub = self.env.get_by_name(event.instance_id)
+        first = stub.start_and_wait(f"{event.instance_id}-a", 1)
+        second = stub.start_and_wait.future(f"{event.instance_id}-b", 2).get(timeout=20)
+        return [first, second, step.do("done", lambda: 3)]
+
+
+def test_durable_objects_called_in_a_def_run_outside_its_steps(rt: af.Runtime) -> None:
+    child = rt.register(Child, name="child")
+    starters = rt.durable_objects(Starter, name="starters", env=child)
+    wf = rt.register(ViaObject, name="via", env=starters)
+    insts = [wf.create() for _ in range(5)]
+    assert [inst.wait(30).output for inst in insts] == [[1, 2, 3]] * 5
 
 
 class Threads(af.Workflow):

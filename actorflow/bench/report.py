@@ -70,6 +70,7 @@ TARGETS: list[Target] = [
     Target("steps", "steps_per_s", ">=", 20_000),
     # A `def run` workflow at the speed of the same `async def run` one, same run.
     Target("steps", "sync_vs_async", ">=", 0.8),
+    Target("concurrency", "sync_vs_async", ">=", 0.8),
     Target("create", "create_batch_per_s", ">=", 50_000),
     Target("create", "create_16_threads_per_s", ">=", 10_000),
     Target("latency", "create_to_first_step_p50_ms", "<=", 2),
@@ -79,6 +80,8 @@ TARGETS: list[Target] = [
     Target("concurrency", "peak_rss_mib", "<=", 3 * GiB, 50_000),
     Target("sleepers", "peak_rss_mib", "<=", 2 * GiB, 1_000_000),
     Target("sleepers", "wake_lateness_p99_ms", "<=", 50),
+    # Instances woken per second by `def run` and `async def run` sleepers, same run.
+    Target("sleepers", "sync_vs_async", ">=", 0.8),
     # Memory while holding them: the drain that follows stores every completed
     # instance, which grows the data file and its map (peak_rss_mib).
     Target("queue", "peak_rss_queued_mib", "<=", 1 * GiB, 2_000_000),

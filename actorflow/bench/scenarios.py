@@ -502,14 +502,20 @@ def _concurrency_once(
     }
 
 
-def _sleep_lateness(rt: af.Runtime) -> list[float]:
-    """Lateness in ms (resumed minus deadline) of every completed sleep in the store."""
+def _sleep_lateness(rt: af.Runtime) -> tuple[list[float], float]:
+    """Lateness in ms (resumed minus deadline) of every completed sleep in the store,
+    and the rate at which they were woken (per second, first deadline to last wake)."""
     out = []
+    first_dl = last_t1 = None
     for _, v in rt.storage.scan(STEPS):
         r = load(v)
         if r.get("k") == "sleep" and "t1" in r:
             out.append(float(r["t1"] - r["dl"]))
-    return out
+            first_dl = r["dl"] if first_dl is None else min(first_dl, r["dl"])
+            last_t1 = r["t1"] if last_t1 is None else max(last_t1, r["t1"])
+    if first_dl is None or last_t1 is None:
+        return out, 0.0
+    return out, len(out) / max(0.001, (last_t1 - first_dl) / 1000)
 
 
 def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Outcome:
@@ -521,7 +527,7 @@ def run_sleepers(root: Path, size: int, progress: Progress, opts: Options) -> Ou
         figures[style] = out.figures
         prefix = "" if style == "async" else SYNC_PREFIX
         samples.update({prefix + k: v for k, v in out.samples.items()})
-    return Outcome(_styled(figures, None), samples)
+    return Outcome(_styled(figures, "woken_per_s"), samples)
 
 
 def _sleepers_once(root: Path, size: int, progress: Progress, opts: Options, style: str) -> Outcome:
@@ -551,7 +557,7 @@ def _sleepers_once(root: Path, size: int, progress: Progress, opts: Options, sty
         db_asleep = _disk_mib(Path(rt.data_dir))
         progress.phase("waking", size)
         _poll(lambda: _count(rt, "sleeper", "complete"), size, progress, 3600 + margin)
-        late = _sleep_lateness(rt)
+        late, woken_per_s = _sleep_lateness(rt)
     figures = {
         "n": float(size),
         "asleep_s": asleep_s,
@@ -561,6 +567,7 @@ def _sleepers_once(root: Path, size: int, progress: Progress, opts: Options, sty
         **asleep_mem,
         "data_file_mib": db_asleep,
         "wake_rate_per_s": opts.wake_rate,
+        "woken_per_s": woken_per_s,
         **_dist("wake_lateness", late),
     }
     return Outcome(figures, {"wake_lateness_ms": late})

@@ -33,6 +33,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 import os
@@ -49,6 +50,8 @@ from pykka import messages
 # pykka exports no name for its envelope type (4.x): the one import of it from
 # pykka's private module is here, and the rest of actorflow takes it from us.
 from pykka._envelope import Envelope
+
+from actorflow.core.greenlets import in_loop_greenlet, offload
 
 __all__ = [
     "Envelope",
@@ -95,6 +98,9 @@ class LatchFuture(pykka.Future[T]):
         if self._get_hook is not None:
             return super().get(timeout=timeout)
         if not self._set:
+            if in_loop_greenlet():
+                # A def run on the engine loop: the reply may need the loop.
+                return offload(functools.partial(self.get, timeout=timeout))
             if timeout is None:
                 self._latch.acquire()
             elif not self._latch.acquire(timeout=max(0.0, timeout)):

@@ -1,7 +1,7 @@
 """Plain ``def`` code run as a greenlet inside a coroutine on an asyncio loop.
 
-SQLAlchemy's asyncio bridge does the same: :func:`drive` runs a sync
-function in a :class:`LoopGreenlet` on the loop's own thread. Where the
+SQLAlchemy's asyncio bridge does the same: :meth:`LoopGreenlets.run` runs
+a sync function in a :class:`LoopGreenlet` on the loop's own thread. Where the
 function would wait for the loop, it calls :func:`await_on_loop`: that
 switches back to the driving coroutine with the awaitable, which awaits it
 and switches in again with the result (or throws its error in). A waiting
@@ -30,13 +30,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, ParamSpec, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 __all__ = [
     "LoopGreenlet",
+    "LoopGreenlets",
     "SliceMonitor",
     "await_on_loop",
-    "drive",
     "in_loop_greenlet",
     "offload",
     "offloaded",
@@ -44,6 +44,16 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+class _Done:
+    """What a greenlet hands back when its function returned or raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any, error: BaseException | None) -> None:
+        self.value = value
+        self.error = error
 
 
 class _Offload:
@@ -56,13 +66,28 @@ class _Offload:
 
 
 class LoopGreenlet(greenlet):
-    """A sync function run by :func:`drive`; ``owner`` is what it runs for."""
+    """A greenlet of :class:`LoopGreenlets`; ``owner`` is what its current function runs for.
 
-    def __init__(self, fn: Callable[..., Any], owner: Any) -> None:
-        super().__init__(fn, parent=getcurrent())
-        self.owner = owner
-        # The context of the coroutine that starts it (tracing, logging fields).
-        self.gr_context = contextvars.copy_context()
+    It runs one function after another: starting a greenlet costs several
+    times what switching to one does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(self._serve, parent=getcurrent())
+        self.owner: Any = None
+
+    def _serve(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        parent = self.parent
+        while True:
+            try:
+                done = _Done(fn(*args), None)
+            except GreenletExit:
+                raise  # collected while suspended in fn: it ends
+            except BaseException as e:
+                done = _Done(None, e)
+            fn = args = None  # type: ignore[assignment]
+            # Hands the outcome back; the next switch in brings the next function.
+            fn, args = parent.switch(done)
 
 
 def in_loop_greenlet() -> bool:
@@ -105,7 +130,7 @@ def offloaded(method: Callable[P, T]) -> Callable[P, T]:
 class SliceMonitor:
     """Logs a greenlet that holds its loop's thread longer than ``limit`` seconds.
 
-    :func:`drive` notes the start of each slice (the time the greenlet runs
+    :meth:`LoopGreenlets.run` notes the start of each slice (the time the greenlet runs
     between two switches); a thread, started at the first slice, looks every
     ``limit / 2`` seconds and logs the slices that outlive ``limit`` while
     they still run, once each. ``describe(owner)`` names the greenlet's owner
@@ -160,54 +185,90 @@ class SliceMonitor:
         self._stop.set()
 
 
-async def drive(
-    g: LoopGreenlet,
-    args: tuple[Any, ...],
-    pool: Executor | None,
-    monitor: SliceMonitor | None = None,
-    translate: Callable[[BaseException], BaseException] | None = None,
-) -> Any:
-    """Runs ``g`` to its end from the loop; returns what its function returned.
+class LoopGreenlets:
+    """Runs sync functions as greenlets on the thread of the loop that calls :meth:`run`.
 
-    Raises what the function raised. ``pool`` runs what it offloads;
-    ``translate`` maps an error of an awaitable to the one thrown into the
-    greenlet (an engine's cancellation to its own stop signal). After each
-    slice, ``g.owner.greenlet_slice(seconds)``, if the owner has it, may
-    return an exception: it is thrown into the greenlet in place of what it
-    asked for.
+    Args:
+        offload_pool: Runs what the functions :func:`offload`.
+        monitor: Notes each slice (None: nobody watches).
+        keep: Idle greenlets kept for reuse.
     """
-    loop = asyncio.get_running_loop()
-    owner = g.owner
-    on_slice: Callable[[float], BaseException | None] | None = getattr(
-        owner, "greenlet_slice", None
-    )
-    veto: BaseException | None = None
 
-    def run_slice(resume: Callable[..., Any], *a: Any) -> Any:
-        nonlocal veto
-        if monitor is not None:
-            monitor.begin(owner)
-        _set_running_loop(None)
-        try:
-            return resume(*a)
-        finally:
-            _set_running_loop(loop)
+    def __init__(
+        self, offload_pool: Executor | None, monitor: SliceMonitor | None, keep: int = 512
+    ) -> None:
+        self._offload_pool = offload_pool
+        self._monitor = monitor
+        self._keep = keep
+        self._idle: list[LoopGreenlet] = []
+
+    def greenlet(self) -> LoopGreenlet:
+        """An idle greenlet, for :meth:`run` (made if none is kept)."""
+        return self._idle.pop() if self._idle else LoopGreenlet()
+
+    async def run(
+        self,
+        g: LoopGreenlet,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        owner: Any,
+        translate: Callable[[BaseException], BaseException] | None = None,
+    ) -> T:
+        """Runs ``fn(*args)`` in ``g`` (from :meth:`greenlet`) to its end; returns its result.
+
+        Raises what it raised. ``translate`` maps an error of an awaitable to
+        the one thrown into the greenlet (an engine's cancellation to its own
+        stop signal). After each slice, ``owner.greenlet_slice(seconds)``, if
+        the owner has it, may return an exception: it is thrown into the
+        greenlet in place of what it asked for.
+        """
+        loop = asyncio.get_running_loop()
+        monitor = self._monitor
+        on_slice: Callable[[float], BaseException | None] | None = getattr(
+            owner, "greenlet_slice", None
+        )
+        veto: BaseException | None = None
+
+        def run_slice(resume: Callable[..., Any], *a: Any) -> Any:
+            nonlocal veto
             if monitor is not None:
-                held = monitor.end()
-                if on_slice is not None:
-                    veto = on_slice(held)
+                monitor.begin(owner)
+            _set_running_loop(None)
+            try:
+                return resume(*a)
+            finally:
+                _set_running_loop(loop)
+                if monitor is not None:
+                    held = monitor.end()
+                    if on_slice is not None:
+                        veto = on_slice(held)
 
-    req = run_slice(g.switch, *args)
-    while not g.dead:
-        if veto is not None:
-            if asyncio.iscoroutine(req):
-                req.close()
-            req = run_slice(g.throw, veto)
-            continue
-        try:
-            value = await (loop.run_in_executor(pool, req.call) if type(req) is _Offload else req)
-        except BaseException as e:
-            req = run_slice(g.throw, e if translate is None else translate(e))
-        else:
-            req = run_slice(g.switch, value)
-    return req
+        g.owner = owner
+        # The context of the coroutine that runs it (tracing, logging fields).
+        g.gr_context = contextvars.copy_context()
+        req = run_slice(g.switch, fn, args)
+        while type(req) is not _Done:
+            if veto is not None:
+                if asyncio.iscoroutine(req):
+                    req.close()
+                req = run_slice(g.throw, veto)
+                continue
+            try:
+                value = await (
+                    loop.run_in_executor(self._offload_pool, req.call)
+                    if type(req) is _Offload
+                    else req
+                )
+            except GeneratorExit:
+                raise  # the coroutine is closed (its loop is gone): the greenlet goes with it
+            except BaseException as e:
+                req = run_slice(g.throw, e if translate is None else translate(e))
+            else:
+                req = run_slice(g.switch, value)
+        g.owner = g.gr_context = None
+        if len(self._idle) < self._keep:
+            self._idle.append(g)
+        if req.error is not None:
+            error, req.error = req.error, None
+            raise error
+        return req.value

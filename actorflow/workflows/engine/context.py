@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow.core.actors import LoopExecutor
 from actorflow.core.clock import Clock
 from actorflow.core.errors import ActorflowError
-from actorflow.core.greenlets import SliceMonitor
+from actorflow.core.greenlets import LoopGreenlets, SliceMonitor
 from actorflow.core.limits import Limits
 from actorflow.core.rates import RateWindow
 from actorflow.core.storage import Storage, WriteBatch
@@ -100,10 +100,10 @@ class EngineContext:
         clock: The runtime's clock.
         timers: The runtime's timer service.
         limits: The runtime's limits.
-        run_threads: Threads for plain ``def run`` workflows (the most that
-            execute at once; more running instances wait for a thread).
-        step_threads: Threads for sync step callables of ``async def run``
-            workflows and for sync steps that time out.
+        run_threads: Threads for the plain ``def run`` workflows moved off
+            the loop (the most that execute at once; more running instances
+            wait for a thread), and for the sync handles such a run calls on it.
+        step_threads: Threads for sync step callables (and delay functions).
         seq: The ids for events, history and queue entries (a node's own
             residue, see :func:`~actorflow.cluster.lease.node_sequence`); None:
             counted from the real time in microseconds.
@@ -148,6 +148,8 @@ class EngineContext:
         self.slices = SliceMonitor(
             BLOCKING_SLICE_S, _describe_run, logging.getLogger("actorflow.engine")
         )
+        # The greenlets plain ``def run``s run in on the loop, kept for reuse.
+        self.greenlets = LoopGreenlets(self.run_pool, self.slices)
         self.valid_names: set[str] = set()
         # Unique, increasing ids for events, history and queue entries, also
         # across restarts: seeded from the real time in microseconds.

@@ -1,8 +1,12 @@
 """One run of one instance: replay ``run``, execute and checkpoint its steps.
 
 Everything here runs on the runtime's engine loop, the instance actor's
-thread. A plain ``def run`` executes in a thread of the run pool and sends
-each step call to the loop (:meth:`Execution.block_on`).
+thread. A plain ``def run`` executes there too, as a greenlet driven by the
+run's task (:func:`actorflow.core.greenlets.drive`): each step call switches
+back to the task with its coroutine (:meth:`Execution.block_on`). One that
+blocks the loop outside its steps moves to a thread of the run pool
+(:meth:`Execution.greenlet_slice`), and from there sends each step call to
+the loop.
 
 Replay: ``run`` starts from the top on every activation. Steps are keyed by
 (kind, name, occurrence). A stored complete step returns its result, a stored
@@ -44,7 +48,7 @@ from actorflow.core.errors import (
     StepTimeoutError,
     StorageError,
 )
-from actorflow.core.greenlets import LoopGreenlet, drive
+from actorflow.core.greenlets import LoopGreenlet
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TimerService, timer_key
 from actorflow.executors.base import RanOn, StepExecutor, check_resources
@@ -385,14 +389,14 @@ class Execution:
                     self.ctx.run_pool, self._run_sync, obj.run, event, WorkflowStep(self, sync=True)
                 )
             else:
-                g = self._green = LoopGreenlet(obj.run, self)
-                output = await drive(
-                    g,
-                    (event, WorkflowStep(self, sync=True)),
-                    self.ctx.run_pool,
-                    self.ctx.slices,
-                    self._thrown,
-                )
+                greenlets = self.ctx.greenlets
+                g = self._green = greenlets.greenlet()
+                try:
+                    output = await greenlets.run(
+                        g, obj.run, (event, WorkflowStep(self, sync=True)), self, self._thrown
+                    )
+                finally:
+                    self._green = None
             return (Status.COMPLETE, output)
         except GeneratorExit as e:
             if not self.loop.is_running():
