@@ -2,7 +2,7 @@
 
 Everything here runs on the runtime's engine loop, the instance actor's
 thread. A plain ``def run`` executes there too, as a greenlet driven by the
-run's task (:func:`actorflow.core.greenlets.drive`): each step call switches
+run's task (:class:`actorflow.core.greenlets.LoopGreenlets`): each step call switches
 back to the task with its coroutine (:meth:`Execution.block_on`). One that
 blocks the loop outside its steps moves to a thread of the run pool
 (:meth:`Execution.greenlet_slice`), and from there sends each step call to
@@ -1168,7 +1168,7 @@ class Execution:
             raise
         g = self._green
         if g is not None and getcurrent() is g:
-            return g.parent.switch(coro)  # awaited by drive(), in the run's task
+            return g.parent.switch(coro)  # awaited by LoopGreenlets.run, in the run's task
         if self._run_thread == threading.get_ident():
             self._main_coro = coro  # the run's own flow (see _sequential)
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
