@@ -404,10 +404,15 @@ def _bad_delay_raises() -> Any:
     raise LookupError("no delay table")
 
 
+def _delay_exits() -> Any:
+    raise SystemExit(3)  # in its step thread: it must not reach the engine loop
+
+
 @pytest.mark.parametrize(
     ("delay", "says"),
     [
         (_bad_delay_raises, "LookupError: no delay table"),
+        (_delay_exits, "raised SystemExit"),
         (lambda: "soon", "invalid duration 'soon'"),
         (lambda: -5, "must be finite and >= 0"),
         (lambda: None, "not NoneType"),

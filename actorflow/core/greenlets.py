@@ -10,7 +10,7 @@ between threads.
 
 The function must not block the loop's thread. What would (a call that
 waits for the loop itself, from a handle of the runtime) goes to a thread
-with :func:`offload`; :class:`SliceMonitor` names a function that blocks
+with :func:`offload`; :class:`SliceMonitor` tells of a function that blocks
 anyway, while it does.
 
 Inside the greenlet the loop is hidden (``asyncio.get_running_loop()``
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import logging
 import threading
 import time
 from asyncio.events import _set_running_loop  # asyncio's own, in asyncio.events.__all__
@@ -66,7 +65,7 @@ class _Offload:
 
 
 class LoopGreenlet(greenlet):
-    """A greenlet of :class:`LoopGreenlets`; ``owner`` is what its current function runs for.
+    """A greenlet of :class:`LoopGreenlets`.
 
     It runs one function after another: starting a greenlet costs several
     times what switching to one does.
@@ -74,7 +73,6 @@ class LoopGreenlet(greenlet):
 
     def __init__(self) -> None:
         super().__init__(self._serve, parent=getcurrent())
-        self.owner: Any = None
 
     def _serve(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         parent = self.parent
@@ -128,30 +126,26 @@ def offloaded(method: Callable[P, T]) -> Callable[P, T]:
 
 
 class SliceMonitor:
-    """Logs a greenlet that holds its loop's thread longer than ``limit`` seconds.
+    """Tells of a greenlet that holds its loop's thread longer than ``limit`` seconds.
 
-    :meth:`LoopGreenlets.run` notes the start of each slice (the time the greenlet runs
-    between two switches); a thread, started at the first slice, looks every
-    ``limit / 2`` seconds and logs the slices that outlive ``limit`` while
-    they still run, once each. ``describe(owner)`` names the greenlet's owner
-    in the line.
+    :meth:`LoopGreenlets.run` notes the start and end of each slice (the time
+    a greenlet runs between two switches). A thread, started at the first
+    slice, looks every ``limit / 2`` seconds and calls ``warn(owner,
+    seconds)`` once for each slice that outlives ``limit``, while it still runs.
     """
 
-    def __init__(
-        self, limit: float, describe: Callable[[Any], str], logger: logging.Logger
-    ) -> None:
+    def __init__(self, limit: float, warn: Callable[[Any, float], None]) -> None:
         self.limit = limit
-        self._describe = describe
-        self._log = logger
-        # (start, owner, slice number): written by the loop, read by the monitor thread.
-        self.current: tuple[float, Any, int] | None = None
+        self._warn = warn
+        # (start, owner, slice number): written by the loop, read by other threads.
+        self._current: tuple[float, Any, int] | None = None
         self._slices = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def begin(self, owner: Any) -> None:
         self._slices += 1
-        self.current = (time.perf_counter(), owner, self._slices)
+        self._current = (time.perf_counter(), owner, self._slices)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._watch, name="actorflow-slices", daemon=True
@@ -160,26 +154,25 @@ class SliceMonitor:
 
     def end(self) -> float:
         """Ends the current slice; returns how long it ran."""
-        cur = self.current
-        self.current = None
+        cur = self._current
+        self._current = None
         return 0.0 if cur is None else time.perf_counter() - cur[0]
 
+    def held(self, owner: Any) -> float:
+        """How long ``owner``'s greenlet has held the loop so far (0.0: it holds it not)."""
+        cur = self._current
+        return 0.0 if cur is None or cur[1] is not owner else time.perf_counter() - cur[0]
+
     def _watch(self) -> None:
-        logged = 0
+        warned = 0
         while not self._stop.wait(self.limit / 2):
-            cur = self.current
-            if cur is None or cur[2] == logged:
+            cur = self._current
+            if cur is None or cur[2] == warned:
                 continue
             held = time.perf_counter() - cur[0]
             if held > self.limit:
-                logged = cur[2]
-                self._log.warning(
-                    "%s: run has held the engine loop for %.2f s outside its steps (blocking "
-                    "code in a def run: time.sleep, a blocking call, a long computation); every "
-                    "other instance waits meanwhile. Put that code in a step.",
-                    self._describe(cur[1]),
-                    held,
-                )
+                warned = cur[2]
+                self._warn(cur[1], held)
 
     def close(self) -> None:
         self._stop.set()
@@ -190,13 +183,11 @@ class LoopGreenlets:
 
     Args:
         offload_pool: Runs what the functions :func:`offload`.
-        monitor: Notes each slice (None: nobody watches).
+        monitor: Notes each slice.
         keep: Idle greenlets kept for reuse.
     """
 
-    def __init__(
-        self, offload_pool: Executor | None, monitor: SliceMonitor | None, keep: int = 512
-    ) -> None:
+    def __init__(self, offload_pool: Executor, monitor: SliceMonitor, keep: int = 512) -> None:
         self._offload_pool = offload_pool
         self._monitor = monitor
         self._keep = keep
@@ -212,38 +203,31 @@ class LoopGreenlets:
         fn: Callable[..., T],
         args: tuple[Any, ...],
         owner: Any,
-        translate: Callable[[BaseException], BaseException] | None = None,
+        translate: Callable[[BaseException], BaseException],
+        on_slice: Callable[[float], BaseException | None],
     ) -> T:
         """Runs ``fn(*args)`` in ``g`` (from :meth:`greenlet`) to its end; returns its result.
 
-        Raises what it raised. ``translate`` maps an error of an awaitable to
-        the one thrown into the greenlet (an engine's cancellation to its own
-        stop signal). After each slice, ``owner.greenlet_slice(seconds)``, if
-        the owner has it, may return an exception: it is thrown into the
-        greenlet in place of what it asked for.
+        Raises what it raised. ``owner`` is what the monitor names.
+        ``translate`` maps an error of an awaitable to the one thrown into the
+        greenlet (an engine's cancellation to its own stop signal).
+        ``on_slice(seconds)`` is called after each slice; an exception it
+        returns is thrown into the greenlet in place of what it asked for.
         """
         loop = asyncio.get_running_loop()
         monitor = self._monitor
-        on_slice: Callable[[float], BaseException | None] | None = getattr(
-            owner, "greenlet_slice", None
-        )
         veto: BaseException | None = None
 
         def run_slice(resume: Callable[..., Any], *a: Any) -> Any:
             nonlocal veto
-            if monitor is not None:
-                monitor.begin(owner)
+            monitor.begin(owner)
             _set_running_loop(None)
             try:
                 return resume(*a)
             finally:
                 _set_running_loop(loop)
-                if monitor is not None:
-                    held = monitor.end()
-                    if on_slice is not None:
-                        veto = on_slice(held)
+                veto = on_slice(monitor.end())
 
-        g.owner = owner
         # The context of the coroutine that runs it (tracing, logging fields).
         g.gr_context = contextvars.copy_context()
         req = run_slice(g.switch, fn, args)
@@ -262,10 +246,10 @@ class LoopGreenlets:
             except GeneratorExit:
                 raise  # the coroutine is closed (its loop is gone): the greenlet goes with it
             except BaseException as e:
-                req = run_slice(g.throw, e if translate is None else translate(e))
+                req = run_slice(g.throw, translate(e))
             else:
                 req = run_slice(g.switch, value)
-        g.owner = g.gr_context = None
+        g.gr_context = None
         if len(self._idle) < self._keep:
             self._idle.append(g)
         if req.error is not None:

@@ -1,4 +1,8 @@
-"""Blocking calls on threads, started and handed back to the loop in batches.
+"""Results of other threads handed to an asyncio loop in batches.
+
+:class:`LoopNotifier` resolves the futures of storage commits, one loop
+wake-up per group commit. :class:`ThreadCalls` runs blocking calls on
+threads and hands their results back alike.
 
 ``loop.run_in_executor`` wakes a thread per call and the loop once per
 finished call (a ``call_soon_threadsafe``, a write to its self-pipe). The
@@ -18,11 +22,55 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ThreadCalls"]
+__all__ = ["LoopNotifier", "ThreadCalls"]
 
 # A draining thread busy with one call for longer than this is stuck: the
 # calls queued behind it get threads of their own.
 STUCK_S = 0.002
+
+# A future and what to resolve it with: (future, value, error or None).
+_Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+def _resolve(items: list[_Outcome]) -> None:
+    """On the loop: sets each future's outcome, unless it was given up on meanwhile."""
+    for fut, value, err in items:
+        if fut.done():
+            continue  # given up on (a timeout, a stopped run)
+        if err is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(err)
+
+
+class LoopNotifier:
+    """Resolves asyncio futures from the storage writer thread, one loop wake-up per group commit.
+
+    ``callback(fut)`` gives the function to pass to ``Storage.submit``;
+    ``flush`` is registered as the storage's after-batch hook.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[_Outcome] = []
+
+    def callback(self, fut: asyncio.Future[Any]) -> Callable[[BaseException | None], None]:
+        def done(err: BaseException | None) -> None:
+            with self._lock:
+                self._ready.append((fut, None, err))
+
+        return done
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._ready:
+                return
+            items, self._ready = self._ready, []
+        try:
+            self._loop.call_soon_threadsafe(_resolve, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 class ThreadCalls:
@@ -46,7 +94,7 @@ class ThreadCalls:
         self._draining = 0  # threads awake (or woken) to take calls
         # When each busy thread began its current call, by thread.
         self._began: dict[int, float] = {}
-        self._done: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._done: list[_Outcome] = []
         self._closed = False
         self._check: asyncio.TimerHandle | None = None  # the loop's look at stuck threads
 
@@ -123,9 +171,9 @@ class ThreadCalls:
                 self._began[me] = time.perf_counter()
                 lock.release()
                 try:
-                    item = (fut, True, fn())
+                    item: _Outcome = (fut, fn(), None)
                 except BaseException as e:
-                    item = (fut, False, e)
+                    item = (fut, None, e)
                 finally:
                     lock.acquire()
                 del self._began[me]
@@ -139,10 +187,4 @@ class ThreadCalls:
     def _flush(self) -> None:
         with self._lock:
             items, self._done = self._done, []
-        for fut, ok, value in items:
-            if fut.done():
-                continue  # given up on (a timeout, a stopped run)
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+        _resolve(items)

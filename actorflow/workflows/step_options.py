@@ -16,9 +16,9 @@ recorded.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actorflow.core.clock import parse_duration_ms
@@ -145,26 +145,25 @@ def delay_function(retries: Any, config: Any) -> Callable[..., Any] | None:
 async def evaluate_delay(
     fn: Callable[..., Any],
     kwargs: dict[str, Any],
-    pool: concurrent.futures.Executor,
+    in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
     what: str,
 ) -> int:
     """Calls a retry delay function and returns the duration it gave, in ms.
 
-    A sync function runs on ``pool`` (not on the engine loop, which it would
-    hold up); an async one, or an awaitable it returns, is awaited. Either
-    has :data:`DELAY_FUNCTION_TIMEOUT_S`.
+    A sync function runs through ``in_thread`` (not on the engine loop, which
+    it would hold up); an async one, or an awaitable it returns, is awaited.
+    Either has :data:`DELAY_FUNCTION_TIMEOUT_S`.
 
     Raises:
         TimeoutError: It took longer.
         ValueError: What it returned is not a valid duration.
         Exception: What it raised.
     """
-    loop = asyncio.get_running_loop()
     async with asyncio.timeout(DELAY_FUNCTION_TIMEOUT_S):
         if inspect.iscoroutinefunction(fn):
             value = await fn(**kwargs)
         else:
-            value = await loop.run_in_executor(pool, lambda: fn(**kwargs))
+            value = await in_thread(functools.partial(fn, **kwargs))
             if inspect.isawaitable(value):
                 value = await value
     return parse_duration_ms(value, what=f"{what}: the delay function returned {value!r}")

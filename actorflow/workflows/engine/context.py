@@ -19,11 +19,10 @@ from actorflow.core.greenlets import LoopGreenlets, SliceMonitor
 from actorflow.core.limits import Limits
 from actorflow.core.rates import RateWindow
 from actorflow.core.storage import Storage, WriteBatch
-from actorflow.core.threadcalls import ThreadCalls
+from actorflow.core.threadcalls import LoopNotifier, ThreadCalls
 from actorflow.core.timers import TimerService
 from actorflow.workflows.definition import Workflow, validate_workflow_name
 from actorflow.workflows.engine.modifiers import Modifiers
-from actorflow.workflows.engine.signals import LoopNotifier
 from actorflow.workflows.records import IDS, ikey, rkey
 from actorflow.workflows.router import Router
 from actorflow.workflows.subscribe import CommitWatch
@@ -43,8 +42,16 @@ _SHUTDOWN_S = 5.0  # how long close() lets stopped runs and pending handlers fin
 BLOCKING_SLICE_S = 0.25
 
 
-def _describe_run(execution: Any) -> str:
-    return str(execution.where)
+def _warn_held(execution: Any, seconds: float) -> None:
+    """Told by the slice monitor, while a ``def run`` holds the loop (on its thread)."""
+    logging.getLogger("actorflow.engine").warning(
+        "%s: run has held the engine loop for %.2f s outside its steps (blocking code in a "
+        "def run: time.sleep, a blocking call, a long computation); every other instance "
+        "waits meanwhile. Put that code in a step.",
+        execution.where,
+        seconds,
+        extra={"workflow": execution.wfe.name, "instance": execution.actor.iid},
+    )
 
 
 class _Watch:
@@ -103,7 +110,7 @@ class EngineContext:
         run_threads: Threads for the plain ``def run`` workflows moved off
             the loop (the most that execute at once; more running instances
             wait for a thread), and for the sync handles such a run calls on it.
-        step_threads: Threads for sync step callables (and delay functions).
+        step_threads: Threads for sync step callables and retry delay functions.
         seq: The ids for events, history and queue entries (a node's own
             residue, see :func:`~actorflow.cluster.lease.node_sequence`); None:
             counted from the real time in microseconds.
@@ -139,15 +146,12 @@ class EngineContext:
         self.commits = CommitWatch()
         storage.add_commit_observer(self.commits.observe)
         self.run_pool = concurrent.futures.ThreadPoolExecutor(run_threads, "actorflow-run")
-        self.step_pool = concurrent.futures.ThreadPoolExecutor(step_threads, "actorflow-step")
-        # Sync step bodies (the step pool runs delay functions).
+        # Sync step bodies and retry delay functions.
         self.body_calls = ThreadCalls(step_threads, self.loop, "actorflow-step")
         self.modifiers: dict[bytes, Modifiers] = {}
         self.watchdog = Watchdog(self.loop)
         # Names the runs of plain ``def run`` workflows that hold the loop (see execution).
-        self.slices = SliceMonitor(
-            BLOCKING_SLICE_S, _describe_run, logging.getLogger("actorflow.engine")
-        )
+        self.slices = SliceMonitor(BLOCKING_SLICE_S, _warn_held)
         # The greenlets plain ``def run``s run in on the loop, kept for reuse.
         self.greenlets = LoopGreenlets(self.run_pool, self.slices)
         self.valid_names: set[str] = set()
@@ -278,7 +282,6 @@ class EngineContext:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.run_pool.shutdown(wait=False, cancel_futures=True)
-        self.step_pool.shutdown(wait=False, cancel_futures=True)
         self.body_calls.close()
         self.slices.close()
         if not self._thread.is_alive():

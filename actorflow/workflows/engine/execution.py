@@ -5,7 +5,7 @@ thread. A plain ``def run`` executes there too, as a greenlet driven by the
 run's task (:class:`actorflow.core.greenlets.LoopGreenlets`): each step call switches
 back to the task with its coroutine (:meth:`Execution.block_on`). One that
 blocks the loop outside its steps moves to a thread of the run pool
-(:meth:`Execution.greenlet_slice`), and from there sends each step call to
+(:meth:`Execution._slice_ended`), and from there sends each step call to
 the loop.
 
 Replay: ``run`` starts from the top on every activation. Steps are keyed by
@@ -30,7 +30,6 @@ import functools
 import inspect
 import logging
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,7 +47,7 @@ from actorflow.core.errors import (
     StepTimeoutError,
     StorageError,
 )
-from actorflow.core.greenlets import LoopGreenlet
+from actorflow.core.greenlets import LoopGreenlet, await_on_loop
 from actorflow.core.storage import ConflictError, WriteBatch
 from actorflow.core.timers import TimerService, timer_key
 from actorflow.executors.base import RanOn, StepExecutor, check_resources
@@ -120,7 +119,7 @@ def _deadline(now_ms: int, ms: int, where: str) -> int:
 
 
 class _BodySignal(Exception):
-    """Carries a BaseException that a sync step body raised in its thread.
+    """Carries a BaseException that a sync step body or delay function raised in its thread.
 
     Thrown into the run's coroutines as it is, a GeneratorExit would close
     them instead of reaching the step's handler, and asyncio re-raises
@@ -133,10 +132,11 @@ class _BodySignal(Exception):
         self.signal = signal
 
 
-def _call_body(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """Calls a sync step body (in a step thread), wrapping what is not an Exception."""
+def _call_body(fn: Callable[[], Any]) -> Any:
+    """Calls a sync step body or delay function (in a step thread), wrapping what is not an
+    Exception."""
     try:
-        return fn(*args)
+        return fn()
     except Exception:
         raise
     except BaseException as e:
@@ -393,7 +393,12 @@ class Execution:
                 g = self._green = greenlets.greenlet()
                 try:
                     output = await greenlets.run(
-                        g, obj.run, (event, WorkflowStep(self, sync=True)), self, self._thrown
+                        g,
+                        obj.run,
+                        (event, WorkflowStep(self, sync=True)),
+                        self,
+                        self._thrown,
+                        self._slice_ended,
                     )
                 finally:
                     self._green = None
@@ -444,30 +449,29 @@ class Execution:
             return Stop()  # as block_on raises it in a run thread
         return exc
 
-    def greenlet_slice(self, held: float) -> BaseException | None:
-        """Called after each slice of a greenlet run: a long one moves it to a thread.
+    def _slice_ended(self, held: float) -> BaseException | None:
+        """After each slice of a greenlet run: one that held the loop too long moves it.
 
-        Returns what to throw into the run instead of awaiting its request.
+        Returns what to throw into the run instead of awaiting its request:
+        Rehome, which unwinds it; it starts again on a thread, as every later
+        run of the workflow does.
         """
         if held <= BLOCKING_SLICE_S:
             return None
-        self._move_to_thread(f"held the engine loop for {held:.2f} s outside its steps")
-        return Rehome()
-
-    def _move_to_thread(self, why: str) -> None:
-        """Unwinds this greenlet run (Rehome) and runs the workflow on run threads from now on."""
         self.state |= MOVING
         wfe = self.wfe
         if not wfe.threaded:
             wfe.threaded = True
             log.warning(
-                "%s: run %s; it starts again from its checkpoint on a thread, as every later "
-                "run of workflow %r will (slower: put blocking code in steps)",
+                "%s: run held the engine loop for %.2f s outside its steps; it starts again "
+                "from its checkpoint on a thread, as every later run of workflow %r will "
+                "(slower: put blocking code in steps)",
                 self.where,
-                why,
+                held,
                 wfe.name,
                 extra={"workflow": wfe.name, "instance": self.actor.iid},
             )
+        return Rehome()
 
     def _overridden(self, outcome: tuple[str, Any]) -> tuple[str, Any]:
         """What ``run`` returned or raised after the engine unwound it is void."""
@@ -1168,7 +1172,7 @@ class Execution:
             raise
         g = self._green
         if g is not None and getcurrent() is g:
-            return g.parent.switch(coro)  # awaited by LoopGreenlets.run, in the run's task
+            return await_on_loop(coro)  # awaited in the run's task
         if self._run_thread == threading.get_ident():
             self._main_coro = coro  # the run's own flow (see _sequential)
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -1178,8 +1182,6 @@ class Execution:
                 return fut.result()
             return self._result_beside(fut)
         except concurrent.futures.CancelledError:
-            if self.state & MOVING:
-                raise Rehome() from None
             raise Stop() from None
         finally:
             self._sync_futs.discard(fut)
@@ -1190,18 +1192,15 @@ class Execution:
         The loop serves the call only once the run's greenlet lets it go: if
         the run holds the loop meanwhile (it waits for this very thread, say),
         it never would. Then the call is given up with Rehome, and the run
-        moves to a thread when its slice ends (see :meth:`greenlet_slice`).
+        moves to a thread when its slice ends (see :meth:`_slice_ended`).
         """
         while True:
             try:
                 return fut.result(BLOCKING_SLICE_S)
             except concurrent.futures.TimeoutError:
-                cur = self.ctx.slices.current
-                if cur is None or cur[1] is not self:
+                if self.ctx.slices.held(self) < BLOCKING_SLICE_S:
                     continue
-                if time.perf_counter() - cur[0] < BLOCKING_SLICE_S:
-                    continue
-                # The slice's end moves the run (greenlet_slice): only give up here.
+                # The slice's end moves the run (_slice_ended): only give up here.
                 self._gave_up = True
                 fut.cancel()
                 raise Rehome() from None
@@ -1516,7 +1515,7 @@ class Execution:
             # In flight like a step body: the run must not hibernate under it.
             self.in_flight += 1
             try:
-                base = await evaluate_delay(fn, kwargs, self.ctx.step_pool, where)
+                base = await evaluate_delay(fn, kwargs, self._in_step_thread, where)
             finally:
                 self.in_flight -= 1
                 if self.waiters:
@@ -1527,6 +1526,9 @@ class Execution:
             if self.state & STOPPED or _cancelling():
                 raise
             return 0, self._delay_error(where, name, attempt, "was cancelled", None)
+        except _BodySignal as e:  # it raised SystemExit, KeyboardInterrupt, GeneratorExit
+            how = f"raised {type(e.signal).__name__}"
+            return 0, self._delay_error(where, name, attempt, how, e.signal)
         except TimeoutError as e:
             how = f"took longer than {DELAY_FUNCTION_TIMEOUT_S:g} s"
             return 0, self._delay_error(where, name, attempt, how, e)
@@ -1572,7 +1574,7 @@ class Execution:
         try:
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args)
-            value = await self.ctx.body_calls.call(functools.partial(_call_body, fn, args))
+            value = await self._in_step_thread(functools.partial(fn, *args))
             if inspect.isawaitable(value):
                 value = await value
             return value
@@ -1583,6 +1585,10 @@ class Execution:
             raise
         finally:
             self.ctx.watchdog.disarm(watch)
+
+    def _in_step_thread(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Calls a sync step body or delay function in a step thread (see ThreadCalls)."""
+        return self.ctx.body_calls.call(functools.partial(_call_body, fn))
 
     async def _remote(
         self,

@@ -1,4 +1,4 @@
-"""Private control-flow signals of the engine, and the loop notifier.
+"""Private control-flow signals of the engine.
 
 The signals derive from :class:`BaseException` so that a user's
 ``except Exception`` inside ``run`` can never swallow them.
@@ -6,17 +6,12 @@ The signals derive from :class:`BaseException` so that a user's
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from typing import Any
-
 from actorflow.core.errors import ActorflowError
 
 __all__ = [
     "EngineFault",
     "Fatal",
     "InjectedCrash",
-    "LoopNotifier",
     "Rehome",
     "Stop",
     "StorageFault",
@@ -96,43 +91,3 @@ class Rehome(EngineFault):
 
 class InjectedCrash(EngineFault):
     """A crash injected by :mod:`actorflow.testing` at a step boundary."""
-
-
-class LoopNotifier:
-    """Resolves asyncio futures from the storage writer thread, one loop wake-up per group commit.
-
-    ``callback(fut)`` gives the function to pass to ``Storage.submit``;
-    ``flush`` is registered as the storage's after-batch hook.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._ready: list[tuple[asyncio.Future[Any], BaseException | None]] = []
-
-    def callback(self, fut: asyncio.Future[Any]) -> Any:
-        def done(err: BaseException | None) -> None:
-            with self._lock:
-                self._ready.append((fut, err))
-
-        return done
-
-    def flush(self) -> None:
-        with self._lock:
-            if not self._ready:
-                return
-            items, self._ready = self._ready, []
-        try:
-            self._loop.call_soon_threadsafe(_resolve, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-
-def _resolve(items: list[tuple[asyncio.Future[Any], BaseException | None]]) -> None:
-    for fut, err in items:
-        if fut.done():
-            continue
-        if err is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(err)

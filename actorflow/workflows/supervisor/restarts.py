@@ -60,9 +60,7 @@ class Restarts:
         """
         if isinstance(exc, Rehome):
             if not self.slots.closing:
-                actor.woken = True
-                self.pending += 1
-                self.ctx.loop.call_soon(self._restart, actor)
+                self._restart_in(actor, 0.0)
             return
         self.crash_count += 1
         now = time.monotonic()
@@ -79,9 +77,7 @@ class Restarts:
                     delay,
                     extra={"workflow": actor.wfe.name, "instance": actor.iid},
                 )
-            actor.woken = True
-            self.pending += 1
-            self.ctx.loop.call_later(delay, self._restart, actor)
+            self._restart_in(actor, delay)
             return
         actor.crashes = [t for t in actor.crashes if now - t < self.crash_window] + [now]
         n = len(actor.crashes)
@@ -104,6 +100,10 @@ class Restarts:
             delay,
             extra={"workflow": actor.wfe.name, "instance": actor.iid},
         )
+        self._restart_in(actor, delay)
+
+    def _restart_in(self, actor: InstanceActor, delay: float) -> None:
+        """Restarts ``actor`` from its checkpoint after ``delay`` seconds (pending meanwhile)."""
         actor.woken = True
         self.pending += 1
         self.ctx.loop.call_later(delay, self._restart, actor)
