@@ -203,7 +203,9 @@ class Metrics:
         counts: Instances by status, over every workflow.
         creations_per_s: Instances created per second (sliding window).
         steps_per_s: Steps ended (complete or failed for good) per second.
-        running: Instances holding a concurrency slot.
+        running: Instances holding a concurrency slot. A run gives its slot
+            back just after its final write is durable, so an instance that
+            :meth:`~actorflow.Instance.wait` saw end may count here for a tick.
         max_concurrent: The runtime's concurrency cap.
         queue_depth: Instances waiting in every queue.
         timer_backlog: Armed timers (sleeps, retry delays, event timeouts, alarms).
