@@ -59,7 +59,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypedDict, cast
 
 from actorflow.core.codec import load
-from actorflow.core.errors import RecordFormatError
+from actorflow.core.errors import ActorflowError, RecordFormatError
 from actorflow.core.storage import Storage, WriteBatch
 from actorflow.core.timers import TimerService, armed_keys, parse_timer_key, timer_key
 from actorflow.workflows.definition import MAX_PRIORITY, MIN_PRIORITY
@@ -284,6 +284,29 @@ def load_step(raw: bytes) -> StepCheckpoint:
 def load_event(raw: bytes) -> EventRecord:
     """Decodes a buffered event."""
     return cast(EventRecord, load(raw))
+
+
+def stored_error(
+    decode: Callable[[], object] | None, details: dict[str, Any] | None, fallback: str
+) -> BaseException:
+    """The exception a record kept: itself, or an ``ActorflowError`` that names it.
+
+    Args:
+        decode: Loads the pickled exception (None: the record kept none). A
+            pickle that no longer loads (its class moved or went) falls back
+            to ``details``.
+        details: The record's ``{"name": ..., "message": ...}`` of the error.
+        fallback: The message when the record has neither.
+    """
+    if decode is not None:
+        try:
+            err = decode()
+        except Exception:
+            err = None
+        if isinstance(err, BaseException):
+            return err
+    ed = details or {"name": "Error", "message": fallback}
+    return ActorflowError(f"{ed['name']}: {ed['message']}")
 
 
 #: ``rollback``: the record of the rollback handler of the ``do`` step of the same

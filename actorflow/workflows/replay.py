@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from actorflow.core.clock import to_datetime
-from actorflow.core.errors import ActorflowError, EventTimeoutError
+from actorflow.core.errors import EventTimeoutError
 from actorflow.workflows.definition import (
     Workflow,
     WorkflowEvent,
@@ -48,6 +49,7 @@ from actorflow.workflows.matching import (
     StepMatcher,
     StepRef,
 )
+from actorflow.workflows.records import stored_error
 from actorflow.workflows.step import WorkflowStep
 from actorflow.workflows.step_options import SENSITIVE_OUTPUT
 
@@ -387,15 +389,9 @@ class _Replay:
         return rec
 
     def _error(self, rec: dict[str, Any]) -> BaseException:
-        if "error_value" in rec:
-            try:
-                err = decode_value(rec["error_value"])
-            except Exception:
-                err = None
-            if isinstance(err, BaseException):
-                return err
-        ed = rec.get("error") or {"name": "Error", "message": "step failed"}
-        return ActorflowError(f"{ed['name']}: {ed['message']}")
+        value = rec.get("error_value")
+        decode = None if value is None else functools.partial(decode_value, value)
+        return stored_error(decode, rec.get("error"), "step failed")
 
     # -- the StepRunner protocol ----------------------------------------------------
 

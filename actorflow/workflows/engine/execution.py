@@ -85,6 +85,7 @@ from actorflow.workflows.records import (
     step_target,
     step_timers,
     steps_prefix,
+    stored_error,
 )
 from actorflow.workflows.rollbacks import ROLLBACK_KIND, RollbackHook, rollback_call, rollback_hook
 from actorflow.workflows.step import (
@@ -645,15 +646,8 @@ class Execution:
     def _failure_of(self, rolling: dict[str, Any]) -> BaseException:
         """The error that started a chain going on, as stored when it started."""
         data = rolling.get("fx")
-        if data is not None:
-            try:
-                err = self.ser.loads(data)
-                if isinstance(err, BaseException):
-                    return err
-            except Exception:
-                pass
-        ed = rolling.get("fe") or {"name": "Error", "message": "the instance failed"}
-        return ActorflowError(f"{ed['name']}: {ed['message']}")
+        decode = None if data is None else functools.partial(self.ser.loads, data)
+        return stored_error(decode, rolling.get("fe"), "the instance failed")
 
     async def _rollback_start(self, error: BaseException, term: bool) -> None:
         """Writes ROLLBACK_START and the chain's state (``rb``) in the instance record."""
@@ -1149,15 +1143,8 @@ class Execution:
 
     def _stored_error(self, rec: StepCheckpoint) -> BaseException:
         data = rec.get("e")
-        if data is not None:
-            try:
-                err = self.ser.loads(data)
-                if isinstance(err, BaseException):
-                    return err
-            except Exception:
-                pass
-        ed = rec.get("ed") or {"name": "Error", "message": "step failed"}
-        return ActorflowError(f"{ed['name']}: {ed['message']}")
+        decode = None if data is None else functools.partial(self.ser.loads, data)
+        return stored_error(decode, rec.get("ed"), "step failed")
 
     def _crash_point(self, name: str, point: str) -> None:
         if self.mods is not None and self.mods.take_crash(name, point):
