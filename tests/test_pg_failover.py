@@ -311,8 +311,12 @@ class Drill:
         """Reads the database and the journal (see the module doc); fills the counts."""
         out = self.result
         found = read_back(self.url, [WF])
+        # A node that left cleanly at the end is adopted too when another is
+        # still running (its instances handed over): only the dead count.
         out.adopted = sorted(
-            n for n, rec in found.registry.items() if rec.get("state") == "adopted"
+            n
+            for n, rec in found.registry.items()
+            if rec.get("state") == "adopted" and rec.get("was") != "left"
         )
         statuses = collections.Counter(inst.status for inst in found.instances.values())
         assert statuses == {"complete": len(self.params)}, statuses
