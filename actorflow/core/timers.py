@@ -81,6 +81,11 @@ class TimerService:
         self._handlers: dict[str, Handler] = {}
         self._saturated: dict[str, Callable[[], bool]] = {}
         self._inflight: set[bytes] = set()
+        # Keys an owner's commit consumed (or re-armed) during the current pass:
+        # the pass may have read them just before that commit, and must not hand
+        # out a timer that is gone (nobody would ever call done() for it). One
+        # that was re-armed is offered by the next pass (done() kicks one).
+        self._gone: set[bytes] = set()
         self._cond = threading.Condition()
         self._kicked = False
         self._stopped = False
@@ -150,12 +155,16 @@ class TimerService:
 
         Args:
             key: The timer.
-            consumed: The owner's commit deleted the key; unless it did, the
-                key may be due again and the next pass re-reads the index head.
+            consumed: The owner's commit deleted (or re-armed) the key; the
+                pass going on does not offer it again, even if it read the key
+                before that commit. Unless consumed, the key may be due again
+                and the next pass re-reads the index head.
         """
         if key:
             with self._cond:
                 self._inflight.discard(key)
+                if consumed:
+                    self._gone.add(key)
                 if not consumed and self._floor is not None and key <= self._floor:
                     self._drop_floor()
 
@@ -212,6 +221,9 @@ class TimerService:
                     return
                 self._kicked = False
                 self._started += 1
+                # What the pass reads happens after this: a commit that lands
+                # earlier is not in its reads.
+                self._gone.clear()
             try:
                 next_ms = self._pass()
             except Exception:
@@ -275,6 +287,9 @@ class TimerService:
                     continue
                 skipped = 0
                 with self._cond:
+                    if key in self._gone:
+                        head = False  # the floor stays below it: it may be armed again
+                        continue
                     if key in self._inflight:
                         if head:
                             floor = key
