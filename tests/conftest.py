@@ -251,7 +251,7 @@ def nodes(location: str) -> Iterator[Callable[..., NodeProcess]]:
     for node in made:
         if node.alive:
             node.send_signal(signal.SIGCONT)
-            node.kill()
+        node.kill()  # also reaps one that exited by itself, and closes its pipes
 
 
 def instance_records(rt: af.Runtime, *workflows: str) -> dict[str, list[tuple[bytes, bytes]]]:

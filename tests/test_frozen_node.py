@@ -67,7 +67,7 @@ class Pair:
         for node in (self.a, self.b):
             if node.alive:
                 node.send_signal(signal.SIGCONT)
-                node.kill()
+            node.kill()  # also reaps one that exited by itself, and closes its pipes
 
     # -- setting the scene ----------------------------------------------------------
 

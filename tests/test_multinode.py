@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from actorflow.cluster.lease import NODES, OWNER
-from actorflow.core.storage import Storage, open_storage
+from actorflow.core.storage import Storage, is_database_url, open_storage
 from actorflow.testing import NodeProcess
 from actorflow.testkit.node import EXIT_LEASE_LOST
 from actorflow.workflows.records import IDS, STEPS, load, rkey, step_key
@@ -112,9 +112,16 @@ def test_a_frozen_node_cannot_commit_after_adoption(nodes, location: str, tmp_pa
     while not (journal.exists() and f"start {a.pid}" in journal.read_text()):
         assert time.monotonic() < deadline, "a never started the step"
         time.sleep(0.01)
+    patience = LEASE * 4
+    if is_database_url(data):
+        from actorflow.core.pg_backend import IDLE_IN_TRANSACTION
+
+        # Frozen inside its group transaction, a holds the database's write lock
+        # until the server ends that transaction: nobody adopts before then.
+        patience += IDLE_IN_TRANSACTION
     for _ in range(5):
         a.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + LEASE * 4
+        deadline = time.monotonic() + patience
         while f"start {b.pid}" not in journal.read_text() and time.monotonic() < deadline:
             time.sleep(0.01)  # b adopts it and runs the step
         if f"start {b.pid}" in journal.read_text():

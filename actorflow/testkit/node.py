@@ -297,6 +297,8 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         if self.alive:
             self.terminate(timeout=15)
+        else:
+            self._reap()  # it exited by itself: its pipes still need closing
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the child's log."""
