@@ -6,11 +6,13 @@ The location is a data directory, or a PostgreSQL database with ``--backend=post
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import actorflow as af
 from actorflow.cluster.lease import NODES, OWNER
 from actorflow.core.storage import Storage, is_database_url, open_storage
 from actorflow.testing import NodeProcess
@@ -265,3 +267,56 @@ def test_a_terminate_through_another_node_fences_the_running_owner(
     assert a.status("slow", "s1")["status"] == "terminated"
     assert a.alive and not a.stats()["lease_lost"]  # a lost one instance, not its lease
     assert read(data, OWNER, b"slow\x00s1") == b"b"
+
+
+def test_a_node_whose_run_was_fenced_takes_the_instance_back_on_the_next_call(
+    location: str,
+) -> None:
+    """Another node took the instance over while this node's run was in a step body.
+
+    The first call through this node finds the move (and says so); the next one
+    takes the instance back at once, although the body has not returned: the
+    fenced run writes nothing, and the instance resumes from what is durable.
+    """
+    from actorflow.cluster.lease import claim_ops
+    from actorflow.core.storage import WriteBatch
+    from actorflow.workflows.records import FENCE, INST, dump, epoch_bytes
+
+    gate, entered, returned = threading.Event(), threading.Event(), threading.Event()
+    bodies: list[int] = []
+
+    def hold() -> str:
+        bodies.append(1)
+        entered.set()
+        gate.wait(30)
+        returned.set()
+        return "held"
+
+    class Held(af.Workflow):
+        def run(self, event: af.WorkflowEvent, step: af.WorkflowStep) -> str:
+            return str(step.do("hold", hold))
+
+    with af.Runtime(location, node_id="a", lease_timeout=60) as rt:
+        inst = rt.register(Held).create(id="h1")
+        assert entered.wait(10)
+        ik = b"Held\x00h1"
+        rk = rkey("Held", rt.storage.get(IDS, ik) or b"")
+        rec = load(rt.storage.get(INST, rk) or b"")
+        # Node "b" takes it over: its epoch moves, b owns it.
+        moved = dict(rec, epoch=rec["epoch"] + 1)
+        batch = WriteBatch().put(INST, rk, dump(moved)).put(FENCE, rk, epoch_bytes(moved["epoch"]))
+        claim_ops(batch, ik, "b", "a")
+        rt.storage.write(batch)
+        with pytest.raises(af.InvalidInstanceState, match="moved to another node"):
+            inst.pause()
+        inst.pause()  # the body still holds its step: a takes the instance back anyway
+        assert rt.storage.get(OWNER, ik) == b"a"
+        assert inst.status().status == "paused"
+        gate.set()  # the fenced run's body returns now: its result is not written
+        assert returned.wait(10)
+        rt.wait_until_idle()
+        assert inst.steps() == [] and inst.status().status == "paused"
+        inst.resume()
+        assert inst.wait(timeout=20).output == "held"
+        assert len(bodies) == 2  # the first result was never committed: the body ran again
+        assert [s.name for s in inst.steps()] == ["hold"]

@@ -921,6 +921,9 @@ class InstanceActor(PooledActor):
                 # This actor is older than the instance's last move (another node
                 # took it over or adopted it since): take it from its owner now.
                 # Read after the record: a move in between fails the guards below.
+                ex = self.exec
+                if ex is not None and not ex.finished:
+                    ex.stop()  # begun under an epoch since fenced: it must write nothing
                 self.epoch = stored["epoch"]
                 self.owner = node.owner_of(self.ik)
                 if self.owner == node.node_id:
@@ -949,7 +952,11 @@ class InstanceActor(PooledActor):
         sup = self.ctx.supervisor
         sup.delivery.release_foreign(self.ik)
         if rec["s"] in ACTIVE and not self.woken:
-            sup.slots.wake(self, "recover")
+            if self.running():
+                # A run stopped above still unwinds: recovered once it has ended.
+                self.start_after, self.woken = "recover", True
+            else:
+                sup.slots.wake(self, "recover")
         elif rec["s"] == Status.QUEUED:
             self.wfe.router.rescan()
             sup.slots.kick()
