@@ -441,11 +441,15 @@ def run_chaos(
     work_ms: float = 5.0,
     timeout: float = 300.0,
     kill_until_done: bool = False,
+    min_disruptions: int = 0,
     location: str | None = None,
 ) -> Outcome:
     """Runs the workload on 3 nodes, disrupting one every ~``kill_every`` s for ``kill_for`` s.
 
     With ``kill_until_done``, disruptions go on until every instance is complete.
+    With ``min_disruptions``, they go on past ``kill_for`` until that many landed: each
+    one waits for the node disrupted before it to be back, so a loaded machine fits
+    fewer in the window.
     The nodes share ``location`` (a ``postgresql://`` URL; default: the data
     directory ``tmp/data``); their logs are in ``tmp``. Prints the summary as
     ``name`` (also when a check fails).
@@ -506,10 +510,15 @@ def run_chaos(
         next_kill = time.monotonic() + kill_every * rng.uniform(0.75, 1.25)
         deadline = time.monotonic() + timeout
         done, next_check = False, 0.0
-        while not (done and time.monotonic() >= kill_until):
+        while not (done and time.monotonic() >= kill_until and len(out.kills) >= min_disruptions):
             now = time.monotonic()
-            assert now < deadline, f"instances never completed: {counts}"
-            if now >= next_kill and (now < kill_until or (kill_until_done and not done)):
+            assert now < deadline, (
+                f"instances never completed: {counts}"
+                if not done
+                else f"{len(out.kills)} disruptions"
+            )
+            wanted = now < kill_until or (kill_until_done and not done)
+            if now >= next_kill and (wanted or len(out.kills) < min_disruptions):
                 freeze = len(out.kills) % 4 == 1
                 hit = cluster.freeze_one(lease * 2 + 1) if freeze else cluster.kill_one()
                 if hit is not None:

@@ -484,11 +484,11 @@ def test_chaos_on_postgres(server: PostgresServer, tmp_path: Path) -> None:
         n=3000,
         kill_for=60.0,
         event_window=45.0,
-        timeout=240.0,
+        timeout=300.0,
+        min_disruptions=10,
         location=server.url,
     )
     summary = out.summary()
-    # A disruption waits for the node before it to be back: on a loaded machine, fewer fit in 60 s.
     assert len(out.kills) >= 10
     assert out.lease_lost_exits + len(out.stalled) == out.freezes
     assert out.adoption_ms, "no node was ever adopted"
