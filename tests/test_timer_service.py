@@ -14,6 +14,14 @@ from actorflow.core.storage import Storage, WriteBatch
 from actorflow.core.timers import TIMERS, TimerService
 
 
+def _consume(storage: Storage, service: TimerService, key: bytes) -> None:
+    """What an owner does with a due timer: its commit deletes the key, then it says so."""
+    batch = WriteBatch()
+    TimerService.disarm(batch, key)
+    storage.write(batch)
+    service.done(key, consumed=True)
+
+
 class _CommitAfterRead:
     """A storage whose ``nth`` index read of ``key`` is overtaken by the commit consuming it.
 
@@ -40,11 +48,8 @@ class _CommitAfterRead:
             if self.reads < self.nth:
                 return rows
             self.raced = True
-            batch = WriteBatch()
-            TimerService.disarm(batch, self.key)
-            self.inner.write(batch)
             assert self.service is not None
-            self.service.done(self.key, consumed=True)
+            _consume(self.inner, self.service, self.key)
         return rows
 
 
@@ -80,10 +85,7 @@ def test_a_timer_consumed_between_the_read_and_the_offer_is_not_handed_out(
         # The consumed key was not offered (again): an offer nobody will ever
         # answer would keep the service busy for good (a settle that never ends).
         assert offered == ([] if in_flight else [later])
-        consumed = WriteBatch()
-        TimerService.disarm(consumed, later)
-        inner.write(consumed)
-        service.done(later, consumed=True)
+        _consume(inner, service, later)
         assert not service.busy()
         # The next pass does not skip a key re-armed after the race.
         again = WriteBatch()

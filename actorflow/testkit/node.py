@@ -295,10 +295,7 @@ class NodeProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.alive:
-            self.terminate(timeout=15)
-        else:
-            self._reap()  # it exited by itself: its pipes still need closing
+        self.terminate(timeout=15)  # also reaps one that exited by itself
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the child's log."""

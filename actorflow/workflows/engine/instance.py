@@ -91,10 +91,6 @@ __all__ = ["HANDLERS", "InstanceActor"]
 
 log = logging.getLogger("actorflow.engine")
 
-#: Writes a take-over tries before it reports the instance as moving: each one
-#: that fails found the instance moved by another node meanwhile.
-_TAKE_OVER_ATTEMPTS = 3
-
 
 class InstanceActor(PooledActor):
     """The live object of one workflow instance."""
@@ -908,56 +904,50 @@ class InstanceActor(PooledActor):
         node = self.ctx.supervisor.node
         if self.owned or node is None:
             return
-        for attempt in range(_TAKE_OVER_ATTEMPTS):
-            raw = self.ctx.storage.get(INST, self.rk)
-            stored = load(raw) if raw is not None else None
-            if stored is None:
-                raise InvalidInstanceState(
-                    f"{self.where}: it moved to another node meanwhile; try again",
-                    workflow=self.wfe.name,
-                    instance=self.iid,
-                )
-            if stored["epoch"] != self.epoch or attempt:
-                # This actor is older than the instance's last move (another node
-                # took it over or adopted it since): take it from its owner now.
-                # Read after the record: a move in between fails the guards below.
-                ex = self.exec
-                if ex is not None and not ex.finished:
-                    ex.stop()  # begun under an epoch since fenced: it must write nothing
-                self.epoch = stored["epoch"]
-                self.owner = node.owner_of(self.ik)
-                if self.owner == node.node_id:
-                    # This node adopted it meanwhile (the adoption resumes it).
-                    self.record, self.owned = stored, True
-                    return
-            self.record = stored  # its owner may have moved it on since this actor was made
+        raw = self.ctx.storage.get(INST, self.rk)
+        if raw is None:
+            raise InvalidInstanceState(
+                f"{self.where}: it moved to another node meanwhile; try again",
+                workflow=self.wfe.name,
+                instance=self.iid,
+            )
+        stored = load(raw)
+        if stored["epoch"] != self.epoch:
+            # This actor is older than the instance's last move (another node took
+            # it over or adopted it since): a run it began then must write nothing.
+            ex = self.exec
+            if ex is not None and not ex.finished:
+                ex.stop()
+            self.epoch = stored["epoch"]
+        # Read after the record: a move in between fails the guards below.
+        owner = node.owner_of(self.ik)
+        self.record = stored  # its owner may have moved it on since this actor was made
+        if owner != node.node_id:  # else this node adopted it meanwhile: nothing to write
             new = self.epoch + 1
             rec = dict(stored, epoch=new)
             batch = WriteBatch()
             batch.guard(*self.fence_guard())
             batch.guard(INST, self.rk, raw)
-            batch.guard(OWNER, self.ik, self.owner.encode() if self.owner is not None else None)
+            batch.guard(OWNER, self.ik, owner.encode() if owner is not None else None)
             batch.put(FENCE, self.rk, epoch_bytes(new))
             batch.put(INST, self.rk, dump(rec))
-            node.claim(batch, self.ik, self.owner)
+            node.claim(batch, self.ik, owner)
             try:
                 await self.ctx.write(batch)
             except ConflictError:
-                if attempt + 1 < _TAKE_OVER_ATTEMPTS and node.confirm_live():
-                    continue  # it moved while this was written: take it from its new owner
                 raise self._moved(node) from None
-            break
-        self.record, self.epoch = rec, new
+            self.record, self.epoch = rec, new
         self.owned, self.owner = True, node.node_id
         sup = self.ctx.supervisor
         sup.delivery.release_foreign(self.ik)
-        if rec["s"] in ACTIVE and not self.woken:
+        status = self.record["s"]
+        if status in ACTIVE and not self.woken:
             if self.running():
                 # A run stopped above still unwinds: recovered once it has ended.
                 self.start_after, self.woken = "recover", True
             else:
                 sup.slots.wake(self, "recover")
-        elif rec["s"] == Status.QUEUED:
+        elif status == Status.QUEUED:
             self.wfe.router.rescan()
             sup.slots.kick()
 
